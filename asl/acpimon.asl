@@ -1,0 +1,181 @@
+/*
+ * The SSDT that `acpimon ssdt --thermal-period-ds 10` generates (default slot 0f.0, IRQ 6),
+ * written as ASL for people to read. `tests/asl_equivalence.rs` compiles this file with iasl
+ * and checks that its AML is byte-identical to the generator's (src/generate/), so edit both.
+ *
+ * Region offsets are those of src/abi.rs; status codes are abi::Status, sources abi::Source.
+ */
+DefinitionBlock ("", "SSDT", 1, "ACPIMN", "ACPIMON", 0x00000001)
+{
+    External (\_SB.PCI0, DeviceObj)
+
+    Scope (\_SB.PCI0)
+    {
+        /* The ivshmem function: finds BAR2 and writes records into the shared region. */
+        Device (AMSH)
+        {
+            Name (_ADR, 0x000F0000)     /* slot 0f.0 */
+            Name (LSTA, 0xFF)           /* last status: not run yet */
+            Name (CNTB, Zero)           /* boot count, once this boot has written a record */
+            Name (CNTG, Zero)           /* GED events this boot */
+            Name (CNTT, Zero)           /* thermal polls this boot */
+            OperationRegion (PCIC, PCI_Config, Zero, 0x20)
+            Field (PCIC, DWordAcc, NoLock, Preserve)
+            {
+                VDID,   32,             /* vendor | device << 16 */
+                Offset (0x18),
+                BAR2,   32,             /* low half of the 64-bit memory BAR2 */
+                BAR3,   32              /* its high half */
+            }
+
+            /* BAR2's address, or 0 with LSTA saying why there is none. */
+            Method (FIND, 0, NotSerialized)
+            {
+                If ((VDID != 0x11101AF4))
+                {
+                    LSTA = One          /* not ivshmem */
+                    Return (Zero)
+                }
+
+                Local0 = BAR2
+                If ((Local0 & One))
+                {
+                    LSTA = One          /* an I/O BAR: not ivshmem */
+                    Return (Zero)
+                }
+
+                If (((Local0 & 0x04) && (BAR3 != Zero)))
+                {
+                    LSTA = 0x02         /* above 4 GiB: out of 32-bit AML's reach */
+                    Return (Zero)
+                }
+
+                Local0 &= 0xFFFFFFF0
+                If ((Local0 == Zero))
+                {
+                    LSTA = 0x03         /* unassigned */
+                    Return (Zero)
+                }
+
+                Return (Local0)
+            }
+
+            /* One record from source Arg0 (1 boot, 2 GED, 3 thermal), under the seqlock. */
+            Method (WREC, 1, Serialized)
+            {
+                Local0 = FIND ()
+                If ((Local0 == Zero))
+                {
+                    Return (LSTA)
+                }
+
+                OperationRegion (SHMR, SystemMemory, Local0, 0xA8)
+                Field (SHMR, DWordAcc, NoLock, Preserve)
+                {
+                    MAGC,   32,         /* header */
+                    ABIV,   32,
+                    Offset (0x40),
+                    RQNO,   32,         /* request */
+                    RQNC,   32,
+                    Offset (0x80),
+                    RSEQ,   32,         /* record */
+                    RSTA,   32,
+                    RSRC,   32,
+                    ERQN,   32,
+                    ENON,   32,
+                    RTMR,   32,
+                    RBAR,   32,
+                    RCNB,   32,
+                    RCNG,   32,
+                    RCNT,   32
+                }
+
+                If (((MAGC != 0x4E4F4D41) || (ABIV != One)))
+                {
+                    LSTA = 0x04         /* not our region */
+                    Return (LSTA)
+                }
+
+                If ((CNTB == Zero))
+                {
+                    CNTB = (RCNB + One) /* the first record of a boot counts the boot */
+                }
+
+                If ((Arg0 == 0x02))
+                {
+                    CNTG++
+                }
+                Else
+                {
+                    If ((Arg0 == 0x03))
+                    {
+                        CNTT++
+                    }
+                }
+
+                Local1 = ((RSEQ + One) | One)
+                RSEQ = Local1           /* odd: writing */
+                RSTA = Zero
+                RSRC = Arg0
+                ERQN = RQNO
+                ENON = RQNC
+                RTMR = Timer
+                RBAR = Local0
+                RCNB = CNTB
+                RCNG = CNTG
+                RCNT = CNTT
+                RSEQ = (Local1 + One)   /* even: complete */
+                LSTA = Zero
+                Return (Zero)
+            }
+
+            Method (_INI, 0, NotSerialized)
+            {
+                WREC (One)
+            }
+        }
+    }
+
+    Scope (\_SB)
+    {
+        /* Generic Event Device, raised by the host through pc-testdev (port 0x2000 + IRQ). */
+        Device (AMGE)
+        {
+            Name (_HID, "ACPI0013")
+            Name (_UID, Zero)
+            Name (_CRS, ResourceTemplate ()
+            {
+                Interrupt (ResourceConsumer, Level, ActiveHigh, Exclusive, ,, )
+                {
+                    0x00000006,
+                }
+            })
+            OperationRegion (TDEV, SystemIO, 0x2006, One)
+            Field (TDEV, ByteAcc, NoLock, Preserve)
+            {
+                TIRQ,   8
+            }
+
+            Method (_EVT, 1, NotSerialized)
+            {
+                TIRQ = Zero             /* level-triggered: drop the line first */
+                \_SB.PCI0.AMSH.WREC (0x02)
+            }
+        }
+    }
+
+    Scope (\_TZ)
+    {
+        /* The guest-driven fallback: Linux calls _TMP every _TZP tenths of a second. */
+        ThermalZone (AMTZ)
+        {
+            Name (_TZP, 0x0A)
+            Name (_CRT, 0x0F5C)         /* 120.0 C: never reached */
+            Method (_TMP, 0, NotSerialized)
+            {
+                \_SB.PCI0.AMSH.WREC (0x03)
+                Return (0x0BA6)         /* 25.0 C */
+            }
+        }
+    }
+}

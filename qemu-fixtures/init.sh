@@ -1,0 +1,118 @@
+#!/bin/sh
+# /init of the acpimon test guest (busybox initramfs built by qemu-fixtures/build-guest).
+#
+# Kernel command line (everything optional):
+#   acpimon.scenario=healthy|userspace-stop|panic   what the guest does (default healthy)
+#   acpimon.delay=N                                 seconds before stop/panic (default 3)
+#
+# Every line meant for tests starts with "ACPIMON-GUEST: " and goes to /dev/console
+# (ttyS0 with console=ttyS0). The line "ACPIMON-GUEST: ready" means the shell is being
+# started; anything typed on the serial line after it is read by that shell.
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+export PS1='acpimon-guest# '
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+# Reopen the console from devtmpfs: if the kernel could not open /dev/console before
+# /init started, init would otherwise have no stdin/stdout at all.
+exec </dev/console >/dev/console 2>&1
+mkdir -p /tmp /run
+
+say() { echo "ACPIMON-GUEST: $*"; }
+uptime_s() { read -r up _ </proc/uptime; echo "$up"; }
+
+scenario=healthy
+delay=3
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    acpimon.scenario=*) scenario=${arg#acpimon.scenario=} ;;
+    acpimon.delay=*) delay=${arg#acpimon.delay=} ;;
+  esac
+done
+case "$delay" in '' | *[!0-9]*)
+  say "error: acpimon.delay='$delay' is not a whole number of seconds, using 3"
+  delay=3 ;;
+esac
+
+say "boot scenario=$scenario uptime=$(uptime_s) kernel=$(uname -r)"
+
+# Magic SysRq fully on, so the panic scenario (and a host sending a serial break) works.
+echo 1 >/proc/sys/kernel/sysrq
+
+# Modules: build-guest lists the ones that exist as modules in /etc/acpimon/modules
+# (dependencies come from modules.dep) and the built-in ones in /etc/acpimon/builtin.
+loaded="" failed=""
+for m in $(cat /etc/acpimon/modules 2>/dev/null); do
+  if modprobe "$m" 2>/tmp/modprobe.err; then
+    loaded="$loaded $m"
+  else
+    failed="$failed $m"
+    say "modprobe $m failed: $(cat /tmp/modprobe.err)"
+  fi
+done
+say "modules loaded:${loaded:- none} failed:${failed:- none} builtin: $(cat /etc/acpimon/builtin 2>/dev/null)"
+
+# ACPI facts that help when debugging the SSDT acpimon injects (harmless when absent).
+say "acpi tables: $(ls /sys/firmware/acpi/tables 2>/dev/null | tr '\n' ' ')"
+say "acpi ged (ACPI0013): $(ls /sys/bus/acpi/devices 2>/dev/null | grep -i ACPI0013 | tr '\n' ' ')"
+say "acpi pvpanic (QEMU0001): $(ls /sys/bus/acpi/devices 2>/dev/null | grep -i QEMU0001 | tr '\n' ' ')"
+tz_found=0
+for tz in /sys/class/thermal/thermal_zone*; do
+  [ -e "$tz" ] || continue
+  tz_found=1
+  say "thermal zone ${tz##*/}: type=$(cat "$tz/type" 2>/dev/null) temp=$(cat "$tz/temp" 2>/dev/null)"
+done
+[ "$tz_found" = 1 ] || say "thermal zone: none"
+
+# An interactive shell on the console tty; cttyhack finds that tty (ttyS0) and makes it
+# the controlling terminal, setsid gives it its own session. Respawned if it exits.
+shell_loop() {
+  while :; do
+    setsid cttyhack sh
+    sleep 1
+  done
+}
+
+# Blocks forever without running: opening a fifo for reading waits for a writer,
+# and nobody ever opens it for writing.
+block_forever() {
+  mkfifo /run/never
+  while :; do read -r _ </run/never; done
+}
+
+case "$scenario" in
+  healthy | userspace-stop | panic) ;;
+  *)
+    say "error: unknown scenario '$scenario' (want healthy, userspace-stop or panic), behaving as healthy"
+    scenario=healthy ;;
+esac
+
+if [ "$scenario" = healthy ]; then
+  say "shell starting uptime=$(uptime_s)"
+  say ready
+  # init itself runs the loop, so it also reaps orphans while it waits for the shell.
+  shell_loop
+fi
+
+shell_loop &
+say "shell starting uptime=$(uptime_s)"
+say ready
+case "$scenario" in
+  userspace-stop)
+    say "stopping userspace in $delay s"
+    sleep "$delay"
+    say "stopping userspace now uptime=$(uptime_s)"
+    # kill -1 reaches every process but init itself; init then blocks without running.
+    kill -STOP -1
+    block_forever
+    ;;
+  panic)
+    say "panicking in $delay s"
+    sleep "$delay"
+    say "panicking"
+    echo c >/proc/sysrq-trigger
+    block_forever
+    ;;
+esac

@@ -1,0 +1,521 @@
+//! Stage 1 of the data path: the SSDT that the guest kernel executes.
+//!
+//! The table declares three things, each written by its own builder below (the way Cloud
+//! Hypervisor's devices each write their own AML and the table only concatenates them):
+//!
+//! - [`SharedRegionDevice`]: a Device under `\_SB.PCI0` at the ivshmem slot's `_ADR`. Its
+//!   `PCI_Config` region finds BAR2; `WREC` guards (ivshmem 1af4:1110, memory BAR2 assigned and
+//!   below 4 GiB, region magic and ABI version) and then writes one record under the sequence
+//!   rule of [`crate::abi`]. `_INI` writes the boot record.
+//! - [`EventDevice`]: a Generic Event Device (`ACPI0013`) on a level, active-high ISA IRQ.
+//!   The host raises the IRQ with pc-testdev (I/O port `0x2000 + irq`); `_EVT` drops the line
+//!   itself (so one host command makes one event) and writes a record.
+//! - [`ThermalPoll`] (optional): a ThermalZone whose `_TZP` makes Linux call `_TMP`
+//!   periodically; `_TMP` writes a record and returns a constant far below `_CRT`.
+//!
+//! `asl/acpimon.asl` is the same table in ASL, for people; a test keeps the two equivalent.
+
+pub mod aml;
+
+use std::fmt;
+use std::str::FromStr;
+
+use acpi_tables::aml::{
+    Add, And, Arg, Device, Else, Equal, Field, FieldAccessType, FieldLockRule, FieldUpdateRule,
+    If, Interrupt, Local, MethodCall, Method, Name, NotEqual, OpRegion, OpRegionSpace, Or, Path,
+    ResourceTemplate, Return, Scope, Store, ONE, ZERO,
+};
+use acpi_tables::sdt::Sdt;
+use acpi_tables::{Aml, AmlSink};
+
+use self::aml::{field_list, External, Increment, LAnd, LOr, ThermalZone, Timer, DEVICE_OBJ};
+use crate::abi::{self, offsets, Source, Status};
+
+/// OEM ID in the table header.
+pub const OEM_ID: [u8; 6] = *b"ACPIMN";
+/// Default OEM table ID.
+pub const DEFAULT_OEM_TABLE_ID: &str = "ACPIMON";
+/// Default GED IRQ: free on pc and q35 with `-nodefaults` (7 is the other free one).
+pub const DEFAULT_IRQ: u8 = 6;
+/// Default ivshmem slot: device 0x0f, function 0, unused by QEMU's pc and q35 boards.
+pub const DEFAULT_SLOT: PciSlot = PciSlot { device: 0x0f, function: 0 };
+/// Default region size.
+pub const DEFAULT_REGION_SIZE: u32 = 4096;
+/// pc-testdev's ISA IRQ ports start here: a write of `v` to `0x2000 + n` sets IRQ `n` to `v`.
+pub const TESTDEV_IRQ_PORT_BASE: u16 = 0x2000;
+/// The constant temperature `_TMP` returns: 25.0 °C in tenths of a kelvin.
+pub const THERMAL_TMP_DK: u16 = 2982;
+/// The critical trip point: 120.0 °C, far above `_TMP`, so Linux never acts on it.
+pub const THERMAL_CRT_DK: u16 = 3932;
+/// Accepted thermal poll periods, in tenths of a second.
+pub const THERMAL_PERIOD_RANGE: std::ops::RangeInclusive<u16> = 1..=36000;
+
+/// Namespace paths of the objects the table declares.
+pub mod paths {
+    /// The shared-region device.
+    pub const SHARED_DEVICE: &str = "\\_SB_.PCI0.AMSH";
+    /// The method that writes one record; `Arg0` is the [`crate::abi::Source`] code.
+    pub const WRITE_RECORD: &str = "\\_SB_.PCI0.AMSH.WREC";
+    /// The last [`crate::abi::Status`] of `WREC`.
+    pub const LAST_STATUS: &str = "\\_SB_.PCI0.AMSH.LSTA";
+    /// The Generic Event Device.
+    pub const EVENT_DEVICE: &str = "\\_SB_.AMGE";
+    /// The thermal zone.
+    pub const THERMAL_ZONE: &str = "\\_TZ_.AMTZ";
+}
+
+/// Errors in the generator's parameters. Each message names the problem and the fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("IRQ {0} is out of range: pc-testdev raises ISA IRQs 0-15 only; pick a free one below 16 (6 or 7 with -nodefaults)")]
+    IrqOutOfRange(u32),
+    #[error("IRQ {0} is taken by the platform (0 timer, 1 keyboard, 2 cascade, 8 RTC, 9 ACPI SCI); pick a free one, e.g. 6 or 7 with -nodefaults")]
+    IrqReserved(u8),
+    #[error("region size {0} is not a power of two; ivshmem needs one, e.g. 4096 or 64K")]
+    RegionSizeNotPowerOfTwo(u64),
+    #[error("region size {0} is smaller than the {min} bytes the region ABI needs; use at least {min}", min = abi::MIN_REGION_SIZE)]
+    RegionSizeTooSmall(u64),
+    #[error("region size {0} is larger than {max} bytes; firmware maps large BARs above 4 GiB where AML cannot reach them; use {max} or less", max = abi::MAX_REGION_SIZE)]
+    RegionSizeTooLarge(u64),
+    #[error("region size '{0}' is not a number of bytes; write e.g. 4096, 0x1000, 4K or 1M")]
+    RegionSizeSyntax(String),
+    #[error("PCI slot '{0}' is malformed: {1}; write DEV[.FN] in hex as QEMU's addr= does, e.g. 0f or 0x0f.0")]
+    BadSlot(String, &'static str),
+    #[error("OEM table ID '{0}' is not 1-8 printable ASCII characters; choose a shorter plain name")]
+    BadOemTableId(String),
+    #[error("thermal period {0} ds is out of range; use 1-36000 tenths of a second (0.1 s to 1 h)")]
+    ThermalPeriod(u32),
+}
+
+/// A PCI device and function on bus 0, as QEMU's `addr=` property writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciSlot {
+    pub device: u8,
+    pub function: u8,
+}
+
+impl PciSlot {
+    /// `_ADR` of the function: device in the high word, function in the low word.
+    pub fn adr(self) -> u32 {
+        (u32::from(self.device) << 16) | u32::from(self.function)
+    }
+}
+
+impl fmt::Display for PciSlot {
+    /// QEMU's `addr=` syntax: `0f.0`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:02x}.{}", self.device, self.function)
+    }
+}
+
+impl FromStr for PciSlot {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why| ConfigError::BadSlot(s.to_string(), why);
+        let t = s.trim();
+        let t = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).unwrap_or(t);
+        let (dev, func) = match t.split_once('.') {
+            Some((d, f)) => (d, Some(f)),
+            None => (t, None),
+        };
+        let hex = |x: &str| {
+            if x.is_empty() || x.len() > 2 || !x.bytes().all(|b| b.is_ascii_hexdigit()) {
+                None
+            } else {
+                u8::from_str_radix(x, 16).ok()
+            }
+        };
+        let device = hex(dev).ok_or_else(|| bad("the device is not a 1-2 digit hex number"))?;
+        if device > 0x1f {
+            return Err(bad("the device must be 0x00-0x1f"));
+        }
+        if device == 0 {
+            return Err(bad("device 0 is the host bridge"));
+        }
+        let function = match func {
+            Some(f) => hex(f).ok_or_else(|| bad("the function is not a hex digit"))?,
+            None => 0,
+        };
+        if function > 7 {
+            return Err(bad("the function must be 0-7"));
+        }
+        Ok(PciSlot { device, function })
+    }
+}
+
+/// Everything the table is parameterised by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SsdtConfig {
+    /// Where `ivshmem-plain` sits (`addr=`).
+    pub slot: PciSlot,
+    /// The GED's ISA IRQ, raised through pc-testdev.
+    pub irq: u8,
+    /// Size of the shared region in bytes.
+    pub region_size: u32,
+    /// OEM table ID in the header (1-8 ASCII characters).
+    pub oem_table_id: String,
+    /// Thermal fallback poll period in tenths of a second; `None` leaves the zone out.
+    pub thermal_period_ds: Option<u16>,
+}
+
+impl Default for SsdtConfig {
+    fn default() -> Self {
+        SsdtConfig {
+            slot: DEFAULT_SLOT,
+            irq: DEFAULT_IRQ,
+            region_size: DEFAULT_REGION_SIZE,
+            oem_table_id: DEFAULT_OEM_TABLE_ID.to_string(),
+            thermal_period_ds: None,
+        }
+    }
+}
+
+/// Checks an IRQ for the GED.
+pub fn validate_irq(irq: u32) -> Result<u8, ConfigError> {
+    if irq >= 16 {
+        return Err(ConfigError::IrqOutOfRange(irq));
+    }
+    let irq = irq as u8;
+    if matches!(irq, 0 | 1 | 2 | 8 | 9) {
+        return Err(ConfigError::IrqReserved(irq));
+    }
+    Ok(irq)
+}
+
+/// Checks a region size against the ABI.
+pub fn validate_region_size(size: u64) -> Result<u32, ConfigError> {
+    if size < abi::MIN_REGION_SIZE {
+        return Err(ConfigError::RegionSizeTooSmall(size));
+    }
+    if !size.is_power_of_two() {
+        return Err(ConfigError::RegionSizeNotPowerOfTwo(size));
+    }
+    if size > abi::MAX_REGION_SIZE {
+        return Err(ConfigError::RegionSizeTooLarge(size));
+    }
+    Ok(size as u32)
+}
+
+/// Parses a byte count: decimal, `0x` hex, or with a `K`/`M`/`G` (or `KiB`, ...) suffix.
+pub fn parse_region_size(s: &str) -> Result<u32, ConfigError> {
+    let syntax = || ConfigError::RegionSizeSyntax(s.to_string());
+    let t = s.trim();
+    let (digits, scale) = match t.find(|c: char| c.is_ascii_alphabetic() && c != 'x' && c != 'X')
+    {
+        Some(i) if !t.starts_with("0x") && !t.starts_with("0X") => {
+            let scale: u64 = match t[i..].to_ascii_lowercase().as_str() {
+                "k" | "kib" => 1 << 10,
+                "m" | "mib" => 1 << 20,
+                "g" | "gib" => 1 << 30,
+                _ => return Err(syntax()),
+            };
+            (&t[..i], scale)
+        }
+        _ => (t, 1),
+    };
+    let n = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => digits.parse::<u64>(),
+    }
+    .map_err(|_| syntax())?;
+    validate_region_size(n.checked_mul(scale).ok_or_else(syntax)?)
+}
+
+impl SsdtConfig {
+    /// Checks every parameter; [`build`] calls it too.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_irq(u32::from(self.irq))?;
+        validate_region_size(u64::from(self.region_size))?;
+        let id = &self.oem_table_id;
+        if id.is_empty() || id.len() > 8 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::BadOemTableId(id.clone()));
+        }
+        if let Some(p) = self.thermal_period_ds {
+            if !THERMAL_PERIOD_RANGE.contains(&p) {
+                return Err(ConfigError::ThermalPeriod(u32::from(p)));
+            }
+        }
+        Ok(())
+    }
+
+    fn oem_table_id_bytes(&self) -> [u8; 8] {
+        let mut id = [0u8; 8];
+        id[..self.oem_table_id.len()].copy_from_slice(self.oem_table_id.as_bytes());
+        id
+    }
+}
+
+/// Builds the SSDT: header, checksum and AML body.
+pub fn build(cfg: &SsdtConfig) -> Result<Vec<u8>, ConfigError> {
+    cfg.validate()?;
+    let mut body = Vec::new();
+    // Inside `If (Zero)`, as iasl emits it: interpreters that predate ExternalOp skip it.
+    let pci0 = External { path: "\\_SB_.PCI0".into(), object_type: DEVICE_OBJ };
+    If::new(&ZERO, vec![&pci0]).to_aml_bytes(&mut body);
+    Scope::new("\\_SB_.PCI0".into(), vec![&SharedRegionDevice { slot: cfg.slot }])
+        .to_aml_bytes(&mut body);
+    Scope::new("\\_SB_".into(), vec![&EventDevice { irq: cfg.irq }]).to_aml_bytes(&mut body);
+    if let Some(period_ds) = cfg.thermal_period_ds {
+        Scope::new("\\_TZ_".into(), vec![&ThermalPoll { period_ds }]).to_aml_bytes(&mut body);
+    }
+    let mut sdt = Sdt::new(*b"SSDT", 36, 1, OEM_ID, cfg.oem_table_id_bytes(), 1);
+    sdt.append_slice(&body);
+    Ok(sdt.as_slice().to_vec())
+}
+
+/// A named integer constant in the table.
+fn name_int(name: &str, value: u32) -> Name {
+    Name::new(name.into(), &value)
+}
+
+/// `LSTA = status; Return (ret)`: the guard's way out.
+fn fail(status: Status, ret: &dyn Aml, sink: &mut dyn AmlSink) {
+    Store::new(&Path::new("LSTA"), &status.code()).to_aml_bytes(sink);
+    Return::new(ret).to_aml_bytes(sink);
+}
+
+/// AML that runs `f` into a byte vector; lets statement lists be built by plain Rust code.
+struct Block<F: Fn(&mut dyn AmlSink)>(F);
+
+impl<F: Fn(&mut dyn AmlSink)> Aml for Block<F> {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        (self.0)(sink)
+    }
+}
+
+/// The Device over the ivshmem function: finds BAR2 and writes records.
+pub struct SharedRegionDevice {
+    pub slot: PciSlot,
+}
+
+impl SharedRegionDevice {
+    /// `FIND`: returns the BAR2 address, or 0 with `LSTA` saying why there is none.
+    fn find_method(sink: &mut dyn AmlSink) {
+        let (local0, vdid, bar3) = (Local(0), Path::new("VDID"), Path::new("BAR3"));
+        let not_ivshmem = Block(|s: &mut dyn AmlSink| fail(Status::NotIvshmem, &ZERO, s));
+        let above_4g = Block(|s: &mut dyn AmlSink| fail(Status::BarAbove4Gib, &ZERO, s));
+        let unassigned = Block(|s: &mut dyn AmlSink| fail(Status::BarUnassigned, &ZERO, s));
+        Method::new(
+            "FIND".into(),
+            0,
+            false,
+            vec![
+                &If::new(&NotEqual::new(&vdid, &abi::IVSHMEM_VENDOR_DEVICE), vec![&not_ivshmem]),
+                &Store::new(&local0, &Path::new("BAR2")),
+                // Bit 0 set: an I/O BAR, not ivshmem's memory BAR.
+                &If::new(&And::new(&ZERO, &local0, &ONE), vec![&not_ivshmem]),
+                // A 64-bit BAR (type bits 10b) whose upper half is set is out of 32-bit reach.
+                &If::new(
+                    &LAnd(&And::new(&ZERO, &local0, &0x04u8), &NotEqual::new(&bar3, &ZERO)),
+                    vec![&above_4g],
+                ),
+                &And::new(&local0, &local0, &0xffff_fff0u32),
+                &If::new(&Equal::new(&local0, &ZERO), vec![&unassigned]),
+                &Return::new(&local0),
+            ],
+        )
+        .to_aml_bytes(sink);
+    }
+
+    /// `WREC (source)`: one record, under the sequence rule. Serialized, so `_INI`, `_EVT`
+    /// and `_TMP` never interleave their writes.
+    fn write_method(sink: &mut dyn AmlSink) {
+        let (arg0, local0, local1) = (Arg(0), Local(0), Local(1));
+        let p = |n: &str| Path::new(n);
+        let region_fields = field_list(&[
+            ("MAGC", offsets::MAGIC, 32),
+            ("ABIV", offsets::ABI_VERSION, 32),
+            ("RQNO", offsets::REQUEST_NO, 32),
+            ("RQNC", offsets::NONCE, 32),
+            ("RSEQ", offsets::SEQ, 32),
+            ("RSTA", offsets::STATUS, 32),
+            ("RSRC", offsets::SOURCE, 32),
+            ("ERQN", offsets::ECHO_REQUEST_NO, 32),
+            ("ENON", offsets::ECHO_NONCE, 32),
+            ("RTMR", offsets::TIMER, 32),
+            ("RBAR", offsets::BAR, 32),
+            ("RCNB", offsets::BOOT_COUNT, 32),
+            ("RCNG", offsets::GED_COUNT, 32),
+            ("RCNT", offsets::THERMAL_COUNT, 32),
+        ]);
+        let bad_header = Block(|s: &mut dyn AmlSink| fail(Status::BadHeader, &p("LSTA"), s));
+        let stores: [(&str, &dyn Aml); 9] = [
+            ("RSTA", &ZERO),
+            ("RSRC", &arg0),
+            ("ERQN", &p("RQNO")),
+            ("ENON", &p("RQNC")),
+            ("RTMR", &Timer),
+            ("RBAR", &local0),
+            ("RCNB", &p("CNTB")),
+            ("RCNG", &p("CNTG")),
+            ("RCNT", &p("CNTT")),
+        ];
+        let fill = Block(|s: &mut dyn AmlSink| {
+            for (field, value) in &stores {
+                Store::new(&p(field), *value).to_aml_bytes(s);
+            }
+        });
+        Method::new(
+            "WREC".into(),
+            1,
+            true,
+            vec![
+                &Store::new(&local0, &MethodCall::new("FIND".into(), vec![])),
+                &If::new(&Equal::new(&local0, &ZERO), vec![&Return::new(&p("LSTA"))]),
+                &OpRegion::new(
+                    "SHMR".into(),
+                    OpRegionSpace::SystemMemory,
+                    &local0,
+                    &(offsets::RECORD_END as u32),
+                ),
+                &Field::new(
+                    "SHMR".into(),
+                    FieldAccessType::DWord,
+                    FieldLockRule::NoLock,
+                    FieldUpdateRule::Preserve,
+                    region_fields,
+                ),
+                &If::new(
+                    &LOr(
+                        &NotEqual::new(&p("MAGC"), &abi::MAGIC),
+                        &NotEqual::new(&p("ABIV"), &abi::ABI_VERSION),
+                    ),
+                    vec![&bad_header],
+                ),
+                // The first record of a boot, whatever its source, counts the boot.
+                &If::new(
+                    &Equal::new(&p("CNTB"), &ZERO),
+                    vec![&Add::new(&p("CNTB"), &p("RCNB"), &ONE)],
+                ),
+                &If::new(
+                    &Equal::new(&arg0, &Source::Ged.code()),
+                    vec![&Increment(&p("CNTG"))],
+                ),
+                &Else::new(vec![&If::new(
+                    &Equal::new(&arg0, &Source::Thermal.code()),
+                    vec![&Increment(&p("CNTT"))],
+                )]),
+                // Odd while writing.
+                &Or::new(&local1, &Add::new(&ZERO, &p("RSEQ"), &ONE), &ONE),
+                &Store::new(&p("RSEQ"), &local1),
+                &fill,
+                // Even when complete; the host copies only between two equal even values.
+                &Add::new(&p("RSEQ"), &local1, &ONE),
+                &Store::new(&p("LSTA"), &ZERO),
+                &Return::new(&ZERO),
+            ],
+        )
+        .to_aml_bytes(sink);
+    }
+}
+
+impl Aml for SharedRegionDevice {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        let pci_fields = field_list(&[("VDID", 0x00, 32), ("BAR2", 0x18, 32), ("BAR3", 0x1c, 32)]);
+        Device::new(
+            "AMSH".into(),
+            vec![
+                &name_int("_ADR", self.slot.adr()),
+                &name_int("LSTA", Status::NotRun.code()),
+                &name_int("CNTB", 0),
+                &name_int("CNTG", 0),
+                &name_int("CNTT", 0),
+                &OpRegion::new("PCIC".into(), OpRegionSpace::PCIConfig, &ZERO, &0x20u8),
+                &Field::new(
+                    "PCIC".into(),
+                    FieldAccessType::DWord,
+                    FieldLockRule::NoLock,
+                    FieldUpdateRule::Preserve,
+                    pci_fields,
+                ),
+                &Block(Self::find_method),
+                &Block(Self::write_method),
+                &Method::new(
+                    "_INI".into(),
+                    0,
+                    false,
+                    vec![&MethodCall::new("WREC".into(), vec![&Source::Boot.code()])],
+                ),
+            ],
+        )
+        .to_aml_bytes(sink);
+    }
+}
+
+/// The Generic Event Device the host raises through pc-testdev.
+pub struct EventDevice {
+    pub irq: u8,
+}
+
+impl Aml for EventDevice {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        let port = TESTDEV_IRQ_PORT_BASE + u16::from(self.irq);
+        Device::new(
+            "AMGE".into(),
+            vec![
+                &Name::new("_HID".into(), &"ACPI0013"),
+                &name_int("_UID", 0),
+                &Name::new(
+                    "_CRS".into(),
+                    &ResourceTemplate::new(vec![&Interrupt::new(
+                        true,
+                        false,
+                        false,
+                        false,
+                        u32::from(self.irq),
+                    )]),
+                ),
+                &OpRegion::new("TDEV".into(), OpRegionSpace::SystemIO, &port, &ONE),
+                &Field::new(
+                    "TDEV".into(),
+                    FieldAccessType::Byte,
+                    FieldLockRule::NoLock,
+                    FieldUpdateRule::Preserve,
+                    field_list(&[("TIRQ", 0, 8)]),
+                ),
+                &Method::new(
+                    "_EVT".into(),
+                    1,
+                    false,
+                    vec![
+                        // Level-triggered: drop the line first, or the IRQ fires again.
+                        &Store::new(&Path::new("TIRQ"), &ZERO),
+                        &MethodCall::new(paths::WRITE_RECORD.into(), vec![&Source::Ged.code()]),
+                    ],
+                ),
+            ],
+        )
+        .to_aml_bytes(sink);
+    }
+}
+
+/// The guest-driven fallback: Linux polls `_TMP` every `_TZP` tenths of a second.
+pub struct ThermalPoll {
+    pub period_ds: u16,
+}
+
+impl Aml for ThermalPoll {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        ThermalZone {
+            path: "AMTZ".into(),
+            children: vec![
+                &Name::new("_TZP".into(), &self.period_ds),
+                &Name::new("_CRT".into(), &THERMAL_CRT_DK),
+                &Method::new(
+                    "_TMP".into(),
+                    0,
+                    false,
+                    vec![
+                        &MethodCall::new(paths::WRITE_RECORD.into(), vec![&Source::Thermal.code()]),
+                        &Return::new(&THERMAL_TMP_DK),
+                    ],
+                ),
+            ],
+        }
+        .to_aml_bytes(sink);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,11 @@
+//! acpimon: agentless monitoring of QEMU VMs through a custom ACPI SSDT.
+//!
+//! One module per stage of the data path (see `../shared/DESIGN.md` and the README):
+//! [`generate`] the SSDT → [`launch`] QEMU with it → (trigger, later) → [`read`] the shared
+//! region → [`judge`] what it says. [`abi`] is the contract between the AML and the reader.
+
+pub mod abi;
+pub mod generate;
+pub mod judge;
+pub mod launch;
+pub mod read;
