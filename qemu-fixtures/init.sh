@@ -68,6 +68,8 @@ done
 
 # An interactive shell on the console tty; cttyhack finds that tty (ttyS0) and makes it
 # the controlling terminal, setsid gives it its own session. Respawned if it exits.
+# Note for tests reading the transcript: busybox's line editing echoes what is typed and
+# writes ESC[6n (a cursor position query, unanswered and harmless) after each prompt.
 shell_loop() {
   while :; do
     setsid cttyhack sh

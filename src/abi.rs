@@ -149,6 +149,12 @@ pub mod offsets {
     pub const THERMAL_COUNT: usize = RECORD_OFFSET + offset_of!(Record, thermal_count);
     /// End of the last record field; the AML maps only this much of the region.
     pub const RECORD_END: usize = THERMAL_COUNT + 4;
+    /// Reserved words, zero in ABI 1: `(start, end)` of each run below the mailbox.
+    pub const RESERVED: [(usize, usize); 3] = [
+        (HEADER_OFFSET + offset_of!(Header, flags), REQUEST_OFFSET),
+        (REQUEST_OFFSET + offset_of!(Request, reserved), RECORD_OFFSET),
+        (RECORD_OFFSET + offset_of!(Record, reserved), FIXED_SIZE),
+    ];
 }
 
 /// What made the AML write a record.

@@ -9,3 +9,4 @@ pub mod generate;
 pub mod judge;
 pub mod launch;
 pub mod read;
+pub mod report;

@@ -21,8 +21,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use acpi_tables::aml::{
-    Add, And, Arg, Device, Else, Equal, Field, FieldAccessType, FieldLockRule, FieldUpdateRule,
-    If, Interrupt, Local, MethodCall, Method, Name, NotEqual, OpRegion, OpRegionSpace, Or, Path,
+    Add, And, Arg, Device, Else, Equal, Field, FieldAccessType, FieldLockRule, FieldUpdateRule, If,
+    Interrupt, Local, Method, MethodCall, Name, NotEqual, OpRegion, OpRegionSpace, Or, Path,
     ResourceTemplate, Return, Scope, Store, ONE, ZERO,
 };
 use acpi_tables::sdt::Sdt;
@@ -79,7 +79,9 @@ pub enum ConfigError {
     RegionSizeTooLarge(u64),
     #[error("region size '{0}' is not a number of bytes; write e.g. 4096, 0x1000, 4K or 1M")]
     RegionSizeSyntax(String),
-    #[error("PCI slot '{0}' is malformed: {1}; write DEV[.FN] in hex as QEMU's addr= does, e.g. 0f or 0x0f.0")]
+    #[error(
+        "PCI slot '{0}' is malformed: {1}; write DEV[.FN] in hex as QEMU's addr= does, e.g. 0f or 0x0f.0"
+    )]
     BadSlot(String, &'static str),
     #[error("OEM table ID '{0}' is not 1-8 printable ASCII characters; choose a shorter plain name")]
     BadOemTableId(String),
@@ -201,8 +203,7 @@ pub fn validate_region_size(size: u64) -> Result<u32, ConfigError> {
 pub fn parse_region_size(s: &str) -> Result<u32, ConfigError> {
     let syntax = || ConfigError::RegionSizeSyntax(s.to_string());
     let t = s.trim();
-    let (digits, scale) = match t.find(|c: char| c.is_ascii_alphabetic() && c != 'x' && c != 'X')
-    {
+    let (digits, scale) = match t.find(|c: char| c.is_ascii_alphabetic() && c != 'x' && c != 'X') {
         Some(i) if !t.starts_with("0x") && !t.starts_with("0X") => {
             let scale: u64 = match t[i..].to_ascii_lowercase().as_str() {
                 "k" | "kib" => 1 << 10,
@@ -253,8 +254,7 @@ pub fn build(cfg: &SsdtConfig) -> Result<Vec<u8>, ConfigError> {
     // Inside `If (Zero)`, as iasl emits it: interpreters that predate ExternalOp skip it.
     let pci0 = External { path: "\\_SB_.PCI0".into(), object_type: DEVICE_OBJ };
     If::new(&ZERO, vec![&pci0]).to_aml_bytes(&mut body);
-    Scope::new("\\_SB_.PCI0".into(), vec![&SharedRegionDevice { slot: cfg.slot }])
-        .to_aml_bytes(&mut body);
+    Scope::new("\\_SB_.PCI0".into(), vec![&SharedRegionDevice { slot: cfg.slot }]).to_aml_bytes(&mut body);
     Scope::new("\\_SB_".into(), vec![&EventDevice { irq: cfg.irq }]).to_aml_bytes(&mut body);
     if let Some(period_ds) = cfg.thermal_period_ds {
         Scope::new("\\_TZ_".into(), vec![&ThermalPoll { period_ds }]).to_aml_bytes(&mut body);
@@ -384,14 +384,8 @@ impl SharedRegionDevice {
                     vec![&bad_header],
                 ),
                 // The first record of a boot, whatever its source, counts the boot.
-                &If::new(
-                    &Equal::new(&p("CNTB"), &ZERO),
-                    vec![&Add::new(&p("CNTB"), &p("RCNB"), &ONE)],
-                ),
-                &If::new(
-                    &Equal::new(&arg0, &Source::Ged.code()),
-                    vec![&Increment(&p("CNTG"))],
-                ),
+                &If::new(&Equal::new(&p("CNTB"), &ZERO), vec![&Add::new(&p("CNTB"), &p("RCNB"), &ONE)]),
+                &If::new(&Equal::new(&arg0, &Source::Ged.code()), vec![&Increment(&p("CNTG"))]),
                 &Else::new(vec![&If::new(
                     &Equal::new(&arg0, &Source::Thermal.code()),
                     vec![&Increment(&p("CNTT"))],

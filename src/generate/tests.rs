@@ -86,8 +86,7 @@ fn table_header_and_checksum() {
 #[test]
 fn parameters_change_the_table() {
     let base = build(&SsdtConfig::default()).unwrap();
-    let with_thermal =
-        build(&SsdtConfig { thermal_period_ds: Some(10), ..SsdtConfig::default() }).unwrap();
+    let with_thermal = build(&SsdtConfig { thermal_period_ds: Some(10), ..SsdtConfig::default() }).unwrap();
     assert!(with_thermal.len() > base.len());
     assert!(with_thermal.windows(4).any(|w| w == b"AMTZ"));
     assert!(!base.windows(4).any(|w| w == b"AMTZ"));

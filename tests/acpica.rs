@@ -1,0 +1,218 @@
+//! The generated table executed by ACPICA's `acpiexec` (the interpreter Linux runs), against a
+//! simulated ivshmem config space and region; the bytes it writes are decoded by the Rust
+//! reader. One ABI, proven from both sides.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use acpimon::abi::{Source, Status};
+use acpimon::generate::{build, paths, SsdtConfig};
+use acpimon::read::{decode, sim::SimulatedAml, Access, GuestRecord, Region};
+use common::acpica::{disassemble, Machine};
+
+const REGION: u32 = 4096;
+const BAR_LOW: u32 = 0xfebf_f000;
+/// 64-bit prefetchable memory BAR: type bits 0b1100.
+const BAR_TYPE: u32 = 0x0c;
+const IVSHMEM: u32 = 0x1110_1af4;
+
+struct Case {
+    _dir: tempfile::TempDir,
+    machine: Machine,
+    ssdt: PathBuf,
+}
+
+fn case(cfg: &SsdtConfig) -> Case {
+    let dir = tempfile::tempdir().unwrap();
+    let machine = Machine::new(dir.path());
+    let ssdt = dir.path().join("acpimon.aml");
+    common::write(&ssdt, &build(cfg).unwrap());
+    Case { _dir: dir, machine, ssdt }
+}
+
+fn thermal() -> SsdtConfig {
+    SsdtConfig { thermal_period_ds: Some(10), ..SsdtConfig::default() }
+}
+
+fn cmd(s: &str) -> String {
+    s.to_string()
+}
+
+fn pci(vendor_device: u32, bar2: u32, bar3: u32) -> String {
+    format!("execute \\TPCI {vendor_device:#x} {bar2:#x} {bar3:#x}")
+}
+
+fn host(base: u32, request_no: u32, nonce: u32) -> String {
+    format!("execute \\THST {base:#x} {REGION:#x} {request_no:#x} {nonce:#x}")
+}
+
+fn dump(base: u32) -> String {
+    format!("execute \\TDMP {base:#x}")
+}
+
+fn run(m: &str) -> String {
+    format!("execute {m}")
+}
+
+fn record(bytes: &[u8]) -> Option<GuestRecord> {
+    let snap = decode(bytes, u64::from(REGION)).expect("the AML wrote a region the reader accepts");
+    assert!(snap.anomalies.is_empty(), "{:?}", snap.anomalies);
+    snap.record
+}
+
+#[test]
+fn ini_evt_and_tmp_write_records_the_reader_decodes() {
+    let c = case(&thermal());
+    let evt = format!("{}._EVT 6", paths::EVENT_DEVICE);
+    let r = c.machine.exec(
+        &c.ssdt,
+        &[
+            pci(IVSHMEM, BAR_LOW | BAR_TYPE, 0),
+            host(BAR_LOW, 7, 0x1234),
+            run(&format!("{}._INI", paths::SHARED_DEVICE)),
+            dump(BAR_LOW),
+            run(&evt),
+            dump(BAR_LOW),
+            host(BAR_LOW, 8, 0xfeed_f00d),
+            run(&evt),
+            run(&format!("{}._TMP", paths::THERMAL_ZONE)),
+            dump(BAR_LOW),
+            cmd("execute \\TSTA"),
+        ],
+    );
+    assert_eq!(r.buffers.len(), 3, "{}", r.log);
+
+    let boot = record(&r.buffers[0]).expect("_INI wrote a record");
+    assert_eq!((boot.seq, boot.source, boot.status), (2, Source::Boot, Status::Ok));
+    assert_eq!((boot.boot_count, boot.ged_count, boot.thermal_count), (1, 0, 0));
+    assert!(boot.answers(7, 0x1234));
+    assert_eq!(boot.bar, BAR_LOW, "the BAR without its type bits");
+
+    let ged = record(&r.buffers[1]).unwrap();
+    assert_eq!((ged.seq, ged.source, ged.ged_count), (4, Source::Ged, 1));
+
+    let last = record(&r.buffers[2]).unwrap();
+    assert_eq!((last.seq, last.source), (8, Source::Thermal));
+    assert_eq!((last.boot_count, last.ged_count, last.thermal_count), (1, 2, 1));
+    assert!(last.answers(8, 0xfeed_f00d));
+    // _TMP returned 25.0 C (2982 dK), then TSTA: Ok.
+    assert_eq!(r.integers, [2982, u64::from(Status::Ok.code())], "{}", r.log);
+    // acpiexec's Timer is its host clock: it moves.
+    assert_ne!(boot.timer_ticks, last.timer_ticks);
+}
+
+#[test]
+fn a_bar_above_4gib_writes_nothing() {
+    let c = case(&SsdtConfig::default());
+    // BAR2 low half 0 with BAR3 = 0x80: 0x80_0000_0000. Truncated AML would write at 0.
+    let r = c.machine.exec(
+        &c.ssdt,
+        &[
+            pci(IVSHMEM, BAR_TYPE, 0x80),
+            host(0, 1, 2),
+            run(&format!("{}._INI", paths::SHARED_DEVICE)),
+            run(&format!("{}._EVT 6", paths::EVENT_DEVICE)),
+            dump(0),
+            cmd("execute \\TSTA"),
+        ],
+    );
+    assert_eq!(record(&r.buffers[0]), None, "nothing written at the truncated address");
+    assert_eq!(r.buffers[0][0x80..], [0u8; 0x80], "record area untouched");
+    assert_eq!(r.integers, [u64::from(Status::BarAbove4Gib.code())]);
+}
+
+#[test]
+fn guards_report_why_nothing_was_written() {
+    let c = case(&SsdtConfig::default());
+    let ini = run(&format!("{}._INI", paths::SHARED_DEVICE));
+    let cases = [
+        // Another device at the slot.
+        (pci(0x1000_8086, BAR_LOW | BAR_TYPE, 0), Status::NotIvshmem),
+        // ivshmem ids but an I/O BAR.
+        (pci(IVSHMEM, 0xc001, 0), Status::NotIvshmem),
+        // BAR not assigned by firmware.
+        (pci(IVSHMEM, BAR_TYPE, 0), Status::BarUnassigned),
+    ];
+    for (setup, status) in cases {
+        let r = c
+            .machine
+            .exec(&c.ssdt, &[setup, host(BAR_LOW, 1, 2), ini.clone(), dump(BAR_LOW), cmd("execute \\TSTA")]);
+        assert_eq!(record(&r.buffers[0]), None, "{status:?}");
+        assert_eq!(r.integers, [u64::from(status.code())]);
+    }
+    // A region without our header (host never initialised it): nothing written.
+    let r = c
+        .machine
+        .exec(&c.ssdt, &[pci(IVSHMEM, BAR_LOW | BAR_TYPE, 0), ini, dump(BAR_LOW), cmd("execute \\TSTA")]);
+    assert_eq!(r.buffers[0], vec![0u8; 0x100]);
+    assert_eq!(r.integers, [u64::from(Status::BadHeader.code())]);
+}
+
+#[test]
+fn a_new_boot_counts_on_and_recovers_an_interrupted_record() {
+    // The region saw 41 boots; the last record was interrupted mid-write (odd seq 9).
+    let c = case(&SsdtConfig { irq: 7, ..SsdtConfig::default() });
+    let r = c.machine.exec(
+        &c.ssdt,
+        &[
+            pci(IVSHMEM, BAR_LOW | BAR_TYPE, 0),
+            host(BAR_LOW, 1, 1),
+            format!("execute \\TOLD {BAR_LOW:#x} 9 41"),
+            // No _INI: the first record of this boot comes from the GED, on IRQ 7's port.
+            run(&format!("{}._EVT 7", paths::EVENT_DEVICE)),
+            dump(BAR_LOW),
+        ],
+    );
+    let rec = record(&r.buffers[0]).unwrap();
+    assert_eq!((rec.source, rec.boot_count, rec.ged_count), (Source::Ged, 42, 1));
+    assert_eq!(rec.seq, 12, "odd 9 -> writing 11 -> complete 12");
+}
+
+/// The simulated guest used by benchmarks writes the same record as the real AML.
+#[test]
+fn the_simulated_aml_matches_acpica() {
+    let c = case(&SsdtConfig::default());
+    let r = c.machine.exec(
+        &c.ssdt,
+        &[
+            pci(IVSHMEM, BAR_LOW | BAR_TYPE, 0),
+            host(BAR_LOW, 3, 0xabcd),
+            run(&format!("{}._INI", paths::SHARED_DEVICE)),
+            run(&format!("{}._EVT 6", paths::EVENT_DEVICE)),
+            dump(BAR_LOW),
+        ],
+    );
+    let acpica = &r.buffers[0];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("region");
+    let region = Region::create(&path, REGION).unwrap();
+    region.write_request(3, 0xabcd).unwrap();
+    let mut guest = SimulatedAml::boot(BAR_LOW);
+    guest.write_record(&region, Source::Boot, 0);
+    let timer = u32::from_le_bytes(acpica[0x94..0x98].try_into().unwrap());
+    guest.write_record(&region, Source::Ged, timer);
+    drop(region);
+    let sim = std::fs::read(&path).unwrap();
+    assert_eq!(&sim[..0x100], &acpica[..], "simulated and ACPICA-executed regions differ");
+    let _ = Region::open(&path, Access::ReadOnly).unwrap().snapshot().unwrap();
+}
+
+#[test]
+fn generated_tables_disassemble_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, cfg) in [
+        SsdtConfig::default(),
+        thermal(),
+        SsdtConfig { irq: 15, slot: "1f.7".parse().unwrap(), region_size: 1 << 20, ..thermal() },
+    ]
+    .iter()
+    .enumerate()
+    {
+        let aml = dir.path().join(format!("t{i}.aml"));
+        common::write(&aml, &build(cfg).unwrap());
+        let asl = disassemble(Path::new(&aml));
+        assert!(asl.contains("Device (AMSH)") && asl.contains("\"ACPI0013\""), "{asl}");
+        assert_eq!(asl.contains("ThermalZone (AMTZ)"), cfg.thermal_period_ds.is_some());
+    }
+}

@@ -1,0 +1,123 @@
+//! The command line: what each command writes, and that every bad input exits non-zero with
+//! one line naming the problem and the fix.
+
+mod common;
+
+use common::{acpimon, text};
+
+/// Runs acpimon expecting exit status 2 and exactly one stderr line containing `needles`.
+fn refused(args: &[&str], needles: &[&str]) {
+    let out = acpimon(args);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "{args:?}: one line, got:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: {err:?} lacks {n:?}");
+    }
+    assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+}
+
+#[test]
+fn bad_table_options_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.aml");
+    let o = out.to_str().unwrap();
+    refused(&["ssdt", "--out", o, "--irq", "16"], &["IRQ 16 is out of range", "below 16"]);
+    refused(&["ssdt", "--out", o, "--irq", "2"], &["IRQ 2 is taken", "pick a free one"]);
+    refused(&["ssdt", "--out", o, "--slot", "2g"], &["PCI slot '2g' is malformed", "e.g. 0f"]);
+    refused(&["ssdt", "--out", o, "--slot", "20"], &["0x00-0x1f"]);
+    refused(&["ssdt", "--out", o, "--slot", "0f.9"], &["function must be 0-7"]);
+    refused(&["ssdt", "--out", o, "--region-size", "5000"], &["not a power of two", "e.g. 4096"]);
+    refused(
+        &["ssdt", "--out", o, "--region-size", "2048"],
+        &["smaller than the 4096 bytes", "at least 4096"],
+    );
+    refused(&["ssdt", "--out", o, "--region-size", "big"], &["not a number of bytes"]);
+    refused(&["ssdt", "--out", o, "--thermal-period-ds", "0"], &["thermal period 0 ds", "1-36000"]);
+    refused(&["ssdt", "--out", o, "--thermal-period-ds", "70000"], &["thermal period 70000 ds"]);
+    refused(&["ssdt", "--out", o, "--oem-table-id", "WAYTOOLONG"], &["OEM table ID 'WAYTOOLONG'"]);
+    assert!(!out.exists(), "nothing written on bad input");
+}
+
+#[test]
+fn bad_region_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    refused(&["snapshot", &p("missing")], &["does not exist", "acpimon qemu-args --region-path"]);
+    common::write(&dir.path().join("small"), &[0u8; 512]);
+    refused(&["snapshot", &p("small")], &["is 512 bytes, smaller than the 4096"]);
+    common::write(&dir.path().join("zeros"), &[0u8; 4096]);
+    refused(&["snapshot", &p("zeros")], &["wrong magic 0x00000000", "create it with `acpimon qemu-args"]);
+    let mut future = vec![0u8; 4096];
+    future[..8].copy_from_slice(&[b'A', b'M', b'O', b'N', 2, 0, 0, 0]);
+    common::write(&dir.path().join("future"), &future);
+    refused(&["snapshot", &p("future")], &["ABI version 2 is not supported"]);
+    // qemu-args on an existing region of another size: refused, file kept.
+    common::write(&dir.path().join("other"), &[7u8; 8192]);
+    refused(&["qemu-args", "--region-path", &p("other")], &["is 8192 bytes but 4096 were asked for"]);
+    assert_eq!(std::fs::read(dir.path().join("other")).unwrap(), vec![7u8; 8192]);
+}
+
+#[test]
+fn ssdt_writes_a_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.aml");
+    let r = acpimon(&["ssdt", "--out", out.to_str().unwrap(), "--irq", "7", "--thermal-period-ds", "10"]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let t = std::fs::read(&out).unwrap();
+    assert_eq!(&t[..4], b"SSDT");
+    assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+    assert!(t.windows(4).any(|w| w == b"AMTZ"));
+}
+
+#[test]
+fn qemu_args_create_the_files_and_print_both_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = dir.path().join("vm1.region");
+    let r = region.to_str().unwrap();
+    let out = acpimon(&["qemu-args", "--region-path", r, "--region-size", "8K", "--slot", "1e"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let argv = text(&out.stdout);
+    let lines: Vec<&str> = argv.lines().collect();
+    assert_eq!(lines[0], "-acpitable");
+    assert_eq!(lines[1], format!("file={r}.ssdt.aml"));
+    assert!(lines
+        .contains(&format!("memory-backend-file,id=acpimon-mem,mem-path={r},size=8192,share=on").as_str()));
+    assert!(lines.contains(&"ivshmem-plain,id=acpimon-shm,memdev=acpimon-mem,addr=1e.0"));
+    assert!(lines.contains(&"pc-testdev,id=acpimon-testdev"));
+    assert_eq!(std::fs::metadata(&region).unwrap().len(), 8192);
+    assert_eq!(&std::fs::read(format!("{r}.ssdt.aml")).unwrap()[..4], b"SSDT");
+
+    let out = acpimon(&["qemu-args", "--region-path", r, "--region-size", "8K", "--format", "readconfig"]);
+    let ini = text(&out.stdout);
+    assert!(
+        ini.starts_with(
+            "# acpimon: QEMU ignores -acpitable in a -readconfig file; also pass: -acpitable file="
+        ),
+        "{ini}"
+    );
+    assert!(ini.contains("[object \"acpimon-mem\"]\n  qom-type = \"memory-backend-file\""), "{ini}");
+    assert!(ini.contains("[device \"acpimon-testdev\"]\n  driver = \"pc-testdev\""), "{ini}");
+}
+
+#[test]
+fn snapshot_prints_a_table_json_and_watches() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = dir.path().join("r");
+    let r = region.to_str().unwrap();
+    assert!(acpimon(&["qemu-args", "--region-path", r]).status.success());
+
+    let out = acpimon(&["snapshot", r]);
+    let table = text(&out.stdout);
+    assert!(out.status.success());
+    assert!(table.contains("(4096 bytes, ABI 1)") && table.contains("none yet"), "{table}");
+
+    let out = acpimon(&["snapshot", r, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["region_size"], 4096);
+    assert_eq!(v["record"], serde_json::Value::Null);
+
+    let out = acpimon(&["snapshot", r, "--json", "--watch", "--count", "3", "--interval-ms", "10"]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).lines().count(), 1, "one line: the first read, then no new records");
+}
