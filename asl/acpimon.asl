@@ -1,5 +1,5 @@
 /*
- * The SSDT that `acpimon ssdt --thermal-period-ds 10` generates (default slot 0f.0, IRQ 6),
+ * The SSDT that `acpimon ssdt --thermal-period-ds 10` generates (default slot 0f.0, IRQ 7),
  * written as ASL for people to read. `tests/asl_equivalence.rs` compiles this file with iasl
  * and checks that its AML is byte-identical to the generator's (src/generate/), so edit both.
  *
@@ -147,10 +147,10 @@ DefinitionBlock ("", "SSDT", 1, "ACPIMN", "ACPIMON", 0x00000001)
             {
                 Interrupt (ResourceConsumer, Level, ActiveHigh, Exclusive, ,, )
                 {
-                    0x00000006,
+                    0x00000007,
                 }
             })
-            OperationRegion (TDEV, SystemIO, 0x2006, One)
+            OperationRegion (TDEV, SystemIO, 0x2007, One)
             Field (TDEV, ByteAcc, NoLock, Preserve)
             {
                 TIRQ,   8

@@ -31,12 +31,13 @@ for arg in $(cat /proc/cmdline); do
     acpimon.delay=*) delay=${arg#acpimon.delay=} ;;
   esac
 done
+# Start on a fresh line: firmware text (SeaBIOS's "Booting from ROM..") may end without one.
+echo
+say "boot scenario=$scenario uptime=$(uptime_s) kernel=$(uname -r)"
 case "$delay" in '' | *[!0-9]*)
   say "error: acpimon.delay='$delay' is not a whole number of seconds, using 3"
   delay=3 ;;
 esac
-
-say "boot scenario=$scenario uptime=$(uptime_s) kernel=$(uname -r)"
 
 # Magic SysRq fully on, so the panic scenario (and a host sending a serial break) works.
 echo 1 >/proc/sys/kernel/sysrq
@@ -56,7 +57,7 @@ say "modules loaded:${loaded:- none} failed:${failed:- none} builtin: $(cat /etc
 
 # ACPI facts that help when debugging the SSDT acpimon injects (harmless when absent).
 say "acpi tables: $(ls /sys/firmware/acpi/tables 2>/dev/null | tr '\n' ' ')"
-say "acpi ged (ACPI0013): $(ls /sys/bus/acpi/devices 2>/dev/null | grep -i ACPI0013 | tr '\n' ' ')"
+say "acpi ged (ACPI0013): $(ls /sys/bus/acpi/devices 2>/dev/null | grep -i ACPI0013 | tr '\n' ' ')irqs: $(grep 'ACPI:Ged' /proc/interrupts | awk '{print $1}' | tr -d ':' | tr '\n' ' ')"
 say "acpi pvpanic (QEMU0001): $(ls /sys/bus/acpi/devices 2>/dev/null | grep -i QEMU0001 | tr '\n' ' ')"
 tz_found=0
 for tz in /sys/class/thermal/thermal_zone*; do

@@ -5,8 +5,11 @@
 //! region → [`judge`] what it says. [`abi`] is the contract between the AML and the reader.
 
 pub mod abi;
+pub mod console;
 pub mod generate;
 pub mod judge;
 pub mod launch;
 pub mod read;
 pub mod report;
+pub mod run;
+pub mod trigger;

@@ -11,9 +11,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use acpimon::generate::{self, ConfigError, SsdtConfig};
 use acpimon::judge::Tracker;
-use acpimon::launch::LaunchPlan;
+use acpimon::launch::{self, LaunchPlan, PrepareError, Vm, VmError, VmSpec};
 use acpimon::read::{Access, Region, RegionError};
-use acpimon::report::{snapshot_table, SnapshotReport};
+use acpimon::report::{run_event_line, snapshot_table, summary_line, SnapshotReport};
+use acpimon::run::{RunEvent, RunOptions, Summary};
+use acpimon::trigger::TriggerError;
 
 #[derive(Parser)]
 #[command(name = "acpimon", version, about = "Agentless monitoring of QEMU VMs through a custom ACPI SSDT")]
@@ -47,6 +49,34 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Argv)]
         format: Format,
     },
+    /// Create a VM's state directory (table, region, vm.json) and print its QEMU arguments,
+    /// with a QMP socket, a serial console socket and pvpanic.
+    Prepare {
+        /// The VM's name (its directory under --state-dir).
+        name: String,
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        table: TableArgs,
+        #[arg(long, value_enum, default_value_t = Format::Argv)]
+        format: Format,
+    },
+    /// Launch QEMU with acpimon added, send heartbeats, show them live; exits with QEMU.
+    Run {
+        #[command(flatten)]
+        run: RunArgs,
+        /// The QEMU program and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "QEMU ARGS")]
+        qemu: Vec<String>,
+    },
+    /// Boot the built-in test guest under `acpimon run` and show its heartbeat.
+    Demo {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Machine type for the demo guest.
+        #[arg(long, default_value = "pc", value_parser = ["pc", "q35"])]
+        machine: String,
+    },
     /// Print the decoded contents of a region file.
     Snapshot {
         /// The region file.
@@ -64,6 +94,35 @@ enum Command {
         #[arg(long, value_name = "N")]
         count: Option<u64>,
     },
+}
+
+/// Options of `run` and `demo`.
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    table: TableArgs,
+    /// Where the VM's directory goes [default: $XDG_RUNTIME_DIR/acpimon or /tmp/acpimon-$UID].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The VM's name.
+    #[arg(long, default_value = "vm", value_name = "NAME")]
+    name: String,
+    /// Milliseconds between heartbeats.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    interval_ms: u64,
+    /// Milliseconds a heartbeat waits for its echo before it counts as missed.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    timeout_ms: u64,
+    /// Stop after this many seconds, quit QEMU and print a summary; exit 0 only if every
+    /// heartbeat was acknowledged.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Pass acpimon's QEMU options as a -readconfig file, as EVE does.
+    #[arg(long)]
+    readconfig: bool,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The table's parameters, shared by `ssdt` and `qemu-args`.
@@ -122,12 +181,26 @@ enum Error {
     Region(#[from] RegionError),
     #[error("cannot write {path}: {source}; check that its directory exists and is writable")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Trigger(#[from] TriggerError),
+    #[error("the test guest could not be built: {0}")]
+    Fixture(String),
+    #[error("{missed} of {sent} heartbeats were not acknowledged")]
+    Unacknowledged { missed: u64, sent: u64 },
+    #[error("QEMU exited with status {0}")]
+    QemuStatus(i32),
 }
 
 impl Error {
     fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) | Error::Launch(_) => 2,
+            Error::Config(_) | Error::Launch(_) | Error::Prepare(_) => 2,
+            Error::Vm(VmError::Conflicts(_)) => 2,
+            Error::QemuStatus(code) => u8::try_from(*code).unwrap_or(1),
             Error::Region(e) if is_bad_input(e) => 2,
             _ => 1,
         }
@@ -162,7 +235,7 @@ fn run(command: Command) -> Result<(), Error> {
         Command::QemuArgs { table, region_path, ssdt, format } => {
             let cfg = table.config()?;
             let ssdt_path = ssdt.unwrap_or_else(|| suffixed(&region_path, ".ssdt.aml"));
-            let plan = LaunchPlan { ssdt: cfg, ssdt_path, region_path };
+            let plan = LaunchPlan::minimal(cfg, ssdt_path, region_path);
             // Render first, so a path QEMU cannot take leaves no files behind.
             let text = match format {
                 Format::Argv => plan.argv()?.join("\n") + "\n",
@@ -179,6 +252,16 @@ fn run(command: Command) -> Result<(), Error> {
             print!("{text}");
             Ok(())
         }
+        Command::Prepare { name, state_dir, table, format } => {
+            let prepared = launch::prepare(&state_dir, &name, &table.config()?)?;
+            print!("{}", render(&prepared.descriptor.plan()?, format)?);
+            Ok(())
+        }
+        Command::Run { run, qemu } => {
+            let (program, args) = qemu.split_first().expect("clap requires the QEMU command");
+            runtime().block_on(run_vm(&run, program.clone(), args.to_vec()))
+        }
+        Command::Demo { run, machine } => runtime().block_on(demo(&run, &machine)),
         Command::Snapshot { region, json, watch, interval_ms, count } => {
             let region = Region::open(&region, Access::ReadOnly)?;
             if watch {
@@ -190,6 +273,128 @@ fn run(command: Command) -> Result<(), Error> {
             }
         }
     }
+}
+
+fn render(plan: &LaunchPlan, format: Format) -> Result<String, Error> {
+    Ok(match format {
+        Format::Argv => plan.argv()?.join("\n") + "\n",
+        Format::Readconfig => {
+            let (ini, rest) = plan.readconfig()?;
+            format!(
+                "# acpimon: QEMU ignores -acpitable in a -readconfig file; also pass: {}\n{ini}",
+                rest.join(" ")
+            )
+        }
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+}
+
+fn default_state_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("acpimon"),
+        // SAFETY-free uid lookup: the owner of /proc/self.
+        None => {
+            use std::os::unix::fs::MetadataExt;
+            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+            std::env::temp_dir().join(format!("acpimon-{uid}"))
+        }
+    }
+}
+
+/// `acpimon run`: prepare, launch, heartbeat until QEMU exits or --duration passes.
+async fn run_vm(args: &RunArgs, program: String, qemu_args: Vec<String>) -> Result<(), Error> {
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let prepared = launch::prepare(&state_dir, &args.name, &args.table.config()?)?;
+    let spec = VmSpec { program, args: qemu_args, prepared, readconfig: args.readconfig };
+    let mut vm = Vm::launch(spec).await?;
+    let json = args.json;
+    if !json {
+        let d = &vm.prepared.descriptor;
+        println!(
+            "acpimon: {} running (QEMU {}.{}.{}); state in {}; heartbeat IRQ {} every {} ms",
+            d.name,
+            vm.qmp.version.0,
+            vm.qmp.version.1,
+            vm.qmp.version.2,
+            vm.prepared.dir.display(),
+            d.irq,
+            args.interval_ms
+        );
+        if let Err(why) = vm.console() {
+            println!("acpimon: console unavailable ({why}); monitoring without it");
+        }
+    }
+    let opts = RunOptions {
+        interval: Duration::from_millis(args.interval_ms.max(1)),
+        timeout: Duration::from_millis(args.timeout_ms.max(1)),
+        duration: args.duration.map(Duration::from_secs_f64),
+        boot_timeout: Duration::from_secs(120),
+    };
+    let summary = acpimon::run::run(&mut vm, opts, |ev: &RunEvent| {
+        if json {
+            println!("{}", serde_json::to_string(ev).expect("events serialise"));
+        } else {
+            println!("{}", run_event_line(ev));
+        }
+    })
+    .await?;
+    print_summary(&summary, json);
+    if args.duration.is_some() {
+        return match summary.sent - summary.acked {
+            0 if summary.sent > 0 => Ok(()),
+            missed => Err(Error::Unacknowledged { missed, sent: summary.sent }),
+        };
+    }
+    let status = vm.wait().await.map_err(|source| Error::Write { path: vm.prepared.dir.clone(), source })?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(code) => Err(Error::QemuStatus(code)),
+        None => Err(Error::QemuStatus(1)),
+    }
+}
+
+fn print_summary(s: &Summary, json: bool) {
+    if json {
+        println!("{}", serde_json::json!({ "type": "summary", "summary": s }));
+    } else {
+        println!("{}", summary_line(s));
+    }
+}
+
+/// `acpimon demo`: the built-in guest under `run`.
+async fn demo(args: &RunArgs, machine: &str) -> Result<(), Error> {
+    let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/qemu-fixtures/build-guest"));
+    let out = std::process::Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| Error::Fixture(format!("cannot run {}: {e}", script.display())))?;
+    if !out.status.success() {
+        return Err(Error::Fixture(format!("{} failed; run tools/setup first", script.display())));
+    }
+    let guest = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_string();
+    let g = Path::new(&guest);
+    let qemu_args: Vec<String> = [
+        "-M",
+        machine,
+        "-m",
+        "256",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-kernel",
+        &g.join("vmlinux").to_string_lossy(),
+        "-initrd",
+        &g.join("initrd.img").to_string_lossy(),
+        "-append",
+        "console=ttyS0 acpimon.scenario=healthy",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    run_vm(args, "qemu-system-x86_64".into(), qemu_args).await
 }
 
 fn print_snapshot(

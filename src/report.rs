@@ -7,6 +7,8 @@ use serde::Serialize;
 
 use crate::judge::{ticks_to_duration, Observation};
 use crate::read::Snapshot;
+use crate::run::{RunEvent, Summary};
+use crate::trigger::Beat;
 
 /// A snapshot with where it came from, as `acpimon snapshot --json` prints it.
 #[derive(Serialize)]
@@ -61,4 +63,49 @@ pub fn snapshot_table(region: &Path, snap: &Snapshot, obs: Option<&Observation>)
     }
     row("anomalies", if notes.is_empty() { "none".into() } else { notes.join("; ") });
     out
+}
+
+/// One line of `acpimon run`'s live view.
+pub fn run_event_line(ev: &RunEvent) -> String {
+    match ev {
+        RunEvent::Beat { beat: Beat::Acked { request_no, latency, record }, observation } => {
+            let uptime = match observation.guest_uptime {
+                Some(u) => format!("{:.1} s", u.as_secs_f64()),
+                None => "?".into(),
+            };
+            let mut line = format!(
+                "beat #{request_no:<5} ok {:>7.2} ms  seq {:<6} source {:<8} boot {} uptime {uptime}",
+                latency.as_secs_f64() * 1e3,
+                record.seq,
+                format!("{:?}", record.source).to_lowercase(),
+                record.boot_count,
+            );
+            if let Some(r) = &observation.reboot {
+                write!(line, "  REBOOT ({r:?})").unwrap();
+            }
+            line
+        }
+        RunEvent::Beat { beat: Beat::Missed { request_no, waited, last }, .. } => format!(
+            "beat #{request_no:<5} MISSED after {:.0} ms (last record seq {})",
+            waited.as_secs_f64() * 1e3,
+            last.map(|r| r.seq.to_string()).unwrap_or_else(|| "none".into())
+        ),
+        RunEvent::Booted { after, record } => format!(
+            "guest booted: first record after {:.2} s (source {:?}, boot {}, BAR {:#010x}); heartbeats start",
+            after.as_secs_f64(),
+            record.source,
+            record.boot_count,
+            record.bar
+        ),
+        RunEvent::Qmp { name } => format!("qmp event {name}"),
+        RunEvent::Error { message } => format!("error: {message}"),
+    }
+}
+
+/// The closing line of `run --duration` and `demo`.
+pub fn summary_line(s: &Summary) -> String {
+    format!(
+        "summary: sent {} acknowledged {} missed {} errors {} (and {} during start-up); latency p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms max {:.2} ms",
+        s.sent, s.acked, s.missed, s.errors, s.startup, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
+    )
 }

@@ -64,7 +64,7 @@ fn record(bytes: &[u8]) -> Option<GuestRecord> {
 #[test]
 fn ini_evt_and_tmp_write_records_the_reader_decodes() {
     let c = case(&thermal());
-    let evt = format!("{}._EVT 6", paths::EVENT_DEVICE);
+    let evt = format!("{}._EVT 7", paths::EVENT_DEVICE);
     let r = c.machine.exec(
         &c.ssdt,
         &[
@@ -86,7 +86,8 @@ fn ini_evt_and_tmp_write_records_the_reader_decodes() {
     let boot = record(&r.buffers[0]).expect("_INI wrote a record");
     assert_eq!((boot.seq, boot.source, boot.status), (2, Source::Boot, Status::Ok));
     assert_eq!((boot.boot_count, boot.ged_count, boot.thermal_count), (1, 0, 0));
-    assert!(boot.answers(7, 0x1234));
+    assert_eq!((boot.echo_request_no, boot.echo_nonce), (7, 0x1234));
+    assert!(!boot.answers(7, 0x1234), "a boot record answers no trigger");
     assert_eq!(boot.bar, BAR_LOW, "the BAR without its type bits");
 
     let ged = record(&r.buffers[1]).unwrap();
@@ -95,7 +96,8 @@ fn ini_evt_and_tmp_write_records_the_reader_decodes() {
     let last = record(&r.buffers[2]).unwrap();
     assert_eq!((last.seq, last.source), (8, Source::Thermal));
     assert_eq!((last.boot_count, last.ged_count, last.thermal_count), (1, 2, 1));
-    assert!(last.answers(8, 0xfeed_f00d));
+    assert_eq!((last.echo_request_no, last.echo_nonce), (8, 0xfeed_f00d));
+    assert!(ged.answers(7, 0x1234));
     // _TMP returned 25.0 C (2982 dK), then TSTA: Ok.
     assert_eq!(r.integers, [2982, u64::from(Status::Ok.code())], "{}", r.log);
     // acpiexec's Timer is its host clock: it moves.
@@ -112,7 +114,7 @@ fn a_bar_above_4gib_writes_nothing() {
             pci(IVSHMEM, BAR_TYPE, 0x80),
             host(0, 1, 2),
             run(&format!("{}._INI", paths::SHARED_DEVICE)),
-            run(&format!("{}._EVT 6", paths::EVENT_DEVICE)),
+            run(&format!("{}._EVT 7", paths::EVENT_DEVICE)),
             dump(0),
             cmd("execute \\TSTA"),
         ],
@@ -152,15 +154,15 @@ fn guards_report_why_nothing_was_written() {
 #[test]
 fn a_new_boot_counts_on_and_recovers_an_interrupted_record() {
     // The region saw 41 boots; the last record was interrupted mid-write (odd seq 9).
-    let c = case(&SsdtConfig { irq: 7, ..SsdtConfig::default() });
+    let c = case(&SsdtConfig { irq: 5, ..SsdtConfig::default() });
     let r = c.machine.exec(
         &c.ssdt,
         &[
             pci(IVSHMEM, BAR_LOW | BAR_TYPE, 0),
             host(BAR_LOW, 1, 1),
             format!("execute \\TOLD {BAR_LOW:#x} 9 41"),
-            // No _INI: the first record of this boot comes from the GED, on IRQ 7's port.
-            run(&format!("{}._EVT 7", paths::EVENT_DEVICE)),
+            // No _INI: the first record of this boot comes from the GED, on IRQ 5's port.
+            run(&format!("{}._EVT 5", paths::EVENT_DEVICE)),
             dump(BAR_LOW),
         ],
     );
@@ -179,7 +181,7 @@ fn the_simulated_aml_matches_acpica() {
             pci(IVSHMEM, BAR_LOW | BAR_TYPE, 0),
             host(BAR_LOW, 3, 0xabcd),
             run(&format!("{}._INI", paths::SHARED_DEVICE)),
-            run(&format!("{}._EVT 6", paths::EVENT_DEVICE)),
+            run(&format!("{}._EVT 7", paths::EVENT_DEVICE)),
             dump(BAR_LOW),
         ],
     );

@@ -90,10 +90,10 @@ fn parameters_change_the_table() {
     assert!(with_thermal.len() > base.len());
     assert!(with_thermal.windows(4).any(|w| w == b"AMTZ"));
     assert!(!base.windows(4).any(|w| w == b"AMTZ"));
-    // IRQ 7: the resource descriptor's interrupt number and the testdev port 0x2007.
-    let irq7 = build(&SsdtConfig { irq: 7, ..SsdtConfig::default() }).unwrap();
-    assert!(irq7.windows(9).any(|w| w == [0x89, 0x06, 0x00, 0x01, 0x01, 0x07, 0x00, 0x00, 0x00]));
-    assert!(irq7.windows(4).any(|w| w == [0x01, 0x0b, 0x07, 0x20]));
+    // IRQ 5: the resource descriptor's interrupt number and the testdev port 0x2005.
+    let irq5 = build(&SsdtConfig { irq: 5, ..SsdtConfig::default() }).unwrap();
+    assert!(irq5.windows(9).any(|w| w == [0x89, 0x06, 0x00, 0x01, 0x01, 0x05, 0x00, 0x00, 0x00]));
+    assert!(irq5.windows(4).any(|w| w == [0x01, 0x0b, 0x05, 0x20]));
     // Slot 1e.3: _ADR 0x001E0003.
     let slot = build(&SsdtConfig { slot: "1e.3".parse().unwrap(), ..SsdtConfig::default() }).unwrap();
     assert!(slot.windows(9).any(|w| w == [b'_', b'A', b'D', b'R', 0x0c, 0x03, 0x00, 0x1e, 0x00]));

@@ -56,9 +56,10 @@ pub struct GuestRecord {
 }
 
 impl GuestRecord {
-    /// Whether this record answers request `request_no` with `nonce`.
+    /// Whether this record answers request `request_no` with `nonce`: a GED record echoing
+    /// both. Boot and thermal records echo the current request too, but no trigger made them.
     pub fn answers(&self, request_no: u32, nonce: u32) -> bool {
-        self.echo_request_no == request_no && self.echo_nonce == nonce
+        self.source == Source::Ged && self.echo_request_no == request_no && self.echo_nonce == nonce
     }
 }
 

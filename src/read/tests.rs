@@ -40,10 +40,13 @@ fn requests_and_records_round_trip() {
     let snap = region.snapshot().unwrap();
     assert_eq!(snap.request, RequestView { request_no: 7, nonce: 0xdead_beef, command: 0 });
     let rec = snap.record.unwrap();
-    assert_eq!(rec.seq, 4);
+    assert_eq!(rec.seq, 4, "{snap:?}");
     assert_eq!(rec.source, Source::Ged);
     assert!(rec.answers(7, 0xdead_beef));
     assert!(!rec.answers(7, 0xdead_beee));
+    // A boot record echoes the request but is no answer to a trigger.
+    guest.write_record(&region, Source::Boot, 32_345);
+    assert!(!region.snapshot().unwrap().record.unwrap().answers(7, 0xdead_beef));
     assert_eq!((rec.boot_count, rec.ged_count, rec.thermal_count), (1, 1, 0));
     assert_eq!((rec.timer_ticks, rec.bar), (22_345, 0xfebf_f000));
     assert!(snap.anomalies.is_empty());

@@ -1,0 +1,175 @@
+//! The guest's serial console over a Unix socket: everything the guest prints is kept in a
+//! bounded ring (the last N bytes), so what was printed before a failure is there when
+//! diagnostics need it. The guest's bytes are untrusted: bounded here, and control characters
+//! are neutralised before anything is shown.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::Notify;
+
+/// Default ring size.
+pub const DEFAULT_KEEP: usize = 256 << 10;
+
+#[derive(Default)]
+struct Ring {
+    buf: VecDeque<u8>,
+    cap: usize,
+    /// Bytes received since connecting.
+    total: u64,
+    closed: bool,
+}
+
+struct Shared {
+    ring: Mutex<Ring>,
+    notify: Notify,
+}
+
+/// A connected console.
+pub struct Console {
+    shared: Arc<Shared>,
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+}
+
+impl Console {
+    /// Connects to QEMU's listening console socket, retrying for up to `wait`, and keeps the
+    /// last `keep` bytes.
+    pub async fn connect(path: &Path, keep: usize, wait: Duration) -> std::io::Result<Console> {
+        let start = tokio::time::Instant::now();
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() >= wait => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let (mut read, write) = stream.into_split();
+        let shared = Arc::new(Shared {
+            ring: Mutex::new(Ring { cap: keep.max(1), ..Ring::default() }),
+            notify: Notify::new(),
+        });
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let mut chunk = vec![0u8; 16 << 10];
+            loop {
+                let n = read.read(&mut chunk).await.unwrap_or(0);
+                let mut ring = s.ring.lock().unwrap();
+                if n == 0 {
+                    ring.closed = true;
+                    drop(ring);
+                    s.notify.notify_waiters();
+                    return;
+                }
+                ring.total += n as u64;
+                let cap = ring.cap;
+                ring.buf.extend(&chunk[..n]);
+                let excess = ring.buf.len().saturating_sub(cap);
+                ring.buf.drain(..excess);
+                drop(ring);
+                s.notify.notify_waiters();
+            }
+        });
+        Ok(Console { shared, writer: tokio::sync::Mutex::new(write) })
+    }
+
+    /// Bytes received so far; a mark for [`Console::wait_for`].
+    pub fn position(&self) -> u64 {
+        self.shared.ring.lock().unwrap().total
+    }
+
+    /// The kept output, with control characters neutralised.
+    pub fn tail(&self) -> String {
+        let ring = self.shared.ring.lock().unwrap();
+        sanitize(&ring.buf.iter().copied().collect::<Vec<u8>>())
+    }
+
+    /// The kept output received after `mark`, neutralised.
+    pub fn since(&self, mark: u64) -> String {
+        let ring = self.shared.ring.lock().unwrap();
+        let start = ring.total - ring.buf.len() as u64;
+        let skip = mark.saturating_sub(start).min(ring.buf.len() as u64) as usize;
+        sanitize(&ring.buf.iter().skip(skip).copied().collect::<Vec<u8>>())
+    }
+
+    /// Waits until `needle` appears in the output after `mark`; on timeout or when the console
+    /// closes, returns the output seen, for the error message.
+    pub async fn wait_for(&self, needle: &str, mark: u64, timeout: Duration) -> Result<String, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.notify.notified();
+            let seen = self.since(mark);
+            if seen.contains(needle) {
+                return Ok(seen);
+            }
+            if self.shared.ring.lock().unwrap().closed {
+                return Err(seen);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(self.since(mark));
+            }
+        }
+    }
+
+    /// Sends bytes to the guest's serial port.
+    pub async fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.lock().await.write_all(bytes).await
+    }
+}
+
+/// Guest output made safe to print: invalid UTF-8 replaced, control characters other than
+/// newline and tab shown as `^X` (so escape sequences cannot drive the operator's terminal).
+pub fn sanitize(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            '\r' => {}
+            c if (c as u32) < 0x20 => {
+                out.push('^');
+                out.push((b'@' + c as u8) as char);
+            }
+            '\u{7f}' => out.push_str("^?"),
+            c if c.is_control() => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_neutralised() {
+        assert_eq!(sanitize(b"ok\r\n\x1b[2J\x07\xff\x7f\tend"), "ok\n^[[2J^G\u{fffd}^?\tend");
+        assert_eq!(sanitize("\u{9b}x".as_bytes()), "\u{fffd}x");
+    }
+
+    #[tokio::test]
+    async fn the_ring_keeps_the_last_bytes_and_finds_patterns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let console = Console::connect(&path, 64, Duration::from_secs(1)).await.unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let mark = console.position();
+        peer.write_all(&vec![b'x'; 1000]).await.unwrap();
+        peer.write_all(b"login: ").await.unwrap();
+        let seen = console.wait_for("login:", mark, Duration::from_secs(5)).await.unwrap();
+        assert!(seen.ends_with("login: ") && seen.len() <= 64, "{seen}");
+        assert_eq!(console.position(), 1007);
+        let e = console.wait_for("never", mark, Duration::from_millis(50)).await.unwrap_err();
+        assert_eq!(e.len(), 64);
+        console.send(b"uptime\n").await.unwrap();
+        let mut got = [0u8; 7];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"uptime\n");
+    }
+}

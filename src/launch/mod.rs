@@ -1,0 +1,255 @@
+//! Stage 2 of the data path: putting acpimon into a VM's launch.
+//!
+//! One list of [`QemuItem`]s renders two ways: an argv, and the INI format of QEMU's
+//! `-readconfig` that EVE launches VMs from. Measured on QEMU 10.0: `[object]`, `[device]`,
+//! `[chardev]`, `[mon]` and `[action]` sections work there; an `[acpi]` section is accepted but
+//! never loads the table (not even a missing file is reported), so `-acpitable` is returned
+//! as an argv remainder. [`prepare`] writes a VM's state directory; [`vm`] runs QEMU.
+
+pub mod conflicts;
+pub mod prepare;
+pub mod vm;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+pub use self::prepare::{prepare, Descriptor, PrepareError, Prepared};
+pub use self::vm::{Vm, VmError, VmSpec};
+use crate::generate::SsdtConfig;
+
+/// QOM id of the memory backend.
+pub const MEMDEV_ID: &str = "acpimon-mem";
+/// Device id of the ivshmem function.
+pub const IVSHMEM_ID: &str = "acpimon-shm";
+/// Device id of pc-testdev.
+pub const TESTDEV_ID: &str = "acpimon-testdev";
+/// Chardev (and monitor) id of the QMP socket.
+pub const QMP_ID: &str = "acpimon-qmp";
+/// Chardev id of the serial console socket.
+pub const CONSOLE_ID: &str = "acpimon-console";
+/// Device id of the serial port on the console chardev.
+pub const SERIAL_ID: &str = "acpimon-serial";
+/// Device id of pvpanic.
+pub const PVPANIC_ID: &str = "acpimon-pvpanic";
+
+/// Errors in rendering arguments.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LaunchError {
+    #[error("path {0} is not valid UTF-8; QEMU's option syntax needs text, so choose a plain path")]
+    NonUtf8Path(PathBuf),
+    #[error("path {0} contains a double quote, which a -readconfig file cannot hold; choose another path")]
+    QuoteInPath(String),
+}
+
+/// What acpimon adds to a VM's launch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchPlan {
+    pub ssdt: SsdtConfig,
+    /// Where the table file is.
+    pub ssdt_path: PathBuf,
+    /// Where the region file is.
+    pub region_path: PathBuf,
+    /// A QMP monitor on this Unix socket (QEMU listens).
+    pub qmp_socket: Option<PathBuf>,
+    /// The first serial port on this Unix socket (QEMU listens).
+    pub console_socket: Option<PathBuf>,
+    /// Add pvpanic, and keep a panicked guest running (`-action panic=none`) so its state and
+    /// console survive for diagnostics; QEMU's default powers it off.
+    pub pvpanic: bool,
+}
+
+/// One QEMU option: `-OPTION [head,]id=ID,key=value...`, or a `[OPTION "ID"]` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QemuItem {
+    /// The option (and -readconfig group) name: `object`, `device`, `chardev`, ...
+    pub option: &'static str,
+    /// The implied first key and its value (`qom-type`, `driver`, `backend`), if any.
+    pub head: Option<(&'static str, String)>,
+    pub id: Option<&'static str>,
+    pub props: Vec<(&'static str, String)>,
+    /// Whether `-readconfig` can hold it.
+    pub readconfig: bool,
+}
+
+impl QemuItem {
+    fn new(option: &'static str, head: Option<(&'static str, &str)>, id: Option<&'static str>) -> Self {
+        let head = head.map(|(k, v)| (k, v.to_string()));
+        QemuItem { option, head, id, props: Vec::new(), readconfig: true }
+    }
+
+    fn prop(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.props.push((key, value.into()));
+        self
+    }
+
+    /// The item as argv words. Commas inside values are doubled, as QEMU's option parser
+    /// requires.
+    pub fn argv(&self) -> Vec<String> {
+        let mut parts: Vec<String> = Vec::new();
+        if let Some((_, v)) = &self.head {
+            parts.push(v.replace(',', ",,"));
+        }
+        if let Some(id) = self.id {
+            parts.push(format!("id={id}"));
+        }
+        parts.extend(self.props.iter().map(|(k, v)| format!("{k}={}", v.replace(',', ",,"))));
+        vec![format!("-{}", self.option), parts.join(",")]
+    }
+
+    /// The item as a `-readconfig` section.
+    fn section(&self, out: &mut String) -> Result<(), LaunchError> {
+        match self.id {
+            Some(id) => writeln!(out, "[{} \"{id}\"]", self.option).unwrap(),
+            None => writeln!(out, "[{}]", self.option).unwrap(),
+        }
+        for (k, v) in self.head.iter().chain(&self.props) {
+            if v.contains('"') {
+                return Err(LaunchError::QuoteInPath(v.clone()));
+            }
+            writeln!(out, "  {k} = \"{v}\"").unwrap();
+        }
+        out.push('\n');
+        Ok(())
+    }
+}
+
+fn utf8(p: &Path) -> Result<String, LaunchError> {
+    p.to_str().map(str::to_string).ok_or_else(|| LaunchError::NonUtf8Path(p.into()))
+}
+
+/// A listening Unix-socket chardev.
+fn socket_chardev(id: &'static str, path: &Path) -> Result<QemuItem, LaunchError> {
+    Ok(QemuItem::new("chardev", Some(("backend", "socket")), Some(id))
+        .prop("path", utf8(path)?)
+        .prop("server", "on")
+        .prop("wait", "off"))
+}
+
+impl LaunchPlan {
+    /// A plan with only the table and the region (what `qemu-args` prints).
+    pub fn minimal(ssdt: SsdtConfig, ssdt_path: PathBuf, region_path: PathBuf) -> Self {
+        LaunchPlan { ssdt, ssdt_path, region_path, qmp_socket: None, console_socket: None, pvpanic: false }
+    }
+
+    /// The options, in the order QEMU needs them (a backend before its device).
+    pub fn items(&self) -> Result<Vec<QemuItem>, LaunchError> {
+        let mut items = vec![
+            QemuItem { readconfig: false, ..QemuItem::new("acpitable", None, None) }
+                .prop("file", utf8(&self.ssdt_path)?),
+            QemuItem::new("object", Some(("qom-type", "memory-backend-file")), Some(MEMDEV_ID))
+                .prop("mem-path", utf8(&self.region_path)?)
+                .prop("size", self.ssdt.region_size.to_string())
+                .prop("share", "on"),
+            QemuItem::new("device", Some(("driver", "ivshmem-plain")), Some(IVSHMEM_ID))
+                .prop("memdev", MEMDEV_ID)
+                .prop("addr", self.ssdt.slot.to_string()),
+            QemuItem::new("device", Some(("driver", "pc-testdev")), Some(TESTDEV_ID)),
+        ];
+        if let Some(path) = &self.qmp_socket {
+            items.push(socket_chardev(QMP_ID, path)?);
+            items.push(
+                QemuItem::new("mon", None, Some(QMP_ID)).prop("chardev", QMP_ID).prop("mode", "control"),
+            );
+        }
+        if let Some(path) = &self.console_socket {
+            items.push(socket_chardev(CONSOLE_ID, path)?);
+            items.push(
+                QemuItem::new("device", Some(("driver", "isa-serial")), Some(SERIAL_ID))
+                    .prop("chardev", CONSOLE_ID),
+            );
+        }
+        if self.pvpanic {
+            items.push(QemuItem::new("device", Some(("driver", "pvpanic")), Some(PVPANIC_ID)));
+            items.push(QemuItem::new("action", None, None).prop("panic", "none"));
+        }
+        Ok(items)
+    }
+
+    /// The options as argv words.
+    pub fn argv(&self) -> Result<Vec<String>, LaunchError> {
+        Ok(self.items()?.iter().flat_map(QemuItem::argv).collect())
+    }
+
+    /// The options as a `-readconfig` file, and the argv words it cannot express.
+    pub fn readconfig(&self) -> Result<(String, Vec<String>), LaunchError> {
+        let mut ini = String::new();
+        let mut rest = Vec::new();
+        for item in self.items()? {
+            if item.readconfig {
+                item.section(&mut ini)?;
+            } else {
+                rest.extend(item.argv());
+            }
+        }
+        Ok((ini, rest))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> LaunchPlan {
+        LaunchPlan::minimal(SsdtConfig::default(), "/run/vm1/ssdt.aml".into(), "/run/vm1/region".into())
+    }
+
+    #[test]
+    fn argv_form() {
+        assert_eq!(
+            plan().argv().unwrap(),
+            [
+                "-acpitable",
+                "file=/run/vm1/ssdt.aml",
+                "-object",
+                "memory-backend-file,id=acpimon-mem,mem-path=/run/vm1/region,size=4096,share=on",
+                "-device",
+                "ivshmem-plain,id=acpimon-shm,memdev=acpimon-mem,addr=0f.0",
+                "-device",
+                "pc-testdev,id=acpimon-testdev",
+            ]
+        );
+    }
+
+    #[test]
+    fn readconfig_form() {
+        let (ini, rest) = plan().readconfig().unwrap();
+        assert_eq!(
+            ini,
+            "[object \"acpimon-mem\"]\n  qom-type = \"memory-backend-file\"\n  mem-path = \"/run/vm1/region\"\n  size = \"4096\"\n  share = \"on\"\n\n\
+             [device \"acpimon-shm\"]\n  driver = \"ivshmem-plain\"\n  memdev = \"acpimon-mem\"\n  addr = \"0f.0\"\n\n\
+             [device \"acpimon-testdev\"]\n  driver = \"pc-testdev\"\n\n"
+        );
+        assert_eq!(rest, ["-acpitable", "file=/run/vm1/ssdt.aml"]);
+    }
+
+    #[test]
+    fn monitor_console_and_panic_items() {
+        let p = LaunchPlan {
+            qmp_socket: Some("/run/vm1/qmp.sock".into()),
+            console_socket: Some("/run/vm1/console.sock".into()),
+            pvpanic: true,
+            ..plan()
+        };
+        let argv = p.argv().unwrap().join(" ");
+        assert!(argv.contains(
+            "-chardev socket,id=acpimon-qmp,path=/run/vm1/qmp.sock,server=on,wait=off -mon id=acpimon-qmp,chardev=acpimon-qmp,mode=control"
+        ), "{argv}");
+        assert!(argv.contains("-device isa-serial,id=acpimon-serial,chardev=acpimon-console"), "{argv}");
+        assert!(argv.ends_with("-device pvpanic,id=acpimon-pvpanic -action panic=none"), "{argv}");
+        let (ini, _) = p.readconfig().unwrap();
+        assert!(
+            ini.contains("[mon \"acpimon-qmp\"]\n  chardev = \"acpimon-qmp\"\n  mode = \"control\""),
+            "{ini}"
+        );
+        assert!(ini.contains("[action]\n  panic = \"none\""), "{ini}");
+    }
+
+    #[test]
+    fn commas_are_escaped_and_quotes_refused() {
+        let mut p = plan();
+        p.region_path = "/run/a,b/region".into();
+        assert!(p.argv().unwrap()[3].contains("mem-path=/run/a,,b/region,"));
+        p.region_path = "/run/a\"b".into();
+        assert_eq!(p.readconfig(), Err(LaunchError::QuoteInPath("/run/a\"b".into())));
+    }
+}

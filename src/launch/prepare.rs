@@ -1,0 +1,176 @@
+//! A VM's state directory: the table, the region, the sockets, and `vm.json`, the descriptor
+//! later tools (`run`, `watch`, `snapshot`) read.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::LaunchPlan;
+use crate::generate::{self, ConfigError, SsdtConfig};
+use crate::read::{Region, RegionError};
+
+/// File name of the descriptor inside a VM's directory.
+pub const DESCRIPTOR: &str = "vm.json";
+/// Unix socket paths are limited to 107 bytes.
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("VM name '{0}' is not 1-64 characters of letters, digits, '.', '_' or '-'; choose a plain name")]
+    BadName(String),
+    #[error("cannot create {path}: {source}; check the state directory's permissions")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("socket path {0} is longer than the 107 bytes Unix sockets allow; use a shorter --state-dir")]
+    SocketPathTooLong(PathBuf),
+    #[error("cannot read {path}: {why}; prepare the VM again with `acpimon prepare`")]
+    Descriptor { path: PathBuf, why: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Region(#[from] RegionError),
+}
+
+/// `vm.json`: everything needed to launch and watch one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Descriptor {
+    /// Format of this file: 1.
+    pub format: u32,
+    pub name: String,
+    pub irq: u8,
+    /// QEMU `addr=` syntax.
+    pub slot: String,
+    pub region_size: u32,
+    pub thermal_period_ds: Option<u16>,
+    pub oem_table_id: String,
+    pub ssdt: PathBuf,
+    pub region: PathBuf,
+    pub qmp: PathBuf,
+    pub console: PathBuf,
+}
+
+impl Descriptor {
+    pub fn ssdt_config(&self) -> Result<SsdtConfig, ConfigError> {
+        let cfg = SsdtConfig {
+            slot: self.slot.parse()?,
+            irq: self.irq,
+            region_size: self.region_size,
+            oem_table_id: self.oem_table_id.clone(),
+            thermal_period_ds: self.thermal_period_ds,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The full launch: table, region, QMP, console, pvpanic.
+    pub fn plan(&self) -> Result<LaunchPlan, ConfigError> {
+        Ok(LaunchPlan {
+            ssdt: self.ssdt_config()?,
+            ssdt_path: self.ssdt.clone(),
+            region_path: self.region.clone(),
+            qmp_socket: Some(self.qmp.clone()),
+            console_socket: Some(self.console.clone()),
+            pvpanic: true,
+        })
+    }
+
+    /// Reads and validates `DIR/vm.json`.
+    pub fn load(dir: &Path) -> Result<Descriptor, PrepareError> {
+        let path = dir.join(DESCRIPTOR);
+        let bad = |why: String| PrepareError::Descriptor { path: path.clone(), why };
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let d: Descriptor = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if d.format != 1 {
+            return Err(bad(format!("format {} is not 1", d.format)));
+        }
+        d.ssdt_config()?;
+        Ok(d)
+    }
+}
+
+/// A prepared VM.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub dir: PathBuf,
+    pub descriptor: Descriptor,
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !name.starts_with('.')
+}
+
+/// Creates (or refreshes) `state_dir/name/`: writes the table, creates the region (kept if it
+/// exists with the same size, so its boot count carries on) and writes `vm.json` last, so a
+/// reader never sees a descriptor whose files are missing.
+pub fn prepare(state_dir: &Path, name: &str, cfg: &SsdtConfig) -> Result<Prepared, PrepareError> {
+    if !valid_name(name) {
+        return Err(PrepareError::BadName(name.into()));
+    }
+    cfg.validate()?;
+    let dir = state_dir.join(name);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PrepareError::Io { path, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let d = Descriptor {
+        format: 1,
+        name: name.into(),
+        irq: cfg.irq,
+        slot: cfg.slot.to_string(),
+        region_size: cfg.region_size,
+        thermal_period_ds: cfg.thermal_period_ds,
+        oem_table_id: cfg.oem_table_id.clone(),
+        ssdt: dir.join("ssdt.aml"),
+        region: dir.join("region"),
+        qmp: dir.join("qmp.sock"),
+        console: dir.join("console.sock"),
+    };
+    for sock in [&d.qmp, &d.console] {
+        if sock.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(PrepareError::SocketPathTooLong(sock.clone()));
+        }
+    }
+    write_atomic(&d.ssdt, &generate::build(cfg)?)?;
+    Region::create(&d.region, cfg.region_size)?;
+    let json = serde_json::to_vec_pretty(&d).expect("descriptor serialises");
+    write_atomic(&dir.join(super::prepare::DESCRIPTOR), &json)?;
+    Ok(Prepared { dir, descriptor: d })
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PrepareError> {
+    let tmp = path.with_extension("tmp");
+    let err = |source| PrepareError::Io { path: path.into(), source };
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_writes_a_loadable_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = prepare(dir.path(), "vm-1", &SsdtConfig::default()).unwrap();
+        assert_eq!(Descriptor::load(&p.dir).unwrap(), p.descriptor);
+        assert!(p.descriptor.region.exists() && p.descriptor.ssdt.exists());
+        let plan = p.descriptor.plan().unwrap();
+        assert!(plan.argv().unwrap().join(" ").contains("qmp.sock"));
+        // Again: the same files, refreshed.
+        prepare(dir.path(), "vm-1", &SsdtConfig::default()).unwrap();
+    }
+
+    #[test]
+    fn bad_names_and_long_paths_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["", "a/b", "..", ".hidden", &"x".repeat(65)] {
+            let e = prepare(dir.path(), bad, &SsdtConfig::default()).unwrap_err().to_string();
+            assert!(e.contains("is not 1-64 characters"), "{bad}: {e}");
+        }
+        let deep = dir.path().join("d".repeat(100));
+        let e = prepare(&deep, "vm", &SsdtConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("longer than the 107 bytes"), "{e}");
+    }
+}

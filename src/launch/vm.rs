@@ -1,0 +1,159 @@
+//! A QEMU process launched with acpimon's additions, and its channels: QMP, the serial
+//! console, and the region. `acpimon run`, `demo`, `bench` and every real-QEMU test use this
+//! one handle. A channel that cannot be had is reported and the others are kept.
+
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::conflicts::{self, Conflict};
+use super::{LaunchError, Prepared};
+use crate::console::{self, Console};
+use crate::generate::ConfigError;
+use crate::read::{Access, Region, RegionError};
+use crate::trigger::qmp::{Qmp, QmpError};
+
+/// How long QEMU may take to open its QMP socket.
+const QMP_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("the QEMU command line collides with acpimon's additions: {}", .0.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("; "))]
+    Conflicts(Vec<Conflict>),
+    #[error("cannot start {program}: {source}; run tools/setup, or give the path of qemu-system-x86_64")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("QEMU exited during start-up ({status}): {stderr}")]
+    Exited { status: ExitStatus, stderr: String },
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+}
+
+/// What to launch.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    /// The QEMU program, e.g. `qemu-system-x86_64`.
+    pub program: String,
+    /// The user's QEMU arguments.
+    pub args: Vec<String>,
+    pub prepared: Prepared,
+    /// Pass acpimon's additions as a `-readconfig` file (as EVE does) instead of argv.
+    pub readconfig: bool,
+}
+
+/// A running VM.
+pub struct Vm {
+    child: Child,
+    pub qmp: Arc<Qmp>,
+    /// `Err` says why the console is not available; monitoring goes on without it.
+    pub console: Result<Console, String>,
+    pub region: Arc<Region>,
+    pub prepared: Prepared,
+    stderr_path: PathBuf,
+}
+
+impl Vm {
+    /// Checks the command line, starts QEMU, and connects QMP, the console and the region.
+    pub async fn launch(spec: VmSpec) -> Result<Vm, VmError> {
+        let d = &spec.prepared.descriptor;
+        let plan = d.plan()?;
+        let found = conflicts::check(&spec.args, &plan);
+        if !found.is_empty() {
+            return Err(VmError::Conflicts(found));
+        }
+        for sock in [&d.qmp, &d.console] {
+            let _ = std::fs::remove_file(sock);
+        }
+        let dir = &spec.prepared.dir;
+        let ours = if spec.readconfig {
+            let (ini, rest) = plan.readconfig()?;
+            let path = dir.join("acpimon.cfg");
+            std::fs::write(&path, ini).map_err(|source| VmError::Io { path: path.clone(), source })?;
+            let mut v = vec!["-readconfig".to_string(), path.to_string_lossy().into_owned()];
+            v.extend(rest);
+            v
+        } else {
+            plan.argv()?
+        };
+        let stderr_path = dir.join("qemu.stderr");
+        let stderr = std::fs::File::create(&stderr_path)
+            .map_err(|source| VmError::Io { path: stderr_path.clone(), source })?;
+        let mut child = Command::new(&spec.program)
+            .args(&spec.args)
+            .args(&ours)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| VmError::Spawn { program: spec.program.clone(), source })?;
+
+        let qmp = tokio::select! {
+            q = Qmp::connect(&d.qmp, QMP_WAIT) => q,
+            status = child.wait() => {
+                let status = status.map_err(|source| VmError::Spawn { program: spec.program.clone(), source })?;
+                return Err(VmError::Exited { status, stderr: read_tail(&stderr_path) });
+            }
+        };
+        let qmp = match qmp {
+            Ok(q) => Arc::new(q),
+            Err(e) => {
+                let _ = child.start_kill();
+                return Err(e.into());
+            }
+        };
+        let console = Console::connect(&d.console, console::DEFAULT_KEEP, Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("console socket {}: {e}", d.console.display()));
+        let region = Arc::new(Region::open(&d.region, Access::ReadWrite)?);
+        Ok(Vm { child, qmp, console, region, prepared: spec.prepared, stderr_path })
+    }
+
+    /// The console, or why there is none.
+    pub fn console(&self) -> Result<&Console, &str> {
+        self.console.as_ref().map_err(String::as_str)
+    }
+
+    /// Waits for QEMU to exit.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Whether QEMU has exited, without waiting.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    /// What QEMU wrote on stderr, last 4 KiB.
+    pub fn stderr_tail(&self) -> String {
+        read_tail(&self.stderr_path)
+    }
+
+    /// Asks QEMU to quit, and kills it if it has not exited within 5 s.
+    pub async fn shutdown(&mut self) -> std::io::Result<ExitStatus> {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.qmp.execute(qapi::qmp::quit {})).await;
+        match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                self.child.start_kill()?;
+                self.child.wait().await
+            }
+        }
+    }
+}
+
+fn read_tail(path: &std::path::Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(4096);
+    console::sanitize(&bytes[start..]).trim().to_string()
+}
