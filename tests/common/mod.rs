@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod acpica;
+pub mod guest;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,179 @@
+//! The real-QEMU test framework: a [`Guest`] is a fixture Linux guest booted under acpimon's
+//! own launch code (`acpimon::launch::Vm`, the same path as `acpimon run`), with its QMP,
+//! console and region. Every integration test that boots QEMU goes through here.
+//!
+//! `ACPIMON_QEMU` names the QEMU binary (default `qemu-system-x86_64`); CI runs the suite once
+//! with QEMU 10 and once with Debian bookworm's 7.2 (`tools/qemu-7.2`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use acpimon::generate::SsdtConfig;
+use acpimon::launch::{prepare, Vm, VmSpec};
+use acpimon::read::{GuestRecord, Snapshot};
+use acpimon::trigger::{Beat, Heartbeat};
+
+use super::{repo, require, run, text};
+
+/// How long a guest may take to print its ready marker under TCG.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+pub const READY: &str = "ACPIMON-GUEST: ready";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS, booting the uncompressed kernel through PVH (fastest).
+    SeaBios,
+    /// OVMF (UEFI), booting the bzImage.
+    Ovmf,
+}
+
+#[derive(Clone, Debug)]
+pub struct GuestSpec {
+    pub machine: &'static str,
+    pub firmware: Firmware,
+    /// `acpimon.scenario=` of the fixture's /init.
+    pub scenario: &'static str,
+    /// Seconds before the scenario's stop or panic.
+    pub delay: u32,
+    pub ssdt: SsdtConfig,
+    /// Launch acpimon's options through -readconfig, as EVE does.
+    pub readconfig: bool,
+}
+
+impl GuestSpec {
+    pub fn new(machine: &'static str) -> Self {
+        GuestSpec {
+            machine,
+            firmware: Firmware::SeaBios,
+            scenario: "healthy",
+            delay: 3,
+            ssdt: SsdtConfig::default(),
+            readconfig: false,
+        }
+    }
+}
+
+/// The fixture guest's directory, built (or found in the cache) once per test binary.
+pub fn fixture() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = repo().join("qemu-fixtures/build-guest");
+        let out = run(&mut Command::new(&script));
+        assert!(
+            out.status.success(),
+            "{} failed (run tools/setup):\n{}",
+            script.display(),
+            text(&out.stderr)
+        );
+        let dir =
+            PathBuf::from(text(&out.stdout).lines().last().expect("build-guest prints its directory").trim());
+        assert!(dir.join("vmlinux").is_file(), "no vmlinux in {}", dir.display());
+        dir
+    })
+}
+
+/// The QEMU under test.
+pub fn qemu() -> String {
+    match std::env::var("ACPIMON_QEMU") {
+        Ok(q) if !q.is_empty() => q,
+        _ => {
+            require("qemu-system-x86_64");
+            "qemu-system-x86_64".into()
+        }
+    }
+}
+
+/// A booted guest.
+pub struct Guest {
+    pub vm: Vm,
+    _dir: tempfile::TempDir,
+}
+
+impl Guest {
+    /// Boots `spec` and waits for the guest's ready marker on the console.
+    pub async fn boot(spec: GuestSpec) -> Guest {
+        let fx = fixture();
+        let dir = tempfile::Builder::new().prefix("acpimon-test").tempdir_in("/tmp").unwrap();
+        let prepared = prepare(dir.path(), "guest", &spec.ssdt).unwrap();
+        let cmdline =
+            format!("console=ttyS0 acpimon.scenario={} acpimon.delay={}", spec.scenario, spec.delay);
+        let mut args: Vec<String> = ["-M", spec.machine, "-m", "256", "-nodefaults", "-display", "none"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let kernel = match spec.firmware {
+            Firmware::SeaBios => "vmlinux",
+            Firmware::Ovmf => {
+                args.extend(["-bios".into(), "/usr/share/ovmf/OVMF.fd".into()]);
+                "vmlinuz"
+            }
+        };
+        args.extend([
+            "-kernel".into(),
+            fx.join(kernel).to_string_lossy().into(),
+            "-initrd".into(),
+            fx.join("initrd.img").to_string_lossy().into(),
+            "-append".into(),
+            cmdline,
+        ]);
+        let spec = VmSpec { program: qemu(), args, prepared, readconfig: spec.readconfig };
+        let vm = Vm::launch(spec).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
+        let guest = Guest { vm, _dir: dir };
+        guest.wait_console(READY, 0, BOOT_TIMEOUT).await;
+        guest
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.vm.region.snapshot().expect("the region decodes")
+    }
+
+    pub fn record(&self) -> Option<GuestRecord> {
+        self.snapshot().record
+    }
+
+    /// Waits for `needle` on the console after `mark`; panics with the console tail if not.
+    pub async fn wait_console(&self, needle: &str, mark: u64, timeout: Duration) -> String {
+        let console = self.vm.console().expect("console connected");
+        match console.wait_for(needle, mark, timeout).await {
+            Ok(seen) => seen,
+            Err(seen) => panic!(
+                "'{needle}' not on the console within {timeout:?}; QEMU stderr: {}\nconsole:\n{seen}",
+                self.vm.stderr_tail()
+            ),
+        }
+    }
+
+    /// A heartbeat source for this guest.
+    pub fn heartbeat(&self) -> Heartbeat {
+        Heartbeat::new(self.vm.region.clone(), self.vm.prepared.descriptor.irq).unwrap()
+    }
+
+    /// Beats until the first acknowledged one (the GED driver binds after the ready marker
+    /// can appear); panics after `timeout`.
+    pub async fn until_first_ack(&self, hb: &mut Heartbeat, timeout: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Beat::Acked { .. } = hb.beat(&self.vm.qmp, Duration::from_millis(500)).await.unwrap() {
+                return;
+            }
+        }
+        panic!("no heartbeat acknowledged within {timeout:?}: {:?}", self.snapshot());
+    }
+
+    /// `n` heartbeats, each of which must be acknowledged; returns their latencies.
+    pub async fn beats_acked(&self, hb: &mut Heartbeat, n: usize) -> Vec<Duration> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            match hb.beat(&self.vm.qmp, Duration::from_secs(2)).await.unwrap() {
+                Beat::Acked { latency, record, request_no } => {
+                    assert_eq!(record.echo_request_no, request_no);
+                    out.push(latency);
+                }
+                missed => panic!("heartbeat not acknowledged: {missed:?}"),
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,113 @@
+//! Real QEMU, real Linux guest (TCG): the whole heartbeat path of DESIGN.md.
+
+mod common;
+
+use std::time::Duration;
+
+use acpimon::abi::Source;
+use acpimon::generate::SsdtConfig;
+use acpimon::trigger::Beat;
+use common::guest::{Guest, GuestSpec};
+
+fn p50(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pc_seabios_boot_record_and_50_events() {
+    let g = Guest::boot(GuestSpec::new("pc")).await;
+    let boot = g.record().expect("_INI wrote the boot record");
+    assert!(boot.boot_count >= 1);
+    assert!(boot.bar != 0 && boot.bar & 0xfff == 0, "a page-aligned BAR below 4 GiB: {:#x}", boot.bar);
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    let before = g.record().unwrap();
+    let lat = g.beats_acked(&mut hb, 50).await;
+    let after = g.record().unwrap();
+    assert_eq!(after.ged_count - before.ged_count, 50, "one GED event per trigger");
+    assert_eq!(after.seq - before.seq, 100);
+    assert_eq!(after.source, Source::Ged);
+    assert_eq!(after.boot_count, boot.boot_count, "no reboot");
+    eprintln!("pc: 50 events, p50 {:?}, max {:?}", p50(lat.clone()), lat.iter().max().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn q35_nodefaults_argv() {
+    let g = Guest::boot(GuestSpec::new("q35")).await;
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    g.beats_acked(&mut hb, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn q35_from_a_readconfig_file() {
+    let g = Guest::boot(GuestSpec { readconfig: true, ..GuestSpec::new("q35") }).await;
+    let cfg = std::fs::read_to_string(g.vm.prepared.dir.join("acpimon.cfg")).unwrap();
+    assert!(cfg.contains("[device \"acpimon-shm\"]") && cfg.contains("[mon \"acpimon-qmp\"]"), "{cfg}");
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    g.beats_acked(&mut hb, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qmp_stop_pauses_records_and_cont_resumes_them() {
+    let g = Guest::boot(GuestSpec::new("q35")).await;
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    let mut events = g.vm.qmp.events();
+    g.vm.qmp.execute(qapi::qmp::stop {}).await.unwrap();
+    let paused = g.record().unwrap();
+    for _ in 0..3 {
+        match hb.beat(&g.vm.qmp, Duration::from_millis(700)).await.unwrap() {
+            Beat::Missed { .. } => {}
+            acked => panic!("a paused guest answered: {acked:?}"),
+        }
+    }
+    assert_eq!(g.record().unwrap().seq, paused.seq, "no record while paused");
+    g.vm.qmp.execute(qapi::qmp::cont {}).await.unwrap();
+    // The line raised while paused fires on resume, then heartbeats resume.
+    g.until_first_ack(&mut hb, Duration::from_secs(10)).await;
+    g.beats_acked(&mut hb, 5).await;
+    let mut names = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        names.push(ev.name);
+    }
+    assert!(names.contains(&"STOP".to_string()) && names.contains(&"RESUME".to_string()), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kernel_heartbeat_continues_with_all_userspace_stopped() {
+    let g = Guest::boot(GuestSpec { scenario: "userspace-stop", delay: 2, ..GuestSpec::new("pc") }).await;
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    g.wait_console("stopping userspace", 0, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Userspace is gone: the shell no longer answers the console...
+    let console = g.vm.console().unwrap();
+    let mark = console.position();
+    console.send(b"echo alive-$((6*7))\n").await.unwrap();
+    assert!(console.wait_for("alive-42", mark, Duration::from_secs(3)).await.is_err(), "userspace answered");
+    // ...but the kernel's ACPI interpreter still runs our AML.
+    g.beats_acked(&mut hb, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thermal_fallback_records_arrive_without_a_trigger() {
+    let ssdt = SsdtConfig { thermal_period_ds: Some(5), ..SsdtConfig::default() };
+    let g = Guest::boot(GuestSpec { ssdt, ..GuestSpec::new("pc") }).await;
+    // Wait for the thermal driver to start polling.
+    let start = tokio::time::Instant::now();
+    while g.record().map_or(0, |r| r.thermal_count) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(30), "no thermal record: {:?}", g.snapshot());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = g.record().unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let last = g.record().unwrap();
+    let polls = last.thermal_count - first.thermal_count;
+    // _TZP = 5 ds: 10 polls in 5 s; allow for TCG scheduling.
+    assert!((7..=13).contains(&polls), "{polls} polls in 5 s at a 0.5 s period");
+    assert_eq!(last.ged_count, 0, "no host trigger was sent");
+    assert_eq!(last.source, Source::Thermal);
+}
