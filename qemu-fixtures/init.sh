@@ -112,7 +112,7 @@ case "$scenario" in
     block_forever
     ;;
   panic)
-    say "panicking in $delay s"
+    say "will panic in $delay s"
     sleep "$delay"
     say "panicking"
     echo c >/proc/sysrq-trigger

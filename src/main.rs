@@ -76,6 +76,24 @@ enum Command {
         /// Machine type for the demo guest.
         #[arg(long, default_value = "pc", value_parser = ["pc", "q35"])]
         machine: String,
+        /// Boot through OVMF (UEFI) instead of SeaBIOS (PVH).
+        #[arg(long)]
+        ovmf: bool,
+    },
+    /// Measure trigger-to-record latency and sustained events/s on the built-in test guest,
+    /// beside the bare QMP human-monitor-command round trip measured in the same run.
+    Bench {
+        /// Heartbeats for the latency figures (and bare round trips for the baseline).
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        /// Seconds of back-to-back heartbeats for the events/s figure.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value = "pc", value_parser = ["pc", "q35"])]
+        machine: String,
+        /// Where the VM's directory goes.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Print the decoded contents of a region file.
     Snapshot {
@@ -187,6 +205,8 @@ enum Error {
     Vm(#[from] VmError),
     #[error(transparent)]
     Trigger(#[from] TriggerError),
+    #[error(transparent)]
+    Bench(#[from] acpimon::bench::BenchError),
     #[error("the test guest could not be built: {0}")]
     Fixture(String),
     #[error("{missed} of {sent} heartbeats were not acknowledged")]
@@ -261,7 +281,11 @@ fn run(command: Command) -> Result<(), Error> {
             let (program, args) = qemu.split_first().expect("clap requires the QEMU command");
             runtime().block_on(run_vm(&run, program.clone(), args.to_vec()))
         }
-        Command::Demo { run, machine } => runtime().block_on(demo(&run, &machine)),
+        Command::Demo { run, machine, ovmf } => runtime().block_on(demo(&run, &machine, ovmf)),
+        Command::Bench { count, seconds, machine, state_dir } => {
+            let state_dir = state_dir.unwrap_or_else(default_state_dir);
+            runtime().block_on(bench(count.max(1), seconds, &machine, &state_dir))
+        }
         Command::Snapshot { region, json, watch, interval_ms, count } => {
             let region = Region::open(&region, Access::ReadOnly)?;
             if watch {
@@ -323,6 +347,9 @@ async fn run_vm(args: &RunArgs, program: String, qemu_args: Vec<String>) -> Resu
             d.irq,
             args.interval_ms
         );
+        for note in &vm.notes {
+            println!("acpimon: {note}");
+        }
         if let Err(why) = vm.console() {
             println!("acpimon: console unavailable ({why}); monitoring without it");
         }
@@ -365,7 +392,12 @@ fn print_summary(s: &Summary, json: bool) {
 }
 
 /// `acpimon demo`: the built-in guest under `run`.
-async fn demo(args: &RunArgs, machine: &str) -> Result<(), Error> {
+async fn demo(args: &RunArgs, machine: &str, ovmf: bool) -> Result<(), Error> {
+    run_vm(args, "qemu-system-x86_64".into(), demo_qemu_args(machine, ovmf)?).await
+}
+
+/// The built-in test guest's QEMU arguments (building the guest if it is not cached).
+fn demo_qemu_args(machine: &str, ovmf: bool) -> Result<Vec<String>, Error> {
     let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/qemu-fixtures/build-guest"));
     let out = std::process::Command::new(&script)
         .stderr(std::process::Stdio::inherit())
@@ -376,25 +408,45 @@ async fn demo(args: &RunArgs, machine: &str) -> Result<(), Error> {
     }
     let guest = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_string();
     let g = Path::new(&guest);
-    let qemu_args: Vec<String> = [
-        "-M",
-        machine,
-        "-m",
-        "256",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-kernel",
-        &g.join("vmlinux").to_string_lossy(),
-        "-initrd",
-        &g.join("initrd.img").to_string_lossy(),
-        "-append",
-        "console=ttyS0 acpimon.scenario=healthy",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    run_vm(args, "qemu-system-x86_64".into(), qemu_args).await
+    let mut qemu_args: Vec<String> =
+        ["-M", machine, "-m", "256", "-nodefaults", "-display", "none"].map(String::from).to_vec();
+    let kernel = if ovmf {
+        // Debian's OVMF 2022.11 needs a distrusted phys-bits to honour the low-BAR knob.
+        qemu_args
+            .extend(["-bios", "/usr/share/ovmf/OVMF.fd", "-cpu", "qemu64,phys-bits=37"].map(String::from));
+        "vmlinuz"
+    } else {
+        "vmlinux"
+    };
+    let file = |name: &str| g.join(name).to_string_lossy().into_owned();
+    qemu_args.extend([
+        "-kernel".into(),
+        file(kernel),
+        "-initrd".into(),
+        file("initrd.img"),
+        "-append".into(),
+        "console=ttyS0 acpimon.scenario=healthy".into(),
+    ]);
+    Ok(qemu_args)
+}
+
+/// `acpimon bench`.
+async fn bench(count: usize, seconds: f64, machine: &str, state_dir: &Path) -> Result<(), Error> {
+    let prepared = launch::prepare(state_dir, "bench", &SsdtConfig::default())?;
+    let spec = VmSpec {
+        program: "qemu-system-x86_64".into(),
+        args: demo_qemu_args(machine, false)?,
+        prepared,
+        readconfig: false,
+    };
+    let mut vm = Vm::launch(spec).await?;
+    let result = acpimon::bench::run(&vm, count, Duration::from_secs_f64(seconds)).await;
+    let _ = vm.shutdown().await;
+    let r = result?;
+    let v = vm.qmp.version;
+    println!("bench: QEMU {}.{}.{} {machine} TCG, {count} heartbeats, {seconds} s sustained", v.0, v.1, v.2);
+    print!("{}", acpimon::bench::table(&r));
+    Ok(())
 }
 
 fn print_snapshot(

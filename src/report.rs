@@ -97,6 +97,7 @@ pub fn run_event_line(ev: &RunEvent) -> String {
             record.boot_count,
             record.bar
         ),
+        RunEvent::Channel { channel } => format!("channel: {channel}"),
         RunEvent::Qmp { name } => format!("qmp event {name}"),
         RunEvent::Error { message } => format!("error: {message}"),
     }

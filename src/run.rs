@@ -37,6 +37,10 @@ pub enum RunEvent {
         beat: Beat,
         observation: Observation,
     },
+    /// The channel the records use, or why there is none.
+    Channel {
+        channel: crate::launch::channel::Channel,
+    },
     /// A QMP event (STOP, RESUME, GUEST_PANICKED, SHUTDOWN, ...).
     Qmp {
         name: String,
@@ -116,13 +120,21 @@ pub async fn run(
         Ok(Some((after, record))) => {
             tracker.observe(Some(&record), Instant::now());
             report(&RunEvent::Booted { after, record });
+            if let Ok(channel) = vm.channel().await {
+                report(&RunEvent::Channel { channel });
+            }
         }
-        Ok(None) => report(&RunEvent::Error {
-            message: format!(
-                "no record from the guest within {:?}: its AML cannot reach the region, or it has not booted; heartbeats start anyway",
-                opts.boot_timeout
-            ),
-        }),
+        Ok(None) => {
+            report(&RunEvent::Error {
+                message: format!(
+                    "no record from the guest within {:?}: its AML cannot reach the region, or it has not booted; heartbeats start anyway",
+                    opts.boot_timeout
+                ),
+            });
+            if let Ok(channel) = vm.channel().await {
+                report(&RunEvent::Channel { channel });
+            }
+        }
         Err(()) => return Ok(Summary::default()),
     }
     let (mut latencies, mut sent, mut errors, mut startup) = (Vec::new(), 0u64, 0u64, 0u64);

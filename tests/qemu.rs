@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use acpimon::abi::Source;
 use acpimon::generate::SsdtConfig;
+use acpimon::launch::channel::Channel;
 use acpimon::trigger::Beat;
-use common::guest::{Guest, GuestSpec};
+use common::guest::{Firmware, Guest, GuestSpec};
 
 fn p50(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -110,4 +111,46 @@ async fn thermal_fallback_records_arrive_without_a_trigger() {
     assert!((7..=13).contains(&polls), "{polls} polls in 5 s at a 0.5 s period");
     assert_eq!(last.ged_count, 0, "no host trigger was sent");
     assert_eq!(last.source, Source::Thermal);
+}
+
+/// OVMF, as EVE boots app VMs: acpimon asks OVMF for no 64-bit PCI window, so BAR2 lands below
+/// 4 GiB, and names the channel. Debian's OVMF 2022.11 also needs a phys-bits it distrusts.
+#[tokio::test(flavor = "multi_thread")]
+async fn ovmf_q35_monitors_through_a_low_bar_and_names_the_channel() {
+    let spec = GuestSpec {
+        firmware: Firmware::Ovmf,
+        extra: vec!["-cpu".into(), "qemu64,phys-bits=37".into()],
+        ..GuestSpec::new("q35")
+    };
+    let g = Guest::boot(spec).await;
+    assert!(g.vm.notes.iter().any(|n| n.contains("X-PciMmio64Mb,string=0")), "{:?}", g.vm.notes);
+    let channel = g.vm.channel().await.unwrap();
+    let Channel::Region { bar } = channel else { panic!("{channel}") };
+    assert!(bar < 1 << 32);
+    assert_eq!(u64::from(g.record().expect("boot record").bar), bar);
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    g.beats_acked(&mut hb, 10).await;
+}
+
+/// With OVMF's 64-bit window kept (here by the user's own fw_cfg, which acpimon respects), the
+/// BAR is above 4 GiB: the AML writes nothing, and the report says why and what to change.
+#[tokio::test(flavor = "multi_thread")]
+async fn ovmf_with_a_high_bar_writes_nothing_and_says_why() {
+    let spec = GuestSpec {
+        firmware: Firmware::Ovmf,
+        extra: vec!["-fw_cfg".into(), "name=opt/ovmf/X-PciMmio64Mb,string=32768".into()],
+        ..GuestSpec::new("q35")
+    };
+    let g = Guest::boot(spec).await;
+    assert!(g.vm.notes.is_empty(), "the user's own setting is kept: {:?}", g.vm.notes);
+    let channel = g.vm.channel().await.unwrap();
+    assert!(matches!(channel, Channel::AboveFourGib { .. }), "{channel}");
+    assert!(channel.to_string().contains("above 4 GiB") && channel.to_string().contains("string=0"));
+    assert_eq!(g.record(), None, "no record through a BAR the AML cannot reach");
+    let mut hb = g.heartbeat();
+    assert!(matches!(
+        hb.beat(&g.vm.qmp, Duration::from_secs(1)).await.unwrap(),
+        Beat::Missed { last: None, .. }
+    ));
 }

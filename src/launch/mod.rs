@@ -6,6 +6,7 @@
 //! never loads the table (not even a missing file is reported), so `-acpitable` is returned
 //! as an argv remainder. [`prepare`] writes a VM's state directory; [`vm`] runs QEMU.
 
+pub mod channel;
 pub mod conflicts;
 pub mod prepare;
 pub mod vm;
@@ -56,6 +57,9 @@ pub struct LaunchPlan {
     /// Add pvpanic, and keep a panicked guest running (`-action panic=none`) so its state and
     /// console survive for diagnostics; QEMU's default powers it off.
     pub pvpanic: bool,
+    /// Ask OVMF for no 64-bit PCI window, so the ivshmem BAR lands below 4 GiB (see
+    /// [`channel`]). Argv only: not verified in a -readconfig file.
+    pub ovmf_low_bar: bool,
 }
 
 /// One QEMU option: `-OPTION [head,]id=ID,key=value...`, or a `[OPTION "ID"]` section.
@@ -128,7 +132,15 @@ fn socket_chardev(id: &'static str, path: &Path) -> Result<QemuItem, LaunchError
 impl LaunchPlan {
     /// A plan with only the table and the region (what `qemu-args` prints).
     pub fn minimal(ssdt: SsdtConfig, ssdt_path: PathBuf, region_path: PathBuf) -> Self {
-        LaunchPlan { ssdt, ssdt_path, region_path, qmp_socket: None, console_socket: None, pvpanic: false }
+        LaunchPlan {
+            ssdt,
+            ssdt_path,
+            region_path,
+            qmp_socket: None,
+            console_socket: None,
+            pvpanic: false,
+            ovmf_low_bar: false,
+        }
     }
 
     /// The options, in the order QEMU needs them (a backend before its device).
@@ -161,6 +173,13 @@ impl LaunchPlan {
         if self.pvpanic {
             items.push(QemuItem::new("device", Some(("driver", "pvpanic")), Some(PVPANIC_ID)));
             items.push(QemuItem::new("action", None, None).prop("panic", "none"));
+        }
+        if self.ovmf_low_bar {
+            items.push(
+                QemuItem { readconfig: false, ..QemuItem::new("fw_cfg", None, None) }
+                    .prop("name", channel::OVMF_MMIO64_KNOB)
+                    .prop("string", "0"),
+            );
         }
         Ok(items)
     }

@@ -70,6 +70,7 @@ impl Descriptor {
             qmp_socket: Some(self.qmp.clone()),
             console_socket: Some(self.console.clone()),
             pvpanic: true,
+            ovmf_low_bar: false,
         })
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+use super::channel::{self, Channel};
 use super::conflicts::{self, Conflict};
 use super::{LaunchError, Prepared};
 use crate::console::{self, Console};
@@ -59,6 +60,8 @@ pub struct Vm {
     pub console: Result<Console, String>,
     pub region: Arc<Region>,
     pub prepared: Prepared,
+    /// What acpimon adapted for this VM, for the operator.
+    pub notes: Vec<String>,
     stderr_path: PathBuf,
 }
 
@@ -66,7 +69,23 @@ impl Vm {
     /// Checks the command line, starts QEMU, and connects QMP, the console and the region.
     pub async fn launch(spec: VmSpec) -> Result<Vm, VmError> {
         let d = &spec.prepared.descriptor;
-        let plan = d.plan()?;
+        let mut plan = d.plan()?;
+        let mut notes = Vec::new();
+        if channel::uses_ovmf(&spec.args) && !channel::sets_mmio64(&spec.args) {
+            plan.ovmf_low_bar = true;
+            notes.push(format!(
+                "OVMF: added -fw_cfg name={},string=0 so the ivshmem BAR lands below 4 GiB (no 64-bit PCI window \
+                 for this VM)",
+                channel::OVMF_MMIO64_KNOB
+            ));
+            if !spec.args.iter().any(|a| a.contains("phys-bits")) {
+                notes.push(
+                    "OVMF older than edk2-stable202505 (Debian's 2022.11) ignores that unless the CPU's phys-bits \
+                     is one it distrusts: add -cpu ...,phys-bits=37 if no record arrives"
+                        .into(),
+                );
+            }
+        }
         let found = conflicts::check(&spec.args, &plan);
         if !found.is_empty() {
             return Err(VmError::Conflicts(found));
@@ -116,7 +135,14 @@ impl Vm {
             .await
             .map_err(|e| format!("console socket {}: {e}", d.console.display()));
         let region = Arc::new(Region::open(&d.region, Access::ReadWrite)?);
-        Ok(Vm { child, qmp, console, region, prepared: spec.prepared, stderr_path })
+        Ok(Vm { child, qmp, console, region, prepared: spec.prepared, notes, stderr_path })
+    }
+
+    /// Which channel carries this VM's records, from where the firmware put BAR2.
+    pub async fn channel(&self) -> Result<Channel, QmpError> {
+        let slot =
+            self.prepared.descriptor.ssdt_config().map(|c| c.slot).unwrap_or(crate::generate::DEFAULT_SLOT);
+        channel::locate(&self.qmp, slot).await
     }
 
     /// The console, or why there is none.

@@ -40,6 +40,10 @@ pub struct GuestSpec {
     pub ssdt: SsdtConfig,
     /// Launch acpimon's options through -readconfig, as EVE does.
     pub readconfig: bool,
+    /// More QEMU arguments.
+    pub extra: Vec<String>,
+    /// Wait for the console's ready marker (a test of a broken channel may not).
+    pub wait_ready: bool,
 }
 
 impl GuestSpec {
@@ -51,6 +55,8 @@ impl GuestSpec {
             delay: 3,
             ssdt: SsdtConfig::default(),
             readconfig: false,
+            extra: Vec::new(),
+            wait_ready: true,
         }
     }
 }
@@ -110,6 +116,7 @@ impl Guest {
                 "vmlinuz"
             }
         };
+        args.extend(spec.extra.iter().cloned());
         args.extend([
             "-kernel".into(),
             fx.join(kernel).to_string_lossy().into(),
@@ -118,10 +125,13 @@ impl Guest {
             "-append".into(),
             cmdline,
         ]);
+        let wait_ready = spec.wait_ready;
         let spec = VmSpec { program: qemu(), args, prepared, readconfig: spec.readconfig };
         let vm = Vm::launch(spec).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
         let guest = Guest { vm, _dir: dir };
-        guest.wait_console(READY, 0, BOOT_TIMEOUT).await;
+        if wait_ready {
+            guest.wait_console(READY, 0, BOOT_TIMEOUT).await;
+        }
         guest
     }
 

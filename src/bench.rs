@@ -1,0 +1,114 @@
+//! `acpimon bench`: trigger-to-record latency and sustained heartbeats per second on a real
+//! guest, each beside the floor measured in the same run: the bare QMP `human-monitor-command`
+//! round trip (`o /b PORT 0`, the same HMP path with nothing for the guest to do).
+
+use std::time::{Duration, Instant};
+
+use crate::launch::Vm;
+use crate::run::Summary;
+use crate::trigger::{Beat, Heartbeat, TriggerError};
+
+/// Figures of one benchmark run.
+#[derive(Clone, Debug)]
+pub struct BenchResult {
+    pub bare: Summary,
+    pub heartbeat: Summary,
+    pub bare_per_sec: f64,
+    pub heartbeats_per_sec: f64,
+    /// Beats not acknowledged during the sustained phase.
+    pub sustained_missed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("the guest acknowledged no heartbeat within 120 s; check that it boots with `acpimon demo`")]
+    NotReady,
+    #[error(transparent)]
+    Trigger(#[from] TriggerError),
+}
+
+/// Runs the benchmark on a booted `vm`.
+pub async fn run(vm: &Vm, count: usize, sustained: Duration) -> Result<BenchResult, BenchError> {
+    let irq = vm.prepared.descriptor.irq;
+    let mut hb = Heartbeat::new(vm.region.clone(), irq)?;
+    // Wait for the guest's GED driver: the first acknowledged beat.
+    let start = Instant::now();
+    loop {
+        if let Beat::Acked { .. } = hb.beat(&vm.qmp, Duration::from_millis(500)).await? {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            return Err(BenchError::NotReady);
+        }
+    }
+    let lower = format!("o /b {:#x} 0", crate::generate::TESTDEV_IRQ_PORT_BASE + u16::from(irq));
+    let mut bare = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        vm.qmp.hmp(&lower).await?;
+        bare.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut lat = Vec::with_capacity(count);
+    for _ in 0..count {
+        if let Beat::Acked { latency, .. } = hb.beat(&vm.qmp, Duration::from_secs(1)).await? {
+            lat.push(latency.as_secs_f64() * 1e3);
+        }
+    }
+    let heartbeat = Summary::from_latencies(lat, count as u64, 0, 0);
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < sustained {
+        vm.qmp.hmp(&lower).await?;
+        n += 1;
+    }
+    let bare_per_sec = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (mut acked, mut sustained_missed) = (0u64, 0u64);
+    while t.elapsed() < sustained {
+        match hb.beat(&vm.qmp, Duration::from_secs(1)).await? {
+            Beat::Acked { .. } => acked += 1,
+            Beat::Missed { .. } => sustained_missed += 1,
+        }
+    }
+    Ok(BenchResult {
+        bare: Summary::from_latencies(bare, count as u64, 0, 0),
+        heartbeat,
+        bare_per_sec,
+        heartbeats_per_sec: acked as f64 / t.elapsed().as_secs_f64(),
+        sustained_missed,
+    })
+}
+
+/// The printed table, with ratios against the bare round trip.
+pub fn table(r: &BenchResult) -> String {
+    let (b, h) = (&r.bare, &r.heartbeat);
+    format!(
+        "  {:<30} {:>9} {:>9} {:>9}\n\
+         \x20 {:<30} {:>6.3} ms {:>6.3} ms {:>6.3} ms\n\
+         \x20 {:<30} {:>6.3} ms {:>6.3} ms {:>6.3} ms   ({} of {} acknowledged)\n\
+         \x20 {:<30} {:>8.1}x {:>8.1}x {:>8.1}x\n\
+         \x20 sustained: {:.0} heartbeats/s acknowledged ({} missed), bare HMP {:.0} commands/s: ratio {:.2}\n",
+        "",
+        "p50",
+        "p90",
+        "p99",
+        "bare HMP round trip",
+        b.p50_ms,
+        b.p90_ms,
+        b.p99_ms,
+        "trigger-to-record",
+        h.p50_ms,
+        h.p90_ms,
+        h.p99_ms,
+        h.acked,
+        h.sent,
+        "ratio to the bare round trip",
+        h.p50_ms / b.p50_ms,
+        h.p90_ms / b.p90_ms,
+        h.p99_ms / b.p99_ms,
+        r.heartbeats_per_sec,
+        r.sustained_missed,
+        r.bare_per_sec,
+        r.heartbeats_per_sec / r.bare_per_sec,
+    )
+}

@@ -1,0 +1,124 @@
+//! Which channel carries a VM's records, and why: the ivshmem BAR2 as the guest firmware
+//! placed it, read back through QMP `query-pci`. 32-bit AML reaches only a BAR below 4 GiB.
+//!
+//! OVMF puts 64-bit BARs above 4 GiB. Measured with Debian's OVMF (edk2 2022.11) under TCG:
+//! `-fw_cfg name=opt/ovmf/X-PciMmio64Mb,string=0` (no 64-bit PCI window) moves BAR2 to
+//! 0xc0000000 on q35 and 0x80000000 on pc, but only with a CPU address width OVMF does not
+//! trust (phys-bits below 41, and not 36/39 with an Intel vendor string or 40 with AMD, e.g.
+//! `-cpu qemu64,phys-bits=37`): otherwise its dynamic MMIO window overrides the 0. From
+//! edk2-stable202505 on (EVE builds 202508) the fw_cfg value is used unconditionally.
+
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::generate::PciSlot;
+use crate::trigger::qmp::{Qmp, QmpError};
+
+/// The fw_cfg file that sets OVMF's 64-bit PCI window, in MiB.
+pub const OVMF_MMIO64_KNOB: &str = "opt/ovmf/X-PciMmio64Mb";
+
+/// Where the records of a VM can go.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "channel")]
+pub enum Channel {
+    /// BAR2 is below 4 GiB: the AML writes the region through it.
+    Region { bar: u64 },
+    /// BAR2 is above 4 GiB: the AML refuses to write (it would truncate the address).
+    AboveFourGib { bar: u64 },
+    /// The firmware has not assigned BAR2 (yet).
+    Unassigned,
+    /// No ivshmem device at the slot.
+    NoDevice,
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Channel::Region { bar } => write!(f, "shared region through ivshmem BAR2 at {bar:#x} (below 4 GiB)"),
+            Channel::AboveFourGib { bar } => write!(
+                f,
+                "none: ivshmem BAR2 is at {bar:#x}, above 4 GiB, where 32-bit AML cannot write; under OVMF pass \
+                 -fw_cfg name={OVMF_MMIO64_KNOB},string=0 (acpimon adds it when it sees OVMF) and, with OVMF older \
+                 than edk2-stable202505, -cpu ...,phys-bits=37"
+            ),
+            Channel::Unassigned => write!(f, "none: the firmware left ivshmem BAR2 unassigned"),
+            Channel::NoDevice => write!(f, "none: no ivshmem device at the configured slot"),
+        }
+    }
+}
+
+/// Reads BAR2 of the ivshmem function at `slot` on bus 0.
+pub async fn locate(qmp: &Qmp, slot: PciSlot) -> Result<Channel, QmpError> {
+    let buses =
+        qmp.execute_raw("query-pci", serde_json::json!({}), crate::trigger::qmp::DEFAULT_TIMEOUT).await?;
+    Ok(classify(&buses, slot))
+}
+
+fn classify(buses: &Value, slot: PciSlot) -> Channel {
+    let devices = buses
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["bus"] == 0)
+        .flat_map(|b| b["devices"].as_array().into_iter().flatten());
+    for dev in devices {
+        if dev["slot"] != u64::from(slot.device) || dev["function"] != u64::from(slot.function) {
+            continue;
+        }
+        let bar2 = dev["regions"].as_array().into_iter().flatten().find(|r| r["bar"] == 2);
+        return match bar2.and_then(|r| r["address"].as_i64()) {
+            Some(a) if a <= 0 => Channel::Unassigned,
+            Some(a) if a as u64 >= 1 << 32 => Channel::AboveFourGib { bar: a as u64 },
+            Some(a) => Channel::Region { bar: a as u64 },
+            None => Channel::Unassigned,
+        };
+    }
+    Channel::NoDevice
+}
+
+/// Whether a QEMU command line boots OVMF (UEFI) firmware.
+pub fn uses_ovmf(args: &[String]) -> bool {
+    args.iter().any(|a| {
+        let a = a.to_ascii_lowercase();
+        a.contains("ovmf") || a.contains("edk2")
+    })
+}
+
+/// Whether the command line already sets OVMF's 64-bit window itself.
+pub fn sets_mmio64(args: &[String]) -> bool {
+    args.iter().any(|a| a.contains(OVMF_MMIO64_KNOB))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pci(addr: i64) -> Value {
+        serde_json::json!([{ "bus": 0, "devices": [
+            { "bus": 0, "slot": 0, "function": 0, "regions": [] },
+            { "bus": 0, "slot": 15, "function": 0, "regions": [
+                { "bar": 0, "address": 0xfebf_1000i64, "size": 256 },
+                { "bar": 2, "address": addr, "size": 4096 } ] } ] }])
+    }
+
+    #[test]
+    fn bars_are_classified() {
+        let slot: PciSlot = "0f".parse().unwrap();
+        assert_eq!(classify(&pci(0xc000_0000), slot), Channel::Region { bar: 0xc000_0000 });
+        assert_eq!(classify(&pci(0xe0_0000_0000), slot), Channel::AboveFourGib { bar: 0xe0_0000_0000 });
+        assert_eq!(classify(&pci(-1), slot), Channel::Unassigned);
+        assert_eq!(classify(&pci(0xc000_0000), "0e".parse().unwrap()), Channel::NoDevice);
+        assert!(Channel::AboveFourGib { bar: 1 << 40 }.to_string().contains("X-PciMmio64Mb,string=0"));
+    }
+
+    #[test]
+    fn ovmf_is_recognised() {
+        let a = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert!(uses_ovmf(&a("-bios /usr/share/ovmf/OVMF.fd")));
+        assert!(uses_ovmf(&a("-drive if=pflash,file=/usr/share/OVMF/OVMF_CODE_4M.fd")));
+        assert!(!uses_ovmf(&a("-M q35 -kernel vmlinux")));
+        assert!(sets_mmio64(&a("-fw_cfg name=opt/ovmf/X-PciMmio64Mb,string=0")));
+    }
+}
