@@ -25,6 +25,10 @@ pub enum BenchError {
     NotReady,
     #[error(transparent)]
     Trigger(#[from] TriggerError),
+    #[error(transparent)]
+    Qmp(#[from] crate::trigger::qmp::QmpError),
+    #[error(transparent)]
+    Region(#[from] crate::read::RegionError),
 }
 
 /// Runs the benchmark on a booted `vm`.
