@@ -20,7 +20,13 @@ mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 mkdir -p /tmp /run
 
-say() { echo "ACPIMON-GUEST: $*"; }
+# Once the shell runs, its prompt sits on the console without a newline: start markers
+# on a line of their own then, so that they can be matched at the start of a line.
+shell_started=0
+say() {
+  [ "$shell_started" = 0 ] || echo
+  echo "ACPIMON-GUEST: $*"
+}
 uptime_s() { read -r up _ </proc/uptime; echo "$up"; }
 
 scenario=healthy
@@ -102,6 +108,7 @@ fi
 shell_loop &
 say "shell starting uptime=$(uptime_s)"
 say ready
+shell_started=1
 case "$scenario" in
   userspace-stop)
     say "stopping userspace in $delay s"

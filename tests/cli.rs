@@ -121,3 +121,17 @@ fn snapshot_prints_a_table_json_and_watches() {
     assert!(out.status.success());
     assert_eq!(text(&out.stdout).lines().count(), 1, "one line: the first read, then no new records");
 }
+
+#[test]
+fn run_refuses_a_colliding_command_line_before_launch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    refused(
+        &["run", "--state-dir", d, "--irq", "6", "--", "qemu-system-x86_64", "-M", "pc", "-nodefaults"],
+        &["ISA IRQ 6 is used by the floppy controller the pc board always has", "--irq"],
+    );
+    refused(
+        &["run", "--state-dir", d, "--", "qemu-system-x86_64", "-M", "q35", "-device", "e1000,addr=0f.0"],
+        &["PCI slot 0f.0 is taken by -device e1000,addr=0f.0", "parallel port", "--slot"],
+    );
+}
