@@ -45,7 +45,7 @@ pub async fn run(vm: &Vm, count: usize, sustained: Duration) -> Result<BenchResu
             return Err(BenchError::NotReady);
         }
     }
-    let lower = format!("o /b {:#x} 0", crate::generate::TESTDEV_IRQ_PORT_BASE + u16::from(irq));
+    let lower = crate::trigger::irq_line_command(irq, 0);
     let mut bare = Vec::with_capacity(count);
     for _ in 0..count {
         let t = Instant::now();

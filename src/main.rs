@@ -257,16 +257,7 @@ fn run(command: Command) -> Result<(), Error> {
             let ssdt_path = ssdt.unwrap_or_else(|| suffixed(&region_path, ".ssdt.aml"));
             let plan = LaunchPlan::minimal(cfg, ssdt_path, region_path);
             // Render first, so a path QEMU cannot take leaves no files behind.
-            let text = match format {
-                Format::Argv => plan.argv()?.join("\n") + "\n",
-                Format::Readconfig => {
-                    let (ini, rest) = plan.readconfig()?;
-                    format!(
-                        "# acpimon: QEMU ignores -acpitable in a -readconfig file; also pass: {}\n{ini}",
-                        rest.join(" ")
-                    )
-                }
-            };
+            let text = render(&plan, format)?;
             write_file(&plan.ssdt_path, &generate::build(&plan.ssdt)?)?;
             Region::create(&plan.region_path, plan.ssdt.region_size)?;
             print!("{text}");
@@ -305,7 +296,7 @@ fn render(plan: &LaunchPlan, format: Format) -> Result<String, Error> {
         Format::Readconfig => {
             let (ini, rest) = plan.readconfig()?;
             format!(
-                "# acpimon: QEMU ignores -acpitable in a -readconfig file; also pass: {}\n{ini}",
+                "# acpimon: a -readconfig file cannot carry these; pass them on the command line: {}\n{ini}",
                 rest.join(" ")
             )
         }

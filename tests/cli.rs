@@ -92,7 +92,7 @@ fn qemu_args_create_the_files_and_print_both_formats() {
     let ini = text(&out.stdout);
     assert!(
         ini.starts_with(
-            "# acpimon: QEMU ignores -acpitable in a -readconfig file; also pass: -acpitable file="
+            "# acpimon: a -readconfig file cannot carry these; pass them on the command line: -acpitable file="
         ),
         "{ini}"
     );

@@ -15,9 +15,9 @@ use self::qmp::{Qmp, QmpError};
 use crate::generate::TESTDEV_IRQ_PORT_BASE;
 use crate::read::{GuestRecord, Region, RegionError, RetryPolicy};
 
-/// The HMP command that raises ISA IRQ `irq` through pc-testdev.
-pub fn raise_command(irq: u8) -> String {
-    format!("o /b {:#x} 1", TESTDEV_IRQ_PORT_BASE + u16::from(irq))
+/// The HMP command that sets ISA IRQ `irq` to `level` (1 raises, 0 lowers) through pc-testdev.
+pub fn irq_line_command(irq: u8, level: u8) -> String {
+    format!("o /b {:#x} {level}", TESTDEV_IRQ_PORT_BASE + u16::from(irq))
 }
 
 /// What one heartbeat came to.
@@ -79,7 +79,7 @@ impl Heartbeat {
         let nonce: u32 = rand::random();
         self.region.write_request(request_no, nonce)?;
         let start = Instant::now();
-        qmp.hmp(&raise_command(self.irq)).await?;
+        qmp.hmp(&irq_line_command(self.irq, 1)).await?;
         let region = self.region.clone();
         let waited =
             tokio::task::spawn_blocking(move || wait_for_echo(&region, request_no, nonce, start, timeout))
