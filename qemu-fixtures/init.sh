@@ -63,8 +63,11 @@ say "modules loaded:${loaded:- none} failed:${failed:- none} builtin: $(cat /etc
 
 # ACPI facts that help when debugging the SSDT acpimon injects (harmless when absent).
 say "acpi tables: $(ls /sys/firmware/acpi/tables 2>/dev/null | tr '\n' ' ')"
-say "acpi ged (ACPI0013): $(ls /sys/bus/acpi/devices 2>/dev/null | grep -i ACPI0013 | tr '\n' ' ')irqs: $(grep 'ACPI:Ged' /proc/interrupts | awk '{print $1}' | tr -d ':' | tr '\n' ' ')"
-say "acpi pvpanic (QEMU0001): $(ls /sys/bus/acpi/devices 2>/dev/null | grep -i QEMU0001 | tr '\n' ' ')"
+acpi_devs() { # HID: the ACPI device instances with that id, e.g. "ACPI0013:00"
+  for d in /sys/bus/acpi/devices/"$1":*; do [ -e "$d" ] && printf '%s ' "${d##*/}"; done
+}
+say "acpi ged (ACPI0013): $(acpi_devs ACPI0013)irqs: $(grep 'ACPI:Ged' /proc/interrupts | awk '{print $1}' | tr -d ':' | tr '\n' ' ')"
+say "acpi pvpanic (QEMU0001): $(acpi_devs QEMU0001)"
 tz_found=0
 for tz in /sys/class/thermal/thermal_zone*; do
   [ -e "$tz" ] || continue
