@@ -310,7 +310,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn default_state_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) => PathBuf::from(d).join("acpimon"),
-        // SAFETY-free uid lookup: the owner of /proc/self.
+        // Our uid without libc: the owner of /proc/self.
         None => {
             use std::os::unix::fs::MetadataExt;
             let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
