@@ -66,11 +66,6 @@ impl Tracker {
         Self::default()
     }
 
-    /// The last record seen.
-    pub fn last(&self) -> Option<&GuestRecord> {
-        self.last.as_ref().map(|s| &s.record)
-    }
-
     /// Feeds the record of a snapshot taken at host time `now`.
     pub fn observe(&mut self, record: Option<&GuestRecord>, now: Instant) -> Observation {
         let Some(rec) = record else {

@@ -199,6 +199,8 @@ enum Error {
     Region(#[from] RegionError),
     #[error("cannot write {path}: {source}; check that its directory exists and is writable")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error("lost track of the QEMU process: {0}")]
+    Wait(std::io::Error),
     #[error(transparent)]
     Prepare(#[from] PrepareError),
     #[error(transparent)]
@@ -366,7 +368,7 @@ async fn run_vm(args: &RunArgs, program: String, qemu_args: Vec<String>) -> Resu
             missed => Err(Error::Unacknowledged { missed, sent: summary.sent }),
         };
     }
-    let status = vm.wait().await.map_err(|source| Error::Write { path: vm.prepared.dir.clone(), source })?;
+    let status = vm.wait().await.map_err(Error::Wait)?;
     match status.code() {
         Some(0) => Ok(()),
         Some(code) => Err(Error::QemuStatus(code)),

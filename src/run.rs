@@ -120,22 +120,17 @@ pub async fn run(
         Ok(Some((after, record))) => {
             tracker.observe(Some(&record), Instant::now());
             report(&RunEvent::Booted { after, record });
-            if let Ok(channel) = vm.channel().await {
-                report(&RunEvent::Channel { channel });
-            }
         }
-        Ok(None) => {
-            report(&RunEvent::Error {
-                message: format!(
-                    "no record from the guest within {:?}: its AML cannot reach the region, or it has not booted; heartbeats start anyway",
-                    opts.boot_timeout
-                ),
-            });
-            if let Ok(channel) = vm.channel().await {
-                report(&RunEvent::Channel { channel });
-            }
-        }
+        Ok(None) => report(&RunEvent::Error {
+            message: format!(
+                "no record from the guest within {:?}: its AML cannot reach the region, or it has not booted; heartbeats start anyway",
+                opts.boot_timeout
+            ),
+        }),
         Err(()) => return Ok(Summary::default()),
+    }
+    if let Ok(channel) = vm.channel().await {
+        report(&RunEvent::Channel { channel });
     }
     let (mut latencies, mut sent, mut errors, mut startup) = (Vec::new(), 0u64, 0u64, 0u64);
     let start = Instant::now();
@@ -158,34 +153,30 @@ pub async fn run(
         if vm.try_wait().ok().flatten().is_some() {
             break;
         }
-        sent += 1;
-        match hb.beat(&vm.qmp, opts.timeout).await {
-            Ok(beat) => {
-                let record = match &beat {
-                    Beat::Acked { latency, record, .. } => {
-                        latencies.push(latency.as_secs_f64() * 1e3);
-                        Some(*record)
-                    }
-                    Beat::Missed { last, .. } => {
-                        if latencies.is_empty() {
-                            sent -= 1;
-                            startup += 1;
-                        }
-                        *last
-                    }
-                };
-                let observation = tracker.observe(record.as_ref(), Instant::now());
-                report(&RunEvent::Beat { beat, observation });
-            }
-            Err(TriggerError::Qmp(QmpError::Closed)) => {
-                sent -= 1;
-                break;
-            }
+        let beat = match hb.beat(&vm.qmp, opts.timeout).await {
+            Ok(beat) => beat,
+            Err(TriggerError::Qmp(QmpError::Closed)) => break,
             Err(e) => {
+                sent += 1;
                 errors += 1;
                 report(&RunEvent::Error { message: e.to_string() });
+                continue;
             }
+        };
+        let record = match &beat {
+            Beat::Acked { latency, record, .. } => {
+                latencies.push(latency.as_secs_f64() * 1e3);
+                Some(*record)
+            }
+            Beat::Missed { last, .. } => *last,
+        };
+        // Misses before the first acknowledgement are the GED driver not yet bound.
+        match (&beat, latencies.is_empty()) {
+            (Beat::Missed { .. }, true) => startup += 1,
+            _ => sent += 1,
         }
+        let observation = tracker.observe(record.as_ref(), Instant::now());
+        report(&RunEvent::Beat { beat, observation });
     }
     Ok(Summary::from_latencies(latencies, sent, errors, startup))
 }

@@ -136,7 +136,7 @@ pub fn prepare(state_dir: &Path, name: &str, cfg: &SsdtConfig) -> Result<Prepare
     write_atomic(&d.ssdt, &generate::build(cfg)?)?;
     Region::create(&d.region, cfg.region_size)?;
     let json = serde_json::to_vec_pretty(&d).expect("descriptor serialises");
-    write_atomic(&dir.join(super::prepare::DESCRIPTOR), &json)?;
+    write_atomic(&dir.join(DESCRIPTOR), &json)?;
     Ok(Prepared { dir, descriptor: d })
 }
 

@@ -60,6 +60,8 @@ pub struct Vm {
     pub console: Result<Console, String>,
     pub region: Arc<Region>,
     pub prepared: Prepared,
+    /// Where ivshmem sits, from the plan validated at launch.
+    slot: crate::generate::PciSlot,
     /// What acpimon adapted for this VM, for the operator.
     pub notes: Vec<String>,
     stderr_path: PathBuf,
@@ -135,14 +137,13 @@ impl Vm {
             .await
             .map_err(|e| format!("console socket {}: {e}", d.console.display()));
         let region = Arc::new(Region::open(&d.region, Access::ReadWrite)?);
-        Ok(Vm { child, qmp, console, region, prepared: spec.prepared, notes, stderr_path })
+        let slot = plan.ssdt.slot;
+        Ok(Vm { child, qmp, console, region, prepared: spec.prepared, slot, notes, stderr_path })
     }
 
     /// Which channel carries this VM's records, from where the firmware put BAR2.
     pub async fn channel(&self) -> Result<Channel, QmpError> {
-        let slot =
-            self.prepared.descriptor.ssdt_config().map(|c| c.slot).unwrap_or(crate::generate::DEFAULT_SLOT);
-        channel::locate(&self.qmp, slot).await
+        channel::locate(&self.qmp, self.slot).await
     }
 
     /// The console, or why there is none.
