@@ -7,6 +7,8 @@
 pub mod abi;
 pub mod bench;
 pub mod console;
+pub mod diagnose;
+pub mod forward;
 pub mod generate;
 pub mod judge;
 pub mod launch;
@@ -14,3 +16,5 @@ pub mod read;
 pub mod report;
 pub mod run;
 pub mod trigger;
+pub mod units;
+pub mod watch;

@@ -1,0 +1,1 @@
+//! The reference controller: `acpimon controller --listen ADDR --store DIR`.

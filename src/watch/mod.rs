@@ -1,0 +1,1 @@
+//! `acpimon watch`: the node-side service.
