@@ -99,20 +99,36 @@ impl Console {
     /// Waits until `needle` appears in the output after `mark`; on timeout or when the console
     /// closes, returns the output seen, for the error message.
     pub async fn wait_for(&self, needle: &str, mark: u64, timeout: Duration) -> Result<String, String> {
+        self.wait_until(mark, timeout, |seen| seen.contains(needle)).await
+    }
+
+    /// Waits until the output after `mark` satisfies `found`; on timeout or when the console
+    /// closes, returns the output seen.
+    pub async fn wait_until(
+        &self,
+        mark: u64,
+        timeout: Duration,
+        found: impl Fn(&str) -> bool,
+    ) -> Result<String, String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.shared.notify.notified();
             let seen = self.since(mark);
-            if seen.contains(needle) {
+            if found(&seen) {
                 return Ok(seen);
             }
-            if self.shared.ring.lock().unwrap().closed {
+            if self.is_closed() {
                 return Err(seen);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(self.since(mark));
             }
         }
+    }
+
+    /// Whether QEMU closed the console (it exited).
+    pub fn is_closed(&self) -> bool {
+        self.shared.ring.lock().unwrap().closed
     }
 
     /// Sends bytes to the guest's serial port.

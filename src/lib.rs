@@ -15,6 +15,7 @@ pub mod launch;
 pub mod read;
 pub mod report;
 pub mod run;
+pub mod simvm;
 pub mod trigger;
 pub mod units;
 pub mod watch;

@@ -16,6 +16,7 @@ use acpimon::read::{Access, Region, RegionError};
 use acpimon::report::{run_event_line, snapshot_table, summary_line, SnapshotReport};
 use acpimon::run::{RunEvent, RunOptions, Summary};
 use acpimon::trigger::TriggerError;
+use acpimon::watch::config::default_state_dir;
 
 #[derive(Parser)]
 #[command(name = "acpimon", version, about = "Agentless monitoring of QEMU VMs through a custom ACPI SSDT")]
@@ -94,6 +95,49 @@ enum Command {
         /// Where the VM's directory goes.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+    },
+    /// Watch every VM in the state directory: scenarios, state, diagnostics, forwarding,
+    /// metrics. Runs until SIGTERM or SIGINT.
+    Watch {
+        /// The configuration file (TOML; see the README). Without it: every VM in
+        /// --state-dir with the default scenarios.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The state directory (overrides the file's state_dir).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Only validate the configuration, print what it resolves to, and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Show every VM a running `acpimon watch` is watching.
+    Status {
+        /// The service's configuration, to find its status address.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The service's metrics/status address [default: from --config, else 127.0.0.1:9464].
+        #[arg(long, value_name = "IP:PORT")]
+        addr: Option<std::net::SocketAddr>,
+        /// Print the service's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The reference controller: receives events over HTTP, stores each once by its key, and
+    /// optionally runs an analyzer on each new one.
+    Controller {
+        /// Address to listen on, e.g. 127.0.0.1:8080.
+        #[arg(long, value_name = "IP:PORT")]
+        listen: std::net::SocketAddr,
+        /// Directory for the received events.
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+        /// Seconds an analyzer run may take.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        analyzer_timeout: u64,
+        /// The analyzer program and its arguments, after `--`: run once per new event, with the
+        /// event's JSON on stdin.
+        #[arg(last = true, value_name = "ANALYZER")]
+        analyzer: Vec<String>,
     },
     /// Print the decoded contents of a region file.
     Snapshot {
@@ -215,12 +259,20 @@ enum Error {
     Unacknowledged { missed: u64, sent: u64 },
     #[error("QEMU exited with status {0}")]
     QemuStatus(i32),
+    #[error(transparent)]
+    WatchConfig(#[from] acpimon::watch::config::ConfigErrors),
+    #[error(transparent)]
+    Watch(#[from] acpimon::watch::WatchError),
+    #[error(transparent)]
+    Controller(#[from] acpimon::forward::controller::ControllerError),
+    #[error("{0}")]
+    Status(String),
 }
 
 impl Error {
     fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) | Error::Launch(_) | Error::Prepare(_) => 2,
+            Error::Config(_) | Error::Launch(_) | Error::Prepare(_) | Error::WatchConfig(_) => 2,
             Error::Vm(VmError::Conflicts(_)) => 2,
             Error::QemuStatus(code) => u8::try_from(*code).unwrap_or(1),
             Error::Region(e) if is_bad_input(e) => 2,
@@ -279,6 +331,51 @@ fn run(command: Command) -> Result<(), Error> {
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
             runtime().block_on(bench(count.max(1), seconds, &machine, &state_dir))
         }
+        Command::Watch { config, state_dir, check } => {
+            let config = watch_config(config.as_deref(), state_dir)?;
+            if check {
+                print!("{}", acpimon::report::config_summary(&config));
+                return Ok(());
+            }
+            runtime().block_on(watch(config))
+        }
+        Command::Status { config, addr, json } => {
+            let addr = match (addr, config) {
+                (Some(a), _) => a,
+                (None, Some(file)) => acpimon::watch::Config::load(&file)?.metrics.ok_or_else(|| {
+                    Error::Status(format!("{} turns the status endpoint off ([metrics] listen = \"\")", file.display()))
+                })?,
+                (None, None) => acpimon::watch::config::DEFAULT_METRICS.parse().expect("valid address"),
+            };
+            let status = runtime()
+                .block_on(acpimon::watch::metrics::fetch_status(addr, Duration::from_secs(5)))
+                .map_err(Error::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status).expect("status serialises"));
+            } else {
+                print!("{}", acpimon::report::status_table(&status));
+            }
+            Ok(())
+        }
+        Command::Controller { listen, store, analyzer_timeout, analyzer } => {
+            let opts = acpimon::forward::controller::ControllerOptions {
+                listen,
+                store,
+                analyzer: (!analyzer.is_empty()).then_some(analyzer),
+                analyzer_timeout: Duration::from_secs(analyzer_timeout),
+            };
+            runtime().block_on(async {
+                let shutdown = shutdown_on_signal();
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    if let Ok(addr) = rx.await {
+                        println!("acpimon controller: listening on http://{addr}");
+                    }
+                });
+                acpimon::forward::controller::serve(opts, shutdown, Some(tx)).await
+            })?;
+            Ok(())
+        }
         Command::Snapshot { region, json, watch, interval_ms, count } => {
             let region = Region::open(&region, Access::ReadOnly)?;
             if watch {
@@ -309,23 +406,47 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
 }
 
-fn default_state_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) => PathBuf::from(d).join("acpimon"),
-        // Our uid without libc: the owner of /proc/self.
-        None => {
-            use std::os::unix::fs::MetadataExt;
-            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
-            std::env::temp_dir().join(format!("acpimon-{uid}"))
-        }
+/// The service's configuration: the file, or the built-in one; `--state-dir` overrides.
+fn watch_config(file: Option<&Path>, state_dir: Option<PathBuf>) -> Result<acpimon::watch::Config, Error> {
+    let mut config = match file {
+        Some(f) => acpimon::watch::Config::load(f)?,
+        None => acpimon::watch::Config::builtin(state_dir.clone().unwrap_or_else(default_state_dir)),
+    };
+    if let (Some(dir), Some(_)) = (state_dir, file) {
+        config.state_dir = dir;
     }
+    Ok(config)
+}
+
+/// `acpimon watch`: the service, until SIGTERM or SIGINT.
+async fn watch(config: acpimon::watch::Config) -> Result<(), Error> {
+    let shutdown = shutdown_on_signal();
+    acpimon::watch::serve(config, shutdown, None).await?;
+    Ok(())
+}
+
+/// A flag that turns true on SIGTERM or SIGINT: every OS signal becomes this one input.
+fn shutdown_on_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    rx
 }
 
 /// `acpimon run`: prepare, launch, heartbeat until QEMU exits or --duration passes.
 async fn run_vm(args: &RunArgs, program: String, qemu_args: Vec<String>) -> Result<(), Error> {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
     let prepared = launch::prepare(&state_dir, &args.name, &args.table.config()?)?;
-    let spec = VmSpec { program, args: qemu_args, prepared, readconfig: args.readconfig };
+    let spec = VmSpec { program, args: qemu_args, prepared, readconfig: args.readconfig, leave_to_watch: false };
     let mut vm = Vm::launch(spec).await?;
     let json = args.json;
     if !json {
@@ -431,6 +552,7 @@ async fn bench(count: usize, seconds: f64, machine: &str, state_dir: &Path) -> R
         args: demo_qemu_args(machine, false)?,
         prepared,
         readconfig: false,
+        leave_to_watch: false,
     };
     let mut vm = Vm::launch(spec).await?;
     let result = acpimon::bench::run(&vm, count, Duration::from_secs_f64(seconds)).await;

@@ -110,3 +110,83 @@ pub fn summary_line(s: &Summary) -> String {
         s.sent, s.acked, s.missed, s.errors, s.startup, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
     )
 }
+
+/// `acpimon watch --check`: what a configuration resolves to.
+pub fn config_summary(c: &crate::watch::Config) -> String {
+    use crate::units::format_duration as d;
+    let mut o = String::new();
+    let _ = writeln!(o, "state_dir   {}", c.state_dir.display());
+    let _ = writeln!(o, "data_dir    {}", c.data_dir.display());
+    let _ = writeln!(o, "node        {}", c.node);
+    let _ = writeln!(o, "event log   {}", c.event_log.as_ref().map_or("off".into(), |p| p.display().to_string()));
+    let _ = writeln!(o, "metrics     {}", c.metrics.map_or("off".into(), |a| format!("http://{a}/metrics")));
+    let _ = writeln!(o, "controller  {}", c.controller.as_ref().map_or("none", |c| c.url.as_str()));
+    let _ = writeln!(o, "hook        {}", c.hook.as_ref().map_or("none".into(), |h| h.argv.join(" ")));
+    let vms = std::iter::once(("(defaults)", &c.defaults)).chain(c.vms.iter().map(|(n, s)| (n.as_str(), s)));
+    for (name, s) in vms {
+        let _ = writeln!(
+            o,
+            "{name}: {}grace {}, pauses {:?}, recovery {} (at most {}/h)",
+            if s.enabled { "" } else { "DISABLED, " },
+            d(s.startup_grace),
+            s.pause,
+            s.recovery.action.name(),
+            s.recovery.max_per_hour
+        );
+        for sc in &s.scenarios {
+            let _ = writeln!(
+                o,
+                "  scenario {:<16} {:<14} every {:<6} timeout {:<6} threshold {}",
+                sc.name,
+                sc.probe.kind(),
+                d(sc.interval),
+                d(sc.timeout),
+                sc.threshold
+            );
+        }
+        let steps: Vec<String> =
+            s.diagnostics.iter().map(|st| serde_json::to_value(st).map_or("?".into(), |v| v["step"].to_string())).collect();
+        let _ = writeln!(o, "  diagnostics {}", steps.join(", "));
+    }
+    o
+}
+
+/// `acpimon status`: one line per VM.
+pub fn status_table(s: &crate::watch::metrics::StatusView) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "node {} · watching {} · since {}", s.node, s.state_dir, s.started);
+    let f = &s.forward;
+    let _ = writeln!(
+        o,
+        "forwarding: {} delivered, {} pending{}",
+        f.delivered,
+        f.pending_events,
+        f.last_error.as_ref().map(|e| format!(", last error: {e}")).unwrap_or_default()
+    );
+    if !s.stalled.is_empty() {
+        let _ = writeln!(o, "STALLED: {}", s.stalled.join(", "));
+    }
+    let _ = writeln!(o, "{:<20} {:<13} {:>10} {:>9} {:>7}  SINCE / REASON", "VM", "STATE", "LATENCY", "AGE", "MISSES");
+    for v in &s.vms {
+        let hb = v.scenarios.iter().find(|sc| sc.kind == "acpi-heartbeat");
+        let latency = hb.and_then(|h| h.last_latency_ms).map_or("-".into(), |l| format!("{l:.2} ms"));
+        let age = v.last_record_age_s.map_or("-".into(), |a| format!("{a:.1} s"));
+        let misses: u32 = v.scenarios.iter().map(|sc| sc.consecutive_misses).max().unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "{:<20} {:<13} {:>10} {:>9} {:>7}  {} {}",
+            v.name,
+            v.state.name(),
+            latency,
+            age,
+            misses,
+            v.since,
+            crate::console::sanitize(v.reason.as_bytes())
+        );
+        for sc in v.scenarios.iter().filter(|sc| sc.unavailable.is_some() || sc.consecutive_misses > 0) {
+            let why = sc.unavailable.as_deref().or(sc.last_detail.as_deref()).unwrap_or("");
+            let _ = writeln!(o, "{:<20}   {}: {}", "", sc.name, crate::console::sanitize(why.as_bytes()));
+        }
+    }
+    o
+}

@@ -82,6 +82,27 @@ pub fn now_rfc3339() -> String {
     rfc3339(std::time::SystemTime::now())
 }
 
+/// A duration field in a configuration file: deserialises from "1s"-style text, so a bad value
+/// is reported at its line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        duration::deserialize(d).map(Dur)
+    }
+}
+
+/// A byte-size field in a configuration file (a number or "256KiB"-style text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        size::deserialize(d).map(Size)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

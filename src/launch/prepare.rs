@@ -95,7 +95,8 @@ pub struct Prepared {
     pub descriptor: Descriptor,
 }
 
-fn valid_name(name: &str) -> bool {
+/// Whether `name` is a VM name `prepare` accepts.
+pub fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         && !name.starts_with('.')

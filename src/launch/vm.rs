@@ -17,6 +17,8 @@ use crate::generate::ConfigError;
 use crate::read::{Access, Region, RegionError};
 use crate::trigger::qmp::{Qmp, QmpError};
 
+/// The second monitor of a VM left to `acpimon watch`.
+pub const CONTROL_QMP: &str = "control-qmp.sock";
 /// How long QEMU may take to open its QMP socket.
 const QMP_WAIT: Duration = Duration::from_secs(20);
 
@@ -50,6 +52,9 @@ pub struct VmSpec {
     pub prepared: Prepared,
     /// Pass acpimon's additions as a `-readconfig` file (as EVE does) instead of argv.
     pub readconfig: bool,
+    /// Leave the VM's QMP and console sockets to `acpimon watch`: this handle connects to a
+    /// second monitor (`control-qmp.sock`, as EVE keeps two) and not to the console.
+    pub leave_to_watch: bool,
 }
 
 /// A running VM.
@@ -92,11 +97,12 @@ impl Vm {
         if !found.is_empty() {
             return Err(VmError::Conflicts(found));
         }
-        for sock in [&d.qmp, &d.console] {
+        let dir = &spec.prepared.dir;
+        let control = dir.join(CONTROL_QMP);
+        for sock in [&d.qmp, &d.console, &control] {
             let _ = std::fs::remove_file(sock);
         }
-        let dir = &spec.prepared.dir;
-        let ours = if spec.readconfig {
+        let mut ours = if spec.readconfig {
             let (ini, rest) = plan.readconfig()?;
             let path = dir.join("acpimon.cfg");
             std::fs::write(&path, ini).map_err(|source| VmError::Io { path: path.clone(), source })?;
@@ -109,6 +115,12 @@ impl Vm {
         let stderr_path = dir.join("qemu.stderr");
         let stderr = std::fs::File::create(&stderr_path)
             .map_err(|source| VmError::Io { path: stderr_path.clone(), source })?;
+        let qmp_path = if spec.leave_to_watch {
+            ours.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", control.display())]);
+            control.clone()
+        } else {
+            d.qmp.clone()
+        };
         let mut child = Command::new(&spec.program)
             .args(&spec.args)
             .args(&ours)
@@ -120,7 +132,7 @@ impl Vm {
             .map_err(|source| VmError::Spawn { program: spec.program.clone(), source })?;
 
         let qmp = tokio::select! {
-            q = Qmp::connect(&d.qmp, QMP_WAIT) => q,
+            q = Qmp::connect(&qmp_path, QMP_WAIT) => q,
             status = child.wait() => {
                 let status = status.map_err(|source| VmError::Spawn { program: spec.program.clone(), source })?;
                 return Err(VmError::Exited { status, stderr: read_tail(&stderr_path) });
@@ -133,9 +145,13 @@ impl Vm {
                 return Err(e.into());
             }
         };
-        let console = Console::connect(&d.console, console::DEFAULT_KEEP, Duration::from_secs(5))
-            .await
-            .map_err(|e| format!("console socket {}: {e}", d.console.display()));
+        let console = if spec.leave_to_watch {
+            Err("left to acpimon watch".to_string())
+        } else {
+            Console::connect(&d.console, console::DEFAULT_KEEP, Duration::from_secs(5))
+                .await
+                .map_err(|e| format!("console socket {}: {e}", d.console.display()))
+        };
         let region = Arc::new(Region::open(&d.region, Access::ReadWrite)?);
         let slot = plan.ssdt.slot;
         Ok(Vm { child, qmp, console, region, prepared: spec.prepared, slot, notes, stderr_path })

@@ -57,6 +57,7 @@ pub struct Qmp {
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
     next_id: AtomicU64,
+    closed: tokio::sync::watch::Receiver<bool>,
     /// QEMU's version from the greeting, e.g. (10, 0, 2).
     pub version: (u64, u64, u64),
 }
@@ -85,16 +86,33 @@ impl Qmp {
         };
         let (events, _) = broadcast::channel(256);
         let pending: Pending = Arc::default();
-        tokio::spawn(route(reader, pending.clone(), events.clone()));
+        let (pending_for_route, events_for_route) = (pending.clone(), events.clone());
+        let (closed_tx, closed) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            route(reader, pending_for_route, events_for_route).await;
+            let _ = closed_tx.send(true);
+        });
         let qmp = Qmp {
             writer: tokio::sync::Mutex::new(write),
             pending,
             events,
             next_id: AtomicU64::new(1),
+            closed,
             version,
         };
         qmp.execute_raw("qmp_capabilities", json!({}), DEFAULT_TIMEOUT).await?;
         Ok(qmp)
+    }
+
+    /// Resolves when the connection is gone (QEMU exited or closed the monitor).
+    pub async fn closed(&self) {
+        let mut rx = self.closed.clone();
+        let _ = rx.wait_for(|&c| c).await;
+    }
+
+    /// Whether the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
     }
 
     /// Subscribes to events from now on.

@@ -1,1 +1,248 @@
-//! `acpimon watch`: the node-side service.
+//! `acpimon watch`: the node-side service. It discovers the VMs `acpimon prepare` set up,
+//! runs each VM's monitoring scenarios ([`probe`]), moves each VM through its
+//! [`state::State`]s, runs diagnostics on failures, and forwards events to the controller.
+//!
+//! Stages, as the service starts: configuration (validated before anything else), the
+//! forwarder (its spool recovered), the metrics/status endpoint, then discovery, which starts
+//! one [`monitor::Monitor`] task per VM. Every task is supervised: one that ends unexpectedly
+//! (a panic) is reported and restarted; none can hold up another.
+
+pub mod config;
+pub mod liveness;
+pub mod metrics;
+pub mod monitor;
+pub mod persist;
+pub mod probe;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use self::config::Config;
+pub use self::liveness::Liveness;
+use self::metrics::Registry;
+use self::monitor::{Monitor, Shared, Stop};
+use crate::forward::{self, ControllerConfig, Event, ForwardConfig, Forwarder, HookConfig};
+use crate::launch::prepare::DESCRIPTOR;
+use crate::units::now_rfc3339;
+
+/// How long stopping may take before the service says what it is still waiting for.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot create {path}: {source}; check the permissions of data_dir in the configuration")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot read the state directory {path}: {source}; create it, or run `acpimon prepare` first")]
+    StateDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Forward(#[from] forward::ForwardError),
+    #[error("{0}")]
+    Metrics(String),
+}
+
+struct Running {
+    stop: watch::Sender<Stop>,
+    task: JoinHandle<()>,
+    dir: PathBuf,
+}
+
+/// Runs the service until `shutdown` turns true. `ready` receives the metrics address once
+/// the service is up (tests bind port 0).
+pub async fn serve(
+    config: Config,
+    mut shutdown: watch::Receiver<bool>,
+    ready: Option<tokio::sync::oneshot::Sender<Option<std::net::SocketAddr>>>,
+) -> Result<(), WatchError> {
+    let config = Arc::new(config);
+    for dir in [&config.data_dir, &config.data_dir.join("vms")] {
+        std::fs::create_dir_all(dir).map_err(|source| WatchError::DataDir { path: dir.clone(), source })?;
+    }
+    std::fs::read_dir(&config.state_dir)
+        .map_err(|source| WatchError::StateDir { path: config.state_dir.clone(), source })?;
+    let (forwarder, forward_task) = Forwarder::open(forward_config(&config))?;
+    let (stop_all_tx, stop_all) = watch::channel(false);
+    let forward_join = tokio::spawn(forward_task.run(stop_all.clone()));
+
+    let liveness = Arc::new(Liveness::default());
+    let registry = Arc::new(Registry::new(
+        config.node.clone(),
+        config.state_dir.display().to_string(),
+        forwarder.clone(),
+        liveness.clone(),
+    ));
+    let metrics_addr = match config.metrics {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await.map_err(WatchError::Metrics)?;
+            let local = listener.local_addr().ok();
+            tokio::spawn(metrics::serve(listener, registry.clone(), stop_all.clone()));
+            local
+        }
+        None => None,
+    };
+    let shared = Arc::new(Shared { config: config.clone(), forward: forwarder.clone(), registry, liveness });
+    service_event(&shared, "service-started", json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "state_dir": config.state_dir,
+        "metrics": metrics_addr,
+    }));
+    let notifier = liveness::Notifier::from_env();
+    notifier.notify(&format!("READY=1\nSTATUS=watching {}", config.state_dir.display()));
+    println!(
+        "{} acpimon watch: watching {}{}",
+        now_rfc3339(),
+        config.state_dir.display(),
+        metrics_addr.map(|a| format!(", metrics and status on http://{a}")).unwrap_or_default()
+    );
+    if let Some(r) = ready {
+        let _ = r.send(metrics_addr);
+    }
+
+    shared.liveness.register("discovery", config.discover_interval * 3 + Duration::from_secs(5));
+    let mut vms: BTreeMap<String, Running> = BTreeMap::new();
+    let mut invalid: BTreeMap<String, String> = BTreeMap::new();
+    let mut discover = tokio::time::interval(config.discover_interval);
+    let mut pulse = tokio::time::interval(notifier.watchdog_every.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = discover.tick() => {
+                discover_once(&shared, &mut vms, &mut invalid);
+                shared.liveness.beat("discovery");
+            }
+            _ = pulse.tick() => {
+                let stalled = shared.liveness.stalled();
+                if stalled.is_empty() {
+                    notifier.notify(&format!("WATCHDOG=1\nSTATUS=watching {} VMs", vms.len()));
+                    if let Some(p) = &config.touch_file {
+                        if let Err(e) = liveness::touch(p) {
+                            eprintln!("acpimon: cannot touch {}: {e}", p.display());
+                        }
+                    }
+                } else {
+                    notifier.notify(&format!("STATUS=stalled: {}", stalled.join(", ")));
+                }
+            }
+            _ = until_true(&mut shutdown) => break,
+        }
+    }
+
+    notifier.notify("STOPPING=1");
+    for r in vms.values() {
+        let _ = r.stop.send(Stop::Shutdown);
+    }
+    let deadline = Instant::now() + STOP_DEADLINE;
+    for (name, r) in vms {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, r.task).await.is_err() {
+            eprintln!("acpimon: stopping: the monitor of {name} did not stop within {STOP_DEADLINE:?}; leaving it");
+        }
+    }
+    let _ = stop_all_tx.send(true);
+    if tokio::time::timeout(STOP_DEADLINE, forward_join).await.is_err() {
+        eprintln!("acpimon: stopping: the forwarder did not stop in time; its spool is kept for the next start");
+    }
+    println!("{} acpimon watch: stopped", now_rfc3339());
+    Ok(())
+}
+
+/// Resolves when `flag` turns true (or its sender is gone).
+pub async fn until_true(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|&s| s).await;
+}
+
+fn forward_config(c: &Config) -> ForwardConfig {
+    ForwardConfig {
+        log: c.event_log.clone(),
+        spool_dir: c.data_dir.join("spool"),
+        controller: c.controller.as_ref().map(|c| ControllerConfig {
+            url: c.url.clone(),
+            timeout: c.timeout,
+            spool_max_bytes: c.spool_max_bytes,
+            spool_max_events: c.spool_max_events,
+            backoff_min: c.backoff_min,
+            backoff_max: c.backoff_max,
+        }),
+        hook: c.hook.as_ref().map(|h| HookConfig { argv: h.argv.clone(), timeout: h.timeout, queue: 1024 }),
+    }
+}
+
+/// An event of the service itself (not of one VM).
+fn service_event(shared: &Shared, kind: &str, detail: serde_json::Value) {
+    let detail = match detail {
+        serde_json::Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    let ev = Event {
+        key: forward::new_key(),
+        time: now_rfc3339(),
+        node: shared.config.node.clone(),
+        vm: None,
+        kind: kind.into(),
+        detail,
+    };
+    if let Err(e) = shared.forward.submit(&ev) {
+        eprintln!("acpimon: event {kind} not forwarded: {e}");
+    }
+}
+
+/// The VM directories under `state_dir`: NAME → DIR for every NAME/vm.json.
+pub fn scan(state_dir: &Path) -> BTreeMap<String, PathBuf> {
+    let mut found = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(state_dir) else { return found };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let dir = e.path();
+        if crate::launch::prepare::valid_name(&name) && dir.join(DESCRIPTOR).is_file() {
+            found.insert(name, dir);
+        }
+    }
+    found
+}
+
+/// Starts monitors for new VMs, stops those whose directory went away, restarts any that
+/// ended on their own.
+fn discover_once(shared: &Arc<Shared>, vms: &mut BTreeMap<String, Running>, invalid: &mut BTreeMap<String, String>) {
+    let found = scan(&shared.config.state_dir);
+    vms.retain(|name, r| {
+        if found.get(name) == Some(&r.dir) {
+            return true;
+        }
+        let _ = r.stop.send(Stop::Removed);
+        println!("{} {name}: its directory is gone; no longer watched", now_rfc3339());
+        false
+    });
+    invalid.retain(|name, _| found.contains_key(name));
+    for (name, dir) in found {
+        if let Some(r) = vms.get(&name) {
+            if !r.task.is_finished() {
+                continue;
+            }
+            eprintln!("acpimon: the monitor of {name} stopped unexpectedly; restarting it");
+        }
+        let settings = shared.config.settings_for(&name).clone();
+        if !settings.enabled {
+            continue;
+        }
+        if let Err(e) = crate::launch::Descriptor::load(&dir) {
+            let why = e.to_string();
+            if invalid.get(&name) != Some(&why) {
+                eprintln!("{} {name}: not watched: {why}", now_rfc3339());
+                service_event(shared, "vm-invalid", json!({ "vm_dir": dir, "error": why }));
+                invalid.insert(name.clone(), why);
+            }
+            continue;
+        }
+        invalid.remove(&name);
+        let (stop, stop_rx) = watch::channel(Stop::Run);
+        let monitor = Monitor::new(name.clone(), dir.clone(), settings, shared.clone());
+        let task = tokio::spawn(monitor.run(stop_rx));
+        println!("{} {name}: watching {}", now_rfc3339(), dir.display());
+        vms.insert(name, Running { stop, task, dir });
+    }
+}

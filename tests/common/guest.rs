@@ -44,6 +44,9 @@ pub struct GuestSpec {
     pub extra: Vec<String>,
     /// Wait for the console's ready marker (a test of a broken channel may not).
     pub wait_ready: bool,
+    /// Leave QMP and the console to an `acpimon watch` under test: the guest's handle uses a
+    /// second monitor and has no console (so `wait_ready` is ignored).
+    pub watched: bool,
 }
 
 impl GuestSpec {
@@ -57,6 +60,7 @@ impl GuestSpec {
             readconfig: false,
             extra: Vec::new(),
             wait_ready: true,
+            watched: false,
         }
     }
 }
@@ -125,8 +129,9 @@ impl Guest {
             "-append".into(),
             cmdline,
         ]);
-        let wait_ready = spec.wait_ready;
-        let spec = VmSpec { program: qemu(), args, prepared, readconfig: spec.readconfig };
+        let wait_ready = spec.wait_ready && !spec.watched;
+        let spec =
+            VmSpec { program: qemu(), args, prepared, readconfig: spec.readconfig, leave_to_watch: spec.watched };
         let vm = Vm::launch(spec).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
         let guest = Guest { vm, _dir: dir };
         if wait_ready {

@@ -5,6 +5,7 @@
 
 pub mod acpica;
 pub mod guest;
+pub mod service;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,700 @@
+//! The service's configuration file (TOML), validated in one stage with no I/O: every problem
+//! is reported at once, each with the file, line and fix. The README ("Configuration") shows
+//! every key; this module is the reference.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use regex::Regex;
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use super::state::PausePolicy;
+use crate::diagnose;
+use crate::units::{Dur, Size};
+
+/// Where the metrics and status endpoint listens unless configured.
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where `acpimon prepare` writes VM directories; watched for VMs coming and going.
+    pub state_dir: PathBuf,
+    /// The service's own files: spool, bundles, per-VM state, event log.
+    pub data_dir: PathBuf,
+    pub node: String,
+    pub discover_interval: Duration,
+    pub console_keep: usize,
+    pub event_log: Option<PathBuf>,
+    pub touch_file: Option<PathBuf>,
+    /// `None`: no metrics or status endpoint.
+    pub metrics: Option<SocketAddr>,
+    pub controller: Option<ControllerSettings>,
+    pub hook: Option<HookSettings>,
+    pub bundles_keep: usize,
+    pub defaults: VmSettings,
+    /// Per-VM settings, already merged over the defaults.
+    pub vms: BTreeMap<String, VmSettings>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ControllerSettings {
+    pub url: String,
+    pub timeout: Duration,
+    pub spool_max_bytes: u64,
+    pub spool_max_events: usize,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct HookSettings {
+    pub argv: Vec<String>,
+    pub timeout: Duration,
+}
+
+/// How one VM is watched.
+#[derive(Clone, Debug)]
+pub struct VmSettings {
+    pub enabled: bool,
+    /// Misses do not count as failures for this long after the VM is attached or reboots.
+    pub startup_grace: Duration,
+    pub pause: PausePolicy,
+    pub scenarios: Vec<Scenario>,
+    pub diagnostics: Vec<diagnose::Step>,
+    pub recovery: Recovery,
+}
+
+/// One monitoring scenario.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scenario {
+    /// Unique within the VM; defaults to the kind.
+    pub name: String,
+    pub probe: Probe,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive misses that make the VM unresponsive.
+    pub threshold: u32,
+}
+
+#[derive(Clone, Debug)]
+pub enum Probe {
+    /// The QMP-triggered ACPI record.
+    AcpiHeartbeat,
+    /// The guest's own thermal-zone polls: records expected at the table's period.
+    Thermal,
+    /// A command on the serial console whose output must match a pattern.
+    Console { command: String, expect: Regex },
+    /// A TCP connect.
+    Tcp { address: String },
+}
+
+impl PartialEq for Probe {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Probe::AcpiHeartbeat, Probe::AcpiHeartbeat) | (Probe::Thermal, Probe::Thermal) => true,
+            (Probe::Console { command: a, expect: x }, Probe::Console { command: b, expect: y }) => {
+                a == b && x.as_str() == y.as_str()
+            }
+            (Probe::Tcp { address: a }, Probe::Tcp { address: b }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Probe {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Probe::AcpiHeartbeat => "acpi-heartbeat",
+            Probe::Thermal => "thermal",
+            Probe::Console { .. } => "console",
+            Probe::Tcp { .. } => "tcp",
+        }
+    }
+}
+
+/// What to do after diagnostics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recovery {
+    pub action: RecoveryAction,
+    /// At most this many actions per VM in any hour (0: never act).
+    pub max_per_hour: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RecoveryAction {
+    None,
+    /// QMP `system_reset`.
+    Reset,
+    /// QMP `quit`: QEMU exits; whatever launched it decides what comes next.
+    Poweroff,
+    /// A command (argv), with `ACPIMON_VM` and `ACPIMON_BUNDLE` set.
+    Command { argv: Vec<String>, timeout: Duration },
+}
+
+impl RecoveryAction {
+    pub fn name(&self) -> &'static str {
+        match self {
+            RecoveryAction::None => "none",
+            RecoveryAction::Reset => "reset",
+            RecoveryAction::Poweroff => "poweroff",
+            RecoveryAction::Command { .. } => "command",
+        }
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based; 0 when the problem has no place in the file.
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "{} has {n} problem{}; fix {} and start again:", self.file.display(), plural(n), them(n))?;
+        for p in &self.problems {
+            match p.line {
+                0 => write!(f, "\n  {}: {}", self.file.display(), p.message)?,
+                l => write!(f, "\n  {}:{l}: {}", self.file.display(), p.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn them(n: usize) -> &'static str {
+    if n == 1 {
+        "it"
+    } else {
+        "them"
+    }
+}
+
+// ---- the file as written ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    node: Option<String>,
+    discover_interval: Option<Spanned<Dur>>,
+    console_keep: Option<Spanned<Size>>,
+    event_log: Option<PathBuf>,
+    touch_file: Option<PathBuf>,
+    metrics: Option<RawMetrics>,
+    controller: Option<Spanned<RawController>>,
+    hook: Option<Spanned<RawHook>>,
+    bundles: Option<RawBundles>,
+    defaults: Option<RawVm>,
+    #[serde(default)]
+    vm: BTreeMap<String, Spanned<RawVm>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    /// "" disables the endpoint.
+    listen: Spanned<String>,
+    #[serde(default)]
+    allow_remote: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawController {
+    url: Spanned<String>,
+    timeout: Option<Dur>,
+    spool_max: Option<Size>,
+    spool_max_events: Option<usize>,
+    backoff_min: Option<Dur>,
+    backoff_max: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    argv: Vec<String>,
+    timeout: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBundles {
+    keep_per_vm: usize,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawVm {
+    enabled: Option<bool>,
+    startup_grace: Option<Dur>,
+    pause: Option<PausePolicy>,
+    scenario: Option<Vec<Spanned<RawScenario>>>,
+    diagnostic: Option<Vec<Spanned<toml::Table>>>,
+    recovery: Option<Spanned<RawRecovery>>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    kind: String,
+    name: Option<String>,
+    interval: Option<Dur>,
+    timeout: Option<Dur>,
+    threshold: Option<u32>,
+    command: Option<String>,
+    expect: Option<String>,
+    address: Option<String>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawRecovery {
+    action: String,
+    max_per_hour: Option<u32>,
+    argv: Option<Vec<String>>,
+    timeout: Option<Dur>,
+}
+
+/// Defaults of one scenario kind: (interval, timeout, threshold).
+pub fn kind_defaults(kind: &str) -> Option<(Duration, Duration, u32)> {
+    let s = Duration::from_secs;
+    Some(match kind {
+        "acpi-heartbeat" => (s(1), s(1), 3),
+        "thermal" => (s(2), s(2), 2),
+        "console" => (s(10), s(5), 2),
+        "tcp" => (s(5), s(2), 3),
+        _ => return None,
+    })
+}
+
+/// The scenarios a VM gets when nothing is configured.
+pub fn default_scenarios() -> Vec<Scenario> {
+    let (interval, timeout, threshold) = kind_defaults("acpi-heartbeat").expect("known kind");
+    vec![Scenario { name: "acpi-heartbeat".into(), probe: Probe::AcpiHeartbeat, interval, timeout, threshold }]
+}
+
+impl Default for VmSettings {
+    fn default() -> Self {
+        VmSettings {
+            enabled: true,
+            startup_grace: Duration::from_secs(120),
+            pause: PausePolicy::Counts,
+            scenarios: default_scenarios(),
+            diagnostics: diagnose::default_steps(),
+            recovery: Recovery { action: RecoveryAction::None, max_per_hour: 3 },
+        }
+    }
+}
+
+/// The state directory used when none is given: `$XDG_RUNTIME_DIR/acpimon`, else
+/// `$TMPDIR/acpimon-UID`.
+pub fn default_state_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("acpimon"),
+        // Our uid without libc: the owner of /proc/self.
+        _ => {
+            use std::os::unix::fs::MetadataExt;
+            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+            std::env::temp_dir().join(format!("acpimon-{uid}"))
+        }
+    }
+}
+
+/// This machine's host name, for events.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: path.into(),
+            problems: vec![Problem { line: 0, message: format!("cannot read it: {e}") }],
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// The built-in configuration: every VM in `state_dir` with the default scenarios.
+    pub fn builtin(state_dir: PathBuf) -> Config {
+        Config::parse("", Path::new("(built-in)"))
+            .map(|mut c| {
+                c.data_dir = state_dir.join(".watch");
+                c.event_log = Some(c.data_dir.join("events.jsonl"));
+                c.state_dir = state_dir;
+                c
+            })
+            .expect("the empty configuration is valid")
+    }
+
+    /// Validates `text`; `file` names it in messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
+        let mut v = Validator { text, problems: Vec::new() };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.span().map(|s| v.line(s.start)).unwrap_or(0);
+                let message = e.message().trim().replace('\n', " ");
+                return Err(ConfigErrors { file: file.into(), problems: vec![Problem { line, message }] });
+            }
+        };
+        let config = v.config(raw);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors { file: file.into(), problems: v.problems })
+        }
+    }
+
+    /// The settings of VM `name`.
+    pub fn settings_for(&self, name: &str) -> &VmSettings {
+        self.vms.get(name).unwrap_or(&self.defaults)
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    }
+
+    fn problem(&mut self, span: std::ops::Range<usize>, message: String) {
+        let line = self.line(span.start);
+        self.problems.push(Problem { line, message });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let state_dir = raw.state_dir.unwrap_or_else(default_state_dir);
+        let data_dir = raw.data_dir.unwrap_or_else(|| state_dir.join(".watch"));
+        let event_log = match raw.event_log {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(data_dir.join(p)),
+            None => Some(data_dir.join("events.jsonl")),
+        };
+        let discover_interval = match raw.discover_interval {
+            Some(d) if d.get_ref().0 < Duration::from_millis(100) => {
+                self.problem(d.span(), "discover_interval must be at least 100ms".into());
+                Duration::from_secs(2)
+            }
+            Some(d) => d.into_inner().0,
+            None => Duration::from_secs(2),
+        };
+        let console_keep = match raw.console_keep {
+            Some(s) if !(4096..=64 << 20).contains(&s.get_ref().0) => {
+                self.problem(s.span(), "console_keep must be between 4KiB and 64MiB".into());
+                0
+            }
+            Some(s) => s.into_inner().0 as usize,
+            None => crate::console::DEFAULT_KEEP,
+        };
+        let metrics = match raw.metrics {
+            None => Some(DEFAULT_METRICS.parse().expect("valid address")),
+            Some(m) if m.listen.get_ref().is_empty() => None,
+            Some(m) => match m.listen.get_ref().parse::<SocketAddr>() {
+                Ok(a) if !a.ip().is_loopback() && !m.allow_remote => {
+                    self.problem(
+                        m.listen.span(),
+                        format!(
+                            "metrics.listen {a} is not a loopback address; the endpoint has no \
+                             authentication, so set allow_remote = true to expose it anyway"
+                        ),
+                    );
+                    None
+                }
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.problem(
+                        m.listen.span(),
+                        format!(
+                            "metrics.listen '{}' is not IP:PORT; write e.g. \"{DEFAULT_METRICS}\", or \"\" to \
+                             turn the endpoint off",
+                            m.listen.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let controller = raw.controller.map(|c| self.controller(c));
+        let hook = raw.hook.and_then(|h| {
+            let span = h.span();
+            let h = h.into_inner();
+            if h.argv.is_empty() || h.argv[0].is_empty() {
+                self.problem(span, "hook.argv is empty; give the program and its arguments as a list".into());
+                return None;
+            }
+            Some(HookSettings { argv: h.argv, timeout: h.timeout.map_or(Duration::from_secs(10), |d| d.0) })
+        });
+        let bundles_keep = raw.bundles.map_or(10, |b| b.keep_per_vm.max(1));
+        let defaults = self.vm_settings(raw.defaults.unwrap_or_default(), &VmSettings::default(), "defaults");
+        let mut vms = BTreeMap::new();
+        for (name, vm) in raw.vm {
+            if !crate::launch::prepare::valid_name(&name) {
+                self.problem(
+                    vm.span(),
+                    format!("[vm.{name}]: not a VM name acpimon prepare accepts (1-64 of letters, digits, . _ -)"),
+                );
+                continue;
+            }
+            let settings = self.vm_settings(vm.into_inner(), &defaults, &format!("vm.{name}"));
+            vms.insert(name, settings);
+        }
+        Config {
+            state_dir,
+            data_dir,
+            node: raw.node.unwrap_or_else(host_name),
+            discover_interval,
+            console_keep,
+            event_log,
+            touch_file: raw.touch_file,
+            metrics,
+            controller,
+            hook,
+            bundles_keep,
+            defaults,
+            vms,
+        }
+    }
+
+    fn controller(&mut self, c: Spanned<RawController>) -> ControllerSettings {
+        let c = c.into_inner();
+        let url = c.url.get_ref().trim_end_matches('/').to_string();
+        if !url.starts_with("http://") {
+            self.problem(
+                c.url.span(),
+                format!(
+                    "controller.url '{url}' is not http://HOST[:PORT][/PATH]; https is not built in, so put a \
+                     local TLS proxy in front of the controller"
+                ),
+            );
+        }
+        let backoff_min = c.backoff_min.map_or(Duration::from_secs(1), |d| d.0).max(Duration::from_millis(10));
+        ControllerSettings {
+            url,
+            timeout: c.timeout.map_or(Duration::from_secs(5), |d| d.0),
+            spool_max_bytes: c.spool_max.map_or(64 << 20, |s| s.0),
+            spool_max_events: c.spool_max_events.unwrap_or(100_000),
+            backoff_min,
+            backoff_max: c.backoff_max.map_or(Duration::from_secs(60), |d| d.0).max(backoff_min),
+        }
+    }
+
+    fn vm_settings(&mut self, raw: RawVm, base: &VmSettings, section: &str) -> VmSettings {
+        let scenarios = match raw.scenario {
+            Some(list) => {
+                let mut out: Vec<Scenario> = Vec::new();
+                for s in list {
+                    let span = s.span();
+                    if let Some(sc) = self.scenario(s.into_inner(), span.clone(), section) {
+                        if out.iter().any(|o| o.name == sc.name) {
+                            self.problem(
+                                span,
+                                format!(
+                                    "{section}: two scenarios are named '{}'; give one a distinct `name`",
+                                    sc.name
+                                ),
+                            );
+                        } else {
+                            out.push(sc);
+                        }
+                    }
+                }
+                out
+            }
+            None => base.scenarios.clone(),
+        };
+        let diagnostics = match raw.diagnostic {
+            Some(list) => list
+                .into_iter()
+                .filter_map(|t| {
+                    let span = t.span();
+                    match toml::Value::Table(t.into_inner()).try_into::<diagnose::Step>() {
+                        Ok(step) => Some(step),
+                        Err(e) => {
+                            let msg = e.message().trim().replace('\n', " ");
+                            self.problem(span, format!("{section}.diagnostic: {msg}"));
+                            None
+                        }
+                    }
+                })
+                .collect(),
+            None => base.diagnostics.clone(),
+        };
+        let recovery = match raw.recovery {
+            Some(r) => {
+                let span = r.span();
+                self.recovery(r.into_inner(), span, section, base)
+            }
+            None => base.recovery.clone(),
+        };
+        VmSettings {
+            enabled: raw.enabled.unwrap_or(base.enabled),
+            startup_grace: raw.startup_grace.map_or(base.startup_grace, |d| d.0),
+            pause: raw.pause.unwrap_or(base.pause),
+            scenarios,
+            diagnostics,
+            recovery,
+        }
+    }
+
+    fn scenario(&mut self, s: RawScenario, span: std::ops::Range<usize>, section: &str) -> Option<Scenario> {
+        let Some((interval, timeout, threshold)) = kind_defaults(&s.kind) else {
+            self.problem(
+                span,
+                format!(
+                    "{section}.scenario: kind '{}' is unknown; use acpi-heartbeat, thermal, console or tcp",
+                    s.kind
+                ),
+            );
+            return None;
+        };
+        let name = s.name.clone().unwrap_or_else(|| s.kind.clone());
+        let interval = s.interval.map_or(interval, |d| d.0);
+        let timeout = s.timeout.map_or(timeout, |d| d.0);
+        let threshold = s.threshold.unwrap_or(threshold);
+        let at = format!("{section}.scenario '{name}'");
+        let mut ok = true;
+        if interval < Duration::from_millis(100) {
+            self.problem(span.clone(), format!("{at}: interval must be at least 100ms"));
+            ok = false;
+        }
+        if timeout.is_zero() {
+            self.problem(span.clone(), format!("{at}: timeout must be more than 0"));
+            ok = false;
+        }
+        if !(1..=1000).contains(&threshold) {
+            self.problem(span.clone(), format!("{at}: threshold must be 1 to 1000 consecutive misses"));
+            ok = false;
+        }
+        let extra = |field: &str, present: bool, probe: &mut Vec<String>| {
+            if present {
+                probe.push(field.to_string());
+            }
+        };
+        let mut unused = Vec::new();
+        let probe = match s.kind.as_str() {
+            "acpi-heartbeat" | "thermal" => {
+                extra("command", s.command.is_some(), &mut unused);
+                extra("expect", s.expect.is_some(), &mut unused);
+                extra("address", s.address.is_some(), &mut unused);
+                if s.kind == "thermal" {
+                    Probe::Thermal
+                } else {
+                    Probe::AcpiHeartbeat
+                }
+            }
+            "console" => {
+                extra("address", s.address.is_some(), &mut unused);
+                let command = s.command.clone().unwrap_or_else(|| "uptime".into());
+                if command.contains(['\n', '\r']) || command.len() > 256 {
+                    self.problem(span.clone(), format!("{at}: command must be one line of at most 256 bytes"));
+                    ok = false;
+                }
+                let pattern = s.expect.clone().unwrap_or_else(|| "load average".into());
+                match Regex::new(&pattern) {
+                    Ok(expect) => Probe::Console { command, expect },
+                    Err(e) => {
+                        let e = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+                        self.problem(span.clone(), format!("{at}: expect is not a regular expression: {e}"));
+                        return None;
+                    }
+                }
+            }
+            _ => {
+                extra("command", s.command.is_some(), &mut unused);
+                extra("expect", s.expect.is_some(), &mut unused);
+                match s.address.clone() {
+                    Some(a) if valid_host_port(&a) => Probe::Tcp { address: a },
+                    Some(a) => {
+                        self.problem(span.clone(), format!("{at}: address '{a}' is not HOST:PORT"));
+                        return None;
+                    }
+                    None => {
+                        self.problem(span.clone(), format!("{at}: needs `address = \"HOST:PORT\"`"));
+                        return None;
+                    }
+                }
+            }
+        };
+        if !unused.is_empty() {
+            self.problem(span, format!("{at}: {} do(es) not apply to kind {}; remove it", unused.join(", "), s.kind));
+            ok = false;
+        }
+        ok.then_some(Scenario { name, probe, interval, timeout, threshold })
+    }
+
+    fn recovery(
+        &mut self,
+        r: RawRecovery,
+        span: std::ops::Range<usize>,
+        section: &str,
+        base: &VmSettings,
+    ) -> Recovery {
+        let max_per_hour = r.max_per_hour.unwrap_or(base.recovery.max_per_hour);
+        let action = match (r.action.as_str(), r.argv) {
+            ("none", None) => RecoveryAction::None,
+            ("reset", None) => RecoveryAction::Reset,
+            ("poweroff", None) => RecoveryAction::Poweroff,
+            ("command", Some(argv)) if !argv.is_empty() && !argv[0].is_empty() => {
+                RecoveryAction::Command { argv, timeout: r.timeout.map_or(Duration::from_secs(60), |d| d.0) }
+            }
+            ("command", _) => {
+                self.problem(span, format!("{section}.recovery: action \"command\" needs argv = [\"program\", ...]"));
+                RecoveryAction::None
+            }
+            ("none" | "reset" | "poweroff", Some(_)) => {
+                self.problem(span, format!("{section}.recovery: argv only applies to action \"command\""));
+                RecoveryAction::None
+            }
+            (other, _) => {
+                self.problem(
+                    span,
+                    format!("{section}.recovery: action '{other}' is unknown; use none, reset, poweroff or command"),
+                );
+                RecoveryAction::None
+            }
+        };
+        Recovery { action, max_per_hour }
+    }
+}
+
+fn valid_host_port(a: &str) -> bool {
+    match a.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

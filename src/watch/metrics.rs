@@ -1,0 +1,360 @@
+//! What the service knows of every VM, shown two ways: Prometheus text at `/metrics` and JSON
+//! at `/status` (what `acpimon status` prints), both on one loopback HTTP listener.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use super::state::State;
+use crate::forward::{ForwardStats, Forwarder};
+
+/// Upper bounds (seconds) of the heartbeat latency histogram.
+pub const LATENCY_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// One scenario of one VM, as shown.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ScenarioView {
+    pub name: String,
+    pub kind: String,
+    pub consecutive_misses: u32,
+    pub threshold: u32,
+    pub misses_total: u64,
+    pub answers_total: u64,
+    pub last_latency_ms: Option<f64>,
+    pub last_detail: Option<String>,
+    pub unavailable: Option<String>,
+}
+
+/// One VM, as shown.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmView {
+    pub name: String,
+    pub state: State,
+    /// When it entered the state (RFC 3339).
+    pub since: String,
+    pub reason: String,
+    pub scenarios: Vec<ScenarioView>,
+    /// Seconds since the last fresh record was read from the region.
+    pub last_record_age_s: Option<f64>,
+    pub boot_count: Option<u32>,
+    pub reboots: u64,
+    pub diagnostics_ok: u64,
+    pub diagnostics_failed: u64,
+    pub last_bundle: Option<String>,
+    pub recoveries: u64,
+    pub recoveries_refused: u64,
+    pub events: u64,
+    pub events_not_spooled: u64,
+    /// Channels that are not available and why.
+    pub degraded: Vec<String>,
+    #[serde(skip)]
+    pub latency_buckets: [u64; LATENCY_BUCKETS.len()],
+    #[serde(skip)]
+    pub latency_count: u64,
+    #[serde(skip)]
+    pub latency_sum: f64,
+    #[serde(skip)]
+    pub last_record_at: Option<Instant>,
+}
+
+impl VmView {
+    pub fn new(name: &str) -> VmView {
+        VmView {
+            name: name.into(),
+            state: State::Starting,
+            since: crate::units::now_rfc3339(),
+            reason: "watching".into(),
+            scenarios: Vec::new(),
+            last_record_age_s: None,
+            boot_count: None,
+            reboots: 0,
+            diagnostics_ok: 0,
+            diagnostics_failed: 0,
+            last_bundle: None,
+            recoveries: 0,
+            recoveries_refused: 0,
+            events: 0,
+            events_not_spooled: 0,
+            degraded: Vec::new(),
+            latency_buckets: [0; LATENCY_BUCKETS.len()],
+            latency_count: 0,
+            latency_sum: 0.0,
+            last_record_at: None,
+        }
+    }
+
+    pub fn observe_latency(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            if s <= *le {
+                self.latency_buckets[i] += 1;
+            }
+        }
+        self.latency_count += 1;
+        self.latency_sum += s;
+    }
+}
+
+/// The whole service, as `/status` returns it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusView {
+    pub node: String,
+    pub started: String,
+    pub state_dir: String,
+    pub vms: Vec<VmView>,
+    pub forward: ForwardStats,
+    /// Internal loops that are late, if any.
+    pub stalled: Vec<String>,
+}
+
+/// Shared by every monitor (writers) and the HTTP endpoint (reader).
+pub struct Registry {
+    vms: Mutex<BTreeMap<String, Arc<Mutex<VmView>>>>,
+    pub node: String,
+    pub state_dir: String,
+    started: SystemTime,
+    forward: Forwarder,
+    liveness: Arc<super::liveness::Liveness>,
+}
+
+impl Registry {
+    pub fn new(
+        node: String,
+        state_dir: String,
+        forward: Forwarder,
+        liveness: Arc<super::liveness::Liveness>,
+    ) -> Registry {
+        Registry { vms: Mutex::default(), node, state_dir, started: SystemTime::now(), forward, liveness }
+    }
+
+    /// The view of VM `name`, created on first use.
+    pub fn vm(&self, name: &str) -> Arc<Mutex<VmView>> {
+        self.vms.lock().unwrap().entry(name.into()).or_insert_with(|| Arc::new(Mutex::new(VmView::new(name)))).clone()
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.vms.lock().unwrap().remove(name);
+    }
+
+    pub fn status(&self) -> StatusView {
+        let now = Instant::now();
+        let vms = self
+            .vms
+            .lock()
+            .unwrap()
+            .values()
+            .map(|v| {
+                let mut v = v.lock().unwrap().clone();
+                v.last_record_age_s = v.last_record_at.map(|t| now.duration_since(t).as_secs_f64());
+                v
+            })
+            .collect();
+        StatusView {
+            node: self.node.clone(),
+            started: crate::units::rfc3339(self.started),
+            state_dir: self.state_dir.clone(),
+            vms,
+            forward: self.forward.stats(),
+            stalled: self.liveness.stalled(),
+        }
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn prometheus(&self) -> String {
+        render(&self.status(), &self.full_views())
+    }
+
+    fn full_views(&self) -> Vec<VmView> {
+        self.vms.lock().unwrap().values().map(|v| v.lock().unwrap().clone()).collect()
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn render(status: &StatusView, full: &[VmView]) -> String {
+    let mut o = String::with_capacity(1024 + 2048 * full.len());
+    header(&mut o, "acpimon_vms", "gauge", "VMs being watched.");
+    let _ = writeln!(o, "acpimon_vms {}", full.len());
+    header(&mut o, "acpimon_vm_state", "gauge", "1 for the state each VM is in, 0 for the others.");
+    for v in full {
+        for s in State::ALL {
+            let _ = writeln!(o, "acpimon_vm_state{{vm=\"{}\",state=\"{s}\"}} {}", esc(&v.name), u8::from(v.state == s));
+        }
+    }
+    header(&mut o, "acpimon_heartbeat_latency_seconds", "histogram", "ACPI heartbeat trigger-to-record time.");
+    for v in full {
+        let vm = esc(&v.name);
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            let _ = writeln!(o, "acpimon_heartbeat_latency_seconds_bucket{{vm=\"{vm}\",le=\"{le}\"}} {}", v.latency_buckets[i]);
+        }
+        let _ = writeln!(o, "acpimon_heartbeat_latency_seconds_bucket{{vm=\"{vm}\",le=\"+Inf\"}} {}", v.latency_count);
+        let _ = writeln!(o, "acpimon_heartbeat_latency_seconds_sum{{vm=\"{vm}\"}} {}", v.latency_sum);
+        let _ = writeln!(o, "acpimon_heartbeat_latency_seconds_count{{vm=\"{vm}\"}} {}", v.latency_count);
+    }
+    header(&mut o, "acpimon_scenario_misses_total", "counter", "Probes that missed.");
+    scenario_lines(&mut o, full, "acpimon_scenario_misses_total", |s| s.misses_total as f64);
+    header(&mut o, "acpimon_scenario_answers_total", "counter", "Probes that answered.");
+    scenario_lines(&mut o, full, "acpimon_scenario_answers_total", |s| s.answers_total as f64);
+    header(&mut o, "acpimon_scenario_consecutive_misses", "gauge", "Misses in a row (the threshold counts these).");
+    scenario_lines(&mut o, full, "acpimon_scenario_consecutive_misses", |s| f64::from(s.consecutive_misses));
+    header(&mut o, "acpimon_scenario_available", "gauge", "1 if the scenario can run for the VM.");
+    scenario_lines(&mut o, full, "acpimon_scenario_available", |s| if s.unavailable.is_none() { 1.0 } else { 0.0 });
+    header(&mut o, "acpimon_last_record_age_seconds", "gauge", "Time since the region last had a new record.");
+    for v in &status.vms {
+        if let Some(a) = v.last_record_age_s {
+            let _ = writeln!(o, "acpimon_last_record_age_seconds{{vm=\"{}\"}} {a:.3}", esc(&v.name));
+        }
+    }
+    let counters: [(&str, &str, fn(&VmView) -> u64); 5] = [
+        ("acpimon_reboots_total", "Guest reboots seen.", |v| v.reboots),
+        ("acpimon_diagnostics_total", "Diagnostic bundles written.", |v| v.diagnostics_ok),
+        ("acpimon_diagnostics_failed_total", "Diagnostic runs that could not write a bundle.", |v| v.diagnostics_failed),
+        ("acpimon_recoveries_total", "Recovery actions taken.", |v| v.recoveries),
+        ("acpimon_recoveries_refused_total", "Recovery actions refused by the rate limit.", |v| v.recoveries_refused),
+    ];
+    for (name, help, get) in counters {
+        header(&mut o, name, "counter", help);
+        for v in full {
+            let _ = writeln!(o, "{name}{{vm=\"{}\"}} {}", esc(&v.name), get(v));
+        }
+    }
+    let f = &status.forward;
+    let forward: [(&str, &str, &str, u64); 7] = [
+        ("acpimon_forward_delivered_total", "counter", "Events the controller acknowledged.", f.delivered),
+        ("acpimon_forward_duplicates_total", "counter", "Deliveries the controller already had.", f.duplicates_acknowledged),
+        ("acpimon_forward_failed_attempts_total", "counter", "Delivery attempts that failed.", f.attempts_failed),
+        ("acpimon_forward_pending_events", "gauge", "Events in the spool.", f.pending_events as u64),
+        ("acpimon_forward_pending_bytes", "gauge", "Bytes in the spool.", f.pending_bytes),
+        ("acpimon_forward_rejected_full_total", "counter", "Events refused because the spool was full.", f.rejected_full),
+        ("acpimon_forward_hook_failures_total", "counter", "Analyzer hook runs that failed.", f.hook_failures),
+    ];
+    for (name, kind, help, value) in forward {
+        header(&mut o, name, kind, help);
+        let _ = writeln!(o, "{name} {value}");
+    }
+    header(&mut o, "acpimon_stalled_loops", "gauge", "Internal loops that are late.");
+    let _ = writeln!(o, "acpimon_stalled_loops {}", status.stalled.len());
+    o
+}
+
+fn scenario_lines(o: &mut String, full: &[VmView], name: &str, get: impl Fn(&ScenarioView) -> f64) {
+    for v in full {
+        for s in &v.scenarios {
+            let _ = writeln!(
+                o,
+                "{name}{{vm=\"{}\",scenario=\"{}\",kind=\"{}\"}} {}",
+                esc(&v.name),
+                esc(&s.name),
+                s.kind,
+                get(s)
+            );
+        }
+    }
+}
+
+/// Serves `/metrics`, `/status` and `/healthz` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => { tokio::time::sleep(Duration::from_millis(100)).await; continue; }
+            },
+            _ = super::until_true(&mut shutdown) => return,
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| respond(req, registry.clone()));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            // A client that stalls is dropped after a while, never holding the service.
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
+    }
+}
+
+async fn respond(req: Request<Incoming>, registry: Arc<Registry>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |code: StatusCode, ctype: &str, body: String| {
+        Ok(Response::builder()
+            .status(code)
+            .header("content-type", ctype)
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts"))
+    };
+    if req.method() != hyper::Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let registry = registry.clone();
+            let text = tokio::task::spawn_blocking(move || registry.prometheus()).await.unwrap_or_default();
+            reply(StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
+        "/status" => {
+            let body = serde_json::to_string_pretty(&registry.status()).expect("status serialises");
+            reply(StatusCode::OK, "application/json", body)
+        }
+        "/healthz" => match registry.liveness.stalled() {
+            s if s.is_empty() => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            s => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("stalled: {}\n", s.join(", "))),
+        },
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "try /metrics, /status or /healthz\n".into()),
+    }
+}
+
+/// Binds the endpoint, with an error that says what to change.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        format!("cannot listen on {addr} for metrics and status: {e}; set [metrics] listen to a free address, or \"\" to turn it off")
+    })
+}
+
+/// `GET /status` from a running service at `addr` (what `acpimon status` shows).
+pub async fn fetch_status(addr: SocketAddr, timeout: Duration) -> Result<StatusView, String> {
+    let not_running = |e: &dyn std::fmt::Display| {
+        format!(
+            "no acpimon watch answers on {addr} ({e}); start it, or pass the address it listens on with --addr \
+             or its --config"
+        )
+    };
+    let fetch = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| not_running(&e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| not_running(&e))?;
+        tokio::spawn(conn);
+        let req = Request::get("/status")
+            .header("host", addr.to_string())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("static request parts");
+        let resp = sender.send_request(req).await.map_err(|e| not_running(&e))?;
+        if resp.status() != StatusCode::OK {
+            return Err(format!("{addr} answered {} to GET /status; is it acpimon watch?", resp.status()));
+        }
+        let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(resp.into_body(), 64 << 20))
+            .await
+            .map_err(|e| format!("reading the status from {addr}: {e}"))?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| format!("{addr} sent a status acpimon cannot read: {e}"))
+    };
+    tokio::time::timeout(timeout, fetch).await.map_err(|_| not_running(&"no answer in time"))?
+}

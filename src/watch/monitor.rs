@@ -1,0 +1,651 @@
+//! One VM's monitor: attaches to its QEMU (QMP, console, region), runs its scenarios, feeds
+//! the [`Machine`], emits every transition as an event, runs diagnostics and recovery on
+//! failures, and re-attaches when QEMU comes back. Each VM has its own task; nothing here
+//! waits on another VM or on the controller.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::config::{Config, RecoveryAction, VmSettings};
+use super::metrics::{Registry, ScenarioView, VmView};
+use super::persist::{self, Memory};
+use super::probe::{self, Channels, Report};
+use super::state::{Machine, State, Track, Transition};
+use super::Liveness;
+use crate::console::Console;
+use crate::diagnose;
+use crate::forward::{Event, Forwarder};
+use crate::judge::{Reboot, Tracker};
+use crate::launch::channel::{self, Channel};
+use crate::launch::Descriptor;
+use crate::read::{Access, Region};
+use crate::trigger::qmp::{Qmp, QmpEvent};
+use crate::units::now_rfc3339;
+
+/// How long attaching to a socket may take before the VM counts as not running.
+const ATTACH_WAIT: Duration = Duration::from_secs(3);
+/// Recent events kept for a bundle's timeline.
+const TIMELINE: usize = 64;
+
+/// Why a monitor is asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    Run,
+    /// The service is stopping: remember everything, say nothing.
+    Shutdown,
+    /// The VM's directory is gone: say so, forget the VM.
+    Removed,
+}
+
+/// What every monitor shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub forward: Forwarder,
+    pub registry: Arc<Registry>,
+    pub liveness: Arc<Liveness>,
+}
+
+/// A VM's channels while attached.
+struct Attached {
+    qmp: Arc<Qmp>,
+    console: Option<Arc<Console>>,
+    channels: Channels,
+    console_why: String,
+    status: String,
+}
+
+/// The outcome of a diagnostics task.
+struct DiagDone {
+    trigger: Value,
+    bundle: PathBuf,
+    manifest: Result<Value, String>,
+    recovery: Option<RecoveryOutcome>,
+}
+
+struct RecoveryOutcome {
+    action: &'static str,
+    acted: bool,
+    outcome: &'static str,
+    detail: String,
+}
+
+pub struct Monitor {
+    name: String,
+    dir: PathBuf,
+    settings: VmSettings,
+    shared: Arc<Shared>,
+    memory: Memory,
+    memory_path: PathBuf,
+    machine: Machine,
+    view: Arc<Mutex<VmView>>,
+    timeline: VecDeque<Value>,
+    tracker: Tracker,
+    reset_seen: bool,
+    state_tx: watch::Sender<State>,
+    loop_name: String,
+}
+
+impl Monitor {
+    pub fn new(name: String, dir: PathBuf, settings: VmSettings, shared: Arc<Shared>) -> Monitor {
+        let memory_path = persist::path(&shared.config.data_dir, &name);
+        let (memory, problem) = persist::load(&memory_path);
+        let tracks =
+            settings.scenarios.iter().map(|s| Track::new(&s.name, s.probe.kind(), s.threshold)).collect();
+        let restored = (memory.next_seq > 0).then_some((memory.state, memory.incident));
+        let machine = Machine::new(tracks, restored, settings.pause, settings.startup_grace, Instant::now());
+        let view = shared.registry.vm(&name);
+        let loop_name = format!("vm {name}");
+        let (state_tx, _) = watch::channel(machine.state);
+        let m = Monitor {
+            name,
+            dir,
+            settings,
+            shared,
+            memory,
+            memory_path,
+            machine,
+            view,
+            timeline: VecDeque::new(),
+            tracker: Tracker::new(),
+            reset_seen: false,
+            state_tx,
+            loop_name,
+        };
+        if let Some(p) = problem {
+            m.log(&p);
+        }
+        m.refresh_view("watching");
+        m
+    }
+
+    /// Runs until `stop` says otherwise.
+    pub async fn run(mut self, mut stop: watch::Receiver<Stop>) {
+        self.shared.liveness.register(&self.loop_name, Duration::from_secs(10));
+        if self.memory.next_seq == 0 {
+            self.emit("vm-added", json!({ "dir": self.dir, "scenarios": self.scenario_names() }));
+        }
+        let retry = self.shared.config.discover_interval;
+        loop {
+            if *stop.borrow() != Stop::Run {
+                break;
+            }
+            match self.attach().await {
+                Ok(att) => self.attached(att, &mut stop).await,
+                Err(why) => {
+                    if let Some(t) = self.machine.gone(why.clone(), json!({ "attach": why }), Instant::now()) {
+                        self.transition(t, None);
+                    }
+                    self.shared.liveness.beat(&self.loop_name);
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+        }
+        self.shared.liveness.unregister(&self.loop_name);
+        if *stop.borrow() == Stop::Removed {
+            self.emit("vm-removed", json!({ "dir": self.dir }));
+            let _ = std::fs::remove_file(&self.memory_path);
+            self.shared.registry.remove(&self.name);
+        }
+    }
+
+    async fn attach(&mut self) -> Result<Attached, String> {
+        let d = Descriptor::load(&self.dir).map_err(|e| e.to_string())?;
+        let qmp = match tokio::time::timeout(ATTACH_WAIT, Qmp::connect(&d.qmp, Duration::ZERO)).await {
+            Ok(Ok(q)) => Arc::new(q),
+            Ok(Err(e)) => return Err(format!("QEMU is not running: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "QMP socket {} accepted but sent no greeting within {ATTACH_WAIT:?}; another client may hold \
+                     the monitor (QEMU serves one client per socket)",
+                    d.qmp.display()
+                ))
+            }
+        };
+        let status = qmp
+            .execute_raw("query-status", json!({}), Duration::from_secs(5))
+            .await
+            .map(|s| s["status"].as_str().unwrap_or("unknown").to_string())
+            .map_err(|e| format!("QMP query-status failed: {e}"))?;
+        let keep = self.shared.config.console_keep;
+        let (console, console_why) = match Console::connect(&d.console, keep, Duration::ZERO).await {
+            Ok(c) => (Some(Arc::new(c)), String::new()),
+            Err(e) => (None, format!("cannot connect to {}: {e}", d.console.display())),
+        };
+        let (region, region_why) = match Region::open(&d.region, Access::ReadWrite) {
+            Ok(r) => match d.ssdt_config().ok().map(|c| c.slot) {
+                Some(slot) => match channel::locate(&qmp, slot).await {
+                    Ok(c @ (Channel::AboveFourGib { .. } | Channel::NoDevice)) => (None, format!("no region: {c}")),
+                    _ => (Some(Arc::new(r)), String::new()),
+                },
+                None => (Some(Arc::new(r)), String::new()),
+            },
+            Err(e) => (None, format!("cannot open the region: {e}")),
+        };
+        let channels = Channels {
+            qmp: qmp.clone(),
+            region,
+            region_why,
+            console: console.clone(),
+            irq: d.irq,
+            thermal_period: d.thermal_period_ds.map(|ds| Duration::from_millis(u64::from(ds) * 100)),
+        };
+        Ok(Attached { qmp, console, channels, console_why, status })
+    }
+
+    /// Watches an attached VM until QEMU goes away or the monitor is stopped.
+    async fn attached(&mut self, att: Attached, stop: &mut watch::Receiver<Stop>) {
+        let now = Instant::now();
+        let qemu = format!("{}.{}.{}", att.qmp.version.0, att.qmp.version.1, att.qmp.version.2);
+        let mut degraded = Vec::new();
+        if let Some(t) = self.machine.attached(&att.status, now) {
+            self.transition(t, Some(json!({ "qemu": qemu })));
+        }
+        let (tx, mut rx) = mpsc::channel::<Report>(64);
+        let mut probes: Vec<JoinHandle<()>> = Vec::new();
+        let scenarios = self.settings.scenarios.clone();
+        for (i, sc) in scenarios.iter().enumerate() {
+            if let Some(why) = probe::unavailable(sc, &att.channels, &att.console_why) {
+                degraded.push(format!("{}: {why}", sc.name));
+                if let Some(t) = self.machine.unavailable(i, why, now) {
+                    self.transition(t, None);
+                }
+                continue;
+            }
+            probes.push(tokio::spawn(probe::run(i, sc.clone(), att.channels.clone(), tx.clone())));
+        }
+        if att.console.is_none() {
+            degraded.push(format!("console: {}", att.console_why));
+        }
+        self.view.lock().unwrap().degraded = degraded;
+        self.refresh_view("");
+        let mut events = att.qmp.events();
+        let mut diag: Option<JoinHandle<DiagDone>> = None;
+        if let Some(trigger) = self.memory.pending_diagnostics.clone() {
+            // The service stopped before this incident's bundle was finished.
+            diag = Some(self.start_diagnostics(trigger, &att));
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                Some(report) = rx.recv() => self.report(report),
+                ev = events.recv() => match ev {
+                    Ok(ev) => self.qmp_event(ev),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        self.log(&format!("missed {n} QMP events (too many at once)"));
+                    }
+                    Err(_) => {}
+                },
+                _ = att.qmp.closed() => {
+                    let t = self.machine.gone("QEMU exited (its QMP connection closed)".into(), json!({}), Instant::now());
+                    if let Some(t) = t {
+                        self.transition(t, None);
+                    }
+                    break;
+                }
+                done = async { diag.as_mut().expect("guarded").await }, if diag.is_some() => {
+                    diag = None;
+                    match done {
+                        Ok(done) => self.diagnostics_done(done),
+                        Err(e) => self.log(&format!("diagnostics task failed: {e}")),
+                    }
+                }
+                _ = tick.tick() => {
+                    self.shared.liveness.beat(&self.loop_name);
+                    if let Some(t) = self.machine.tick(Instant::now()) {
+                        self.transition(t, None);
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+            if diag.is_none() {
+                if let Some(trigger) = self.take_new_incident() {
+                    diag = Some(self.start_diagnostics(trigger, &att));
+                }
+            }
+        }
+        for p in probes {
+            p.abort();
+        }
+        if let Some(d) = diag {
+            d.abort();
+        }
+    }
+
+    /// A failure transition marks its incident pending; this picks it up to start diagnostics.
+    fn take_new_incident(&mut self) -> Option<Value> {
+        let trigger = self.memory.pending_diagnostics.as_ref()?;
+        if trigger.get("started").is_some() {
+            return None;
+        }
+        let mut trigger = trigger.clone();
+        trigger["started"] = json!(now_rfc3339());
+        self.memory.pending_diagnostics = Some(trigger.clone());
+        self.save();
+        Some(trigger)
+    }
+
+    fn report(&mut self, r: Report) {
+        let now = Instant::now();
+        if let Some(lat) = r.outcome.latency.filter(|_| r.outcome.ok && r.record.is_some()) {
+            self.view.lock().unwrap().observe_latency(lat);
+        }
+        if let Some(record) = r.record {
+            let obs = self.tracker.observe(Some(&record), now);
+            if obs.fresh {
+                self.view.lock().unwrap().last_record_at = Some(now);
+            }
+            let known = self.memory.boot_count;
+            if known != Some(record.boot_count) {
+                self.memory.boot_count = Some(record.boot_count);
+                self.view.lock().unwrap().boot_count = Some(record.boot_count);
+                self.save();
+            }
+            let unseen = match (obs.reboot, known) {
+                (Some(reboot), _) => Some(serde_json::to_value(reboot).expect("serialises")),
+                // The boot count moved while nobody watched (the service was down).
+                (None, Some(k)) if k != record.boot_count => {
+                    Some(serde_json::to_value(Reboot::BootCountChanged { from: k, to: record.boot_count }).unwrap())
+                }
+                _ => None,
+            };
+            if let Some(evidence) = unseen {
+                if std::mem::take(&mut self.reset_seen) {
+                    // Already reported from QMP's RESET.
+                } else {
+                    self.reboot(json!({ "region": evidence }));
+                }
+            }
+        }
+        if let Some(t) = self.machine.probe(r.index, r.outcome, now) {
+            self.transition(t, None);
+        }
+        self.refresh_view("");
+    }
+
+    fn qmp_event(&mut self, ev: QmpEvent) {
+        let now = Instant::now();
+        let t = match ev.name.as_str() {
+            "STOP" => self.machine.stopped(ev.raw, now),
+            "RESUME" => self.machine.resumed(ev.raw, now),
+            "GUEST_PANICKED" | "GUEST_CRASHLOADED" => self.machine.panicked(ev.raw, now),
+            "RESET" => {
+                if self.machine.state == State::Gone {
+                    self.machine.attached("running", now)
+                } else {
+                    self.reset_seen = true;
+                    self.reboot(json!({ "qmp_event": ev.raw }));
+                    None
+                }
+            }
+            "SHUTDOWN" => {
+                let why = format!("the guest shut down ({})", ev.raw["data"]["reason"].as_str().unwrap_or("?"));
+                self.machine.gone(why, json!({ "qmp_event": ev.raw }), now)
+            }
+            _ => None,
+        };
+        if let Some(t) = t {
+            self.transition(t, None);
+        }
+        self.refresh_view("");
+    }
+
+    fn reboot(&mut self, evidence: Value) {
+        self.view.lock().unwrap().reboots += 1;
+        self.log(&format!("the guest rebooted: {evidence}"));
+        self.emit("reboot", json!({ "evidence": evidence }));
+        if let Some(t) = self.machine.rebooted(evidence, Instant::now()) {
+            self.transition(t, None);
+        }
+    }
+
+    fn transition(&mut self, t: Transition, extra: Option<Value>) {
+        self.memory.state = t.to;
+        self.memory.incident = self.machine.incident;
+        self.log(&format!("{} -> {}: {}", t.from, t.to, t.reason));
+        let mut detail = json!({
+            "from": t.from,
+            "to": t.to,
+            "reason": t.reason,
+            "evidence": t.evidence,
+        });
+        if let Some(extra) = extra {
+            detail["attached"] = extra;
+        }
+        let key = self.emit("transition", detail);
+        if t.to.is_failure() && self.memory.pending_diagnostics.is_none() && !self.settings.diagnostics.is_empty() {
+            let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "");
+            let bundle = self.shared.config.data_dir.join("bundles").join(&self.name).join(format!("{stamp}-{}", t.to));
+            self.memory.pending_diagnostics = Some(json!({
+                "kind": t.to,
+                "time": now_rfc3339(),
+                "reason": t.reason,
+                "evidence": t.evidence,
+                "event": key,
+                "bundle": bundle,
+            }));
+            self.save();
+        }
+        let _ = self.state_tx.send(t.to);
+        let mut v = self.view.lock().unwrap();
+        v.state = t.to;
+        v.since = now_rfc3339();
+        v.reason = t.reason;
+    }
+
+    fn start_diagnostics(&mut self, trigger: Value, att: &Attached) -> JoinHandle<DiagDone> {
+        let steps = self.settings.diagnostics.clone();
+        let name = self.name.clone();
+        let qmp = att.qmp.clone();
+        let console = att.console.clone();
+        let timeline: Vec<Value> = self.timeline.iter().cloned().collect();
+        let bundle = PathBuf::from(trigger["bundle"].as_str().unwrap_or("bundle"));
+        let recovery = self.recovery_plan();
+        let state = self.state_tx.subscribe();
+        // Beside QMP's socket, whose path length `prepare` checked.
+        let gdb_socket = self.dir.join("gdb.sock");
+        self.log(&format!("collecting diagnostics into {}", bundle.display()));
+        tokio::spawn(async move {
+            let target = diagnose::Target {
+                vm: &name,
+                qmp: Some(&qmp),
+                console: console.as_deref(),
+                gdb_socket: gdb_socket.clone(),
+            };
+            let dtrigger = diagnose::Trigger {
+                kind: trigger["kind"].as_str().unwrap_or("?").into(),
+                time: trigger["time"].as_str().unwrap_or("").into(),
+                reason: trigger["reason"].as_str().unwrap_or("").into(),
+                evidence: trigger["evidence"].clone(),
+            };
+            let manifest = diagnose::collect(&steps, &target, &dtrigger, timeline, &bundle)
+                .await
+                .map(|m| serde_json::to_value(m).expect("manifest serialises"))
+                .map_err(|e| e.to_string());
+            let recovery = match recovery {
+                Ok(RecoveryAction::None) => None,
+                Ok(action) => Some(recover(&action, &qmp, &name, &bundle, &state).await),
+                Err(refused) => Some(refused),
+            };
+            DiagDone { trigger, bundle, manifest, recovery }
+        })
+    }
+
+    /// The recovery action to take after diagnostics, or why it is refused (rate limit).
+    fn recovery_plan(&mut self) -> Result<RecoveryAction, RecoveryOutcome> {
+        let action = self.settings.recovery.action.clone();
+        if action == RecoveryAction::None {
+            return Ok(action);
+        }
+        let now = unix_now();
+        self.memory.recoveries.retain(|&t| now.saturating_sub(t) < 3600);
+        let max = self.settings.recovery.max_per_hour;
+        if self.memory.recoveries.len() as u32 >= max {
+            return Err(RecoveryOutcome {
+                action: action.name(),
+                acted: false,
+                outcome: "refused",
+                detail: format!(
+                    "rate limit: {} action(s) in the last hour, at most {max} allowed (recovery.max_per_hour)",
+                    self.memory.recoveries.len()
+                ),
+            });
+        }
+        Ok(action)
+    }
+
+    fn diagnostics_done(&mut self, done: DiagDone) {
+        let mut detail = json!({ "trigger": done.trigger, "bundle": done.bundle });
+        match done.manifest {
+            Ok(m) => {
+                self.view.lock().unwrap().diagnostics_ok += 1;
+                self.view.lock().unwrap().last_bundle = Some(done.bundle.display().to_string());
+                detail["manifest"] = m;
+                self.log(&format!("bundle written: {}", done.bundle.display()));
+            }
+            Err(e) => {
+                self.view.lock().unwrap().diagnostics_failed += 1;
+                detail["error"] = json!(e);
+                self.log(&format!("no bundle: {e}"));
+            }
+        }
+        self.emit("bundle", detail);
+        prune_bundles(&done.bundle, self.shared.config.bundles_keep);
+        if let Some(r) = done.recovery {
+            if r.acted {
+                self.memory.recoveries.push(unix_now());
+                self.view.lock().unwrap().recoveries += 1;
+            } else if r.outcome == "refused" {
+                self.view.lock().unwrap().recoveries_refused += 1;
+            }
+            self.log(&format!("recovery {}: {}: {}", r.action, r.outcome, r.detail));
+            self.emit("recovery", json!({ "action": r.action, "outcome": r.outcome, "detail": r.detail }));
+        }
+        let mut trigger = self.memory.pending_diagnostics.take();
+        if let Some(t) = trigger.as_mut() {
+            t["finished"] = json!(now_rfc3339());
+        }
+        self.save();
+    }
+
+    /// Emits an event for this VM; returns its key.
+    fn emit(&mut self, kind: &str, detail: Value) -> String {
+        let key = self.memory.take_key();
+        let detail: Map<String, Value> = match detail {
+            Value::Object(m) => m,
+            other => Map::from_iter([("detail".to_string(), other)]),
+        };
+        let ev = Event {
+            key: key.clone(),
+            time: now_rfc3339(),
+            node: self.shared.config.node.clone(),
+            vm: Some(self.name.clone()),
+            kind: kind.into(),
+            detail,
+        };
+        let spooled = self.shared.forward.submit(&ev);
+        {
+            let mut v = self.view.lock().unwrap();
+            v.events += 1;
+            if let Err(e) = &spooled {
+                v.events_not_spooled += 1;
+                drop(v);
+                self.log(&format!("event {key} not forwarded: {e}"));
+            }
+        }
+        if self.timeline.len() == TIMELINE {
+            self.timeline.pop_front();
+        }
+        self.timeline.push_back(serde_json::to_value(&ev).expect("events serialise"));
+        // The key is used before the sequence is saved: a crash in between re-emits the same
+        // event with the same key, which the controller deduplicates.
+        self.save();
+        key
+    }
+
+    fn save(&mut self) {
+        if let Err(e) = persist::save(&self.memory_path, &self.memory) {
+            self.log(&format!("cannot save {}: {e}", self.memory_path.display()));
+        }
+    }
+
+    fn refresh_view(&self, reason: &str) {
+        let mut v = self.view.lock().unwrap();
+        v.state = self.machine.state;
+        if !reason.is_empty() {
+            v.reason = reason.into();
+        }
+        v.boot_count = self.memory.boot_count;
+        v.scenarios = self
+            .machine
+            .tracks
+            .iter()
+            .map(|t| ScenarioView {
+                name: t.name.clone(),
+                kind: t.kind.into(),
+                consecutive_misses: t.misses,
+                threshold: t.threshold,
+                misses_total: t.total_misses,
+                answers_total: t.total_ok,
+                last_latency_ms: t.last.as_ref().and_then(|o| o.latency).map(|l| l.as_secs_f64() * 1e3),
+                last_detail: t.last.as_ref().map(|o| o.detail.clone()),
+                unavailable: t.unavailable.clone(),
+            })
+            .collect();
+    }
+
+    fn scenario_names(&self) -> Vec<String> {
+        self.settings.scenarios.iter().map(|s| s.name.clone()).collect()
+    }
+
+    fn log(&self, msg: &str) {
+        println!("{} {}: {msg}", now_rfc3339(), self.name);
+    }
+}
+
+async fn recover(
+    action: &RecoveryAction,
+    qmp: &Qmp,
+    vm: &str,
+    bundle: &std::path::Path,
+    state: &watch::Receiver<State>,
+) -> RecoveryOutcome {
+    let name = action.name();
+    let now = *state.borrow();
+    if !now.is_failure() {
+        return RecoveryOutcome {
+            action: name,
+            acted: false,
+            outcome: "skipped",
+            detail: format!("the VM is {now} again"),
+        };
+    }
+    let result: Result<String, String> = match action {
+        RecoveryAction::None => Ok(String::new()),
+        RecoveryAction::Reset => qmp
+            .execute_raw("system_reset", json!({}), Duration::from_secs(10))
+            .await
+            .map(|_| "QMP system_reset".into())
+            .map_err(|e| e.to_string()),
+        RecoveryAction::Poweroff => match qmp.execute_raw("quit", json!({}), Duration::from_secs(10)).await {
+            Ok(_) | Err(crate::trigger::qmp::QmpError::Closed) => Ok("QMP quit".into()),
+            Err(e) => Err(e.to_string()),
+        },
+        RecoveryAction::Command { argv, timeout } => run_command(argv, *timeout, vm, bundle).await,
+    };
+    match result {
+        Ok(detail) => RecoveryOutcome { action: name, acted: true, outcome: "done", detail },
+        Err(e) => RecoveryOutcome { action: name, acted: true, outcome: "failed", detail: e },
+    }
+}
+
+async fn run_command(
+    argv: &[String],
+    timeout: Duration,
+    vm: &str,
+    bundle: &std::path::Path,
+) -> Result<String, String> {
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env("ACPIMON_VM", vm)
+        .env("ACPIMON_BUNDLE", bundle)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(s)) if s.success() => Ok(format!("{} exited 0", argv[0])),
+        Ok(Ok(s)) => Err(format!("{} {s}", argv[0])),
+        Ok(Err(e)) => Err(format!("{}: {e}", argv[0])),
+        Err(_) => {
+            let _ = child.kill().await;
+            Err(format!("{} still running after {timeout:?}; killed", argv[0]))
+        }
+    }
+}
+
+/// Keeps the newest `keep` bundles beside `bundle`.
+fn prune_bundles(bundle: &std::path::Path, keep: usize) {
+    let Some(dir) = bundle.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    let excess = dirs.len().saturating_sub(keep);
+    for old in dirs.into_iter().take(excess) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

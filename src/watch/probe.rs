@@ -1,0 +1,225 @@
+//! The scenarios' probes. Each scenario of a VM runs as its own task: probe, report, sleep
+//! the interval. A probe never outlives its timeout, so a stuck guest or QEMU delays only its
+//! own scenario.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use regex::Regex;
+use tokio::sync::mpsc;
+
+use super::config::{Probe, Scenario};
+use super::state::Outcome;
+use crate::console::Console;
+use crate::read::{GuestRecord, Region};
+use crate::trigger::qmp::Qmp;
+use crate::trigger::{Beat, Heartbeat};
+
+/// What a probe task sends its VM's monitor.
+#[derive(Debug)]
+pub struct Report {
+    pub index: usize,
+    pub outcome: Outcome,
+    /// The record the probe read, for the reboot tracker.
+    pub record: Option<GuestRecord>,
+}
+
+/// The channels a VM's probes use.
+#[derive(Clone)]
+pub struct Channels {
+    pub qmp: Arc<Qmp>,
+    /// `None` when the region cannot be used (the reason is in `region_why`).
+    pub region: Option<Arc<Region>>,
+    pub region_why: String,
+    pub console: Option<Arc<Console>>,
+    pub irq: u8,
+    /// The thermal zone's poll period, when the table has one.
+    pub thermal_period: Option<Duration>,
+}
+
+/// Why `scenario` cannot run with these channels, if it cannot.
+pub fn unavailable(scenario: &Scenario, ch: &Channels, console_why: &str) -> Option<String> {
+    match &scenario.probe {
+        Probe::AcpiHeartbeat | Probe::Thermal if ch.region.is_none() => Some(ch.region_why.clone()),
+        Probe::Console { .. } if ch.console.is_none() => Some(format!("no serial console: {console_why}")),
+        Probe::Thermal if ch.thermal_period.is_none() => Some(
+            "the VM's table has no thermal zone; prepare it with --thermal-period-ds to use this scenario".into(),
+        ),
+        _ => None,
+    }
+}
+
+/// Runs scenario `index` until the receiver is gone: the first probe right away, then one
+/// every interval (measured from the start of the previous probe).
+pub async fn run(index: usize, scenario: Scenario, ch: Channels, tx: mpsc::Sender<Report>) {
+    let mut prober = match Prober::new(&scenario, &ch) {
+        Ok(p) => p,
+        Err(why) => {
+            let outcome = Outcome { ok: false, latency: None, detail: why };
+            let _ = tx.send(Report { index, outcome, record: None }).await;
+            return;
+        }
+    };
+    let mut next = tokio::time::Instant::now();
+    loop {
+        let (outcome, record) = prober.probe(&scenario, &ch).await;
+        if tx.send(Report { index, outcome, record }).await.is_err() {
+            return;
+        }
+        next += scenario.interval;
+        let now = tokio::time::Instant::now();
+        if next < now {
+            // A probe that took longer than the interval: start again from now, not in a burst.
+            next = now;
+        }
+        tokio::time::sleep_until(next).await;
+    }
+}
+
+enum Prober {
+    Heartbeat(Heartbeat),
+    Thermal { last_count: Option<u32>, last_change: Instant },
+    Console,
+    Tcp,
+}
+
+impl Prober {
+    fn new(scenario: &Scenario, ch: &Channels) -> Result<Prober, String> {
+        Ok(match scenario.probe {
+            Probe::AcpiHeartbeat => {
+                let region = ch.region.clone().ok_or_else(|| ch.region_why.clone())?;
+                Prober::Heartbeat(
+                    Heartbeat::new(region, ch.irq).map_err(|e| format!("cannot use the region: {e}"))?,
+                )
+            }
+            Probe::Thermal => Prober::Thermal { last_count: None, last_change: Instant::now() },
+            Probe::Console { .. } => Prober::Console,
+            Probe::Tcp { .. } => Prober::Tcp,
+        })
+    }
+
+    async fn probe(&mut self, scenario: &Scenario, ch: &Channels) -> (Outcome, Option<GuestRecord>) {
+        let timeout = scenario.timeout;
+        match (self, &scenario.probe) {
+            (Prober::Heartbeat(hb), _) => heartbeat(hb, &ch.qmp, timeout).await,
+            (Prober::Thermal { last_count, last_change }, _) => match &ch.region {
+                Some(region) => {
+                    let period = ch.thermal_period.unwrap_or(Duration::from_secs(1));
+                    thermal(region, period, timeout, last_count, last_change)
+                }
+                None => (miss(ch.region_why.clone()), None),
+            },
+            (Prober::Console, Probe::Console { command, expect }) => match &ch.console {
+                Some(c) => (console(c, command, expect, timeout).await, None),
+                None => (miss("no serial console"), None),
+            },
+            (Prober::Tcp, Probe::Tcp { address }) => (tcp(address, timeout).await, None),
+            _ => unreachable!("a prober is made for its own probe"),
+        }
+    }
+}
+
+fn miss(detail: impl Into<String>) -> Outcome {
+    Outcome { ok: false, latency: None, detail: detail.into() }
+}
+
+fn answered(latency: Duration, detail: String) -> Outcome {
+    Outcome { ok: true, latency: Some(latency), detail }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+async fn heartbeat(hb: &mut Heartbeat, qmp: &Qmp, timeout: Duration) -> (Outcome, Option<GuestRecord>) {
+    // The QMP command itself is bounded too: a wedged QEMU is a miss, not a stuck task.
+    match tokio::time::timeout(timeout + Duration::from_secs(1), hb.beat(qmp, timeout)).await {
+        Ok(Ok(Beat::Acked { request_no, latency, record })) => {
+            (answered(latency, format!("request {request_no} answered in {}", ms(latency))), Some(record))
+        }
+        Ok(Ok(Beat::Missed { request_no, waited, last })) => {
+            let last_seen = match &last {
+                Some(r) => format!("; last record seq {} ({} events)", r.seq, r.ged_count),
+                None => "; no record in the region".into(),
+            };
+            (miss(format!("no record echoed request {request_no} within {}{last_seen}", ms(waited))), last)
+        }
+        Ok(Err(e)) => (miss(format!("cannot trigger: {e}")), None),
+        Err(_) => (miss("QMP did not accept the trigger in time; QEMU is stuck or overloaded"), None),
+    }
+}
+
+fn thermal(
+    region: &Region,
+    period: Duration,
+    timeout: Duration,
+    last_count: &mut Option<u32>,
+    last_change: &mut Instant,
+) -> (Outcome, Option<GuestRecord>) {
+    let record = match region.snapshot() {
+        Ok(s) => s.record,
+        Err(e) => return (miss(format!("cannot read the region: {e}")), None),
+    };
+    let count = record.map(|r| r.thermal_count);
+    let now = Instant::now();
+    if count.is_some() && count != *last_count {
+        if last_count.is_some() {
+            *last_change = now;
+        }
+        *last_count = count;
+    }
+    let age = now.duration_since(*last_change);
+    let detail = format!(
+        "thermal poll {} seen {:.1}s ago (period {:.1}s)",
+        count.map_or("none".into(), |c| c.to_string()),
+        age.as_secs_f64(),
+        period.as_secs_f64()
+    );
+    if age <= period + timeout {
+        (answered(age, detail), record)
+    } else {
+        (miss(detail), record)
+    }
+}
+
+async fn console(c: &Console, command: &str, expect: &Regex, timeout: Duration) -> Outcome {
+    let start = Instant::now();
+    let mark = c.position();
+    let mut line = command.as_bytes().to_vec();
+    line.push(b'\n');
+    if let Err(e) = c.send(&line).await {
+        return miss(format!("cannot write to the console: {e}"));
+    }
+    match c.wait_until(mark, timeout, |seen| expect.is_match(seen)).await {
+        Ok(seen) => {
+            let line = seen.lines().find(|l| expect.is_match(l)).unwrap_or("").trim();
+            answered(start.elapsed(), format!("'{command}' answered in {}: {}", ms(start.elapsed()), clip(line, 120)))
+        }
+        Err(seen) => {
+            let tail: String = seen.trim().chars().rev().take(160).collect::<Vec<_>>().into_iter().rev().collect();
+            miss(format!(
+                "'{command}' got no output matching /{}/ within {}; the console showed: {:?}",
+                expect.as_str(),
+                ms(timeout),
+                tail
+            ))
+        }
+    }
+}
+
+async fn tcp(address: &str, timeout: Duration) -> Outcome {
+    let start = Instant::now();
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
+        Ok(Ok(_)) => answered(start.elapsed(), format!("{address} accepted in {}", ms(start.elapsed()))),
+        Ok(Err(e)) => miss(format!("{address}: {e}")),
+        Err(_) => miss(format!("{address}: no connection within {}", ms(timeout))),
+    }
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n).chain("…".chars()).collect()
+    }
+}

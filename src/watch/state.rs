@@ -1,0 +1,463 @@
+//! One VM's state, as a pure machine: probe outcomes and QMP events go in, transitions (with
+//! the reason and evidence that caused them) come out. No I/O and no clock of its own, so
+//! every transition is unit-tested.
+//!
+//! ```text
+//!  starting ──► healthy ◄──► late ──► unresponsive ──► recovered ──► healthy
+//!      any ──► paused (QMP STOP) ──► (RESUME: back to what the probes say)
+//!      any ──► panicked (GUEST_PANICKED) ── until the guest answers again or reboots
+//!      any ──► gone (QEMU exited / powered off) ──► starting (attached again)
+//! ```
+//! A reboot is an event, not a failure: it restarts the start-up grace (state starting).
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Starting,
+    Healthy,
+    Late,
+    Unresponsive,
+    Recovered,
+    Paused,
+    Panicked,
+    Gone,
+}
+
+impl State {
+    pub const ALL: [State; 8] = [
+        State::Starting,
+        State::Healthy,
+        State::Late,
+        State::Unresponsive,
+        State::Recovered,
+        State::Paused,
+        State::Panicked,
+        State::Gone,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Healthy => "healthy",
+            State::Late => "late",
+            State::Unresponsive => "unresponsive",
+            State::Recovered => "recovered",
+            State::Paused => "paused",
+            State::Panicked => "panicked",
+            State::Gone => "gone",
+        }
+    }
+
+    /// States that start an incident: diagnostics run on entering them.
+    pub fn is_failure(self) -> bool {
+        matches!(self, State::Unresponsive | State::Panicked)
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a paused VM (QMP `STOP`) means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PausePolicy {
+    /// Shown as paused, but the VM is not running: missed probes still count, and a pause
+    /// longer than a scenario's threshold makes it unresponsive (the default).
+    Counts,
+    /// Pauses are deliberate: probes do not count until the VM resumes.
+    Exempt,
+}
+
+/// What one probe found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub ok: bool,
+    pub latency: Option<Duration>,
+    /// What happened, for people: "answered in 1.2 ms", "no record echoed request 41 within 1s".
+    pub detail: String,
+}
+
+/// A state change and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    pub from: State,
+    pub to: State,
+    pub reason: String,
+    pub evidence: Value,
+}
+
+/// A scenario as the machine sees it.
+#[derive(Clone, Debug)]
+pub struct Track {
+    pub name: String,
+    pub kind: &'static str,
+    pub threshold: u32,
+    /// Consecutive misses.
+    pub misses: u32,
+    pub total_misses: u64,
+    pub total_ok: u64,
+    pub ever_ok: bool,
+    /// Answered since the VM was declared recovered.
+    ok_since_recovery: bool,
+    pub last: Option<Outcome>,
+    pub last_ok: Option<Instant>,
+    /// Why the scenario cannot run for this VM, if it cannot.
+    pub unavailable: Option<String>,
+}
+
+impl Track {
+    pub fn new(name: &str, kind: &'static str, threshold: u32) -> Track {
+        Track {
+            name: name.into(),
+            kind,
+            threshold,
+            misses: 0,
+            total_misses: 0,
+            total_ok: 0,
+            ever_ok: false,
+            ok_since_recovery: false,
+            last: None,
+            last_ok: None,
+            unavailable: None,
+        }
+    }
+
+    fn active(&self) -> bool {
+        self.unavailable.is_none()
+    }
+
+    fn evidence(&self) -> Value {
+        json!({
+            "scenario": self.name,
+            "kind": self.kind,
+            "consecutive_misses": self.misses,
+            "threshold": self.threshold,
+            "last": self.last.as_ref().map(|o| json!({
+                "ok": o.ok,
+                "detail": o.detail,
+                "latency_ms": o.latency.map(|l| l.as_secs_f64() * 1e3),
+            })),
+            "unavailable": self.unavailable,
+        })
+    }
+}
+
+/// One VM's state machine.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub state: State,
+    pub since: Instant,
+    pub tracks: Vec<Track>,
+    grace: Duration,
+    grace_until: Instant,
+    pause: PausePolicy,
+    paused_since: Option<Instant>,
+    panicked: Option<Value>,
+    /// Between entering a failure state and recovering from it.
+    pub incident: bool,
+}
+
+impl Machine {
+    /// A machine for `tracks`, resuming `restored` (the state a previous run of the service
+    /// left) so that a restart neither repeats nor loses an alert.
+    pub fn new(
+        tracks: Vec<Track>,
+        restored: Option<(State, bool)>,
+        pause: PausePolicy,
+        grace: Duration,
+        now: Instant,
+    ) -> Machine {
+        let (state, incident) = restored.unwrap_or((State::Starting, false));
+        let mut m = Machine {
+            state,
+            since: now,
+            tracks,
+            grace,
+            grace_until: now + grace,
+            pause,
+            paused_since: None,
+            panicked: None,
+            incident,
+        };
+        if state == State::Panicked {
+            m.panicked = Some(json!({ "restored": true }));
+        }
+        if matches!(state, State::Healthy | State::Late | State::Recovered | State::Unresponsive) {
+            // The VM was known to be up: its scenarios have answered before. A restored
+            // failure counts as still failing until the probes show otherwise.
+            for t in &mut m.tracks {
+                t.ever_ok = true;
+                if state == State::Unresponsive {
+                    t.misses = t.threshold;
+                }
+            }
+            m.grace_until = now;
+        }
+        m
+    }
+
+    /// QEMU's monitor answered: `status` is QMP `query-status`'s status.
+    pub fn attached(&mut self, status: &str, now: Instant) -> Option<Transition> {
+        self.paused_since = None;
+        let evidence = json!({ "qmp_status": status });
+        match status {
+            "guest-panicked" => {
+                self.panicked = Some(evidence.clone());
+                self.incident = true;
+                self.go(State::Panicked, "QEMU reports the guest panicked".into(), evidence, now)
+            }
+            "shutdown" => self.go(State::Gone, "the guest powered off; QEMU is still running".into(), evidence, now),
+            "running" => {
+                if self.state == State::Gone {
+                    self.restart_grace(now);
+                    return self.go(State::Starting, "QEMU is running".into(), evidence, now);
+                }
+                self.settle(now, "attached")
+            }
+            _ => {
+                self.paused_since = Some(now);
+                let t = self.settle(now, "attached");
+                if t.is_none() && self.state != State::Paused && self.pause == PausePolicy::Exempt {
+                    return self.go(State::Paused, format!("QEMU reports the VM {status}"), evidence, now);
+                }
+                t
+            }
+        }
+    }
+
+    /// A probe of scenario `index` finished.
+    pub fn probe(&mut self, index: usize, outcome: Outcome, now: Instant) -> Option<Transition> {
+        let exempt = self.paused_since.is_some() && self.pause == PausePolicy::Exempt;
+        let t = self.tracks.get_mut(index)?;
+        t.unavailable = None;
+        if outcome.ok {
+            t.misses = 0;
+            t.total_ok += 1;
+            t.ever_ok = true;
+            t.ok_since_recovery = true;
+            t.last_ok = Some(now);
+        } else if !exempt {
+            t.misses = t.misses.saturating_add(1);
+            t.total_misses += 1;
+        }
+        t.last = Some(outcome);
+        if self.panicked.is_some() && self.all_answering() {
+            // A panicked kernel answers nothing: answering again means it was reset.
+            self.panicked = None;
+        }
+        let name = self.tracks[index].name.clone();
+        self.settle(now, &name)
+    }
+
+    /// Scenario `index` cannot run (no console, no thermal zone, ...): it stops counting.
+    pub fn unavailable(&mut self, index: usize, why: String, now: Instant) -> Option<Transition> {
+        let t = self.tracks.get_mut(index)?;
+        t.unavailable = Some(why);
+        t.misses = 0;
+        self.settle(now, "unavailable")
+    }
+
+    /// QMP `STOP`.
+    pub fn stopped(&mut self, event: Value, now: Instant) -> Option<Transition> {
+        if self.paused_since.is_some() {
+            return None;
+        }
+        self.paused_since = Some(now);
+        if self.state.is_failure() || self.state == State::Gone {
+            return None;
+        }
+        self.go(State::Paused, "QEMU stopped the VM's vCPUs (QMP STOP)".into(), json!({ "qmp_event": event }), now)
+    }
+
+    /// QMP `RESUME`.
+    pub fn resumed(&mut self, event: Value, now: Instant) -> Option<Transition> {
+        self.paused_since.take()?;
+        if self.pause == PausePolicy::Exempt {
+            for t in &mut self.tracks {
+                t.misses = 0;
+            }
+        }
+        // What the probes said before the pause no longer decides anything.
+        for t in &mut self.tracks {
+            t.last = None;
+        }
+        if self.state != State::Paused {
+            return None;
+        }
+        let to = if self.incident { State::Unresponsive } else { State::Starting };
+        self.go(to, "QEMU resumed the VM (QMP RESUME)".into(), json!({ "qmp_event": event }), now)
+    }
+
+    /// QMP `GUEST_PANICKED` (pvpanic).
+    pub fn panicked(&mut self, event: Value, now: Instant) -> Option<Transition> {
+        self.panicked = Some(event.clone());
+        if self.state == State::Panicked {
+            return None;
+        }
+        self.incident = true;
+        self.go(State::Panicked, "the guest kernel panicked (pvpanic GUEST_PANICKED)".into(), event, now)
+    }
+
+    /// The guest rebooted (QMP `RESET`, or the region's boot count or timer says so). Not a
+    /// failure: the start-up grace begins again.
+    pub fn rebooted(&mut self, evidence: Value, now: Instant) -> Option<Transition> {
+        self.panicked = None;
+        self.paused_since = None;
+        for t in &mut self.tracks {
+            t.misses = 0;
+            t.ever_ok = false;
+        }
+        self.restart_grace(now);
+        if self.state == State::Starting || self.state == State::Gone {
+            return None;
+        }
+        self.go(State::Starting, "the guest rebooted".into(), evidence, now)
+    }
+
+    /// QEMU went away (QMP closed) or powered the guest off.
+    pub fn gone(&mut self, why: String, evidence: Value, now: Instant) -> Option<Transition> {
+        self.paused_since = None;
+        self.panicked = None;
+        for t in &mut self.tracks {
+            t.misses = 0;
+        }
+        self.go(State::Gone, why, evidence, now)
+    }
+
+    /// Time passed: the start-up grace may have ended.
+    pub fn tick(&mut self, now: Instant) -> Option<Transition> {
+        self.settle(now, "tick")
+    }
+
+    fn restart_grace(&mut self, now: Instant) {
+        self.grace_until = now + self.grace;
+    }
+
+    fn tracks_failing(&self) -> bool {
+        self.tracks.iter().any(|t| t.active() && t.misses >= t.threshold)
+    }
+
+    fn all_answering(&self) -> bool {
+        let mut active = self.tracks.iter().filter(|t| t.active()).peekable();
+        active.peek().is_some() && active.all(|t| t.ever_ok && t.misses == 0)
+    }
+
+    /// Moves to what the probes say now.
+    fn settle(&mut self, now: Instant, cause: &str) -> Option<Transition> {
+        if self.state == State::Gone && cause != "attached" {
+            return None;
+        }
+        if self.tracks.iter().any(|t| t.active() && t.last.is_none()) && !self.tracks_failing() {
+            // A scenario has not reported since the machine started or the VM resumed.
+            return None;
+        }
+        let (to, reason) = self.evaluate(now);
+        if to == self.state {
+            return None;
+        }
+        if to == State::Recovered && self.incident {
+            self.incident = false;
+            for t in &mut self.tracks {
+                t.ok_since_recovery = false;
+            }
+        }
+        let evidence = json!({
+            "cause": cause,
+            "scenarios": self.tracks.iter().map(Track::evidence).collect::<Vec<_>>(),
+            "paused": self.paused_since.is_some(),
+            "panic": self.panicked,
+        });
+        self.go(to, reason, evidence, now)
+    }
+
+    fn evaluate(&self, now: Instant) -> (State, String) {
+        if let Some(p) = &self.panicked {
+            return (State::Panicked, format!("the guest kernel panicked: {p}"));
+        }
+        let paused = self.paused_since.is_some();
+        if paused && self.pause == PausePolicy::Exempt {
+            return (State::Paused, "the VM is paused (pauses are exempt)".into());
+        }
+        let active: Vec<&Track> = self.tracks.iter().filter(|t| t.active()).collect();
+        let failing: Vec<&Track> = active.iter().copied().filter(|t| t.misses >= t.threshold).collect();
+        let in_grace = now < self.grace_until && active.iter().any(|t| !t.ever_ok);
+        if !failing.is_empty() && !in_grace {
+            let mut reason = describe(&failing, "missed");
+            let answering: Vec<&Track> =
+                active.iter().copied().filter(|t| t.misses == 0 && t.ever_ok).collect();
+            if !answering.is_empty() {
+                reason.push_str(&format!(", while {}", describe(&answering, "answers")));
+                if answering.iter().any(|t| t.kind == "acpi-heartbeat" || t.kind == "thermal")
+                    && failing.iter().all(|t| t.kind != "acpi-heartbeat" && t.kind != "thermal")
+                {
+                    reason.push_str(": the guest kernel is alive but what the failing probes need is not");
+                }
+            }
+            if paused {
+                reason = format!("the VM is paused (QMP STOP) and {reason}");
+            }
+            return (State::Unresponsive, reason);
+        }
+        if paused {
+            return (State::Paused, "the VM is paused (QMP STOP)".into());
+        }
+        if active.is_empty() {
+            return (State::Starting, "no scenario can run for this VM".into());
+        }
+        let missing: Vec<&Track> = active.iter().copied().filter(|t| t.misses > 0).collect();
+        let never: Vec<&Track> = active.iter().copied().filter(|t| !t.ever_ok).collect();
+        if self.state == State::Starting && (!never.is_empty() || !missing.is_empty()) {
+            return (State::Starting, "waiting for every scenario's first answer".into());
+        }
+        if !missing.is_empty() || !never.is_empty() {
+            let mut late = missing.clone();
+            late.extend(never.iter().copied().filter(|t| t.misses == 0));
+            return (State::Late, describe(&late, "missed"));
+        }
+        if self.incident {
+            return (State::Recovered, format!("{} again", describe(&active, "answers")));
+        }
+        if self.state == State::Recovered && active.iter().any(|t| !t.ok_since_recovery) {
+            return (State::Recovered, String::new());
+        }
+        (State::Healthy, describe(&active, "answers"))
+    }
+
+    fn go(&mut self, to: State, reason: String, evidence: Value, now: Instant) -> Option<Transition> {
+        if to == self.state {
+            return None;
+        }
+        if to.is_failure() {
+            self.incident = true;
+        }
+        let from = std::mem::replace(&mut self.state, to);
+        self.since = now;
+        Some(Transition { from, to, reason, evidence })
+    }
+}
+
+/// "acpi-heartbeat missed 3 of 3 (no record ...)", joined with "; ".
+fn describe(tracks: &[&Track], verb: &str) -> String {
+    tracks
+        .iter()
+        .map(|t| {
+            let last = t.last.as_ref().map(|o| o.detail.as_str()).unwrap_or("no answer yet");
+            match verb {
+                "missed" => format!("{} missed {} of {} ({last})", t.name, t.misses, t.threshold),
+                _ => format!("{} {verb} ({last})", t.name),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests;

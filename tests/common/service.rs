@@ -1,0 +1,209 @@
+//! `acpimon watch` and `acpimon controller` under test, as the real binary in child processes
+//! (so a test can kill one with SIGKILL and start it again), with helpers that wait for what
+//! they report: states from `/status`, events from the JSON-lines log, deliveries from the
+//! controller's store.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use acpimon::forward::Event;
+use acpimon::watch::metrics::{StatusView, VmView};
+use acpimon::watch::state::State;
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn(args: &[&str], log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_acpimon"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("the acpimon binary starts")
+}
+
+/// `acpimon watch` with a configuration file.
+pub struct Service {
+    child: Option<Child>,
+    pub config_path: PathBuf,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// The current run's output; each start gets its own file.
+    pub log: PathBuf,
+    work: PathBuf,
+    starts: usize,
+}
+
+impl Service {
+    /// Writes `config` (TOML, without `[metrics]`, `state_dir` and `data_dir`, which this adds)
+    /// and starts the service; returns once `/status` answers.
+    pub async fn start(state_dir: &Path, work: &Path, config: &str) -> Service {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let data_dir = work.join("data");
+        let text = format!(
+            "state_dir = {:?}\ndata_dir = {:?}\ndiscover_interval = \"500ms\"\n{config}\n[metrics]\nlisten = \"{addr}\"\n",
+            state_dir.display().to_string(),
+            data_dir.display().to_string()
+        );
+        let config_path = work.join("watch.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let mut s =
+            Service { child: None, config_path, addr, data_dir, log: PathBuf::new(), work: work.into(), starts: 0 };
+        s.restart().await;
+        s
+    }
+
+    /// Starts the (stopped or killed) service again, appending to its log.
+    pub async fn restart(&mut self) {
+        self.starts += 1;
+        self.log = self.work.join(format!("watch-{}.log", self.starts));
+        self.child = Some(spawn(&["watch", "--config", self.config_path.to_str().unwrap()], &self.log));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.try_status().await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("acpimon watch exited ({status}): {}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("acpimon watch did not answer /status within 20 s: {}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, and waits for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let sent = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+        assert!(sent.success());
+        c.wait().unwrap()
+    }
+
+    pub async fn try_status(&self) -> Result<StatusView, String> {
+        acpimon::watch::metrics::fetch_status(self.addr, Duration::from_secs(5)).await
+    }
+
+    pub async fn status(&self) -> StatusView {
+        self.try_status().await.unwrap_or_else(|e| panic!("{e}\n{}", self.log_text()))
+    }
+
+    pub async fn vm(&self, name: &str) -> Option<VmView> {
+        self.status().await.vms.into_iter().find(|v| v.name == name)
+    }
+
+    /// Waits until VM `name` is in `state`; returns its view and how long that took.
+    pub async fn wait_state(&self, name: &str, state: State, timeout: Duration) -> (VmView, Duration) {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < timeout {
+            if let Some(v) = self.vm(name).await {
+                if v.state == state {
+                    return (v, start.elapsed());
+                }
+                last = Some(v);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{name} not {state} within {timeout:?}; last seen {last:#?}\nlog:\n{}", self.log_text());
+    }
+
+    /// Every event in the JSON-lines log.
+    pub fn events(&self) -> Vec<Event> {
+        let text = std::fs::read_to_string(self.data_dir.join("events.jsonl")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}"))).collect()
+    }
+
+    /// Waits for the first event satisfying `pred`.
+    pub async fn wait_event(&self, what: &str, timeout: Duration, pred: impl Fn(&Event) -> bool) -> Event {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no {what} event within {timeout:?}; events: {:#?}\nlog:\n{}", self.events(), self.log_text());
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A transition event to `to`.
+pub fn is_transition(e: &Event, to: State) -> bool {
+    e.kind == "transition" && e.detail["to"] == serde_json::to_value(to).unwrap()
+}
+
+/// `acpimon controller`.
+pub struct Controller {
+    child: Child,
+    pub addr: SocketAddr,
+    pub store: PathBuf,
+    log: PathBuf,
+}
+
+impl Controller {
+    pub async fn start(port: u16, store: &Path) -> Controller {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = store.with_extension("log");
+        let child = spawn(&["controller", "--listen", &addr.to_string(), "--store", store.to_str().unwrap()], &log);
+        let c = Controller { child, addr, store: store.into(), log };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(Instant::now() < deadline, "the controller did not listen on {addr}: {:?}", std::fs::read_to_string(&c.log));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c
+    }
+
+    /// The events stored, one per key.
+    pub fn events(&self) -> Vec<Event> {
+        let Ok(dir) = std::fs::read_dir(self.store.join("events")) else { return Vec::new() };
+        dir.flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+            .collect()
+    }
+
+    /// Waits until the store holds every key in `keys`.
+    pub async fn wait_keys(&self, keys: &[String], timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let have: std::collections::BTreeSet<String> = self.events().into_iter().map(|e| e.key).collect();
+            let missing: Vec<&String> = keys.iter().filter(|k| !have.contains(*k)).collect();
+            if missing.is_empty() {
+                return;
+            }
+            assert!(start.elapsed() < timeout, "the controller lacks {} events after {timeout:?}: {missing:?}", missing.len());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

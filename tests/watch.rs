@@ -1,0 +1,252 @@
+//! `acpimon watch` against real QEMU guests: hangs, a kernel that stops answering, a panic,
+//! stopped userspace, and delivery to the reference controller across its outage and the
+//! service's own crash. The service and the controller are the real binary (child processes);
+//! the guests are the fixture guests, launched with a second monitor for the test's own use.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use acpimon::forward::Event;
+use acpimon::watch::state::State;
+use common::guest::{Guest, GuestSpec};
+use common::service::{free_port, is_transition, Controller, Service};
+use serde_json::{json, Value};
+
+const BOOT: Duration = Duration::from_secs(120);
+
+fn work() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("acpimon-watch").tempdir_in("/tmp").unwrap()
+}
+
+/// A fixture guest created paused (`-S`, as EVE launches), left to the service under test.
+async fn guest(scenario: &'static str, delay: u32) -> Guest {
+    let extra = vec!["-S".to_string()];
+    Guest::boot(GuestSpec { watched: true, scenario, delay, extra, ..GuestSpec::new("pc") }).await
+}
+
+/// Starts the service on `g`'s state directory and, once it has attached (so it has the
+/// console from the first line), lets the guest run.
+async fn watch(g: &Guest, work: &Path, config: &str) -> Service {
+    let svc = Service::start(state_dir(g), work, config).await;
+    svc.wait_state("guest", State::Paused, Duration::from_secs(30)).await;
+    g.vm.qmp.execute_raw("cont", json!({}), Duration::from_secs(5)).await.unwrap();
+    svc
+}
+
+fn state_dir(g: &Guest) -> &Path {
+    g.vm.prepared.dir.parent().unwrap()
+}
+
+fn controller_section(ctl_port: u16) -> String {
+    format!("[controller]\nurl = \"http://127.0.0.1:{ctl_port}\"\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n")
+}
+
+/// The bundle event's manifest step called `name`.
+fn step<'a>(manifest: &'a Value, name: &str) -> &'a Value {
+    manifest["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == name))
+        .unwrap_or_else(|| panic!("no step {name} in {manifest:#}"))
+}
+
+/// The text of a step's file in the bundle.
+fn step_file(bundle: &Event, name: &str) -> String {
+    let dir = PathBuf::from(bundle.detail["bundle"].as_str().expect("bundle path"));
+    let s = step(&bundle.detail["manifest"], name);
+    let file = s["file"].as_str().unwrap_or_else(|| panic!("step {name} has no file: {s:#}"));
+    std::fs::read_to_string(dir.join(file)).unwrap()
+}
+
+fn transitions(events: &[Event]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter(|e| e.kind == "transition")
+        .map(|e| (e.detail["from"].as_str().unwrap().to_string(), e.detail["to"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_controller() {
+    let work = work();
+    let ctl = Controller::start(free_port(), &work.path().join("store")).await;
+    let g = guest("healthy", 3).await;
+    let config = format!("{}[defaults]\nstartup_grace = \"90s\"\n", controller_section(ctl.addr.port()));
+    let svc = watch(&g, work.path(), &config).await;
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    // The heartbeat answers before userspace starts: give the guest time to reach its shell.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    g.vm.qmp.execute_raw("stop", json!({}), Duration::from_secs(5)).await.unwrap();
+    let (view, took) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(30)).await;
+    // interval × threshold + timeout = 1 s × 3 + 1 s; the status is polled every 100 ms.
+    assert!(took <= Duration::from_millis(4000 + 1500), "unresponsive after {took:?}");
+    assert!(view.reason.starts_with("the VM is paused (QMP STOP) and acpi-heartbeat missed 3 of 3"), "{}", view.reason);
+    let t = transitions(&svc.events());
+    let i = t.iter().rposition(|(_, to)| to == "paused").expect("paused first");
+    assert_eq!(t[i + 1], ("paused".into(), "unresponsive".into()), "{t:?}");
+
+    let bundle = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
+    let manifest = &bundle.detail["manifest"];
+    assert_eq!(manifest["vm"], "guest");
+    assert_eq!(manifest["trigger"]["kind"], "unresponsive");
+    let tail = step_file(&bundle, "console-tail");
+    assert!(tail.contains("Linux version") && tail.contains("ACPIMON-GUEST: ready"), "the output from boot on: {tail}");
+    let regs = step_file(&bundle, "registers");
+    assert!(regs.contains("RIP="), "{regs}");
+    assert_eq!(step(manifest, "qmp-status")["outcome"], "ok");
+    assert!(step_file(&bundle, "qmp-status").contains("paused"));
+    // SysRq is sent; a guest whose vCPUs are stopped cannot answer it.
+    assert!(step(manifest, "sysrq")["outcome"].is_string());
+
+    let keys: Vec<String> = svc.events().into_iter().map(|e| e.key).collect();
+    ctl.wait_keys(&keys, Duration::from_secs(30)).await;
+    let stored = ctl.events().into_iter().find(|e| e.key == bundle.key).unwrap();
+    assert_eq!(stored.detail["manifest"], bundle.detail["manifest"]);
+
+    let metrics = http_get(svc.addr, "/metrics").await;
+    assert!(metrics.contains("acpimon_vm_state{vm=\"guest\",state=\"unresponsive\"} 1"), "{metrics}");
+    assert!(metrics.contains("acpimon_diagnostics_total{vm=\"guest\"} 1"), "{metrics}");
+    let count: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("acpimon_heartbeat_latency_seconds_count{vm=\"guest\"} "))
+        .expect("latency histogram")
+        .parse()
+        .unwrap();
+    assert!(count >= 1, "{metrics}");
+
+    g.vm.qmp.execute_raw("cont", json!({}), Duration::from_secs(5)).await.unwrap();
+    svc.wait_state("guest", State::Recovered, Duration::from_secs(20)).await;
+    svc.wait_state("guest", State::Healthy, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_that_stops_answering_is_unresponsive_and_sysrq_shows_why() {
+    let work = work();
+    let g = guest("starve", 12).await;
+    let svc = watch(&g, work.path(), "[defaults]\nstartup_grace = \"90s\"\n").await;
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    let (view, _) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(60)).await;
+    assert!(view.reason.starts_with("acpi-heartbeat missed 3 of 3 (no record echoed request"), "{}", view.reason);
+    let bundle = svc.wait_event("bundle", Duration::from_secs(90), |e| e.kind == "bundle").await;
+    assert!(step_file(&bundle, "console-tail").contains("ACPIMON-GUEST: starving"));
+    let sysrq = step_file(&bundle, "sysrq");
+    assert!(sysrq.contains("sysrq: Show Blocked State"), "{sysrq}");
+    assert!(sysrq.contains("rt-spin"), "the backtraces name the task that starves the kernel: {sysrq}");
+    assert!(step_file(&bundle, "registers").contains("RIP="));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_is_reported_within_a_second_with_its_text_in_the_bundle() {
+    let work = work();
+    let g = guest("panic", 10).await;
+    let mut qmp_events = g.vm.qmp.events();
+    let svc = watch(&g, work.path(), "[defaults]\nstartup_grace = \"90s\"\n").await;
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    let panicked_at = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(60), qmp_events.recv()).await.unwrap().unwrap();
+        if ev.name == "GUEST_PANICKED" {
+            break SystemTime::now();
+        }
+    };
+    let t = svc.wait_event("panicked", Duration::from_secs(10), |e| is_transition(e, State::Panicked)).await;
+    let reported = humantime::parse_rfc3339(&t.time).unwrap();
+    let delay = reported.duration_since(panicked_at).unwrap_or_default();
+    assert!(delay <= Duration::from_secs(1), "panicked {delay:?} after QEMU's GUEST_PANICKED");
+    assert_eq!(t.detail["reason"], "the guest kernel panicked (pvpanic GUEST_PANICKED)");
+    let bundle = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
+    assert_eq!(bundle.detail["manifest"]["trigger"]["kind"], "panicked");
+    let tail = step_file(&bundle, "console-tail");
+    assert!(tail.contains("Kernel panic - not syncing: sysrq triggered crash"), "{tail}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_userspace_fails_the_console_scenario_while_the_heartbeat_stays_healthy() {
+    let work = work();
+    let g = guest("userspace-stop", 15).await;
+    let config = r#"
+[defaults]
+startup_grace = "90s"
+[[defaults.scenario]]
+kind = "acpi-heartbeat"
+[[defaults.scenario]]
+kind = "console"
+command = "uptime"
+expect = "load average"
+interval = "2s"
+timeout = "2s"
+threshold = 2
+"#;
+    let svc = watch(&g, work.path(), config).await;
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    let (view, _) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(60)).await;
+    assert!(view.reason.starts_with("console missed 2 of 2 ('uptime' got no output matching /load average/"), "{}", view.reason);
+    assert!(view.reason.contains("while acpi-heartbeat answers (request"), "{}", view.reason);
+    assert!(view.reason.ends_with("the guest kernel is alive but what the failing probes need is not"), "{}", view.reason);
+    let hb = view.scenarios.iter().find(|s| s.name == "acpi-heartbeat").unwrap();
+    assert_eq!(hb.consecutive_misses, 0);
+    let before = hb.answers_total;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = svc.vm("guest").await.unwrap();
+    let hb = later.scenarios.iter().find(|s| s.name == "acpi-heartbeat").unwrap();
+    assert!(hb.answers_total >= before + 2, "the heartbeat keeps answering: {before} then {}", hb.answers_total);
+    assert_eq!(later.state, State::Unresponsive);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_survive_a_controller_outage_and_a_service_crash_exactly_once() {
+    let work = work();
+    let port = free_port();
+    let g = guest("healthy", 3).await;
+    let config = format!("{}[defaults]\nstartup_grace = \"90s\"\n", controller_section(port));
+    let mut svc = watch(&g, work.path(), &config).await;
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+
+    // The controller is down while the VM hangs.
+    g.vm.qmp.execute_raw("stop", json!({}), Duration::from_secs(5)).await.unwrap();
+    svc.wait_state("guest", State::Unresponsive, Duration::from_secs(30)).await;
+    svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
+    let pending = svc.status().await.forward.pending_events;
+    assert!(pending >= 4, "events wait in the spool: {pending}");
+
+    // The service crashes mid-incident and comes back: no second alert, nothing lost.
+    svc.kill();
+    svc.restart().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(svc.vm("guest").await.unwrap().state, State::Unresponsive);
+    let alerts = svc.events().into_iter().filter(|e| is_transition(e, State::Unresponsive)).count();
+    assert_eq!(alerts, 1, "one alert for one incident: {:#?}", transitions(&svc.events()));
+    assert_eq!(svc.events().iter().filter(|e| e.kind == "bundle").count(), 1);
+
+    g.vm.qmp.execute_raw("cont", json!({}), Duration::from_secs(5)).await.unwrap();
+    svc.wait_state("guest", State::Healthy, Duration::from_secs(30)).await;
+
+    // The controller comes up: everything arrives, each event once.
+    let ctl = Controller::start(port, &work.path().join("store")).await;
+    let logged = svc.events();
+    let mut keys: Vec<String> = logged.iter().map(|e| e.key.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    ctl.wait_keys(&keys, Duration::from_secs(30)).await;
+    let stored = ctl.events();
+    assert_eq!(stored.len(), keys.len(), "one stored event per key");
+    let to: Vec<String> = stored
+        .iter()
+        .filter(|e| e.kind == "transition" && e.vm.as_deref() == Some("guest"))
+        .map(|e| e.detail["to"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(to.iter().filter(|t| *t == "unresponsive").count(), 1, "{to:?}");
+    assert!(to.contains(&"recovered".to_string()), "{to:?}");
+    assert_eq!(svc.status().await.forward.pending_events, 0);
+    assert_eq!(svc.stop().code(), Some(0), "SIGTERM stops the service cleanly");
+}
