@@ -2,8 +2,13 @@
 # /init of the acpimon test guest (busybox initramfs built by qemu-fixtures/build-guest).
 #
 # Kernel command line (everything optional):
-#   acpimon.scenario=healthy|userspace-stop|panic   what the guest does (default healthy)
-#   acpimon.delay=N                                 seconds before stop/panic (default 3)
+#   acpimon.scenario=healthy|userspace-stop|panic|starve   what the guest does (default healthy)
+#   acpimon.delay=N                       seconds before stop/panic/starve (default 3)
+#
+# starve: every CPU runs a SCHED_FIFO 99 busy loop with RT throttling off, so nothing of lower
+# priority runs again: no userspace, no workqueue, no threaded IRQ handler (FIFO 50; ACPI
+# GED's _EVT runs in one, so the heartbeat stops). Hard IRQs still run: the serial port's,
+# so SysRq over the console answers, and NMIs.
 #
 # Every line meant for tests starts with "ACPIMON-GUEST: " and goes to /dev/console
 # (ttyS0 with console=ttyS0). The line "ACPIMON-GUEST: ready" means the shell is being
@@ -94,10 +99,54 @@ block_forever() {
   while :; do read -r _ </run/never; done
 }
 
+# Whether process $1 runs rt-spin (below) at SCHED_FIFO yet: /proc/PID/stat's 2nd field is
+# the command, its 41st the policy (1 = SCHED_FIFO).
+spinning() {
+  # shellcheck disable=SC2046
+  set -- $(cat "/proc/$1/stat" 2>/dev/null)
+  [ "${2:-}" = "(rt-spin)" ] && [ "${41:-}" = 1 ]
+}
+
+# Writes a 162-byte static x86-64 executable (busybox here has no chrt): it makes itself
+# SCHED_FIFO 99 with sched_setscheduler(0, SCHED_FIFO, {99}), then spins forever; given any
+# argument it exits 0 instead (a check that the call works); if the call fails it exits
+# with the error number's low byte.
+make_spinner() {
+  {
+    # ELF64 header: x86-64 executable, entry 0x400078, one program header at offset 64
+    printf '\177ELF\2\1\1\0\0\0\0\0\0\0\0\0'
+    printf '\2\0\76\0\1\0\0\0' ; printf '\170\0\100\0\0\0\0\0'
+    printf '\100\0\0\0\0\0\0\0' ; printf '\0\0\0\0\0\0\0\0'
+    printf '\0\0\0\0\100\0\70\0' ; printf '\1\0\0\0\0\0\0\0'
+    # PT_LOAD, R+X: the whole file (162 bytes) at 0x400000
+    printf '\1\0\0\0\5\0\0\0' ; printf '\0\0\0\0\0\0\0\0'
+    printf '\0\0\100\0\0\0\0\0' ; printf '\0\0\100\0\0\0\0\0'
+    printf '\242\0\0\0\0\0\0\0' ; printf '\242\0\0\0\0\0\0\0'
+    printf '\0\20\0\0\0\0\0\0'
+    # code at 0x400078
+    printf '\110\213\34\44'     # mov rbx,[rsp]     argc
+    printf '\152\143'           # push 99           struct sched_param on the stack
+    printf '\110\211\342'       # mov rdx,rsp
+    printf '\61\377'            # xor edi,edi       pid 0: this process
+    printf '\152\1\136'         # push 1; pop rsi   SCHED_FIFO
+    printf '\270\220\0\0\0'     # mov eax,144       sched_setscheduler
+    printf '\17\5'              # syscall
+    printf '\211\307'           # mov edi,eax       exit status if it failed
+    printf '\205\300'           # test eax,eax
+    printf '\165\10'            # jnz exit
+    printf '\110\203\373\1'     # cmp rbx,1
+    printf '\165\2'             # jne exit          (an argument: check only, status 0)
+    printf '\353\376'           # spin: jmp spin
+    printf '\270\74\0\0\0'      # exit: mov eax,60
+    printf '\17\5'              # syscall
+  } >"$1"
+  chmod 755 "$1"
+}
+
 case "$scenario" in
-  healthy | userspace-stop | panic) ;;
+  healthy | userspace-stop | panic | starve) ;;
   *)
-    say "error: unknown scenario '$scenario' (want healthy, userspace-stop or panic), behaving as healthy"
+    say "error: unknown scenario '$scenario' (want healthy, userspace-stop, panic or starve), behaving as healthy"
     scenario=healthy ;;
 esac
 
@@ -126,6 +175,32 @@ case "$scenario" in
     sleep "$delay"
     say "panicking"
     echo c >/proc/sysrq-trigger
+    block_forever
+    ;;
+  starve)
+    make_spinner /bin/rt-spin
+    if ! /bin/rt-spin check; then
+      say "error: rt-spin cannot make itself SCHED_FIFO (status $?); not starving"
+      block_forever
+    fi
+    ncpu=$(grep -c '^processor' /proc/cpuinfo)
+    last=$((ncpu - 1))
+    say "will starve $ncpu cpus in $delay s"
+    sleep "$delay"
+    say "starving $ncpu cpus now uptime=$(uptime_s)"
+    echo -1 >/proc/sys/kernel/sched_rt_runtime_us
+    # init stays on the last CPU while it starts the spinners of the others, each forked
+    # there and then moved (it waits until one spins before starting the next: a child
+    # still on init's CPU would be stuck behind that CPU's spinner), then starts that
+    # CPU's own, after which it never runs again.
+    taskset -p -c "$last" $$ >/dev/null
+    cpu=0
+    while [ "$cpu" -lt "$last" ]; do
+      taskset -c "$cpu" /bin/rt-spin &
+      until spinning $!; do sleep 0.05; done
+      cpu=$((cpu + 1))
+    done
+    taskset -c "$last" /bin/rt-spin &
     block_forever
     ;;
 esac

@@ -343,7 +343,10 @@ fn run(command: Command) -> Result<(), Error> {
             let addr = match (addr, config) {
                 (Some(a), _) => a,
                 (None, Some(file)) => acpimon::watch::Config::load(&file)?.metrics.ok_or_else(|| {
-                    Error::Status(format!("{} turns the status endpoint off ([metrics] listen = \"\")", file.display()))
+                    Error::Status(format!(
+                        "{} turns the status endpoint off ([metrics] listen = \"\")",
+                        file.display()
+                    ))
                 })?,
                 (None, None) => acpimon::watch::config::DEFAULT_METRICS.parse().expect("valid address"),
             };
@@ -430,7 +433,8 @@ fn shutdown_on_signal() -> tokio::sync::watch::Receiver<bool> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
             return;
         };
         tokio::select! {
@@ -446,7 +450,8 @@ fn shutdown_on_signal() -> tokio::sync::watch::Receiver<bool> {
 async fn run_vm(args: &RunArgs, program: String, qemu_args: Vec<String>) -> Result<(), Error> {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
     let prepared = launch::prepare(&state_dir, &args.name, &args.table.config()?)?;
-    let spec = VmSpec { program, args: qemu_args, prepared, readconfig: args.readconfig, leave_to_watch: false };
+    let spec =
+        VmSpec { program, args: qemu_args, prepared, readconfig: args.readconfig, leave_to_watch: false };
     let mut vm = Vm::launch(spec).await?;
     let json = args.json;
     if !json {

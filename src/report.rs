@@ -118,7 +118,8 @@ pub fn config_summary(c: &crate::watch::Config) -> String {
     let _ = writeln!(o, "state_dir   {}", c.state_dir.display());
     let _ = writeln!(o, "data_dir    {}", c.data_dir.display());
     let _ = writeln!(o, "node        {}", c.node);
-    let _ = writeln!(o, "event log   {}", c.event_log.as_ref().map_or("off".into(), |p| p.display().to_string()));
+    let _ =
+        writeln!(o, "event log   {}", c.event_log.as_ref().map_or("off".into(), |p| p.display().to_string()));
     let _ = writeln!(o, "metrics     {}", c.metrics.map_or("off".into(), |a| format!("http://{a}/metrics")));
     let _ = writeln!(o, "controller  {}", c.controller.as_ref().map_or("none", |c| c.url.as_str()));
     let _ = writeln!(o, "hook        {}", c.hook.as_ref().map_or("none".into(), |h| h.argv.join(" ")));
@@ -144,8 +145,11 @@ pub fn config_summary(c: &crate::watch::Config) -> String {
                 sc.threshold
             );
         }
-        let steps: Vec<String> =
-            s.diagnostics.iter().map(|st| serde_json::to_value(st).map_or("?".into(), |v| v["step"].to_string())).collect();
+        let steps: Vec<String> = s
+            .diagnostics
+            .iter()
+            .map(|st| serde_json::to_value(st).map_or("?".into(), |v| v["step"].to_string()))
+            .collect();
         let _ = writeln!(o, "  diagnostics {}", steps.join(", "));
     }
     o
@@ -166,7 +170,11 @@ pub fn status_table(s: &crate::watch::metrics::StatusView) -> String {
     if !s.stalled.is_empty() {
         let _ = writeln!(o, "STALLED: {}", s.stalled.join(", "));
     }
-    let _ = writeln!(o, "{:<20} {:<13} {:>10} {:>9} {:>7}  SINCE / REASON", "VM", "STATE", "LATENCY", "AGE", "MISSES");
+    let _ = writeln!(
+        o,
+        "{:<20} {:<13} {:>10} {:>9} {:>7}  SINCE / REASON",
+        "VM", "STATE", "LATENCY", "AGE", "MISSES"
+    );
     for v in &s.vms {
         let hb = v.scenarios.iter().find(|sc| sc.kind == "acpi-heartbeat");
         let latency = hb.and_then(|h| h.last_latency_ms).map_or("-".into(), |l| format!("{l:.2} ms"));

@@ -63,14 +63,18 @@ fn transitions(events: &[Event]) -> Vec<(String, String)> {
     events
         .iter()
         .filter(|e| e.kind == "transition")
-        .map(|e| (e.detail["from"].as_str().unwrap().to_string(), e.detail["to"].as_str().unwrap().to_string()))
+        .map(|e| {
+            (e.detail["from"].as_str().unwrap().to_string(), e.detail["to"].as_str().unwrap().to_string())
+        })
         .collect()
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
@@ -91,7 +95,11 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
     let (view, took) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(30)).await;
     // interval × threshold + timeout = 1 s × 3 + 1 s; the status is polled every 100 ms.
     assert!(took <= Duration::from_millis(4000 + 1500), "unresponsive after {took:?}");
-    assert!(view.reason.starts_with("the VM is paused (QMP STOP) and acpi-heartbeat missed 3 of 3"), "{}", view.reason);
+    assert!(
+        view.reason.starts_with("the VM is paused (QMP STOP) and acpi-heartbeat missed 3 of 3"),
+        "{}",
+        view.reason
+    );
     let t = transitions(&svc.events());
     let i = t.iter().rposition(|(_, to)| to == "paused").expect("paused first");
     assert_eq!(t[i + 1], ("paused".into(), "unresponsive".into()), "{t:?}");
@@ -101,7 +109,10 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
     assert_eq!(manifest["vm"], "guest");
     assert_eq!(manifest["trigger"]["kind"], "unresponsive");
     let tail = step_file(&bundle, "console-tail");
-    assert!(tail.contains("Linux version") && tail.contains("ACPIMON-GUEST: ready"), "the output from boot on: {tail}");
+    assert!(
+        tail.contains("Linux version") && tail.contains("ACPIMON-GUEST: ready"),
+        "the output from boot on: {tail}"
+    );
     let regs = step_file(&bundle, "registers");
     assert!(regs.contains("RIP="), "{regs}");
     assert_eq!(step(manifest, "qmp-status")["outcome"], "ok");
@@ -137,7 +148,11 @@ async fn a_kernel_that_stops_answering_is_unresponsive_and_sysrq_shows_why() {
     let svc = watch(&g, work.path(), "[defaults]\nstartup_grace = \"90s\"\n").await;
     svc.wait_state("guest", State::Healthy, BOOT).await;
     let (view, _) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(60)).await;
-    assert!(view.reason.starts_with("acpi-heartbeat missed 3 of 3 (no record echoed request"), "{}", view.reason);
+    assert!(
+        view.reason.starts_with("acpi-heartbeat missed 3 of 3 (no record echoed request"),
+        "{}",
+        view.reason
+    );
     let bundle = svc.wait_event("bundle", Duration::from_secs(90), |e| e.kind == "bundle").await;
     assert!(step_file(&bundle, "console-tail").contains("ACPIMON-GUEST: starving"));
     let sysrq = step_file(&bundle, "sysrq");
@@ -190,16 +205,28 @@ threshold = 2
     let svc = watch(&g, work.path(), config).await;
     svc.wait_state("guest", State::Healthy, BOOT).await;
     let (view, _) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(60)).await;
-    assert!(view.reason.starts_with("console missed 2 of 2 ('uptime' got no output matching /load average/"), "{}", view.reason);
+    assert!(
+        view.reason.starts_with("console missed 2 of 2 ('uptime' got no output matching /load average/"),
+        "{}",
+        view.reason
+    );
     assert!(view.reason.contains("while acpi-heartbeat answers (request"), "{}", view.reason);
-    assert!(view.reason.ends_with("the guest kernel is alive but what the failing probes need is not"), "{}", view.reason);
+    assert!(
+        view.reason.ends_with("the guest kernel is alive but what the failing probes need is not"),
+        "{}",
+        view.reason
+    );
     let hb = view.scenarios.iter().find(|s| s.name == "acpi-heartbeat").unwrap();
     assert_eq!(hb.consecutive_misses, 0);
     let before = hb.answers_total;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let later = svc.vm("guest").await.unwrap();
     let hb = later.scenarios.iter().find(|s| s.name == "acpi-heartbeat").unwrap();
-    assert!(hb.answers_total >= before + 2, "the heartbeat keeps answering: {before} then {}", hb.answers_total);
+    assert!(
+        hb.answers_total >= before + 2,
+        "the heartbeat keeps answering: {before} then {}",
+        hb.answers_total
+    );
     assert_eq!(later.state, State::Unresponsive);
 }
 
@@ -249,4 +276,54 @@ async fn events_survive_a_controller_outage_and_a_service_crash_exactly_once() {
     assert!(to.contains(&"recovered".to_string()), "{to:?}");
     assert_eq!(svc.status().await.forward.pending_events, 0);
     assert_eq!(svc.stop().code(), Some(0), "SIGTERM stops the service cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_are_picked_up_and_dropped_as_their_directories_come_and_go() {
+    let work = work();
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let notify_path = work.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let touch = work.path().join("alive");
+    let config = format!("touch_file = {:?}\n", touch.display().to_string());
+    let svc = Service::start_with_env(
+        &state,
+        work.path(),
+        &config,
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap()), ("WATCHDOG_USEC", "1000000")],
+    )
+    .await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.iter().any(|m: &String| m.contains("WATCHDOG=1")) {
+        let n = notify.recv(&mut buf).expect("systemd notifications");
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(got[0].starts_with("READY=1"), "{got:?}");
+    let touched = std::fs::metadata(&touch).expect("the touch file exists").modified().unwrap();
+    assert!(touched.elapsed().unwrap() < Duration::from_secs(5));
+
+    // A VM prepared while the service runs is picked up; its QEMU is not running yet.
+    acpimon::launch::prepare(&state, "late-vm", &acpimon::generate::SsdtConfig::default()).unwrap();
+    let (v, _) = svc.wait_state("late-vm", State::Gone, Duration::from_secs(10)).await;
+    assert!(v.reason.starts_with("QEMU is not running: cannot connect to QMP socket"), "{}", v.reason);
+    svc.wait_event("vm-added", Duration::from_secs(5), |e| e.kind == "vm-added").await;
+
+    // Its directory goes away: it is dropped.
+    std::fs::remove_dir_all(state.join("late-vm")).unwrap();
+    let start = Instant::now();
+    while svc.vm("late-vm").await.is_some() {
+        assert!(start.elapsed() < Duration::from_secs(10), "still watched after its directory went");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    svc.wait_event("vm-removed", Duration::from_secs(5), |e| e.kind == "vm-removed").await;
+
+    // A directory with a broken descriptor is reported once, not watched.
+    std::fs::create_dir_all(state.join("broken")).unwrap();
+    std::fs::write(state.join("broken/vm.json"), b"{").unwrap();
+    let e = svc.wait_event("vm-invalid", Duration::from_secs(10), |e| e.kind == "vm-invalid").await;
+    assert!(e.detail["error"].as_str().unwrap().contains("prepare the VM again"), "{e:?}");
+    assert!(svc.vm("broken").await.is_none());
 }

@@ -1,1 +1,492 @@
 //! The reference controller: `acpimon controller --listen ADDR --store DIR`.
+//!
+//! The smallest server that honours the forwarding protocol, for tests, demos and single-node
+//! use; a fleet would put its own service behind the same three rules:
+//!
+//! - `POST /v1/events` with one [`Event`] as JSON (at most 1 MiB, else 413). The key (1-64
+//!   characters of `[0-9A-Za-z_-]`) must match the `Idempotency-Key` header when one is sent,
+//!   else 400. A new event is stored durably *before* the answer **201**; an event already
+//!   stored is answered **200** and counted as a duplicate. The sender deletes its spool entry
+//!   on either, so a duplicate is the normal outcome of a crash or a lost reply.
+//! - 4xx (but 408 and 429) means "never send this again"; 5xx, 408 and 429 mean "later".
+//! - `GET /v1/events` lists the stored events in arrival order, `GET /v1/stats` gives
+//!   `{"stored": N, "duplicates": M}`, `GET /healthz` answers `ok`.
+//!
+//! The store: `events/<key>.json` (written tmp, fsync, rename, fsync dir: the source of truth
+//! and the deduplication state), `events.jsonl` (arrival order; rebuilt at start-up from
+//! `events/` if a crash left it behind), `duplicates` (the counter), `analysis/<key>.txt` (the
+//! analyzer's output and exit status). Everything a client sends is untrusted: bounded,
+//! validated, answered with a status, never a panic.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Body;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::task::JoinSet;
+
+use super::hook::run_program;
+use super::{lock, stopped, valid_key, Event, MAX_KEY_LEN};
+
+/// The largest request body accepted.
+pub const MAX_BODY: usize = 1 << 20;
+/// Analyzers running at once; more wait their turn.
+const MAX_ANALYZERS: usize = 4;
+/// A client that has not sent its request headers within this is disconnected.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct ControllerOptions {
+    pub listen: SocketAddr,
+    /// The store directory (created if missing).
+    pub store: PathBuf,
+    /// Program and arguments run for each new event (event JSON on stdin, `ACPIMON_EVENT_KEY`,
+    /// `ACPIMON_EVENT_KIND`, `ACPIMON_VM` in the environment); output to `analysis/<key>.txt`.
+    pub analyzer: Option<Vec<String>>,
+    pub analyzer_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("cannot listen on {addr}: {source}; pick a free port or an address of this host with --listen")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot use store {path}: {source}; check that the directory is writable")]
+    Store { path: PathBuf, source: io::Error },
+    #[error("the analyzer command is empty; give the program and its arguments")]
+    EmptyAnalyzer,
+}
+
+/// Serves until `shutdown` turns true (or its sender is dropped); then stops accepting, drops
+/// open connections and returns. `ready` gets the bound address (useful with port 0).
+pub async fn serve(
+    opts: ControllerOptions,
+    mut shutdown: watch::Receiver<bool>,
+    ready: Option<oneshot::Sender<SocketAddr>>,
+) -> Result<(), ControllerError> {
+    if opts.analyzer.as_ref().is_some_and(|a| a.first().is_none_or(|p| p.is_empty())) {
+        return Err(ControllerError::EmptyAnalyzer);
+    }
+    let root = opts.store.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&root))
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+        .map_err(|source| ControllerError::Store { path: opts.store.clone(), source })?;
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| ControllerError::Bind { addr: opts.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| ControllerError::Bind { addr: opts.listen, source })?;
+    let ctx = Arc::new(Ctx {
+        store: Arc::new(store),
+        analyzer: opts.analyzer,
+        analyzer_timeout: opts.analyzer_timeout,
+        analyzers: Arc::new(Semaphore::new(MAX_ANALYZERS)),
+    });
+    if let Some(tx) = ready {
+        let _ = tx.send(addr);
+    }
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let ctx = ctx.clone();
+                    conns.spawn(async move {
+                        let _ = stream.set_nodelay(true);
+                        let service = hyper::service::service_fn(move |req| handle(ctx.clone(), req));
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(HEADER_TIMEOUT)
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, keep serving.
+                    eprintln!("acpimon controller: accept on {addr}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    conns.shutdown().await;
+    Ok(())
+}
+
+struct Ctx {
+    store: Arc<Store>,
+    analyzer: Option<Vec<String>>,
+    analyzer_timeout: Duration,
+    analyzers: Arc<Semaphore>,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, body: Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Resp {
+    respond(status, json!({ "error": message.into() }))
+}
+
+fn not_allowed(allow: &'static str) -> Resp {
+    let mut r = error(StatusCode::METHOD_NOT_ALLOWED, format!("method not allowed; use {allow}"));
+    r.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// Routes one request. Generic over the body so tests can drive it without a socket.
+async fn handle<B>(ctx: Arc<Ctx>, req: Request<B>) -> Result<Resp, Infallible>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let get = req.method() == Method::GET;
+    Ok(match req.uri().path() {
+        "/v1/events" if req.method() == Method::POST => post_event(&ctx, req).await,
+        "/v1/events" if get => {
+            let store = ctx.store.clone();
+            match tokio::task::spawn_blocking(move || store.list()).await {
+                Ok(Ok(events)) => respond(StatusCode::OK, Value::Array(events)),
+                Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the store: {e}")),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        "/v1/events" => not_allowed("GET, POST"),
+        "/v1/stats" if get => {
+            let (stored, duplicates) = ctx.store.counts();
+            respond(StatusCode::OK, json!({ "stored": stored, "duplicates": duplicates }))
+        }
+        "/healthz" if get => {
+            let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            r
+        }
+        "/v1/stats" | "/healthz" => not_allowed("GET"),
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/events, /v1/stats, /healthz"),
+    })
+}
+
+async fn post_event<B>(ctx: &Arc<Ctx>, req: Request<B>) -> Resp
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {MAX_BODY} bytes"));
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return too_large();
+    }
+    let header_key = match req.headers().get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) if valid_key(k) => Some(k.to_string()),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("Idempotency-Key is not 1-{MAX_KEY_LEN} characters of [0-9A-Za-z_-]"),
+            )
+        }
+    };
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}")),
+    };
+    let event: Event = match serde_json::from_slice(&body) {
+        Ok(ev) => ev,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not an event: {e}")),
+    };
+    if !valid_key(&event.key) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("key is not 1-{MAX_KEY_LEN} characters of [0-9A-Za-z_-]"),
+        );
+    }
+    if header_key.as_ref().is_some_and(|k| *k != event.key) {
+        return error(StatusCode::BAD_REQUEST, "Idempotency-Key differs from the event's key");
+    }
+    let json = match serde_json::to_vec(&event) {
+        Ok(j) => j,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("event cannot be stored: {e}")),
+    };
+    let store = ctx.store.clone();
+    let key = event.key.clone();
+    let stored_json = json.clone();
+    let put = tokio::task::spawn_blocking(move || store.put(&key, &stored_json)).await;
+    match put {
+        Ok(Ok(true)) => {
+            if let Some(argv) = &ctx.analyzer {
+                tokio::spawn(analyze(ctx.clone(), argv.clone(), event.clone(), json));
+            }
+            respond(StatusCode::CREATED, json!({ "key": event.key, "stored": true }))
+        }
+        Ok(Ok(false)) => respond(StatusCode::OK, json!({ "key": event.key, "duplicate": true })),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the event: {e}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Runs the analyzer for a stored event; writes `analysis/<key>.txt` (output, then the exit
+/// status) through a temporary file, so a present file is a finished analysis.
+async fn analyze(ctx: Arc<Ctx>, argv: Vec<String>, event: Event, json: Vec<u8>) {
+    let Ok(_permit) = ctx.analyzers.acquire().await else { return };
+    let dir = ctx.store.root.join("analysis");
+    let tmp = dir.join(format!(".{}.txt.tmp", event.key));
+    let target = dir.join(format!("{}.txt", event.key));
+    let opened = File::create(&tmp).and_then(|f| Ok((f.try_clone()?, f.try_clone()?, f)));
+    let (out, err, mut file) = match opened {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("acpimon controller: cannot write {}: {e}", tmp.display());
+            return;
+        }
+    };
+    let outcome =
+        run_program(&argv, &json, &event.hook_env(), ctx.analyzer_timeout, out.into(), err.into()).await;
+    let finished = writeln!(file, "\n[acpimon] analyzer {}: {outcome}", argv[0])
+        .and_then(|()| fs::rename(&tmp, &target));
+    if let Err(e) = finished {
+        eprintln!("acpimon controller: cannot write {}: {e}", target.display());
+    }
+}
+
+struct StoreState {
+    keys: HashSet<String>,
+    duplicates: u64,
+    jsonl: File,
+}
+
+struct Store {
+    root: PathBuf,
+    state: Mutex<StoreState>,
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Store {
+    /// Opens (or creates) the store, rebuilding the deduplication state from `events/` and
+    /// repairing `events.jsonl` after a crash.
+    fn open(root: &Path) -> io::Result<Store> {
+        let events = root.join("events");
+        fs::create_dir_all(&events)?;
+        fs::create_dir_all(root.join("analysis"))?;
+        let mut stored = Vec::new();
+        for entry in fs::read_dir(&events)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                // Never acknowledged: the sender will send it again.
+                let _ = fs::remove_file(entry.path());
+            } else if let Some(key) = name.strip_suffix(".json").filter(|k| valid_key(k)) {
+                let mtime = entry.metadata()?.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                stored.push((mtime, key.to_string()));
+            }
+        }
+        let jsonl_path = root.join("events.jsonl");
+        let mut jsonl = OpenOptions::new().create(true).read(true).append(true).open(&jsonl_path)?;
+        // Keys already listed; a torn last line (crash mid-append) is cut off.
+        let mut listed = HashSet::new();
+        let mut good_len = 0u64;
+        let mut reader = io::BufReader::new(File::open(&jsonl_path)?);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                break;
+            }
+            good_len += n as u64;
+            if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+                if let Some(k) = v.get("key").and_then(Value::as_str) {
+                    listed.insert(k.to_string());
+                }
+            }
+        }
+        if jsonl.metadata()?.len() != good_len {
+            jsonl.set_len(good_len)?;
+        }
+        // Stored but not listed (crash between the two writes): append, oldest first.
+        stored.sort();
+        for (_, key) in stored.iter().filter(|(_, k)| !listed.contains(k)) {
+            let mut bytes = fs::read(events.join(format!("{key}.json")))?;
+            if bytes.contains(&b'\n') {
+                bytes = match serde_json::from_slice::<Value>(&bytes) {
+                    Ok(v) => v.to_string().into_bytes(),
+                    Err(_) => continue,
+                };
+            }
+            bytes.push(b'\n');
+            jsonl.write_all(&bytes)?;
+        }
+        let duplicates =
+            fs::read_to_string(root.join("duplicates")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        let keys = stored.into_iter().map(|(_, k)| k).collect();
+        Ok(Store { root: root.into(), state: Mutex::new(StoreState { keys, duplicates, jsonl }) })
+    }
+
+    /// Stores a new event (true) or counts a duplicate (false).
+    fn put(&self, key: &str, json: &[u8]) -> io::Result<bool> {
+        let mut st = lock(&self.state);
+        if st.keys.contains(key) {
+            st.duplicates += 1;
+            let tmp = self.root.join(".duplicates.tmp");
+            fs::write(&tmp, format!("{}\n", st.duplicates))?;
+            fs::rename(&tmp, self.root.join("duplicates"))?;
+            return Ok(false);
+        }
+        let events = self.root.join("events");
+        let tmp = events.join(format!(".{key}.json.tmp"));
+        let mut f = File::create(&tmp)?;
+        f.write_all(json)?;
+        f.sync_all()?;
+        fs::rename(&tmp, events.join(format!("{key}.json")))?;
+        sync_dir(&events)?;
+        let mut line = json.to_vec();
+        line.push(b'\n');
+        st.jsonl.write_all(&line)?;
+        st.keys.insert(key.into());
+        Ok(true)
+    }
+
+    /// The stored events in arrival order.
+    fn list(&self) -> io::Result<Vec<Value>> {
+        let _st = lock(&self.state); // no half-appended line
+        let reader = io::BufReader::new(File::open(self.root.join("events.jsonl"))?);
+        let mut seen = HashSet::new();
+        let mut events = Vec::new();
+        for line in reader.split(b'\n') {
+            let Ok(v) = serde_json::from_slice::<Value>(&line?) else { continue };
+            let key = v.get("key").and_then(Value::as_str).map(str::to_string);
+            if key.is_some_and(|k| seen.insert(k)) {
+                events.push(v);
+            }
+        }
+        Ok(events)
+    }
+
+    fn counts(&self) -> (usize, u64) {
+        let st = lock(&self.state);
+        (st.keys.len(), st.duplicates)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(root: &Path) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            store: Arc::new(Store::open(root).unwrap()),
+            analyzer: None,
+            analyzer_timeout: Duration::from_secs(1),
+            analyzers: Arc::new(Semaphore::new(1)),
+        })
+    }
+
+    async fn call(
+        ctx: &Arc<Ctx>,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, String) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let resp = handle(ctx.clone(), req.body(Full::new(Bytes::from(body))).unwrap()).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn event(key: &str) -> Vec<u8> {
+        let mut ev = Event::new("n", Some("vm"), "test");
+        ev.key = key.into();
+        serde_json::to_vec(&ev).unwrap()
+    }
+
+    #[tokio::test]
+    async fn stores_dedups_and_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ctx(dir.path());
+        assert_eq!(call(&c, "POST", "/v1/events", Some("k1"), event("k1")).await.0, 201);
+        assert_eq!(call(&c, "POST", "/v1/events", None, event("k1")).await.0, 200);
+        assert_eq!(call(&c, "POST", "/v1/events", None, event("k2")).await.0, 201);
+        for (key, body, why) in [
+            (Some("k3"), event("k4"), "differs"),
+            (Some("a b"), event("a b"), "Idempotency-Key"),
+            (None, event("../etc"), "key is not"),
+            (None, event(&"k".repeat(65)), "key is not"),
+            (None, event(""), "key is not"),
+            (None, b"{".to_vec(), "not an event"),
+            (None, b"[]".to_vec(), "not an event"),
+            (None, br#"{"key":"k5","time":"t","node":"n","kind":"k","kind":"x"}"#.to_vec(), "not an event"),
+            (None, vec![0xff; 10], "not an event"),
+        ] {
+            let (status, text) = call(&c, "POST", "/v1/events", key, body).await;
+            assert_eq!(status, 400, "{text}");
+            assert!(text.contains(why), "{why}: {text}");
+        }
+        // Over 1 MiB without a Content-Length: the streaming limit answers.
+        let (status, _) = call(&c, "POST", "/v1/events", None, vec![b' '; MAX_BODY + 1]).await;
+        assert_eq!(status, 413);
+        assert_eq!(
+            call(&c, "GET", "/v1/stats", None, vec![]).await,
+            (200, r#"{"duplicates":1,"stored":2}"#.into())
+        );
+        assert_eq!(call(&c, "GET", "/nope", None, vec![]).await.0, 404);
+        assert_eq!(call(&c, "DELETE", "/v1/events", None, vec![]).await.0, 405);
+        assert_eq!(call(&c, "POST", "/healthz", None, vec![]).await.0, 405);
+        assert_eq!(call(&c, "GET", "/healthz", None, vec![]).await, (200, "ok\n".into()));
+    }
+
+    #[tokio::test]
+    async fn restart_rebuilds_state_and_repairs_the_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        {
+            let c = ctx(root);
+            for k in ["a", "b", "c"] {
+                assert_eq!(call(&c, "POST", "/v1/events", None, event(k)).await.0, 201);
+            }
+            assert_eq!(call(&c, "POST", "/v1/events", None, event("a")).await.0, 200);
+        }
+        // A crash mid-append: the last line ("c") is torn; and a leftover temporary file.
+        let jsonl = root.join("events.jsonl");
+        let text = fs::read_to_string(&jsonl).unwrap();
+        fs::write(&jsonl, &text[..text.len() - 5]).unwrap();
+        fs::write(root.join("events/.d.json.tmp"), b"{").unwrap();
+        let c = ctx(root);
+        let (_, list) = call(&c, "GET", "/v1/events", None, vec![]).await;
+        let keys: Vec<String> =
+            serde_json::from_str::<Vec<Event>>(&list).unwrap().into_iter().map(|e| e.key).collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+        assert!(!root.join("events/.d.json.tmp").exists());
+        assert_eq!(call(&c, "POST", "/v1/events", None, event("b")).await.0, 200);
+        let stats: Value = serde_json::from_str(&call(&c, "GET", "/v1/stats", None, vec![]).await.1).unwrap();
+        assert_eq!(stats, json!({"stored": 3, "duplicates": 2}));
+        assert!(fs::read_to_string(&jsonl).unwrap().ends_with('\n'));
+    }
+}

@@ -133,7 +133,10 @@ pub enum RecoveryAction {
     /// QMP `quit`: QEMU exits; whatever launched it decides what comes next.
     Poweroff,
     /// A command (argv), with `ACPIMON_VM` and `ACPIMON_BUNDLE` set.
-    Command { argv: Vec<String>, timeout: Duration },
+    Command {
+        argv: Vec<String>,
+        timeout: Duration,
+    },
 }
 
 impl RecoveryAction {
@@ -293,7 +296,13 @@ pub fn kind_defaults(kind: &str) -> Option<(Duration, Duration, u32)> {
 /// The scenarios a VM gets when nothing is configured.
 pub fn default_scenarios() -> Vec<Scenario> {
     let (interval, timeout, threshold) = kind_defaults("acpi-heartbeat").expect("known kind");
-    vec![Scenario { name: "acpi-heartbeat".into(), probe: Probe::AcpiHeartbeat, interval, timeout, threshold }]
+    vec![Scenario {
+        name: "acpi-heartbeat".into(),
+        probe: Probe::AcpiHeartbeat,
+        interval,
+        timeout,
+        threshold,
+    }]
 }
 
 impl Default for VmSettings {
@@ -463,7 +472,9 @@ impl Validator<'_> {
             if !crate::launch::prepare::valid_name(&name) {
                 self.problem(
                     vm.span(),
-                    format!("[vm.{name}]: not a VM name acpimon prepare accepts (1-64 of letters, digits, . _ -)"),
+                    format!(
+                        "[vm.{name}]: not a VM name acpimon prepare accepts (1-64 of letters, digits, . _ -)"
+                    ),
                 );
                 continue;
             }
@@ -499,7 +510,8 @@ impl Validator<'_> {
                 ),
             );
         }
-        let backoff_min = c.backoff_min.map_or(Duration::from_secs(1), |d| d.0).max(Duration::from_millis(10));
+        let backoff_min =
+            c.backoff_min.map_or(Duration::from_secs(1), |d| d.0).max(Duration::from_millis(10));
         ControllerSettings {
             url,
             timeout: c.timeout.map_or(Duration::from_secs(5), |d| d.0),
@@ -618,7 +630,10 @@ impl Validator<'_> {
                 extra("address", s.address.is_some(), &mut unused);
                 let command = s.command.clone().unwrap_or_else(|| "uptime".into());
                 if command.contains(['\n', '\r']) || command.len() > 256 {
-                    self.problem(span.clone(), format!("{at}: command must be one line of at most 256 bytes"));
+                    self.problem(
+                        span.clone(),
+                        format!("{at}: command must be one line of at most 256 bytes"),
+                    );
                     ok = false;
                 }
                 let pattern = s.expect.clone().unwrap_or_else(|| "load average".into());
@@ -648,7 +663,10 @@ impl Validator<'_> {
             }
         };
         if !unused.is_empty() {
-            self.problem(span, format!("{at}: {} do(es) not apply to kind {}; remove it", unused.join(", "), s.kind));
+            self.problem(
+                span,
+                format!("{at}: {} do(es) not apply to kind {}; remove it", unused.join(", "), s.kind),
+            );
             ok = false;
         }
         ok.then_some(Scenario { name, probe, interval, timeout, threshold })
@@ -670,7 +688,10 @@ impl Validator<'_> {
                 RecoveryAction::Command { argv, timeout: r.timeout.map_or(Duration::from_secs(60), |d| d.0) }
             }
             ("command", _) => {
-                self.problem(span, format!("{section}.recovery: action \"command\" needs argv = [\"program\", ...]"));
+                self.problem(
+                    span,
+                    format!("{section}.recovery: action \"command\" needs argv = [\"program\", ...]"),
+                );
                 RecoveryAction::None
             }
             ("none" | "reset" | "poweroff", Some(_)) => {

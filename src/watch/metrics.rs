@@ -18,7 +18,8 @@ use super::state::State;
 use crate::forward::{ForwardStats, Forwarder};
 
 /// Upper bounds (seconds) of the heartbeat latency histogram.
-pub const LATENCY_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+pub const LATENCY_BUCKETS: [f64; 12] =
+    [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 /// One scenario of one VM, as shown.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -138,7 +139,12 @@ impl Registry {
 
     /// The view of VM `name`, created on first use.
     pub fn vm(&self, name: &str) -> Arc<Mutex<VmView>> {
-        self.vms.lock().unwrap().entry(name.into()).or_insert_with(|| Arc::new(Mutex::new(VmView::new(name)))).clone()
+        self.vms
+            .lock()
+            .unwrap()
+            .entry(name.into())
+            .or_insert_with(|| Arc::new(Mutex::new(VmView::new(name))))
+            .clone()
     }
 
     pub fn remove(&self, name: &str) {
@@ -193,16 +199,34 @@ fn render(status: &StatusView, full: &[VmView]) -> String {
     header(&mut o, "acpimon_vm_state", "gauge", "1 for the state each VM is in, 0 for the others.");
     for v in full {
         for s in State::ALL {
-            let _ = writeln!(o, "acpimon_vm_state{{vm=\"{}\",state=\"{s}\"}} {}", esc(&v.name), u8::from(v.state == s));
+            let _ = writeln!(
+                o,
+                "acpimon_vm_state{{vm=\"{}\",state=\"{s}\"}} {}",
+                esc(&v.name),
+                u8::from(v.state == s)
+            );
         }
     }
-    header(&mut o, "acpimon_heartbeat_latency_seconds", "histogram", "ACPI heartbeat trigger-to-record time.");
+    header(
+        &mut o,
+        "acpimon_heartbeat_latency_seconds",
+        "histogram",
+        "ACPI heartbeat trigger-to-record time.",
+    );
     for v in full {
         let vm = esc(&v.name);
         for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-            let _ = writeln!(o, "acpimon_heartbeat_latency_seconds_bucket{{vm=\"{vm}\",le=\"{le}\"}} {}", v.latency_buckets[i]);
+            let _ = writeln!(
+                o,
+                "acpimon_heartbeat_latency_seconds_bucket{{vm=\"{vm}\",le=\"{le}\"}} {}",
+                v.latency_buckets[i]
+            );
         }
-        let _ = writeln!(o, "acpimon_heartbeat_latency_seconds_bucket{{vm=\"{vm}\",le=\"+Inf\"}} {}", v.latency_count);
+        let _ = writeln!(
+            o,
+            "acpimon_heartbeat_latency_seconds_bucket{{vm=\"{vm}\",le=\"+Inf\"}} {}",
+            v.latency_count
+        );
         let _ = writeln!(o, "acpimon_heartbeat_latency_seconds_sum{{vm=\"{vm}\"}} {}", v.latency_sum);
         let _ = writeln!(o, "acpimon_heartbeat_latency_seconds_count{{vm=\"{vm}\"}} {}", v.latency_count);
     }
@@ -210,22 +234,43 @@ fn render(status: &StatusView, full: &[VmView]) -> String {
     scenario_lines(&mut o, full, "acpimon_scenario_misses_total", |s| s.misses_total as f64);
     header(&mut o, "acpimon_scenario_answers_total", "counter", "Probes that answered.");
     scenario_lines(&mut o, full, "acpimon_scenario_answers_total", |s| s.answers_total as f64);
-    header(&mut o, "acpimon_scenario_consecutive_misses", "gauge", "Misses in a row (the threshold counts these).");
+    header(
+        &mut o,
+        "acpimon_scenario_consecutive_misses",
+        "gauge",
+        "Misses in a row (the threshold counts these).",
+    );
     scenario_lines(&mut o, full, "acpimon_scenario_consecutive_misses", |s| f64::from(s.consecutive_misses));
     header(&mut o, "acpimon_scenario_available", "gauge", "1 if the scenario can run for the VM.");
-    scenario_lines(&mut o, full, "acpimon_scenario_available", |s| if s.unavailable.is_none() { 1.0 } else { 0.0 });
-    header(&mut o, "acpimon_last_record_age_seconds", "gauge", "Time since the region last had a new record.");
+    scenario_lines(&mut o, full, "acpimon_scenario_available", |s| {
+        if s.unavailable.is_none() {
+            1.0
+        } else {
+            0.0
+        }
+    });
+    header(
+        &mut o,
+        "acpimon_last_record_age_seconds",
+        "gauge",
+        "Time since the region last had a new record.",
+    );
     for v in &status.vms {
         if let Some(a) = v.last_record_age_s {
             let _ = writeln!(o, "acpimon_last_record_age_seconds{{vm=\"{}\"}} {a:.3}", esc(&v.name));
         }
     }
-    let counters: [(&str, &str, fn(&VmView) -> u64); 5] = [
+    type Counter = (&'static str, &'static str, fn(&VmView) -> u64);
+    let counters: [Counter; 5] = [
         ("acpimon_reboots_total", "Guest reboots seen.", |v| v.reboots),
         ("acpimon_diagnostics_total", "Diagnostic bundles written.", |v| v.diagnostics_ok),
-        ("acpimon_diagnostics_failed_total", "Diagnostic runs that could not write a bundle.", |v| v.diagnostics_failed),
+        ("acpimon_diagnostics_failed_total", "Diagnostic runs that could not write a bundle.", |v| {
+            v.diagnostics_failed
+        }),
         ("acpimon_recoveries_total", "Recovery actions taken.", |v| v.recoveries),
-        ("acpimon_recoveries_refused_total", "Recovery actions refused by the rate limit.", |v| v.recoveries_refused),
+        ("acpimon_recoveries_refused_total", "Recovery actions refused by the rate limit.", |v| {
+            v.recoveries_refused
+        }),
     ];
     for (name, help, get) in counters {
         header(&mut o, name, "counter", help);
@@ -236,12 +281,32 @@ fn render(status: &StatusView, full: &[VmView]) -> String {
     let f = &status.forward;
     let forward: [(&str, &str, &str, u64); 7] = [
         ("acpimon_forward_delivered_total", "counter", "Events the controller acknowledged.", f.delivered),
-        ("acpimon_forward_duplicates_total", "counter", "Deliveries the controller already had.", f.duplicates_acknowledged),
-        ("acpimon_forward_failed_attempts_total", "counter", "Delivery attempts that failed.", f.attempts_failed),
+        (
+            "acpimon_forward_duplicates_total",
+            "counter",
+            "Deliveries the controller already had.",
+            f.duplicates_acknowledged,
+        ),
+        (
+            "acpimon_forward_failed_attempts_total",
+            "counter",
+            "Delivery attempts that failed.",
+            f.attempts_failed,
+        ),
         ("acpimon_forward_pending_events", "gauge", "Events in the spool.", f.pending_events as u64),
         ("acpimon_forward_pending_bytes", "gauge", "Bytes in the spool.", f.pending_bytes),
-        ("acpimon_forward_rejected_full_total", "counter", "Events refused because the spool was full.", f.rejected_full),
-        ("acpimon_forward_hook_failures_total", "counter", "Analyzer hook runs that failed.", f.hook_failures),
+        (
+            "acpimon_forward_rejected_full_total",
+            "counter",
+            "Events refused because the spool was full.",
+            f.rejected_full,
+        ),
+        (
+            "acpimon_forward_hook_failures_total",
+            "counter",
+            "Analyzer hook runs that failed.",
+            f.hook_failures,
+        ),
     ];
     for (name, kind, help, value) in forward {
         header(&mut o, name, kind, help);
@@ -292,7 +357,10 @@ pub async fn serve(
     }
 }
 
-async fn respond(req: Request<Incoming>, registry: Arc<Registry>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(
+    req: Request<Incoming>,
+    registry: Arc<Registry>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let reply = |code: StatusCode, ctype: &str, body: String| {
         Ok(Response::builder()
             .status(code)

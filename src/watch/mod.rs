@@ -87,11 +87,15 @@ pub async fn serve(
         None => None,
     };
     let shared = Arc::new(Shared { config: config.clone(), forward: forwarder.clone(), registry, liveness });
-    service_event(&shared, "service-started", json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "state_dir": config.state_dir,
-        "metrics": metrics_addr,
-    }));
+    service_event(
+        &shared,
+        "service-started",
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "state_dir": config.state_dir,
+            "metrics": metrics_addr,
+        }),
+    );
     let notifier = liveness::Notifier::from_env();
     notifier.notify(&format!("READY=1\nSTATUS=watching {}", config.state_dir.display()));
     println!(
@@ -108,7 +112,9 @@ pub async fn serve(
     let mut vms: BTreeMap<String, Running> = BTreeMap::new();
     let mut invalid: BTreeMap<String, String> = BTreeMap::new();
     let mut discover = tokio::time::interval(config.discover_interval);
-    let mut pulse = tokio::time::interval(notifier.watchdog_every.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1)));
+    let mut pulse = tokio::time::interval(
+        notifier.watchdog_every.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1)),
+    );
     loop {
         tokio::select! {
             _ = discover.tick() => {
@@ -140,12 +146,16 @@ pub async fn serve(
     for (name, r) in vms {
         let left = deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(left, r.task).await.is_err() {
-            eprintln!("acpimon: stopping: the monitor of {name} did not stop within {STOP_DEADLINE:?}; leaving it");
+            eprintln!(
+                "acpimon: stopping: the monitor of {name} did not stop within {STOP_DEADLINE:?}; leaving it"
+            );
         }
     }
     let _ = stop_all_tx.send(true);
     if tokio::time::timeout(STOP_DEADLINE, forward_join).await.is_err() {
-        eprintln!("acpimon: stopping: the forwarder did not stop in time; its spool is kept for the next start");
+        eprintln!(
+            "acpimon: stopping: the forwarder did not stop in time; its spool is kept for the next start"
+        );
     }
     println!("{} acpimon watch: stopped", now_rfc3339());
     Ok(())
@@ -207,7 +217,11 @@ pub fn scan(state_dir: &Path) -> BTreeMap<String, PathBuf> {
 
 /// Starts monitors for new VMs, stops those whose directory went away, restarts any that
 /// ended on their own.
-fn discover_once(shared: &Arc<Shared>, vms: &mut BTreeMap<String, Running>, invalid: &mut BTreeMap<String, String>) {
+fn discover_once(
+    shared: &Arc<Shared>,
+    vms: &mut BTreeMap<String, Running>,
+    invalid: &mut BTreeMap<String, String>,
+) {
     let found = scan(&shared.config.state_dir);
     vms.retain(|name, r| {
         if found.get(name) == Some(&r.dir) {

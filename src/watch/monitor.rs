@@ -138,7 +138,8 @@ impl Monitor {
             match self.attach().await {
                 Ok(att) => self.attached(att, &mut stop).await,
                 Err(why) => {
-                    if let Some(t) = self.machine.gone(why.clone(), json!({ "attach": why }), Instant::now()) {
+                    if let Some(t) = self.machine.gone(why.clone(), json!({ "attach": why }), Instant::now())
+                    {
                         self.transition(t, None);
                     }
                     self.shared.liveness.beat(&self.loop_name);
@@ -183,7 +184,9 @@ impl Monitor {
         let (region, region_why) = match Region::open(&d.region, Access::ReadWrite) {
             Ok(r) => match d.ssdt_config().ok().map(|c| c.slot) {
                 Some(slot) => match channel::locate(&qmp, slot).await {
-                    Ok(c @ (Channel::AboveFourGib { .. } | Channel::NoDevice)) => (None, format!("no region: {c}")),
+                    Ok(c @ (Channel::AboveFourGib { .. } | Channel::NoDevice)) => {
+                        (None, format!("no region: {c}"))
+                    }
                     _ => (Some(Arc::new(r)), String::new()),
                 },
                 None => (Some(Arc::new(r)), String::new()),
@@ -313,9 +316,10 @@ impl Monitor {
             let unseen = match (obs.reboot, known) {
                 (Some(reboot), _) => Some(serde_json::to_value(reboot).expect("serialises")),
                 // The boot count moved while nobody watched (the service was down).
-                (None, Some(k)) if k != record.boot_count => {
-                    Some(serde_json::to_value(Reboot::BootCountChanged { from: k, to: record.boot_count }).unwrap())
-                }
+                (None, Some(k)) if k != record.boot_count => Some(
+                    serde_json::to_value(Reboot::BootCountChanged { from: k, to: record.boot_count })
+                        .unwrap(),
+                ),
                 _ => None,
             };
             if let Some(evidence) = unseen {
@@ -348,7 +352,8 @@ impl Monitor {
                 }
             }
             "SHUTDOWN" => {
-                let why = format!("the guest shut down ({})", ev.raw["data"]["reason"].as_str().unwrap_or("?"));
+                let why =
+                    format!("the guest shut down ({})", ev.raw["data"]["reason"].as_str().unwrap_or("?"));
                 self.machine.gone(why, json!({ "qmp_event": ev.raw }), now)
             }
             _ => None,
@@ -382,9 +387,18 @@ impl Monitor {
             detail["attached"] = extra;
         }
         let key = self.emit("transition", detail);
-        if t.to.is_failure() && self.memory.pending_diagnostics.is_none() && !self.settings.diagnostics.is_empty() {
+        if t.to.is_failure()
+            && self.memory.pending_diagnostics.is_none()
+            && !self.settings.diagnostics.is_empty()
+        {
             let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "");
-            let bundle = self.shared.config.data_dir.join("bundles").join(&self.name).join(format!("{stamp}-{}", t.to));
+            let bundle = self
+                .shared
+                .config
+                .data_dir
+                .join("bundles")
+                .join(&self.name)
+                .join(format!("{stamp}-{}", t.to));
             self.memory.pending_diagnostics = Some(json!({
                 "kind": t.to,
                 "time": now_rfc3339(),

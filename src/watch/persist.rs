@@ -67,7 +67,10 @@ pub fn load(path: &Path) -> (Memory, Option<String>) {
         Err(e) => {
             let aside = path.with_extension("json.corrupt");
             let _ = std::fs::rename(path, &aside);
-            (Memory::fresh(), Some(format!("{} is corrupt ({e}); moved to {}", path.display(), aside.display())))
+            (
+                Memory::fresh(),
+                Some(format!("{} is corrupt ({e}); moved to {}", path.display(), aside.display())),
+            )
         }
     }
 }

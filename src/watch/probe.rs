@@ -43,7 +43,8 @@ pub fn unavailable(scenario: &Scenario, ch: &Channels, console_why: &str) -> Opt
         Probe::AcpiHeartbeat | Probe::Thermal if ch.region.is_none() => Some(ch.region_why.clone()),
         Probe::Console { .. } if ch.console.is_none() => Some(format!("no serial console: {console_why}")),
         Probe::Thermal if ch.thermal_period.is_none() => Some(
-            "the VM's table has no thermal zone; prepare it with --thermal-period-ds to use this scenario".into(),
+            "the VM's table has no thermal zone; prepare it with --thermal-period-ds to use this scenario"
+                .into(),
         ),
         _ => None,
     }
@@ -193,10 +194,14 @@ async fn console(c: &Console, command: &str, expect: &Regex, timeout: Duration) 
     match c.wait_until(mark, timeout, |seen| expect.is_match(seen)).await {
         Ok(seen) => {
             let line = seen.lines().find(|l| expect.is_match(l)).unwrap_or("").trim();
-            answered(start.elapsed(), format!("'{command}' answered in {}: {}", ms(start.elapsed()), clip(line, 120)))
+            answered(
+                start.elapsed(),
+                format!("'{command}' answered in {}: {}", ms(start.elapsed()), clip(line, 120)),
+            )
         }
         Err(seen) => {
-            let tail: String = seen.trim().chars().rev().take(160).collect::<Vec<_>>().into_iter().rev().collect();
+            let tail: String =
+                seen.trim().chars().rev().take(160).collect::<Vec<_>>().into_iter().rev().collect();
             miss(format!(
                 "'{command}' got no output matching /{}/ within {}; the console showed: {:?}",
                 expect.as_str(),

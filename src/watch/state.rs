@@ -214,7 +214,9 @@ impl Machine {
                 self.incident = true;
                 self.go(State::Panicked, "QEMU reports the guest panicked".into(), evidence, now)
             }
-            "shutdown" => self.go(State::Gone, "the guest powered off; QEMU is still running".into(), evidence, now),
+            "shutdown" => {
+                self.go(State::Gone, "the guest powered off; QEMU is still running".into(), evidence, now)
+            }
             "running" => {
                 if self.state == State::Gone {
                     self.restart_grace(now);
@@ -274,7 +276,12 @@ impl Machine {
         if self.state.is_failure() || self.state == State::Gone {
             return None;
         }
-        self.go(State::Paused, "QEMU stopped the VM's vCPUs (QMP STOP)".into(), json!({ "qmp_event": event }), now)
+        self.go(
+            State::Paused,
+            "QEMU stopped the VM's vCPUs (QMP STOP)".into(),
+            json!({ "qmp_event": event }),
+            now,
+        )
     }
 
     /// QMP `RESUME`.

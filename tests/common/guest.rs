@@ -130,8 +130,13 @@ impl Guest {
             cmdline,
         ]);
         let wait_ready = spec.wait_ready && !spec.watched;
-        let spec =
-            VmSpec { program: qemu(), args, prepared, readconfig: spec.readconfig, leave_to_watch: spec.watched };
+        let spec = VmSpec {
+            program: qemu(),
+            args,
+            prepared,
+            readconfig: spec.readconfig,
+            leave_to_watch: spec.watched,
+        };
         let vm = Vm::launch(spec).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
         let guest = Guest { vm, _dir: dir };
         if wait_ready {

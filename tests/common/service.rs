@@ -17,10 +17,11 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn spawn(args: &[&str], log: &Path) -> Child {
+fn spawn(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Child {
     let out = std::fs::File::create(log).unwrap();
     Command::new(env!("CARGO_BIN_EXE_acpimon"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(out)
@@ -38,12 +39,23 @@ pub struct Service {
     pub log: PathBuf,
     work: PathBuf,
     starts: usize,
+    env: Vec<(String, String)>,
 }
 
 impl Service {
     /// Writes `config` (TOML, without `[metrics]`, `state_dir` and `data_dir`, which this adds)
     /// and starts the service; returns once `/status` answers.
     pub async fn start(state_dir: &Path, work: &Path, config: &str) -> Service {
+        Service::start_with_env(state_dir, work, config, &[]).await
+    }
+
+    /// [`Service::start`] with more environment variables (e.g. systemd's).
+    pub async fn start_with_env(
+        state_dir: &Path,
+        work: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Service {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let data_dir = work.join("data");
         let text = format!(
@@ -53,8 +65,17 @@ impl Service {
         );
         let config_path = work.join("watch.toml");
         std::fs::write(&config_path, text).unwrap();
-        let mut s =
-            Service { child: None, config_path, addr, data_dir, log: PathBuf::new(), work: work.into(), starts: 0 };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut s = Service {
+            child: None,
+            config_path,
+            addr,
+            data_dir,
+            log: PathBuf::new(),
+            work: work.into(),
+            starts: 0,
+            env,
+        };
         s.restart().await;
         s
     }
@@ -63,7 +84,8 @@ impl Service {
     pub async fn restart(&mut self) {
         self.starts += 1;
         self.log = self.work.join(format!("watch-{}.log", self.starts));
-        self.child = Some(spawn(&["watch", "--config", self.config_path.to_str().unwrap()], &self.log));
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.child = Some(spawn(&["watch", "--config", self.config_path.to_str().unwrap()], &self.log, &env));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.try_status().await.is_ok() {
@@ -128,7 +150,9 @@ impl Service {
     /// Every event in the JSON-lines log.
     pub fn events(&self) -> Vec<Event> {
         let text = std::fs::read_to_string(self.data_dir.join("events.jsonl")).unwrap_or_default();
-        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}"))).collect()
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}")))
+            .collect()
     }
 
     /// Waits for the first event satisfying `pred`.
@@ -167,11 +191,19 @@ impl Controller {
     pub async fn start(port: u16, store: &Path) -> Controller {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log = store.with_extension("log");
-        let child = spawn(&["controller", "--listen", &addr.to_string(), "--store", store.to_str().unwrap()], &log);
+        let child = spawn(
+            &["controller", "--listen", &addr.to_string(), "--store", store.to_str().unwrap()],
+            &log,
+            &[],
+        );
         let c = Controller { child, addr, store: store.into(), log };
         let deadline = Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(Instant::now() < deadline, "the controller did not listen on {addr}: {:?}", std::fs::read_to_string(&c.log));
+            assert!(
+                Instant::now() < deadline,
+                "the controller did not listen on {addr}: {:?}",
+                std::fs::read_to_string(&c.log)
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         c
@@ -195,7 +227,11 @@ impl Controller {
             if missing.is_empty() {
                 return;
             }
-            assert!(start.elapsed() < timeout, "the controller lacks {} events after {timeout:?}: {missing:?}", missing.len());
+            assert!(
+                start.elapsed() < timeout,
+                "the controller lacks {} events after {timeout:?}: {missing:?}",
+                missing.len()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -71,8 +71,13 @@ fn a_full_file_resolves_with_per_vm_overrides() {
     assert_eq!(d.pause, PausePolicy::Exempt);
     assert_eq!(d.recovery, Recovery { action: RecoveryAction::Reset, max_per_hour: 2 });
     assert_eq!(d.scenarios.len(), 2);
-    assert_eq!((d.scenarios[0].interval, d.scenarios[0].timeout, d.scenarios[0].threshold), (Duration::from_millis(500), Duration::from_secs(1), 4));
-    assert!(matches!(&d.scenarios[1].probe, Probe::Console { command, .. } if command == "cat /proc/loadavg"));
+    assert_eq!(
+        (d.scenarios[0].interval, d.scenarios[0].timeout, d.scenarios[0].threshold),
+        (Duration::from_millis(500), Duration::from_secs(1), 4)
+    );
+    assert!(
+        matches!(&d.scenarios[1].probe, Probe::Console { command, .. } if command == "cat /proc/loadavg")
+    );
     // A VM's own scenarios replace the defaults'; everything else is inherited.
     let web = c.settings_for("web");
     assert_eq!(web.scenarios.len(), 1);
@@ -104,9 +109,18 @@ recovery = { action = "reboot-harder" }
     assert_eq!(lines, vec![2, 6, 9, 14], "{e}");
     let shown = e.to_string();
     assert!(shown.starts_with("watch.toml has 4 problems; fix them and start again:"), "{shown}");
-    assert!(shown.contains("watch.toml:2: defaults.scenario 'acpi-heartbeat': threshold must be 1 to 1000"), "{shown}");
-    assert!(shown.contains("watch.toml:6: defaults.scenario 'tcp': needs `address = \"HOST:PORT\"`"), "{shown}");
-    assert!(shown.contains("watch.toml:9: defaults.scenario 'console': expect is not a regular expression"), "{shown}");
+    assert!(
+        shown.contains("watch.toml:2: defaults.scenario 'acpi-heartbeat': threshold must be 1 to 1000"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("watch.toml:6: defaults.scenario 'tcp': needs `address = \"HOST:PORT\"`"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("watch.toml:9: defaults.scenario 'console': expect is not a regular expression"),
+        "{shown}"
+    );
     assert!(shown.contains("watch.toml:14: vm.web.recovery: action 'reboot-harder' is unknown"), "{shown}");
 }
 

@@ -116,7 +116,11 @@ fn a_panic_is_sticky_until_the_guest_reboots() {
     }
     assert_eq!(to(m.rebooted(json!({"qmp_event": "RESET"}), t0)), Some(State::Starting));
     assert_eq!(to(m.probe(HB, ok(1), t0)), None);
-    assert_eq!(to(m.probe(CON, ok(1), t0)), Some(State::Recovered), "the incident ends with the reboot's recovery");
+    assert_eq!(
+        to(m.probe(CON, ok(1), t0)),
+        Some(State::Recovered),
+        "the incident ends with the reboot's recovery"
+    );
 }
 
 #[test]
