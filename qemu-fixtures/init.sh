@@ -179,8 +179,10 @@ case "$scenario" in
     ;;
   starve)
     make_spinner /bin/rt-spin
-    if ! /bin/rt-spin check; then
-      say "error: rt-spin cannot make itself SCHED_FIFO (status $?); not starving"
+    /bin/rt-spin check
+    rc=$?
+    if [ "$rc" != 0 ]; then
+      say "error: rt-spin cannot make itself SCHED_FIFO (status $rc); not starving"
       block_forever
     fi
     ncpu=$(grep -c '^processor' /proc/cpuinfo)

@@ -135,3 +135,41 @@ fn run_refuses_a_colliding_command_line_before_launch() {
         &["PCI slot 0f.0 is taken by -device e1000,addr=0f.0", "parallel port", "--slot"],
     );
 }
+
+#[test]
+fn watch_checks_its_configuration_and_reports_every_problem_with_its_line() {
+    let shipped = common::repo().join("dist/watch.toml");
+    let out = acpimon(&["watch", "--config", shipped.to_str().unwrap(), "--check"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary = text(&out.stdout);
+    assert!(summary.contains("scenario acpi-heartbeat"), "{summary}");
+    assert!(summary.contains("diagnostics \"console-tail\", \"sysrq\""), "{summary}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("watch.toml");
+    common::write(
+        &bad,
+        b"[[defaults.scenario]]\nkind = \"tcp\"\n\n[[defaults.diagnostic]]\nstep = \"sysrq\"\nkeys = \"c\"\n",
+    );
+    let out = acpimon(&["watch", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("watch.toml has 2 problems; fix them and start again:"), "{err}");
+    assert!(err.contains("watch.toml:1: defaults.scenario 'tcp': needs `address"), "{err}");
+    assert!(err.contains("watch.toml:4: defaults.diagnostic:"), "{err}");
+    assert!(out.stdout.is_empty());
+    refused(
+        &["watch", "--config", "/nonexistent/watch.toml"],
+        &["/nonexistent/watch.toml", "cannot read it"],
+    );
+}
+
+#[test]
+fn status_without_a_service_says_how_to_find_one() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = acpimon(&["status", "--addr", &format!("127.0.0.1:{port}")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("no acpimon watch answers on 127.0.0.1:"), "{err}");
+    assert!(err.contains("--addr"), "{err}");
+}

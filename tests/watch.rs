@@ -142,10 +142,11 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kernel_that_stops_answering_is_unresponsive_and_sysrq_shows_why() {
+async fn a_kernel_that_stops_answering_is_unresponsive_sysrq_shows_why_and_recovery_is_rate_limited() {
     let work = work();
     let g = guest("starve", 12).await;
-    let svc = watch(&g, work.path(), "[defaults]\nstartup_grace = \"90s\"\n").await;
+    let config = "[defaults]\nstartup_grace = \"90s\"\nrecovery = { action = \"reset\", max_per_hour = 1 }\n";
+    let svc = watch(&g, work.path(), config).await;
     svc.wait_state("guest", State::Healthy, BOOT).await;
     let (view, _) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(60)).await;
     assert!(
@@ -159,6 +160,32 @@ async fn a_kernel_that_stops_answering_is_unresponsive_and_sysrq_shows_why() {
     assert!(sysrq.contains("sysrq: Show Blocked State"), "{sysrq}");
     assert!(sysrq.contains("rt-spin"), "the backtraces name the task that starves the kernel: {sysrq}");
     assert!(step_file(&bundle, "registers").contains("RIP="));
+
+    // Recovery: a reset, which is a reboot (an event, not a failure), after which the guest
+    // answers again; the same guest starves again and the rate limit refuses a second reset.
+    let r = svc.wait_event("recovery", Duration::from_secs(30), |e| e.kind == "recovery").await;
+    assert_eq!(
+        (r.detail["action"].as_str(), r.detail["outcome"].as_str()),
+        (Some("reset"), Some("done")),
+        "{r:?} {:#?}",
+        svc.events()
+    );
+    let reboot = svc.wait_event("reboot", Duration::from_secs(30), |e| e.kind == "reboot").await;
+    assert_eq!(reboot.detail["evidence"]["qmp_event"]["event"], "RESET");
+    svc.wait_state("guest", State::Recovered, BOOT).await;
+    let refused = svc
+        .wait_event("refused recovery", Duration::from_secs(120), |e| {
+            e.kind == "recovery" && e.detail["outcome"] == "refused"
+        })
+        .await;
+    assert!(refused.detail["detail"].as_str().unwrap().contains("at most 1 allowed"), "{refused:?}");
+    let t = transitions(&svc.events());
+    let alerts = t.iter().filter(|(_, to)| to == "unresponsive").count();
+    assert_eq!(alerts, 2, "one alert per incident: {t:?}");
+    assert!(
+        !t.iter().any(|(from, to)| from == "starting" && to == "unresponsive"),
+        "a reboot is not a failure: {t:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

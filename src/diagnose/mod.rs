@@ -52,14 +52,18 @@
 //! Files are named `NN-<step>.<ext>` (NN = position in the list, from 01). A step that failed
 //! or timed out may still have written a (partial) file. Summaries:
 //! `console-tail` `{ "quiet": bool, "printed_while_settling": bytes }`;
-//! `sysrq` `{ "break": "qmp" | "telnet", "keys": [ { "key", "bytes", "header", "disabled" } ] }`
-//! (`header` is the kernel's "sysrq: ..." line, `disabled` whether it refused the key);
+//! `sysrq` `{ "break": "qmp" | "telnet", "keys": [ { "key", "bytes", "header", "disabled",
+//! "quiet" } ], "notes": [text] }` (`bytes` printed after the key, `header` the kernel's
+//! "sysrq: ..." line or null, `disabled` whether the kernel refused the key, `quiet` whether the
+//! output ended before `per_key`);
 //! `qmp-status` the `query-status` reply; `qmp-cpus` `{ "count" }`;
 //! `registers` `{ "method": "info registers -a" | "per-cpu", "cpus": [ { "cpu", "rip", "cpl", "halted" } ] }`;
 //! `inject-nmi` `{ "console": bool, "printed": bytes }`;
 //! `memory-dump` `{ "format": "kdump-raw-zlib" | "kdump-zlib", "ram_bytes", "max_bytes", "note"? }`;
-//! `gdbstub` `{ "status_before", "status_after", "threads": [ { "thread", "rip", "rsp", "eflags" } ] }`;
-//! `script` `{ "exit": code | null, "signal": number | null, "dropped_bytes" }`.
+//! `gdbstub` `{ "status_before", "status_after", "threads": [ { "thread", "rip", "rsp", "eflags" } ],
+//! "notes": [text] }` (statuses as `query-status` names them; values as "0x..." hex);
+//! `script` `{ "exit": code | null, "signal": number | null, "dropped_bytes",
+//! "killed_leftovers": bool }` (`killed_leftovers`: processes it left behind were killed).
 
 mod gdb;
 mod qemu;
@@ -83,7 +87,7 @@ pub const SCHEMA: &str = "acpimon.bundle/1";
 pub const MAX_FILE: usize = 1 << 20;
 /// How long a step may run past its timeout to undo what it did (stop the gdbstub, resume
 /// the VM, kill a script) before it is abandoned.
-const CLEANUP_GRACE: Duration = Duration::from_secs(5);
+const CLEANUP_GRACE: Duration = Duration::from_secs(8);
 
 /// Every SysRq key Linux documents on x86, with what it does and whether it changes the
 /// guest (crash, reboot, kill, remount, ...) rather than only printing.
@@ -252,12 +256,8 @@ impl StepSpec {
                     return Err("sysrq chardev must not be empty".into());
                 }
             }
-            StepSpec::Script { argv } => {
-                if argv.first().is_none_or(|a| a.is_empty()) {
-                    return Err(
-                        "script argv must name a program, e.g. [\"/usr/bin/collect\", \"--all\"]".into()
-                    );
-                }
+            StepSpec::Script { argv } if argv.first().is_none_or(|a| a.is_empty()) => {
+                return Err("script argv must name a program, e.g. [\"/usr/bin/collect\", \"--all\"]".into());
             }
             StepSpec::MemoryDump { max_bytes } if *max_bytes == 0 => {
                 return Err("memory-dump max_bytes must be more than zero".into());

@@ -167,6 +167,12 @@ pub struct Problem {
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
+        if let [p] = self.problems.as_slice() {
+            return match p.line {
+                0 => write!(f, "{}: {}", self.file.display(), p.message),
+                l => write!(f, "{}:{l}: {}", self.file.display(), p.message),
+            };
+        }
         write!(f, "{} has {n} problem{}; fix {} and start again:", self.file.display(), plural(n), them(n))?;
         for p in &self.problems {
             match p.line {

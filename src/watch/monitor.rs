@@ -409,7 +409,8 @@ impl Monitor {
             }));
             self.save();
         }
-        let _ = self.state_tx.send(t.to);
+        // send_replace: the value must change even when no diagnostics task is listening.
+        self.state_tx.send_replace(t.to);
         let mut v = self.view.lock().unwrap();
         v.state = t.to;
         v.since = now_rfc3339();
