@@ -7,6 +7,7 @@
 pub mod abi;
 pub mod bench;
 pub mod console;
+pub mod demo;
 pub mod diagnose;
 pub mod forward;
 pub mod generate;

@@ -70,16 +70,25 @@ enum Command {
         #[arg(last = true, required = true, value_name = "QEMU ARGS")]
         qemu: Vec<String>,
     },
-    /// Boot the built-in test guest under `acpimon run` and show its heartbeat.
+    /// The whole path on the built-in test guest, watched live: a reference controller, the
+    /// guest, and `acpimon watch` over it. Runs until Ctrl-C or --duration.
     Demo {
-        #[command(flatten)]
-        run: RunArgs,
+        /// Where the VM's directory goes [default: $XDG_RUNTIME_DIR/acpimon or $TMPDIR/acpimon-UID].
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
         /// Machine type for the demo guest.
         #[arg(long, default_value = "pc", value_parser = ["pc", "q35"])]
         machine: String,
         /// Boot through OVMF (UEFI) instead of SeaBIOS (PVH).
         #[arg(long)]
         ovmf: bool,
+        /// Stop after this many seconds; exit 0 only if everything shown happened.
+        #[arg(long, value_name = "SECS")]
+        duration: Option<f64>,
+        /// Stop the guest's vCPUs this many seconds after it is healthy, to show a hang being
+        /// caught, diagnosed and delivered; it is resumed once the bundle is written.
+        #[arg(long, value_name = "SECS")]
+        hang_at: Option<f64>,
     },
     /// Measure trigger-to-record latency and sustained events/s on the built-in test guest,
     /// beside the bare QMP human-monitor-command round trip measured in the same run.
@@ -253,8 +262,8 @@ enum Error {
     Trigger(#[from] TriggerError),
     #[error(transparent)]
     Bench(#[from] acpimon::bench::BenchError),
-    #[error("the test guest could not be built: {0}")]
-    Fixture(String),
+    #[error(transparent)]
+    Demo(#[from] acpimon::demo::DemoError),
     #[error("{missed} of {sent} heartbeats were not acknowledged")]
     Unacknowledged { missed: u64, sent: u64 },
     #[error("QEMU exited with status {0}")]
@@ -326,7 +335,17 @@ fn run(command: Command) -> Result<(), Error> {
             let (program, args) = qemu.split_first().expect("clap requires the QEMU command");
             runtime().block_on(run_vm(&run, program.clone(), args.to_vec()))
         }
-        Command::Demo { run, machine, ovmf } => runtime().block_on(demo(&run, &machine, ovmf)),
+        Command::Demo { state_dir, machine, ovmf, duration, hang_at } => {
+            let opts = acpimon::demo::DemoOptions {
+                state_dir: state_dir.unwrap_or_else(default_state_dir),
+                machine,
+                ovmf,
+                duration: duration.map(Duration::from_secs_f64),
+                hang_at: hang_at.map(Duration::from_secs_f64),
+            };
+            runtime().block_on(async { acpimon::demo::run(opts, shutdown_on_signal()).await })?;
+            Ok(())
+        }
         Command::Bench { count, seconds, machine, state_dir } => {
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
             runtime().block_on(bench(count.max(1), seconds, &machine, &state_dir))
@@ -510,51 +529,12 @@ fn print_summary(s: &Summary, json: bool) {
     }
 }
 
-/// `acpimon demo`: the built-in guest under `run`.
-async fn demo(args: &RunArgs, machine: &str, ovmf: bool) -> Result<(), Error> {
-    run_vm(args, "qemu-system-x86_64".into(), demo_qemu_args(machine, ovmf)?).await
-}
-
-/// The built-in test guest's QEMU arguments (building the guest if it is not cached).
-fn demo_qemu_args(machine: &str, ovmf: bool) -> Result<Vec<String>, Error> {
-    let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/qemu-fixtures/build-guest"));
-    let out = std::process::Command::new(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| Error::Fixture(format!("cannot run {}: {e}", script.display())))?;
-    if !out.status.success() {
-        return Err(Error::Fixture(format!("{} failed; run tools/setup first", script.display())));
-    }
-    let guest = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_string();
-    let g = Path::new(&guest);
-    let mut qemu_args: Vec<String> =
-        ["-M", machine, "-m", "256", "-nodefaults", "-display", "none"].map(String::from).to_vec();
-    let kernel = if ovmf {
-        // Debian's OVMF 2022.11 needs a distrusted phys-bits to honour the low-BAR knob.
-        qemu_args
-            .extend(["-bios", "/usr/share/ovmf/OVMF.fd", "-cpu", "qemu64,phys-bits=37"].map(String::from));
-        "vmlinuz"
-    } else {
-        "vmlinux"
-    };
-    let file = |name: &str| g.join(name).to_string_lossy().into_owned();
-    qemu_args.extend([
-        "-kernel".into(),
-        file(kernel),
-        "-initrd".into(),
-        file("initrd.img"),
-        "-append".into(),
-        "console=ttyS0 acpimon.scenario=healthy".into(),
-    ]);
-    Ok(qemu_args)
-}
-
 /// `acpimon bench`.
 async fn bench(count: usize, seconds: f64, machine: &str, state_dir: &Path) -> Result<(), Error> {
     let prepared = launch::prepare(state_dir, "bench", &SsdtConfig::default())?;
     let spec = VmSpec {
         program: "qemu-system-x86_64".into(),
-        args: demo_qemu_args(machine, false)?,
+        args: acpimon::demo::guest_args(machine, false)?,
         prepared,
         readconfig: false,
         leave_to_watch: false,

@@ -1,0 +1,264 @@
+//! `acpimon demo`: the whole path on the built-in test guest. A reference controller, the
+//! guest launched as EVE launches (paused, its QMP and console left to the service), and
+//! `acpimon watch` over it, all in this process; the service's own log lines show every
+//! transition live. With `--hang-at`, the demo stops the guest's vCPUs to show a hang being
+//! detected, diagnosed, delivered, and recovered from.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::forward::controller::{self, ControllerOptions};
+use crate::generate::SsdtConfig;
+use crate::launch::{prepare, Vm, VmError, VmSpec};
+use crate::watch::config::{Config, ControllerSettings};
+use crate::watch::metrics::{fetch_status, StatusView, VmView};
+use crate::watch::state::State;
+
+const NAME: &str = "demo";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("the test guest could not be built: {0}")]
+    Fixture(String),
+    #[error(transparent)]
+    Prepare(#[from] crate::launch::PrepareError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Watch(#[from] crate::watch::WatchError),
+    #[error(transparent)]
+    Controller(#[from] controller::ControllerError),
+    #[error("{0}")]
+    Expectation(String),
+}
+
+pub struct DemoOptions {
+    pub state_dir: PathBuf,
+    pub machine: String,
+    pub ovmf: bool,
+    /// Stop after this long; otherwise run until `shutdown`.
+    pub duration: Option<Duration>,
+    /// Stop the guest's vCPUs this long after it is healthy, then resume it once the bundle
+    /// is written.
+    pub hang_at: Option<Duration>,
+}
+
+/// The built-in test guest's QEMU arguments (building the guest if it is not cached).
+pub fn guest_args(machine: &str, ovmf: bool) -> Result<Vec<String>, DemoError> {
+    let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/qemu-fixtures/build-guest"));
+    let out = std::process::Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| DemoError::Fixture(format!("cannot run {}: {e}", script.display())))?;
+    if !out.status.success() {
+        return Err(DemoError::Fixture(format!("{} failed; run tools/setup first", script.display())));
+    }
+    let guest = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_string();
+    let g = Path::new(&guest);
+    let mut args: Vec<String> =
+        ["-M", machine, "-m", "256", "-nodefaults", "-display", "none"].map(String::from).to_vec();
+    let kernel = if ovmf {
+        // Debian's OVMF 2022.11 needs a distrusted phys-bits to honour the low-BAR knob.
+        args.extend(["-bios", "/usr/share/ovmf/OVMF.fd", "-cpu", "qemu64,phys-bits=37"].map(String::from));
+        "vmlinuz"
+    } else {
+        "vmlinux"
+    };
+    let file = |name: &str| g.join(name).to_string_lossy().into_owned();
+    args.extend([
+        "-kernel".into(),
+        file(kernel),
+        "-initrd".into(),
+        file("initrd.img"),
+        "-append".into(),
+        "console=ttyS0 acpimon.scenario=healthy".into(),
+    ]);
+    Ok(args)
+}
+
+fn say(msg: &str) {
+    println!("{} demo: {msg}", crate::units::now_rfc3339());
+}
+
+/// Runs the demo; with `duration`, fails unless everything it showed happened.
+pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Result<(), DemoError> {
+    let mut args = guest_args(&opts.machine, opts.ovmf)?;
+    // Created paused, as EVE does, so the service sees the console from the first line.
+    args.push("-S".into());
+    std::fs::create_dir_all(&opts.state_dir)
+        .map_err(|e| DemoError::Expectation(format!("cannot create {}: {e}", opts.state_dir.display())))?;
+    let prepared = prepare(&opts.state_dir, NAME, &SsdtConfig::default())?;
+
+    let (stop_tx, stop) = watch::channel(false);
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let store = opts.state_dir.join(".controller");
+    let ctl_opts = ControllerOptions {
+        listen: "127.0.0.1:0".parse().expect("valid address"),
+        store: store.clone(),
+        analyzer: None,
+        analyzer_timeout: Duration::from_secs(10),
+    };
+    let ctl = tokio::spawn(controller::serve(ctl_opts, stop.clone(), Some(ready_tx)));
+    let ctl_addr = ready.await.map_err(|_| DemoError::Expectation("the controller did not start".into()))?;
+    say(&format!("reference controller on http://{ctl_addr}, storing into {}", store.display()));
+
+    let spec = VmSpec {
+        program: "qemu-system-x86_64".into(),
+        args,
+        prepared,
+        readconfig: false,
+        leave_to_watch: true,
+    };
+    let mut vm = Vm::launch(spec).await?;
+    say(&format!(
+        "QEMU {}.{}.{} started paused; its QMP and console are left to the service",
+        vm.qmp.version.0, vm.qmp.version.1, vm.qmp.version.2
+    ));
+
+    let mut config = Config::builtin(opts.state_dir.clone());
+    config.metrics = Some("127.0.0.1:0".parse().expect("valid address"));
+    config.controller = Some(ControllerSettings {
+        url: format!("http://{ctl_addr}"),
+        timeout: Duration::from_secs(5),
+        spool_max_bytes: 64 << 20,
+        spool_max_events: 100_000,
+        backoff_min: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(2),
+    });
+    let (svc_ready_tx, svc_ready) = tokio::sync::oneshot::channel();
+    let service = tokio::spawn(crate::watch::serve(config, stop.clone(), Some(svc_ready_tx)));
+    let addr = svc_ready
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| DemoError::Expectation("the service did not start".into()))?;
+    say(&format!("acpimon watch is up; in another terminal: acpimon status --addr {addr}"));
+
+    let outcome = drive(&opts, &vm, addr, &mut shutdown).await;
+    let status = fetch_status(addr, Duration::from_secs(5)).await.ok();
+    let _ = stop_tx.send(true);
+    let _ = service.await;
+    let _ = ctl.await;
+    let _ = vm.shutdown().await;
+    if let Some(s) = &status {
+        summary(s, &store);
+    }
+    outcome
+}
+
+async fn view(addr: SocketAddr) -> Option<VmView> {
+    fetch_status(addr, Duration::from_secs(5)).await.ok()?.vms.into_iter().find(|v| v.name == NAME)
+}
+
+/// Waits until the demo VM satisfies `pred`, or `timeout`, or shutdown.
+async fn until(
+    addr: SocketAddr,
+    timeout: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+    pred: impl Fn(&VmView) -> bool,
+) -> Option<VmView> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = view(addr).await {
+            if pred(&v) {
+                return Some(v);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = crate::watch::until_true(shutdown) => return None,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+    }
+}
+
+async fn drive(
+    opts: &DemoOptions,
+    vm: &Vm,
+    addr: SocketAddr,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), DemoError> {
+    let fail = |what: &str| Err(DemoError::Expectation(format!("the demo VM {what}")));
+    let start = Instant::now();
+    if until(addr, Duration::from_secs(30), shutdown, |v| v.state == State::Paused).await.is_none() {
+        return fail("was not attached within 30 s");
+    }
+    let cont = || vm.qmp.execute_raw("cont", json!({}), Duration::from_secs(5));
+    cont().await.map_err(VmError::from)?;
+    say("resumed the VM (QMP cont): it boots now");
+    if until(addr, Duration::from_secs(120), shutdown, |v| v.state == State::Healthy).await.is_none() {
+        return fail("did not become healthy within 120 s");
+    }
+    let healthy_at = Instant::now();
+    let end = opts.duration.map(|d| start + d);
+    let mut hang = opts.hang_at.map(|h| healthy_at + h);
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = crate::watch::until_true(shutdown) => return Ok(()),
+        }
+        let now = Instant::now();
+        if end.is_some_and(|e| now >= e) {
+            return Ok(());
+        }
+        if let Some(v) = view(addr).await {
+            let hb = v.scenarios.iter().find(|s| s.kind == "acpi-heartbeat");
+            say(&format!(
+                "{} · heartbeat {} · {} answered, {} missed",
+                v.state,
+                hb.and_then(|h| h.last_latency_ms).map_or("-".into(), |l| format!("{l:.2} ms")),
+                hb.map_or(0, |h| h.answers_total),
+                hb.map_or(0, |h| h.misses_total)
+            ));
+        }
+        if hang.is_some_and(|h| now >= h) {
+            hang = None;
+            say("stopping the VM's vCPUs (QMP stop) to show a hang being caught");
+            vm.qmp.execute_raw("stop", json!({}), Duration::from_secs(5)).await.map_err(VmError::from)?;
+            let Some(v) = until(addr, Duration::from_secs(90), shutdown, |v| v.last_bundle.is_some()).await
+            else {
+                return fail("hang was not diagnosed within 90 s");
+            };
+            say(&format!("bundle: {}", v.last_bundle.unwrap_or_default()));
+            cont().await.map_err(VmError::from)?;
+            say("resumed the VM (QMP cont)");
+            if until(addr, Duration::from_secs(30), shutdown, |v| v.state == State::Healthy).await.is_none() {
+                return fail("did not recover within 30 s");
+            }
+        }
+    }
+}
+
+fn summary(s: &StatusView, store: &Path) {
+    let stored = std::fs::read_dir(store.join("events")).map_or(0, |d| d.count());
+    let f = &s.forward;
+    println!(
+        "summary: events delivered {} (stored by the controller: {stored}), pending {}; the event log is {}",
+        f.delivered,
+        f.pending_events,
+        Path::new(&s.state_dir).join(".watch/events.jsonl").display()
+    );
+    for v in &s.vms {
+        for sc in &v.scenarios {
+            println!(
+                "summary: {} {}: {} answered, {} missed, last {}",
+                v.name,
+                sc.name,
+                sc.answers_total,
+                sc.misses_total,
+                sc.last_latency_ms.map_or("-".into(), |l| format!("{l:.2} ms"))
+            );
+        }
+        if let Some(b) = &v.last_bundle {
+            println!("summary: {} last bundle {b}", v.name);
+        }
+    }
+}
