@@ -139,6 +139,52 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
     g.vm.qmp.execute_raw("cont", json!({}), Duration::from_secs(5)).await.unwrap();
     svc.wait_state("guest", State::Recovered, Duration::from_secs(20)).await;
     svc.wait_state("guest", State::Healthy, Duration::from_secs(20)).await;
+
+    // QEMU exits: gone, and not a failure.
+    let _ = g.vm.qmp.execute_raw("quit", json!({}), Duration::from_secs(5)).await;
+    let (v, _) = svc.wait_state("guest", State::Gone, Duration::from_secs(20)).await;
+    assert_eq!(v.reason, "QEMU exited (its QMP connection closed)");
+    assert_eq!(svc.events().iter().filter(|e| e.kind == "bundle").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thermal_and_tcp_scenarios_judge_what_they_watch() {
+    let work = work();
+    let mut spec = GuestSpec { watched: true, extra: vec!["-S".into()], ..GuestSpec::new("pc") };
+    spec.ssdt.thermal_period_ds = Some(10);
+    let g = Guest::boot(spec).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = format!(
+        r#"
+[defaults]
+startup_grace = "90s"
+[[defaults.scenario]]
+kind = "thermal"
+[[defaults.scenario]]
+kind = "tcp"
+address = "{}"
+interval = "1s"
+timeout = "1s"
+threshold = 2
+"#,
+        listener.local_addr().unwrap()
+    );
+    let svc = watch(&g, work.path(), &config).await;
+    let (v, _) = svc.wait_state("guest", State::Healthy, BOOT).await;
+    assert!(v.scenarios.iter().all(|s| s.unavailable.is_none()), "{v:#?}");
+    let thermal = v.scenarios.iter().find(|s| s.kind == "thermal").unwrap();
+    assert!(thermal.last_detail.as_ref().unwrap().starts_with("thermal poll "), "{thermal:?}");
+
+    // The service goes away: tcp fails while the guest's own thermal polls go on.
+    drop(listener);
+    let (v, _) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(30)).await;
+    assert!(v.reason.starts_with("tcp missed 2 of 2"), "{}", v.reason);
+    assert!(v.reason.contains("while thermal answers (thermal poll"), "{}", v.reason);
+    assert!(
+        v.reason.ends_with("the guest kernel is alive but what the failing probes need is not"),
+        "{}",
+        v.reason
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,6 +383,11 @@ async fn vms_are_picked_up_and_dropped_as_their_directories_come_and_go() {
     let (v, _) = svc.wait_state("late-vm", State::Gone, Duration::from_secs(10)).await;
     assert!(v.reason.starts_with("QEMU is not running: cannot connect to QMP socket"), "{}", v.reason);
     svc.wait_event("vm-added", Duration::from_secs(5), |e| e.kind == "vm-added").await;
+    let out = common::acpimon(&["status", "--addr", &svc.addr.to_string()]);
+    let table = common::text(&out.stdout);
+    assert!(out.status.success(), "{}", common::text(&out.stderr));
+    let row = table.lines().find(|l| l.starts_with("late-vm ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains(" gone ") && row.contains("QEMU is not running"), "{table}");
 
     // Its directory goes away: it is dropped.
     std::fs::remove_dir_all(state.join("late-vm")).unwrap();

@@ -79,7 +79,7 @@ pub async fn run(index: usize, scenario: Scenario, ch: Channels, tx: mpsc::Sende
 
 enum Prober {
     Heartbeat(Heartbeat),
-    Thermal { last_count: Option<u32>, last_change: Instant },
+    Thermal { last_count: Option<u32>, last_change: Option<Instant> },
     Console,
     Tcp,
 }
@@ -93,7 +93,7 @@ impl Prober {
                     Heartbeat::new(region, ch.irq).map_err(|e| format!("cannot use the region: {e}"))?,
                 )
             }
-            Probe::Thermal => Prober::Thermal { last_count: None, last_change: Instant::now() },
+            Probe::Thermal => Prober::Thermal { last_count: None, last_change: None },
             Probe::Console { .. } => Prober::Console,
             Probe::Tcp { .. } => Prober::Tcp,
         })
@@ -106,7 +106,7 @@ impl Prober {
             (Prober::Thermal { last_count, last_change }, _) => match &ch.region {
                 Some(region) => {
                     let period = ch.thermal_period.unwrap_or(Duration::from_secs(1));
-                    thermal(region, period, timeout, last_count, last_change)
+                    thermal(region, period, timeout, last_count, last_change).await
                 }
                 None => (miss(ch.region_why.clone()), None),
             },
@@ -150,36 +150,55 @@ async fn heartbeat(hb: &mut Heartbeat, qmp: &Qmp, timeout: Duration) -> (Outcome
     }
 }
 
-fn thermal(
+/// Whether the guest's thermal polls go on: the count must have advanced within period +
+/// timeout. Until one advance is seen, the probe waits for it (up to period + timeout), so a
+/// fresh start neither trusts a stale record nor reports a miss too early.
+async fn thermal(
     region: &Region,
     period: Duration,
     timeout: Duration,
     last_count: &mut Option<u32>,
-    last_change: &mut Instant,
+    last_change: &mut Option<Instant>,
 ) -> (Outcome, Option<GuestRecord>) {
-    let record = match region.snapshot() {
-        Ok(s) => s.record,
-        Err(e) => return (miss(format!("cannot read the region: {e}")), None),
-    };
-    let count = record.map(|r| r.thermal_count);
-    let now = Instant::now();
-    if count.is_some() && count != *last_count {
-        if last_count.is_some() {
-            *last_change = now;
+    let start = Instant::now();
+    loop {
+        let record = match region.snapshot() {
+            Ok(s) => s.record,
+            Err(e) => return (miss(format!("cannot read the region: {e}")), None),
+        };
+        let count = record.map(|r| r.thermal_count);
+        let now = Instant::now();
+        if count.is_some() && last_count.is_some() && count != *last_count {
+            *last_change = Some(now);
         }
-        *last_count = count;
-    }
-    let age = now.duration_since(*last_change);
-    let detail = format!(
-        "thermal poll {} seen {:.1}s ago (period {:.1}s)",
-        count.map_or("none".into(), |c| c.to_string()),
-        age.as_secs_f64(),
-        period.as_secs_f64()
-    );
-    if age <= period + timeout {
-        (answered(age, detail), record)
-    } else {
-        (miss(detail), record)
+        if count.is_some() {
+            *last_count = count;
+        }
+        let shown = count.map_or("none".into(), |c| c.to_string());
+        match *last_change {
+            Some(at) => {
+                let age = now.duration_since(at);
+                let detail = format!(
+                    "thermal poll {shown} seen {:.1}s ago (period {:.1}s)",
+                    age.as_secs_f64(),
+                    period.as_secs_f64()
+                );
+                return if age <= period + timeout {
+                    (answered(age, detail), record)
+                } else {
+                    (miss(detail), record)
+                };
+            }
+            None if now.duration_since(start) > period + timeout => {
+                let detail = format!(
+                    "no thermal poll within {:.1}s (count {shown}, period {:.1}s)",
+                    (period + timeout).as_secs_f64(),
+                    period.as_secs_f64()
+                );
+                return (miss(detail), record);
+            }
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
 }
 
