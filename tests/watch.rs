@@ -143,7 +143,7 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
     // QEMU exits: gone, and not a failure.
     let _ = g.vm.qmp.execute_raw("quit", json!({}), Duration::from_secs(5)).await;
     let (v, _) = svc.wait_state("guest", State::Gone, Duration::from_secs(20)).await;
-    assert_eq!(v.reason, "QEMU exited (its QMP connection closed)");
+    assert_eq!(v.reason, "QEMU is quitting (QMP quit)");
     assert_eq!(svc.events().iter().filter(|e| e.kind == "bundle").count(), 1);
 }
 

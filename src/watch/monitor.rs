@@ -352,8 +352,12 @@ impl Monitor {
                 }
             }
             "SHUTDOWN" => {
-                let why =
-                    format!("the guest shut down ({})", ev.raw["data"]["reason"].as_str().unwrap_or("?"));
+                let why = match ev.raw["data"]["reason"].as_str().unwrap_or("?") {
+                    "host-qmp-quit" => "QEMU is quitting (QMP quit)".to_string(),
+                    "host-signal" => "QEMU is quitting (signal)".to_string(),
+                    "guest-shutdown" => "the guest powered off".to_string(),
+                    other => format!("the VM shut down ({other})"),
+                };
                 self.machine.gone(why, json!({ "qmp_event": ev.raw }), now)
             }
             _ => None,

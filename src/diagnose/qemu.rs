@@ -1,0 +1,230 @@
+//! Steps through QMP: queries, registers, the memory dump.
+
+use std::time::Duration;
+
+use regex::Regex;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use super::{Ctx, Done, Keep, StepResult};
+use crate::trigger::qmp::Qmp;
+
+/// Runs `command` and writes its reply as JSON; `summarize` picks the summary.
+pub(super) async fn query(
+    ctx: &Ctx<'_>,
+    qmp: &Qmp,
+    command: &str,
+    summarize: impl Fn(&Value) -> Option<Value>,
+) -> StepResult {
+    let v = qmp.execute_raw(command, json!({}), ctx.remaining()).await.map_err(|e| Done::qmp(command, e))?;
+    let mut text = serde_json::to_vec_pretty(&v).expect("JSON serialises");
+    text.push(b'\n');
+    let file = ctx.write("json", &text, Keep::Head).await?;
+    Ok(Done::ok(Some(file), summarize(&v)))
+}
+
+/// An HMP command through `human-monitor-command`, optionally on one vCPU; its output with
+/// control characters neutralised.
+async fn hmp(qmp: &Qmp, line: &str, cpu: Option<u64>, timeout: Duration) -> Result<String, Done> {
+    let mut args = json!({ "command-line": line });
+    if let Some(cpu) = cpu {
+        args["cpu-index"] = cpu.into();
+    }
+    let out = qmp
+        .execute_raw("human-monitor-command", args, timeout)
+        .await
+        .map_err(|e| Done::qmp(&format!("HMP {line}"), e))?;
+    Ok(crate::console::sanitize(out.as_str().unwrap_or_default().as_bytes()))
+}
+
+/// `registers`: HMP `info registers -a`; where QEMU does not know `-a`, `info registers` on
+/// each vCPU that `query-cpus-fast` lists.
+pub(super) async fn registers(ctx: &Ctx<'_>, qmp: &Qmp) -> StepResult {
+    let all = hmp(qmp, "info registers -a", None, ctx.remaining()).await?;
+    let (method, text) = if all.contains("CPU#") {
+        ("info registers -a", all)
+    } else {
+        let cpus = qmp
+            .execute_raw("query-cpus-fast", json!({}), ctx.remaining())
+            .await
+            .map_err(|e| Done::qmp("query-cpus-fast", e))?;
+        let mut text = format!("[acpimon: 'info registers -a' gave no CPU#: {}]\n", all.trim());
+        for idx in cpus.as_array().into_iter().flatten().filter_map(|c| c["cpu-index"].as_u64()) {
+            let one = hmp(qmp, "info registers", Some(idx), ctx.remaining()).await?;
+            if !one.contains("CPU#") {
+                text.push_str(&format!("\nCPU#{idx}\n"));
+            }
+            text.push_str(&one);
+        }
+        ("per-cpu", text)
+    };
+    let summary = json!({ "method": method, "cpus": summarize_registers(&text) });
+    let file = ctx.write("txt", text.as_bytes(), Keep::Head).await?;
+    Ok(Done::ok(Some(file), Some(summary)))
+}
+
+/// Per `CPU#N` section of `info registers` output: RIP, CPL and whether it is halted.
+pub(super) fn summarize_registers(text: &str) -> Vec<Value> {
+    let cpu = Regex::new(r"(?m)^CPU#(\d+)").unwrap();
+    let field = |section: &str, name: &str| {
+        Regex::new(&format!(r"\b{name}=([0-9a-fA-F]+)")).unwrap().captures(section).map(|c| c[1].to_string())
+    };
+    let starts: Vec<(usize, u64)> =
+        cpu.captures_iter(text).map(|c| (c.get(0).unwrap().start(), c[1].parse().unwrap_or(0))).collect();
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, &(start, n))| {
+            let end = starts.get(i + 1).map_or(text.len(), |s| s.0);
+            let section = &text[start..end];
+            json!({
+                "cpu": n,
+                "rip": field(section, "RIP"),
+                "cpl": field(section, "CPL").and_then(|v| v.parse::<u8>().ok()),
+                "halted": field(section, "HLT").map(|v| v == "1"),
+            })
+        })
+        .collect()
+}
+
+fn mib(n: u64) -> String {
+    format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+}
+
+/// `memory-dump`: `dump-guest-memory` in kdump-raw-zlib format (kdump-zlib before QEMU 8.2)
+/// into the bundle, detached and polled; skipped when the guest's RAM exceeds `max_bytes`, deleted if the file grows past it.
+pub(super) async fn memory_dump(ctx: &Ctx<'_>, qmp: &Qmp, max_bytes: u64) -> StepResult {
+    let mem = qmp
+        .execute_raw("query-memory-size-summary", json!({}), ctx.remaining())
+        .await
+        .map_err(|e| Done::qmp("query-memory-size-summary", e))?;
+    let ram = mem["base-memory"].as_u64().unwrap_or(0) + mem["plugged-memory"].as_u64().unwrap_or(0);
+    // QEMU 8.2 added kdump-raw-zlib, the kdump-compressed file `crash` reads; before, only the
+    // "flattened" kdump-zlib stream (`makedumpfile -R` turns it into the former).
+    let caps = qmp
+        .execute_raw("query-dump-guest-memory-capability", json!({}), ctx.remaining())
+        .await
+        .map_err(|e| Done::qmp("query-dump-guest-memory-capability", e))?;
+    let has = |f: &str| caps["formats"].as_array().is_some_and(|v| v.iter().any(|x| x == f));
+    let format = if has("kdump-raw-zlib") { "kdump-raw-zlib" } else { "kdump-zlib" };
+    let mut summary = json!({ "format": format, "ram_bytes": ram, "max_bytes": max_bytes });
+    if format == "kdump-zlib" {
+        summary["note"] =
+            "flattened kdump (this QEMU has no kdump-raw-zlib): run makedumpfile -R to read it with crash"
+                .into();
+    }
+    if ram > max_bytes {
+        return Err(Done::skipped(format!(
+            "guest RAM ({}) exceeds the cap max_bytes ({}); raise it to dump this VM",
+            mib(ram),
+            mib(max_bytes)
+        ))
+        .with_summary(summary));
+    }
+    let name = ctx.file_name("kdump");
+    let path = ctx.dir.join(&name);
+    let Some(path_text) = path.to_str() else {
+        return Err(Done::failed(format!(
+            "the bundle path {} is not UTF-8; QEMU cannot be given it",
+            path.display()
+        )));
+    };
+    let _ = tokio::fs::remove_file(&path).await;
+    let remove = || async { tokio::fs::remove_file(&path).await.is_ok() };
+    let mut events = qmp.events();
+    let args = json!({
+        "paging": false,
+        "protocol": format!("file:{path_text}"),
+        "detach": true,
+        "format": format,
+    });
+    qmp.execute_raw("dump-guest-memory", args, ctx.remaining())
+        .await
+        .map_err(|e| Done::qmp("dump-guest-memory", e))?;
+    let started = Instant::now();
+    let mut over = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let size = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+        if size > max_bytes && over.is_none() {
+            // QEMU keeps writing to the unlinked file until it is done; the space is freed then.
+            remove().await;
+            over = Some(size);
+        }
+        if Instant::now() >= ctx.deadline {
+            let removed = remove().await;
+            return Err(Done::timeout(format!(
+                "the dump did not finish within {} ({} written{}); QEMU goes on and keeps the VM stopped until \
+                 it is done",
+                ctx.timeout_text(),
+                mib(size),
+                if removed { ", partial file deleted" } else { "" }
+            ))
+            .with_summary(summary));
+        }
+        let status = match qmp.execute_raw("query-dump", json!({}), ctx.remaining()).await {
+            Ok(v) => v["status"].as_str().unwrap_or("?").to_string(),
+            Err(e) => {
+                remove().await;
+                return Err(Done::qmp("query-dump", e).with_summary(summary));
+            }
+        };
+        match status.as_str() {
+            "completed" => break,
+            "failed" => {
+                remove().await;
+                let mut why = "QEMU reports the dump failed".to_string();
+                while let Ok(ev) = events.try_recv() {
+                    if ev.name == "DUMP_COMPLETED" {
+                        if let Some(e) = ev.raw["data"]["error"].as_str() {
+                            why = format!("QEMU reports the dump failed: {e}");
+                        }
+                    }
+                }
+                return Err(Done::failed(why).with_summary(summary));
+            }
+            "none" if started.elapsed() > Duration::from_secs(5) => {
+                remove().await;
+                return Err(Done::failed("QEMU reports no dump in progress after it accepted one".into())
+                    .with_summary(summary));
+            }
+            _ => {}
+        }
+    }
+    let size = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+    if let Some(at) = over.or((size > max_bytes).then_some(size)) {
+        remove().await;
+        return Err(Done::failed(format!(
+            "the dump grew past the cap max_bytes ({} > {}) and was deleted",
+            mib(at),
+            mib(max_bytes)
+        ))
+        .with_summary(summary));
+    }
+    if size == 0 {
+        return Err(Done::failed(format!("QEMU reports the dump complete but {name} is missing or empty"))
+            .with_summary(summary));
+    }
+    Ok(Done::ok(Some(name), Some(summary)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_summary_per_cpu() {
+        let text = "\nCPU#0\nRAX=0000000000000000 RBX=0000000000000001\nRIP=ffffffff81a592eb RFL=00000246 \
+                    [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\nCR0=80050033\n\nCPU#1\nRIP=0000000000400099 \
+                    RFL=00000246 [---Z-P-] CPL=3 II=0 A20=1 SMM=0 HLT=0\n";
+        let s = summarize_registers(text);
+        assert_eq!(
+            s,
+            vec![
+                json!({"cpu": 0, "rip": "ffffffff81a592eb", "cpl": 0, "halted": true}),
+                json!({"cpu": 1, "rip": "0000000000400099", "cpl": 3, "halted": false}),
+            ]
+        );
+        assert!(summarize_registers("no registers here").is_empty());
+    }
+}
