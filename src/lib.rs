@@ -16,6 +16,7 @@ pub mod launch;
 pub mod read;
 pub mod report;
 pub mod run;
+pub mod scale;
 pub mod simvm;
 pub mod trigger;
 pub mod units;

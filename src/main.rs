@@ -148,6 +148,30 @@ enum Command {
         #[arg(last = true, value_name = "ANALYZER")]
         analyzer: Vec<String>,
     },
+    /// Scale benchmark: one `acpimon watch` child watching N simulated VMs (no QEMU) at 1 s
+    /// heartbeats, beside a 0-VM baseline of the same run: CPU per VM-heartbeat, memory per
+    /// VM, detection latency, false alarms. Needs ~256 + 4×N open files (tools/bench-scale
+    /// raises the limit).
+    BenchScale {
+        /// VM counts to measure.
+        #[arg(long, value_delimiter = ',', default_values_t = [10, 100, 500])]
+        vms: Vec<usize>,
+        /// Measurement window per size.
+        #[arg(long, default_value = "20s", value_parser = acpimon::units::parse_duration)]
+        window: Duration,
+        /// VMs hung per size to measure detection latency (at most N).
+        #[arg(long, default_value_t = 10)]
+        hangs: usize,
+        /// Simulated guest delay from the raised IRQ to its record, in ms (real guest p50 ≈ 1).
+        #[arg(long, default_value_t = 1.0)]
+        sim_latency_ms: f64,
+        /// Scratch directory; each run keeps a fresh subdirectory there.
+        #[arg(long, value_name = "DIR")]
+        work: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the decoded contents of a region file.
     Snapshot {
         /// The region file.
@@ -276,6 +300,8 @@ enum Error {
     Controller(#[from] acpimon::forward::controller::ControllerError),
     #[error("{0}")]
     Status(String),
+    #[error(transparent)]
+    Scale(#[from] acpimon::scale::ScaleError),
 }
 
 impl Error {
@@ -397,6 +423,28 @@ fn run(command: Command) -> Result<(), Error> {
                 acpimon::forward::controller::serve(opts, shutdown, Some(tx)).await
             })?;
             Ok(())
+        }
+        Command::BenchScale { vms, window, hangs, sim_latency_ms, work, json } => {
+            let exe = std::env::current_exe()
+                .map_err(|e| Error::Status(format!("cannot find the acpimon binary: {e}")))?;
+            let work = work.unwrap_or_else(|| std::env::temp_dir().join("acpimon-scale"));
+            let mut opts = acpimon::scale::ScaleOptions::new(exe, work);
+            opts.vms = vms;
+            opts.window = window;
+            opts.hangs = hangs;
+            opts.latency = Duration::from_secs_f64(sim_latency_ms.max(0.0) / 1e3);
+            let report = runtime().block_on(acpimon::scale::run(&opts, |m| eprintln!("bench-scale: {m}")))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            } else {
+                print!("{report}");
+            }
+            let problems = report.problems();
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Status(problems.join("; ")))
+            }
         }
         Command::Snapshot { region, json, watch, interval_ms, count } => {
             let region = Region::open(&region, Access::ReadOnly)?;

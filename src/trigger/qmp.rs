@@ -84,7 +84,9 @@ impl Qmp {
             (Some(a), Some(b), Some(c)) => (a, b, c),
             _ => return Err(QmpError::Greeting(path.into())),
         };
-        let (events, _) = broadcast::channel(256);
+        // QEMU sends events one at a time; a broadcast channel allocates every slot up front
+        // (a QmpEvent is ~264 bytes), so 256 slots cost ~70 KiB per VM for nothing.
+        let (events, _) = broadcast::channel(32);
         let pending: Pending = Arc::default();
         let (pending_for_route, events_for_route) = (pending.clone(), events.clone());
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
