@@ -12,9 +12,10 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::forward::controller::{self, ControllerOptions};
+use crate::forward::ControllerConfig;
 use crate::generate::SsdtConfig;
 use crate::launch::{prepare, Vm, VmError, VmSpec};
-use crate::watch::config::{Config, ControllerSettings};
+use crate::watch::config::Config;
 use crate::watch::metrics::{fetch_status, StatusView, VmView};
 use crate::watch::state::State;
 
@@ -121,7 +122,7 @@ pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Resu
 
     let mut config = Config::builtin(opts.state_dir.clone());
     config.metrics = Some("127.0.0.1:0".parse().expect("valid address"));
-    config.controller = Some(ControllerSettings {
+    config.controller = Some(ControllerConfig {
         url: format!("http://{ctl_addr}"),
         timeout: Duration::from_secs(5),
         spool_max_bytes: 64 << 20,

@@ -14,6 +14,7 @@ use toml::Spanned;
 
 pub use super::state::PausePolicy;
 use crate::diagnose;
+use crate::forward::{ControllerConfig, HookConfig};
 use crate::units::{Dur, Size};
 
 /// Where the metrics and status endpoint listens unless configured.
@@ -33,28 +34,12 @@ pub struct Config {
     pub touch_file: Option<PathBuf>,
     /// `None`: no metrics or status endpoint.
     pub metrics: Option<SocketAddr>,
-    pub controller: Option<ControllerSettings>,
-    pub hook: Option<HookSettings>,
+    pub controller: Option<ControllerConfig>,
+    pub hook: Option<HookConfig>,
     pub bundles_keep: usize,
     pub defaults: VmSettings,
     /// Per-VM settings, already merged over the defaults.
     pub vms: BTreeMap<String, VmSettings>,
-}
-
-#[derive(Clone, Debug)]
-pub struct ControllerSettings {
-    pub url: String,
-    pub timeout: Duration,
-    pub spool_max_bytes: u64,
-    pub spool_max_events: usize,
-    pub backoff_min: Duration,
-    pub backoff_max: Duration,
-}
-
-#[derive(Clone, Debug)]
-pub struct HookSettings {
-    pub argv: Vec<String>,
-    pub timeout: Duration,
 }
 
 /// How one VM is watched.
@@ -469,7 +454,11 @@ impl Validator<'_> {
                 self.problem(span, "hook.argv is empty; give the program and its arguments as a list".into());
                 return None;
             }
-            Some(HookSettings { argv: h.argv, timeout: h.timeout.map_or(Duration::from_secs(10), |d| d.0) })
+            Some(HookConfig {
+                argv: h.argv,
+                timeout: h.timeout.map_or(Duration::from_secs(10), |d| d.0),
+                queue: 1024,
+            })
         });
         let bundles_keep = raw.bundles.map_or(10, |b| b.keep_per_vm.max(1));
         let defaults = self.vm_settings(raw.defaults.unwrap_or_default(), &VmSettings::default(), "defaults");
@@ -504,7 +493,7 @@ impl Validator<'_> {
         }
     }
 
-    fn controller(&mut self, c: Spanned<RawController>) -> ControllerSettings {
+    fn controller(&mut self, c: Spanned<RawController>) -> ControllerConfig {
         let c = c.into_inner();
         let url = c.url.get_ref().trim_end_matches('/').to_string();
         if !url.starts_with("http://") {
@@ -518,7 +507,7 @@ impl Validator<'_> {
         }
         let backoff_min =
             c.backoff_min.map_or(Duration::from_secs(1), |d| d.0).max(Duration::from_millis(10));
-        ControllerSettings {
+        ControllerConfig {
             url,
             timeout: c.timeout.map_or(Duration::from_secs(5), |d| d.0),
             spool_max_bytes: c.spool_max.map_or(64 << 20, |s| s.0),

@@ -28,7 +28,7 @@ pub use self::config::Config;
 pub use self::liveness::Liveness;
 use self::metrics::Registry;
 use self::monitor::{Monitor, Shared, Stop};
-use crate::forward::{self, ControllerConfig, Event, ForwardConfig, Forwarder, HookConfig};
+use crate::forward::{self, Event, ForwardConfig, Forwarder};
 use crate::launch::prepare::DESCRIPTOR;
 use crate::units::now_rfc3339;
 
@@ -170,15 +170,8 @@ fn forward_config(c: &Config) -> ForwardConfig {
     ForwardConfig {
         log: c.event_log.clone(),
         spool_dir: c.data_dir.join("spool"),
-        controller: c.controller.as_ref().map(|c| ControllerConfig {
-            url: c.url.clone(),
-            timeout: c.timeout,
-            spool_max_bytes: c.spool_max_bytes,
-            spool_max_events: c.spool_max_events,
-            backoff_min: c.backoff_min,
-            backoff_max: c.backoff_max,
-        }),
-        hook: c.hook.as_ref().map(|h| HookConfig { argv: h.argv.clone(), timeout: h.timeout, queue: 1024 }),
+        controller: c.controller.clone(),
+        hook: c.hook.clone(),
     }
 }
 
