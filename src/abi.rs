@@ -11,7 +11,7 @@
 //! | `0x040` | 0x40 | request | host, before each trigger | [`Request`]                      |
 //! | `0x080` | 0x40 | record  | guest AML                 | [`Record`], under a seqlock      |
 //! | `0x0c0` | 0x40 | —       | nobody                    | reserved for ABI 1.x, zero       |
-//! | `0x100` | rest | mailbox | guest userspace           | reserved for the app mailbox     |
+//! | `0x100` | rest | mailbox | guest userspace           | [`AppMailbox`] (first 0x80 bytes)|
 //!
 //! The generator (`crate::generate`) takes every field offset it emits from the structs in this
 //! module, and the reader decodes with the same structs, so the two sides cannot drift apart.
@@ -129,6 +129,42 @@ const _: () = assert!(size_of::<Request>() == RECORD_OFFSET - REQUEST_OFFSET);
 const _: () = assert!(size_of::<Record>() == 0x40);
 const _: () = assert!(RECORD_OFFSET + size_of::<Record>() <= MAILBOX_OFFSET);
 
+/// `"APPM"` read as a little-endian `u32`: the app has written its mailbox.
+pub const MAILBOX_MAGIC: u32 = u32::from_le_bytes(*b"APPM");
+/// The mailbox layout version this build reads.
+pub const MAILBOX_VERSION: u32 = 1;
+/// Bytes of the mailbox layout (the rest of the mailbox area is the app's, unread).
+pub const MAILBOX_LAYOUT_SIZE: usize = 0x80;
+/// Bytes of [`AppMailbox::text`].
+pub const MAILBOX_TEXT: usize = 96;
+
+/// The app mailbox at [`MAILBOX_OFFSET`], written by guest userspace through the ivshmem BAR
+/// (`docs/app-protocol.md`, section 7) under its own sequence lock: `seq` odd while the app
+/// writes, even when complete.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct AppMailbox {
+    /// [`MAILBOX_MAGIC`] once written.
+    pub magic: U32,
+    /// [`MAILBOX_VERSION`].
+    pub version: U32,
+    pub seq: U32,
+    /// Incremented on every beat.
+    pub beats: U32,
+    /// 0 unknown, 1 ok, 2 degraded, 3 failed.
+    pub status: U32,
+    pub pid: U32,
+    /// The guest's CLOCK_MONOTONIC in ms, low 32 bits.
+    pub uptime_ms: U32,
+    /// How often the app beats, in ms.
+    pub period_ms: U32,
+    /// Short UTF-8 details, NUL-padded.
+    pub text: [u8; MAILBOX_TEXT],
+}
+
+const _: () = assert!(size_of::<AppMailbox>() == MAILBOX_LAYOUT_SIZE);
+const _: () = assert!(MAILBOX_OFFSET + MAILBOX_LAYOUT_SIZE <= MIN_REGION_SIZE as usize);
+
 /// Absolute region offsets of the fields the AML touches, taken from the structs above.
 pub mod offsets {
     use super::*;
@@ -147,6 +183,7 @@ pub mod offsets {
     pub const BOOT_COUNT: usize = RECORD_OFFSET + offset_of!(Record, boot_count);
     pub const GED_COUNT: usize = RECORD_OFFSET + offset_of!(Record, ged_count);
     pub const THERMAL_COUNT: usize = RECORD_OFFSET + offset_of!(Record, thermal_count);
+    pub const MAILBOX_SEQ: usize = MAILBOX_OFFSET + offset_of!(AppMailbox, seq);
     /// End of the last record field; the AML maps only this much of the region.
     pub const RECORD_END: usize = THERMAL_COUNT + 4;
     /// Reserved words, zero in ABI 1: `(start, end)` of each run below the mailbox.
@@ -155,6 +192,37 @@ pub mod offsets {
         (REQUEST_OFFSET + offset_of!(Request, reserved), RECORD_OFFSET),
         (RECORD_OFFSET + offset_of!(Record, reserved), FIXED_SIZE),
     ];
+}
+
+/// An app's own word on its health: the mailbox's `status` codes, and the app protocol's
+/// `status` strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AppStatus {
+    Unknown,
+    Ok,
+    Degraded,
+    Failed,
+}
+
+impl AppStatus {
+    pub const fn from_code(code: u32) -> Self {
+        match code {
+            1 => AppStatus::Ok,
+            2 => AppStatus::Degraded,
+            3 => AppStatus::Failed,
+            _ => AppStatus::Unknown,
+        }
+    }
+
+    pub const fn code(self) -> u32 {
+        match self {
+            AppStatus::Unknown => 0,
+            AppStatus::Ok => 1,
+            AppStatus::Degraded => 2,
+            AppStatus::Failed => 3,
+        }
+    }
 }
 
 /// What made the AML write a record.

@@ -8,7 +8,7 @@
 use serde::Serialize;
 use zerocopy::FromBytes;
 
-use crate::abi::{self, Header, Record, Request, Source, Status};
+use crate::abi::{self, AppMailbox, AppStatus, Header, Record, Request, Source, Status};
 
 /// Why a region's bytes are not a usable snapshot. Messages name the problem and the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -183,4 +183,52 @@ fn guest_record(r: &Record, anomalies: &mut Vec<Anomaly>) -> GuestRecord {
 fn area<T: FromBytes>(fixed: &[u8], offset: usize) -> T {
     let (value, _) = T::read_from_prefix(&fixed[offset..]).expect("area lies inside the fixed part");
     value
+}
+
+/// The app mailbox, decoded (untrusted: every field is whatever the guest wrote).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "mailbox")]
+pub enum Mailbox {
+    /// Nothing written yet (magic 0).
+    Empty,
+    /// Something that is not an ABI-1 mailbox.
+    Foreign {
+        magic: u32,
+        version: u32,
+    },
+    Written(MailboxView),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MailboxView {
+    pub seq: u32,
+    pub beats: u32,
+    pub status: AppStatus,
+    pub pid: u32,
+    pub uptime_ms: u32,
+    pub period_ms: u32,
+    /// The text up to its first NUL, invalid UTF-8 and control characters neutralised.
+    pub text: String,
+}
+
+/// Decodes a copy of the mailbox layout.
+pub fn decode_mailbox(bytes: &[u8; abi::MAILBOX_LAYOUT_SIZE]) -> Mailbox {
+    let m = AppMailbox::read_from_bytes(bytes).expect("the array is exactly one mailbox");
+    let (magic, version) = (m.magic.get(), m.version.get());
+    if magic == 0 {
+        return Mailbox::Empty;
+    }
+    if magic != abi::MAILBOX_MAGIC || version != abi::MAILBOX_VERSION {
+        return Mailbox::Foreign { magic, version };
+    }
+    let end = m.text.iter().position(|&b| b == 0).unwrap_or(m.text.len());
+    Mailbox::Written(MailboxView {
+        seq: m.seq.get(),
+        beats: m.beats.get(),
+        status: AppStatus::from_code(m.status.get()),
+        pid: m.pid.get(),
+        uptime_ms: m.uptime_ms.get(),
+        period_ms: m.period_ms.get(),
+        text: crate::console::sanitize(&m.text[..end]).trim().to_string(),
+    })
 }

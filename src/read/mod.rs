@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use memmap2::{MmapOptions, MmapRaw};
 use zerocopy::IntoBytes;
 
-pub use self::decode::{decode, Anomaly, DecodeError, GuestRecord, RequestView, Snapshot};
+pub use self::decode::{
+    decode, decode_mailbox, Anomaly, DecodeError, GuestRecord, Mailbox, MailboxView, RequestView, Snapshot,
+};
 use crate::abi::{self, offsets};
 
 /// Errors of the region file and of reading it. Messages name the problem and the fix.
@@ -178,19 +180,40 @@ impl Region {
 
     /// A seqlock-consistent copy of the fixed areas (header, request, record).
     pub fn copy_fixed(&self, policy: RetryPolicy) -> Result<[u8; abi::FIXED_SIZE], RegionError> {
-        let start = Instant::now();
+        self.seqlock_copy(0, offsets::SEQ, policy)
+    }
+
+    /// The app mailbox, decoded.
+    pub fn mailbox(&self) -> Result<Mailbox, RegionError> {
+        Ok(decode_mailbox(&self.copy_mailbox(RetryPolicy::default())?))
+    }
+
+    /// A copy of the app mailbox's layout, consistent under the mailbox's own sequence lock.
+    pub fn copy_mailbox(&self, policy: RetryPolicy) -> Result<[u8; abi::MAILBOX_LAYOUT_SIZE], RegionError> {
+        self.seqlock_copy(abi::MAILBOX_OFFSET, offsets::MAILBOX_SEQ, policy)
+    }
+
+    /// `N` bytes from `start`, copied while the sequence word at `seq` stayed even and
+    /// unchanged (the writer makes it odd while it writes).
+    fn seqlock_copy<const N: usize>(
+        &self,
+        start: usize,
+        seq: usize,
+        policy: RetryPolicy,
+    ) -> Result<[u8; N], RegionError> {
+        let begin = Instant::now();
         let mut attempts = 0u32;
         loop {
-            let before = self.load(offsets::SEQ);
+            let before = self.load(seq);
             if before & 1 == 0 {
                 // Acquire: the copy below is not hoisted above the first seq load.
                 fence(Ordering::Acquire);
-                let mut copy = [0u8; abi::FIXED_SIZE];
+                let mut copy = [0u8; N];
                 for (i, word) in copy.chunks_exact_mut(4).enumerate() {
-                    word.copy_from_slice(&self.load(i * 4).to_ne_bytes());
+                    word.copy_from_slice(&self.load(start + i * 4).to_ne_bytes());
                 }
                 fence(Ordering::Acquire);
-                let after = self.load(offsets::SEQ);
+                let after = self.load(seq);
                 if before == after {
                     return Ok(copy);
                 }
@@ -198,15 +221,15 @@ impl Region {
                 if attempts >= policy.max_attempts {
                     return Err(RegionError::Unstable { path: self.path.clone(), attempts });
                 }
-            } else if start.elapsed() >= policy.max_wait {
+            } else if begin.elapsed() >= policy.max_wait {
                 return Err(RegionError::StuckOdd {
                     path: self.path.clone(),
                     seq: before,
-                    waited: start.elapsed(),
+                    waited: begin.elapsed(),
                 });
             }
             // Short spins first (a record takes microseconds), then give the CPU back.
-            if start.elapsed() < Duration::from_micros(200) {
+            if begin.elapsed() < Duration::from_micros(200) {
                 std::hint::spin_loop();
             } else {
                 std::thread::sleep(Duration::from_micros(100));
@@ -227,11 +250,12 @@ impl Region {
         Ok(())
     }
 
-    /// Volatile little-endian load of the word at `offset` of the fixed areas.
+    /// Volatile little-endian load of the word at `offset` of the fixed areas or the mailbox
+    /// layout.
     fn load(&self, offset: usize) -> u32 {
-        assert!(offset % 4 == 0 && offset + 4 <= abi::FIXED_SIZE);
-        // SAFETY: the mapping is at least MIN_REGION_SIZE (> FIXED_SIZE) bytes long (checked
-        // in `map`) and page-aligned, and `offset` is a 4-aligned offset inside FIXED_SIZE, so
+        assert!(offset % 4 == 0 && offset + 4 <= READABLE);
+        // SAFETY: the mapping is at least MIN_REGION_SIZE (>= READABLE) bytes long (checked
+        // in `map`) and page-aligned, and `offset` is a 4-aligned offset inside READABLE, so
         // the pointer is valid and aligned for a u32 for as long as `self.map` lives. The load
         // is volatile and forms no reference, so concurrent guest writes cannot make it UB; a
         // torn or stale value is caught by the seqlock and by `decode`. (Truncating the file
@@ -249,6 +273,10 @@ impl Region {
         unsafe { std::ptr::write_volatile(self.map.as_mut_ptr().add(offset).cast::<u32>(), value.to_le()) };
     }
 }
+
+/// The part of the region the host reads: the fixed areas and the mailbox layout.
+const READABLE: usize = abi::MAILBOX_OFFSET + abi::MAILBOX_LAYOUT_SIZE;
+const _: () = assert!(READABLE as u64 <= abi::MIN_REGION_SIZE);
 
 fn file_len(file: &File, path: &Path) -> Result<u64, RegionError> {
     file.metadata().map(|m| m.len()).map_err(|source| RegionError::Open { path: path.into(), source })

@@ -226,3 +226,56 @@ mod decode_property {
         }
     }
 }
+
+mod mailbox {
+    use std::os::unix::fs::FileExt;
+
+    use super::super::*;
+    use crate::abi::AppStatus;
+
+    fn write_words(path: &Path, words: &[(usize, u32)]) {
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        for (off, v) in words {
+            f.write_at(&v.to_le_bytes(), *off as u64).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_app_mailbox_decodes_and_is_untrusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("region");
+        let region = Region::create(&path, 4096).unwrap();
+        assert_eq!(region.mailbox().unwrap(), Mailbox::Empty);
+        let m = abi::MAILBOX_OFFSET;
+        write_words(
+            &path,
+            &[
+                (m, abi::MAILBOX_MAGIC),
+                (m + 4, 1),
+                (m + 8, 6),
+                (m + 12, 41),
+                (m + 16, 2),
+                (m + 20, 77),
+                (m + 28, 1000),
+            ],
+        );
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_at(b"disk \x1b[31mfull\0junk", (m + 0x20) as u64).unwrap();
+        match region.mailbox().unwrap() {
+            Mailbox::Written(v) => {
+                assert_eq!(
+                    (v.seq, v.beats, v.status, v.pid, v.period_ms),
+                    (6, 41, AppStatus::Degraded, 77, 1000)
+                );
+                assert_eq!(v.text, "disk ^[[31mfull", "cut at NUL, escape neutralised");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Odd: the app is writing (or died writing); the copy gives up after its wait.
+        write_words(&path, &[(m + 8, 7)]);
+        let policy = RetryPolicy { max_wait: Duration::from_millis(5), ..RetryPolicy::default() };
+        assert!(matches!(region.copy_mailbox(policy), Err(RegionError::StuckOdd { seq: 7, .. })));
+        write_words(&path, &[(m, 0xdead_beef), (m + 8, 8)]);
+        assert_eq!(region.mailbox().unwrap(), Mailbox::Foreign { magic: 0xdead_beef, version: 1 });
+    }
+}
