@@ -49,6 +49,8 @@ enum Command {
         /// followed by the arguments it cannot hold.
         #[arg(long, value_enum, default_value_t = Format::Argv)]
         format: Format,
+        #[command(flatten)]
+        extras: ExtrasArgs,
     },
     /// Create a VM's state directory (table, region, vm.json) and print its QEMU arguments,
     /// with a QMP socket, a serial console socket and pvpanic.
@@ -61,6 +63,8 @@ enum Command {
         table: TableArgs,
         #[arg(long, value_enum, default_value_t = Format::Argv)]
         format: Format,
+        #[command(flatten)]
+        extras: ExtrasArgs,
     },
     /// Launch QEMU with acpimon added, send heartbeats, show them live; exits with QEMU.
     Run {
@@ -191,11 +195,32 @@ enum Command {
     },
 }
 
-/// Options of `run` and `demo`.
+/// Optional channels, shared by `qemu-args`, `prepare` and `run`.
+#[derive(Args)]
+struct ExtrasArgs {
+    /// Add the app channel: a virtio-serial port named org.acpimon.app.0 on a socket
+    /// (docs/app-protocol.md), for the app-heartbeat scenario.
+    #[arg(long)]
+    app_channel: bool,
+    /// Add a virtio-serial port for the QEMU guest agent (org.qemu.guest_agent.0), for the
+    /// guest-agent scenario.
+    #[arg(long)]
+    guest_agent: bool,
+}
+
+impl ExtrasArgs {
+    fn extras(&self) -> launch::Extras {
+        launch::Extras { app_channel: self.app_channel, guest_agent: self.guest_agent }
+    }
+}
+
+/// Options of `run`.
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
     table: TableArgs,
+    #[command(flatten)]
+    extras: ExtrasArgs,
     /// Where the VM's directory goes [default: $XDG_RUNTIME_DIR/acpimon or /tmp/acpimon-$UID].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -341,10 +366,12 @@ fn main() -> ExitCode {
 fn run(command: Command) -> Result<(), Error> {
     match command {
         Command::Ssdt { out, table } => write_file(&out, &generate::build(&table.config()?)?),
-        Command::QemuArgs { table, region_path, ssdt, format } => {
+        Command::QemuArgs { table, region_path, ssdt, format, extras } => {
             let cfg = table.config()?;
             let ssdt_path = ssdt.unwrap_or_else(|| suffixed(&region_path, ".ssdt.aml"));
-            let plan = LaunchPlan::minimal(cfg, ssdt_path, region_path);
+            let mut plan = LaunchPlan::minimal(cfg, ssdt_path, region_path);
+            plan.app_socket = extras.app_channel.then(|| suffixed(&plan.region_path, ".app.sock"));
+            plan.guest_agent_socket = extras.guest_agent.then(|| suffixed(&plan.region_path, ".qga.sock"));
             // Render first, so a path QEMU cannot take leaves no files behind.
             let text = render(&plan, format)?;
             write_file(&plan.ssdt_path, &generate::build(&plan.ssdt)?)?;
@@ -352,8 +379,8 @@ fn run(command: Command) -> Result<(), Error> {
             print!("{text}");
             Ok(())
         }
-        Command::Prepare { name, state_dir, table, format } => {
-            let prepared = launch::prepare(&state_dir, &name, &table.config()?)?;
+        Command::Prepare { name, state_dir, table, format, extras } => {
+            let prepared = launch::prepare_with(&state_dir, &name, &table.config()?, extras.extras())?;
             print!("{}", render(&prepared.descriptor.plan()?, format)?);
             Ok(())
         }
@@ -516,7 +543,7 @@ fn shutdown_on_signal() -> tokio::sync::watch::Receiver<bool> {
 /// `acpimon run`: prepare, launch, heartbeat until QEMU exits or --duration passes.
 async fn run_vm(args: &RunArgs, program: String, qemu_args: Vec<String>) -> Result<(), Error> {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
-    let prepared = launch::prepare(&state_dir, &args.name, &args.table.config()?)?;
+    let prepared = launch::prepare_with(&state_dir, &args.name, &args.table.config()?, args.extras.extras())?;
     let spec =
         VmSpec { program, args: qemu_args, prepared, readconfig: args.readconfig, leave_to_watch: false };
     let mut vm = Vm::launch(spec).await?;

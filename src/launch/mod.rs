@@ -14,7 +14,7 @@ pub mod vm;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-pub use self::prepare::{prepare, Descriptor, PrepareError, Prepared};
+pub use self::prepare::{prepare, prepare_with, Descriptor, Extras, PrepareError, Prepared};
 pub use self::vm::{Vm, VmError, VmSpec};
 use crate::generate::SsdtConfig;
 
@@ -32,6 +32,18 @@ pub const CONSOLE_ID: &str = "acpimon-console";
 pub const SERIAL_ID: &str = "acpimon-serial";
 /// Device id of pvpanic.
 pub const PVPANIC_ID: &str = "acpimon-pvpanic";
+/// The virtio-serial controller carrying the app channel and the guest agent.
+pub const VSERIAL_ID: &str = "acpimon-vser";
+/// The app channel's chardev, and its port.
+pub const APP_ID: &str = "acpimon-app";
+pub const APP_PORT_ID: &str = "acpimon-app-port";
+/// The guest agent's chardev, and its port.
+pub const QGA_ID: &str = "acpimon-qga";
+pub const QGA_PORT_ID: &str = "acpimon-qga-port";
+/// The app channel's port name (`docs/app-protocol.md`).
+pub const APP_PORT_NAME: &str = "org.acpimon.app.0";
+/// The port name qemu-ga looks for by default.
+pub const QGA_PORT_NAME: &str = "org.qemu.guest_agent.0";
 
 /// Errors in rendering arguments.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -60,6 +72,10 @@ pub struct LaunchPlan {
     /// Ask OVMF for no 64-bit PCI window, so the ivshmem BAR lands below 4 GiB (see
     /// [`channel`]). Argv only: not verified in a -readconfig file.
     pub ovmf_low_bar: bool,
+    /// The app channel (`docs/app-protocol.md`): a virtio-serial port on this Unix socket.
+    pub app_socket: Option<PathBuf>,
+    /// The QEMU guest agent's virtio-serial port on this Unix socket.
+    pub guest_agent_socket: Option<PathBuf>,
 }
 
 /// One QEMU option: `-OPTION [head,]id=ID,key=value...`, or a `[OPTION "ID"]` section.
@@ -140,6 +156,8 @@ impl LaunchPlan {
             console_socket: None,
             pvpanic: false,
             ovmf_low_bar: false,
+            app_socket: None,
+            guest_agent_socket: None,
         }
     }
 
@@ -173,6 +191,24 @@ impl LaunchPlan {
         if self.pvpanic {
             items.push(QemuItem::new("device", Some(("driver", "pvpanic")), Some(PVPANIC_ID)));
             items.push(QemuItem::new("action", None, None).prop("panic", "none"));
+        }
+        let ports = [
+            (&self.app_socket, APP_ID, APP_PORT_ID, APP_PORT_NAME),
+            (&self.guest_agent_socket, QGA_ID, QGA_PORT_ID, QGA_PORT_NAME),
+        ];
+        if ports.iter().any(|(path, ..)| path.is_some()) {
+            items.push(QemuItem::new("device", Some(("driver", "virtio-serial-pci")), Some(VSERIAL_ID)));
+        }
+        for (path, id, port_id, name) in ports {
+            if let Some(path) = path {
+                items.push(socket_chardev(id, path)?);
+                items.push(
+                    QemuItem::new("device", Some(("driver", "virtserialport")), Some(port_id))
+                        .prop("bus", format!("{VSERIAL_ID}.0"))
+                        .prop("chardev", id)
+                        .prop("name", name),
+                );
+            }
         }
         if self.ovmf_low_bar {
             items.push(

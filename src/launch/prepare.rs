@@ -46,6 +46,12 @@ pub struct Descriptor {
     pub region: PathBuf,
     pub qmp: PathBuf,
     pub console: PathBuf,
+    /// The app channel's socket, when the VM has one (`prepare --app-channel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<PathBuf>,
+    /// The guest agent's socket, when the VM has one (`prepare --guest-agent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<PathBuf>,
 }
 
 impl Descriptor {
@@ -71,6 +77,8 @@ impl Descriptor {
             console_socket: Some(self.console.clone()),
             pvpanic: true,
             ovmf_low_bar: false,
+            app_socket: self.app.clone(),
+            guest_agent_socket: self.guest_agent.clone(),
         })
     }
 
@@ -102,10 +110,29 @@ pub fn valid_name(name: &str) -> bool {
         && !name.starts_with('.')
 }
 
+/// Optional channels a VM can be prepared with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Extras {
+    /// The app channel (virtio-serial, `docs/app-protocol.md`).
+    pub app_channel: bool,
+    /// A virtio-serial port for the QEMU guest agent.
+    pub guest_agent: bool,
+}
+
+/// [`prepare_with`] without extras.
+pub fn prepare(state_dir: &Path, name: &str, cfg: &SsdtConfig) -> Result<Prepared, PrepareError> {
+    prepare_with(state_dir, name, cfg, Extras::default())
+}
+
 /// Creates (or refreshes) `state_dir/name/`: writes the table, creates the region (kept if it
 /// exists with the same size, so its boot count carries on) and writes `vm.json` last, so a
 /// reader never sees a descriptor whose files are missing.
-pub fn prepare(state_dir: &Path, name: &str, cfg: &SsdtConfig) -> Result<Prepared, PrepareError> {
+pub fn prepare_with(
+    state_dir: &Path,
+    name: &str,
+    cfg: &SsdtConfig,
+    extras: Extras,
+) -> Result<Prepared, PrepareError> {
     if !valid_name(name) {
         return Err(PrepareError::BadName(name.into()));
     }
@@ -128,8 +155,10 @@ pub fn prepare(state_dir: &Path, name: &str, cfg: &SsdtConfig) -> Result<Prepare
         region: dir.join("region"),
         qmp: dir.join("qmp.sock"),
         console: dir.join("console.sock"),
+        app: extras.app_channel.then(|| dir.join("app.sock")),
+        guest_agent: extras.guest_agent.then(|| dir.join("qga.sock")),
     };
-    for sock in [&d.qmp, &d.console] {
+    for sock in [&d.qmp, &d.console].into_iter().chain(&d.app).chain(&d.guest_agent) {
         if sock.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(PrepareError::SocketPathTooLong(sock.clone()));
         }

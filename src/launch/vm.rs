@@ -99,7 +99,7 @@ impl Vm {
         }
         let dir = &spec.prepared.dir;
         let control = dir.join(CONTROL_QMP);
-        for sock in [&d.qmp, &d.console, &control] {
+        for sock in [&d.qmp, &d.console, &control].into_iter().chain(&d.app).chain(&d.guest_agent) {
             let _ = std::fs::remove_file(sock);
         }
         let mut ours = if spec.readconfig {
