@@ -5,6 +5,7 @@
 //! region → [`judge`] what it says. [`abi`] is the contract between the AML and the reader.
 
 pub mod abi;
+pub mod app;
 pub mod bench;
 pub mod console;
 pub mod demo;
