@@ -76,6 +76,13 @@ pub enum Probe {
     Console { command: String, expect: Regex },
     /// A TCP connect.
     Tcp { address: String },
+    /// The app protocol's challenge over the app channel, and health requests every
+    /// `health_interval` (naming `audit`, if set).
+    AppHeartbeat { health_interval: Option<Duration>, audit: Option<String> },
+    /// QEMU guest agent `guest-ping`.
+    GuestAgent,
+    /// The app mailbox's beat counter in the region.
+    AppMailbox,
 }
 
 impl PartialEq for Probe {
@@ -86,6 +93,11 @@ impl PartialEq for Probe {
                 a == b && x.as_str() == y.as_str()
             }
             (Probe::Tcp { address: a }, Probe::Tcp { address: b }) => a == b,
+            (
+                Probe::AppHeartbeat { health_interval: a, audit: x },
+                Probe::AppHeartbeat { health_interval: b, audit: y },
+            ) => a == b && x == y,
+            (Probe::GuestAgent, Probe::GuestAgent) | (Probe::AppMailbox, Probe::AppMailbox) => true,
             _ => false,
         }
     }
@@ -98,6 +110,9 @@ impl Probe {
             Probe::Thermal => "thermal",
             Probe::Console { .. } => "console",
             Probe::Tcp { .. } => "tcp",
+            Probe::AppHeartbeat { .. } => "app-heartbeat",
+            Probe::GuestAgent => "guest-agent",
+            Probe::AppMailbox => "app-mailbox",
         }
     }
 }
@@ -261,6 +276,8 @@ struct RawScenario {
     command: Option<String>,
     expect: Option<String>,
     address: Option<String>,
+    health_interval: Option<Dur>,
+    audit: Option<String>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -280,6 +297,9 @@ pub fn kind_defaults(kind: &str) -> Option<(Duration, Duration, u32)> {
         "thermal" => (s(2), s(2), 2),
         "console" => (s(10), s(5), 2),
         "tcp" => (s(5), s(2), 3),
+        "app-heartbeat" => (s(5), s(2), 3),
+        "guest-agent" => (s(10), s(3), 3),
+        "app-mailbox" => (s(2), s(2), 3),
         _ => return None,
     })
 }
@@ -580,7 +600,8 @@ impl Validator<'_> {
             self.problem(
                 span,
                 format!(
-                    "{section}.scenario: kind '{}' is unknown; use acpi-heartbeat, thermal, console or tcp",
+                    "{section}.scenario: kind '{}' is unknown; use acpi-heartbeat, thermal, console, tcp, \
+                     app-heartbeat, guest-agent or app-mailbox",
                     s.kind
                 ),
             );
@@ -610,7 +631,28 @@ impl Validator<'_> {
             }
         };
         let mut unused = Vec::new();
+        if s.kind != "app-heartbeat" {
+            extra("health_interval", s.health_interval.is_some(), &mut unused);
+            extra("audit", s.audit.is_some(), &mut unused);
+        }
         let probe = match s.kind.as_str() {
+            "app-heartbeat" | "guest-agent" | "app-mailbox" => {
+                extra("command", s.command.is_some(), &mut unused);
+                extra("expect", s.expect.is_some(), &mut unused);
+                extra("address", s.address.is_some(), &mut unused);
+                match s.kind.as_str() {
+                    "app-heartbeat" => Probe::AppHeartbeat {
+                        health_interval: match s.health_interval {
+                            Some(d) if d.0.is_zero() => None,
+                            Some(d) => Some(d.0),
+                            None => Some(Duration::from_secs(30)),
+                        },
+                        audit: s.audit.clone(),
+                    },
+                    "guest-agent" => Probe::GuestAgent,
+                    _ => Probe::AppMailbox,
+                }
+            }
             "acpi-heartbeat" | "thermal" => {
                 extra("command", s.command.is_some(), &mut unused);
                 extra("expect", s.expect.is_some(), &mut unused);

@@ -57,6 +57,13 @@ pub struct VmView {
     pub events_not_spooled: u64,
     /// Channels that are not available and why.
     pub degraded: Vec<String>,
+    /// The app's own word on its health (app channel or mailbox), and its details.
+    pub app_status: Option<crate::abi::AppStatus>,
+    pub app_details: Option<String>,
+    /// The app's last `info` or `hello`.
+    pub app_info: Option<serde_json::Value>,
+    /// Lines received on the app channel, by what became of them.
+    pub app_lines: Option<crate::app::LineCounts>,
     #[serde(skip)]
     pub latency_buckets: [u64; LATENCY_BUCKETS.len()],
     #[serde(skip)]
@@ -86,6 +93,10 @@ impl VmView {
             events: 0,
             events_not_spooled: 0,
             degraded: Vec::new(),
+            app_status: None,
+            app_details: None,
+            app_info: None,
+            app_lines: None,
             latency_buckets: [0; LATENCY_BUCKETS.len()],
             latency_count: 0,
             latency_sum: 0.0,
@@ -311,6 +322,27 @@ fn render(status: &StatusView, full: &[VmView]) -> String {
     for (name, kind, help, value) in forward {
         header(&mut o, name, kind, help);
         let _ = writeln!(o, "{name} {value}");
+    }
+    header(
+        &mut o,
+        "acpimon_app_lines_total",
+        "counter",
+        "Lines received on the app channel, by what became of them.",
+    );
+    for v in full {
+        if let Some(c) = &v.app_lines {
+            let vm = esc(&v.name);
+            for (what, n) in [
+                ("accepted", c.accepted),
+                ("oversized", c.oversized),
+                ("rate-limited", c.rate_limited),
+                ("malformed", c.malformed),
+                ("unsupported", c.unsupported),
+                ("unknown-type", c.unknown_type),
+            ] {
+                let _ = writeln!(o, "acpimon_app_lines_total{{vm=\"{vm}\",what=\"{what}\"}} {n}");
+            }
+        }
     }
     header(&mut o, "acpimon_stalled_loops", "gauge", "Internal loops that are late.");
     let _ = writeln!(o, "acpimon_stalled_loops {}", status.stalled.len());

@@ -18,6 +18,8 @@ use super::persist::{self, Memory};
 use super::probe::{self, Channels, Report};
 use super::state::{Machine, State, Track, Transition};
 use super::Liveness;
+use crate::abi::AppStatus;
+use crate::app::{self, AppChannel};
 use crate::console::Console;
 use crate::diagnose;
 use crate::forward::{Event, Forwarder};
@@ -58,6 +60,8 @@ struct Attached {
     channels: Channels,
     console_why: String,
     status: String,
+    /// What the app says on its own (health, info).
+    app_reports: mpsc::Receiver<app::Report>,
 }
 
 /// The outcome of a diagnostics task.
@@ -193,6 +197,16 @@ impl Monitor {
             },
             Err(e) => (None, format!("cannot open the region: {e}")),
         };
+        let (app_tx, app_reports) = mpsc::channel(16);
+        let app = match &d.app {
+            Some(path) => AppChannel::connect(path, app_tx)
+                .await
+                .map(Arc::new)
+                .map_err(|e| format!("cannot connect to the app channel {}: {e}", path.display())),
+            None => {
+                Err("the VM has no app channel; prepare it with --app-channel to use this scenario".into())
+            }
+        };
         let channels = Channels {
             qmp: qmp.clone(),
             region,
@@ -200,12 +214,14 @@ impl Monitor {
             console: console.clone(),
             irq: d.irq,
             thermal_period: d.thermal_period_ds.map(|ds| Duration::from_millis(u64::from(ds) * 100)),
+            app,
+            guest_agent: d.guest_agent.clone(),
         };
-        Ok(Attached { qmp, console, channels, console_why, status })
+        Ok(Attached { qmp, console, channels, console_why, status, app_reports })
     }
 
     /// Watches an attached VM until QEMU goes away or the monitor is stopped.
-    async fn attached(&mut self, att: Attached, stop: &mut watch::Receiver<Stop>) {
+    async fn attached(&mut self, mut att: Attached, stop: &mut watch::Receiver<Stop>) {
         let now = Instant::now();
         let qemu = format!("{}.{}.{}", att.qmp.version.0, att.qmp.version.1, att.qmp.version.2);
         let mut degraded = Vec::new();
@@ -241,6 +257,7 @@ impl Monitor {
         loop {
             tokio::select! {
                 Some(report) = rx.recv() => self.report(report),
+                Some(r) = att.app_reports.recv() => self.app_report(r),
                 ev = events.recv() => match ev {
                     Ok(ev) => self.qmp_event(ev),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -264,6 +281,9 @@ impl Monitor {
                 }
                 _ = tick.tick() => {
                     self.shared.liveness.beat(&self.loop_name);
+                    if let Ok(app) = &att.channels.app {
+                        self.view.lock().unwrap().app_lines = Some(app.counts());
+                    }
                     if let Some(t) = self.machine.tick(Instant::now()) {
                         self.transition(t, None);
                     }
@@ -333,7 +353,50 @@ impl Monitor {
         if let Some(t) = self.machine.probe(r.index, r.outcome, now) {
             self.transition(t, None);
         }
+        if let Some((status, details)) = r.app_status {
+            self.app_health(status, details, json!({ "source": "mailbox" }));
+        }
         self.refresh_view("");
+    }
+
+    /// What the app said on its own over the app channel.
+    fn app_report(&mut self, r: app::Report) {
+        match r {
+            app::Report::Health(h) => {
+                let details = h.details.clone().unwrap_or_default();
+                let extra = json!({ "source": "app-channel", "id": h.id, "audit": h.audit });
+                self.app_health(h.status, details, extra);
+            }
+            app::Report::Info(info) => {
+                let changed = self.view.lock().unwrap().app_info.as_ref() != Some(&info);
+                if changed {
+                    self.view.lock().unwrap().app_info = Some(info.clone());
+                    self.emit("app-info", json!({ "info": info }));
+                }
+            }
+        }
+        self.refresh_view("");
+    }
+
+    /// The app's status: an `app-health` event when it changes, and into the state machine.
+    fn app_health(&mut self, status: AppStatus, details: String, mut extra: Value) {
+        let changed = {
+            let mut v = self.view.lock().unwrap();
+            let changed = v.app_status != Some(status) || v.app_details.as_deref() != Some(details.as_str());
+            v.app_status = Some(status);
+            v.app_details = Some(details.clone());
+            changed
+        };
+        // An audit result is news even when the status is not.
+        if changed || !extra["audit"].is_null() {
+            extra["status"] = json!(status);
+            extra["details"] = json!(details);
+            self.log(&format!("the app reports {status:?}: {details}"));
+            self.emit("app-health", extra);
+        }
+        if let Some(t) = self.machine.app_health(status, details, Instant::now()) {
+            self.transition(t, None);
+        }
     }
 
     fn qmp_event(&mut self, ev: QmpEvent) {

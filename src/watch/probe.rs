@@ -10,7 +10,10 @@ use tokio::sync::mpsc;
 
 use super::config::{Probe, Scenario};
 use super::state::Outcome;
+use crate::abi::AppStatus;
+use crate::app::{qga, AppChannel};
 use crate::console::Console;
+use crate::read::Mailbox;
 use crate::read::{GuestRecord, Region};
 use crate::trigger::qmp::Qmp;
 use crate::trigger::{Beat, Heartbeat};
@@ -22,6 +25,8 @@ pub struct Report {
     pub outcome: Outcome,
     /// The record the probe read, for the reboot tracker.
     pub record: Option<GuestRecord>,
+    /// The app's own status, when the probe read one (the mailbox's).
+    pub app_status: Option<(AppStatus, String)>,
 }
 
 /// The channels a VM's probes use.
@@ -35,6 +40,10 @@ pub struct Channels {
     pub irq: u8,
     /// The thermal zone's poll period, when the table has one.
     pub thermal_period: Option<Duration>,
+    /// The app channel, or why there is none.
+    pub app: Result<Arc<AppChannel>, String>,
+    /// The guest agent's socket, when the VM has one.
+    pub guest_agent: Option<std::path::PathBuf>,
 }
 
 /// Why `scenario` cannot run with these channels, if it cannot.
@@ -42,6 +51,11 @@ pub fn unavailable(scenario: &Scenario, ch: &Channels, console_why: &str) -> Opt
     match &scenario.probe {
         Probe::AcpiHeartbeat | Probe::Thermal if ch.region.is_none() => Some(ch.region_why.clone()),
         Probe::Console { .. } if ch.console.is_none() => Some(format!("no serial console: {console_why}")),
+        Probe::AppMailbox if ch.region.is_none() => Some(ch.region_why.clone()),
+        Probe::AppHeartbeat { .. } => ch.app.as_ref().err().cloned(),
+        Probe::GuestAgent if ch.guest_agent.is_none() => {
+            Some("the VM has no guest agent port; prepare it with --guest-agent to use this scenario".into())
+        }
         Probe::Thermal if ch.thermal_period.is_none() => Some(
             "the VM's table has no thermal zone; prepare it with --thermal-period-ds to use this scenario"
                 .into(),
@@ -57,14 +71,14 @@ pub async fn run(index: usize, scenario: Scenario, ch: Channels, tx: mpsc::Sende
         Ok(p) => p,
         Err(why) => {
             let outcome = Outcome { ok: false, latency: None, detail: why };
-            let _ = tx.send(Report { index, outcome, record: None }).await;
+            let _ = tx.send(Report { index, outcome, record: None, app_status: None }).await;
             return;
         }
     };
     let mut next = tokio::time::Instant::now();
     loop {
-        let (outcome, record) = prober.probe(&scenario, &ch).await;
-        if tx.send(Report { index, outcome, record }).await.is_err() {
+        let (outcome, record, app_status) = prober.probe(&scenario, &ch).await;
+        if tx.send(Report { index, outcome, record, app_status }).await.is_err() {
             return;
         }
         next += scenario.interval;
@@ -82,6 +96,9 @@ enum Prober {
     Thermal { last_count: Option<u32>, last_change: Option<Instant> },
     Console,
     Tcp,
+    App { last_health: Option<Instant> },
+    GuestAgent,
+    Mailbox { last_beats: Option<u32>, last_change: Option<Instant> },
 }
 
 impl Prober {
@@ -96,12 +113,33 @@ impl Prober {
             Probe::Thermal => Prober::Thermal { last_count: None, last_change: None },
             Probe::Console { .. } => Prober::Console,
             Probe::Tcp { .. } => Prober::Tcp,
+            Probe::AppHeartbeat { .. } => Prober::App { last_health: None },
+            Probe::GuestAgent => Prober::GuestAgent,
+            Probe::AppMailbox => Prober::Mailbox { last_beats: None, last_change: None },
         })
     }
 
-    async fn probe(&mut self, scenario: &Scenario, ch: &Channels) -> (Outcome, Option<GuestRecord>) {
+    async fn probe(&mut self, scenario: &Scenario, ch: &Channels) -> ProbeResult {
         let timeout = scenario.timeout;
-        match (self, &scenario.probe) {
+        let (outcome, record) = match (self, &scenario.probe) {
+            (Prober::App { last_health }, Probe::AppHeartbeat { health_interval, audit }) => match &ch.app {
+                Ok(app) => {
+                    (app_heartbeat(app, timeout, *health_interval, audit.as_deref(), last_health).await, None)
+                }
+                Err(why) => (miss(why.clone()), None),
+            },
+            (Prober::GuestAgent, _) => match &ch.guest_agent {
+                Some(path) => (guest_agent(path, timeout).await, None),
+                None => (miss("no guest agent port"), None),
+            },
+            (Prober::Mailbox { last_beats, last_change }, _) => match &ch.region {
+                Some(region) => {
+                    let (outcome, status) =
+                        mailbox(region, scenario.interval, timeout, last_beats, last_change).await;
+                    return (outcome, None, status);
+                }
+                None => (miss(ch.region_why.clone()), None),
+            },
             (Prober::Heartbeat(hb), _) => heartbeat(hb, &ch.qmp, timeout).await,
             (Prober::Thermal { last_count, last_change }, _) => match &ch.region {
                 Some(region) => {
@@ -116,6 +154,89 @@ impl Prober {
             },
             (Prober::Tcp, Probe::Tcp { address }) => (tcp(address, timeout).await, None),
             _ => unreachable!("a prober is made for its own probe"),
+        };
+        (outcome, record, None)
+    }
+}
+
+type ProbeResult = (Outcome, Option<GuestRecord>, Option<(AppStatus, String)>);
+
+/// A challenge; and, every `health_interval`, a health request (its answer reaches the
+/// monitor as a report, like the app's own).
+async fn app_heartbeat(
+    app: &AppChannel,
+    timeout: Duration,
+    health_interval: Option<Duration>,
+    audit: Option<&str>,
+    last_health: &mut Option<Instant>,
+) -> Outcome {
+    let outcome = match app.challenge(timeout).await {
+        Ok(rtt) => answered(rtt, format!("the app acked in {}", ms(rtt))),
+        Err(e) => miss(e),
+    };
+    if let Some(every) = health_interval {
+        if outcome.ok && last_health.is_none_or(|t| t.elapsed() >= every) {
+            *last_health = Some(Instant::now());
+            let _ = app.health(audit, timeout).await;
+        }
+    }
+    outcome
+}
+
+async fn guest_agent(path: &std::path::Path, timeout: Duration) -> Outcome {
+    match qga::ping(path, timeout).await {
+        Ok(rtt) => answered(rtt, format!("guest-ping answered in {}", ms(rtt))),
+        Err(e) => miss(e),
+    }
+}
+
+/// Whether the app's mailbox beats: `beats` must have advanced within interval + timeout
+/// (or the app's own period + timeout, if longer). Until one advance is seen the probe waits
+/// for it, as the thermal probe does. Also returns the status the app wrote.
+async fn mailbox(
+    region: &Region,
+    interval: Duration,
+    timeout: Duration,
+    last_beats: &mut Option<u32>,
+    last_change: &mut Option<Instant>,
+) -> (Outcome, Option<(AppStatus, String)>) {
+    let start = Instant::now();
+    loop {
+        let view = match region.mailbox() {
+            Ok(Mailbox::Written(v)) => v,
+            Ok(Mailbox::Empty) => return (miss("the app has not written its mailbox"), None),
+            Ok(Mailbox::Foreign { magic, version }) => {
+                let what =
+                    format!("the mailbox holds magic {magic:#010x} version {version}, not an ABI-1 mailbox");
+                return (miss(what), None);
+            }
+            Err(e) => return (miss(format!("cannot read the mailbox: {e}")), None),
+        };
+        let now = Instant::now();
+        if last_beats.is_some_and(|b| b != view.beats) {
+            *last_change = Some(now);
+        }
+        *last_beats = Some(view.beats);
+        let status = Some((view.status, view.text.clone()));
+        let allowed = (interval + timeout).max(Duration::from_millis(u64::from(view.period_ms)) + timeout);
+        let (beats, pid) = (view.beats, view.pid);
+        match *last_change {
+            Some(at) if now.duration_since(at) <= allowed => {
+                let age = now.duration_since(at);
+                return (
+                    answered(age, format!("beat {beats} (pid {pid}) {:.1}s ago", age.as_secs_f64())),
+                    status,
+                );
+            }
+            Some(at) => {
+                let still = now.duration_since(at).as_secs_f64();
+                return (miss(format!("beat {beats} (pid {pid}) has not moved for {still:.1}s")), status);
+            }
+            None if now.duration_since(start) > allowed => {
+                let waited = allowed.as_secs_f64();
+                return (miss(format!("beat {beats} (pid {pid}) did not move in {waited:.1}s")), status);
+            }
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::abi::AppStatus;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
@@ -161,6 +163,8 @@ pub struct Machine {
     pause: PausePolicy,
     paused_since: Option<Instant>,
     panicked: Option<Value>,
+    /// What the app last said of its own health (app protocol or mailbox), if not ok.
+    app: Option<(AppStatus, String)>,
     /// Between entering a failure state and recovering from it.
     pub incident: bool,
 }
@@ -185,6 +189,7 @@ impl Machine {
             pause,
             paused_since: None,
             panicked: None,
+            app: None,
             incident,
         };
         if state == State::Panicked {
@@ -339,6 +344,16 @@ impl Machine {
         self.go(State::Gone, why, evidence, now)
     }
 
+    /// The app reported its own health: `failed` is a failure (diagnostics run), `degraded`
+    /// makes the VM late, `ok` clears either.
+    pub fn app_health(&mut self, status: AppStatus, details: String, now: Instant) -> Option<Transition> {
+        self.app = match status {
+            AppStatus::Degraded | AppStatus::Failed => Some((status, details)),
+            AppStatus::Ok | AppStatus::Unknown => None,
+        };
+        self.settle(now, "app-health")
+    }
+
     /// Time passed: the start-up grace may have ended.
     pub fn tick(&mut self, now: Instant) -> Option<Transition> {
         self.settle(now, "tick")
@@ -381,6 +396,7 @@ impl Machine {
             "scenarios": self.tracks.iter().map(Track::evidence).collect::<Vec<_>>(),
             "paused": self.paused_since.is_some(),
             "panic": self.panicked,
+            "app": self.app.as_ref().map(|(s, d)| json!({ "status": s, "details": d })),
         });
         self.go(to, reason, evidence, now)
     }
@@ -392,6 +408,9 @@ impl Machine {
         let paused = self.paused_since.is_some();
         if paused && self.pause == PausePolicy::Exempt {
             return (State::Paused, "the VM is paused (pauses are exempt)".into());
+        }
+        if let Some((AppStatus::Failed, details)) = &self.app {
+            return (State::Unresponsive, format!("the app reports it failed: {details}"));
         }
         let active: Vec<&Track> = self.tracks.iter().filter(|t| t.active()).collect();
         let failing: Vec<&Track> = active.iter().copied().filter(|t| t.misses >= t.threshold).collect();
@@ -423,6 +442,9 @@ impl Machine {
         let never: Vec<&Track> = active.iter().copied().filter(|t| !t.ever_ok).collect();
         if self.state == State::Starting && (!never.is_empty() || !missing.is_empty()) {
             return (State::Starting, "waiting for every scenario's first answer".into());
+        }
+        if let Some((AppStatus::Degraded, details)) = &self.app {
+            return (State::Late, format!("the app reports it is degraded: {details}"));
         }
         if !missing.is_empty() || !never.is_empty() {
             let mut late = missing.clone();

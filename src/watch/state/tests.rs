@@ -1,4 +1,5 @@
 use super::*;
+use crate::abi::AppStatus;
 
 const HB: usize = 0;
 const CON: usize = 1;
@@ -170,4 +171,17 @@ fn qemu_reporting_a_panic_at_attach_is_panicked() {
     let (mut m, t0) = machine(PausePolicy::Counts, None);
     assert_eq!(to(m.attached("guest-panicked", t0)), Some(State::Panicked));
     assert!(m.incident);
+}
+
+#[test]
+fn the_apps_own_word_counts() {
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    let t = m.app_health(AppStatus::Degraded, "disk 93% full".into(), t0).unwrap();
+    assert_eq!((t.to, t.reason.as_str()), (State::Late, "the app reports it is degraded: disk 93% full"));
+    let t = m.app_health(AppStatus::Failed, "database down".into(), t0).unwrap();
+    assert_eq!((t.to, t.reason.as_str()), (State::Unresponsive, "the app reports it failed: database down"));
+    assert!(m.incident, "a failed app runs diagnostics like a hang");
+    assert_eq!(to(m.probe(HB, ok(1), t0)), None, "still failed while the app says so");
+    assert_eq!(to(m.app_health(AppStatus::Ok, String::new(), t0)), Some(State::Recovered));
 }
