@@ -20,6 +20,7 @@ fn target(g: &Guest) -> Target<'_> {
         qmp: Some(&g.vm.qmp),
         console: Some(g.vm.console().expect("console connected")),
         gdb_socket: g.vm.prepared.dir.join("gdb.sock"),
+        guest_agent: None,
     }
 }
 
@@ -73,7 +74,9 @@ async fn a_healthy_guest_gives_every_step_and_keeps_running() {
     g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
-    let mut steps = default_steps();
+    // The guest-agent step has its own test (tests/app.rs): this guest has no agent port.
+    let mut steps: Vec<Step> =
+        default_steps().into_iter().filter(|s| s.spec.name() != "guest-agent").collect();
     steps.extend([
         Step::new(StepSpec::InjectNmi { capture: Duration::from_secs(3), quiet: Duration::from_millis(500) }),
         Step::new(StepSpec::Gdbstub {}),
@@ -288,7 +291,13 @@ async fn a_starved_kernel_misses_heartbeats_but_answers_sysrq() {
 async fn scripts_get_the_environment_and_are_killed_at_their_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
-    let target = Target { vm: "vm-7", qmp: None, console: None, gdb_socket: dir.path().join("gdb.sock") };
+    let target = Target {
+        vm: "vm-7",
+        qmp: None,
+        console: None,
+        gdb_socket: dir.path().join("gdb.sock"),
+        guest_agent: None,
+    };
     let sh = |script: &str, timeout: Duration| Step {
         spec: StepSpec::Script { argv: vec!["/bin/sh".into(), "-c".into(), script.into()] },
         timeout,

@@ -21,6 +21,7 @@
 //! | `inject-nmi` | QMP (console to capture) | 10 s | QMP `inject-nmi`, then the console output until quiet for `quiet` (default `"500ms"`) or `capture` (default `"3s"`); skipped when the VM is not running |
 //! | `memory-dump` | QMP | 120 s | `dump-guest-memory` in kdump-raw-zlib format (the kdump-compressed file `crash` reads; QEMU 8.2 and later), or on older QEMU the flattened kdump-zlib stream (`makedumpfile -R` converts it), detached, polled with `query-dump`; skipped when the guest's RAM exceeds `max_bytes` (default `"1GiB"`), deleted if the file grows past it. QEMU writes the file itself, so the bundle directory must be writable by QEMU. QEMU stops the VM while it dumps (STOP/RESUME events) |
 //! | `gdbstub` | QMP | 15 s | starts QEMU's gdbstub on `Target::gdb_socket` (HMP `gdbserver unix:PATH,server=on,wait=off`), reads every vCPU's registers over the GDB remote protocol (decoded with the target's own register description, and raw), then stops the gdbstub. The gdbstub stops the VM while connected (STOP/RESUME events); the VM is left running or stopped as it was |
+//! | `guest-agent` | the guest agent's port | 10 s | QEMU guest agent `guest-get-osinfo`, `guest-get-host-name` and `guest-info`'s version (JSON); skipped without a guest agent port |
 //! | `script` | — | 60 s | runs `argv` (no shell) in the bundle directory with `ACPIMON_VM`, `ACPIMON_BUNDLE` (the directory), `ACPIMON_TRIGGER` (the trigger's kind), `ACPIMON_TRIGGER_TIME`, `ACPIMON_TRIGGER_REASON`; stdout and stderr, interleaved, to the file; killed (its whole process group) at the timeout. A non-zero exit is `failed` |
 //!
 //! # The manifest (`manifest.json`, schema `acpimon.bundle/1`)
@@ -62,6 +63,7 @@
 //! `memory-dump` `{ "format": "kdump-raw-zlib" | "kdump-zlib", "ram_bytes", "max_bytes", "note"? }`;
 //! `gdbstub` `{ "status_before", "status_after", "threads": [ { "thread", "rip", "rsp", "eflags" } ],
 //! "notes": [text] }` (statuses as `query-status` names them; values as "0x..." hex);
+//! `guest-agent` the same JSON as the file;
 //! `script` `{ "exit": code | null, "signal": number | null, "dropped_bytes",
 //! "killed_leftovers": bool }` (`killed_leftovers`: processes it left behind were killed).
 
@@ -174,6 +176,9 @@ pub enum StepSpec {
     },
     /// Every vCPU's registers over QEMU's gdbstub, started for the occasion.
     Gdbstub {},
+    /// What the QEMU guest agent says of the guest: `guest-get-osinfo`, host name, agent
+    /// version (needs `prepare --guest-agent` and qemu-ga in the guest).
+    GuestAgent {},
     /// An external program, run without a shell.
     Script { argv: Vec<String> },
 }
@@ -209,6 +214,7 @@ impl StepSpec {
             StepSpec::InjectNmi { .. } => "inject-nmi",
             StepSpec::MemoryDump { .. } => "memory-dump",
             StepSpec::Gdbstub {} => "gdbstub",
+            StepSpec::GuestAgent {} => "guest-agent",
             StepSpec::Script { .. } => "script",
         }
     }
@@ -221,6 +227,7 @@ impl StepSpec {
             StepSpec::Registers {} | StepSpec::InjectNmi { .. } => 10,
             StepSpec::MemoryDump { .. } => 120,
             StepSpec::Gdbstub {} => 15,
+            StepSpec::GuestAgent {} => 10,
             StepSpec::Script { .. } => 60,
         })
     }
@@ -319,7 +326,7 @@ impl Serialize for Step {
 }
 
 /// The steps used when the configuration names none: console-tail, sysrq `wtlm`, qmp-status,
-/// qmp-cpus, registers. None changes the guest or stops the VM.
+/// qmp-cpus, registers, guest-agent (skipped without an agent port). None changes the guest or stops the VM.
 pub fn default_steps() -> Vec<Step> {
     vec![
         Step::new(StepSpec::ConsoleTail { settle: ms500() }),
@@ -333,6 +340,7 @@ pub fn default_steps() -> Vec<Step> {
         Step::new(StepSpec::QmpStatus {}),
         Step::new(StepSpec::QmpCpus {}),
         Step::new(StepSpec::Registers {}),
+        Step::new(StepSpec::GuestAgent {}),
     ]
 }
 
@@ -344,6 +352,8 @@ pub struct Target<'a> {
     pub console: Option<&'a Console>,
     /// Where the `gdbstub` step has QEMU listen: a path without commas, at most 107 bytes.
     pub gdb_socket: PathBuf,
+    /// The guest agent's socket, when the VM has one.
+    pub guest_agent: Option<PathBuf>,
 }
 
 /// Why diagnostics were started.
@@ -548,6 +558,19 @@ async fn dispatch(spec: &StepSpec, ctx: &Ctx<'_>) -> Done {
         StepSpec::Gdbstub {} => match need_qmp() {
             Ok(q) => gdb::gdbstub(ctx, q).await,
             Err(d) => return d,
+        },
+        StepSpec::GuestAgent {} => match &t.guest_agent {
+            Some(path) => match crate::app::qga::describe(path, ctx.remaining()).await {
+                Ok(v) => {
+                    let mut text = serde_json::to_vec_pretty(&v).expect("JSON serialises");
+                    text.push(b'\n');
+                    ctx.write("json", &text, Keep::Head).await.map(|file| Done::ok(Some(file), Some(v)))
+                }
+                Err(e) => Err(Done::failed(e)),
+            },
+            None => {
+                return Done::skipped("no guest agent port on the VM (prepare it with --guest-agent)".into())
+            }
         },
         StepSpec::Script { argv } => script::run(ctx, argv).await,
     };

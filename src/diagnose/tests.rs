@@ -82,7 +82,7 @@ fn steps_serialise_back_to_the_same_flat_form() {
 #[test]
 fn default_steps_are_the_non_intrusive_ones() {
     let names: Vec<_> = default_steps().iter().map(|s| s.spec.name()).collect();
-    assert_eq!(names, ["console-tail", "sysrq", "qmp-status", "qmp-cpus", "registers"]);
+    assert_eq!(names, ["console-tail", "sysrq", "qmp-status", "qmp-cpus", "registers", "guest-agent"]);
     assert!(default_steps().iter().all(|s| s.spec.validate().is_ok()));
 }
 
@@ -160,7 +160,13 @@ fn gdb_registers_decode_with_the_target_description() {
 async fn without_channels_every_step_is_skipped_and_the_manifest_written() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("b/c");
-    let target = Target { vm: "vm1", qmp: None, console: None, gdb_socket: dir.path().join("gdb.sock") };
+    let target = Target {
+        vm: "vm1",
+        qmp: None,
+        console: None,
+        gdb_socket: dir.path().join("gdb.sock"),
+        guest_agent: None,
+    };
     let trigger = Trigger {
         kind: "unresponsive".into(),
         time: units::now_rfc3339(),
@@ -199,7 +205,13 @@ async fn an_unwritable_bundle_directory_is_the_only_error() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("f");
     std::fs::write(&file, b"").unwrap();
-    let target = Target { vm: "vm1", qmp: None, console: None, gdb_socket: dir.path().join("gdb.sock") };
+    let target = Target {
+        vm: "vm1",
+        qmp: None,
+        console: None,
+        gdb_socket: dir.path().join("gdb.sock"),
+        guest_agent: None,
+    };
     let trigger = Trigger {
         kind: "panicked".into(),
         time: String::new(),

@@ -495,6 +495,7 @@ impl Monitor {
         let state = self.state_tx.subscribe();
         // Beside QMP's socket, whose path length `prepare` checked.
         let gdb_socket = self.dir.join("gdb.sock");
+        let guest_agent = att.channels.guest_agent.clone();
         self.log(&format!("collecting diagnostics into {}", bundle.display()));
         tokio::spawn(async move {
             let target = diagnose::Target {
@@ -502,6 +503,7 @@ impl Monitor {
                 qmp: Some(&qmp),
                 console: console.as_deref(),
                 gdb_socket: gdb_socket.clone(),
+                guest_agent: guest_agent.clone(),
             };
             let dtrigger = diagnose::Trigger {
                 kind: trigger["kind"].as_str().unwrap_or("?").into(),
