@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use acpimon::generate::SsdtConfig;
-use acpimon::launch::{prepare, Vm, VmSpec};
+use acpimon::launch::{Vm, VmSpec};
 use acpimon::read::{GuestRecord, Snapshot};
 use acpimon::trigger::{Beat, Heartbeat};
 
@@ -47,6 +47,10 @@ pub struct GuestSpec {
     /// Leave QMP and the console to an `acpimon watch` under test: the guest's handle uses a
     /// second monitor and has no console (so `wait_ready` is ignored).
     pub watched: bool,
+    /// The app channel and the guest agent's port (`prepare --app-channel --guest-agent`).
+    pub extras: acpimon::launch::Extras,
+    /// More kernel command-line words for the fixture's /init (e.g. `acpimon.app=responder`).
+    pub append: Vec<String>,
 }
 
 impl GuestSpec {
@@ -61,6 +65,8 @@ impl GuestSpec {
             extra: Vec::new(),
             wait_ready: true,
             watched: false,
+            extras: acpimon::launch::Extras::default(),
+            append: Vec::new(),
         }
     }
 }
@@ -106,9 +112,13 @@ impl Guest {
     pub async fn boot(spec: GuestSpec) -> Guest {
         let fx = fixture();
         let dir = tempfile::Builder::new().prefix("acpimon-test").tempdir_in("/tmp").unwrap();
-        let prepared = prepare(dir.path(), "guest", &spec.ssdt).unwrap();
-        let cmdline =
+        let prepared = acpimon::launch::prepare_with(dir.path(), "guest", &spec.ssdt, spec.extras).unwrap();
+        let mut cmdline =
             format!("console=ttyS0 acpimon.scenario={} acpimon.delay={}", spec.scenario, spec.delay);
+        for word in &spec.append {
+            cmdline.push(' ');
+            cmdline.push_str(word);
+        }
         let mut args: Vec<String> = ["-M", spec.machine, "-m", "256", "-nodefaults", "-display", "none"]
             .iter()
             .map(|s| s.to_string())
