@@ -4,6 +4,26 @@
 # Kernel command line (everything optional):
 #   acpimon.scenario=healthy|userspace-stop|panic|starve   what the guest does (default healthy)
 #   acpimon.delay=N                       seconds before stop/panic/starve (default 3)
+#   acpimon.app=responder|sh|none         app-protocol responder on the port org.acpimon.app.0
+#                                         (default none): /bin/acpimon-responder (status file
+#                                         /run/app-status, audits disk = df /run, fail = false,
+#                                         uptime = cat /proc/uptime; log /run/app.log) or
+#                                         /bin/responder.sh (docs/examples/responder.sh)
+#   acpimon.app_mailbox=1                 beat the app mailbox too (acpimon-responder --mailbox,
+#                                         or alone --mailbox-only when app is not responder)
+#   acpimon.qga=1                         start qemu-ga on org.qemu.guest_agent.0 (log /run/qga.log)
+#   acpimon.app_stop_after=N              kill the app (responder, sh, mailbox: SIGKILL) N s
+#                                         after it started ("ACPIMON-GUEST: app stopped ...")
+#   acpimon.app_degrade_after=N           write "degraded disk nearly full" to /run/app-status
+#                                         N s after the app started ("... app status degraded")
+#   acpimon.app_garbage=N                 acpimon-responder --garbage N (N junk lines first)
+#
+# The app and qemu-ga start in the background, each once its port shows up (at most 10 s),
+# so they never delay "ready"; their markers ("ACPIMON-GUEST: app responder started pid=P",
+# "ACPIMON-GUEST: app sh started", "ACPIMON-GUEST: app mailbox started",
+# "ACPIMON-GUEST: qemu-ga started pid=P version=V", or "... failed: why") come on a line of their
+# own. udev is absent: /dev/virtio-ports/NAME symlinks are made here from
+# /sys/class/virtio-ports/*/name. /run is a tmpfs (the responder's "disk" audit reports it).
 #
 # starve: every CPU runs a SCHED_FIFO 99 busy loop with RT throttling off, so nothing of lower
 # priority runs again: no userspace, no workqueue, no threaded IRQ handler (FIFO 50; ACPI
@@ -24,6 +44,9 @@ mount -t devtmpfs devtmpfs /dev
 # /init started, init would otherwise have no stdin/stdout at all.
 exec </dev/console >/dev/console 2>&1
 mkdir -p /tmp /run
+# /run on its own tmpfs: a file system the app's "disk" audit (df /run) can report on
+# (busybox df skips the initramfs's rootfs).
+mount -t tmpfs -o size=16m,mode=755 tmpfs /run
 
 # Once the shell runs, its prompt sits on the console without a newline: start markers
 # on a line of their own then, so that they can be matched at the start of a line.
@@ -36,10 +59,17 @@ uptime_s() { read -r up _ </proc/uptime; echo "$up"; }
 
 scenario=healthy
 delay=3
+app=none app_mailbox=0 qga=0 app_stop_after='' app_degrade_after='' app_garbage=''
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     acpimon.scenario=*) scenario=${arg#acpimon.scenario=} ;;
     acpimon.delay=*) delay=${arg#acpimon.delay=} ;;
+    acpimon.app=*) app=${arg#acpimon.app=} ;;
+    acpimon.app_mailbox=*) app_mailbox=${arg#acpimon.app_mailbox=} ;;
+    acpimon.qga=*) qga=${arg#acpimon.qga=} ;;
+    acpimon.app_stop_after=*) app_stop_after=${arg#acpimon.app_stop_after=} ;;
+    acpimon.app_degrade_after=*) app_degrade_after=${arg#acpimon.app_degrade_after=} ;;
+    acpimon.app_garbage=*) app_garbage=${arg#acpimon.app_garbage=} ;;
   esac
 done
 # Start on a fresh line: firmware text (SeaBIOS's "Booting from ROM..") may end without one.
@@ -80,6 +110,148 @@ for tz in /sys/class/thermal/thermal_zone*; do
   say "thermal zone ${tz##*/}: type=$(cat "$tz/type" 2>/dev/null) temp=$(cat "$tz/temp" 2>/dev/null)"
 done
 [ "$tz_found" = 1 ] || say "thermal zone: none"
+
+# --- the app: responder, mailbox, qemu-ga ---------------------------------------------------
+
+# Markers from the background: the shell's prompt may sit on the console, so always start
+# on a fresh line.
+bg_say() { printf '\nACPIMON-GUEST: %s\n' "$*"; }
+
+whole_seconds() { # NAME VALUE: VALUE if a whole number, else '' (with an error marker)
+  case "$2" in
+    '') ;;
+    *[!0-9]*) say "error: acpimon.$1='$2' is not a whole number, ignored" >&2 ;;
+    *) echo "$2" ;;
+  esac
+}
+app_stop_after=$(whole_seconds app_stop_after "$app_stop_after")
+app_degrade_after=$(whole_seconds app_degrade_after "$app_degrade_after")
+app_garbage=$(whole_seconds app_garbage "$app_garbage")
+case "$app" in
+  responder | sh | none) ;;
+  *) say "error: unknown acpimon.app='$app' (want responder, sh or none), using none"; app=none ;;
+esac
+[ "$app_mailbox" = 1 ] || app_mailbox=0
+[ "$qga" = 1 ] || qga=0
+
+# What udev would do: /dev/virtio-ports/NAME -> ../vportNpM for every named port.
+link_ports() {
+  mkdir -p /dev/virtio-ports
+  for n in /sys/class/virtio-ports/*/name; do
+    [ -r "$n" ] || continue
+    name=$(cat "$n")
+    d=${n%/name}
+    d=${d##*/}
+    [ -n "$name" ] && [ -e "/dev/$d" ] && [ ! -e "/dev/virtio-ports/$name" ] &&
+      ln -s "../$d" "/dev/virtio-ports/$name" 2>/dev/null # (the app's and qga's waits race)
+  done
+}
+
+# Waits up to 10 s for /dev/virtio-ports/$1 (ports appear shortly after virtio_console binds).
+wait_port() {
+  i=0
+  while [ "$i" -lt 100 ]; do
+    link_ports
+    [ -e "/dev/virtio-ports/$1" ] && return 0
+    sleep 0.1
+    i=$((i + 1))
+  done
+  return 1
+}
+
+# Starts "$@" in the background with its output in $log; prints its pid, or fails if it
+# died at once (the log's last line goes to stderr then).
+spawn() {
+  log=$1
+  shift
+  "$@" </dev/null >>"$log" 2>&1 &
+  pid=$!
+  sleep 0.2
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "$pid"
+  else
+    tail -n 1 "$log" >&2
+    return 1
+  fi
+}
+
+start_app() {
+  app_port=org.acpimon.app.0
+  pids=""
+  echo ok >/run/app-status
+  if [ "$app" != none ]; then
+    if ! wait_port "$app_port"; then
+      bg_say "app $app failed: no port $app_port after 10 s (add a virtserialport named $app_port)"
+    elif [ "$app" = responder ]; then
+      set -- --status-file /run/app-status --audit "disk=df /run" --audit "fail=false" \
+        --audit "uptime=cat /proc/uptime"
+      [ "$app_mailbox" = 0 ] || set -- "$@" --mailbox
+      [ -z "$app_garbage" ] || set -- "$@" --garbage "$app_garbage"
+      if pid=$(spawn /run/app.log /bin/acpimon-responder "$@" 2>/run/app.err); then
+        pids="$pids $pid"
+        bg_say "app responder started pid=$pid port=/dev/virtio-ports/$app_port$([ "$app_mailbox" = 0 ] || echo ' mailbox=1')"
+      else
+        bg_say "app responder failed: $(cat /run/app.err)"
+      fi
+    else
+      [ -z "$app_garbage" ] || bg_say "note: acpimon.app_garbage applies to acpimon-responder only"
+      if pid=$(STATUS_FILE=/run/app-status spawn /run/app.log sh /bin/responder.sh 2>/run/app.err); then
+        pids="$pids $pid"
+        bg_say "app sh started pid=$pid port=/dev/virtio-ports/$app_port"
+      else
+        bg_say "app sh failed: $(cat /run/app.err)"
+      fi
+    fi
+  fi
+  if [ "$app_mailbox" = 1 ] && [ "$app" != responder ]; then
+    if pid=$(spawn /run/app-mailbox.log /bin/acpimon-responder --mailbox-only --status-file /run/app-status \
+      2>/run/app.err); then
+      pids="$pids $pid"
+      bg_say "app mailbox started pid=$pid"
+    else
+      bg_say "app mailbox failed: $(cat /run/app.err)"
+    fi
+  fi
+  [ -n "$pids" ] || return 0
+  # The timed events, in order of their delays.
+  {
+    [ -z "$app_degrade_after" ] || echo "$app_degrade_after degrade"
+    [ -z "$app_stop_after" ] || echo "$app_stop_after stop"
+  } | sort -n | {
+    waited=0
+    while read -r at what; do
+      [ "$at" -le "$waited" ] || sleep $((at - waited))
+      waited=$at
+      case "$what" in
+        degrade)
+          echo "degraded disk nearly full" >/run/app-status.new
+          mv /run/app-status.new /run/app-status
+          bg_say "app status degraded uptime=$(uptime_s)"
+          ;;
+        stop)
+          # shellcheck disable=SC2086
+          kill -KILL $pids 2>/dev/null
+          bg_say "app stopped (killed$pids) uptime=$(uptime_s)"
+          ;;
+      esac
+    done
+  }
+}
+
+start_qga() {
+  qga_port=org.qemu.guest_agent.0
+  if ! wait_port "$qga_port"; then
+    bg_say "qemu-ga failed: no port $qga_port after 10 s (add a virtserialport named $qga_port)"
+  elif pid=$(spawn /run/qga.log /usr/sbin/qemu-ga -m virtio-serial -p "/dev/virtio-ports/$qga_port" \
+    -t /run 2>/run/qga.err); then
+    bg_say "qemu-ga started pid=$pid version=$(/usr/sbin/qemu-ga --version 2>/dev/null | sed -n 's/^QEMU Guest Agent //p')"
+  else
+    bg_say "qemu-ga failed: $(cat /run/qga.err)"
+  fi
+}
+
+[ "$app" = none ] && [ "$app_mailbox" = 0 ] || start_app &
+[ "$qga" = 0 ] || start_qga &
 
 # An interactive shell on the console tty; cttyhack finds that tty (ttyS0) and makes it
 # the controlling terminal, setsid gives it its own session. Respawned if it exits.
