@@ -345,7 +345,13 @@ async fn events_survive_a_controller_outage_and_a_service_crash_exactly_once() {
         .filter(|e| e.kind == "transition" && e.vm.as_deref() == Some("guest"))
         .map(|e| e.detail["to"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(to.iter().filter(|t| *t == "unresponsive").count(), 1, "{to:?}");
+    let history: Vec<String> = svc
+        .events()
+        .iter()
+        .filter(|e| e.kind == "transition")
+        .map(|e| format!("{} {} -> {}: {}", e.time, e.detail["from"], e.detail["to"], e.detail["reason"]))
+        .collect();
+    assert_eq!(to.iter().filter(|t| *t == "unresponsive").count(), 1, "{history:#?}\n{}", svc.log_text());
     assert!(to.contains(&"recovered".to_string()), "{to:?}");
     assert_eq!(svc.status().await.forward.pending_events, 0);
     assert_eq!(svc.stop().code(), Some(0), "SIGTERM stops the service cleanly");

@@ -562,6 +562,9 @@ impl Monitor {
                 self.log(&format!("no bundle: {e}"));
             }
         }
+        // Saved with the bundle's event (emit saves): a crash can no longer leave a delivered
+        // bundle's incident pending, to be diagnosed again on restart.
+        self.memory.pending_diagnostics = None;
         self.emit("bundle", detail);
         prune_bundles(&done.bundle, self.shared.config.bundles_keep);
         if let Some(r) = done.recovery {
@@ -574,11 +577,6 @@ impl Monitor {
             self.log(&format!("recovery {}: {}: {}", r.action, r.outcome, r.detail));
             self.emit("recovery", json!({ "action": r.action, "outcome": r.outcome, "detail": r.detail }));
         }
-        let mut trigger = self.memory.pending_diagnostics.take();
-        if let Some(t) = trigger.as_mut() {
-            t["finished"] = json!(now_rfc3339());
-        }
-        self.save();
     }
 
     /// Emits an event for this VM; returns its key.
