@@ -4,14 +4,13 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use acpimon::diagnose::{collect, Outcome, Step, StepSpec, Target, Trigger};
 use acpimon::launch::Extras;
 use acpimon::watch::state::State;
 use common::guest::{Guest, GuestSpec};
-use common::service::{free_port, Controller, Service};
+use common::service::{free_port, watch_guest, Controller};
 use serde_json::json;
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -31,13 +30,6 @@ async fn guest(append: &[&str]) -> Guest {
         ..GuestSpec::new("pc")
     })
     .await
-}
-
-async fn watch(g: &Guest, work: &Path, config: &str) -> Service {
-    let svc = Service::start(g.vm.prepared.dir.parent().unwrap(), work, config).await;
-    svc.wait_state("guest", State::Paused, Duration::from_secs(30)).await;
-    g.vm.qmp.execute_raw("cont", json!({}), Duration::from_secs(5)).await.unwrap();
-    svc
 }
 
 const HEARTBEATS: &str = r#"
@@ -60,7 +52,7 @@ async fn the_responder_answers_runs_audits_and_its_degraded_status_reaches_the_c
     let ctl = Controller::start(free_port(), &work.path().join("store")).await;
     let g = guest(&["acpimon.app=responder", "acpimon.app_degrade_after=25"]).await;
     let config = format!("[controller]\nurl = \"http://{}\"\nbackoff_max = \"1s\"\n{HEARTBEATS}", ctl.addr);
-    let svc = watch(&g, work.path(), &config).await;
+    let svc = watch_guest(&g, work.path(), &config).await;
     let (v, _) = svc.wait_state("guest", State::Healthy, BOOT).await;
     let app = v.scenarios.iter().find(|s| s.kind == "app-heartbeat").unwrap();
     assert!(app.last_detail.as_ref().unwrap().starts_with("the app acked in"), "{app:?}");
@@ -91,7 +83,7 @@ async fn the_responder_answers_runs_audits_and_its_degraded_status_reaches_the_c
 async fn a_killed_responder_fails_app_heartbeat_while_the_kernel_heartbeat_answers() {
     let work = work();
     let g = guest(&["acpimon.app=responder", "acpimon.app_stop_after=20"]).await;
-    let svc = watch(&g, work.path(), HEARTBEATS).await;
+    let svc = watch_guest(&g, work.path(), HEARTBEATS).await;
     svc.wait_state("guest", State::Healthy, BOOT).await;
     let (v, _) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(60)).await;
     assert!(v.reason.starts_with("app-heartbeat missed 3 of 3 (no ack to challenge"), "{}", v.reason);
@@ -104,7 +96,7 @@ async fn a_killed_responder_fails_app_heartbeat_while_the_kernel_heartbeat_answe
 async fn a_flood_of_garbage_is_dropped_and_counted_while_the_host_stays_responsive() {
     let work = work();
     let g = guest(&["acpimon.app=responder", "acpimon.app_garbage=20000"]).await;
-    let svc = watch(&g, work.path(), HEARTBEATS).await;
+    let svc = watch_guest(&g, work.path(), HEARTBEATS).await;
     let (_, took) = svc.wait_state("guest", State::Healthy, BOOT).await;
     // The status endpoint answers promptly throughout.
     let start = Instant::now();
@@ -135,7 +127,7 @@ kind = "acpi-heartbeat"
 [[defaults.scenario]]
 kind = "app-mailbox"
 "#;
-    let svc = watch(&g, work.path(), config).await;
+    let svc = watch_guest(&g, work.path(), config).await;
     let (v, _) = svc.wait_state("guest", State::Healthy, BOOT).await;
     let mb = v.scenarios.iter().find(|s| s.kind == "app-mailbox").unwrap();
     assert!(mb.last_detail.as_ref().unwrap().starts_with("beat "), "{mb:?}");
@@ -201,7 +193,7 @@ kind = "acpi-heartbeat"
 kind = "guest-agent"
 interval = "2s"
 "#;
-    let svc = watch(&g, work.path(), config).await;
+    let svc = watch_guest(&g, work.path(), config).await;
     let (v, _) = svc.wait_state("guest", State::Healthy, BOOT).await;
     let ga = v.scenarios.iter().find(|s| s.kind == "guest-agent").unwrap();
     assert!(ga.last_detail.as_ref().unwrap().starts_with("guest-ping answered in"), "{ga:?}");

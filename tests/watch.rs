@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use acpimon::forward::Event;
 use acpimon::watch::state::State;
 use common::guest::{Guest, GuestSpec};
-use common::service::{free_port, is_transition, Controller, Service};
+use common::service::{free_port, is_transition, watch_guest, Controller, Service};
 use serde_json::{json, Value};
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -24,19 +24,6 @@ fn work() -> tempfile::TempDir {
 async fn guest(scenario: &'static str, delay: u32) -> Guest {
     let extra = vec!["-S".to_string()];
     Guest::boot(GuestSpec { watched: true, scenario, delay, extra, ..GuestSpec::new("pc") }).await
-}
-
-/// Starts the service on `g`'s state directory and, once it has attached (so it has the
-/// console from the first line), lets the guest run.
-async fn watch(g: &Guest, work: &Path, config: &str) -> Service {
-    let svc = Service::start(state_dir(g), work, config).await;
-    svc.wait_state("guest", State::Paused, Duration::from_secs(30)).await;
-    g.vm.qmp.execute_raw("cont", json!({}), Duration::from_secs(5)).await.unwrap();
-    svc
-}
-
-fn state_dir(g: &Guest) -> &Path {
-    g.vm.prepared.dir.parent().unwrap()
 }
 
 fn controller_section(ctl_port: u16) -> String {
@@ -86,7 +73,7 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
     let ctl = Controller::start(free_port(), &work.path().join("store")).await;
     let g = guest("healthy", 3).await;
     let config = format!("{}[defaults]\nstartup_grace = \"90s\"\n", controller_section(ctl.addr.port()));
-    let svc = watch(&g, work.path(), &config).await;
+    let svc = watch_guest(&g, work.path(), &config).await;
     svc.wait_state("guest", State::Healthy, BOOT).await;
     // The heartbeat answers before userspace starts: give the guest time to reach its shell.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -169,7 +156,7 @@ threshold = 2
 "#,
         listener.local_addr().unwrap()
     );
-    let svc = watch(&g, work.path(), &config).await;
+    let svc = watch_guest(&g, work.path(), &config).await;
     let (v, _) = svc.wait_state("guest", State::Healthy, BOOT).await;
     assert!(v.scenarios.iter().all(|s| s.unavailable.is_none()), "{v:#?}");
     let thermal = v.scenarios.iter().find(|s| s.kind == "thermal").unwrap();
@@ -192,7 +179,7 @@ async fn a_kernel_that_stops_answering_is_unresponsive_sysrq_shows_why_and_recov
     let work = work();
     let g = guest("starve", 12).await;
     let config = "[defaults]\nstartup_grace = \"90s\"\nrecovery = { action = \"reset\", max_per_hour = 1 }\n";
-    let svc = watch(&g, work.path(), config).await;
+    let svc = watch_guest(&g, work.path(), config).await;
     svc.wait_state("guest", State::Healthy, BOOT).await;
     let (view, _) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(60)).await;
     assert!(
@@ -239,7 +226,7 @@ async fn a_panic_is_reported_within_a_second_with_its_text_in_the_bundle() {
     let work = work();
     let g = guest("panic", 10).await;
     let mut qmp_events = g.vm.qmp.events();
-    let svc = watch(&g, work.path(), "[defaults]\nstartup_grace = \"90s\"\n").await;
+    let svc = watch_guest(&g, work.path(), "[defaults]\nstartup_grace = \"90s\"\n").await;
     svc.wait_state("guest", State::Healthy, BOOT).await;
     let panicked_at = loop {
         let ev = tokio::time::timeout(Duration::from_secs(60), qmp_events.recv()).await.unwrap().unwrap();
@@ -275,7 +262,7 @@ interval = "2s"
 timeout = "2s"
 threshold = 2
 "#;
-    let svc = watch(&g, work.path(), config).await;
+    let svc = watch_guest(&g, work.path(), config).await;
     svc.wait_state("guest", State::Healthy, BOOT).await;
     let (view, _) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(60)).await;
     assert!(
@@ -309,7 +296,7 @@ async fn events_survive_a_controller_outage_and_a_service_crash_exactly_once() {
     let port = free_port();
     let g = guest("healthy", 3).await;
     let config = format!("{}[defaults]\nstartup_grace = \"90s\"\n", controller_section(port));
-    let mut svc = watch(&g, work.path(), &config).await;
+    let mut svc = watch_guest(&g, work.path(), &config).await;
     svc.wait_state("guest", State::Healthy, BOOT).await;
 
     // The controller is down while the VM hangs.

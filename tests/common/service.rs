@@ -174,6 +174,15 @@ impl Drop for Service {
     }
 }
 
+/// Starts the service on `g`'s state directory and, once it has attached (so it has the
+/// console from the first line), lets the guest, created paused (`-S`, as EVE launches), run.
+pub async fn watch_guest(g: &super::guest::Guest, work: &Path, config: &str) -> Service {
+    let svc = Service::start(g.vm.prepared.dir.parent().unwrap(), work, config).await;
+    svc.wait_state("guest", State::Paused, Duration::from_secs(30)).await;
+    g.vm.qmp.execute_raw("cont", serde_json::json!({}), Duration::from_secs(5)).await.unwrap();
+    svc
+}
+
 /// A transition event to `to`.
 pub fn is_transition(e: &Event, to: State) -> bool {
     e.kind == "transition" && e.detail["to"] == serde_json::to_value(to).unwrap()
