@@ -187,11 +187,7 @@ impl Registry {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn prometheus(&self) -> String {
-        render(&self.status(), &self.full_views())
-    }
-
-    fn full_views(&self) -> Vec<VmView> {
-        self.vms.lock().unwrap().values().map(|v| v.lock().unwrap().clone()).collect()
+        render(&self.status())
     }
 }
 
@@ -203,7 +199,9 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-fn render(status: &StatusView, full: &[VmView]) -> String {
+/// The status's views keep the histogram too (serde skips it only for `/status`).
+fn render(status: &StatusView) -> String {
+    let full = status.vms.as_slice();
     let mut o = String::with_capacity(1024 + 2048 * full.len());
     header(&mut o, "acpimon_vms", "gauge", "VMs being watched.");
     let _ = writeln!(o, "acpimon_vms {}", full.len());
@@ -266,7 +264,7 @@ fn render(status: &StatusView, full: &[VmView]) -> String {
         "gauge",
         "Time since the region last had a new record.",
     );
-    for v in &status.vms {
+    for v in full {
         if let Some(a) = v.last_record_age_s {
             let _ = writeln!(o, "acpimon_last_record_age_seconds{{vm=\"{}\"}} {a:.3}", esc(&v.name));
         }

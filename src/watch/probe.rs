@@ -93,12 +93,12 @@ pub async fn run(index: usize, scenario: Scenario, ch: Channels, tx: mpsc::Sende
 
 enum Prober {
     Heartbeat(Heartbeat),
-    Thermal { last_count: Option<u32>, last_change: Option<Instant> },
+    Thermal(Counter),
     Console,
     Tcp,
     App { last_health: Option<Instant> },
     GuestAgent,
-    Mailbox { last_beats: Option<u32>, last_change: Option<Instant> },
+    Mailbox(Counter),
 }
 
 impl Prober {
@@ -110,12 +110,12 @@ impl Prober {
                     Heartbeat::new(region, ch.irq).map_err(|e| format!("cannot use the region: {e}"))?,
                 )
             }
-            Probe::Thermal => Prober::Thermal { last_count: None, last_change: None },
+            Probe::Thermal => Prober::Thermal(Counter::default()),
             Probe::Console { .. } => Prober::Console,
             Probe::Tcp { .. } => Prober::Tcp,
             Probe::AppHeartbeat { .. } => Prober::App { last_health: None },
             Probe::GuestAgent => Prober::GuestAgent,
-            Probe::AppMailbox => Prober::Mailbox { last_beats: None, last_change: None },
+            Probe::AppMailbox => Prober::Mailbox(Counter::default()),
         })
     }
 
@@ -132,19 +132,18 @@ impl Prober {
                 Some(path) => (guest_agent(path, timeout).await, None),
                 None => (miss("no guest agent port"), None),
             },
-            (Prober::Mailbox { last_beats, last_change }, _) => match &ch.region {
+            (Prober::Mailbox(counter), _) => match &ch.region {
                 Some(region) => {
-                    let (outcome, status) =
-                        mailbox(region, scenario.interval, timeout, last_beats, last_change).await;
+                    let (outcome, status) = mailbox(region, scenario.interval, timeout, counter).await;
                     return (outcome, None, status);
                 }
                 None => (miss(ch.region_why.clone()), None),
             },
             (Prober::Heartbeat(hb), _) => heartbeat(hb, &ch.qmp, timeout).await,
-            (Prober::Thermal { last_count, last_change }, _) => match &ch.region {
+            (Prober::Thermal(counter), _) => match &ch.region {
                 Some(region) => {
                     let period = ch.thermal_period.unwrap_or(Duration::from_secs(1));
-                    thermal(region, period, timeout, last_count, last_change).await
+                    thermal(region, period, timeout, counter).await
                 }
                 None => (miss(ch.region_why.clone()), None),
             },
@@ -190,55 +189,91 @@ async fn guest_agent(path: &std::path::Path, timeout: Duration) -> Outcome {
     }
 }
 
+/// A counter the guest advances on its own (thermal polls, mailbox beats), and when the host
+/// last saw it move.
+#[derive(Default)]
+struct Counter {
+    last: Option<u32>,
+    moved: Option<Instant>,
+}
+
+/// What a [`Counter`] did.
+enum Progress {
+    /// Moved this long ago, within what is allowed.
+    Fresh(Duration),
+    /// Has not moved for this long, more than is allowed.
+    Stale(Duration),
+    /// Never seen to move since the probe started, within what is allowed (given).
+    Never(Duration),
+}
+
+impl Counter {
+    /// Reads with `read` (the counter's value, how long it may stand still, and what else the
+    /// probe wants from the read; or a miss) until the counter can be judged. Until one move
+    /// has been seen it keeps reading, up to what is allowed, so a fresh start neither
+    /// trusts a stale value nor reports a miss too early.
+    async fn judge<T>(
+        &mut self,
+        mut read: impl FnMut() -> Result<(u32, Duration, T), Outcome>,
+    ) -> Result<(Progress, u32, T), Outcome> {
+        let start = Instant::now();
+        loop {
+            let (value, allowed, extra) = read()?;
+            let now = Instant::now();
+            if self.last.is_some_and(|v| v != value) {
+                self.moved = Some(now);
+            }
+            self.last = Some(value);
+            let progress = match self.moved {
+                Some(at) if now.duration_since(at) <= allowed => Progress::Fresh(now.duration_since(at)),
+                Some(at) => Progress::Stale(now.duration_since(at)),
+                None if now.duration_since(start) > allowed => Progress::Never(allowed),
+                None => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            return Ok((progress, value, extra));
+        }
+    }
+}
+
 /// Whether the app's mailbox beats: `beats` must have advanced within interval + timeout
-/// (or the app's own period + timeout, if longer). Until one advance is seen the probe waits
-/// for it, as the thermal probe does. Also returns the status the app wrote.
+/// (or the app's own period + timeout, if longer). Also returns the status the app wrote.
 async fn mailbox(
     region: &Region,
     interval: Duration,
     timeout: Duration,
-    last_beats: &mut Option<u32>,
-    last_change: &mut Option<Instant>,
+    counter: &mut Counter,
 ) -> (Outcome, Option<(AppStatus, String)>) {
-    let start = Instant::now();
-    loop {
-        let view = match region.mailbox() {
-            Ok(Mailbox::Written(v)) => v,
-            Ok(Mailbox::Empty) => return (miss("the app has not written its mailbox"), None),
-            Ok(Mailbox::Foreign { magic, version }) => {
-                let what =
-                    format!("the mailbox holds magic {magic:#010x} version {version}, not an ABI-1 mailbox");
-                return (miss(what), None);
-            }
-            Err(e) => return (miss(format!("cannot read the mailbox: {e}")), None),
-        };
-        let now = Instant::now();
-        if last_beats.is_some_and(|b| b != view.beats) {
-            *last_change = Some(now);
+    let read = || match region.mailbox() {
+        Ok(Mailbox::Written(v)) => {
+            let allowed = (interval + timeout).max(Duration::from_millis(u64::from(v.period_ms)) + timeout);
+            Ok((v.beats, allowed, v))
         }
-        *last_beats = Some(view.beats);
-        let status = Some((view.status, view.text.clone()));
-        let allowed = (interval + timeout).max(Duration::from_millis(u64::from(view.period_ms)) + timeout);
-        let (beats, pid) = (view.beats, view.pid);
-        match *last_change {
-            Some(at) if now.duration_since(at) <= allowed => {
-                let age = now.duration_since(at);
-                return (
-                    answered(age, format!("beat {beats} (pid {pid}) {:.1}s ago", age.as_secs_f64())),
-                    status,
-                );
-            }
-            Some(at) => {
-                let still = now.duration_since(at).as_secs_f64();
-                return (miss(format!("beat {beats} (pid {pid}) has not moved for {still:.1}s")), status);
-            }
-            None if now.duration_since(start) > allowed => {
-                let waited = allowed.as_secs_f64();
-                return (miss(format!("beat {beats} (pid {pid}) did not move in {waited:.1}s")), status);
-            }
-            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        Ok(Mailbox::Empty) => Err(miss("the app has not written its mailbox")),
+        Ok(Mailbox::Foreign { magic, version }) => Err(miss(format!(
+            "the mailbox holds magic {magic:#010x} version {version}, not an ABI-1 mailbox"
+        ))),
+        Err(e) => Err(miss(format!("cannot read the mailbox: {e}"))),
+    };
+    let (progress, beats, view) = match counter.judge(read).await {
+        Ok(judged) => judged,
+        Err(miss) => return (miss, None),
+    };
+    let pid = view.pid;
+    let outcome = match progress {
+        Progress::Fresh(age) => {
+            answered(age, format!("beat {beats} (pid {pid}) {:.1}s ago", age.as_secs_f64()))
         }
-    }
+        Progress::Stale(still) => {
+            miss(format!("beat {beats} (pid {pid}) has not moved for {:.1}s", still.as_secs_f64()))
+        }
+        Progress::Never(waited) => {
+            miss(format!("beat {beats} (pid {pid}) did not move in {:.1}s", waited.as_secs_f64()))
+        }
+    };
+    (outcome, Some((view.status, view.text)))
 }
 
 fn miss(detail: impl Into<String>) -> Outcome {
@@ -272,55 +307,38 @@ async fn heartbeat(hb: &mut Heartbeat, qmp: &Qmp, timeout: Duration) -> (Outcome
 }
 
 /// Whether the guest's thermal polls go on: the count must have advanced within period +
-/// timeout. Until one advance is seen, the probe waits for it (up to period + timeout), so a
-/// fresh start neither trusts a stale record nor reports a miss too early.
+/// timeout.
 async fn thermal(
     region: &Region,
     period: Duration,
     timeout: Duration,
-    last_count: &mut Option<u32>,
-    last_change: &mut Option<Instant>,
+    counter: &mut Counter,
 ) -> (Outcome, Option<GuestRecord>) {
-    let start = Instant::now();
-    loop {
-        let record = match region.snapshot() {
-            Ok(s) => s.record,
-            Err(e) => return (miss(format!("cannot read the region: {e}")), None),
-        };
-        let count = record.map(|r| r.thermal_count);
-        let now = Instant::now();
-        if count.is_some() && last_count.is_some() && count != *last_count {
-            *last_change = Some(now);
+    // Before the first record the count is 0, as in the boot record.
+    let read = || match region.snapshot() {
+        Ok(s) => Ok((s.record.map_or(0, |r| r.thermal_count), period + timeout, s.record)),
+        Err(e) => Err(miss(format!("cannot read the region: {e}"))),
+    };
+    let (progress, count, record) = match counter.judge(read).await {
+        Ok(judged) => judged,
+        Err(miss) => return (miss, None),
+    };
+    let shown = record.map_or("none".into(), |_| count.to_string());
+    let period_s = period.as_secs_f64();
+    let outcome = match progress {
+        Progress::Fresh(age) => answered(
+            age,
+            format!("thermal poll {shown} seen {:.1}s ago (period {period_s:.1}s)", age.as_secs_f64()),
+        ),
+        Progress::Stale(age) => {
+            miss(format!("thermal poll {shown} seen {:.1}s ago (period {period_s:.1}s)", age.as_secs_f64()))
         }
-        if count.is_some() {
-            *last_count = count;
-        }
-        let shown = count.map_or("none".into(), |c| c.to_string());
-        match *last_change {
-            Some(at) => {
-                let age = now.duration_since(at);
-                let detail = format!(
-                    "thermal poll {shown} seen {:.1}s ago (period {:.1}s)",
-                    age.as_secs_f64(),
-                    period.as_secs_f64()
-                );
-                return if age <= period + timeout {
-                    (answered(age, detail), record)
-                } else {
-                    (miss(detail), record)
-                };
-            }
-            None if now.duration_since(start) > period + timeout => {
-                let detail = format!(
-                    "no thermal poll within {:.1}s (count {shown}, period {:.1}s)",
-                    (period + timeout).as_secs_f64(),
-                    period.as_secs_f64()
-                );
-                return (miss(detail), record);
-            }
-            None => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+        Progress::Never(waited) => miss(format!(
+            "no thermal poll within {:.1}s (count {shown}, period {period_s:.1}s)",
+            waited.as_secs_f64()
+        )),
+    };
+    (outcome, record)
 }
 
 async fn console(c: &Console, command: &str, expect: &Regex, timeout: Duration) -> Outcome {
