@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tokio::sync::watch;
 
 use crate::forward::controller::{self, ControllerOptions};
@@ -190,7 +189,7 @@ async fn drive(
     if until(addr, Duration::from_secs(30), shutdown, |v| v.state == State::Paused).await.is_none() {
         return fail("was not attached within 30 s");
     }
-    let cont = || vm.qmp.execute_raw("cont", json!({}), Duration::from_secs(5));
+    let cont = || vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5));
     cont().await.map_err(VmError::from)?;
     say("resumed the VM (QMP cont): it boots now");
     if until(addr, Duration::from_secs(120), shutdown, |v| v.state == State::Healthy).await.is_none() {
@@ -223,7 +222,7 @@ async fn drive(
         if hang.is_some_and(|h| now >= h) {
             hang = None;
             say("stopping the VM's vCPUs (QMP stop) to show a hang being caught");
-            vm.qmp.execute_raw("stop", json!({}), Duration::from_secs(5)).await.map_err(VmError::from)?;
+            vm.qmp.execute_within(qapi::qmp::stop {}, Duration::from_secs(5)).await.map_err(VmError::from)?;
             let Some(v) = until(addr, Duration::from_secs(90), shutdown, |v| v.last_bundle.is_some()).await
             else {
                 return fail("hang was not diagnosed within 90 s");

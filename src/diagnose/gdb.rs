@@ -23,7 +23,7 @@ use tokio::net::UnixStream;
 use tokio::time::Instant;
 
 use super::{Ctx, Done, Keep, StepResult};
-use crate::trigger::qmp::Qmp;
+use crate::trigger::qmp::{Qmp, Status};
 
 /// The longest packet accepted from the stub.
 const MAX_PACKET: usize = 256 << 10;
@@ -67,8 +67,8 @@ pub(super) async fn gdbstub(ctx: &Ctx<'_>, qmp: &Qmp) -> StepResult {
         )));
     };
     remove_stale_socket(path)?;
-    let before = status(qmp, ctx.remaining()).await.map_err(|e| Done::qmp("query-status", e))?;
-    let was_running = before["running"] == true;
+    let before = qmp.status(ctx.remaining()).await.map_err(|e| Done::qmp("query-status", e))?;
+    let was_running = before.running;
     let started = hmp(qmp, &format!("gdbserver unix:{path_text},server=on,wait=off"), ctx.remaining())
         .await
         .map_err(|e| Done::qmp("HMP gdbserver", e))?;
@@ -92,8 +92,8 @@ pub(super) async fn gdbstub(ctx: &Ctx<'_>, qmp: &Qmp) -> StepResult {
     let (after, cleanup_notes) = cleanup(qmp, path, was_running, remote).await;
 
     let summary = json!({
-        "status_before": before["status"],
-        "status_after": after.as_ref().map_or(Value::Null, |a| a["status"].clone()),
+        "status_before": before.status,
+        "status_after": after.as_ref().map(|a| a.status.clone()),
         "threads": found.threads.iter().map(|t| thread_summary(&found.layout, t)).collect::<Vec<_>>(),
         "notes": cleanup_notes,
     });
@@ -119,13 +119,9 @@ fn remove_stale_socket(path: &Path) -> Result<(), Done> {
     }
 }
 
-async fn status(qmp: &Qmp, timeout: Duration) -> Result<Value, crate::trigger::qmp::QmpError> {
-    qmp.execute_raw("query-status", json!({}), timeout).await
-}
-
 async fn hmp(qmp: &Qmp, line: &str, timeout: Duration) -> Result<String, crate::trigger::qmp::QmpError> {
-    let out = qmp.execute_raw("human-monitor-command", json!({ "command-line": line }), timeout).await?;
-    Ok(crate::console::sanitize(out.as_str().unwrap_or_default().as_bytes()))
+    let out = qmp.hmp_within(line, None, timeout).await?;
+    Ok(crate::console::sanitize(out.as_bytes()))
 }
 
 /// Connects, waits for the VM to stop, and reads the target description and every thread's
@@ -142,7 +138,7 @@ async fn read_registers(
         // Registers are only consistent once every vCPU has stopped.
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(2) {
-            if matches!(status(qmp, Duration::from_secs(1)).await, Ok(s) if s["running"] == false) {
+            if matches!(qmp.status(Duration::from_secs(1)).await, Ok(s) if !s.running) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -187,7 +183,7 @@ async fn cleanup(
     path: &Path,
     was_running: bool,
     remote: Option<Remote>,
-) -> (Option<Value>, Vec<String>) {
+) -> (Option<Status>, Vec<String>) {
     let mut notes = Vec::new();
     if let (true, Some(mut r)) = (was_running, remote) {
         match tokio::time::timeout(CLEANUP_STEP, r.request("D")).await {
@@ -200,13 +196,13 @@ async fn cleanup(
     if let Err(e) = hmp(qmp, "gdbserver none", CLEANUP_STEP).await {
         notes.push(format!("HMP gdbserver none failed: {e}"));
     }
-    let mut after = status(qmp, CLEANUP_STEP).await.ok();
-    if was_running && after.as_ref().is_some_and(|a| a["status"] == "paused") {
-        match qmp.execute_raw("cont", json!({}), CLEANUP_STEP).await {
+    let mut after = qmp.status(CLEANUP_STEP).await.ok();
+    if was_running && after.as_ref().is_some_and(|a| a.status == "paused") {
+        match qmp.execute_within(qapi::qmp::cont {}, CLEANUP_STEP).await {
             Ok(_) => notes.push("the VM was left paused by the gdbstub: resumed it (cont)".into()),
             Err(e) => notes.push(format!("the VM was left paused by the gdbstub and cont failed: {e}")),
         }
-        after = status(qmp, CLEANUP_STEP).await.ok();
+        after = qmp.status(CLEANUP_STEP).await.ok();
     }
     if matches!(std::fs::symlink_metadata(path), Ok(m) if m.file_type().is_socket()) {
         let _ = std::fs::remove_file(path);
@@ -220,14 +216,14 @@ fn thread_summary(layout: &[Reg], t: &ThreadRegs) -> Value {
     json!({ "thread": t.id, "rip": get("rip"), "rsp": get("rsp"), "eflags": get("eflags") })
 }
 
-fn render(found: &Found, before: &Value, after: Option<&Value>, notes: &[String]) -> String {
+fn render(found: &Found, before: &Status, after: Option<&Status>, notes: &[String]) -> String {
     let mut out = format!(
         "# every vCPU's registers over QEMU's gdbstub (GDB remote protocol), read at {}\n# layout: {}\n\
          # VM status before: {}; after: {}\n",
         super::now(),
         found.layout_note,
-        before["status"].as_str().unwrap_or("?"),
-        after.and_then(|a| a["status"].as_str()).unwrap_or("?"),
+        before.status,
+        after.map_or("?", |a| a.status.as_str()),
     );
     for n in notes {
         out.push_str(&format!("# {n}\n"));

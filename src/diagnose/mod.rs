@@ -535,12 +535,12 @@ async fn dispatch(spec: &StepSpec, ctx: &Ctx<'_>) -> Done {
             Err(d) => return d,
         },
         StepSpec::QmpStatus {} => match need_qmp() {
-            Ok(q) => qemu::query(ctx, q, "query-status", |v| Some(v.clone())).await,
+            Ok(q) => qemu::query(ctx, q, qapi::qmp::query_status {}, |v| Some(v.clone())).await,
             Err(d) => return d,
         },
         StepSpec::QmpCpus {} => match need_qmp() {
             Ok(q) => {
-                qemu::query(ctx, q, "query-cpus-fast", |v| {
+                qemu::query(ctx, q, qapi::qmp::query_cpus_fast {}, |v| {
                     Some(serde_json::json!({ "count": v.as_array().map_or(0, Vec::len) }))
                 })
                 .await

@@ -7,16 +7,18 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::{Ctx, Done, Keep, StepResult};
-use crate::trigger::qmp::Qmp;
+use crate::trigger::qmp::{EventKind, Qmp};
+use qapi::qmp::DumpStatus;
 
-/// Runs `command` and writes its reply as JSON; `summarize` picks the summary.
-pub(super) async fn query(
+/// Runs `command` and writes QEMU's reply as it came (every field, whether or not qapi's
+/// schema knows it); `summarize` picks the summary.
+pub(super) async fn query<C: qapi::Command>(
     ctx: &Ctx<'_>,
     qmp: &Qmp,
-    command: &str,
+    command: C,
     summarize: impl Fn(&Value) -> Option<Value>,
 ) -> StepResult {
-    let v = qmp.execute_raw(command, json!({}), ctx.remaining()).await.map_err(|e| Done::qmp(command, e))?;
+    let v = qmp.execute_json(command, ctx.remaining()).await.map_err(|e| Done::qmp(C::NAME, e))?;
     let mut text = serde_json::to_vec_pretty(&v).expect("JSON serialises");
     text.push(b'\n');
     let file = ctx.write("json", &text, Keep::Head).await?;
@@ -25,16 +27,9 @@ pub(super) async fn query(
 
 /// An HMP command through `human-monitor-command`, optionally on one vCPU; its output with
 /// control characters neutralised.
-async fn hmp(qmp: &Qmp, line: &str, cpu: Option<u64>, timeout: Duration) -> Result<String, Done> {
-    let mut args = json!({ "command-line": line });
-    if let Some(cpu) = cpu {
-        args["cpu-index"] = cpu.into();
-    }
-    let out = qmp
-        .execute_raw("human-monitor-command", args, timeout)
-        .await
-        .map_err(|e| Done::qmp(&format!("HMP {line}"), e))?;
-    Ok(crate::console::sanitize(out.as_str().unwrap_or_default().as_bytes()))
+async fn hmp(qmp: &Qmp, line: &str, cpu: Option<i64>, timeout: Duration) -> Result<String, Done> {
+    let out = qmp.hmp_within(line, cpu, timeout).await.map_err(|e| Done::qmp(&format!("HMP {line}"), e))?;
+    Ok(crate::console::sanitize(out.as_bytes()))
 }
 
 /// `registers`: HMP `info registers -a`; where QEMU does not know `-a`, `info registers` on
@@ -44,12 +39,14 @@ pub(super) async fn registers(ctx: &Ctx<'_>, qmp: &Qmp) -> StepResult {
     let (method, text) = if all.contains("CPU#") {
         ("info registers -a", all)
     } else {
+        // Only the indexes are needed: read them from the raw reply, so a CpuInfoFast field
+        // newer than the schema cannot cost the registers.
         let cpus = qmp
-            .execute_raw("query-cpus-fast", json!({}), ctx.remaining())
+            .execute_json(qapi::qmp::query_cpus_fast {}, ctx.remaining())
             .await
             .map_err(|e| Done::qmp("query-cpus-fast", e))?;
         let mut text = format!("[acpimon: 'info registers -a' gave no CPU#: {}]\n", all.trim());
-        for idx in cpus.as_array().into_iter().flatten().filter_map(|c| c["cpu-index"].as_u64()) {
+        for idx in cpus.as_array().into_iter().flatten().filter_map(|c| c["cpu-index"].as_i64()) {
             let one = hmp(qmp, "info registers", Some(idx), ctx.remaining()).await?;
             if !one.contains("CPU#") {
                 text.push_str(&format!("\nCPU#{idx}\n"));
@@ -95,20 +92,25 @@ fn mib(n: u64) -> String {
 /// into the bundle, detached and polled; skipped when the guest's RAM exceeds `max_bytes`, deleted if the file grows past it.
 pub(super) async fn memory_dump(ctx: &Ctx<'_>, qmp: &Qmp, max_bytes: u64) -> StepResult {
     let mem = qmp
-        .execute_raw("query-memory-size-summary", json!({}), ctx.remaining())
+        .execute_within(qapi::qmp::query_memory_size_summary {}, ctx.remaining())
         .await
         .map_err(|e| Done::qmp("query-memory-size-summary", e))?;
-    let ram = mem["base-memory"].as_u64().unwrap_or(0) + mem["plugged-memory"].as_u64().unwrap_or(0);
+    let ram = mem.base_memory.saturating_add(mem.plugged_memory.unwrap_or(0));
     // QEMU 8.2 added kdump-raw-zlib, the kdump-compressed file `crash` reads; before, only the
-    // "flattened" kdump-zlib stream (`makedumpfile -R` turns it into the former).
+    // "flattened" kdump-zlib stream (`makedumpfile -R` turns it into the former). The formats
+    // are read from the raw reply: one newer than the schema must not fail the dump.
     let caps = qmp
-        .execute_raw("query-dump-guest-memory-capability", json!({}), ctx.remaining())
+        .execute_json(qapi::qmp::query_dump_guest_memory_capability {}, ctx.remaining())
         .await
         .map_err(|e| Done::qmp("query-dump-guest-memory-capability", e))?;
-    let has = |f: &str| caps["formats"].as_array().is_some_and(|v| v.iter().any(|x| x == f));
-    let format = if has("kdump-raw-zlib") { "kdump-raw-zlib" } else { "kdump-zlib" };
-    let mut summary = json!({ "format": format, "ram_bytes": ram, "max_bytes": max_bytes });
-    if format == "kdump-zlib" {
+    use qapi::qmp::DumpGuestMemoryFormat as Format;
+    let has = |f: Format| {
+        caps["formats"].as_array().is_some_and(|v| v.iter().any(|x| x.as_str() == Some(qapi::Enum::name(&f))))
+    };
+    let format = if has(Format::kdump_raw_zlib) { Format::kdump_raw_zlib } else { Format::kdump_zlib };
+    let mut summary =
+        json!({ "format": qapi::Enum::name(&format), "ram_bytes": ram, "max_bytes": max_bytes });
+    if format == Format::kdump_zlib {
         summary["note"] =
             "flattened kdump (this QEMU has no kdump-raw-zlib): run makedumpfile -R to read it with crash"
                 .into();
@@ -132,15 +134,15 @@ pub(super) async fn memory_dump(ctx: &Ctx<'_>, qmp: &Qmp, max_bytes: u64) -> Ste
     let _ = tokio::fs::remove_file(&path).await;
     let remove = || async { tokio::fs::remove_file(&path).await.is_ok() };
     let mut events = qmp.events();
-    let args = json!({
-        "paging": false,
-        "protocol": format!("file:{path_text}"),
-        "detach": true,
-        "format": format,
-    });
-    qmp.execute_raw("dump-guest-memory", args, ctx.remaining())
-        .await
-        .map_err(|e| Done::qmp("dump-guest-memory", e))?;
+    let dump = qapi::qmp::dump_guest_memory {
+        paging: false,
+        protocol: format!("file:{path_text}"),
+        detach: Some(true),
+        format: Some(format),
+        begin: None,
+        length: None,
+    };
+    qmp.execute_within(dump, ctx.remaining()).await.map_err(|e| Done::qmp("dump-guest-memory", e))?;
     let started = Instant::now();
     let mut over = None;
     loop {
@@ -162,28 +164,26 @@ pub(super) async fn memory_dump(ctx: &Ctx<'_>, qmp: &Qmp, max_bytes: u64) -> Ste
             ))
             .with_summary(summary));
         }
-        let status = match qmp.execute_raw("query-dump", json!({}), ctx.remaining()).await {
-            Ok(v) => v["status"].as_str().unwrap_or("?").to_string(),
+        let status = match qmp.execute_within(qapi::qmp::query_dump {}, ctx.remaining()).await {
+            Ok(v) => v.status,
             Err(e) => {
                 remove().await;
                 return Err(Done::qmp("query-dump", e).with_summary(summary));
             }
         };
-        match status.as_str() {
-            "completed" => break,
-            "failed" => {
+        match status {
+            DumpStatus::completed => break,
+            DumpStatus::failed => {
                 remove().await;
                 let mut why = "QEMU reports the dump failed".to_string();
                 while let Ok(ev) = events.try_recv() {
-                    if ev.name == "DUMP_COMPLETED" {
-                        if let Some(e) = ev.raw["data"]["error"].as_str() {
-                            why = format!("QEMU reports the dump failed: {e}");
-                        }
+                    if let EventKind::DumpCompleted { error: Some(e) } = ev.kind {
+                        why = format!("QEMU reports the dump failed: {e}");
                     }
                 }
                 return Err(Done::failed(why).with_summary(summary));
             }
-            "none" if started.elapsed() > Duration::from_secs(5) => {
+            DumpStatus::none if started.elapsed() > Duration::from_secs(5) => {
                 remove().await;
                 return Err(Done::failed("QEMU reports no dump in progress after it accepted one".into())
                     .with_summary(summary));

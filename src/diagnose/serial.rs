@@ -98,11 +98,10 @@ pub(super) async fn tail(ctx: &Ctx<'_>, console: &Console, settle_for: Duration)
 /// NMI sent now would only be acted on whenever it resumes. Unknown (no QMP, no answer) runs.
 async fn must_run(ctx: &Ctx<'_>, qmp: Option<&Qmp>, what: &str) -> Result<(), Done> {
     let Some(qmp) = qmp else { return Ok(()) };
-    match qmp.execute_raw("query-status", json!({}), ctx.remaining().min(Duration::from_secs(2))).await {
-        Ok(s) if s["running"] == false => Err(Done::skipped(format!(
-            "the VM is not running (status '{}'): {what}",
-            s["status"].as_str().unwrap_or("?")
-        ))),
+    match qmp.status(ctx.remaining().min(Duration::from_secs(2))).await {
+        Ok(s) if !s.running => {
+            Err(Done::skipped(format!("the VM is not running (status '{}'): {what}", s.status)))
+        }
         _ => Ok(()),
     }
 }
@@ -131,7 +130,10 @@ pub(super) async fn sysrq(
         let mark = console.position();
         let sent = super::now();
         if let (false, Some(q)) = (telnet, qmp) {
-            match q.execute_raw("chardev-send-break", json!({ "id": chardev }), ctx.remaining()).await {
+            match q
+                .execute_within(qapi::qmp::chardev_send_break { id: chardev.into() }, ctx.remaining())
+                .await
+            {
                 Ok(_) => {}
                 Err(QmpError::Command { desc, .. }) if desc.contains("not found") => {
                     notes.push(format!(
@@ -233,7 +235,7 @@ pub(super) async fn inject_nmi(
 ) -> StepResult {
     must_run(ctx, Some(qmp), "the NMI would wait until it resumes").await?;
     let mark = console.map(Console::position);
-    qmp.execute_raw("inject-nmi", json!({}), ctx.remaining())
+    qmp.execute_within(qapi::qmp::inject_nmi {}, ctx.remaining())
         .await
         .map_err(|e| Done::qmp("inject-nmi", e))?;
     let (Some(console), Some(mark)) = (console, mark) else {

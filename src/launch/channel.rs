@@ -49,10 +49,11 @@ impl fmt::Display for Channel {
     }
 }
 
-/// Reads BAR2 of the ivshmem function at `slot` on bus 0.
+/// Reads BAR2 of the ivshmem function at `slot` on bus 0. The five fields it needs are read
+/// from the raw reply: qapi's `PciDeviceInfo` requires many more, and a device some QEMU
+/// describes differently must not cost the VM its region.
 pub async fn locate(qmp: &Qmp, slot: PciSlot) -> Result<Channel, QmpError> {
-    let buses =
-        qmp.execute_raw("query-pci", serde_json::json!({}), crate::trigger::qmp::DEFAULT_TIMEOUT).await?;
+    let buses = qmp.execute_json(qapi::qmp::query_pci {}, crate::trigger::qmp::DEFAULT_TIMEOUT).await?;
     Ok(classify(&buses, slot))
 }
 

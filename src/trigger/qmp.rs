@@ -1,7 +1,13 @@
 //! A QMP client on tokio. Commands are qapi's typed definitions (`qapi::qmp::*`), sent over
-//! our own line transport: one reader task routes replies by `id` and broadcasts events.
-//! An event or reply the bundled schema does not know is kept as raw JSON and logged, never
-//! fatal (qapi 0.15's own decoder rejects events it does not know).
+//! our own line transport: one reader task classifies each line with [`parse_message`], routes
+//! replies by `id` and broadcasts events.
+//!
+//! QEMU is newer or older than qapi's bundled schema (QEMU 7.2 and 10 are both supported), so
+//! nothing the schema does not know is fatal: an event it lacks arrives as [`EventKind::Other`]
+//! with its raw JSON, an event it knows but cannot decode (a new enum value, say) is read
+//! leniently, [`Qmp::execute_json`] sends a typed command and keeps QEMU's reply as JSON (the
+//! diagnostic bundle stores what QEMU said, every field of it), and [`Qmp::execute_raw`] sends a
+//! command the schema lacks.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use qapi::Enum as _;
+use serde::Deserialize as _;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
@@ -36,6 +44,23 @@ pub enum QmpError {
     Timeout { command: String, timeout: Duration },
     #[error("QMP reply to {command} does not match the schema: {source}")]
     Reply { command: String, source: serde_json::Error },
+    #[error("QMP message is {0}; QEMU never sends one, so the peer is not a QEMU monitor")]
+    Malformed(String),
+}
+
+/// One line from QEMU's monitor, classified.
+#[derive(Clone, Debug)]
+pub enum Message {
+    /// The greeting QEMU sends first: its version, e.g. (10, 0, 2).
+    Greeting { version: (u64, u64, u64) },
+    /// A command's success: its `return` value. `id` is `None` when QEMU echoed no numeric id.
+    Reply { id: Option<u64>, ret: Value },
+    /// A command's failure.
+    Error { id: Option<u64>, class: String, desc: String },
+    /// An asynchronous event.
+    Event(QmpEvent),
+    /// A JSON object that is none of the above.
+    Other(Value),
 }
 
 /// An asynchronous event from QEMU.
@@ -43,13 +68,144 @@ pub enum QmpError {
 pub struct QmpEvent {
     /// `event` field, e.g. `STOP`, `GUEST_PANICKED`.
     pub name: String,
-    /// The whole event as QEMU sent it.
+    /// What it means, for the events acpimon reacts to.
+    pub kind: EventKind,
+    /// The whole event as QEMU sent it (evidence in events and bundles keeps every field).
     pub raw: Value,
-    /// The event decoded with qapi's schema, when it knows it.
-    pub typed: Option<qapi::qmp::Event>,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+/// The events acpimon reacts to, decoded with qapi's schema ([`qapi::qmp::Event`]); every
+/// other event is [`EventKind::Other`] (its name and JSON are in the [`QmpEvent`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// The vCPUs stopped (`stop`, a debugger, an I/O error, a dump...).
+    Stop,
+    /// The vCPUs run again.
+    Resume,
+    /// The machine reset; `reason` is QEMU's `ShutdownCause`, e.g. `guest-reset`.
+    Reset { guest: bool, reason: String },
+    /// QEMU is shutting the machine down; `reason` as for `Reset`, e.g. `host-qmp-quit`.
+    Shutdown { guest: bool, reason: String },
+    /// The guest reported a panic (`GUEST_PANICKED`), or loaded its crash kernel after one
+    /// (`GUEST_CRASHLOADED`); `action` is QEMU's `GuestPanicAction`, e.g. `pause`.
+    Panicked { action: String, crashloaded: bool },
+    /// A detached `dump-guest-memory` ended, with QEMU's error if it failed.
+    DumpCompleted { error: Option<String> },
+    /// Any other event, or one of the above whose fields are missing.
+    Other,
+}
+
+impl EventKind {
+    /// Classifies an event object: qapi's typed decoding first; where it fails (QEMU sent a
+    /// value newer than the bundled schema), the same fields read leniently.
+    fn of(raw: &Value) -> EventKind {
+        use qapi::qmp::Event as Q;
+        let panicked = |action: qapi::qmp::GuestPanicAction, crashloaded| EventKind::Panicked {
+            action: action.name().into(),
+            crashloaded,
+        };
+        match Q::deserialize(raw) {
+            Ok(Q::STOP { .. }) => EventKind::Stop,
+            Ok(Q::RESUME { .. }) => EventKind::Resume,
+            Ok(Q::RESET { data, .. }) => {
+                EventKind::Reset { guest: data.guest, reason: data.reason.name().into() }
+            }
+            Ok(Q::SHUTDOWN { data, .. }) => {
+                EventKind::Shutdown { guest: data.guest, reason: data.reason.name().into() }
+            }
+            Ok(Q::GUEST_PANICKED { data, .. }) => panicked(data.action, false),
+            Ok(Q::GUEST_CRASHLOADED { data, .. }) => panicked(data.action, true),
+            Ok(Q::DUMP_COMPLETED { data, .. }) => EventKind::DumpCompleted { error: data.error },
+            Ok(_) => EventKind::Other,
+            Err(_) => EventKind::lenient(raw),
+        }
+    }
+
+    /// The fallback of [`EventKind::of`]: the fields acpimon uses, as plain JSON.
+    fn lenient(raw: &Value) -> EventKind {
+        let data = &raw["data"];
+        let text = |key: &str| data[key].as_str().map(str::to_string);
+        let guest = data["guest"].as_bool();
+        match raw["event"].as_str().unwrap_or_default() {
+            "STOP" => EventKind::Stop,
+            "RESUME" => EventKind::Resume,
+            "RESET" => match (guest, text("reason")) {
+                (Some(guest), Some(reason)) => EventKind::Reset { guest, reason },
+                _ => EventKind::Other,
+            },
+            "SHUTDOWN" => match (guest, text("reason")) {
+                (Some(guest), Some(reason)) => EventKind::Shutdown { guest, reason },
+                _ => EventKind::Other,
+            },
+            name @ ("GUEST_PANICKED" | "GUEST_CRASHLOADED") => match text("action") {
+                Some(action) => EventKind::Panicked { action, crashloaded: name == "GUEST_CRASHLOADED" },
+                None => EventKind::Other,
+            },
+            "DUMP_COMPLETED" => EventKind::DumpCompleted { error: text("error") },
+            _ => EventKind::Other,
+        }
+    }
+}
+
+/// QEMU's run state from `query-status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// Whether the vCPUs run.
+    pub running: bool,
+    /// QEMU's `RunState`, e.g. `running`, `paused`, `guest-panicked`.
+    pub status: String,
+}
+
+/// Classifies one line QEMU sent (with or without its newline). Pure and total: any input gives
+/// a `Message` or an error, never a panic. Errors: the line is not JSON, not a JSON object, or
+/// a greeting without a readable version.
+pub fn parse_message(line: &[u8]) -> Result<Message, QmpError> {
+    let value: Value = serde_json::from_slice(line)
+        .map_err(|e| QmpError::Malformed(format!("a line that is not JSON ({e})")))?;
+    let Value::Object(mut obj) = value else {
+        return Err(QmpError::Malformed(format!("JSON that is not an object ({})", json_type(&value))));
+    };
+    if let Some(greeting) = obj.get("QMP") {
+        let version = qapi::qmp::QMP::deserialize(greeting).ok().and_then(|g| {
+            let v = g.version.qemu;
+            Some((u64::try_from(v.major).ok()?, u64::try_from(v.minor).ok()?, u64::try_from(v.micro).ok()?))
+        });
+        return match version {
+            Some(version) => Ok(Message::Greeting { version }),
+            None => Err(QmpError::Malformed("a greeting without QEMU's version".into())),
+        };
+    }
+    if let Some(name) = obj.get("event").and_then(Value::as_str) {
+        let name = name.to_string();
+        let raw = Value::Object(obj);
+        let kind = EventKind::of(&raw);
+        return Ok(Message::Event(QmpEvent { name, kind, raw }));
+    }
+    let id = obj.get("id").and_then(Value::as_u64);
+    if let Some(err) = obj.get("error") {
+        let field = |key: &str| err[key].as_str().unwrap_or("?").to_string();
+        return Ok(Message::Error { id, class: field("class"), desc: field("desc") });
+    }
+    if let Some(ret) = obj.remove("return") {
+        return Ok(Message::Reply { id, ret });
+    }
+    Ok(Message::Other(Value::Object(obj)))
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// What a waiting command receives: its reply or QEMU's error.
+type Outcome = Result<Value, (String, String)>;
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Outcome>>>>;
 
 /// A connected QMP monitor. Cheap to share behind an `Arc`; commands may run concurrently.
 pub struct Qmp {
@@ -78,14 +234,13 @@ impl Qmp {
         };
         let (read, write) = stream.into_split();
         let mut reader = BufReader::new(read);
-        let greeting = read_json_line(&mut reader).await?.ok_or(QmpError::Closed)?;
-        let v = &greeting["QMP"]["version"]["qemu"];
-        let version = match (v["major"].as_u64(), v["minor"].as_u64(), v["micro"].as_u64()) {
-            (Some(a), Some(b), Some(c)) => (a, b, c),
+        let greeting = read_line(&mut reader).await?.ok_or(QmpError::Closed)?;
+        let version = match parse_message(&greeting) {
+            Ok(Message::Greeting { version }) => version,
             _ => return Err(QmpError::Greeting(path.into())),
         };
         // QEMU sends events one at a time; a broadcast channel allocates every slot up front
-        // (a QmpEvent is ~264 bytes), so 256 slots cost ~70 KiB per VM for nothing.
+        // (a QmpEvent is ~200 bytes), so 256 slots would cost ~50 KiB per VM for nothing.
         let (events, _) = broadcast::channel(32);
         let pending: Pending = Arc::default();
         let (pending_for_route, events_for_route) = (pending.clone(), events.clone());
@@ -102,7 +257,7 @@ impl Qmp {
             closed,
             version,
         };
-        qmp.execute_raw("qmp_capabilities", json!({}), DEFAULT_TIMEOUT).await?;
+        qmp.execute(qapi::qmp::qmp_capabilities { enable: None }).await?;
         Ok(qmp)
     }
 
@@ -122,20 +277,60 @@ impl Qmp {
         self.events.subscribe()
     }
 
-    /// Runs a typed command.
+    /// Runs a typed command, waiting [`DEFAULT_TIMEOUT`] for its reply.
     pub async fn execute<C: qapi::Command>(&self, cmd: C) -> Result<C::Ok, QmpError> {
-        let args = serde_json::to_value(&cmd).expect("qapi commands serialise");
-        let ret = self.execute_raw(C::NAME, args, DEFAULT_TIMEOUT).await?;
-        serde_json::from_value(ret).map_err(|source| QmpError::Reply { command: C::NAME.into(), source })
+        self.execute_within(cmd, DEFAULT_TIMEOUT).await
+    }
+
+    /// Runs a typed command, waiting `timeout` for its reply.
+    pub async fn execute_within<C: qapi::Command>(
+        &self,
+        cmd: C,
+        timeout: Duration,
+    ) -> Result<C::Ok, QmpError> {
+        let ret = self.execute_json(cmd, timeout).await?;
+        C::Ok::deserialize(&ret).map_err(|source| QmpError::Reply { command: C::NAME.into(), source })
+    }
+
+    /// Runs a typed command and returns QEMU's reply as JSON, undecoded: for replies stored as
+    /// QEMU sent them, or read where the schema may lag the running QEMU.
+    pub async fn execute_json<C: qapi::Command>(&self, cmd: C, timeout: Duration) -> Result<Value, QmpError> {
+        // A derived `Serialize` of a struct of strings, numbers and enums cannot fail.
+        let args = serde_json::to_value(&cmd).unwrap_or_else(|_| json!({}));
+        self.execute_raw(C::NAME, args, timeout).await
+    }
+
+    /// `query-status`: whether the vCPUs run and QEMU's run state. A state newer than the
+    /// bundled schema is read from the raw reply.
+    pub async fn status(&self, timeout: Duration) -> Result<Status, QmpError> {
+        let ret = self.execute_json(qapi::qmp::query_status {}, timeout).await?;
+        match qapi::qmp::StatusInfo::deserialize(&ret) {
+            Ok(s) => Ok(Status { running: s.running, status: s.status.name().into() }),
+            Err(source) => match (ret["running"].as_bool(), ret["status"].as_str()) {
+                (Some(running), Some(status)) => Ok(Status { running, status: status.into() }),
+                _ => Err(QmpError::Reply { command: "query-status".into(), source }),
+            },
+        }
     }
 
     /// Runs an HMP command line through `human-monitor-command`, returning its output.
     pub async fn hmp(&self, command_line: &str) -> Result<String, QmpError> {
-        self.execute(qapi::qmp::human_monitor_command { command_line: command_line.into(), cpu_index: None })
-            .await
+        self.hmp_within(command_line, None, DEFAULT_TIMEOUT).await
     }
 
-    /// Runs any command by name; the reply's `return` value.
+    /// [`Qmp::hmp`] on vCPU `cpu_index` (QEMU's current one if `None`), waiting `timeout`.
+    pub async fn hmp_within(
+        &self,
+        command_line: &str,
+        cpu_index: Option<i64>,
+        timeout: Duration,
+    ) -> Result<String, QmpError> {
+        let cmd = qapi::qmp::human_monitor_command { command_line: command_line.into(), cpu_index };
+        self.execute_within(cmd, timeout).await
+    }
+
+    /// Runs any command by name; the reply's `return` value. Only for commands qapi's schema
+    /// lacks: a typed command is [`Qmp::execute`] or [`Qmp::execute_json`].
     pub async fn execute_raw(&self, name: &str, args: Value, timeout: Duration) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -147,22 +342,15 @@ impl Qmp {
             self.pending.lock().unwrap().remove(&id);
             return Err(e.into());
         }
-        let reply = match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => return Err(QmpError::Closed),
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(ret))) => Ok(ret),
+            Ok(Ok(Err((class, desc)))) => Err(QmpError::Command { command: name.into(), class, desc }),
+            Ok(Err(_)) => Err(QmpError::Closed),
             Err(_) => {
                 self.pending.lock().unwrap().remove(&id);
-                return Err(QmpError::Timeout { command: name.into(), timeout });
+                Err(QmpError::Timeout { command: name.into(), timeout })
             }
-        };
-        if let Some(err) = reply.get("error") {
-            return Err(QmpError::Command {
-                command: name.into(),
-                class: err["class"].as_str().unwrap_or("?").into(),
-                desc: err["desc"].as_str().unwrap_or("?").into(),
-            });
         }
-        Ok(reply.get("return").cloned().unwrap_or(Value::Null))
     }
 }
 
@@ -173,23 +361,31 @@ async fn route<R: AsyncBufRead + Unpin>(
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
 ) {
+    let reply =
+        |id: Option<u64>, outcome: Outcome| match id.and_then(|id| pending.lock().unwrap().remove(&id)) {
+            Some(tx) => {
+                let _ = tx.send(outcome);
+            }
+            None => log_raw("reply nobody waits for (timed out, or no id)", &json!({ "id": id })),
+        };
     loop {
-        let msg = match read_json_line(&mut reader).await {
-            Ok(Some(v)) => v,
+        let line = match read_line(&mut reader).await {
+            Ok(Some(line)) => line,
             Ok(None) | Err(_) => break,
         };
-        if let Some(name) = msg.get("event").and_then(Value::as_str) {
-            let typed = serde_json::from_value::<qapi::qmp::Event>(msg.clone()).ok();
-            if typed.is_none() {
-                log_raw("event not in qapi's schema, kept raw", &msg);
+        match parse_message(&line) {
+            Ok(Message::Event(ev)) => {
+                if ev.kind == EventKind::Other {
+                    log_raw("event acpimon does not react to, kept raw", &ev.raw);
+                }
+                let _ = events.send(ev);
             }
-            let _ = events.send(QmpEvent { name: name.to_string(), raw: msg, typed });
-        } else if let Some(id) = msg.get("id").and_then(Value::as_u64) {
-            if let Some(tx) = pending.lock().unwrap().remove(&id) {
-                let _ = tx.send(msg);
-            }
-        } else {
-            log_raw("unrouted QMP message", &msg);
+            Ok(Message::Reply { id, ret }) => reply(id, Ok(ret)),
+            Ok(Message::Error { id, class, desc }) => reply(id, Err((class, desc))),
+            Ok(Message::Greeting { .. }) => log_raw("second QMP greeting", &Value::Null),
+            Ok(Message::Other(msg)) => log_raw("unrouted QMP message", &msg),
+            // QEMU never sends one; a bug should not end monitoring.
+            Err(e) => log_raw(&e.to_string(), &Value::String(String::from_utf8_lossy(&line).into())),
         }
     }
     // Dropping the senders wakes every waiter with `Closed`.
@@ -202,22 +398,196 @@ fn log_raw(what: &str, msg: &Value) {
     }
 }
 
-/// One JSON line, bounded by [`MAX_LINE`]; `None` at end of stream. A line that is not JSON is
-/// skipped (QEMU never sends one; a bug should not end monitoring).
-async fn read_json_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<Value>, QmpError> {
+/// One line, bounded by [`MAX_LINE`]; `None` at end of stream.
+async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<Vec<u8>>, QmpError> {
     let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        let n = (&mut *reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await?;
-        if n == 0 {
-            return Ok(None);
+    let n = (&mut *reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.len() > MAX_LINE {
+        return Err(QmpError::Io(std::io::Error::other("QMP line longer than 16 MiB")));
+    }
+    Ok(Some(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Message {
+        parse_message(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}"))
+    }
+
+    fn event(line: &str) -> QmpEvent {
+        match parse(line) {
+            Message::Event(ev) => ev,
+            other => panic!("{line}: not an event: {other:?}"),
         }
-        if buf.len() > MAX_LINE {
-            return Err(QmpError::Io(std::io::Error::other("QMP line longer than 16 MiB")));
+    }
+
+    fn malformed(line: &[u8]) -> String {
+        match parse_message(line) {
+            Err(QmpError::Malformed(why)) => why,
+            other => panic!("{:?}: not malformed: {other:?}", String::from_utf8_lossy(line)),
         }
-        match serde_json::from_slice(&buf) {
-            Ok(v) => return Ok(Some(v)),
-            Err(_) => log_raw("non-JSON QMP line", &Value::String(String::from_utf8_lossy(&buf).into())),
+    }
+
+    #[test]
+    fn greetings_of_qemu_7_2_and_10() {
+        let qemu_10 = r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2"}, "capabilities": ["oob"]}}"#;
+        assert!(matches!(parse(qemu_10), Message::Greeting { version: (10, 0, 2) }));
+        let qemu_7_2 = "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}, \"package\": \"\"}, \"capabilities\": [\"oob\"]}}\r\n";
+        assert!(matches!(parse(qemu_7_2), Message::Greeting { version: (7, 2, 0) }));
+        assert!(malformed(br#"{"QMP": {"capabilities": []}}"#).contains("greeting"));
+        let negative = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": -1}, "package": ""}, "capabilities": []}}"#;
+        assert!(malformed(negative.as_bytes()).contains("greeting"));
+    }
+
+    #[test]
+    fn replies_and_errors_carry_their_id() {
+        match parse(r#"{"return": {"running": true, "status": "running"}, "id": 7}"#) {
+            Message::Reply { id: Some(7), ret } => assert_eq!(ret["status"], "running"),
+            other => panic!("{other:?}"),
+        }
+        // An id acpimon did not send (a string) routes nowhere, but is still a reply.
+        assert!(matches!(parse(r#"{"return": {}, "id": "a"}"#), Message::Reply { id: None, .. }));
+        match parse(
+            r#"{"id": 8, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+        ) {
+            Message::Error { id: Some(8), class, desc } => {
+                assert_eq!(
+                    (class.as_str(), desc.as_str()),
+                    ("CommandNotFound", "The command nope has not been found")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // QEMU answers a line it cannot parse with an error and no id.
+        match parse(r#"{"error": {"class": "GenericError", "desc": "JSON parse error"}}"#) {
+            Message::Error { id: None, class, .. } => assert_eq!(class, "GenericError"),
+            other => panic!("{other:?}"),
+        }
+        match parse(r#"{"error": "not an object", "id": 1}"#) {
+            Message::Error { id: Some(1), class, desc } => {
+                assert_eq!((class.as_str(), desc.as_str()), ("?", "?"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse(r#"{"id": 3}"#), Message::Other(_)));
+    }
+
+    #[test]
+    fn known_events_are_typed() {
+        let ts = r#""timestamp": {"seconds": 1700000000, "microseconds": 12}"#;
+        let ev = event(&format!(r#"{{"event": "STOP", {ts}}}"#));
+        assert_eq!((ev.name.as_str(), &ev.kind), ("STOP", &EventKind::Stop));
+        assert_eq!(ev.raw["timestamp"]["microseconds"], 12, "the raw event is kept whole");
+        assert_eq!(event(&format!(r#"{{"event": "RESUME", {ts}}}"#)).kind, EventKind::Resume);
+        assert_eq!(
+            event(&format!(
+                r#"{{"event": "SHUTDOWN", "data": {{"guest": false, "reason": "host-qmp-quit"}}, {ts}}}"#
+            ))
+            .kind,
+            EventKind::Shutdown { guest: false, reason: "host-qmp-quit".into() }
+        );
+        assert_eq!(
+            event(&format!(
+                r#"{{"event": "RESET", "data": {{"guest": true, "reason": "guest-reset"}}, {ts}}}"#
+            ))
+            .kind,
+            EventKind::Reset { guest: true, reason: "guest-reset".into() }
+        );
+        let panic = format!(
+            r#"{{"event": "GUEST_PANICKED", "data": {{"action": "pause", "info": {{"type": "hyper-v", "arg1": 1, "arg2": 2, "arg3": 3, "arg4": 4, "arg5": 5}}}}, {ts}}}"#
+        );
+        assert_eq!(event(&panic).kind, EventKind::Panicked { action: "pause".into(), crashloaded: false });
+        assert_eq!(
+            event(&format!(r#"{{"event": "GUEST_CRASHLOADED", "data": {{"action": "run"}}, {ts}}}"#)).kind,
+            EventKind::Panicked { action: "run".into(), crashloaded: true }
+        );
+        assert_eq!(
+            event(&format!(
+                r#"{{"event": "DUMP_COMPLETED", "data": {{"result": {{"status": "failed", "completed": 0, "total": 9}}, "error": "disk full"}}, {ts}}}"#
+            ))
+            .kind,
+            EventKind::DumpCompleted { error: Some("disk full".into()) }
+        );
+    }
+
+    #[test]
+    fn events_beyond_the_schema_are_kept_raw_or_read_leniently() {
+        let ts = r#""timestamp": {"seconds": 1, "microseconds": 2}"#;
+        // An event qapi's schema does not know: kept with its name and JSON.
+        let ev = event(&format!(r#"{{"event": "SOMETHING_NEW", "data": {{"x": [1, 2]}}, {ts}}}"#));
+        assert_eq!((ev.name.as_str(), &ev.kind), ("SOMETHING_NEW", &EventKind::Other));
+        assert_eq!(ev.raw["data"]["x"][1], 2);
+        // A known event with a value newer than the schema, or without a timestamp.
+        assert_eq!(
+            event(&format!(
+                r#"{{"event": "SHUTDOWN", "data": {{"guest": true, "reason": "cosmic-ray"}}, {ts}}}"#
+            ))
+            .kind,
+            EventKind::Shutdown { guest: true, reason: "cosmic-ray".into() }
+        );
+        assert_eq!(event(r#"{"event": "STOP"}"#).kind, EventKind::Stop);
+        assert_eq!(
+            event(r#"{"event": "GUEST_PANICKED", "data": {"action": "explode"}}"#).kind,
+            EventKind::Panicked { action: "explode".into(), crashloaded: false }
+        );
+        // Known names whose fields are missing or of the wrong type are not guessed at.
+        assert_eq!(event(r#"{"event": "SHUTDOWN", "data": {"reason": 5}}"#).kind, EventKind::Other);
+        assert_eq!(event(r#"{"event": "RESET", "data": null}"#).kind, EventKind::Other);
+        assert_eq!(event(r#"{"event": "GUEST_PANICKED"}"#).kind, EventKind::Other);
+        // An `event` that is not a string is no event.
+        assert!(matches!(parse(r#"{"event": 3}"#), Message::Other(_)));
+    }
+
+    #[test]
+    fn garbage_and_non_objects_are_errors() {
+        for line in [&b""[..], b"\n", b"   ", b"{", b"\xff\xfe\x00", b"QMP", b"{\"QMP\"}", b"{} {}"] {
+            assert!(malformed(line).contains("not JSON"), "{:?}", String::from_utf8_lossy(line));
+        }
+        assert!(malformed(b"[1, 2]").contains("an array"));
+        assert!(malformed(b"\"return\"").contains("a string"));
+        assert!(malformed(b"42").contains("a number"));
+        assert!(malformed(b"null").contains("null"));
+        assert!(malformed(b"true").contains("a boolean"));
+        // Nesting deeper than serde_json's recursion limit is refused, not a stack overflow.
+        let deep = "[".repeat(100_000);
+        assert!(malformed(deep.as_bytes()).contains("not JSON"));
+        let deep_object = format!("{}{}", r#"{"return": "#.repeat(10_000), "}".repeat(10_000));
+        assert!(parse_message(deep_object.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn huge_numbers_do_not_panic() {
+        // Past u64: an id that cannot be ours.
+        assert!(matches!(
+            parse(r#"{"return": {}, "id": 18446744073709551616}"#),
+            Message::Reply { id: None, .. }
+        ));
+        assert!(matches!(parse(r#"{"return": 1e308, "id": 1}"#), Message::Reply { id: Some(1), .. }));
+        assert!(malformed(br#"{"return": 1e999, "id": 1}"#).contains("not JSON"));
+        assert!(matches!(parse(r#"{"return": {}, "id": -1}"#), Message::Reply { id: None, .. }));
+        let huge = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 99999999999999999999}, "package": ""}, "capabilities": []}}"#;
+        assert!(malformed(huge.as_bytes()).contains("greeting"));
+        let ev = event(r#"{"event": "STOP", "timestamp": {"seconds": -1e300, "microseconds": 1}}"#);
+        assert_eq!(ev.kind, EventKind::Stop);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn any_bytes_parse_or_fail_cleanly(line in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = parse_message(&line);
+        }
+
+        #[test]
+        fn any_event_object_parses(name in "[A-Z_]{1,20}", reason in "[a-z-]{0,12}", guest in proptest::prelude::any::<bool>()) {
+            let line = json!({"event": name, "data": {"guest": guest, "reason": reason, "action": reason}}).to_string();
+            let is_event = matches!(parse_message(line.as_bytes()), Ok(Message::Event(_)));
+            proptest::prop_assert!(is_event);
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::judge::{Reboot, Tracker};
 use crate::launch::channel::{self, Channel};
 use crate::launch::Descriptor;
 use crate::read::{Access, Region};
-use crate::trigger::qmp::{Qmp, QmpEvent};
+use crate::trigger::qmp::{EventKind, Qmp, QmpEvent};
 use crate::units::now_rfc3339;
 
 /// How long attaching to a socket may take before the VM counts as not running.
@@ -176,9 +176,9 @@ impl Monitor {
             }
         };
         let status = qmp
-            .execute_raw("query-status", json!({}), Duration::from_secs(5))
+            .status(Duration::from_secs(5))
             .await
-            .map(|s| s["status"].as_str().unwrap_or("unknown").to_string())
+            .map(|s| s.status)
             .map_err(|e| format!("QMP query-status failed: {e}"))?;
         let keep = self.shared.config.console_keep;
         let (console, console_why) = match Console::connect(&d.console, keep, Duration::ZERO).await {
@@ -401,11 +401,11 @@ impl Monitor {
 
     fn qmp_event(&mut self, ev: QmpEvent) {
         let now = Instant::now();
-        let t = match ev.name.as_str() {
-            "STOP" => self.machine.stopped(ev.raw, now),
-            "RESUME" => self.machine.resumed(ev.raw, now),
-            "GUEST_PANICKED" | "GUEST_CRASHLOADED" => self.machine.panicked(ev.raw, now),
-            "RESET" => {
+        let t = match ev.kind {
+            EventKind::Stop => self.machine.stopped(ev.raw, now),
+            EventKind::Resume => self.machine.resumed(ev.raw, now),
+            EventKind::Panicked { .. } => self.machine.panicked(ev.raw, now),
+            EventKind::Reset { .. } => {
                 if self.machine.state == State::Gone {
                     self.machine.attached("running", now)
                 } else {
@@ -414,8 +414,8 @@ impl Monitor {
                     None
                 }
             }
-            "SHUTDOWN" => {
-                let why = match ev.raw["data"]["reason"].as_str().unwrap_or("?") {
+            EventKind::Shutdown { ref reason, .. } => {
+                let why = match reason.as_str() {
                     "host-qmp-quit" => "QEMU is quitting (QMP quit)".to_string(),
                     "host-signal" => "QEMU is quitting (signal)".to_string(),
                     "guest-shutdown" => "the guest powered off".to_string(),
@@ -423,7 +423,7 @@ impl Monitor {
                 };
                 self.machine.gone(why, json!({ "qmp_event": ev.raw }), now)
             }
-            _ => None,
+            EventKind::DumpCompleted { .. } | EventKind::Other => None,
         };
         if let Some(t) = t {
             self.transition(t, None);
@@ -674,14 +674,16 @@ async fn recover(
     let result: Result<String, String> = match action {
         RecoveryAction::None => Ok(String::new()),
         RecoveryAction::Reset => qmp
-            .execute_raw("system_reset", json!({}), Duration::from_secs(10))
+            .execute_within(qapi::qmp::system_reset {}, Duration::from_secs(10))
             .await
             .map(|_| "QMP system_reset".into())
             .map_err(|e| e.to_string()),
-        RecoveryAction::Poweroff => match qmp.execute_raw("quit", json!({}), Duration::from_secs(10)).await {
-            Ok(_) | Err(crate::trigger::qmp::QmpError::Closed) => Ok("QMP quit".into()),
-            Err(e) => Err(e.to_string()),
-        },
+        RecoveryAction::Poweroff => {
+            match qmp.execute_within(qapi::qmp::quit {}, Duration::from_secs(10)).await {
+                Ok(_) | Err(crate::trigger::qmp::QmpError::Closed) => Ok("QMP quit".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
         RecoveryAction::Command { argv, timeout } => run_command(argv, *timeout, vm, bundle).await,
     };
     match result {
