@@ -398,3 +398,61 @@ async fn vms_are_picked_up_and_dropped_as_their_directories_come_and_go() {
     assert!(e.detail["error"].as_str().unwrap().contains("prepare the VM again"), "{e:?}");
     assert!(svc.vm("broken").await.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_service_on_the_same_data_directory_is_refused_and_the_first_goes_on() {
+    let work = work();
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let svc = Service::start(&state, work.path(), "").await;
+    svc.wait_event("service-started", Duration::from_secs(10), |e| e.kind == "service-started").await;
+    let started = svc.events().len();
+
+    // Its own state directory and metrics port: only the data directory is shared.
+    let other_state = work.path().join("other-state");
+    std::fs::create_dir_all(&other_state).unwrap();
+    let config = work.path().join("second.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\ndata_dir = {:?}\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
+            other_state.display().to_string(),
+            svc.data_dir.display().to_string(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_acpimon"))
+        .args(["watch", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while second.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(10) {
+            second.kill().unwrap();
+            let out = second.wait_with_output().unwrap();
+            panic!("the second service was not refused: {}", common::text(&out.stdout));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = second.wait_with_output().unwrap();
+    let err = common::text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let pid = svc.pid().unwrap();
+    for needle in [
+        "already uses the data directory".to_string(),
+        svc.data_dir.display().to_string(),
+        format!("pid {pid}"),
+        "data_dir".to_string(),
+    ] {
+        assert!(err.contains(&needle), "{err:?} lacks {needle:?}");
+    }
+    assert!(common::text(&out.stdout).is_empty(), "the refused service reported itself started");
+
+    // The first is unaffected: it answers and nobody else wrote to its event log.
+    svc.status().await;
+    assert_eq!(svc.events().len(), started, "{:#?}", svc.events());
+    assert_eq!(std::fs::read_to_string(svc.data_dir.join("watch.lock")).unwrap().trim(), pid.to_string());
+}

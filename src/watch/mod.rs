@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod liveness;
+pub mod lock;
 pub mod metrics;
 pub mod monitor;
 pub mod persist;
@@ -42,6 +43,8 @@ pub enum WatchError {
     #[error("cannot read the state directory {path}: {source}; create it, or run `acpimon prepare` first")]
     StateDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
+    Lock(#[from] lock::LockError),
+    #[error(transparent)]
     Forward(#[from] forward::ForwardError),
     #[error("{0}")]
     Metrics(String),
@@ -64,6 +67,9 @@ pub async fn serve(
     for dir in [&config.data_dir, &config.data_dir.join("vms")] {
         std::fs::create_dir_all(dir).map_err(|source| WatchError::DataDir { path: dir.clone(), source })?;
     }
+    // Before anything reads or writes the data directory (the spool's recovery first); held
+    // until `serve` returns.
+    let _lock = lock::DataDirLock::acquire(&config.data_dir)?;
     std::fs::read_dir(&config.state_dir)
         .map_err(|source| WatchError::StateDir { path: config.state_dir.clone(), source })?;
     let (forwarder, forward_task) = Forwarder::open(forward_config(&config))?;

@@ -99,6 +99,11 @@ impl Service {
         panic!("acpimon watch did not answer /status within 20 s: {}", self.log_text());
     }
 
+    /// The running service's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
