@@ -175,8 +175,8 @@ async fn a_healthy_guest_gives_every_step_and_keeps_running() {
     );
 
     // The VM was left as it was: running, and its kernel still answers.
-    let status = g.vm.qmp.execute_raw("query-status", json!({}), Duration::from_secs(5)).await.unwrap();
-    assert_eq!(status["status"], "running");
+    let status = g.vm.qmp.status(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(status.status, "running");
     g.beats_acked(&mut hb, 5).await;
 
     let on_disk: Manifest =
@@ -187,7 +187,7 @@ async fn a_healthy_guest_gives_every_step_and_keeps_running() {
 
     // A paused VM: SysRq and the NMI are skipped (nothing could answer; they would act on
     // resume), the gdbstub leaves it paused.
-    g.vm.qmp.execute_raw("stop", json!({}), Duration::from_secs(5)).await.unwrap();
+    g.vm.qmp.execute_within(qapi::qmp::stop {}, Duration::from_secs(5)).await.unwrap();
     let steps = vec![
         sysrq("w"),
         Step::new(StepSpec::InjectNmi { capture: Duration::from_secs(1), quiet: Duration::from_millis(300) }),
@@ -204,8 +204,8 @@ async fn a_healthy_guest_gives_every_step_and_keeps_running() {
     let gs = m.steps[2].summary.as_ref().unwrap();
     assert_eq!((gs["status_before"].as_str(), gs["status_after"].as_str()), (Some("paused"), Some("paused")));
     assert!(file(&paused, &m, 2).contains("  rip "));
-    let status = g.vm.qmp.execute_raw("query-status", json!({}), Duration::from_secs(5)).await.unwrap();
-    assert_eq!(status["status"], "paused");
+    let status = g.vm.qmp.status(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(status.status, "paused");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -269,7 +269,7 @@ async fn gone_closes_the_monitor() {
     let qmp_path = s.vm.descriptor().qmp.clone();
     s.vm.set_state(SimState::Gone);
     let t = Instant::now();
-    match s.qmp.execute_raw("query-status", serde_json::json!({}), WAIT).await {
+    match s.qmp.status(WAIT).await {
         Err(QmpError::Closed | QmpError::Io(_)) => {}
         other => panic!("expected the connection to be lost, got {other:?}"),
     }

@@ -12,7 +12,7 @@ use acpimon::forward::Event;
 use acpimon::watch::state::State;
 use common::guest::{Guest, GuestSpec};
 use common::service::{free_port, is_transition, watch_guest, Controller, Service};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(120);
 
@@ -78,7 +78,7 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
     // The heartbeat answers before userspace starts: give the guest time to reach its shell.
     tokio::time::sleep(Duration::from_secs(5)).await;
 
-    g.vm.qmp.execute_raw("stop", json!({}), Duration::from_secs(5)).await.unwrap();
+    g.vm.qmp.execute_within(qapi::qmp::stop {}, Duration::from_secs(5)).await.unwrap();
     let (view, took) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(30)).await;
     // interval × threshold + timeout = 1 s × 3 + 1 s; the status is polled every 100 ms.
     assert!(took <= Duration::from_millis(4000 + 1500), "unresponsive after {took:?}");
@@ -123,12 +123,12 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
         .unwrap();
     assert!(count >= 1, "{metrics}");
 
-    g.vm.qmp.execute_raw("cont", json!({}), Duration::from_secs(5)).await.unwrap();
+    g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();
     svc.wait_state("guest", State::Recovered, Duration::from_secs(20)).await;
     svc.wait_state("guest", State::Healthy, Duration::from_secs(20)).await;
 
     // QEMU exits: gone, and not a failure.
-    let _ = g.vm.qmp.execute_raw("quit", json!({}), Duration::from_secs(5)).await;
+    let _ = g.vm.qmp.execute_within(qapi::qmp::quit {}, Duration::from_secs(5)).await;
     let (v, _) = svc.wait_state("guest", State::Gone, Duration::from_secs(20)).await;
     assert_eq!(v.reason, "QEMU is quitting (QMP quit)");
     assert_eq!(svc.events().iter().filter(|e| e.kind == "bundle").count(), 1);
@@ -300,7 +300,7 @@ async fn events_survive_a_controller_outage_and_a_service_crash_exactly_once() {
     svc.wait_state("guest", State::Healthy, BOOT).await;
 
     // The controller is down while the VM hangs.
-    g.vm.qmp.execute_raw("stop", json!({}), Duration::from_secs(5)).await.unwrap();
+    g.vm.qmp.execute_within(qapi::qmp::stop {}, Duration::from_secs(5)).await.unwrap();
     svc.wait_state("guest", State::Unresponsive, Duration::from_secs(30)).await;
     svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
     let pending = svc.status().await.forward.pending_events;
@@ -315,7 +315,7 @@ async fn events_survive_a_controller_outage_and_a_service_crash_exactly_once() {
     assert_eq!(alerts, 1, "one alert for one incident: {:#?}", transitions(&svc.events()));
     assert_eq!(svc.events().iter().filter(|e| e.kind == "bundle").count(), 1);
 
-    g.vm.qmp.execute_raw("cont", json!({}), Duration::from_secs(5)).await.unwrap();
+    g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();
     svc.wait_state("guest", State::Healthy, Duration::from_secs(30)).await;
 
     // The controller comes up: everything arrives, each event once.

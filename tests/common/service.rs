@@ -184,7 +184,7 @@ impl Drop for Service {
 pub async fn watch_guest(g: &super::guest::Guest, work: &Path, config: &str) -> Service {
     let svc = Service::start(g.vm.prepared.dir.parent().unwrap(), work, config).await;
     svc.wait_state("guest", State::Paused, Duration::from_secs(30)).await;
-    g.vm.qmp.execute_raw("cont", serde_json::json!({}), Duration::from_secs(5)).await.unwrap();
+    g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();
     svc
 }
 
