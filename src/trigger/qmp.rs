@@ -42,6 +42,8 @@ pub enum QmpError {
     Command { command: String, class: String, desc: String },
     #[error("QMP command {command} got no reply within {timeout:?}; QEMU is stuck or overloaded")]
     Timeout { command: String, timeout: Duration },
+    #[error("QMP command {command} was not sent: its arguments do not serialise: {source}")]
+    Arguments { command: String, source: serde_json::Error },
     #[error("QMP reply to {command} does not match the schema: {source}")]
     Reply { command: String, source: serde_json::Error },
     #[error("QMP message is {0}; QEMU never sends one, so the peer is not a QEMU monitor")]
@@ -240,7 +242,7 @@ impl Qmp {
             _ => return Err(QmpError::Greeting(path.into())),
         };
         // QEMU sends events one at a time; a broadcast channel allocates every slot up front
-        // (a QmpEvent is ~200 bytes), so 256 slots would cost ~50 KiB per VM for nothing.
+        // (one QmpEvent each), so a few dozen are plenty and hundreds would cost memory per VM.
         let (events, _) = broadcast::channel(32);
         let pending: Pending = Arc::default();
         let (pending_for_route, events_for_route) = (pending.clone(), events.clone());
@@ -295,8 +297,8 @@ impl Qmp {
     /// Runs a typed command and returns QEMU's reply as JSON, undecoded: for replies stored as
     /// QEMU sent them, or read where the schema may lag the running QEMU.
     pub async fn execute_json<C: qapi::Command>(&self, cmd: C, timeout: Duration) -> Result<Value, QmpError> {
-        // A derived `Serialize` of a struct of strings, numbers and enums cannot fail.
-        let args = serde_json::to_value(&cmd).unwrap_or_else(|_| json!({}));
+        let args = serde_json::to_value(&cmd)
+            .map_err(|source| QmpError::Arguments { command: C::NAME.into(), source })?;
         self.execute_raw(C::NAME, args, timeout).await
     }
 
