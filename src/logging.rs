@@ -15,8 +15,8 @@
 //! `vm`, and an event may name its VM itself with a `vm` field.
 //!
 //! What shows: `RUST_LOG` (an env-filter directive, e.g. `acpimon::qmp=debug`) when no `-v`/`-q`
-//! is given, else `info`; `-v` adds acpimon's debug lines (every QMP message), `-vv` trace;
-//! `-q` keeps warnings and errors, `-qq` errors only. The former `ACPIMON_DEBUG_QMP=1` still
+//! is given, else `info`; `-v` adds acpimon's debug lines (QMP messages it does not route), `-vv`
+//! trace; `-q` keeps warnings and errors, `-qq` errors only. The former `ACPIMON_DEBUG_QMP=1` still
 //! turns the QMP debug lines on.
 
 use std::fmt::Write as _;

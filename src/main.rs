@@ -30,8 +30,8 @@ struct Cli {
 /// Logging, for every command (see the README, "Logs").
 #[derive(Args)]
 struct LogArgs {
-    /// More log lines: -v adds debug lines (every QMP message), -vv trace. Without -v/-q,
-    /// RUST_LOG (e.g. acpimon::qmp=debug) chooses.
+    /// More log lines: -v adds debug lines (QMP messages acpimon does not route), -vv trace.
+    /// Without -v/-q, RUST_LOG (e.g. acpimon::qmp=debug) chooses.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
     /// Fewer log lines: -q warnings and errors only, -qq errors only.
