@@ -14,6 +14,7 @@ pub mod forward;
 pub mod generate;
 pub mod judge;
 pub mod launch;
+pub mod logging;
 pub mod read;
 pub mod report;
 pub mod run;

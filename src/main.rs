@@ -21,8 +21,26 @@ use acpimon::watch::config::default_state_dir;
 #[derive(Parser)]
 #[command(name = "acpimon", version, about = "Agentless monitoring of QEMU VMs through a custom ACPI SSDT")]
 struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Logging, for every command (see the README, "Logs").
+#[derive(Args)]
+struct LogArgs {
+    /// More log lines: -v adds debug lines (QMP messages acpimon does not route), -vv trace.
+    /// Without -v/-q, RUST_LOG (e.g. acpimon::qmp=debug) chooses.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Fewer log lines: -q warnings and errors only, -qq errors only.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    quiet: u8,
+    /// Log lines as human text, or as one JSON object per line on stderr. Under systemd the
+    /// text lines carry journal priorities and no timestamps.
+    #[arg(long, global = true, value_enum, default_value_t, value_name = "FORMAT")]
+    log_format: acpimon::logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -354,6 +372,8 @@ fn is_bad_input(e: &RegionError) -> bool {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let verbosity = (i16::from(cli.log.verbose) - i16::from(cli.log.quiet)).clamp(-2, 2) as i8;
+    acpimon::logging::init(acpimon::logging::Options { format: cli.log.log_format, verbosity });
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -198,7 +198,8 @@ impl AppChannel {
         let stream = UnixStream::connect(path).await?;
         let (read, write) = stream.into_split();
         let inner = Arc::new(Mutex::new(Inner::default()));
-        tokio::spawn(read_lines(read, inner.clone(), reports));
+        // The reader logs as the VM whose channel this is.
+        tokio::spawn(tracing::Instrument::in_current_span(read_lines(read, inner.clone(), reports)));
         let ch = AppChannel {
             writer: tokio::sync::Mutex::new(write),
             inner,

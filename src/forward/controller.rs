@@ -116,7 +116,7 @@ pub async fn serve(
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait a little, keep serving.
-                    eprintln!("acpimon controller: accept on {addr}: {e}");
+                    tracing::warn!(%addr, error = %e, "controller: cannot accept a connection");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -255,7 +255,7 @@ async fn analyze(ctx: Arc<Ctx>, argv: Vec<String>, event: Event, json: Vec<u8>) 
     let (out, err, mut file) = match opened {
         Ok(files) => files,
         Err(e) => {
-            eprintln!("acpimon controller: cannot write {}: {e}", tmp.display());
+            tracing::error!(path = %tmp.display(), error = %e, "controller: cannot write the analysis");
             return;
         }
     };
@@ -264,7 +264,7 @@ async fn analyze(ctx: Arc<Ctx>, argv: Vec<String>, event: Event, json: Vec<u8>) 
     let finished = writeln!(file, "\n[acpimon] analyzer {}: {outcome}", argv[0])
         .and_then(|()| fs::rename(&tmp, &target));
     if let Err(e) = finished {
-        eprintln!("acpimon controller: cannot write {}: {e}", target.display());
+        tracing::error!(path = %target.display(), error = %e, "controller: cannot write the analysis");
     }
 }
 

@@ -107,7 +107,7 @@ pub(super) async fn run_hooks(
         let ok = outcome.success();
         let summary = format!("{} for event {}: {outcome}", cfg.argv[0], job.event.key);
         if !ok {
-            eprintln!("acpimon: hook {summary}");
+            tracing::warn!("hook {summary}");
         }
         let mut s = lock(&stats);
         s.hook_runs += 1;

@@ -327,9 +327,9 @@ impl Forwarder {
             None => {
                 let left = spool::count_entries(&cfg.spool_dir);
                 if left > 0 {
-                    eprintln!(
-                        "acpimon: warning: spool {} holds {left} unsent events and no controller is configured; they stay there until one is",
-                        cfg.spool_dir.display()
+                    tracing::warn!(
+                        spool = %cfg.spool_dir.display(),
+                        "the spool holds {left} unsent events and no controller is configured; they stay there until one is"
                     );
                 }
                 None
@@ -338,9 +338,9 @@ impl Forwarder {
                 let (spool, recovery) =
                     spool::Spool::open(&cfg.spool_dir, c.spool_max_bytes, c.spool_max_events)?;
                 if recovery.entries > 0 {
-                    eprintln!(
-                        "acpimon: spool {}: {} events from a previous run will be sent again",
-                        cfg.spool_dir.display(),
+                    tracing::info!(
+                        spool = %cfg.spool_dir.display(),
+                        "{} events from a previous run will be sent again",
                         recovery.entries
                     );
                 }
@@ -489,7 +489,7 @@ impl Sender {
                     s.last_delivery = Some(crate::units::now_rfc3339());
                     if failing {
                         failing = false;
-                        eprintln!("acpimon: controller {} reachable again; delivering", self.cfg.url);
+                        tracing::info!(url = %self.cfg.url, "the controller is reachable again; delivering");
                     }
                 }
                 http::Delivery::Rejected { status, body } => {
@@ -499,7 +499,7 @@ impl Sender {
                         body.trim(),
                         self.spool.dir().display()
                     );
-                    eprintln!("acpimon: {message}");
+                    tracing::warn!("{message}");
                     let response = format!("HTTP {status}\n{body}\n");
                     if let Err(e) = self.spool.reject(entry.seq, &response) {
                         // Cannot move it aside: retry later rather than lose it.
@@ -515,7 +515,7 @@ impl Sender {
                     let message = format!("cannot deliver to {}: {reason}; retrying", self.cfg.url);
                     if !failing {
                         failing = true;
-                        eprintln!("acpimon: {message}");
+                        tracing::warn!("{message}");
                     }
                     {
                         let mut s = lock(&self.stats);

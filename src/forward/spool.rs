@@ -359,14 +359,15 @@ impl Spool {
         let target = free_path(&dir, name.strip_prefix('.').unwrap_or(name));
         let moved = fs::create_dir_all(&dir).and_then(|()| fs::rename(path, &target));
         match moved {
-            Ok(()) => eprintln!(
-                "acpimon: warning: spool entry {} is damaged ({why}); moved to {}",
-                path.display(),
-                target.display()
+            Ok(()) => tracing::warn!(
+                entry = %path.display(),
+                moved_to = %target.display(),
+                "a damaged spool entry ({why}) was moved aside"
             ),
-            Err(e) => eprintln!(
-                "acpimon: warning: spool entry {} is damaged ({why}) and cannot be moved to {}: {e}; ignoring it",
-                path.display(),
+            Err(e) => tracing::warn!(
+                entry = %path.display(),
+                error = %e,
+                "a damaged spool entry ({why}) cannot be moved to {}; ignoring it",
                 dir.display()
             ),
         }

@@ -78,7 +78,7 @@ impl Notifier {
             None => sock.send_to(bytes, path),
         };
         if let Err(e) = sent {
-            eprintln!("acpimon: cannot notify systemd at {}: {e}", path.display());
+            tracing::warn!(socket = %path.display(), error = %e, "cannot notify systemd");
         }
     }
 }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 pub use self::config::Config;
 pub use self::liveness::Liveness;
@@ -104,9 +105,8 @@ pub async fn serve(
     );
     let notifier = liveness::Notifier::from_env();
     notifier.notify(&format!("READY=1\nSTATUS=watching {}", config.state_dir.display()));
-    println!(
-        "{} acpimon watch: watching {}{}",
-        now_rfc3339(),
+    tracing::info!(
+        "acpimon watch: watching {}{}",
         config.state_dir.display(),
         metrics_addr.map(|a| format!(", metrics and status on http://{a}")).unwrap_or_default()
     );
@@ -133,7 +133,7 @@ pub async fn serve(
                     notifier.notify(&format!("WATCHDOG=1\nSTATUS=watching {} VMs", vms.len()));
                     if let Some(p) = &config.touch_file {
                         if let Err(e) = liveness::touch(p) {
-                            eprintln!("acpimon: cannot touch {}: {e}", p.display());
+                            tracing::warn!(path = %p.display(), error = %e, "cannot touch the liveness file");
                         }
                     }
                 } else {
@@ -152,18 +152,14 @@ pub async fn serve(
     for (name, r) in vms {
         let left = deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(left, r.task).await.is_err() {
-            eprintln!(
-                "acpimon: stopping: the monitor of {name} did not stop within {STOP_DEADLINE:?}; leaving it"
-            );
+            tracing::warn!(vm = %name, "stopping: the monitor did not stop within {STOP_DEADLINE:?}; leaving it");
         }
     }
     let _ = stop_all_tx.send(true);
     if tokio::time::timeout(STOP_DEADLINE, forward_join).await.is_err() {
-        eprintln!(
-            "acpimon: stopping: the forwarder did not stop in time; its spool is kept for the next start"
-        );
+        tracing::warn!("stopping: the forwarder did not stop in time; its spool is kept for the next start");
     }
-    println!("{} acpimon watch: stopped", now_rfc3339());
+    tracing::info!("acpimon watch: stopped");
     Ok(())
 }
 
@@ -196,7 +192,7 @@ fn service_event(shared: &Shared, kind: &str, detail: serde_json::Value) {
         detail,
     };
     if let Err(e) = shared.forward.submit(&ev) {
-        eprintln!("acpimon: event {kind} not forwarded: {e}");
+        tracing::error!(kind, error = %e, "event not forwarded");
     }
 }
 
@@ -227,7 +223,7 @@ fn discover_once(
             return true;
         }
         let _ = r.stop.send(Stop::Removed);
-        println!("{} {name}: its directory is gone; no longer watched", now_rfc3339());
+        tracing::info!(vm = %name, "its directory is gone; no longer watched");
         false
     });
     invalid.retain(|name, _| found.contains_key(name));
@@ -236,7 +232,7 @@ fn discover_once(
             if !r.task.is_finished() {
                 continue;
             }
-            eprintln!("acpimon: the monitor of {name} stopped unexpectedly; restarting it");
+            tracing::error!(vm = %name, "the monitor stopped unexpectedly; restarting it");
         }
         let settings = shared.config.settings_for(&name).clone();
         if !settings.enabled {
@@ -245,7 +241,7 @@ fn discover_once(
         if let Err(e) = crate::launch::Descriptor::load(&dir) {
             let why = e.to_string();
             if invalid.get(&name) != Some(&why) {
-                eprintln!("{} {name}: not watched: {why}", now_rfc3339());
+                tracing::warn!(vm = %name, "not watched: {why}");
                 service_event(shared, "vm-invalid", json!({ "vm_dir": dir, "error": why }));
                 invalid.insert(name.clone(), why);
             }
@@ -253,9 +249,11 @@ fn discover_once(
         }
         invalid.remove(&name);
         let (stop, stop_rx) = watch::channel(Stop::Run);
-        let monitor = Monitor::new(name.clone(), dir.clone(), settings, shared.clone());
-        let task = tokio::spawn(monitor.run(stop_rx));
-        println!("{} {name}: watching {}", now_rfc3339(), dir.display());
+        // Every line of this VM's monitor, and of the tasks it starts, carries vm=NAME.
+        let span = tracing::info_span!("vm", vm = %name);
+        let monitor = span.in_scope(|| Monitor::new(name.clone(), dir.clone(), settings, shared.clone()));
+        let task = tokio::spawn(monitor.run(stop_rx).instrument(span));
+        tracing::info!(vm = %name, "watching {}", dir.display());
         vms.insert(name, Running { stop, task, dir });
     }
 }

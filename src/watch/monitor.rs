@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::config::{Config, RecoveryAction, VmSettings};
 use super::metrics::{Registry, ScenarioView, VmView};
@@ -122,7 +123,7 @@ impl Monitor {
             loop_name,
         };
         if let Some(p) = problem {
-            m.log(&p);
+            tracing::warn!("{p}");
         }
         m.refresh_view("watching");
         m
@@ -239,7 +240,9 @@ impl Monitor {
                 }
                 continue;
             }
-            probes.push(tokio::spawn(probe::run(i, sc.clone(), att.channels.clone(), tx.clone())));
+            probes.push(tokio::spawn(
+                probe::run(i, sc.clone(), att.channels.clone(), tx.clone()).in_current_span(),
+            ));
         }
         if att.console.is_none() {
             degraded.push(format!("console: {}", att.console_why));
@@ -261,7 +264,7 @@ impl Monitor {
                 ev = events.recv() => match ev {
                     Ok(ev) => self.qmp_event(ev),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        self.log(&format!("missed {n} QMP events (too many at once)"));
+                        tracing::warn!("missed {n} QMP events (too many at once)");
                     }
                     Err(_) => {}
                 },
@@ -276,7 +279,7 @@ impl Monitor {
                     diag = None;
                     match done {
                         Ok(done) => self.diagnostics_done(done),
-                        Err(e) => self.log(&format!("diagnostics task failed: {e}")),
+                        Err(e) => tracing::error!(error = %e, "the diagnostics task failed"),
                     }
                 }
                 _ = tick.tick() => {
@@ -497,7 +500,7 @@ impl Monitor {
         let gdb_socket = self.dir.join("gdb.sock");
         let guest_agent = att.channels.guest_agent.clone();
         self.log(&format!("collecting diagnostics into {}", bundle.display()));
-        tokio::spawn(async move {
+        let task = async move {
             let target = diagnose::Target {
                 vm: &name,
                 qmp: Some(&qmp),
@@ -521,7 +524,8 @@ impl Monitor {
                 Err(refused) => Some(refused),
             };
             DiagDone { trigger, bundle, manifest, recovery }
-        })
+        };
+        tokio::spawn(task.in_current_span())
     }
 
     /// The recovery action to take after diagnostics, or why it is refused (rate limit).
@@ -559,7 +563,7 @@ impl Monitor {
             Err(e) => {
                 self.view.lock().unwrap().diagnostics_failed += 1;
                 detail["error"] = json!(e);
-                self.log(&format!("no bundle: {e}"));
+                tracing::warn!("no bundle: {e}");
             }
         }
         // Saved with the bundle's event (emit saves): a crash can no longer leave a delivered
@@ -601,7 +605,7 @@ impl Monitor {
             if let Err(e) = &spooled {
                 v.events_not_spooled += 1;
                 drop(v);
-                self.log(&format!("event {key} not forwarded: {e}"));
+                tracing::error!(key = %key, error = %e, "event not forwarded");
             }
         }
         if self.timeline.len() == TIMELINE {
@@ -616,7 +620,7 @@ impl Monitor {
 
     fn save(&mut self) {
         if let Err(e) = persist::save(&self.memory_path, &self.memory) {
-            self.log(&format!("cannot save {}: {e}", self.memory_path.display()));
+            tracing::error!(path = %self.memory_path.display(), error = %e, "cannot save the VM's state");
         }
     }
 
@@ -649,8 +653,9 @@ impl Monitor {
         self.settings.scenarios.iter().map(|s| s.name.clone()).collect()
     }
 
+    /// The VM's narrative (transitions, bundles, recoveries); the `vm` span names the VM.
     fn log(&self, msg: &str) {
-        println!("{} {}: {msg}", now_rfc3339(), self.name);
+        tracing::info!("{msg}");
     }
 }
 
