@@ -591,21 +591,3 @@ mod tests {
         }
     }
 }
-
-/// Parses one line QEMU sent on its monitor (without or with its `\n`): one JSON object, at
-/// most [`MAX_LINE`] bytes. The bytes come from QEMU, so any input is an error or a value,
-/// never a panic.
-pub fn parse_message(line: &[u8]) -> Result<Value, QmpError> {
-    if line.len() > MAX_LINE {
-        return Err(QmpError::Io(std::io::Error::other("QMP line longer than 16 MiB")));
-    }
-    let v: Value = serde_json::from_slice(line)
-        .map_err(|e| QmpError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-    if !v.is_object() {
-        return Err(QmpError::Io(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "QMP line is JSON but not an object",
-        )));
-    }
-    Ok(v)
-}
