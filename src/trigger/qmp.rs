@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufR
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
+use crate::util::lock;
 
 /// The longest line accepted from QEMU; a longer one ends the connection.
 pub const MAX_LINE: usize = 16 << 20;
@@ -139,19 +140,19 @@ impl Qmp {
     pub async fn execute_raw(&self, name: &str, args: Value, timeout: Duration) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap().insert(id, tx);
+        lock(&self.pending).insert(id, tx);
         let mut line = json!({ "execute": name, "arguments": args, "id": id }).to_string();
         line.push('\n');
         let sent = self.writer.lock().await.write_all(line.as_bytes()).await;
         if let Err(e) = sent {
-            self.pending.lock().unwrap().remove(&id);
+            lock(&self.pending).remove(&id);
             return Err(e.into());
         }
         let reply = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => return Err(QmpError::Closed),
             Err(_) => {
-                self.pending.lock().unwrap().remove(&id);
+                lock(&self.pending).remove(&id);
                 return Err(QmpError::Timeout { command: name.into(), timeout });
             }
         };
@@ -185,7 +186,7 @@ async fn route<R: AsyncBufRead + Unpin>(
             }
             let _ = events.send(QmpEvent { name: name.to_string(), raw: msg, typed });
         } else if let Some(id) = msg.get("id").and_then(Value::as_u64) {
-            if let Some(tx) = pending.lock().unwrap().remove(&id) {
+            if let Some(tx) = lock(&pending).remove(&id) {
                 let _ = tx.send(msg);
             }
         } else {
@@ -193,7 +194,7 @@ async fn route<R: AsyncBufRead + Unpin>(
         }
     }
     // Dropping the senders wakes every waiter with `Closed`.
-    pending.lock().unwrap().clear();
+    lock(&pending).clear();
 }
 
 fn log_raw(what: &str, msg: &Value) {

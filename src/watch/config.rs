@@ -334,12 +334,7 @@ impl Default for VmSettings {
 pub fn default_state_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("acpimon"),
-        // Our uid without libc: the owner of /proc/self.
-        _ => {
-            use std::os::unix::fs::MetadataExt;
-            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
-            std::env::temp_dir().join(format!("acpimon-{uid}"))
-        }
+        _ => std::env::temp_dir().join(format!("acpimon-{}", rustix::process::getuid().as_raw())),
     }
 }
 

@@ -29,6 +29,7 @@ use crate::launch::Descriptor;
 use crate::read::{Access, Region};
 use crate::trigger::qmp::{Qmp, QmpEvent};
 use crate::units::now_rfc3339;
+use crate::util::lock;
 
 /// How long attaching to a socket may take before the VM counts as not running.
 const ATTACH_WAIT: Duration = Duration::from_secs(3);
@@ -244,7 +245,7 @@ impl Monitor {
         if att.console.is_none() {
             degraded.push(format!("console: {}", att.console_why));
         }
-        self.view.lock().unwrap().degraded = degraded;
+        lock(&self.view).degraded = degraded;
         self.refresh_view("");
         let mut events = att.qmp.events();
         let mut diag: Option<JoinHandle<DiagDone>> = None;
@@ -282,7 +283,7 @@ impl Monitor {
                 _ = tick.tick() => {
                     self.shared.liveness.beat(&self.loop_name);
                     if let Ok(app) = &att.channels.app {
-                        self.view.lock().unwrap().app_lines = Some(app.counts());
+                        lock(&self.view).app_lines = Some(app.counts());
                     }
                     if let Some(t) = self.machine.tick(Instant::now()) {
                         self.transition(t, None);
@@ -320,17 +321,17 @@ impl Monitor {
     fn report(&mut self, r: Report) {
         let now = Instant::now();
         if let Some(lat) = r.outcome.latency.filter(|_| r.outcome.ok && r.record.is_some()) {
-            self.view.lock().unwrap().observe_latency(lat);
+            lock(&self.view).observe_latency(lat);
         }
         if let Some(record) = r.record {
             let obs = self.tracker.observe(Some(&record), now);
             if obs.fresh {
-                self.view.lock().unwrap().last_record_at = Some(now);
+                lock(&self.view).last_record_at = Some(now);
             }
             let known = self.memory.boot_count;
             if known != Some(record.boot_count) {
                 self.memory.boot_count = Some(record.boot_count);
-                self.view.lock().unwrap().boot_count = Some(record.boot_count);
+                lock(&self.view).boot_count = Some(record.boot_count);
                 self.save();
             }
             let unseen = match (obs.reboot, known) {
@@ -368,9 +369,9 @@ impl Monitor {
                 self.app_health(h.status, details, extra);
             }
             app::Report::Info(info) => {
-                let changed = self.view.lock().unwrap().app_info.as_ref() != Some(&info);
+                let changed = lock(&self.view).app_info.as_ref() != Some(&info);
                 if changed {
-                    self.view.lock().unwrap().app_info = Some(info.clone());
+                    lock(&self.view).app_info = Some(info.clone());
                     self.emit("app-info", json!({ "info": info }));
                 }
             }
@@ -381,7 +382,7 @@ impl Monitor {
     /// The app's status: an `app-health` event when it changes, and into the state machine.
     fn app_health(&mut self, status: AppStatus, details: String, mut extra: Value) {
         let changed = {
-            let mut v = self.view.lock().unwrap();
+            let mut v = lock(&self.view);
             let changed = v.app_status != Some(status) || v.app_details.as_deref() != Some(details.as_str());
             v.app_status = Some(status);
             v.app_details = Some(details.clone());
@@ -432,7 +433,7 @@ impl Monitor {
     }
 
     fn reboot(&mut self, evidence: Value) {
-        self.view.lock().unwrap().reboots += 1;
+        lock(&self.view).reboots += 1;
         self.log(&format!("the guest rebooted: {evidence}"));
         self.emit("reboot", json!({ "evidence": evidence }));
         if let Some(t) = self.machine.rebooted(evidence, Instant::now()) {
@@ -478,7 +479,7 @@ impl Monitor {
         }
         // send_replace: the value must change even when no diagnostics task is listening.
         self.state_tx.send_replace(t.to);
-        let mut v = self.view.lock().unwrap();
+        let mut v = lock(&self.view);
         v.state = t.to;
         v.since = now_rfc3339();
         v.reason = t.reason;
@@ -551,13 +552,13 @@ impl Monitor {
         let mut detail = json!({ "trigger": done.trigger, "bundle": done.bundle });
         match done.manifest {
             Ok(m) => {
-                self.view.lock().unwrap().diagnostics_ok += 1;
-                self.view.lock().unwrap().last_bundle = Some(done.bundle.display().to_string());
+                lock(&self.view).diagnostics_ok += 1;
+                lock(&self.view).last_bundle = Some(done.bundle.display().to_string());
                 detail["manifest"] = m;
                 self.log(&format!("bundle written: {}", done.bundle.display()));
             }
             Err(e) => {
-                self.view.lock().unwrap().diagnostics_failed += 1;
+                lock(&self.view).diagnostics_failed += 1;
                 detail["error"] = json!(e);
                 self.log(&format!("no bundle: {e}"));
             }
@@ -570,9 +571,9 @@ impl Monitor {
         if let Some(r) = done.recovery {
             if r.acted {
                 self.memory.recoveries.push(unix_now());
-                self.view.lock().unwrap().recoveries += 1;
+                lock(&self.view).recoveries += 1;
             } else if r.outcome == "refused" {
-                self.view.lock().unwrap().recoveries_refused += 1;
+                lock(&self.view).recoveries_refused += 1;
             }
             self.log(&format!("recovery {}: {}: {}", r.action, r.outcome, r.detail));
             self.emit("recovery", json!({ "action": r.action, "outcome": r.outcome, "detail": r.detail }));
@@ -596,7 +597,7 @@ impl Monitor {
         };
         let spooled = self.shared.forward.submit(&ev);
         {
-            let mut v = self.view.lock().unwrap();
+            let mut v = lock(&self.view);
             v.events += 1;
             if let Err(e) = &spooled {
                 v.events_not_spooled += 1;
@@ -621,7 +622,7 @@ impl Monitor {
     }
 
     fn refresh_view(&self, reason: &str) {
-        let mut v = self.view.lock().unwrap();
+        let mut v = lock(&self.view);
         v.state = self.machine.state;
         if !reason.is_empty() {
             v.reason = reason.into();
