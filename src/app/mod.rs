@@ -12,13 +12,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::util::lock;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
-use crate::util::lock;
 
 pub use crate::abi::AppStatus;
 
@@ -320,7 +320,7 @@ async fn read_lines(
 }
 
 fn route(msg: Result<Message, Drop>, inner: &Mutex<Inner>, reports: &mpsc::Sender<Report>) {
-    let mut i = lock(&inner);
+    let mut i = lock(inner);
     let msg = match msg {
         Ok(m) => m,
         Err(d) => {

@@ -171,7 +171,8 @@ pub fn prepare_with(
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PrepareError> {
-    crate::util::fs::atomic_write(path, bytes).map_err(|source| PrepareError::Io { path: path.into(), source })
+    crate::util::fs::atomic_write(path, bytes)
+        .map_err(|source| PrepareError::Io { path: path.into(), source })
 }
 
 #[cfg(test)]

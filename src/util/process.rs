@@ -143,8 +143,12 @@ impl<'a> Program<'a> {
 
     /// Runs it to its end or its timeout.
     pub async fn run(self) -> Finished {
-        let mut finished =
-            Finished { outcome: Outcome::Failed(String::new()), output: Vec::new(), dropped: 0, killed_leftovers: false };
+        let mut finished = Finished {
+            outcome: Outcome::Failed(String::new()),
+            output: Vec::new(),
+            dropped: 0,
+            killed_leftovers: false,
+        };
         let Some((program, args)) = self.argv.split_first() else {
             finished.outcome = Outcome::CannotStart("no program given".into());
             return finished;
@@ -305,7 +309,8 @@ mod tests {
         let o = Program::new(&argv, Duration::from_secs(1)).run().await.outcome;
         assert!(matches!(&o, Outcome::CannotStart(m) if m.contains("cannot start")), "{o}");
         let argv = sh("true");
-        let o = Program::new(&argv, Duration::from_secs(1)).env([("X", OsStr::new("a\0b"))]).run().await.outcome;
+        let o =
+            Program::new(&argv, Duration::from_secs(1)).env([("X", OsStr::new("a\0b"))]).run().await.outcome;
         assert!(matches!(o, Outcome::CannotStart(_)), "{o}");
         let o = Program::new(&[], Duration::from_secs(1)).run().await.outcome;
         assert!(matches!(o, Outcome::CannotStart(_)), "{o}");

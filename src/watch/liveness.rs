@@ -2,12 +2,12 @@
 //! WATCHDOG=1`) and the optional touch file are refreshed only while every loop has beaten
 //! recently, so a node watchdog notices a wedged service by its silence.
 
+use crate::util::lock;
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use crate::util::lock;
 
 /// Loops and the time each last beat.
 #[derive(Default)]

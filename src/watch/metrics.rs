@@ -151,10 +151,7 @@ impl Registry {
 
     /// The view of VM `name`, created on first use.
     pub fn vm(&self, name: &str) -> Arc<Mutex<VmView>> {
-        lock(&self.vms)
-            .entry(name.into())
-            .or_insert_with(|| Arc::new(Mutex::new(VmView::new(name))))
-            .clone()
+        lock(&self.vms).entry(name.into()).or_insert_with(|| Arc::new(Mutex::new(VmView::new(name)))).clone()
     }
 
     pub fn remove(&self, name: &str) {
@@ -166,7 +163,7 @@ impl Registry {
         let vms = lock(&self.vms)
             .values()
             .map(|v| {
-                let mut v = lock(&v).clone();
+                let mut v = lock(v).clone();
                 v.last_record_age_s = v.last_record_at.map(|t| now.duration_since(t).as_secs_f64());
                 v
             })

@@ -151,6 +151,10 @@ pub async fn serve(
             );
         }
     }
+    // The monitors' last events and state files are queued: wait until they are on disk.
+    if tokio::time::timeout(STOP_DEADLINE, forwarder.flushed()).await.is_err() {
+        eprintln!("acpimon: stopping: the event writer did not finish within {STOP_DEADLINE:?}; the last events may be lost");
+    }
     let _ = stop_all_tx.send(true);
     if tokio::time::timeout(STOP_DEADLINE, forward_join).await.is_err() {
         eprintln!(
@@ -161,10 +165,7 @@ pub async fn serve(
     Ok(())
 }
 
-/// Resolves when `flag` turns true (or its sender is gone).
-pub async fn until_true(flag: &mut watch::Receiver<bool>) {
-    let _ = flag.wait_for(|&s| s).await;
-}
+pub use crate::util::until_true;
 
 fn forward_config(c: &Config) -> ForwardConfig {
     ForwardConfig {

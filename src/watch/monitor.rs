@@ -567,7 +567,9 @@ impl Monitor {
         // bundle's incident pending, to be diagnosed again on restart.
         self.memory.pending_diagnostics = None;
         self.emit("bundle", detail);
-        prune_bundles(&done.bundle, self.shared.config.bundles_keep);
+        let (bundle, keep) = (done.bundle.clone(), self.shared.config.bundles_keep);
+        // Removing old bundles is disk work: off the VM's loop.
+        drop(tokio::task::spawn_blocking(move || prune_bundles(&bundle, keep)));
         if let Some(r) = done.recovery {
             if r.acted {
                 self.memory.recoveries.push(unix_now());
@@ -615,10 +617,9 @@ impl Monitor {
         key
     }
 
+    /// Queues the memory for the writer thread: the loop never waits on the disk.
     fn save(&mut self) {
-        if let Err(e) = persist::save(&self.memory_path, &self.memory) {
-            self.log(&format!("cannot save {}: {e}", self.memory_path.display()));
-        }
+        self.shared.forward.save_state(self.memory_path.clone(), persist::encode(&self.memory));
     }
 
     fn refresh_view(&self, reason: &str) {
@@ -697,23 +698,13 @@ async fn run_command(
     vm: &str,
     bundle: &std::path::Path,
 ) -> Result<String, String> {
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env("ACPIMON_VM", vm)
-        .env("ACPIMON_BUNDLE", bundle)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
-    match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(s)) if s.success() => Ok(format!("{} exited 0", argv[0])),
-        Ok(Ok(s)) => Err(format!("{} {s}", argv[0])),
-        Ok(Err(e)) => Err(format!("{}: {e}", argv[0])),
-        Err(_) => {
-            let _ = child.kill().await;
-            Err(format!("{} still running after {timeout:?}; killed", argv[0]))
-        }
+    use crate::util::process::{Outcome, Program};
+    let env = [("ACPIMON_VM", std::ffi::OsStr::new(vm)), ("ACPIMON_BUNDLE", bundle.as_os_str())];
+    match Program::new(argv, timeout).env(env).run().await.outcome {
+        Outcome::Exited(s) if s.success() => Ok(format!("{} exited 0", argv[0])),
+        Outcome::Exited(s) => Err(format!("{} {s}", argv[0])),
+        Outcome::TimedOut(_) => Err(format!("{} still running after {timeout:?}; killed", argv[0])),
+        Outcome::CannotStart(e) | Outcome::Failed(e) => Err(e),
     }
 }
 
