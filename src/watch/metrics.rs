@@ -281,7 +281,7 @@ fn render(status: &StatusView) -> String {
         }
     }
     let f = &status.forward;
-    let forward: [(&str, &str, &str, u64); 7] = [
+    let forward: [(&str, &str, &str, u64); 9] = [
         ("acpimon_forward_delivered_total", "counter", "Events the controller acknowledged.", f.delivered),
         (
             "acpimon_forward_duplicates_total",
@@ -308,6 +308,18 @@ fn render(status: &StatusView) -> String {
             "counter",
             "Analyzer hook runs that failed.",
             f.hook_failures,
+        ),
+        (
+            "acpimon_forward_events_logged_total",
+            "counter",
+            "Events written and fsynced to the event log (acknowledged).",
+            f.events_logged,
+        ),
+        (
+            "acpimon_forward_write_failures_total",
+            "counter",
+            "Writes of the event log, spool or state files that failed.",
+            f.write_failures,
         ),
     ];
     for (name, kind, help, value) in forward {
