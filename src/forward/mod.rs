@@ -316,40 +316,49 @@ fn create_dir(path: &Path) -> Result<(), ForwardError> {
     std::fs::create_dir_all(path).map_err(|source| ForwardError::CreateDir { path: path.into(), source })
 }
 
-fn validate(cfg: &ForwardConfig) -> Result<Option<Endpoint>, ForwardError> {
-    let endpoint = match &cfg.controller {
-        None => None,
-        Some(c) => {
-            let ep = parse_url(&c.url)?;
-            if c.timeout.is_zero() {
-                return Err(ForwardError::Config(
-                    "controller.timeout must be more than 0; try \"10s\"".into(),
-                ));
-            }
-            if c.spool_max_events == 0 || c.spool_max_bytes == 0 {
-                return Err(ForwardError::Config(
-                    "controller.spool_max_events and spool_max_bytes must be more than 0".into(),
-                ));
-            }
-            if c.backoff_min.is_zero() || c.backoff_min > c.backoff_max {
-                return Err(ForwardError::Config(format!(
-                    "controller.backoff_min ({}) must be more than 0 and at most backoff_max ({}); try \"1s\" and \"1m\"",
-                    crate::units::format_duration(c.backoff_min),
-                    crate::units::format_duration(c.backoff_max)
-                )));
-            }
-            Some(ep)
+impl ControllerConfig {
+    /// Checks the settings and parses the URL. The one rule set for these settings: the
+    /// configuration file reports what this says at the `[controller]` section.
+    pub fn validate(&self) -> Result<Endpoint, ForwardError> {
+        let ep = parse_url(&self.url)?;
+        if self.timeout.is_zero() {
+            return Err(ForwardError::Config("controller.timeout must be more than 0; try \"10s\"".into()));
         }
-    };
-    if let Some(h) = &cfg.hook {
-        if h.argv.is_empty() || h.argv[0].is_empty() {
+        if self.spool_max_events == 0 || self.spool_max_bytes == 0 {
             return Err(ForwardError::Config(
-                "hook.argv is empty; give the program and its arguments".into(),
+                "controller.spool_max_events and spool_max must be more than 0".into(),
             ));
         }
-        if h.timeout.is_zero() || h.queue == 0 {
+        if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
+            return Err(ForwardError::Config(format!(
+                "controller.backoff_min ({}) must be more than 0 and at most backoff_max ({}); try \"1s\" and \"1m\"",
+                crate::units::format_duration(self.backoff_min),
+                crate::units::format_duration(self.backoff_max)
+            )));
+        }
+        Ok(ep)
+    }
+}
+
+impl HookConfig {
+    /// Checks the settings; the one rule set, as for [`ControllerConfig::validate`].
+    pub fn validate(&self) -> Result<(), ForwardError> {
+        if self.argv.first().is_none_or(|p| p.is_empty()) {
+            return Err(ForwardError::Config(
+                "hook.argv is empty; give the program and its arguments as a list".into(),
+            ));
+        }
+        if self.timeout.is_zero() || self.queue == 0 {
             return Err(ForwardError::Config("hook.timeout and hook.queue must be more than 0".into()));
         }
+        Ok(())
+    }
+}
+
+fn validate(cfg: &ForwardConfig) -> Result<Option<Endpoint>, ForwardError> {
+    let endpoint = cfg.controller.as_ref().map(ControllerConfig::validate).transpose()?;
+    if let Some(h) = &cfg.hook {
+        h.validate()?;
     }
     Ok(endpoint)
 }
