@@ -5,7 +5,7 @@
 //! one batch: the batch's log lines are appended with one write and made durable with one
 //! `fdatasync`; then its spool entries are written (each: temporary file, fsync, rename) and
 //! the spool directory fsynced once; then its state files are replaced (the newest version of
-//! each, written with [`crate::util::fs::replace`], each directory fsynced once). Only then are
+//! each, written with [`crate::util::fs::replace`] or removed, each directory fsynced once). Only then are
 //! the batch's events *acknowledged*: counted in [`ForwardStats::events_logged`] and their spool
 //! entries handed to the sender. So an event the controller received, or that the counter
 //! includes, is on disk in the log, and survives `kill -9` and power loss. A burst costs a few
@@ -34,8 +34,8 @@ const MAX_BATCH: usize = 1024;
 pub(super) enum Job {
     /// An event's JSON (without the newline), and its reserved spool slot.
     Event { json: Arc<[u8]>, spool_seq: Option<u64> },
-    /// Replace a state file with these bytes.
-    Save { path: PathBuf, bytes: Vec<u8> },
+    /// Replace a state file with these bytes, or (`None`) remove it.
+    Save { path: PathBuf, bytes: Option<Vec<u8>> },
     /// Answered once everything queued before it is written.
     Flush(oneshot::Sender<()>),
 }
@@ -123,7 +123,15 @@ impl Writer {
         let mut dirs = Vec::new();
         for (path, bytes) in saves {
             let dir = ufs::parent(&path).to_path_buf();
-            let saved = std::fs::create_dir_all(&dir).and_then(|()| ufs::replace(&path, &bytes, 0o666));
+            let saved = match bytes {
+                Some(bytes) => {
+                    std::fs::create_dir_all(&dir).and_then(|()| ufs::replace(&path, &bytes, 0o666))
+                }
+                None => match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            };
             match saved {
                 Ok(()) if !dirs.contains(&dir) => dirs.push(dir),
                 Ok(()) => {}

@@ -158,7 +158,8 @@ impl Monitor {
         self.shared.liveness.unregister(&self.loop_name);
         if *stop.borrow() == Stop::Removed {
             self.emit("vm-removed", json!({ "dir": self.dir }));
-            let _ = std::fs::remove_file(&self.memory_path);
+            // Through the writer, after the save the event above queued.
+            self.shared.forward.remove_state(self.memory_path.clone());
             self.shared.registry.remove(&self.name);
         }
     }
