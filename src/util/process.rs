@@ -97,6 +97,17 @@ pub fn terminate(pid: u32) -> bool {
     pid.is_some_and(|pid| rustix::process::kill_process(pid, Signal::TERM).is_ok())
 }
 
+/// Kills the process group it holds when dropped.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            kill_group(pgid);
+        }
+    }
+}
+
 impl<'a> Program<'a> {
     /// `argv` (program and arguments; may be empty, which fails to start), killed after
     /// `timeout`. By default: no input, output discarded.
@@ -195,6 +206,8 @@ impl<'a> Program<'a> {
             }
         };
         let pgid = child.id().unwrap_or(0);
+        // Dropped before the end (the caller's task aborted at shutdown): the whole group goes.
+        let mut guard = GroupGuard(Some(pgid));
         let stdin = child.stdin.take();
         let input = self.input.unwrap_or_default();
         let feed = async move {
@@ -236,6 +249,7 @@ impl<'a> Program<'a> {
             }
         };
         drop(reader);
+        guard.0 = None;
         if timed_out {
             kill_group(pgid);
             let _ = tokio::time::timeout(REAP_WAIT, child.wait()).await;
@@ -260,6 +274,12 @@ mod tests {
 
     fn sh(script: &str) -> Vec<String> {
         vec!["sh".into(), "-c".into(), script.into()]
+    }
+
+    /// Whether `pid` is gone or a zombie (killed, not yet reaped).
+    fn gone(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
     }
 
     #[tokio::test]
@@ -291,10 +311,6 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(5));
         assert!(f.outcome.to_string().contains("killed"));
         let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
-        let gone = |pid: u32| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map_or(true, |s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
-        };
         let t = std::time::Instant::now();
         while !gone(pid) && t.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(20));
@@ -314,6 +330,35 @@ mod tests {
         assert!(matches!(o, Outcome::CannotStart(_)), "{o}");
         let o = Program::new(&[], Duration::from_secs(1)).run().await.outcome;
         assert!(matches!(o, Outcome::CannotStart(_)), "{o}");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_run_kills_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let argv = sh(&format!("sleep 30 & echo $! > '{}'; wait", pid_file.display()));
+        let run = Program::new(&argv, Duration::from_secs(60)).run();
+        // The caller gives up (a task aborted at shutdown) once the child is there.
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    _ = &mut run => panic!("the run ended on its own"),
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {
+                        if std::fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n')) {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        waited.await.expect("the child started");
+        let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        let t = std::time::Instant::now();
+        while !gone(pid) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gone(pid), "the background child {pid} outlived its abandoned run");
     }
 
     #[tokio::test]
