@@ -514,13 +514,15 @@ impl Validator<'_> {
     fn controller(&mut self, c: Spanned<RawController>) -> ControllerConfig {
         let span = c.span();
         let c = c.into_inner();
+        let backoff_max = c.backoff_max.map_or(Duration::from_secs(60), |d| d.0);
         let controller = ControllerConfig {
             url: c.url.get_ref().trim_end_matches('/').to_string(),
             timeout: c.timeout.map_or(Duration::from_secs(5), |d| d.0),
             spool_max_bytes: c.spool_max.map_or(64 << 20, |s| s.0),
             spool_max_events: c.spool_max_events.unwrap_or(100_000),
-            backoff_min: c.backoff_min.map_or(Duration::from_secs(1), |d| d.0),
-            backoff_max: c.backoff_max.map_or(Duration::from_secs(60), |d| d.0),
+            // Unset, the minimum follows a maximum set below its default.
+            backoff_min: c.backoff_min.map_or(backoff_max.min(Duration::from_secs(1)), |d| d.0),
+            backoff_max,
         };
         // The forwarder's own rules; a bad URL is reported at its line.
         if let Err(e) = controller.validate() {

@@ -162,6 +162,9 @@ fn forwarding_settings_follow_the_forwarders_rules() {
     assert_eq!(e.problems[0].line, 2, "{e}");
     let e = parse("[controller]\nurl = \"http://ctl\"\nbackoff_min = \"2m\"\n").unwrap_err();
     assert!(e.problems[0].message.contains("at most backoff_max"), "{e}");
+    let c =
+        parse("[controller]\nurl = \"http://ctl\"\nbackoff_max = \"500ms\"\n").unwrap().controller.unwrap();
+    assert_eq!((c.backoff_min, c.backoff_max), (Duration::from_millis(500), Duration::from_millis(500)));
     let e = parse("[controller]\nurl = \"http://\"\n").unwrap_err();
     assert!(e.problems[0].message.contains("http://HOST"), "{e}");
     let e = parse("[hook]\nargv = []\n").unwrap_err();
