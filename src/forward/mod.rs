@@ -6,7 +6,7 @@
 //!
 //! - **Nothing here waits on the disk or the network in the caller.** [`Forwarder::submit`]
 //!   checks the event, reserves its spool slot and hands it to the writer thread
-//!   ([`writer`]), which appends it to the log, writes its spool entry and fsyncs both, in
+//!   (`writer.rs`), which appends it to the log, writes its spool entry and fsyncs both, in
 //!   batches. A VM's loop never waits for a write, an fsync, the controller or the hook.
 //! - **Accepted and acknowledged.** An event `submit` returned from is *accepted*: it will be
 //!   written to the log (and spooled) in order, unless the service dies first. It is
