@@ -3,13 +3,14 @@
 //!
 //! It takes jobs from an unbounded channel, in order, and handles whatever has queued up as
 //! one batch: the batch's log lines are appended with one write and made durable with one
-//! `fdatasync`; then its spool entries are written (each: temporary file, fsync, rename) and
-//! the spool directory fsynced once; then its state files are replaced (the newest version of
-//! each, written with [`crate::util::fs::replace`] or removed, each directory fsynced once). Only then are
-//! the batch's events *acknowledged*: counted in [`ForwardStats::events_logged`] and their spool
-//! entries handed to the sender. So an event the controller received, or that the counter
-//! includes, is on disk in the log, and survives `kill -9` and power loss. A burst costs a few
-//! fsyncs per batch, not three per event.
+//! `fdatasync`; then its spool entries are written (each: temporary file, fsync, rename), the
+//! spool directory is fsynced once, and only then are the entries handed to the sender; then
+//! its state files are replaced (the newest version of each, with
+//! [`crate::util::fs::replace`]) or removed, each directory fsynced once; last, the batch's
+//! events are counted as *acknowledged* ([`ForwardStats::events_logged`]). So an event the
+//! controller received, or that the counter includes, is on disk in the log (and was in the
+//! spool), and survives `kill -9` and power loss. A burst costs a few fsyncs per batch, not
+//! three per event. If the disk stalls, accepted events wait in memory; no VM's loop waits.
 //!
 //! Failures are reported on stderr and counted ([`ForwardStats::write_failures`]); the writer
 //! goes on with the next batch.
