@@ -68,3 +68,37 @@ where
     }
     conns.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(request).await;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    #[tokio::test]
+    async fn serves_bounds_request_heads_and_stops() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, rx) = watch::channel(false);
+        let handler = |_req: Request<Incoming>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("hi"))))
+        };
+        let server = tokio::spawn(serve(listener, "test server", handler, rx));
+        let ok = exchange(addr, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200") && ok.ends_with("hi"), "{ok}");
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 2 * MAX_HEADER_BYTES));
+        big.extend_from_slice(b"\r\n\r\n");
+        let refused = exchange(addr, &big).await;
+        assert!(refused.is_empty() || refused.starts_with("HTTP/1.1 431"), "{refused}");
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), server).await.expect("stops promptly").unwrap();
+    }
+}
