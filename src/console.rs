@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::util::lock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
@@ -58,7 +59,7 @@ impl Console {
             let mut chunk = vec![0u8; 16 << 10];
             loop {
                 let n = read.read(&mut chunk).await.unwrap_or(0);
-                let mut ring = s.ring.lock().unwrap();
+                let mut ring = lock(&s.ring);
                 if n == 0 {
                     ring.closed = true;
                     drop(ring);
@@ -79,18 +80,18 @@ impl Console {
 
     /// Bytes received so far; a mark for [`Console::wait_for`].
     pub fn position(&self) -> u64 {
-        self.shared.ring.lock().unwrap().total
+        lock(&self.shared.ring).total
     }
 
     /// The kept output, with control characters neutralised.
     pub fn tail(&self) -> String {
-        let ring = self.shared.ring.lock().unwrap();
+        let ring = lock(&self.shared.ring);
         sanitize(&ring.buf.iter().copied().collect::<Vec<u8>>())
     }
 
     /// The kept output received after `mark`, neutralised.
     pub fn since(&self, mark: u64) -> String {
-        let ring = self.shared.ring.lock().unwrap();
+        let ring = lock(&self.shared.ring);
         let start = ring.total - ring.buf.len() as u64;
         let skip = mark.saturating_sub(start).min(ring.buf.len() as u64) as usize;
         sanitize(&ring.buf.iter().skip(skip).copied().collect::<Vec<u8>>())
@@ -128,7 +129,7 @@ impl Console {
 
     /// Whether QEMU closed the console (it exited).
     pub fn is_closed(&self) -> bool {
-        self.shared.ring.lock().unwrap().closed
+        lock(&self.shared.ring).closed
     }
 
     /// Sends bytes to the guest's serial port.

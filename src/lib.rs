@@ -22,4 +22,5 @@ pub mod scale;
 pub mod simvm;
 pub mod trigger;
 pub mod units;
+pub mod util;
 pub mod watch;

@@ -570,15 +570,10 @@ impl Service {
         fetch_status(self.addr, Duration::from_secs(10)).await.map_err(ScaleError::Status)
     }
 
-    /// SIGTERM (through kill(1): no unsafe here), then SIGKILL if it does not stop in time.
+    /// SIGTERM, then SIGKILL if it does not stop in time.
     async fn stop(mut self) -> Result<(), ScaleError> {
         self.exited("before the end of the measurement")?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        crate::util::process::terminate(self.child.id());
         let deadline = Instant::now() + SERVICE_STOP_WAIT;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -781,16 +776,9 @@ fn count_dir(path: &str) -> usize {
     std::fs::read_dir(path).map_or(0, |d| d.count())
 }
 
-/// `getconf CLK_TCK`, else Linux's usual 100.
+/// `getconf CLK_TCK` (from the kernel's auxiliary vector), else Linux's usual 100.
 fn clock_ticks() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .filter(|&t| t > 0)
-        .unwrap_or(100)
+    Some(rustix::param::clock_ticks_per_second()).filter(|&t| t > 0).unwrap_or(100)
 }
 
 /// Fails, naming the fix, when the open-file limit is too low for `n` VMs.

@@ -12,11 +12,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("'{s}' is not a duration ({e}); write e.g. \"500ms\", \"2s\" or \"1m\""))
 }
 
-/// Parses a byte count: a plain number, or one with a binary suffix K/KiB, M/MiB, G/GiB
-/// (case-insensitive).
+/// Parses a byte count: a plain number (decimal, or hex with `0x`), or a decimal one with a
+/// binary suffix K/KiB, M/MiB, G/GiB (case-insensitive). The one size parser of acpimon:
+/// configuration files and the CLI's `--region-size` alike.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let bad = || format!("'{s}' is not a size; write e.g. 4096, \"256KiB\" or \"64MiB\"");
     let t = s.trim();
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return u64::from_str_radix(hex, 16).map_err(|_| bad());
+    }
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -116,6 +120,8 @@ mod tests {
         assert!(parse_size("12 parsecs").unwrap_err().contains("not a size"));
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
+        assert_eq!(parse_size("0x2000"), Ok(8192));
+        assert!(parse_size("0x").is_err() && parse_size("0x2000K").is_err());
     }
 
     #[test]

@@ -223,6 +223,7 @@ async fn controller_down_then_up_gets_every_event_once() {
     for ev in &sent {
         fw.submit(ev).unwrap();
     }
+    fw.flushed().await;
     wait_for("a failed attempt", || fw.stats().attempts_failed >= 1).await;
     let s = fw.stats();
     assert_eq!((s.pending_events, s.delivered), (20, 0));
@@ -292,6 +293,7 @@ async fn full_spool_refuses_then_drains() {
     for ev in &sent[..3] {
         fw.submit(ev).unwrap();
     }
+    fw.flushed().await;
     let spooled: Vec<Vec<u8>> = {
         let mut files = spool_files(dir.path());
         files.sort();
@@ -304,6 +306,7 @@ async fn full_spool_refuses_then_drains() {
         msg.contains("controller.spool_max_events (3)") && msg.contains("bring the controller back"),
         "{msg}"
     );
+    fw.flushed().await;
     assert!(std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap().contains(&sent[3].key));
     let mut files = spool_files(dir.path());
     files.sort();

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::util::lock;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -226,7 +227,7 @@ impl AppChannel {
         let seq = self.next_seq();
         let nonce = format!("{:016x}", rand::random::<u64>());
         let (tx, rx) = oneshot::channel();
-        self.inner.lock().unwrap().acks.insert(nonce.clone(), tx);
+        lock(&self.inner).acks.insert(nonce.clone(), tx);
         let start = Instant::now();
         let msg = json!({ "v": VERSION, "type": "challenge", "seq": seq, "nonce": nonce });
         let outcome = tokio::time::timeout(timeout, async {
@@ -234,7 +235,7 @@ impl AppChannel {
             rx.await.map_err(|_| "the app port closed".to_string())
         })
         .await;
-        self.inner.lock().unwrap().acks.remove(&nonce);
+        lock(&self.inner).acks.remove(&nonce);
         match outcome {
             Ok(Ok(())) => Ok(start.elapsed()),
             Ok(Err(e)) => Err(e),
@@ -246,29 +247,29 @@ impl AppChannel {
     pub async fn health(&self, audit: Option<&str>, timeout: Duration) -> Result<Health, String> {
         let id = format!("{:08x}", self.next_seq());
         let (tx, rx) = oneshot::channel();
-        self.inner.lock().unwrap().answers.insert(id.clone(), tx);
+        lock(&self.inner).answers.insert(id.clone(), tx);
         let msg = json!({ "v": VERSION, "type": "health", "id": id, "audit": audit });
         let outcome = tokio::time::timeout(timeout, async {
             self.send(&msg).await.map_err(|e| format!("cannot write to the app port: {e}"))?;
             rx.await.map_err(|_| "the app port closed".to_string())
         })
         .await;
-        self.inner.lock().unwrap().answers.remove(&id);
+        lock(&self.inner).answers.remove(&id);
         outcome.unwrap_or_else(|_| {
             Err(format!("no answer to health request {id} within {} ms", timeout.as_millis()))
         })
     }
 
     pub fn counts(&self) -> LineCounts {
-        self.inner.lock().unwrap().counts.clone()
+        lock(&self.inner).counts.clone()
     }
 
     pub fn last_info(&self) -> Option<Value> {
-        self.inner.lock().unwrap().last_info.clone()
+        lock(&self.inner).last_info.clone()
     }
 
     pub fn is_closed(&self) -> bool {
-        self.inner.lock().unwrap().closed
+        lock(&self.inner).closed
     }
 }
 
@@ -303,16 +304,16 @@ async fn read_lines(
                 continue;
             }
             if std::mem::take(&mut oversized) {
-                inner.lock().unwrap().counts.oversized += 1;
+                lock(&inner).counts.oversized += 1;
             } else if !bucket.take(Instant::now()) {
-                inner.lock().unwrap().counts.rate_limited += 1;
+                lock(&inner).counts.rate_limited += 1;
             } else if !line.is_empty() {
                 route(parse(&line), &inner, &reports);
             }
             line.clear();
         }
     }
-    let mut i = inner.lock().unwrap();
+    let mut i = lock(&inner);
     i.closed = true;
     // Waiters see their senders dropped: "the app port closed".
     i.acks.clear();
@@ -320,7 +321,7 @@ async fn read_lines(
 }
 
 fn route(msg: Result<Message, Drop>, inner: &Mutex<Inner>, reports: &mpsc::Sender<Report>) {
-    let mut i = inner.lock().unwrap();
+    let mut i = lock(inner);
     let msg = match msg {
         Ok(m) => m,
         Err(d) => {

@@ -457,18 +457,14 @@ pub async fn collect(
 
 async fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), DiagnoseError> {
     let path = dir.join("manifest.json");
-    let tmp = dir.join(".manifest.json.tmp");
     let mut text = serde_json::to_vec_pretty(manifest).expect("the manifest serialises");
     text.push(b'\n');
-    let write = async {
-        use tokio::io::AsyncWriteExt;
-        let mut f = tokio::fs::File::create(&tmp).await?;
-        f.write_all(&text).await?;
-        f.sync_all().await?;
-        drop(f);
-        tokio::fs::rename(&tmp, &path).await
-    };
-    write.await.map_err(|source| DiagnoseError::Write { path, source })
+    let target = path.clone();
+    // A present manifest is a finished bundle: written whole, off the async workers.
+    let written = tokio::task::spawn_blocking(move || crate::util::fs::atomic_write(&target, &text))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    written.map_err(|source| DiagnoseError::Write { path, source })
 }
 
 async fn run_step(i: usize, step: &Step, target: &Target<'_>, trigger: &Trigger, dir: &Path) -> StepOutcome {

@@ -3,99 +3,49 @@
 //! order kept); what it prints beyond [`super::MAX_FILE`] is read and dropped, so it never
 //! blocks on a full pipe.
 
-use std::process::Stdio;
-use std::time::Duration;
+use std::ffi::OsStr;
 
 use serde_json::json;
-use tokio::io::AsyncReadExt;
-use tokio::net::unix::pipe;
-use tokio::time::Instant;
 
 use super::{Ctx, Done, Keep, StepResult, MAX_FILE};
-
-/// How long output is still read after the program exits (a child it left may hold the pipe).
-const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
-
-/// Kills every process of the group `pgid`; whether any was there. std and tokio only kill
-/// a single process, and a script's children must not outlive its timeout: kill(1) takes a
-/// negative pid for a group (and keeps `unsafe` out of this module).
-fn kill_group(pgid: u32) -> bool {
-    if pgid <= 1 {
-        return false;
-    }
-    std::process::Command::new("kill")
-        .args(["-KILL", "--", &format!("-{pgid}")])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+use crate::util::process::{Outcome, Output, Program};
 
 pub(super) async fn run(ctx: &Ctx<'_>, argv: &[String]) -> StepResult {
-    let fail = |what: &str, e: std::io::Error| Done::failed(format!("{what}: {e}"));
-    let (write, mut reader) = pipe::pipe().map_err(|e| fail("cannot create a pipe", e))?;
-    let write = write.into_blocking_fd().map_err(|e| fail("cannot set up the pipe", e))?;
-    let write2 = write.try_clone().map_err(|e| fail("cannot duplicate the pipe", e))?;
     let t = ctx.trigger;
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
+    let env = [
+        ("ACPIMON_VM", OsStr::new(ctx.target.vm)),
+        ("ACPIMON_BUNDLE", ctx.dir.as_os_str()),
+        ("ACPIMON_TRIGGER", OsStr::new(&t.kind)),
+        ("ACPIMON_TRIGGER_TIME", OsStr::new(&t.time)),
+        ("ACPIMON_TRIGGER_REASON", OsStr::new(&t.reason)),
+    ];
+    // Room is left for the note of what was dropped.
+    let finished = Program::new(argv, ctx.remaining())
         .current_dir(ctx.dir)
-        .env("ACPIMON_VM", ctx.target.vm)
-        .env("ACPIMON_BUNDLE", ctx.dir)
-        .env("ACPIMON_TRIGGER", &t.kind)
-        .env("ACPIMON_TRIGGER_TIME", &t.time)
-        .env("ACPIMON_TRIGGER_REASON", &t.reason)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(write))
-        .stderr(Stdio::from(write2))
-        .process_group(0)
-        .kill_on_drop(true);
-    let spawned = cmd.spawn();
-    // Our copies of the write end must go, or the pipe never reaches end of file.
-    drop(cmd);
-    let mut child = spawned.map_err(|e| fail(&format!("cannot start {}", argv[0]), e))?;
-    let pgid = child.id().unwrap_or(0);
-
-    let mut out = Vec::new();
-    let mut dropped = 0u64;
-    let mut chunk = vec![0u8; 16 << 10];
-    let mut status = None;
-    let mut eof = false;
-    let mut drain_until: Option<Instant> = None;
-    let timed_out = loop {
-        let limit = drain_until.map_or(ctx.deadline, |d| d.min(ctx.deadline));
-        if eof && status.is_some() {
-            break false;
-        }
-        tokio::select! {
-            r = reader.read(&mut chunk), if !eof => match r {
-                Ok(0) | Err(_) => eof = true,
-                Ok(n) => {
-                    // Room is left for the note of what was dropped.
-                    let room = (MAX_FILE - 256).saturating_sub(out.len()).min(n);
-                    out.extend_from_slice(&chunk[..room]);
-                    dropped += (n - room) as u64;
-                }
-            },
-            s = child.wait(), if status.is_none() => {
-                status = Some(s);
-                drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
-            },
-            _ = tokio::time::sleep_until(limit) => break status.is_none(),
+        .env(env)
+        .output(Output::Capture { limit: MAX_FILE - 256 })
+        .kill_leftovers()
+        .run()
+        .await;
+    let (status, timed_out) = match finished.outcome {
+        Outcome::CannotStart(e) => return Err(Done::failed(e)),
+        Outcome::Exited(s) => (Some(s), false),
+        Outcome::TimedOut(_) => (None, true),
+        Outcome::Failed(e) => {
+            let mut text = finished.output;
+            text.extend_from_slice(format!("\n[acpimon: {e}]\n").as_bytes());
+            let file = ctx.write("log", &text, Keep::Head).await?;
+            return Err(Done::failed(e).with_file(Some(file)));
         }
     };
-    // Whatever it left behind goes too: a finished script's background children, or the
-    // whole group at the timeout.
-    let leftovers = pgid != 0 && kill_group(pgid);
-    if timed_out {
-        let _ = child.wait().await;
-    }
-    let mut text = out;
+    let (leftovers, dropped) = (finished.killed_leftovers, finished.dropped);
+    let mut text = finished.output;
     if dropped > 0 {
         text.extend_from_slice(format!("\n[acpimon: {dropped} more bytes of output dropped]\n").as_bytes());
     }
     let file = ctx.write("log", &text, Keep::Head).await?;
     let (code, signal) = match &status {
-        Some(Ok(s)) => {
+        Some(s) => {
             use std::os::unix::process::ExitStatusExt;
             (s.code(), s.signal())
         }
@@ -117,9 +67,8 @@ pub(super) async fn run(ctx: &Ctx<'_>, argv: &[String]) -> StepResult {
         .with_summary(summary));
     }
     let failed = match status {
-        Some(Ok(s)) if s.success() => return Ok(Done::ok(Some(file), Some(summary))),
-        Some(Ok(s)) => Done::failed(format!("{} exited with {s}", argv[0])),
-        Some(Err(e)) => fail("cannot wait for the script", e),
+        Some(s) if s.success() => return Ok(Done::ok(Some(file), Some(summary))),
+        Some(s) => Done::failed(format!("{} exited with {s}", argv[0])),
         None => Done::failed("no exit status".into()),
     };
     Err(failed.with_file(Some(file)).with_summary(summary))

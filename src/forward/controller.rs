@@ -32,21 +32,19 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Body;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
-use tokio::task::JoinSet;
 
-use super::hook::run_program;
-use super::{lock, stopped, valid_key, Event, MAX_KEY_LEN};
+use super::{valid_key, Event, MAX_KEY_LEN};
+use crate::util::fs::atomic_write;
+use crate::util::lock;
+use crate::util::process::{Output, Program};
 
 /// The largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
 /// Analyzers running at once; more wait their turn.
 const MAX_ANALYZERS: usize = 4;
-/// A client that has not sent its request headers within this is disconnected.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct ControllerOptions {
@@ -73,7 +71,7 @@ pub enum ControllerError {
 /// open connections and returns. `ready` gets the bound address (useful with port 0).
 pub async fn serve(
     opts: ControllerOptions,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> Result<(), ControllerError> {
     if opts.analyzer.as_ref().is_some_and(|a| a.first().is_none_or(|p| p.is_empty())) {
@@ -97,33 +95,8 @@ pub async fn serve(
     if let Some(tx) = ready {
         let _ = tx.send(addr);
     }
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stopped(&mut shutdown) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let ctx = ctx.clone();
-                    conns.spawn(async move {
-                        let _ = stream.set_nodelay(true);
-                        let service = hyper::service::service_fn(move |req| handle(ctx.clone(), req));
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(HEADER_TIMEOUT)
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a little, keep serving.
-                    tracing::warn!(%addr, error = %e, "controller: cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
-    conns.shutdown().await;
+    let handler = move |req| handle(ctx.clone(), req);
+    crate::util::http::serve(listener, "controller", handler, shutdown).await;
     Ok(())
 }
 
@@ -259,8 +232,14 @@ async fn analyze(ctx: Arc<Ctx>, argv: Vec<String>, event: Event, json: Vec<u8>) 
             return;
         }
     };
-    let outcome =
-        run_program(&argv, &json, &event.hook_env(), ctx.analyzer_timeout, out.into(), err.into()).await;
+    let env = event.hook_env();
+    let outcome = Program::new(&argv, ctx.analyzer_timeout)
+        .input(&json)
+        .env(env.iter().map(|(k, v)| (*k, std::ffi::OsStr::new(v))))
+        .output(Output::To { stdout: out.into(), stderr: err.into() })
+        .run()
+        .await
+        .outcome;
     let finished = writeln!(file, "\n[acpimon] analyzer {}: {outcome}", argv[0])
         .and_then(|()| fs::rename(&tmp, &target));
     if let Err(e) = finished {
@@ -277,10 +256,6 @@ struct StoreState {
 struct Store {
     root: PathBuf,
     state: Mutex<StoreState>,
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 impl Store {
@@ -350,18 +325,10 @@ impl Store {
         let mut st = lock(&self.state);
         if st.keys.contains(key) {
             st.duplicates += 1;
-            let tmp = self.root.join(".duplicates.tmp");
-            fs::write(&tmp, format!("{}\n", st.duplicates))?;
-            fs::rename(&tmp, self.root.join("duplicates"))?;
+            atomic_write(&self.root.join("duplicates"), format!("{}\n", st.duplicates).as_bytes())?;
             return Ok(false);
         }
-        let events = self.root.join("events");
-        let tmp = events.join(format!(".{key}.json.tmp"));
-        let mut f = File::create(&tmp)?;
-        f.write_all(json)?;
-        f.sync_all()?;
-        fs::rename(&tmp, events.join(format!("{key}.json")))?;
-        sync_dir(&events)?;
+        atomic_write(&self.root.join("events").join(format!("{key}.json")), json)?;
         let mut line = json.to_vec();
         line.push(b'\n');
         st.jsonl.write_all(&line)?;

@@ -4,20 +4,34 @@
 //!
 //! Why this shape:
 //!
+//! - **Nothing here waits on the disk or the network in the caller.** [`Forwarder::submit`]
+//!   checks the event, reserves its spool slot and hands it to the writer thread
+//!   (`writer.rs`), which appends it to the log, writes its spool entry and fsyncs both, in
+//!   batches. A VM's loop never waits for a write, an fsync, the controller or the hook.
+//! - **Accepted and acknowledged.** An event `submit` returned from is *accepted*: it will be
+//!   written to the log (and spooled) in order, unless the service dies first. It is
+//!   *acknowledged* once the writer has fsynced it in the log and the spool: only then does the
+//!   sender see its spool entry and does [`ForwardStats::events_logged`] count it. An
+//!   acknowledged event survives `kill -9` and power loss; an accepted one that was not yet
+//!   acknowledged may be lost with the process (a burst is typically acknowledged within
+//!   milliseconds). [`Forwarder::flushed`] waits until everything accepted is acknowledged; the
+//!   service does that when it stops.
 //! - The **log** is written first and always: whatever happens downstream, the node keeps its
-//!   own record.
-//! - The **spool** decouples monitoring from the network. [`Forwarder::submit`] only writes a
-//!   file (tmp, fsync, rename, fsync the directory), so a slow or absent controller never stalls
-//!   the watch loop, and an event that `submit` accepted survives `kill -9` and power loss. The
-//!   sender ([`ForwardTask`]) drains it oldest-first and deletes an entry only once the
-//!   controller answered 2xx. A crash between "controller stored it" and "entry deleted" means
-//!   the event is sent again: delivery is at-least-once, and the event's `key`, sent as
-//!   `Idempotency-Key`, lets the controller drop the copy. The spool is bounded: when it is
-//!   full `submit` says so (the event stays in the log) rather than filling the disk.
+//!   own record. A torn last line (a power cut mid-append, never acknowledged) is cut off when
+//!   the log is opened.
+//! - The **spool** decouples monitoring from the network. The sender ([`ForwardTask`]) drains
+//!   it oldest-first and deletes an entry only once the controller answered 2xx. A crash
+//!   between "controller stored it" and "entry deleted" means the event is sent again: delivery
+//!   is at-least-once, and the event's `key`, sent as `Idempotency-Key`, lets the controller
+//!   drop the copy. The spool is bounded: when it is full `submit` says so at once (the event
+//!   still goes to the log) rather than filling the disk.
 //! - The **hook** is best-effort, not durable: it runs one event at a time from a bounded
 //!   in-memory queue, and events queued when the service stops, or dropped because the queue
 //!   was full, are not run again. The spool and the controller are the durable path; the hook
 //!   is for quick local reactions.
+//! - The writer also replaces the service's **state files** ([`Forwarder::save_state`]), in
+//!   order with the events, so a VM's remembered sequence never runs ahead of its events on
+//!   disk.
 //!
 //! One spool directory belongs to one running service: two processes sharing it would send
 //! every event twice (harmless, deduplicated) and could race on names (not harmless).
@@ -26,16 +40,19 @@ pub mod controller;
 mod hook;
 mod http;
 mod spool;
+mod writer;
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use crate::util::{lock, until_true};
+use writer::Job;
 
 pub use http::{parse_url, Endpoint};
 
@@ -188,6 +205,18 @@ pub struct ForwardStats {
     pub pending_bytes: u64,
     /// Events `submit` could not spool because the spool was full.
     pub rejected_full: u64,
+    /// Events `submit` accepted (handed to the writer).
+    #[serde(default)]
+    pub events_accepted: u64,
+    /// Events acknowledged: appended to the log and fsynced (and spooled, when a controller
+    /// is configured). Counts every accepted event when there is no log.
+    #[serde(default)]
+    pub events_logged: u64,
+    /// Writes that failed (log, spool entry, state file), and the last such failure.
+    #[serde(default)]
+    pub write_failures: u64,
+    #[serde(default)]
+    pub last_write_error: Option<String>,
     /// Hook runs finished (successful or not), runs that failed (non-zero exit, killed after
     /// the timeout, could not start), and events dropped because the hook queue was full.
     pub hook_runs: u64,
@@ -223,6 +252,12 @@ pub enum ForwardError {
     SpoolFull { limit: String, pending_events: usize, pending_bytes: u64 },
     #[error("bad event: {0}")]
     BadEvent(String),
+    #[error("cannot start the event writer thread: {0}")]
+    StartWriter(std::io::Error),
+    #[error(
+        "the event writer thread is gone (see the messages above); the event is lost; restart the service"
+    )]
+    WriterGone,
 }
 
 /// What the hook worker gets: the event and its JSON, serialised once.
@@ -232,14 +267,36 @@ struct HookJob {
 }
 
 struct Shared {
-    log: Option<(PathBuf, Mutex<File>)>,
+    writer: WriterHandle,
     spool: Option<Arc<spool::Spool>>,
     hook: Option<mpsc::Sender<HookJob>>,
     stats: Arc<Mutex<ForwardStats>>,
-    wake: Arc<Notify>,
+}
+
+/// The writer thread's queue and thread; dropping it lets the thread write what is queued and
+/// waits for it.
+struct WriterHandle {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WriterHandle {
+    fn send(&self, job: Job) -> Result<(), ForwardError> {
+        self.jobs.as_ref().and_then(|j| j.send(job).ok()).ok_or(ForwardError::WriterGone)
+    }
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The submitting side of the forwarding stage: a cheap handle, shared by every VM's watcher.
+/// When the last one is dropped, everything accepted is written before the drop returns.
 #[derive(Clone)]
 pub struct Forwarder {
     shared: Arc<Shared>,
@@ -255,50 +312,53 @@ pub struct ForwardTask {
     wake: Arc<Notify>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain counters or a file handle behind,
-    // both still usable.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn create_dir(path: &Path) -> Result<(), ForwardError> {
     std::fs::create_dir_all(path).map_err(|source| ForwardError::CreateDir { path: path.into(), source })
 }
 
-fn validate(cfg: &ForwardConfig) -> Result<Option<Endpoint>, ForwardError> {
-    let endpoint = match &cfg.controller {
-        None => None,
-        Some(c) => {
-            let ep = parse_url(&c.url)?;
-            if c.timeout.is_zero() {
-                return Err(ForwardError::Config(
-                    "controller.timeout must be more than 0; try \"10s\"".into(),
-                ));
-            }
-            if c.spool_max_events == 0 || c.spool_max_bytes == 0 {
-                return Err(ForwardError::Config(
-                    "controller.spool_max_events and spool_max_bytes must be more than 0".into(),
-                ));
-            }
-            if c.backoff_min.is_zero() || c.backoff_min > c.backoff_max {
-                return Err(ForwardError::Config(format!(
-                    "controller.backoff_min ({}) must be more than 0 and at most backoff_max ({}); try \"1s\" and \"1m\"",
-                    crate::units::format_duration(c.backoff_min),
-                    crate::units::format_duration(c.backoff_max)
-                )));
-            }
-            Some(ep)
+impl ControllerConfig {
+    /// Checks the settings and parses the URL. The one rule set for these settings: the
+    /// configuration file reports what this says at the `[controller]` section.
+    pub fn validate(&self) -> Result<Endpoint, ForwardError> {
+        let ep = parse_url(&self.url)?;
+        if self.timeout.is_zero() {
+            return Err(ForwardError::Config("controller.timeout must be more than 0; try \"10s\"".into()));
         }
-    };
-    if let Some(h) = &cfg.hook {
-        if h.argv.is_empty() || h.argv[0].is_empty() {
+        if self.spool_max_events == 0 || self.spool_max_bytes == 0 {
             return Err(ForwardError::Config(
-                "hook.argv is empty; give the program and its arguments".into(),
+                "controller.spool_max_events and spool_max must be more than 0".into(),
             ));
         }
-        if h.timeout.is_zero() || h.queue == 0 {
+        if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
+            return Err(ForwardError::Config(format!(
+                "controller.backoff_min ({}) must be more than 0 and at most backoff_max ({}); try \"1s\" and \"1m\"",
+                crate::units::format_duration(self.backoff_min),
+                crate::units::format_duration(self.backoff_max)
+            )));
+        }
+        Ok(ep)
+    }
+}
+
+impl HookConfig {
+    /// Checks the settings; the one rule set, as for [`ControllerConfig::validate`].
+    pub fn validate(&self) -> Result<(), ForwardError> {
+        if self.argv.first().is_none_or(|p| p.is_empty()) {
+            return Err(ForwardError::Config(
+                "hook.argv is empty; give the program and its arguments as a list".into(),
+            ));
+        }
+        if self.timeout.is_zero() || self.queue == 0 {
             return Err(ForwardError::Config("hook.timeout and hook.queue must be more than 0".into()));
         }
+        Ok(())
+    }
+}
+
+fn validate(cfg: &ForwardConfig) -> Result<Option<Endpoint>, ForwardError> {
+    let endpoint = cfg.controller.as_ref().map(ControllerConfig::validate).transpose()?;
+    if let Some(h) = &cfg.hook {
+        h.validate()?;
     }
     Ok(endpoint)
 }
@@ -312,15 +372,22 @@ impl Forwarder {
         let log = match &cfg.log {
             None => None,
             Some(path) => {
-                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    create_dir(parent)?;
+                let parent = crate::util::fs::parent(path);
+                create_dir(parent)?;
+                let open_err = |source| ForwardError::OpenLog { path: path.clone(), source };
+                let mut file =
+                    OpenOptions::new().create(true).read(true).append(true).open(path).map_err(open_err)?;
+                let cut = writer::cut_torn_tail(&mut file).map_err(open_err)?;
+                if cut > 0 {
+                    tracing::warn!(
+                        log = %path.display(),
+                        bytes = cut,
+                        "event log: cut off a torn last line (never acknowledged)"
+                    );
                 }
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| ForwardError::OpenLog { path: path.clone(), source })?;
-                Some((path.clone(), Mutex::new(file)))
+                // The log's own name must survive a power cut too.
+                crate::util::fs::sync_dir(parent).map_err(open_err)?;
+                Some((path.clone(), file))
             }
         };
         let spool = match &cfg.controller {
@@ -356,50 +423,94 @@ impl Forwarder {
         };
         let stats = Arc::new(Mutex::new(ForwardStats::default()));
         let wake = Arc::new(Notify::new());
-        let shared =
-            Shared { log, spool: spool.clone(), hook: hook_tx, stats: stats.clone(), wake: wake.clone() };
+        let (jobs, queue) = std::sync::mpsc::channel();
+        let w = writer::Writer { log, spool: spool.clone(), stats: stats.clone(), wake: wake.clone() };
+        let thread = std::thread::Builder::new()
+            .name("acpimon-writer".into())
+            .spawn(move || w.run(queue))
+            .map_err(ForwardError::StartWriter)?;
+        let writer = WriterHandle { jobs: Some(jobs), thread: Some(thread) };
+        let shared = Shared { writer, spool: spool.clone(), hook: hook_tx, stats: stats.clone() };
         let task = ForwardTask { spool, controller: endpoint.zip(cfg.controller), hook, stats, wake };
         Ok((Forwarder { shared: Arc::new(shared) }, task))
     }
 
-    /// Hands one event on: appends it to the log, writes it durably to the spool (when a
-    /// controller is configured), queues it for the hook and wakes the sender. Synchronous and
-    /// quick (a write and two fsyncs); never waits for the network or the hook.
+    /// Hands one event on: reserves its spool slot (when a controller is configured), queues
+    /// it for the writer (log, then spool) and for the hook. Never waits: not for the disk, the
+    /// network or the hook. Returning `Ok` means *accepted*, not yet *acknowledged* (see the
+    /// module docs).
     ///
     /// Every destination is tried; the first failure is returned. [`ForwardError::SpoolFull`]
-    /// means the event is in the log (and the hook queue) but will not reach the controller.
+    /// means the event goes to the log (and the hook queue) but will not reach the controller.
+    /// Write failures come later, from the writer: reported on stderr and counted.
     pub fn submit(&self, ev: &Event) -> Result<(), ForwardError> {
         ev.validate()?;
-        let json = serde_json::to_vec(ev).map_err(|e| ForwardError::BadEvent(e.to_string()))?;
+        let json: Arc<[u8]> =
+            serde_json::to_vec(ev).map_err(|e| ForwardError::BadEvent(e.to_string()))?.into();
         let mut first_error = None;
-        if let Some((path, file)) = &self.shared.log {
-            let mut line = Vec::with_capacity(json.len() + 1);
-            line.extend_from_slice(&json);
-            line.push(b'\n');
-            // One write of the whole line to an O_APPEND file: lines of concurrent submitters
-            // never interleave.
-            if let Err(source) = lock(file).write_all(&line) {
-                first_error = Some(ForwardError::WriteLog { path: path.clone(), source });
-            }
-        }
-        if let Some(spool) = &self.shared.spool {
-            let pushed = spool.push(&json);
-            // Also after a failed write: the sender may be waiting for that entry.
-            self.shared.wake.notify_one();
-            if let Err(e) = pushed {
-                if matches!(e, ForwardError::SpoolFull { .. }) {
-                    lock(&self.shared.stats).rejected_full += 1;
+        let spool_seq = match &self.shared.spool {
+            None => None,
+            Some(spool) => match spool.reserve(json.len() as u64) {
+                Ok(seq) => Some(seq),
+                Err(e) => {
+                    if matches!(e, ForwardError::SpoolFull { .. }) {
+                        lock(&self.shared.stats).rejected_full += 1;
+                    }
+                    first_error = Some(e);
+                    None
                 }
-                first_error.get_or_insert(e);
+            },
+        };
+        if let Err(e) = self.shared.writer.send(Job::Event { json: json.clone(), spool_seq }) {
+            if let (Some(spool), Some(seq)) = (&self.shared.spool, spool_seq) {
+                spool.finish(seq, false);
             }
+            return Err(e);
         }
+        lock(&self.shared.stats).events_accepted += 1;
         if let Some(hook) = &self.shared.hook {
-            let job = HookJob { event: ev.clone(), json: json.into() };
+            let job = HookJob { event: ev.clone(), json };
             if hook.try_send(job).is_err() {
                 lock(&self.shared.stats).hook_dropped += 1;
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Queues `bytes` to replace the state file `path` (atomically and durably, see
+    /// [`crate::util::fs`]), after every event accepted before. Never waits; a failure is
+    /// reported on stderr and counted.
+    pub fn save_state(&self, path: PathBuf, bytes: Vec<u8>) {
+        self.queue_state(path, Some(bytes));
+    }
+
+    /// Queues the removal of state file `path`, after every save queued before (which would
+    /// otherwise bring it back).
+    pub fn remove_state(&self, path: PathBuf) {
+        self.queue_state(path, None);
+    }
+
+    fn queue_state(&self, path: PathBuf, bytes: Option<Vec<u8>>) {
+        if self.shared.writer.send(Job::Save { path: path.clone(), bytes }).is_err() {
+            tracing::error!(path = %path.display(), "cannot update a state file: the event writer thread is gone");
+        }
+    }
+
+    /// Resolves once everything accepted before the call is written and fsynced (or the
+    /// writer is gone).
+    pub async fn flushed(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.shared.writer.send(Job::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// [`Forwarder::flushed`] for synchronous code; must not be called on an async worker.
+    pub fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.shared.writer.send(Job::Flush(tx)).is_ok() {
+            let _ = rx.blocking_recv();
+        }
     }
 
     /// A snapshot of the counters.
@@ -410,18 +521,6 @@ impl Forwarder {
             s.spool_corrupt = spool.corrupt_count();
         }
         s
-    }
-}
-
-/// Resolves when `shutdown` says true or its sender is gone.
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    loop {
-        if *shutdown.borrow_and_update() {
-            return;
-        }
-        if shutdown.changed().await.is_err() {
-            return;
-        }
     }
 }
 
@@ -438,10 +537,10 @@ impl ForwardTask {
                 let sender = Sender { spool, endpoint, cfg, stats, wake };
                 tokio::select! {
                     _ = sender.run() => {}
-                    _ = stopped(&mut shutdown) => {}
+                    _ = until_true(&mut shutdown) => {}
                 }
             }
-            _ => stopped(&mut shutdown).await,
+            _ => until_true(&mut shutdown).await,
         }
         if let Some(task) = hook_task {
             task.abort();
@@ -646,16 +745,84 @@ mod tests {
         for ev in &events {
             fw.submit(ev).unwrap();
         }
+        fw.flush();
         let log = std::fs::read_to_string(dir.path().join("log/events.jsonl")).unwrap();
         let logged: Vec<Event> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(logged, events);
         let s = fw.stats();
         assert_eq!((s.pending_events, s.pending_bytes), (3, log.len() as u64 - 3));
+        assert_eq!((s.events_accepted, s.events_logged, s.write_failures), (3, 3, 0));
+        assert_eq!(spool::tests::entries(&dir.path().join("spool")).len(), 3);
         // A bad event goes nowhere.
         let mut bad = events[0].clone();
         bad.key = String::new();
         assert!(matches!(fw.submit(&bad), Err(ForwardError::BadEvent(_))));
+        fw.flush();
         assert_eq!(std::fs::read_to_string(dir.path().join("log/events.jsonl")).unwrap(), log);
+    }
+
+    #[test]
+    fn state_files_follow_events_and_drop_writes_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fw, _task) = Forwarder::open(config(dir.path(), None)).unwrap();
+        let state = dir.path().join("vms/web.json");
+        let ev = Event::new("n", Some("web"), "test");
+        fw.submit(&ev).unwrap();
+        fw.save_state(state.clone(), b"1".to_vec());
+        fw.save_state(state.clone(), b"2".to_vec());
+        let gone = dir.path().join("vms/gone.json");
+        fw.save_state(gone.clone(), b"1".to_vec());
+        fw.remove_state(gone.clone());
+        fw.remove_state(dir.path().join("vms/never-saved.json"));
+        // The last handle going waits for the writer: nothing accepted is left behind.
+        drop(fw);
+        assert_eq!(std::fs::read(&state).unwrap(), b"2");
+        assert!(!gone.exists(), "a removal follows the saves queued before it");
+        let log = std::fs::read_to_string(dir.path().join("log/events.jsonl")).unwrap();
+        assert_eq!(log.lines().count(), 1);
+        assert!(!dir.path().join("spool").exists(), "no controller, no spool");
+
+        // A torn last line left by a crash is cut off when the log is opened again.
+        let path = dir.path().join("log/events.jsonl");
+        let mut torn = log.clone().into_bytes();
+        torn.extend_from_slice(br#"{"key":"0123"#);
+        std::fs::write(&path, &torn).unwrap();
+        let (fw, _task) = Forwarder::open(config(dir.path(), None)).unwrap();
+        fw.submit(&Event::new("n", None, "after")).unwrap();
+        fw.flush();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let kinds: Vec<String> =
+            text.lines().map(|l| serde_json::from_str::<Event>(l).unwrap().kind).collect();
+        assert_eq!(kinds, vec!["test", "after"]);
+        let s = fw.stats();
+        assert_eq!((s.events_logged, s.write_failures), (1, 0), "{s:?}");
+    }
+
+    #[test]
+    fn failed_writes_are_counted_and_a_full_log_acknowledges_nothing() {
+        // A full disk: the event is accepted (and spooled), never acknowledged by the log.
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), Some(controller("http://127.0.0.1:9")));
+        cfg.log = Some("/dev/full".into());
+        let (fw, _task) = Forwarder::open(cfg).unwrap();
+        fw.submit(&Event::new("n", None, "test")).unwrap();
+        fw.flush();
+        let s = fw.stats();
+        assert_eq!((s.events_accepted, s.events_logged, s.write_failures), (1, 0, 1), "{s:?}");
+        assert!(s.last_write_error.unwrap().contains("is the disk full?"));
+        assert_eq!(s.pending_events, 1, "still spooled for the controller");
+
+        // A state file in a place that cannot be a directory fails through the same counter;
+        // the event beside it is still acknowledged.
+        let dir = tempfile::tempdir().unwrap();
+        let (fw, _task) = Forwarder::open(config(dir.path(), None)).unwrap();
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        fw.save_state(dir.path().join("file/x.json"), b"{}".to_vec());
+        fw.submit(&Event::new("n", None, "test")).unwrap();
+        fw.flush();
+        let s = fw.stats();
+        assert_eq!((s.events_accepted, s.events_logged, s.write_failures), (1, 1, 1), "{s:?}");
+        assert!(s.last_write_error.unwrap().contains("cannot save"));
     }
 
     #[test]
@@ -666,6 +833,7 @@ mod tests {
         let events: Vec<Event> = (0..3).map(|i| Event::new("n", None, "test").with("i", i)).collect();
         fw.submit(&events[0]).unwrap();
         fw.submit(&events[1]).unwrap();
+        fw.flush();
         let spooled = spool::tests::entries(&dir.path().join("spool"));
         let err = fw.submit(&events[2]).unwrap_err();
         let msg = err.to_string();
@@ -674,6 +842,7 @@ mod tests {
             msg.contains("controller.spool_max_events (2)") && msg.contains("bring the controller back"),
             "{msg}"
         );
+        fw.flush();
         assert_eq!(spool::tests::entries(&dir.path().join("spool")), spooled);
         let log = std::fs::read_to_string(dir.path().join("log/events.jsonl")).unwrap();
         assert_eq!(log.lines().count(), 3);

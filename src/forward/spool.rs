@@ -1,9 +1,11 @@
 //! The durable spool: one file per event not yet acknowledged by the controller.
 //!
 //! An entry is the event's JSON in `NNNNNNNNNNNNNNNNNNNN.json`, NNN its 20-digit sequence
-//! number; sending goes in sequence order. It is written as `.NNN.json.tmp`, fsynced, renamed
-//! into place and the directory fsynced, so after `kill -9` or power loss an entry is either
-//! absent (and `submit` had not returned) or complete. Sequence numbers start above both every
+//! number; sending goes in sequence order. `submit` reserves the entry's slot (and its room
+//! within the bounds) at once; the writer thread ([`super::writer`]) then writes it as
+//! `.NNN.json.tmp`, fsyncs it, renames it into place and fsyncs the directory (once per
+//! batch), and only then marks it ready for the sender. So after `kill -9` or power loss an
+//! entry is either absent (never acknowledged) or complete. Sequence numbers start above both every
 //! name found on disk and the current time in microseconds, so they keep increasing across
 //! restarts and roughly follow the clock.
 //!
@@ -13,13 +15,14 @@
 //! `.response.txt` recording its answer.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::{create_dir, lock, valid_key, Event, ForwardError};
+use super::{create_dir, valid_key, Event, ForwardError};
+use crate::util::fs::{replace, sync_dir};
+use crate::util::lock;
 
 const SUFFIX: &str = ".json";
 const TMP_SUFFIX: &str = ".json.tmp";
@@ -30,6 +33,8 @@ fn entry_name(seq: u64) -> String {
     format!("{seq:020}{SUFFIX}")
 }
 
+/// The temporary name [`crate::util::fs::replace`] writes an entry under.
+#[cfg(test)]
 fn tmp_name(seq: u64) -> String {
     format!(".{seq:020}{TMP_SUFFIX}")
 }
@@ -77,10 +82,6 @@ fn decode(bytes: &[u8]) -> Result<String, String> {
     Ok(ev.key)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 /// `dir/name`, or `dir/name.N` for the first N free: never overwrite what is kept aside.
 fn free_path(dir: &Path, name: &str) -> PathBuf {
     let mut path = dir.join(name);
@@ -95,7 +96,7 @@ fn free_path(dir: &Path, name: &str) -> PathBuf {
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     bytes: u64,
-    /// False while `push` is still writing it.
+    /// False until the writer has written it durably.
     ready: bool,
 }
 
@@ -136,7 +137,7 @@ pub(crate) struct Recovery {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Next {
     Empty,
-    /// The oldest entry is still being written: wait for the wake-up.
+    /// The oldest entry is not written yet: wait for the wake-up.
     Writing,
     Ready(u64),
 }
@@ -251,54 +252,63 @@ impl Spool {
         lock(&self.state).corrupt
     }
 
-    /// Writes one entry durably, or refuses it when the spool is full (leaving everything
-    /// already spooled as it is).
-    pub fn push(&self, json: &[u8]) -> Result<(), ForwardError> {
-        let size = json.len() as u64;
-        let seq = {
-            let mut st = lock(&self.state);
-            let (events, bytes) = (st.entries.len(), st.bytes);
-            let limit = if events >= self.max_events {
-                Some(format!("controller.spool_max_events ({})", self.max_events))
-            } else if bytes.saturating_add(size) > self.max_bytes {
-                Some(format!("controller.spool_max_bytes ({})", self.max_bytes))
-            } else {
-                None
-            };
-            if let Some(limit) = limit {
-                return Err(ForwardError::SpoolFull { limit, pending_events: events, pending_bytes: bytes });
-            }
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            st.insert(seq, Slot { bytes: size, ready: false });
-            seq
-        };
-        // Written outside the lock so that the sender and other submitters are not held up by
-        // the fsyncs; the not-ready slot keeps the sender from overtaking it.
-        let tmp = self.dir.join(tmp_name(seq));
-        let path = self.dir.join(entry_name(seq));
-        let written = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-            f.write_all(json)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            sync_dir(&self.dir)
-        })();
+    /// Reserves the slot of a new entry of `size` bytes, or refuses it when the spool is full
+    /// (leaving everything already spooled as it is). The entry counts as pending at once; the
+    /// sender waits until [`Spool::finish`] says it is written.
+    pub fn reserve(&self, size: u64) -> Result<u64, ForwardError> {
         let mut st = lock(&self.state);
-        match written {
-            Ok(()) => {
-                if let Some(slot) = st.entries.get_mut(&seq) {
-                    slot.ready = true;
-                }
-                Ok(())
-            }
-            Err(source) => {
-                st.remove(seq);
-                let _ = fs::remove_file(&tmp);
-                let _ = fs::remove_file(&path);
-                Err(ForwardError::WriteSpool { path, source })
-            }
+        let (events, bytes) = (st.entries.len(), st.bytes);
+        let limit = if events >= self.max_events {
+            Some(format!("controller.spool_max_events ({})", self.max_events))
+        } else if bytes.saturating_add(size) > self.max_bytes {
+            Some(format!("controller.spool_max_bytes ({})", self.max_bytes))
+        } else {
+            None
+        };
+        if let Some(limit) = limit {
+            return Err(ForwardError::SpoolFull { limit, pending_events: events, pending_bytes: bytes });
         }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.insert(seq, Slot { bytes: size, ready: false });
+        Ok(seq)
+    }
+
+    /// Writes reserved entry `seq` (temporary file, fsync, rename; private to the service).
+    /// Durable once [`Spool::sync`] returned.
+    pub fn write(&self, seq: u64, json: &[u8]) -> io::Result<()> {
+        replace(&self.dir.join(entry_name(seq)), json, 0o600)
+    }
+
+    /// Makes the entries written so far durable (fsyncs the directory).
+    pub fn sync(&self) -> io::Result<()> {
+        sync_dir(&self.dir)
+    }
+
+    /// Entry `seq` is written (`ok`): ready for the sender; or it could not be (or will not
+    /// be) written: forgotten, and whatever part of it reached the disk removed.
+    pub fn finish(&self, seq: u64, ok: bool) {
+        let mut st = lock(&self.state);
+        if ok {
+            if let Some(slot) = st.entries.get_mut(&seq) {
+                slot.ready = true;
+            }
+            return;
+        }
+        st.remove(seq);
+        drop(st);
+        let path = self.dir.join(entry_name(seq));
+        let _ = fs::remove_file(crate::util::fs::tmp_path(&path));
+        let _ = fs::remove_file(path);
+    }
+
+    /// Reserves, writes and syncs one entry: what `submit` and the writer do together.
+    #[cfg(test)]
+    pub fn push(&self, json: &[u8]) -> Result<(), ForwardError> {
+        let seq = self.reserve(json.len() as u64)?;
+        let written = self.write(seq, json).and_then(|()| self.sync());
+        self.finish(seq, written.is_ok());
+        written.map_err(|source| ForwardError::WriteSpool { path: self.dir.join(entry_name(seq)), source })
     }
 
     /// The oldest entry.
@@ -415,6 +425,8 @@ pub(crate) mod tests {
     fn names() {
         assert_eq!(classify(&entry_name(42)), Name::Entry(42));
         assert_eq!(classify(&tmp_name(u64::MAX)), Name::Tmp(u64::MAX));
+        let tmp = crate::util::fs::tmp_path(Path::new(&entry_name(7)));
+        assert_eq!(tmp.to_str(), Some(tmp_name(7).as_str()), "recovery knows the writer's temporary names");
         for other in ["42.json", "00000000000000000042.json.bak", "x0000000000000000042.json", "rejected", ""]
         {
             assert_eq!(classify(other), Name::Other, "{other}");

@@ -200,28 +200,11 @@ pub fn validate_region_size(size: u64) -> Result<u32, ConfigError> {
     Ok(size as u32)
 }
 
-/// Parses a byte count: decimal, `0x` hex, or with a `K`/`M`/`G` (or `KiB`, ...) suffix.
+/// Parses a region size ([`crate::units::parse_size`]: decimal, `0x` hex, or with a
+/// `K`/`M`/`G` (or `KiB`, ...) suffix) and checks it against the ABI.
 pub fn parse_region_size(s: &str) -> Result<u32, ConfigError> {
-    let syntax = || ConfigError::RegionSizeSyntax(s.to_string());
-    let t = s.trim();
-    let (digits, scale) = match t.find(|c: char| c.is_ascii_alphabetic() && c != 'x' && c != 'X') {
-        Some(i) if !t.starts_with("0x") && !t.starts_with("0X") => {
-            let scale: u64 = match t[i..].to_ascii_lowercase().as_str() {
-                "k" | "kib" => 1 << 10,
-                "m" | "mib" => 1 << 20,
-                "g" | "gib" => 1 << 30,
-                _ => return Err(syntax()),
-            };
-            (&t[..i], scale)
-        }
-        _ => (t, 1),
-    };
-    let n = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => digits.parse::<u64>(),
-    }
-    .map_err(|_| syntax())?;
-    validate_region_size(n.checked_mul(scale).ok_or_else(syntax)?)
+    let size = crate::units::parse_size(s).map_err(|_| ConfigError::RegionSizeSyntax(s.to_string()))?;
+    validate_region_size(size)
 }
 
 impl SsdtConfig {

@@ -171,10 +171,8 @@ pub fn prepare_with(
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PrepareError> {
-    let tmp = path.with_extension("tmp");
-    let err = |source| PrepareError::Io { path: path.into(), source };
-    std::fs::write(&tmp, bytes).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    crate::util::fs::atomic_write(path, bytes)
+        .map_err(|source| PrepareError::Io { path: path.into(), source })
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::util::lock;
 use qapi::Enum as _;
 use serde::Deserialize as _;
 use serde_json::{json, Value};
@@ -336,12 +337,12 @@ impl Qmp {
     pub async fn execute_raw(&self, name: &str, args: Value, timeout: Duration) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap().insert(id, tx);
+        lock(&self.pending).insert(id, tx);
         let mut line = json!({ "execute": name, "arguments": args, "id": id }).to_string();
         line.push('\n');
         let sent = self.writer.lock().await.write_all(line.as_bytes()).await;
         if let Err(e) = sent {
-            self.pending.lock().unwrap().remove(&id);
+            lock(&self.pending).remove(&id);
             return Err(e.into());
         }
         match tokio::time::timeout(timeout, rx).await {
@@ -349,7 +350,7 @@ impl Qmp {
             Ok(Ok(Err((class, desc)))) => Err(QmpError::Command { command: name.into(), class, desc }),
             Ok(Err(_)) => Err(QmpError::Closed),
             Err(_) => {
-                self.pending.lock().unwrap().remove(&id);
+                lock(&self.pending).remove(&id);
                 Err(QmpError::Timeout { command: name.into(), timeout })
             }
         }
@@ -363,13 +364,12 @@ async fn route<R: AsyncBufRead + Unpin>(
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
 ) {
-    let reply =
-        |id: Option<u64>, outcome: Outcome| match id.and_then(|id| pending.lock().unwrap().remove(&id)) {
-            Some(tx) => {
-                let _ = tx.send(outcome);
-            }
-            None => log_raw("reply nobody waits for (timed out, or no id)", &json!({ "id": id })),
-        };
+    let reply = |id: Option<u64>, outcome: Outcome| match id.and_then(|id| lock(&pending).remove(&id)) {
+        Some(tx) => {
+            let _ = tx.send(outcome);
+        }
+        None => log_raw("reply nobody waits for (timed out, or no id)", &json!({ "id": id })),
+    };
     loop {
         let line = match read_line(&mut reader).await {
             Ok(Some(line)) => line,
@@ -391,7 +391,7 @@ async fn route<R: AsyncBufRead + Unpin>(
         }
     }
     // Dropping the senders wakes every waiter with `Closed`.
-    pending.lock().unwrap().clear();
+    lock(&pending).clear();
 }
 
 fn log_raw(what: &str, msg: &Value) {

@@ -14,7 +14,7 @@ use toml::Spanned;
 
 pub use super::state::PausePolicy;
 use crate::diagnose;
-use crate::forward::{ControllerConfig, HookConfig};
+use crate::forward::{ControllerConfig, ForwardError, HookConfig};
 use crate::units::{Dur, Size};
 
 /// Where the metrics and status endpoint listens unless configured.
@@ -334,12 +334,7 @@ impl Default for VmSettings {
 pub fn default_state_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("acpimon"),
-        // Our uid without libc: the owner of /proc/self.
-        _ => {
-            use std::os::unix::fs::MetadataExt;
-            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
-            std::env::temp_dir().join(format!("acpimon-{uid}"))
-        }
+        _ => std::env::temp_dir().join(format!("acpimon-{}", rustix::process::getuid().as_raw())),
     }
 }
 
@@ -470,15 +465,18 @@ impl Validator<'_> {
         let hook = raw.hook.and_then(|h| {
             let span = h.span();
             let h = h.into_inner();
-            if h.argv.is_empty() || h.argv[0].is_empty() {
-                self.problem(span, "hook.argv is empty; give the program and its arguments as a list".into());
-                return None;
-            }
-            Some(HookConfig {
+            let hook = HookConfig {
                 argv: h.argv,
                 timeout: h.timeout.map_or(Duration::from_secs(10), |d| d.0),
                 queue: 1024,
-            })
+            };
+            match hook.validate() {
+                Ok(()) => Some(hook),
+                Err(e) => {
+                    self.problem(span, e.to_string());
+                    None
+                }
+            }
         });
         let bundles_keep = raw.bundles.map_or(10, |b| b.keep_per_vm.max(1));
         let defaults = self.vm_settings(raw.defaults.unwrap_or_default(), &VmSettings::default(), "defaults");
@@ -514,27 +512,28 @@ impl Validator<'_> {
     }
 
     fn controller(&mut self, c: Spanned<RawController>) -> ControllerConfig {
+        let span = c.span();
         let c = c.into_inner();
-        let url = c.url.get_ref().trim_end_matches('/').to_string();
-        if !url.starts_with("http://") {
-            self.problem(
-                c.url.span(),
-                format!(
-                    "controller.url '{url}' is not http://HOST[:PORT][/PATH]; https is not built in, so put a \
-                     local TLS proxy in front of the controller"
-                ),
-            );
-        }
-        let backoff_min =
-            c.backoff_min.map_or(Duration::from_secs(1), |d| d.0).max(Duration::from_millis(10));
-        ControllerConfig {
-            url,
+        let backoff_max = c.backoff_max.map_or(Duration::from_secs(60), |d| d.0);
+        let controller = ControllerConfig {
+            url: c.url.get_ref().trim_end_matches('/').to_string(),
             timeout: c.timeout.map_or(Duration::from_secs(5), |d| d.0),
             spool_max_bytes: c.spool_max.map_or(64 << 20, |s| s.0),
             spool_max_events: c.spool_max_events.unwrap_or(100_000),
-            backoff_min,
-            backoff_max: c.backoff_max.map_or(Duration::from_secs(60), |d| d.0).max(backoff_min),
+            // Unset, the minimum follows a maximum set below its default.
+            backoff_min: c.backoff_min.map_or(backoff_max.min(Duration::from_secs(1)), |d| d.0),
+            backoff_max,
+        };
+        // The forwarder's own rules; a bad URL is reported at its line.
+        if let Err(e) = controller.validate() {
+            let at = if matches!(e, ForwardError::BadUrl { .. } | ForwardError::Https(_)) {
+                c.url.span()
+            } else {
+                span
+            };
+            self.problem(at, e.to_string());
         }
+        controller
     }
 
     fn vm_settings(&mut self, raw: RawVm, base: &VmSettings, section: &str) -> VmSettings {

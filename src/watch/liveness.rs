@@ -2,6 +2,7 @@
 //! WATCHDOG=1`) and the optional touch file are refreshed only while every loop has beaten
 //! recently, so a node watchdog notices a wedged service by its silence.
 
+use crate::util::lock;
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -17,25 +18,23 @@ pub struct Liveness {
 impl Liveness {
     /// Registers a loop that must beat at least every `max_silence`.
     pub fn register(&self, name: &str, max_silence: Duration) {
-        self.loops.lock().unwrap().insert(name.into(), (Instant::now(), max_silence));
+        lock(&self.loops).insert(name.into(), (Instant::now(), max_silence));
     }
 
     pub fn beat(&self, name: &str) {
-        if let Some(l) = self.loops.lock().unwrap().get_mut(name) {
+        if let Some(l) = lock(&self.loops).get_mut(name) {
             l.0 = Instant::now();
         }
     }
 
     pub fn unregister(&self, name: &str) {
-        self.loops.lock().unwrap().remove(name);
+        lock(&self.loops).remove(name);
     }
 
     /// Loops that have not beaten in time, with how long they have been silent.
     pub fn stalled(&self) -> Vec<String> {
         let now = Instant::now();
-        self.loops
-            .lock()
-            .unwrap()
+        lock(&self.loops)
             .iter()
             .filter(|(_, (at, max))| now.duration_since(*at) > *max)
             .map(|(name, (at, _))| format!("{name} (silent {:.1}s)", now.duration_since(*at).as_secs_f64()))

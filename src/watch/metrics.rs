@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::state::State;
 use crate::forward::{ForwardStats, Forwarder};
+use crate::util::lock;
 
 /// Upper bounds (seconds) of the heartbeat latency histogram.
 pub const LATENCY_BUCKETS: [f64; 12] =
@@ -150,27 +151,19 @@ impl Registry {
 
     /// The view of VM `name`, created on first use.
     pub fn vm(&self, name: &str) -> Arc<Mutex<VmView>> {
-        self.vms
-            .lock()
-            .unwrap()
-            .entry(name.into())
-            .or_insert_with(|| Arc::new(Mutex::new(VmView::new(name))))
-            .clone()
+        lock(&self.vms).entry(name.into()).or_insert_with(|| Arc::new(Mutex::new(VmView::new(name)))).clone()
     }
 
     pub fn remove(&self, name: &str) {
-        self.vms.lock().unwrap().remove(name);
+        lock(&self.vms).remove(name);
     }
 
     pub fn status(&self) -> StatusView {
         let now = Instant::now();
-        let vms = self
-            .vms
-            .lock()
-            .unwrap()
+        let vms = lock(&self.vms)
             .values()
             .map(|v| {
-                let mut v = v.lock().unwrap().clone();
+                let mut v = lock(v).clone();
                 v.last_record_age_s = v.last_record_at.map(|t| now.duration_since(t).as_secs_f64());
                 v
             })
@@ -288,7 +281,7 @@ fn render(status: &StatusView) -> String {
         }
     }
     let f = &status.forward;
-    let forward: [(&str, &str, &str, u64); 7] = [
+    let forward: [(&str, &str, &str, u64); 9] = [
         ("acpimon_forward_delivered_total", "counter", "Events the controller acknowledged.", f.delivered),
         (
             "acpimon_forward_duplicates_total",
@@ -315,6 +308,18 @@ fn render(status: &StatusView) -> String {
             "counter",
             "Analyzer hook runs that failed.",
             f.hook_failures,
+        ),
+        (
+            "acpimon_forward_events_logged_total",
+            "counter",
+            "Events written and fsynced to the event log (acknowledged).",
+            f.events_logged,
+        ),
+        (
+            "acpimon_forward_write_failures_total",
+            "counter",
+            "Writes of the event log, spool or state files that failed.",
+            f.write_failures,
         ),
     ];
     for (name, kind, help, value) in forward {
@@ -362,29 +367,15 @@ fn scenario_lines(o: &mut String, full: &[VmView], name: &str, get: impl Fn(&Sce
     }
 }
 
-/// Serves `/metrics`, `/status` and `/healthz` until `shutdown`.
+/// Serves `/metrics`, `/status` and `/healthz` until `shutdown`, on the shared server (its
+/// timeouts and limits: [`crate::util::http`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(_) => { tokio::time::sleep(Duration::from_millis(100)).await; continue; }
-            },
-            _ = super::until_true(&mut shutdown) => return,
-        };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| respond(req, registry.clone()));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            // A client that stalls is dropped after a while, never holding the service.
-            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-        });
-    }
+    let handler = move |req| respond(req, registry.clone());
+    crate::util::http::serve(listener, "metrics endpoint", handler, shutdown).await;
 }
 
 async fn respond(

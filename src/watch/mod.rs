@@ -152,8 +152,15 @@ pub async fn serve(
     for (name, r) in vms {
         let left = deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(left, r.task).await.is_err() {
-            tracing::warn!(vm = %name, "stopping: the monitor did not stop within {STOP_DEADLINE:?}; leaving it");
+            tracing::warn!(vm = %name, "stopping: the monitor did not stop within {}; leaving it", humantime::format_duration(STOP_DEADLINE));
         }
+    }
+    // The monitors' last events and state files are queued: wait until they are on disk.
+    if tokio::time::timeout(STOP_DEADLINE, forwarder.flushed()).await.is_err() {
+        tracing::warn!(
+            "stopping: the event writer did not finish within {}; the last events may be lost",
+            humantime::format_duration(STOP_DEADLINE)
+        );
     }
     let _ = stop_all_tx.send(true);
     if tokio::time::timeout(STOP_DEADLINE, forward_join).await.is_err() {
@@ -163,10 +170,7 @@ pub async fn serve(
     Ok(())
 }
 
-/// Resolves when `flag` turns true (or its sender is gone).
-pub async fn until_true(flag: &mut watch::Receiver<bool>) {
-    let _ = flag.wait_for(|&s| s).await;
-}
+pub use crate::util::until_true;
 
 fn forward_config(c: &Config) -> ForwardConfig {
     ForwardConfig {

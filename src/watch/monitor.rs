@@ -30,6 +30,7 @@ use crate::launch::Descriptor;
 use crate::read::{Access, Region};
 use crate::trigger::qmp::{EventKind, Qmp, QmpEvent};
 use crate::units::now_rfc3339;
+use crate::util::lock;
 
 /// How long attaching to a socket may take before the VM counts as not running.
 const ATTACH_WAIT: Duration = Duration::from_secs(3);
@@ -158,7 +159,8 @@ impl Monitor {
         self.shared.liveness.unregister(&self.loop_name);
         if *stop.borrow() == Stop::Removed {
             self.emit("vm-removed", json!({ "dir": self.dir }));
-            let _ = std::fs::remove_file(&self.memory_path);
+            // Through the writer, after the save the event above queued.
+            self.shared.forward.remove_state(self.memory_path.clone());
             self.shared.registry.remove(&self.name);
         }
     }
@@ -247,7 +249,7 @@ impl Monitor {
         if att.console.is_none() {
             degraded.push(format!("console: {}", att.console_why));
         }
-        self.view.lock().unwrap().degraded = degraded;
+        lock(&self.view).degraded = degraded;
         self.refresh_view("");
         let mut events = att.qmp.events();
         let mut diag: Option<JoinHandle<DiagDone>> = None;
@@ -285,7 +287,7 @@ impl Monitor {
                 _ = tick.tick() => {
                     self.shared.liveness.beat(&self.loop_name);
                     if let Ok(app) = &att.channels.app {
-                        self.view.lock().unwrap().app_lines = Some(app.counts());
+                        lock(&self.view).app_lines = Some(app.counts());
                     }
                     if let Some(t) = self.machine.tick(Instant::now()) {
                         self.transition(t, None);
@@ -323,17 +325,17 @@ impl Monitor {
     fn report(&mut self, r: Report) {
         let now = Instant::now();
         if let Some(lat) = r.outcome.latency.filter(|_| r.outcome.ok && r.record.is_some()) {
-            self.view.lock().unwrap().observe_latency(lat);
+            lock(&self.view).observe_latency(lat);
         }
         if let Some(record) = r.record {
             let obs = self.tracker.observe(Some(&record), now);
             if obs.fresh {
-                self.view.lock().unwrap().last_record_at = Some(now);
+                lock(&self.view).last_record_at = Some(now);
             }
             let known = self.memory.boot_count;
             if known != Some(record.boot_count) {
                 self.memory.boot_count = Some(record.boot_count);
-                self.view.lock().unwrap().boot_count = Some(record.boot_count);
+                lock(&self.view).boot_count = Some(record.boot_count);
                 self.save();
             }
             let unseen = match (obs.reboot, known) {
@@ -371,9 +373,9 @@ impl Monitor {
                 self.app_health(h.status, details, extra);
             }
             app::Report::Info(info) => {
-                let changed = self.view.lock().unwrap().app_info.as_ref() != Some(&info);
+                let changed = lock(&self.view).app_info.as_ref() != Some(&info);
                 if changed {
-                    self.view.lock().unwrap().app_info = Some(info.clone());
+                    lock(&self.view).app_info = Some(info.clone());
                     self.emit("app-info", json!({ "info": info }));
                 }
             }
@@ -384,7 +386,7 @@ impl Monitor {
     /// The app's status: an `app-health` event when it changes, and into the state machine.
     fn app_health(&mut self, status: AppStatus, details: String, mut extra: Value) {
         let changed = {
-            let mut v = self.view.lock().unwrap();
+            let mut v = lock(&self.view);
             let changed = v.app_status != Some(status) || v.app_details.as_deref() != Some(details.as_str());
             v.app_status = Some(status);
             v.app_details = Some(details.clone());
@@ -435,7 +437,7 @@ impl Monitor {
     }
 
     fn reboot(&mut self, evidence: Value) {
-        self.view.lock().unwrap().reboots += 1;
+        lock(&self.view).reboots += 1;
         self.log(&format!("the guest rebooted: {evidence}"));
         self.emit("reboot", json!({ "evidence": evidence }));
         if let Some(t) = self.machine.rebooted(evidence, Instant::now()) {
@@ -481,7 +483,7 @@ impl Monitor {
         }
         // send_replace: the value must change even when no diagnostics task is listening.
         self.state_tx.send_replace(t.to);
-        let mut v = self.view.lock().unwrap();
+        let mut v = lock(&self.view);
         v.state = t.to;
         v.since = now_rfc3339();
         v.reason = t.reason;
@@ -555,13 +557,13 @@ impl Monitor {
         let mut detail = json!({ "trigger": done.trigger, "bundle": done.bundle });
         match done.manifest {
             Ok(m) => {
-                self.view.lock().unwrap().diagnostics_ok += 1;
-                self.view.lock().unwrap().last_bundle = Some(done.bundle.display().to_string());
+                lock(&self.view).diagnostics_ok += 1;
+                lock(&self.view).last_bundle = Some(done.bundle.display().to_string());
                 detail["manifest"] = m;
                 self.log(&format!("bundle written: {}", done.bundle.display()));
             }
             Err(e) => {
-                self.view.lock().unwrap().diagnostics_failed += 1;
+                lock(&self.view).diagnostics_failed += 1;
                 detail["error"] = json!(e);
                 tracing::warn!("no bundle: {e}");
             }
@@ -570,13 +572,15 @@ impl Monitor {
         // bundle's incident pending, to be diagnosed again on restart.
         self.memory.pending_diagnostics = None;
         self.emit("bundle", detail);
-        prune_bundles(&done.bundle, self.shared.config.bundles_keep);
+        let (bundle, keep) = (done.bundle.clone(), self.shared.config.bundles_keep);
+        // Removing old bundles is disk work: off the VM's loop.
+        drop(tokio::task::spawn_blocking(move || prune_bundles(&bundle, keep)));
         if let Some(r) = done.recovery {
             if r.acted {
                 self.memory.recoveries.push(unix_now());
-                self.view.lock().unwrap().recoveries += 1;
+                lock(&self.view).recoveries += 1;
             } else if r.outcome == "refused" {
-                self.view.lock().unwrap().recoveries_refused += 1;
+                lock(&self.view).recoveries_refused += 1;
             }
             self.log(&format!("recovery {}: {}: {}", r.action, r.outcome, r.detail));
             self.emit("recovery", json!({ "action": r.action, "outcome": r.outcome, "detail": r.detail }));
@@ -600,7 +604,7 @@ impl Monitor {
         };
         let spooled = self.shared.forward.submit(&ev);
         {
-            let mut v = self.view.lock().unwrap();
+            let mut v = lock(&self.view);
             v.events += 1;
             if let Err(e) = &spooled {
                 v.events_not_spooled += 1;
@@ -618,14 +622,13 @@ impl Monitor {
         key
     }
 
+    /// Queues the memory for the writer thread: the loop never waits on the disk.
     fn save(&mut self) {
-        if let Err(e) = persist::save(&self.memory_path, &self.memory) {
-            tracing::error!(path = %self.memory_path.display(), error = %e, "cannot save the VM's state");
-        }
+        self.shared.forward.save_state(self.memory_path.clone(), persist::encode(&self.memory));
     }
 
     fn refresh_view(&self, reason: &str) {
-        let mut v = self.view.lock().unwrap();
+        let mut v = lock(&self.view);
         v.state = self.machine.state;
         if !reason.is_empty() {
             v.reason = reason.into();
@@ -703,23 +706,13 @@ async fn run_command(
     vm: &str,
     bundle: &std::path::Path,
 ) -> Result<String, String> {
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env("ACPIMON_VM", vm)
-        .env("ACPIMON_BUNDLE", bundle)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
-    match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(s)) if s.success() => Ok(format!("{} exited 0", argv[0])),
-        Ok(Ok(s)) => Err(format!("{} {s}", argv[0])),
-        Ok(Err(e)) => Err(format!("{}: {e}", argv[0])),
-        Err(_) => {
-            let _ = child.kill().await;
-            Err(format!("{} still running after {timeout:?}; killed", argv[0]))
-        }
+    use crate::util::process::{Outcome, Program};
+    let env = [("ACPIMON_VM", std::ffi::OsStr::new(vm)), ("ACPIMON_BUNDLE", bundle.as_os_str())];
+    match Program::new(argv, timeout).env(env).run().await.outcome {
+        Outcome::Exited(s) if s.success() => Ok(format!("{} exited 0", argv[0])),
+        Outcome::Exited(s) => Err(format!("{} {s}", argv[0])),
+        Outcome::TimedOut(_) => Err(format!("{} still running after {timeout:?}; killed", argv[0])),
+        Outcome::CannotStart(e) | Outcome::Failed(e) => Err(e),
     }
 }
 

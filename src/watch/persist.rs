@@ -75,17 +75,17 @@ pub fn load(path: &Path) -> (Memory, Option<String>) {
     }
 }
 
-/// Writes `m` atomically (temporary file, fsync, rename).
+/// What [`save`] writes. The service hands it to the forwarder's writer thread
+/// ([`crate::forward::Forwarder::save_state`]), which writes it the same way, in order with the
+/// VM's events.
+pub fn encode(m: &Memory) -> Vec<u8> {
+    serde_json::to_vec_pretty(m).expect("memory serialises")
+}
+
+/// Writes `m` atomically and durably ([`crate::util::fs::atomic_write`]).
 pub fn save(path: &Path, m: &Memory) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(m).expect("memory serialises"))?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::create_dir_all(crate::util::fs::parent(path))?;
+    crate::util::fs::atomic_write(path, &encode(m))
 }
 
 #[cfg(test)]

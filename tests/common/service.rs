@@ -119,8 +119,8 @@ impl Service {
     /// SIGTERM, and waits for a clean exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
-        let sent = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
-        assert!(sent.success());
+        let pid = rustix::process::Pid::from_child(&c);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM sent");
         c.wait().unwrap()
     }
 

@@ -153,3 +153,22 @@ fn a_bad_vm_name_is_refused() {
     let e = parse("[vm.\"bad name\"]\n").unwrap_err();
     assert!(e.to_string().contains("not a VM name"), "{e}");
 }
+
+#[test]
+fn forwarding_settings_follow_the_forwarders_rules() {
+    // The same rule set as forward::Forwarder::open, reported at the section's line.
+    let e = parse("state_dir = \"/x\"\n[controller]\nurl = \"http://ctl\"\ntimeout = \"0s\"\n").unwrap_err();
+    assert!(e.problems[0].message.contains("controller.timeout must be more than 0"), "{e}");
+    assert_eq!(e.problems[0].line, 2, "{e}");
+    let e = parse("[controller]\nurl = \"http://ctl\"\nbackoff_min = \"2m\"\n").unwrap_err();
+    assert!(e.problems[0].message.contains("at most backoff_max"), "{e}");
+    let c =
+        parse("[controller]\nurl = \"http://ctl\"\nbackoff_max = \"500ms\"\n").unwrap().controller.unwrap();
+    assert_eq!((c.backoff_min, c.backoff_max), (Duration::from_millis(500), Duration::from_millis(500)));
+    let e = parse("[controller]\nurl = \"http://\"\n").unwrap_err();
+    assert!(e.problems[0].message.contains("http://HOST"), "{e}");
+    let e = parse("[hook]\nargv = []\n").unwrap_err();
+    assert!(e.problems[0].message.contains("hook.argv is empty"), "{e}");
+    let e = parse("[hook]\nargv = [\"x\"]\ntimeout = \"0s\"\n").unwrap_err();
+    assert!(e.problems[0].message.contains("hook.timeout"), "{e}");
+}
