@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use acpimon::forward::Event;
+use acpimon::event::RawEvent as Event;
 use acpimon::watch::state::State;
 use common::guest::{Guest, GuestSpec};
 use common::service::{free_port, is_transition, watch_guest, Controller, Service};

@@ -34,101 +34,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch, Notify};
 
 pub use http::{parse_url, Endpoint};
 
-/// One event, as logged, spooled and POSTed. The schema is documented in the README
-/// ("Events"); fields are only ever added.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    /// Idempotency key: unique per event, fixed when the event is created and kept across
-    /// retries and service restarts. 32 lowercase hex digits.
-    pub key: String,
-    /// When it happened: RFC 3339 UTC with milliseconds.
-    pub time: String,
-    /// The node (host name) the service runs on.
-    pub node: String,
-    /// The VM it concerns; `None` for events of the service itself.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vm: Option<String>,
-    /// What happened: "transition", "reboot", "bundle", "recovery", "vm-added", "vm-removed",
-    /// "service-started", ...
-    pub kind: String,
-    /// The kind's own fields.
-    #[serde(flatten)]
-    pub detail: Map<String, Value>,
-}
-
-/// A fresh idempotency key.
-pub fn new_key() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
-
-/// The field names of [`Event`] itself; a `detail` entry may not reuse one (it would be
-/// serialised twice and no reader could decode the event).
-pub const RESERVED_FIELDS: [&str; 5] = ["key", "time", "node", "vm", "kind"];
-
-/// The longest idempotency key the controller accepts.
-pub const MAX_KEY_LEN: usize = 64;
-
-/// Whether `key` is an idempotency key the controller accepts: 1-64 characters of
-/// `[0-9A-Za-z_-]` (so it is also a safe file name).
-pub fn valid_key(key: &str) -> bool {
-    !key.is_empty()
-        && key.len() <= MAX_KEY_LEN
-        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-impl Event {
-    /// A new event of `kind` happening now, with a fresh key.
-    pub fn new(node: &str, vm: Option<&str>, kind: &str) -> Event {
-        Event {
-            key: new_key(),
-            time: crate::units::now_rfc3339(),
-            node: node.into(),
-            vm: vm.map(Into::into),
-            kind: kind.into(),
-            detail: Map::new(),
-        }
-    }
-
-    /// Adds one detail field (builder style).
-    pub fn with(mut self, name: &str, value: impl Into<Value>) -> Event {
-        self.detail.insert(name.into(), value.into());
-        self
-    }
-
-    /// Checks what the controller would refuse: the key's syntax and detail fields that
-    /// shadow the event's own.
-    pub fn validate(&self) -> Result<(), ForwardError> {
-        if !valid_key(&self.key) {
-            return Err(ForwardError::BadEvent(format!(
-                "key '{}' is not 1-{MAX_KEY_LEN} characters of [0-9A-Za-z_-]; make it with forward::new_key()",
-                self.key.escape_debug()
-            )));
-        }
-        if let Some(name) = RESERVED_FIELDS.iter().find(|n| self.detail.contains_key(**n)) {
-            return Err(ForwardError::BadEvent(format!(
-                "detail field '{name}' of event {} shadows the event's own field; rename it",
-                self.key
-            )));
-        }
-        Ok(())
-    }
-
-    /// The environment a hook or analyzer gets: `ACPIMON_EVENT_KEY`, `ACPIMON_EVENT_KIND` and,
-    /// when the event concerns a VM, `ACPIMON_VM`.
-    pub fn hook_env(&self) -> Vec<(&'static str, String)> {
-        let mut env =
-            vec![("ACPIMON_EVENT_KEY", self.key.clone()), ("ACPIMON_EVENT_KIND", self.kind.clone())];
-        if let Some(vm) = &self.vm {
-            env.push(("ACPIMON_VM", vm.clone()));
-        }
-        env
-    }
-}
+pub use crate::event::{new_key, valid_key, Event, RawEvent, MAX_KEY_LEN};
 
 /// Where events go. Built by the CLI from `watch`'s configuration.
 #[derive(Clone, Debug)]
@@ -369,7 +279,7 @@ impl Forwarder {
     /// Every destination is tried; the first failure is returned. [`ForwardError::SpoolFull`]
     /// means the event is in the log (and the hook queue) but will not reach the controller.
     pub fn submit(&self, ev: &Event) -> Result<(), ForwardError> {
-        ev.validate()?;
+        ev.validate().map_err(|e| ForwardError::BadEvent(e.to_string()))?;
         let json = serde_json::to_vec(ev).map_err(|e| ForwardError::BadEvent(e.to_string()))?;
         let mut first_error = None;
         if let Some((path, file)) = &self.shared.log {
@@ -564,6 +474,7 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventKind;
 
     fn controller(url: &str) -> ControllerConfig {
         ControllerConfig {
@@ -574,6 +485,12 @@ mod tests {
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(100),
         }
+    }
+
+    /// The `i`-th test event (its directory names it).
+    fn event(i: usize) -> Event {
+        let dir = format!("/run/acpimon/vm{i}").into();
+        Event::new(new_key(), "n", None, EventKind::VmRemoved(crate::event::VmRemoved { dir }))
     }
 
     fn config(dir: &Path, controller: Option<ControllerConfig>) -> ForwardConfig {
@@ -600,27 +517,6 @@ mod tests {
     }
 
     #[test]
-    fn validate_rejects_bad_keys_and_shadowing_fields() {
-        let ok = Event::new("n", Some("vm1"), "reboot").with("boot", 2);
-        ok.validate().unwrap();
-        let mut bad = ok.clone();
-        bad.key = "a/b".into();
-        assert!(bad.validate().unwrap_err().to_string().contains("new_key"));
-        bad.key = "x".repeat(65);
-        assert!(bad.validate().is_err());
-        let shadow = ok.clone().with("kind", "other");
-        assert!(shadow.validate().unwrap_err().to_string().contains("'kind'"));
-        assert_eq!(
-            ok.hook_env(),
-            vec![
-                ("ACPIMON_EVENT_KEY", ok.key.clone()),
-                ("ACPIMON_EVENT_KIND", "reboot".into()),
-                ("ACPIMON_VM", "vm1".into())
-            ]
-        );
-    }
-
-    #[test]
     fn open_validates_settings() {
         let dir = tempfile::tempdir().unwrap();
         let err =
@@ -642,7 +538,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (fw, _task) =
             Forwarder::open(config(dir.path(), Some(controller("http://127.0.0.1:9")))).unwrap();
-        let events: Vec<Event> = (0..3).map(|i| Event::new("n", None, "test").with("i", i)).collect();
+        let events: Vec<Event> = (0..3).map(event).collect();
         for ev in &events {
             fw.submit(ev).unwrap();
         }
@@ -663,7 +559,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = ControllerConfig { spool_max_events: 2, ..controller("http://127.0.0.1:9") };
         let (fw, _task) = Forwarder::open(config(dir.path(), Some(c))).unwrap();
-        let events: Vec<Event> = (0..3).map(|i| Event::new("n", None, "test").with("i", i)).collect();
+        let events: Vec<Event> = (0..3).map(event).collect();
         fw.submit(&events[0]).unwrap();
         fw.submit(&events[1]).unwrap();
         let spooled = spool::tests::entries(&dir.path().join("spool"));
@@ -684,9 +580,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = ControllerConfig { spool_max_bytes: 500, ..controller("http://127.0.0.1:9") };
         let (fw, _task) = Forwarder::open(config(dir.path(), Some(c))).unwrap();
-        let big = Event::new("n", None, "test").with("pad", "x".repeat(250));
-        fw.submit(&big).unwrap();
-        let msg = fw.submit(&big.clone().with("k", 1)).unwrap_err().to_string();
+        let big = |pad: usize| {
+            let dir = format!("/{}", "x".repeat(pad)).into();
+            Event::new(new_key(), "n", None, EventKind::VmRemoved(crate::event::VmRemoved { dir }))
+        };
+        fw.submit(&big(250)).unwrap();
+        let msg = fw.submit(&big(251)).unwrap_err().to_string();
         assert!(msg.contains("controller.spool_max_bytes (500)"), "{msg}");
     }
 }

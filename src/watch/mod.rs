@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -28,7 +27,8 @@ pub use self::config::Config;
 pub use self::liveness::Liveness;
 use self::metrics::Registry;
 use self::monitor::{Monitor, Shared, Stop};
-use crate::forward::{self, Event, ForwardConfig, Forwarder};
+use crate::event::{self, Event, EventKind};
+use crate::forward::{self, ForwardConfig, Forwarder};
 use crate::launch::prepare::DESCRIPTOR;
 use crate::units::now_rfc3339;
 
@@ -89,11 +89,10 @@ pub async fn serve(
     let shared = Arc::new(Shared { config: config.clone(), forward: forwarder.clone(), registry, liveness });
     service_event(
         &shared,
-        "service-started",
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "state_dir": config.state_dir,
-            "metrics": metrics_addr,
+        EventKind::ServiceStarted(event::ServiceStarted {
+            version: env!("CARGO_PKG_VERSION").into(),
+            state_dir: config.state_dir.clone(),
+            metrics: metrics_addr,
         }),
     );
     let notifier = liveness::Notifier::from_env();
@@ -176,21 +175,10 @@ fn forward_config(c: &Config) -> ForwardConfig {
 }
 
 /// An event of the service itself (not of one VM).
-fn service_event(shared: &Shared, kind: &str, detail: serde_json::Value) {
-    let detail = match detail {
-        serde_json::Value::Object(m) => m,
-        _ => Map::new(),
-    };
-    let ev = Event {
-        key: forward::new_key(),
-        time: now_rfc3339(),
-        node: shared.config.node.clone(),
-        vm: None,
-        kind: kind.into(),
-        detail,
-    };
+fn service_event(shared: &Shared, kind: EventKind) {
+    let ev = Event::new(event::new_key(), &shared.config.node, None, kind);
     if let Err(e) = shared.forward.submit(&ev) {
-        eprintln!("acpimon: event {kind} not forwarded: {e}");
+        eprintln!("acpimon: event {} not forwarded: {e}", ev.kind.name());
     }
 }
 
@@ -240,7 +228,8 @@ fn discover_once(
             let why = e.to_string();
             if invalid.get(&name) != Some(&why) {
                 eprintln!("{} {name}: not watched: {why}", now_rfc3339());
-                service_event(shared, "vm-invalid", json!({ "vm_dir": dir, "error": why }));
+                let detail = event::VmInvalid { dir: dir.clone(), error: why.clone() };
+                service_event(shared, EventKind::VmInvalid(detail));
                 invalid.insert(name.clone(), why);
             }
             continue;
