@@ -76,12 +76,12 @@ fn a_full_file_resolves_with_per_vm_overrides() {
         (Duration::from_millis(500), Duration::from_secs(1), 4)
     );
     assert!(
-        matches!(&d.scenarios[1].probe, Probe::Console { command, .. } if command == "cat /proc/loadavg")
+        matches!(&d.scenarios[1].probe, ScenarioSpec::Console { command, .. } if command == "cat /proc/loadavg")
     );
     // A VM's own scenarios replace the defaults'; everything else is inherited.
     let web = c.settings_for("web");
     assert_eq!(web.scenarios.len(), 1);
-    assert_eq!(web.scenarios[0].probe, Probe::Tcp { address: "192.168.1.5:80".into() });
+    assert_eq!(web.scenarios[0].probe, ScenarioSpec::Tcp { address: "192.168.1.5:80".into() });
     assert_eq!(web.startup_grace, Duration::from_secs(30));
     assert!(!c.settings_for("batch").enabled);
     assert_eq!(c.settings_for("unlisted").scenarios.len(), 2);
@@ -152,4 +152,42 @@ fn duplicate_scenario_names_and_misplaced_fields_are_refused() {
 fn a_bad_vm_name_is_refused() {
     let e = parse("[vm.\"bad name\"]\n").unwrap_err();
     assert!(e.to_string().contains("not a VM name"), "{e}");
+}
+
+#[test]
+fn scenario_kinds_are_typed_and_their_problems_named() {
+    let e = parse("[[defaults.scenario]]\nkind = \"ping\"\n").unwrap_err();
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with("watch.toml:1: defaults.scenario: kind 'ping' is unknown; use one of"),
+        "{shown}"
+    );
+    assert!(shown.contains("`app-mailbox`"), "{shown}");
+    // Every key the kind lacks, at once; and a bad common key on its scenario's line.
+    let e = parse(
+        "\n[[defaults.scenario]]\nkind = \"thermal\"\ncommand = \"x\"\naudit = \"disk\"\n\n[[defaults.scenario]]\nkind = \"tcp\"\naddress = \"h:1\"\ninterval = 5\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.problems.iter().map(|p| p.line).collect::<Vec<_>>(), vec![2, 7], "{e}");
+    assert!(
+        e.problems[0].message.ends_with("audit, command do(es) not apply to kind thermal; remove it"),
+        "{e}"
+    );
+    assert!(e.problems[1].message.starts_with("defaults.scenario 'tcp': interval: "), "{e}");
+    let e = parse("[[defaults.scenario]]\nkind = \"tcp\"\naddress = \"nohost\"\n").unwrap_err();
+    assert!(e.to_string().contains("address 'nohost' is not HOST:PORT"), "{e}");
+    let e = parse("[[defaults.scenario]]\nkind = \"console\"\ncommand = \"a\\nb\"\n").unwrap_err();
+    assert!(e.to_string().contains("command must be one line"), "{e}");
+
+    let c = parse(
+        "[[defaults.scenario]]\nkind = \"app-heartbeat\"\n[[defaults.scenario]]\nkind = \"app-heartbeat\"\nname = \"quiet\"\nhealth_interval = \"0s\"\naudit = \"disk\"\n",
+    )
+    .unwrap();
+    let s = &c.defaults.scenarios;
+    assert_eq!(
+        s[0].probe,
+        ScenarioSpec::AppHeartbeat { health_interval: Some(Duration::from_secs(30)), audit: None }
+    );
+    assert_eq!(s[1].probe, ScenarioSpec::AppHeartbeat { health_interval: None, audit: Some("disk".into()) });
+    assert_eq!((s[1].name.as_str(), s[1].interval, s[1].threshold), ("quiet", Duration::from_secs(5), 3));
 }
