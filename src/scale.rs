@@ -242,7 +242,10 @@ pub enum ScaleError {
     Spawn { program: PathBuf, source: std::io::Error },
     #[error("the service exited ({status}) {when}; its output is in {log}")]
     ServiceExited { status: String, when: String, log: PathBuf },
-    #[error("the service did not start within {SERVICE_START_WAIT:?}; its output is in {log}")]
+    #[error(
+        "the service did not start within {}; its output is in {log}",
+        crate::units::format_duration(SERVICE_START_WAIT)
+    )]
     NoEndpoint { log: PathBuf },
     #[error("{0}")]
     Status(String),
@@ -256,8 +259,8 @@ pub enum ScaleError {
 pub async fn run(opts: &ScaleOptions, progress: impl Fn(&str)) -> Result<ScaleReport, ScaleError> {
     if opts.window < Duration::from_secs(1) {
         return Err(ScaleError::Options(format!(
-            "the window ({:?}) must be at least 1 s; the service heartbeats once a second",
-            opts.window
+            "the window ({}) must be at least 1 s; the service heartbeats once a second",
+            crate::units::format_duration(opts.window)
         )));
     }
     let mut sizes: Vec<usize> = opts.vms.iter().copied().filter(|&n| n > 0).collect();
@@ -394,8 +397,9 @@ async fn measure_with(
     row.healthy_after_s = service.started.elapsed().as_secs_f64();
     let healthy_at = SystemTime::now();
     progress(&format!(
-        "{n} VMs: all healthy after {:.2} s; measuring {:?}",
-        row.healthy_after_s, opts.window
+        "{n} VMs: all healthy after {:.2} s; measuring {}",
+        row.healthy_after_s,
+        crate::units::format_duration(opts.window)
     ));
     tokio::time::sleep(SETTLE).await;
 

@@ -17,6 +17,9 @@ use crate::diagnose;
 use crate::forward::{ControllerConfig, HookConfig};
 use crate::units::{Dur, Size};
 
+/// The configuration file `acpimon watch` reads when none is given, if it exists.
+pub const SYSTEM_CONFIG: &str = "/etc/acpimon/watch.toml";
+
 /// Where the metrics and status endpoint listens unless configured.
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
 
@@ -42,25 +45,31 @@ pub struct Config {
     pub vms: BTreeMap<String, VmSettings>,
 }
 
-/// How one VM is watched.
-#[derive(Clone, Debug)]
+/// How one VM is watched. Serialised (for `watch --check --json`) with the file's key names.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VmSettings {
     pub enabled: bool,
     /// Misses do not count as failures for this long after the VM is attached or reboots.
+    #[serde(serialize_with = "crate::units::duration::serialize")]
     pub startup_grace: Duration,
     pub pause: PausePolicy,
+    #[serde(rename = "scenario")]
     pub scenarios: Vec<Scenario>,
+    #[serde(rename = "diagnostic")]
     pub diagnostics: Vec<diagnose::Step>,
     pub recovery: Recovery,
 }
 
 /// One monitoring scenario.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Scenario {
     /// Unique within the VM; defaults to the kind.
     pub name: String,
+    #[serde(flatten)]
     pub probe: ScenarioSpec,
+    #[serde(serialize_with = "crate::units::duration::serialize")]
     pub interval: Duration,
+    #[serde(serialize_with = "crate::units::duration::serialize")]
     pub timeout: Duration,
     /// Consecutive misses that make the VM unresponsive.
     pub threshold: u32,
@@ -201,14 +210,16 @@ impl ScenarioSpec {
 }
 
 /// What to do after diagnostics.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Recovery {
+    #[serde(flatten)]
     pub action: RecoveryAction,
     /// At most this many actions per VM in any hour (0: never act).
     pub max_per_hour: u32,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
 pub enum RecoveryAction {
     None,
     /// QMP `system_reset`.
@@ -218,6 +229,7 @@ pub enum RecoveryAction {
     /// A command (argv), with `ACPIMON_VM` and `ACPIMON_BUNDLE` set.
     Command {
         argv: Vec<String>,
+        #[serde(serialize_with = "crate::units::duration::serialize")]
         timeout: Duration,
     },
 }
@@ -408,6 +420,26 @@ impl Config {
             problems: vec![Problem { line: 0, message: format!("cannot read it: {e}") }],
         })?;
         Config::parse(&text, path)
+    }
+
+    /// What `acpimon watch` runs with: `file`; else `system` ([`SYSTEM_CONFIG`]) when it
+    /// exists; else the built-in configuration. `state_dir` overrides the file's.
+    pub fn resolve(
+        file: Option<&Path>,
+        system: &Path,
+        state_dir: Option<PathBuf>,
+    ) -> Result<Config, ConfigErrors> {
+        let file = file.or_else(|| system.exists().then_some(system));
+        match file {
+            Some(f) => {
+                let mut config = Config::load(f)?;
+                if let Some(dir) = state_dir {
+                    config.state_dir = dir;
+                }
+                Ok(config)
+            }
+            None => Ok(Config::builtin(state_dir.unwrap_or_else(default_state_dir))),
+        }
     }
 
     /// The built-in configuration: every VM in `state_dir` with the default scenarios.

@@ -146,7 +146,8 @@ pub async fn serve(
         let left = deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(left, r.task).await.is_err() {
             eprintln!(
-                "acpimon: stopping: the monitor of {name} did not stop within {STOP_DEADLINE:?}; leaving it"
+                "acpimon: stopping: the monitor of {name} did not stop within {}; leaving it",
+                crate::units::format_duration(STOP_DEADLINE)
             );
         }
     }

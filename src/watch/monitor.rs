@@ -171,9 +171,10 @@ impl Monitor {
             Ok(Err(e)) => return Err(format!("QEMU is not running: {e}")),
             Err(_) => {
                 return Err(format!(
-                    "QMP socket {} accepted but sent no greeting within {ATTACH_WAIT:?}; another client may hold \
+                    "QMP socket {} accepted but sent no greeting within {}; another client may hold \
                      the monitor (QEMU serves one client per socket)",
-                    d.qmp.display()
+                    d.qmp.display(),
+                    crate::units::format_duration(ATTACH_WAIT)
                 ))
             }
         };
@@ -706,7 +707,7 @@ async fn run_command(
         Ok(Err(e)) => Err(format!("{}: {e}", argv[0])),
         Err(_) => {
             let _ = child.kill().await;
-            Err(format!("{} still running after {timeout:?}; killed", argv[0]))
+            Err(format!("{} still running after {}; killed", argv[0], crate::units::format_duration(timeout)))
         }
     }
 }

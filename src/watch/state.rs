@@ -78,6 +78,22 @@ pub enum PausePolicy {
     Exempt,
 }
 
+impl PausePolicy {
+    /// As written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            PausePolicy::Counts => "counts",
+            PausePolicy::Exempt => "exempt",
+        }
+    }
+}
+
+impl std::fmt::Display for PausePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What one probe found.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {
