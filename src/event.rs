@@ -20,7 +20,7 @@ use crate::abi::AppStatus;
 use crate::app::Audit;
 use crate::diagnose::{Manifest, Trigger};
 use crate::judge::Reboot;
-use crate::watch::state::State;
+use crate::watch::state::{Evidence, State};
 
 /// The longest idempotency key the controller accepts.
 pub const MAX_KEY_LEN: usize = 64;
@@ -128,7 +128,7 @@ pub struct Transition {
     pub reason: String,
     /// What the state machine saw: `cause`, every scenario's misses, threshold and last
     /// outcome, `paused`, `panic`, `app`; or the QMP event or status that caused it.
-    pub evidence: Value,
+    pub evidence: Evidence,
     /// Set when the transition came from attaching to QEMU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached: Option<Attached>,

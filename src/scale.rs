@@ -1028,7 +1028,7 @@ mod tests {
             from,
             to,
             reason: format!("{from} to {to}"),
-            evidence: serde_json::Value::Null,
+            evidence: crate::watch::state::Evidence::Closed(Default::default()),
             attached: None,
         });
         let mut ev = Event::new(crate::event::new_key(), "node", Some(vm), kind);

@@ -44,7 +44,7 @@ fn examples() -> Vec<EventKind> {
             from: State::Healthy,
             to: State::Unresponsive,
             reason: "acpi-heartbeat missed 3 of 3".into(),
-            evidence: json!({ "cause": "acpi-heartbeat" }),
+            evidence: crate::watch::state::Evidence::QmpStatus { qmp_status: "running".into() },
             attached: Some(Attached { qemu: "10.0.0".into() }),
         }),
         EventKind::Reboot(RebootEvent {
@@ -218,4 +218,46 @@ fn unknown_kinds_read_as_raw_events_only() {
     let raw: RawEvent = serde_json::from_str(line).unwrap();
     assert_eq!((raw.kind.as_str(), &raw.detail["oops"]), ("kernel-report", &json!({ "line": 3 })));
     assert_eq!(serde_json::to_value(&raw).unwrap(), serde_json::from_str::<Value>(line).unwrap());
+}
+
+/// Every shape of transition evidence the service wrote reads back as its own variant.
+#[test]
+fn old_transition_evidence_reads_as_its_variant() {
+    use crate::watch::state::Evidence;
+    let probes = r#"{"cause":"tick","scenarios":[{"scenario":"acpi-heartbeat","kind":"acpi-heartbeat","consecutive_misses":3,"threshold":3,"last":{"ok":false,"detail":"no record","latency_ms":null},"unavailable":null}],"paused":false,"panic":null,"app":{"status":"failed","details":"db"}}"#;
+    let cases = [
+        (probes, "probes"),
+        (r#"{"qmp_status":"running"}"#, "qmp_status"),
+        (r#"{"qmp_event":{"event":"STOP","timestamp":{"seconds":1,"microseconds":2}}}"#, "qmp_event"),
+        (r#"{"region":{"evidence":"boot-count-changed","from":1,"to":2}}"#, "region"),
+        (r#"{"attach":"QEMU is not running"}"#, "attach"),
+        (r#"{}"#, "closed"),
+        (
+            r#"{"event":"GUEST_PANICKED","data":{"action":"pause"},"timestamp":{"seconds":1,"microseconds":2}}"#,
+            "panic",
+        ),
+    ];
+    for (json, want) in cases {
+        let line = format!(
+            r#"{{"key":"k","time":"t","node":"n","vm":"web","kind":"transition","from":"healthy","to":"late","reason":"r","evidence":{json}}}"#
+        );
+        let ev: Event = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        let EventKind::Transition(t) = &ev.kind else { panic!("not a transition: {ev:?}") };
+        let got = match &t.evidence {
+            Evidence::Probes(p) => {
+                assert_eq!(p.scenarios[0].consecutive_misses, 3);
+                "probes"
+            }
+            Evidence::QmpStatus { .. } => "qmp_status",
+            Evidence::QmpEvent { .. } => "qmp_event",
+            Evidence::Region { .. } => "region",
+            Evidence::Attach { .. } => "attach",
+            Evidence::Closed(_) => "closed",
+            Evidence::Panic(_) => "panic",
+        };
+        assert_eq!(got, want, "{json}");
+        // Written again, it is the same JSON.
+        let again = serde_json::to_value(&ev).unwrap();
+        assert_eq!(again, serde_json::from_str::<Value>(&line).unwrap());
+    }
 }

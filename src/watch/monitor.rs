@@ -16,7 +16,7 @@ use super::config::{Config, RecoveryAction, VmSettings};
 use super::metrics::{Registry, ScenarioView, VmView};
 use super::persist::{self, Memory};
 use super::probe::{self, Channels, Report};
-use super::state::{Machine, State, Track, Transition};
+use super::state::{Evidence, Machine, State, Track, Transition};
 use super::Liveness;
 use crate::abi::AppStatus;
 use crate::app::{self, AppChannel};
@@ -144,7 +144,8 @@ impl Monitor {
             match self.attach().await {
                 Ok(att) => self.attached(att, &mut stop).await,
                 Err(why) => {
-                    if let Some(t) = self.machine.gone(why.clone(), json!({ "attach": why }), Instant::now())
+                    if let Some(t) =
+                        self.machine.gone(why.clone(), Evidence::Attach { attach: why }, Instant::now())
                     {
                         self.transition(t, None);
                     }
@@ -269,7 +270,7 @@ impl Monitor {
                     Err(_) => {}
                 },
                 _ = att.qmp.closed() => {
-                    let t = self.machine.gone("QEMU exited (its QMP connection closed)".into(), json!({}), Instant::now());
+                    let t = self.machine.gone("QEMU exited (its QMP connection closed)".into(), Evidence::Closed(Default::default()), Instant::now());
                     if let Some(t) = t {
                         self.transition(t, None);
                     }
@@ -428,7 +429,7 @@ impl Monitor {
                     "guest-shutdown" => "the guest powered off".to_string(),
                     other => format!("the VM shut down ({other})"),
                 };
-                self.machine.gone(why, json!({ "qmp_event": ev.raw }), now)
+                self.machine.gone(why, Evidence::QmpEvent { qmp_event: ev.raw }, now)
             }
             _ => None,
         };
@@ -440,10 +441,14 @@ impl Monitor {
 
     fn reboot(&mut self, evidence: RebootEvidence) {
         self.view.lock().unwrap().reboots += 1;
-        let value = serde_json::to_value(&evidence).expect("evidence serialises");
-        self.log(&format!("the guest rebooted: {value}"));
+        let seen = match &evidence {
+            RebootEvidence::QmpEvent(e) => Evidence::QmpEvent { qmp_event: e.clone() },
+            RebootEvidence::Region(r) => Evidence::Region { region: r.clone() },
+        };
+        let shown = serde_json::to_string(&evidence).expect("evidence serialises");
+        self.log(&format!("the guest rebooted: {shown}"));
         self.emit(EventKind::Reboot(event::RebootEvent { evidence }));
-        if let Some(t) = self.machine.rebooted(value, Instant::now()) {
+        if let Some(t) = self.machine.rebooted(seen, Instant::now()) {
             self.transition(t, None);
         }
     }
@@ -476,7 +481,7 @@ impl Monitor {
                     kind: t.to.name().into(),
                     time: now_rfc3339(),
                     reason: t.reason.clone(),
-                    evidence: t.evidence,
+                    evidence: serde_json::to_value(&t.evidence).expect("evidence serialises"),
                 },
                 event: key,
                 bundle,
