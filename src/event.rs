@@ -106,11 +106,12 @@ pub struct AppHealth {
     pub status: AppStatus,
     pub details: String,
     pub source: AppSource,
-    /// The request answered, when the app answered one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The request answered, when the app answered one; always sent (`null` otherwise), as
+    /// readers have relied on.
+    #[serde(default)]
     pub id: Option<String>,
-    /// The audit's result, when the request named one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The audit's result, when the request named one; always sent, like `id`.
+    #[serde(default)]
     pub audit: Option<Audit>,
 }
 

@@ -190,6 +190,21 @@ fn old_log_lines_still_read() {
     assert!(serde_json::to_string(&invalid).unwrap().contains(r#""dir":"/run/acpimon/web""#));
 }
 
+/// Readers index these fields: they are sent even when empty, as before.
+#[test]
+fn app_health_always_sends_id_and_audit() {
+    let kind = EventKind::AppHealth(AppHealth {
+        status: AppStatus::Ok,
+        details: String::new(),
+        source: AppSource::Mailbox,
+        id: None,
+        audit: None,
+    });
+    let v = serde_json::to_value(event(kind)).unwrap();
+    assert_eq!((&v["id"], &v["audit"]), (&Value::Null, &Value::Null));
+    assert!(v.as_object().unwrap().contains_key("audit"));
+}
+
 #[test]
 fn validate_refuses_bad_keys_and_hook_env_names_the_kind() {
     let ok = event(EventKind::VmRemoved(VmRemoved { dir: "/d".into() }));
