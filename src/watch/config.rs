@@ -682,7 +682,7 @@ impl Validator<'_> {
         section: &str,
     ) -> Option<Scenario> {
         let kind = t.get("kind").and_then(|k| k.as_str()).unwrap_or("?").to_string();
-        // Every kind's keys; the rest is the kind's own (ScenarioSpec).
+        // Every kind's keys first: name, interval, timeout, threshold.
         let name = match t.remove("name") {
             None => kind.clone(),
             Some(toml::Value::String(n)) => n,
@@ -693,25 +693,24 @@ impl Validator<'_> {
         };
         let at = format!("{section}.scenario '{name}'");
         let mut ok = true;
-        let mut common = |key: &str, this: &mut Self| -> Option<toml::Value> {
+        let mut take = |key: &str, this: &mut Self| -> Option<toml::Value> {
             let v = t.remove(key)?;
             let checked = match key {
-                "threshold" => v.clone().try_into::<u32>().map(|_| ()),
-                _ => v.clone().try_into::<Dur>().map(|_| ()),
+                "threshold" => v.clone().try_into::<u32>().map(drop),
+                _ => v.clone().try_into::<Dur>().map(drop),
             };
-            match checked {
-                Ok(()) => Some(v),
-                Err(e) => {
-                    this.problem(span.clone(), format!("{at}: {key}: {}", e.message().trim()));
-                    ok = false;
-                    None
-                }
+            if let Err(e) = checked {
+                this.problem(span.clone(), format!("{at}: {key}: {}", e.message().trim()));
+                ok = false;
+                return None;
             }
+            Some(v)
         };
-        let interval = common("interval", self).and_then(|v| v.try_into::<Dur>().ok()).map(|d| d.0);
-        let timeout = common("timeout", self).and_then(|v| v.try_into::<Dur>().ok()).map(|d| d.0);
-        let threshold = common("threshold", self).and_then(|v| v.try_into::<u32>().ok());
-        // Keys the kind does not have: all reported at once, as one problem.
+        let interval = take("interval", self).and_then(|v| v.try_into::<Dur>().ok()).map(|d| d.0);
+        let timeout = take("timeout", self).and_then(|v| v.try_into::<Dur>().ok()).map(|d| d.0);
+        let threshold = take("threshold", self).and_then(|v| v.try_into::<u32>().ok());
+        // The rest is the kind's own (ScenarioSpec). Keys the kind does not have are taken out
+        // one by one as serde names them, so all are reported at once, as one problem.
         let mut unused = Vec::new();
         let spec = loop {
             match toml::Value::Table(t.clone()).try_into::<ScenarioSpec>() {
@@ -724,15 +723,14 @@ impl Validator<'_> {
                             continue;
                         }
                     }
+                    // serde lists the kinds it knows: a new variant needs no edit here.
                     let msg = match msg.strip_prefix("unknown variant ") {
                         Some(rest) => format!(
-                            "kind '{kind}' is unknown; use {}",
+                            "{section}.scenario: kind '{kind}' is unknown; use {}",
                             rest.split_once("expected ").map_or(rest, |(_, kinds)| kinds)
                         ),
                         None => format!("{at}: {msg}"),
                     };
-                    let msg =
-                        if msg.starts_with("kind '") { format!("{section}.scenario: {msg}") } else { msg };
                     self.problem(span.clone(), msg);
                     break None;
                 }
