@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::read::GuestRecord;
 
@@ -16,7 +16,7 @@ use crate::read::GuestRecord;
 pub const TICKS_PER_SEC: u64 = 10_000_000;
 
 /// Why the tracker believes the guest rebooted.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "evidence")]
 pub enum Reboot {
     /// The first record of a boot adds one to the region's boot count.

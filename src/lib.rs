@@ -10,6 +10,7 @@ pub mod bench;
 pub mod console;
 pub mod demo;
 pub mod diagnose;
+pub mod event;
 pub mod forward;
 pub mod generate;
 pub mod judge;

@@ -130,8 +130,8 @@ enum Command {
     /// Watch every VM in the state directory: scenarios, state, diagnostics, forwarding,
     /// metrics. Runs until SIGTERM or SIGINT.
     Watch {
-        /// The configuration file (TOML; see the README). Without it: every VM in
-        /// --state-dir with the default scenarios.
+        /// The configuration file (TOML; see the README). Without it: /etc/acpimon/watch.toml
+        /// if it exists, else every VM in --state-dir with the default scenarios.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// The state directory (overrides the file's state_dir).
@@ -140,13 +140,17 @@ enum Command {
         /// Only validate the configuration, print what it resolves to, and exit.
         #[arg(long)]
         check: bool,
+        /// With --check: print the resolved configuration as JSON.
+        #[arg(long, requires = "check")]
+        json: bool,
     },
     /// Show every VM a running `acpimon watch` is watching.
     Status {
         /// The service's configuration, to find its status address.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// The service's metrics/status address [default: from --config, else 127.0.0.1:9464].
+        /// The service's metrics/status address [default: from --config, else from
+        /// /etc/acpimon/watch.toml if it exists, else 127.0.0.1:9464].
         #[arg(long, value_name = "IP:PORT")]
         addr: Option<std::net::SocketAddr>,
         /// Print the service's JSON.
@@ -423,8 +427,12 @@ fn run(command: Command) -> Result<(), Error> {
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
             runtime().block_on(bench(count.max(1), seconds, &machine, &state_dir))
         }
-        Command::Watch { config, state_dir, check } => {
+        Command::Watch { config, state_dir, check, json } => {
             let config = watch_config(config.as_deref(), state_dir)?;
+            if check && json {
+                println!("{:#}", acpimon::report::config_json(&config));
+                return Ok(());
+            }
             if check {
                 print!("{}", acpimon::report::config_summary(&config));
                 return Ok(());
@@ -432,6 +440,8 @@ fn run(command: Command) -> Result<(), Error> {
             runtime().block_on(watch(config))
         }
         Command::Status { config, addr, json } => {
+            let system = PathBuf::from(acpimon::watch::config::SYSTEM_CONFIG);
+            let config = config.or_else(|| system.exists().then_some(system));
             let addr = match (addr, config) {
                 (Some(a), _) => a,
                 (None, Some(file)) => acpimon::watch::Config::load(&file)?.metrics.ok_or_else(|| {
@@ -523,16 +533,11 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
 }
 
-/// The service's configuration: the file, or the built-in one; `--state-dir` overrides.
+/// The service's configuration: the file, /etc/acpimon/watch.toml, or the built-in one;
+/// `--state-dir` overrides.
 fn watch_config(file: Option<&Path>, state_dir: Option<PathBuf>) -> Result<acpimon::watch::Config, Error> {
-    let mut config = match file {
-        Some(f) => acpimon::watch::Config::load(f)?,
-        None => acpimon::watch::Config::builtin(state_dir.clone().unwrap_or_else(default_state_dir)),
-    };
-    if let (Some(dir), Some(_)) = (state_dir, file) {
-        config.state_dir = dir;
-    }
-    Ok(config)
+    let system = Path::new(acpimon::watch::config::SYSTEM_CONFIG);
+    Ok(acpimon::watch::Config::resolve(file, system, state_dir)?)
 }
 
 /// `acpimon watch`: the service, until SIGTERM or SIGINT.

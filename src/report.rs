@@ -20,6 +20,16 @@ pub struct SnapshotReport<'a> {
     pub observation: Option<&'a Observation>,
 }
 
+/// How a value is written for people: its serde name (`ged`, `degraded`), or its JSON when it
+/// has fields; never Rust's `Debug` form.
+fn shown<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
 /// The human table of a snapshot.
 pub fn snapshot_table(region: &Path, snap: &Snapshot, obs: Option<&Observation>) -> String {
     let mut out = String::new();
@@ -35,7 +45,13 @@ pub fn snapshot_table(region: &Path, snap: &Snapshot, obs: Option<&Observation>)
         Some(r) => {
             row(
                 "record",
-                format!("#{} (seq {}) from {:?}, status {:?}", r.seq / 2, r.seq, r.source, r.status),
+                format!(
+                    "#{} (seq {}) from {}, status {}",
+                    r.seq / 2,
+                    r.seq,
+                    shown(&r.source),
+                    shown(&r.status)
+                ),
             );
             let answered = if r.answers(req.request_no, req.nonce) {
                 "answers the current request"
@@ -56,10 +72,10 @@ pub fn snapshot_table(region: &Path, snap: &Snapshot, obs: Option<&Observation>)
             );
         }
     }
-    let mut notes: Vec<String> = snap.anomalies.iter().map(|a| format!("{a:?}")).collect();
+    let mut notes: Vec<String> = snap.anomalies.iter().map(shown).collect();
     if let Some(o) = obs {
-        notes.extend(o.reboot.iter().map(|r| format!("reboot: {r:?}")));
-        notes.extend(o.anomalies.iter().map(|a| format!("{a:?}")));
+        notes.extend(o.reboot.iter().map(|r| format!("reboot: {}", shown(r))));
+        notes.extend(o.anomalies.iter().map(shown));
     }
     row("anomalies", if notes.is_empty() { "none".into() } else { notes.join("; ") });
     out
@@ -77,11 +93,11 @@ pub fn run_event_line(ev: &RunEvent) -> String {
                 "beat #{request_no:<5} ok {:>7.2} ms  seq {:<6} source {:<8} boot {} uptime {uptime}",
                 latency.as_secs_f64() * 1e3,
                 record.seq,
-                format!("{:?}", record.source).to_lowercase(),
+                shown(&record.source),
                 record.boot_count,
             );
             if let Some(r) = &observation.reboot {
-                write!(line, "  REBOOT ({r:?})").unwrap();
+                write!(line, "  REBOOT ({})", shown(r)).unwrap();
             }
             line
         }
@@ -91,9 +107,9 @@ pub fn run_event_line(ev: &RunEvent) -> String {
             last.map(|r| r.seq.to_string()).unwrap_or_else(|| "none".into())
         ),
         RunEvent::Booted { after, record } => format!(
-            "guest booted: first record after {:.2} s (source {:?}, boot {}, BAR {:#010x}); heartbeats start",
+            "guest booted: first record after {:.2} s (source {}, boot {}, BAR {:#010x}); heartbeats start",
             after.as_secs_f64(),
-            record.source,
+            shown(&record.source),
             record.boot_count,
             record.bar
         ),
@@ -109,6 +125,34 @@ pub fn summary_line(s: &Summary) -> String {
         "summary: sent {} acknowledged {} missed {} errors {} (and {} during start-up); latency p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms max {:.2} ms",
         s.sent, s.acked, s.missed, s.errors, s.startup, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
     )
+}
+
+/// `acpimon watch --check --json`: what a configuration resolves to, with the file's key names
+/// and every default filled in.
+pub fn config_json(c: &crate::watch::Config) -> serde_json::Value {
+    use crate::units::format_duration as d;
+    serde_json::json!({
+        "state_dir": c.state_dir,
+        "data_dir": c.data_dir,
+        "node": c.node,
+        "discover_interval": d(c.discover_interval),
+        "console_keep": c.console_keep,
+        "event_log": c.event_log,
+        "touch_file": c.touch_file,
+        "metrics": c.metrics,
+        "controller": c.controller.as_ref().map(|k| serde_json::json!({
+            "url": k.url,
+            "timeout": d(k.timeout),
+            "spool_max": k.spool_max_bytes,
+            "spool_max_events": k.spool_max_events,
+            "backoff_min": d(k.backoff_min),
+            "backoff_max": d(k.backoff_max),
+        })),
+        "hook": c.hook.as_ref().map(|h| serde_json::json!({ "argv": h.argv, "timeout": d(h.timeout) })),
+        "bundles": { "keep_per_vm": c.bundles_keep },
+        "defaults": c.defaults,
+        "vm": c.vms,
+    })
 }
 
 /// `acpimon watch --check`: what a configuration resolves to.
@@ -127,7 +171,7 @@ pub fn config_summary(c: &crate::watch::Config) -> String {
     for (name, s) in vms {
         let _ = writeln!(
             o,
-            "{name}: {}grace {}, pauses {:?}, recovery {} (at most {}/h)",
+            "{name}: {}grace {}, pauses {}, recovery {} (at most {}/h)",
             if s.enabled { "" } else { "DISABLED, " },
             d(s.startup_grace),
             s.pause,

@@ -123,8 +123,8 @@ pub async fn run(
         }
         Ok(None) => report(&RunEvent::Error {
             message: format!(
-                "no record from the guest within {:?}: its AML cannot reach the region, or it has not booted; heartbeats start anyway",
-                opts.boot_timeout
+                "no record from the guest within {}: its AML cannot reach the region, or it has not booted; heartbeats start anyway",
+                crate::units::format_duration(opts.boot_timeout)
             ),
         }),
         Err(()) => return Ok(Summary::default()),

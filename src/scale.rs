@@ -39,7 +39,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::forward::Event;
+use crate::event::{Event, EventKind};
 use crate::simvm::{spawn_fleet, SimError, SimState, SimVm, SimVmOptions};
 use crate::watch::metrics::{fetch_status, StatusView};
 use crate::watch::state::State;
@@ -242,7 +242,10 @@ pub enum ScaleError {
     Spawn { program: PathBuf, source: std::io::Error },
     #[error("the service exited ({status}) {when}; its output is in {log}")]
     ServiceExited { status: String, when: String, log: PathBuf },
-    #[error("the service did not start within {SERVICE_START_WAIT:?}; its output is in {log}")]
+    #[error(
+        "the service did not start within {}; its output is in {log}",
+        crate::units::format_duration(SERVICE_START_WAIT)
+    )]
     NoEndpoint { log: PathBuf },
     #[error("{0}")]
     Status(String),
@@ -256,8 +259,8 @@ pub enum ScaleError {
 pub async fn run(opts: &ScaleOptions, progress: impl Fn(&str)) -> Result<ScaleReport, ScaleError> {
     if opts.window < Duration::from_secs(1) {
         return Err(ScaleError::Options(format!(
-            "the window ({:?}) must be at least 1 s; the service heartbeats once a second",
-            opts.window
+            "the window ({}) must be at least 1 s; the service heartbeats once a second",
+            crate::units::format_duration(opts.window)
         )));
     }
     let mut sizes: Vec<usize> = opts.vms.iter().copied().filter(|&n| n > 0).collect();
@@ -394,8 +397,9 @@ async fn measure_with(
     row.healthy_after_s = service.started.elapsed().as_secs_f64();
     let healthy_at = SystemTime::now();
     progress(&format!(
-        "{n} VMs: all healthy after {:.2} s; measuring {:?}",
-        row.healthy_after_s, opts.window
+        "{n} VMs: all healthy after {:.2} s; measuring {}",
+        row.healthy_after_s,
+        crate::units::format_duration(opts.window)
     ));
     tokio::time::sleep(SETTLE).await;
 
@@ -668,27 +672,26 @@ struct Findings {
 fn analyze(events: &[Event], healthy_at: SystemTime, hung: &BTreeMap<String, SystemTime>) -> Findings {
     let mut detections: BTreeMap<&str, Option<f64>> = hung.keys().map(|k| (k.as_str(), None)).collect();
     let mut false_alarms = Vec::new();
-    for ev in events.iter().filter(|e| e.kind == "transition") {
+    for ev in events {
+        let EventKind::Transition(t) = &ev.kind else { continue };
         let (Some(vm), Ok(time)) = (ev.vm.as_deref(), humantime::parse_rfc3339(&ev.time)) else { continue };
         if time < healthy_at {
             continue;
         }
-        let field = |k: &str| ev.detail.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-        let to = field("to");
         match hung.get(vm) {
             Some(&hung_at) if time >= hung_at => {
                 let d = detections.get_mut(vm).expect("every hung VM has an entry");
-                if to == "unresponsive" && d.is_none() {
+                if t.to == State::Unresponsive && d.is_none() {
                     *d = Some(time.duration_since(hung_at).unwrap_or_default().as_secs_f64());
                 }
             }
-            _ if to == "healthy" || to == "recovered" => {}
+            _ if t.to == State::Healthy || t.to == State::Recovered => {}
             _ => false_alarms.push(FalseAlarm {
                 vm: vm.into(),
                 time: ev.time.clone(),
-                from: field("from"),
-                to,
-                reason: field("reason"),
+                from: t.from.name().into(),
+                to: t.to.name().into(),
+                reason: t.reason.clone(),
             }),
         }
     }
@@ -1008,11 +1011,15 @@ mod tests {
         assert_eq!(detection_bound(), Duration::from_secs(4));
     }
 
-    fn transition(vm: &str, time: SystemTime, from: &str, to: &str) -> Event {
-        let mut ev = Event::new("node", Some(vm), "transition")
-            .with("from", from)
-            .with("to", to)
-            .with("reason", format!("{from} to {to}"));
+    fn transition(vm: &str, time: SystemTime, from: State, to: State) -> Event {
+        let kind = EventKind::Transition(crate::event::Transition {
+            from,
+            to,
+            reason: format!("{from} to {to}"),
+            evidence: crate::watch::state::Evidence::Closed(Default::default()),
+            attached: None,
+        });
+        let mut ev = Event::new(crate::event::new_key(), "node", Some(vm), kind);
         ev.time = crate::units::rfc3339(time);
         ev
     }
@@ -1024,20 +1031,22 @@ mod tests {
         let hung = BTreeMap::from([("sim-0000".to_string(), at(10_000)), ("sim-0005".into(), at(10_100))]);
         let events = vec![
             // Before everything was healthy: start-up, not counted.
-            transition("sim-0003", at(500), "starting", "healthy"),
-            transition("sim-0003", at(900), "starting", "late"),
+            transition("sim-0003", at(500), State::Starting, State::Healthy),
+            transition("sim-0003", at(900), State::Starting, State::Late),
             // A VM not hung going late and back: one false alarm.
-            transition("sim-0007", at(5_000), "healthy", "late"),
-            transition("sim-0007", at(6_000), "late", "healthy"),
+            transition("sim-0007", at(5_000), State::Healthy, State::Late),
+            transition("sim-0007", at(6_000), State::Late, State::Healthy),
             // A hung VM before its hang: a false alarm too.
-            transition("sim-0005", at(8_000), "healthy", "late"),
-            transition("sim-0005", at(9_000), "late", "healthy"),
+            transition("sim-0005", at(8_000), State::Healthy, State::Late),
+            transition("sim-0005", at(9_000), State::Late, State::Healthy),
             // The hangs.
-            transition("sim-0000", at(11_000), "healthy", "late"),
-            transition("sim-0000", at(13_450), "late", "unresponsive"),
-            transition("sim-0005", at(11_100), "healthy", "late"),
+            transition("sim-0000", at(11_000), State::Healthy, State::Late),
+            transition("sim-0000", at(13_450), State::Late, State::Unresponsive),
+            transition("sim-0005", at(11_100), State::Healthy, State::Late),
         ];
-        let mut other = Event::new("node", Some("sim-0001"), "reboot");
+        let evidence = crate::event::RebootEvidence::QmpEvent(serde_json::Value::Null);
+        let reboot = EventKind::Reboot(crate::event::RebootEvent { evidence });
+        let mut other = Event::new(crate::event::new_key(), "node", Some("sim-0001"), reboot);
         other.time = crate::units::rfc3339(at(7_000));
         let mut all = events.clone();
         all.push(other);
@@ -1054,7 +1063,10 @@ mod tests {
         let path = dir.path().join("events.jsonl");
         let mut tail = EventTail::new(path.clone());
         assert!(tail.read_new().unwrap().is_empty());
-        let line = |vm: &str| serde_json::to_string(&Event::new("n", Some(vm), "transition")).unwrap();
+        let line = |vm: &str| {
+            serde_json::to_string(&transition(vm, SystemTime::UNIX_EPOCH, State::Starting, State::Healthy))
+                .unwrap()
+        };
         let (a, b) = (line("a"), line("b"));
         std::fs::write(&path, format!("{a}\n{}", &b[..10])).unwrap();
         let got = tail.read_new().unwrap();

@@ -165,6 +165,30 @@ fn watch_checks_its_configuration_and_reports_every_problem_with_its_line() {
 }
 
 #[test]
+fn watch_check_prints_words_or_json_never_debug() {
+    let shipped = common::repo().join("dist/watch.toml");
+    let shipped = shipped.to_str().unwrap();
+    let out = acpimon(&["watch", "--config", shipped, "--check"]);
+    let summary = text(&out.stdout);
+    assert!(summary.contains("(defaults): grace 2m, pauses counts, recovery none"), "{summary}");
+    assert!(!summary.contains("Counts"), "{summary}");
+
+    let out = acpimon(&["watch", "--config", shipped, "--check", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
+    assert_eq!(v["defaults"]["pause"], "counts");
+    assert_eq!(v["defaults"]["scenario"][0]["kind"], "acpi-heartbeat");
+    let steps: Vec<&str> =
+        v["defaults"]["diagnostic"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["console-tail", "sysrq", "qmp-status", "qmp-cpus", "registers", "guest-agent"]);
+    assert_eq!(v["state_dir"], "/run/acpimon");
+
+    let out = acpimon(&["watch", "--config", shipped, "--json"]);
+    assert_eq!(out.status.code(), Some(2), "--json only goes with --check");
+    assert!(text(&out.stderr).contains("--check"), "{}", text(&out.stderr));
+}
+
+#[test]
 fn status_without_a_service_says_how_to_find_one() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let out = acpimon(&["status", "--addr", &format!("127.0.0.1:{port}")]);

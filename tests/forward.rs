@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use acpimon::event::{self, EventKind};
 use acpimon::forward::controller::{self, ControllerError, ControllerOptions};
 use acpimon::forward::{
     ControllerConfig, Event, ForwardConfig, ForwardError, ForwardStats, ForwardTask, Forwarder, HookConfig,
@@ -151,8 +152,26 @@ impl Running {
     }
 }
 
+/// A typed event of `kind` (a few kinds are enough here) whose fields carry `i`.
+fn event(vm: Option<&str>, kind: &str, i: usize) -> Event {
+    let kind = match kind {
+        "reboot" => EventKind::Reboot(event::RebootEvent {
+            evidence: event::RebootEvidence::QmpEvent(serde_json::json!({ "event": "RESET", "i": i })),
+        }),
+        "service-started" => EventKind::ServiceStarted(event::ServiceStarted {
+            version: format!("0.{i}"),
+            state_dir: "/run/acpimon".into(),
+            metrics: None,
+        }),
+        // Any app-info payload: big ones for the size limits.
+        "app-info" => EventKind::AppInfo(event::AppInfo { info: serde_json::json!({ "i": i }) }),
+        _ => EventKind::VmRemoved(event::VmRemoved { dir: format!("/run/acpimon/vm{i}").into() }),
+    };
+    Event::new(event::new_key(), "node1", vm, kind)
+}
+
 fn events(n: usize, kind: &str) -> Vec<Event> {
-    (0..n).map(|i| Event::new("node1", Some("vm1"), kind).with("i", i)).collect()
+    (0..n).map(|i| event(Some("vm1"), kind, i)).collect()
 }
 
 fn keys(events: &[Event]) -> Vec<String> {
@@ -327,8 +346,9 @@ async fn refused_event_is_set_aside_and_does_not_block_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = Controller::start("127.0.0.1:0".parse().unwrap(), &dir.path().join("store"), None).await;
     let (fw, task) = Forwarder::open(config(dir.path(), Some(controller_cfg(ctl.addr)), None)).unwrap();
-    let huge = Event::new("node1", None, "bundle").with("blob", "x".repeat(controller::MAX_BODY));
-    let after = Event::new("node1", None, "recovery");
+    let mut huge = event(None, "app-info", 0);
+    huge.kind = EventKind::AppInfo(event::AppInfo { info: "x".repeat(controller::MAX_BODY).into() });
+    let after = event(None, "vm-removed", 1);
     fw.submit(&huge).unwrap();
     fw.submit(&after).unwrap();
     let running = run(task);
@@ -364,8 +384,8 @@ async fn hook_gets_stdin_and_env() {
     // No controller: the hook works on its own.
     let (fw, task) = Forwarder::open(config(dir.path(), None, Some(hook))).unwrap();
     let running = run(task);
-    let with_vm = Event::new("node1", Some("vm7"), "reboot").with("boot", 3);
-    let without_vm = Event::new("node1", None, "service-started");
+    let with_vm = event(Some("vm7"), "reboot", 3);
+    let without_vm = event(None, "service-started", 0);
     fw.submit(&with_vm).unwrap();
     fw.submit(&without_vm).unwrap();
     wait_for("2 hook runs", || fw.stats().hook_runs == 2).await;
@@ -442,7 +462,7 @@ async fn shutdown_is_prompt_while_backing_off_or_waiting_for_an_answer() {
     };
     let (fw, task) = Forwarder::open(config(&dir.path().join("a"), Some(cfg), None)).unwrap();
     let running = run(task);
-    fw.submit(&Event::new("n", None, "k")).unwrap();
+    fw.submit(&event(None, "vm-removed", 0)).unwrap();
     wait_for("a failed attempt", || fw.stats().attempts_failed == 1).await;
     running.stop().await;
     assert_eq!(spool_files(&dir.path().join("a")).len(), 1, "the entry stays for next time");
@@ -463,7 +483,7 @@ async fn shutdown_is_prompt_while_backing_off_or_waiting_for_an_answer() {
     let cfg = ControllerConfig { timeout: Duration::from_millis(200), ..controller_cfg(silent_addr) };
     let (fw, task) = Forwarder::open(config(&dir.path().join("b"), Some(cfg), None)).unwrap();
     let running = run(task);
-    fw.submit(&Event::new("n", None, "k")).unwrap();
+    fw.submit(&event(None, "vm-removed", 0)).unwrap();
     wait_for("a timed-out attempt", || fw.stats().attempts_failed >= 1).await;
     let s: ForwardStats = fw.stats();
     assert!(s.last_error.as_deref().unwrap_or("").contains("no answer within"), "{s:?}");
@@ -487,7 +507,7 @@ async fn controller_refuses_bad_input_and_survives_garbage() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = Controller::start("127.0.0.1:0".parse().unwrap(), &dir.path().join("store"), None).await;
     let a = ctl.addr;
-    let ev = Event::new("n", None, "k");
+    let ev = event(None, "vm-removed", 0);
     let body = serde_json::to_vec(&ev).unwrap();
     let mut bad_key = ev.clone();
     bad_key.key = "../../etc/passwd".into();

@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use acpimon::forward::Event;
+use acpimon::event::RawEvent as Event;
 use acpimon::watch::state::State;
 use common::guest::{Guest, GuestSpec};
 use common::service::{free_port, is_transition, watch_guest, Controller, Service};
@@ -396,6 +396,7 @@ async fn vms_are_picked_up_and_dropped_as_their_directories_come_and_go() {
     std::fs::write(state.join("broken/vm.json"), b"{").unwrap();
     let e = svc.wait_event("vm-invalid", Duration::from_secs(10), |e| e.kind == "vm-invalid").await;
     assert!(e.detail["error"].as_str().unwrap().contains("prepare the VM again"), "{e:?}");
+    assert_eq!(e.detail["dir"], state.join("broken").to_str().unwrap(), "the documented field name");
     assert!(svc.vm("broken").await.is_none());
 }
 

@@ -48,7 +48,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::util::{lock, until_true};
@@ -56,96 +55,7 @@ use writer::Job;
 
 pub use http::{parse_url, Endpoint};
 
-/// One event, as logged, spooled and POSTed. The schema is documented in the README
-/// ("Events"); fields are only ever added.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    /// Idempotency key: unique per event, fixed when the event is created and kept across
-    /// retries and service restarts. 32 lowercase hex digits.
-    pub key: String,
-    /// When it happened: RFC 3339 UTC with milliseconds.
-    pub time: String,
-    /// The node (host name) the service runs on.
-    pub node: String,
-    /// The VM it concerns; `None` for events of the service itself.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vm: Option<String>,
-    /// What happened: "transition", "reboot", "bundle", "recovery", "vm-added", "vm-removed",
-    /// "service-started", ...
-    pub kind: String,
-    /// The kind's own fields.
-    #[serde(flatten)]
-    pub detail: Map<String, Value>,
-}
-
-/// A fresh idempotency key.
-pub fn new_key() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
-
-/// The field names of [`Event`] itself; a `detail` entry may not reuse one (it would be
-/// serialised twice and no reader could decode the event).
-pub const RESERVED_FIELDS: [&str; 5] = ["key", "time", "node", "vm", "kind"];
-
-/// The longest idempotency key the controller accepts.
-pub const MAX_KEY_LEN: usize = 64;
-
-/// Whether `key` is an idempotency key the controller accepts: 1-64 characters of
-/// `[0-9A-Za-z_-]` (so it is also a safe file name).
-pub fn valid_key(key: &str) -> bool {
-    !key.is_empty()
-        && key.len() <= MAX_KEY_LEN
-        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-impl Event {
-    /// A new event of `kind` happening now, with a fresh key.
-    pub fn new(node: &str, vm: Option<&str>, kind: &str) -> Event {
-        Event {
-            key: new_key(),
-            time: crate::units::now_rfc3339(),
-            node: node.into(),
-            vm: vm.map(Into::into),
-            kind: kind.into(),
-            detail: Map::new(),
-        }
-    }
-
-    /// Adds one detail field (builder style).
-    pub fn with(mut self, name: &str, value: impl Into<Value>) -> Event {
-        self.detail.insert(name.into(), value.into());
-        self
-    }
-
-    /// Checks what the controller would refuse: the key's syntax and detail fields that
-    /// shadow the event's own.
-    pub fn validate(&self) -> Result<(), ForwardError> {
-        if !valid_key(&self.key) {
-            return Err(ForwardError::BadEvent(format!(
-                "key '{}' is not 1-{MAX_KEY_LEN} characters of [0-9A-Za-z_-]; make it with forward::new_key()",
-                self.key.escape_debug()
-            )));
-        }
-        if let Some(name) = RESERVED_FIELDS.iter().find(|n| self.detail.contains_key(**n)) {
-            return Err(ForwardError::BadEvent(format!(
-                "detail field '{name}' of event {} shadows the event's own field; rename it",
-                self.key
-            )));
-        }
-        Ok(())
-    }
-
-    /// The environment a hook or analyzer gets: `ACPIMON_EVENT_KEY`, `ACPIMON_EVENT_KIND` and,
-    /// when the event concerns a VM, `ACPIMON_VM`.
-    pub fn hook_env(&self) -> Vec<(&'static str, String)> {
-        let mut env =
-            vec![("ACPIMON_EVENT_KEY", self.key.clone()), ("ACPIMON_EVENT_KIND", self.kind.clone())];
-        if let Some(vm) = &self.vm {
-            env.push(("ACPIMON_VM", vm.clone()));
-        }
-        env
-    }
-}
+pub use crate::event::{new_key, valid_key, Event, RawEvent, MAX_KEY_LEN};
 
 /// Where events go. Built by the CLI from `watch`'s configuration.
 #[derive(Clone, Debug)]
@@ -444,7 +354,7 @@ impl Forwarder {
     /// means the event goes to the log (and the hook queue) but will not reach the controller.
     /// Write failures come later, from the writer: reported on stderr and counted.
     pub fn submit(&self, ev: &Event) -> Result<(), ForwardError> {
-        ev.validate()?;
+        ev.validate().map_err(|e| ForwardError::BadEvent(e.to_string()))?;
         let json: Arc<[u8]> =
             serde_json::to_vec(ev).map_err(|e| ForwardError::BadEvent(e.to_string()))?.into();
         let mut first_error = None;
@@ -663,6 +573,7 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventKind;
 
     fn controller(url: &str) -> ControllerConfig {
         ControllerConfig {
@@ -673,6 +584,12 @@ mod tests {
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(100),
         }
+    }
+
+    /// The `i`-th test event (its directory names it).
+    fn event(i: usize) -> Event {
+        let dir = format!("/run/acpimon/vm{i}").into();
+        Event::new(new_key(), "n", None, EventKind::VmRemoved(crate::event::VmRemoved { dir }))
     }
 
     fn config(dir: &Path, controller: Option<ControllerConfig>) -> ForwardConfig {
@@ -699,27 +616,6 @@ mod tests {
     }
 
     #[test]
-    fn validate_rejects_bad_keys_and_shadowing_fields() {
-        let ok = Event::new("n", Some("vm1"), "reboot").with("boot", 2);
-        ok.validate().unwrap();
-        let mut bad = ok.clone();
-        bad.key = "a/b".into();
-        assert!(bad.validate().unwrap_err().to_string().contains("new_key"));
-        bad.key = "x".repeat(65);
-        assert!(bad.validate().is_err());
-        let shadow = ok.clone().with("kind", "other");
-        assert!(shadow.validate().unwrap_err().to_string().contains("'kind'"));
-        assert_eq!(
-            ok.hook_env(),
-            vec![
-                ("ACPIMON_EVENT_KEY", ok.key.clone()),
-                ("ACPIMON_EVENT_KIND", "reboot".into()),
-                ("ACPIMON_VM", "vm1".into())
-            ]
-        );
-    }
-
-    #[test]
     fn open_validates_settings() {
         let dir = tempfile::tempdir().unwrap();
         let err =
@@ -741,7 +637,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (fw, _task) =
             Forwarder::open(config(dir.path(), Some(controller("http://127.0.0.1:9")))).unwrap();
-        let events: Vec<Event> = (0..3).map(|i| Event::new("n", None, "test").with("i", i)).collect();
+        let events: Vec<Event> = (0..3).map(event).collect();
         for ev in &events {
             fw.submit(ev).unwrap();
         }
@@ -766,7 +662,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (fw, _task) = Forwarder::open(config(dir.path(), None)).unwrap();
         let state = dir.path().join("vms/web.json");
-        let ev = Event::new("n", Some("web"), "test");
+        let ev = event(1);
         fw.submit(&ev).unwrap();
         fw.save_state(state.clone(), b"1".to_vec());
         fw.save_state(state.clone(), b"2".to_vec());
@@ -788,12 +684,23 @@ mod tests {
         torn.extend_from_slice(br#"{"key":"0123"#);
         std::fs::write(&path, &torn).unwrap();
         let (fw, _task) = Forwarder::open(config(dir.path(), None)).unwrap();
-        fw.submit(&Event::new("n", None, "after")).unwrap();
+        fw.submit(&event(2)).unwrap();
         fw.flush();
         let text = std::fs::read_to_string(&path).unwrap();
-        let kinds: Vec<String> =
-            text.lines().map(|l| serde_json::from_str::<Event>(l).unwrap().kind).collect();
-        assert_eq!(kinds, vec!["test", "after"]);
+        let dirs: Vec<PathBuf> = text
+            .lines()
+            .map(|l| match serde_json::from_str::<Event>(l).unwrap().kind {
+                EventKind::VmRemoved(r) => r.dir,
+                other => panic!("not a test event: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            dirs,
+            [event(1), event(2)].map(|e| match e.kind {
+                EventKind::VmRemoved(r) => r.dir,
+                _ => unreachable!(),
+            })
+        );
         let s = fw.stats();
         assert_eq!((s.events_logged, s.write_failures), (1, 0), "{s:?}");
     }
@@ -805,7 +712,7 @@ mod tests {
         let mut cfg = config(dir.path(), Some(controller("http://127.0.0.1:9")));
         cfg.log = Some("/dev/full".into());
         let (fw, _task) = Forwarder::open(cfg).unwrap();
-        fw.submit(&Event::new("n", None, "test")).unwrap();
+        fw.submit(&event(1)).unwrap();
         fw.flush();
         let s = fw.stats();
         assert_eq!((s.events_accepted, s.events_logged, s.write_failures), (1, 0, 1), "{s:?}");
@@ -818,7 +725,7 @@ mod tests {
         let (fw, _task) = Forwarder::open(config(dir.path(), None)).unwrap();
         std::fs::write(dir.path().join("file"), b"").unwrap();
         fw.save_state(dir.path().join("file/x.json"), b"{}".to_vec());
-        fw.submit(&Event::new("n", None, "test")).unwrap();
+        fw.submit(&event(1)).unwrap();
         fw.flush();
         let s = fw.stats();
         assert_eq!((s.events_accepted, s.events_logged, s.write_failures), (1, 1, 1), "{s:?}");
@@ -830,7 +737,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = ControllerConfig { spool_max_events: 2, ..controller("http://127.0.0.1:9") };
         let (fw, _task) = Forwarder::open(config(dir.path(), Some(c))).unwrap();
-        let events: Vec<Event> = (0..3).map(|i| Event::new("n", None, "test").with("i", i)).collect();
+        let events: Vec<Event> = (0..3).map(event).collect();
         fw.submit(&events[0]).unwrap();
         fw.submit(&events[1]).unwrap();
         fw.flush();
@@ -853,9 +760,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = ControllerConfig { spool_max_bytes: 500, ..controller("http://127.0.0.1:9") };
         let (fw, _task) = Forwarder::open(config(dir.path(), Some(c))).unwrap();
-        let big = Event::new("n", None, "test").with("pad", "x".repeat(250));
-        fw.submit(&big).unwrap();
-        let msg = fw.submit(&big.clone().with("k", 1)).unwrap_err().to_string();
+        let big = |pad: usize| {
+            let dir = format!("/{}", "x".repeat(pad)).into();
+            Event::new(new_key(), "n", None, EventKind::VmRemoved(crate::event::VmRemoved { dir }))
+        };
+        fw.submit(&big(250)).unwrap();
+        let msg = fw.submit(&big(251)).unwrap_err().to_string();
         assert!(msg.contains("controller.spool_max_bytes (500)"), "{msg}");
     }
 }

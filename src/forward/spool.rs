@@ -20,7 +20,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::{create_dir, valid_key, Event, ForwardError};
+use super::{create_dir, valid_key, ForwardError, RawEvent};
 use crate::util::fs::{replace, sync_dir};
 use crate::util::lock;
 
@@ -75,7 +75,8 @@ fn leading_seq(name: &str) -> Option<u64> {
 
 /// Decodes an entry's contents; the event's key, or why it is not an entry.
 fn decode(bytes: &[u8]) -> Result<String, String> {
-    let ev: Event = serde_json::from_slice(bytes).map_err(|e| format!("not an event ({e})"))?;
+    // Any kind: an entry is sent as it was spooled.
+    let ev: RawEvent = serde_json::from_slice(bytes).map_err(|e| format!("not an event ({e})"))?;
     if !valid_key(&ev.key) {
         return Err(format!("invalid key '{}'", ev.key.escape_debug()));
     }
@@ -401,7 +402,9 @@ pub(crate) mod tests {
     }
 
     fn event_json(i: u32) -> Vec<u8> {
-        serde_json::to_vec(&Event::new("n", None, "test").with("i", i)).unwrap()
+        let dir = format!("/run/acpimon/vm{i}").into();
+        let kind = crate::event::EventKind::VmRemoved(crate::event::VmRemoved { dir });
+        serde_json::to_vec(&crate::event::Event::new(super::super::new_key(), "n", None, kind)).unwrap()
     }
 
     fn key_of(bytes: &[u8]) -> String {

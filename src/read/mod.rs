@@ -51,7 +51,7 @@ pub enum RegionError {
     ReadOnly { path: PathBuf },
     #[error("region {path}: {source}")]
     Decode { path: PathBuf, source: DecodeError },
-    #[error("the guest has been writing record {seq} of {path} for {waited:?}: it stopped mid-write (paused, hung or reset inside the AML); read again later")]
+    #[error("the guest has been writing record {seq} of {path} for {}: it stopped mid-write (paused, hung or reset inside the AML); read again later", crate::units::format_duration(*waited))]
     StuckOdd { path: PathBuf, seq: u32, waited: Duration },
     #[error("the record in {path} changed during each of {attempts} copies: the guest writes faster than it can be read; read again")]
     Unstable { path: PathBuf, attempts: u32 },

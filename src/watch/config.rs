@@ -9,13 +9,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use regex::Regex;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 pub use super::state::PausePolicy;
 use crate::diagnose;
 use crate::forward::{ControllerConfig, ForwardError, HookConfig};
 use crate::units::{Dur, Size};
+
+/// The configuration file `acpimon watch` reads when none is given, if it exists.
+pub const SYSTEM_CONFIG: &str = "/etc/acpimon/watch.toml";
 
 /// Where the metrics and status endpoint listens unless configured.
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
@@ -42,90 +45,181 @@ pub struct Config {
     pub vms: BTreeMap<String, VmSettings>,
 }
 
-/// How one VM is watched.
-#[derive(Clone, Debug)]
+/// How one VM is watched. Serialised (for `watch --check --json`) with the file's key names.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VmSettings {
     pub enabled: bool,
     /// Misses do not count as failures for this long after the VM is attached or reboots.
+    #[serde(serialize_with = "crate::units::duration::serialize")]
     pub startup_grace: Duration,
     pub pause: PausePolicy,
+    #[serde(rename = "scenario")]
     pub scenarios: Vec<Scenario>,
+    #[serde(rename = "diagnostic")]
     pub diagnostics: Vec<diagnose::Step>,
     pub recovery: Recovery,
 }
 
 /// One monitoring scenario.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Scenario {
     /// Unique within the VM; defaults to the kind.
     pub name: String,
-    pub probe: Probe,
+    #[serde(flatten)]
+    pub probe: ScenarioSpec,
+    #[serde(serialize_with = "crate::units::duration::serialize")]
     pub interval: Duration,
+    #[serde(serialize_with = "crate::units::duration::serialize")]
     pub timeout: Duration,
     /// Consecutive misses that make the VM unresponsive.
     pub threshold: u32,
 }
 
-#[derive(Clone, Debug)]
-pub enum Probe {
+/// What one scenario probes: the `kind` key and the kind's own keys (`name`, `interval`,
+/// `timeout` and `threshold` are every kind's, in [`Scenario`]). A new kind is a variant here,
+/// its defaults in [`ScenarioSpec::defaults`] and its probe in `probe.rs`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ScenarioSpec {
     /// The QMP-triggered ACPI record.
-    AcpiHeartbeat,
+    AcpiHeartbeat {},
     /// The guest's own thermal-zone polls: records expected at the table's period.
-    Thermal,
+    Thermal {},
     /// A command on the serial console whose output must match a pattern.
-    Console { command: String, expect: Regex },
-    /// A TCP connect.
-    Tcp { address: String },
+    Console {
+        #[serde(default = "default_command")]
+        command: String,
+        #[serde(default = "default_expect")]
+        expect: Pattern,
+    },
+    /// A TCP connect to `address` (HOST:PORT; required, [`ScenarioSpec::validate`] says so).
+    Tcp {
+        #[serde(default)]
+        address: String,
+    },
     /// The app protocol's challenge over the app channel, and health requests every
-    /// `health_interval` (naming `audit`, if set).
-    AppHeartbeat { health_interval: Option<Duration>, audit: Option<String> },
+    /// `health_interval` ("0s": none), naming `audit`, if set.
+    AppHeartbeat {
+        #[serde(default = "default_health_interval", with = "interval_or_off")]
+        health_interval: Option<Duration>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        audit: Option<String>,
+    },
     /// QEMU guest agent `guest-ping`.
-    GuestAgent,
+    GuestAgent {},
     /// The app mailbox's beat counter in the region.
-    AppMailbox,
+    AppMailbox {},
 }
 
-impl PartialEq for Probe {
-    fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Probe::AcpiHeartbeat, Probe::AcpiHeartbeat) | (Probe::Thermal, Probe::Thermal) => true,
-            (Probe::Console { command: a, expect: x }, Probe::Console { command: b, expect: y }) => {
-                a == b && x.as_str() == y.as_str()
-            }
-            (Probe::Tcp { address: a }, Probe::Tcp { address: b }) => a == b,
-            (
-                Probe::AppHeartbeat { health_interval: a, audit: x },
-                Probe::AppHeartbeat { health_interval: b, audit: y },
-            ) => a == b && x == y,
-            (Probe::GuestAgent, Probe::GuestAgent) | (Probe::AppMailbox, Probe::AppMailbox) => true,
-            _ => false,
-        }
+fn default_command() -> String {
+    "uptime".into()
+}
+fn default_expect() -> Pattern {
+    Pattern(Regex::new("load average").expect("a valid pattern"))
+}
+fn default_health_interval() -> Option<Duration> {
+    Some(Duration::from_secs(30))
+}
+
+/// A duration where "0s" means off.
+mod interval_or_off {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        crate::units::duration::deserialize(d).map(|d| Some(d).filter(|d| !d.is_zero()))
+    }
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        crate::units::duration::serialize(&d.unwrap_or_default(), s)
     }
 }
 
-impl Probe {
+/// A regular expression in the configuration (`expect`), checked when read.
+#[derive(Clone, Debug)]
+pub struct Pattern(pub Regex);
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Regex::new(&text).map(Pattern).map_err(|e| {
+            let e = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            serde::de::Error::custom(format!("expect is not a regular expression: {e}"))
+        })
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
+    }
+}
+
+impl ScenarioSpec {
+    /// The kind, as written in `kind = "..."`.
     pub fn kind(&self) -> &'static str {
         match self {
-            Probe::AcpiHeartbeat => "acpi-heartbeat",
-            Probe::Thermal => "thermal",
-            Probe::Console { .. } => "console",
-            Probe::Tcp { .. } => "tcp",
-            Probe::AppHeartbeat { .. } => "app-heartbeat",
-            Probe::GuestAgent => "guest-agent",
-            Probe::AppMailbox => "app-mailbox",
+            ScenarioSpec::AcpiHeartbeat {} => "acpi-heartbeat",
+            ScenarioSpec::Thermal {} => "thermal",
+            ScenarioSpec::Console { .. } => "console",
+            ScenarioSpec::Tcp { .. } => "tcp",
+            ScenarioSpec::AppHeartbeat { .. } => "app-heartbeat",
+            ScenarioSpec::GuestAgent {} => "guest-agent",
+            ScenarioSpec::AppMailbox {} => "app-mailbox",
+        }
+    }
+
+    /// (interval, timeout, threshold) when the configuration gives none.
+    pub fn defaults(&self) -> (Duration, Duration, u32) {
+        let s = Duration::from_secs;
+        match self {
+            ScenarioSpec::AcpiHeartbeat {} => (s(1), s(1), 3),
+            ScenarioSpec::Thermal {} => (s(2), s(2), 2),
+            ScenarioSpec::Console { .. } => (s(10), s(5), 2),
+            ScenarioSpec::Tcp { .. } => (s(5), s(2), 3),
+            ScenarioSpec::AppHeartbeat { .. } => (s(5), s(2), 3),
+            ScenarioSpec::GuestAgent {} => (s(10), s(3), 3),
+            ScenarioSpec::AppMailbox {} => (s(2), s(2), 3),
+        }
+    }
+
+    /// Checks the values serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            ScenarioSpec::Console { command, .. }
+                if command.contains(['\n', '\r']) || command.len() > 256 =>
+            {
+                Err("command must be one line of at most 256 bytes".into())
+            }
+            ScenarioSpec::Tcp { address } if address.is_empty() => {
+                Err("needs `address = \"HOST:PORT\"`".into())
+            }
+            ScenarioSpec::Tcp { address } if !valid_host_port(address) => {
+                Err(format!("address '{address}' is not HOST:PORT"))
+            }
+            _ => Ok(()),
         }
     }
 }
 
 /// What to do after diagnostics.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Recovery {
+    #[serde(flatten)]
     pub action: RecoveryAction,
     /// At most this many actions per VM in any hour (0: never act).
     pub max_per_hour: u32,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
 pub enum RecoveryAction {
     None,
     /// QMP `system_reset`.
@@ -135,6 +229,7 @@ pub enum RecoveryAction {
     /// A command (argv), with `ACPIMON_VM` and `ACPIMON_BUNDLE` set.
     Command {
         argv: Vec<String>,
+        #[serde(serialize_with = "crate::units::duration::serialize")]
         timeout: Duration,
     },
 }
@@ -260,24 +355,9 @@ struct RawVm {
     enabled: Option<bool>,
     startup_grace: Option<Dur>,
     pause: Option<PausePolicy>,
-    scenario: Option<Vec<Spanned<RawScenario>>>,
+    scenario: Option<Vec<Spanned<toml::Table>>>,
     diagnostic: Option<Vec<Spanned<toml::Table>>>,
     recovery: Option<Spanned<RawRecovery>>,
-}
-
-#[derive(Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
-struct RawScenario {
-    kind: String,
-    name: Option<String>,
-    interval: Option<Dur>,
-    timeout: Option<Dur>,
-    threshold: Option<u32>,
-    command: Option<String>,
-    expect: Option<String>,
-    address: Option<String>,
-    health_interval: Option<Dur>,
-    audit: Option<String>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -289,31 +369,11 @@ struct RawRecovery {
     timeout: Option<Dur>,
 }
 
-/// Defaults of one scenario kind: (interval, timeout, threshold).
-pub fn kind_defaults(kind: &str) -> Option<(Duration, Duration, u32)> {
-    let s = Duration::from_secs;
-    Some(match kind {
-        "acpi-heartbeat" => (s(1), s(1), 3),
-        "thermal" => (s(2), s(2), 2),
-        "console" => (s(10), s(5), 2),
-        "tcp" => (s(5), s(2), 3),
-        "app-heartbeat" => (s(5), s(2), 3),
-        "guest-agent" => (s(10), s(3), 3),
-        "app-mailbox" => (s(2), s(2), 3),
-        _ => return None,
-    })
-}
-
 /// The scenarios a VM gets when nothing is configured.
 pub fn default_scenarios() -> Vec<Scenario> {
-    let (interval, timeout, threshold) = kind_defaults("acpi-heartbeat").expect("known kind");
-    vec![Scenario {
-        name: "acpi-heartbeat".into(),
-        probe: Probe::AcpiHeartbeat,
-        interval,
-        timeout,
-        threshold,
-    }]
+    let probe = ScenarioSpec::AcpiHeartbeat {};
+    let (interval, timeout, threshold) = probe.defaults();
+    vec![Scenario { name: probe.kind().into(), probe, interval, timeout, threshold }]
 }
 
 impl Default for VmSettings {
@@ -355,6 +415,26 @@ impl Config {
             problems: vec![Problem { line: 0, message: format!("cannot read it: {e}") }],
         })?;
         Config::parse(&text, path)
+    }
+
+    /// What `acpimon watch` runs with: `file`; else `system` ([`SYSTEM_CONFIG`]) when it
+    /// exists; else the built-in configuration. `state_dir` overrides the file's.
+    pub fn resolve(
+        file: Option<&Path>,
+        system: &Path,
+        state_dir: Option<PathBuf>,
+    ) -> Result<Config, ConfigErrors> {
+        let file = file.or_else(|| system.exists().then_some(system));
+        match file {
+            Some(f) => {
+                let mut config = Config::load(f)?;
+                if let Some(dir) = state_dir {
+                    config.state_dir = dir;
+                }
+                Ok(config)
+            }
+            None => Ok(Config::builtin(state_dir.unwrap_or_else(default_state_dir))),
+        }
     }
 
     /// The built-in configuration: every VM in `state_dir` with the default scenarios.
@@ -594,24 +674,72 @@ impl Validator<'_> {
         }
     }
 
-    fn scenario(&mut self, s: RawScenario, span: std::ops::Range<usize>, section: &str) -> Option<Scenario> {
-        let Some((interval, timeout, threshold)) = kind_defaults(&s.kind) else {
-            self.problem(
-                span,
-                format!(
-                    "{section}.scenario: kind '{}' is unknown; use acpi-heartbeat, thermal, console, tcp, \
-                     app-heartbeat, guest-agent or app-mailbox",
-                    s.kind
-                ),
-            );
-            return None;
+    fn scenario(
+        &mut self,
+        mut t: toml::Table,
+        span: std::ops::Range<usize>,
+        section: &str,
+    ) -> Option<Scenario> {
+        let kind = t.get("kind").and_then(|k| k.as_str()).unwrap_or("?").to_string();
+        // Every kind's keys first: name, interval, timeout, threshold.
+        let name = match t.remove("name") {
+            None => kind.clone(),
+            Some(toml::Value::String(n)) => n,
+            Some(other) => {
+                self.problem(span, format!("{section}.scenario: name = {other} is not a string"));
+                return None;
+            }
         };
-        let name = s.name.clone().unwrap_or_else(|| s.kind.clone());
-        let interval = s.interval.map_or(interval, |d| d.0);
-        let timeout = s.timeout.map_or(timeout, |d| d.0);
-        let threshold = s.threshold.unwrap_or(threshold);
         let at = format!("{section}.scenario '{name}'");
         let mut ok = true;
+        let mut take = |key: &str, this: &mut Self| -> Option<toml::Value> {
+            let v = t.remove(key)?;
+            let checked = match key {
+                "threshold" => v.clone().try_into::<u32>().map(drop),
+                _ => v.clone().try_into::<Dur>().map(drop),
+            };
+            if let Err(e) = checked {
+                this.problem(span.clone(), format!("{at}: {key}: {}", e.message().trim()));
+                ok = false;
+                return None;
+            }
+            Some(v)
+        };
+        let interval = take("interval", self).and_then(|v| v.try_into::<Dur>().ok()).map(|d| d.0);
+        let timeout = take("timeout", self).and_then(|v| v.try_into::<Dur>().ok()).map(|d| d.0);
+        let threshold = take("threshold", self).and_then(|v| v.try_into::<u32>().ok());
+        // The rest is the kind's own (ScenarioSpec). Keys the kind does not have are taken out
+        // one by one as serde names them, so all are reported at once, as one problem.
+        let mut unused = Vec::new();
+        let spec = loop {
+            match toml::Value::Table(t.clone()).try_into::<ScenarioSpec>() {
+                Ok(spec) => break Some(spec),
+                Err(e) => {
+                    let msg = e.message().trim().replace('\n', " ");
+                    if let Some(field) = unknown_field(&msg) {
+                        if t.remove(&field).is_some() {
+                            unused.push(field);
+                            continue;
+                        }
+                    }
+                    // serde lists the kinds it knows: a new variant needs no edit here.
+                    let msg = match msg.strip_prefix("unknown variant ") {
+                        Some(rest) => format!(
+                            "{section}.scenario: kind '{kind}' is unknown; use {}",
+                            rest.split_once("expected ").map_or(rest, |(_, kinds)| kinds)
+                        ),
+                        None => format!("{at}: {msg}"),
+                    };
+                    self.problem(span.clone(), msg);
+                    break None;
+                }
+            }
+        };
+        let spec = spec?;
+        let (d_interval, d_timeout, d_threshold) = spec.defaults();
+        let interval = interval.unwrap_or(d_interval);
+        let timeout = timeout.unwrap_or(d_timeout);
+        let threshold = threshold.unwrap_or(d_threshold);
         if interval < Duration::from_millis(100) {
             self.problem(span.clone(), format!("{at}: interval must be at least 100ms"));
             ok = false;
@@ -624,88 +752,18 @@ impl Validator<'_> {
             self.problem(span.clone(), format!("{at}: threshold must be 1 to 1000 consecutive misses"));
             ok = false;
         }
-        let extra = |field: &str, present: bool, probe: &mut Vec<String>| {
-            if present {
-                probe.push(field.to_string());
-            }
-        };
-        let mut unused = Vec::new();
-        if s.kind != "app-heartbeat" {
-            extra("health_interval", s.health_interval.is_some(), &mut unused);
-            extra("audit", s.audit.is_some(), &mut unused);
+        if let Err(why) = spec.validate() {
+            self.problem(span.clone(), format!("{at}: {why}"));
+            ok = false;
         }
-        let probe = match s.kind.as_str() {
-            "app-heartbeat" | "guest-agent" | "app-mailbox" => {
-                extra("command", s.command.is_some(), &mut unused);
-                extra("expect", s.expect.is_some(), &mut unused);
-                extra("address", s.address.is_some(), &mut unused);
-                match s.kind.as_str() {
-                    "app-heartbeat" => Probe::AppHeartbeat {
-                        health_interval: match s.health_interval {
-                            Some(d) if d.0.is_zero() => None,
-                            Some(d) => Some(d.0),
-                            None => Some(Duration::from_secs(30)),
-                        },
-                        audit: s.audit.clone(),
-                    },
-                    "guest-agent" => Probe::GuestAgent,
-                    _ => Probe::AppMailbox,
-                }
-            }
-            "acpi-heartbeat" | "thermal" => {
-                extra("command", s.command.is_some(), &mut unused);
-                extra("expect", s.expect.is_some(), &mut unused);
-                extra("address", s.address.is_some(), &mut unused);
-                if s.kind == "thermal" {
-                    Probe::Thermal
-                } else {
-                    Probe::AcpiHeartbeat
-                }
-            }
-            "console" => {
-                extra("address", s.address.is_some(), &mut unused);
-                let command = s.command.clone().unwrap_or_else(|| "uptime".into());
-                if command.contains(['\n', '\r']) || command.len() > 256 {
-                    self.problem(
-                        span.clone(),
-                        format!("{at}: command must be one line of at most 256 bytes"),
-                    );
-                    ok = false;
-                }
-                let pattern = s.expect.clone().unwrap_or_else(|| "load average".into());
-                match Regex::new(&pattern) {
-                    Ok(expect) => Probe::Console { command, expect },
-                    Err(e) => {
-                        let e = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
-                        self.problem(span.clone(), format!("{at}: expect is not a regular expression: {e}"));
-                        return None;
-                    }
-                }
-            }
-            _ => {
-                extra("command", s.command.is_some(), &mut unused);
-                extra("expect", s.expect.is_some(), &mut unused);
-                match s.address.clone() {
-                    Some(a) if valid_host_port(&a) => Probe::Tcp { address: a },
-                    Some(a) => {
-                        self.problem(span.clone(), format!("{at}: address '{a}' is not HOST:PORT"));
-                        return None;
-                    }
-                    None => {
-                        self.problem(span.clone(), format!("{at}: needs `address = \"HOST:PORT\"`"));
-                        return None;
-                    }
-                }
-            }
-        };
         if !unused.is_empty() {
             self.problem(
                 span,
-                format!("{at}: {} do(es) not apply to kind {}; remove it", unused.join(", "), s.kind),
+                format!("{at}: {} do(es) not apply to kind {}; remove it", unused.join(", "), spec.kind()),
             );
             ok = false;
         }
-        ok.then_some(Scenario { name, probe, interval, timeout, threshold })
+        ok.then_some(Scenario { name, probe: spec, interval, timeout, threshold })
     }
 
     fn recovery(
@@ -744,6 +802,12 @@ impl Validator<'_> {
         };
         Recovery { action, max_per_hour }
     }
+}
+
+/// The field serde names in "unknown field `X`, ...".
+fn unknown_field(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
 }
 
 fn valid_host_port(a: &str) -> bool {

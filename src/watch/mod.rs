@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -30,9 +29,9 @@ pub use self::config::Config;
 pub use self::liveness::Liveness;
 use self::metrics::Registry;
 use self::monitor::{Monitor, Shared, Stop};
-use crate::forward::{self, Event, ForwardConfig, Forwarder};
+use crate::event::{self, Event, EventKind};
+use crate::forward::{self, ForwardConfig, Forwarder};
 use crate::launch::prepare::DESCRIPTOR;
-use crate::units::now_rfc3339;
 
 /// How long stopping may take before the service says what it is still waiting for.
 const STOP_DEADLINE: Duration = Duration::from_secs(5);
@@ -96,11 +95,10 @@ pub async fn serve(
     let shared = Arc::new(Shared { config: config.clone(), forward: forwarder.clone(), registry, liveness });
     service_event(
         &shared,
-        "service-started",
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "state_dir": config.state_dir,
-            "metrics": metrics_addr,
+        EventKind::ServiceStarted(event::ServiceStarted {
+            version: env!("CARGO_PKG_VERSION").into(),
+            state_dir: config.state_dir.clone(),
+            metrics: metrics_addr,
         }),
     );
     let notifier = liveness::Notifier::from_env();
@@ -152,14 +150,14 @@ pub async fn serve(
     for (name, r) in vms {
         let left = deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(left, r.task).await.is_err() {
-            tracing::warn!(vm = %name, "stopping: the monitor did not stop within {}; leaving it", humantime::format_duration(STOP_DEADLINE));
+            tracing::warn!(vm = %name, "stopping: the monitor did not stop within {}; leaving it", crate::units::format_duration(STOP_DEADLINE));
         }
     }
     // The monitors' last events and state files are queued: wait until they are on disk.
     if tokio::time::timeout(STOP_DEADLINE, forwarder.flushed()).await.is_err() {
         tracing::warn!(
             "stopping: the event writer did not finish within {}; the last events may be lost",
-            humantime::format_duration(STOP_DEADLINE)
+            crate::units::format_duration(STOP_DEADLINE)
         );
     }
     let _ = stop_all_tx.send(true);
@@ -182,21 +180,10 @@ fn forward_config(c: &Config) -> ForwardConfig {
 }
 
 /// An event of the service itself (not of one VM).
-fn service_event(shared: &Shared, kind: &str, detail: serde_json::Value) {
-    let detail = match detail {
-        serde_json::Value::Object(m) => m,
-        _ => Map::new(),
-    };
-    let ev = Event {
-        key: forward::new_key(),
-        time: now_rfc3339(),
-        node: shared.config.node.clone(),
-        vm: None,
-        kind: kind.into(),
-        detail,
-    };
+fn service_event(shared: &Shared, kind: EventKind) {
+    let ev = Event::new(event::new_key(), &shared.config.node, None, kind);
     if let Err(e) = shared.forward.submit(&ev) {
-        tracing::error!(kind, error = %e, "event not forwarded");
+        tracing::error!(kind = ev.kind.name(), error = %e, "event not forwarded");
     }
 }
 
@@ -246,7 +233,8 @@ fn discover_once(
             let why = e.to_string();
             if invalid.get(&name) != Some(&why) {
                 tracing::warn!(vm = %name, "not watched: {why}");
-                service_event(shared, "vm-invalid", json!({ "vm_dir": dir, "error": why }));
+                let detail = event::VmInvalid { dir: dir.clone(), error: why.clone() };
+                service_event(shared, EventKind::VmInvalid(detail));
                 invalid.insert(name.clone(), why);
             }
             continue;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -17,18 +17,19 @@ use super::config::{Config, RecoveryAction, VmSettings};
 use super::metrics::{Registry, ScenarioView, VmView};
 use super::persist::{self, Memory};
 use super::probe::{self, Channels, Report};
-use super::state::{Machine, State, Track, Transition};
+use super::state::{Evidence, Machine, State, Track, Transition};
 use super::Liveness;
 use crate::abi::AppStatus;
 use crate::app::{self, AppChannel};
 use crate::console::Console;
 use crate::diagnose;
-use crate::forward::{Event, Forwarder};
+use crate::event::{self, AppSource, Event, EventKind, Incident, RebootEvidence};
+use crate::forward::Forwarder;
 use crate::judge::{Reboot, Tracker};
 use crate::launch::channel::{self, Channel};
 use crate::launch::Descriptor;
 use crate::read::{Access, Region};
-use crate::trigger::qmp::{EventKind, Qmp, QmpEvent};
+use crate::trigger::qmp::{EventKind as QmpEventKind, Qmp, QmpEvent};
 use crate::units::now_rfc3339;
 use crate::util::lock;
 
@@ -68,16 +69,16 @@ struct Attached {
 
 /// The outcome of a diagnostics task.
 struct DiagDone {
-    trigger: Value,
+    trigger: Incident,
     bundle: PathBuf,
-    manifest: Result<Value, String>,
+    manifest: Result<diagnose::Manifest, String>,
     recovery: Option<RecoveryOutcome>,
 }
 
 struct RecoveryOutcome {
     action: &'static str,
     acted: bool,
-    outcome: &'static str,
+    outcome: event::RecoveryOutcome,
     detail: String,
 }
 
@@ -134,7 +135,8 @@ impl Monitor {
     pub async fn run(mut self, mut stop: watch::Receiver<Stop>) {
         self.shared.liveness.register(&self.loop_name, Duration::from_secs(10));
         if self.memory.next_seq == 0 {
-            self.emit("vm-added", json!({ "dir": self.dir, "scenarios": self.scenario_names() }));
+            let scenarios = self.scenario_names();
+            self.emit(EventKind::VmAdded(event::VmAdded { dir: self.dir.clone(), scenarios }));
         }
         let retry = self.shared.config.discover_interval;
         loop {
@@ -144,7 +146,8 @@ impl Monitor {
             match self.attach().await {
                 Ok(att) => self.attached(att, &mut stop).await,
                 Err(why) => {
-                    if let Some(t) = self.machine.gone(why.clone(), json!({ "attach": why }), Instant::now())
+                    if let Some(t) =
+                        self.machine.gone(why.clone(), Evidence::Attach { attach: why }, Instant::now())
                     {
                         self.transition(t, None);
                     }
@@ -158,7 +161,7 @@ impl Monitor {
         }
         self.shared.liveness.unregister(&self.loop_name);
         if *stop.borrow() == Stop::Removed {
-            self.emit("vm-removed", json!({ "dir": self.dir }));
+            self.emit(EventKind::VmRemoved(event::VmRemoved { dir: self.dir.clone() }));
             // Through the writer, after the save the event above queued.
             self.shared.forward.remove_state(self.memory_path.clone());
             self.shared.registry.remove(&self.name);
@@ -172,9 +175,10 @@ impl Monitor {
             Ok(Err(e)) => return Err(format!("QEMU is not running: {e}")),
             Err(_) => {
                 return Err(format!(
-                    "QMP socket {} accepted but sent no greeting within {ATTACH_WAIT:?}; another client may hold \
+                    "QMP socket {} accepted but sent no greeting within {}; another client may hold \
                      the monitor (QEMU serves one client per socket)",
-                    d.qmp.display()
+                    d.qmp.display(),
+                    crate::units::format_duration(ATTACH_WAIT)
                 ))
             }
         };
@@ -229,7 +233,7 @@ impl Monitor {
         let qemu = format!("{}.{}.{}", att.qmp.version.0, att.qmp.version.1, att.qmp.version.2);
         let mut degraded = Vec::new();
         if let Some(t) = self.machine.attached(&att.status, now) {
-            self.transition(t, Some(json!({ "qemu": qemu })));
+            self.transition(t, Some(event::Attached { qemu }));
         }
         let (tx, mut rx) = mpsc::channel::<Report>(64);
         let mut probes: Vec<JoinHandle<()>> = Vec::new();
@@ -271,7 +275,7 @@ impl Monitor {
                     Err(_) => {}
                 },
                 _ = att.qmp.closed() => {
-                    let t = self.machine.gone("QEMU exited (its QMP connection closed)".into(), json!({}), Instant::now());
+                    let t = self.machine.gone("QEMU exited (its QMP connection closed)".into(), Evidence::Closed(Default::default()), Instant::now());
                     if let Some(t) = t {
                         self.transition(t, None);
                     }
@@ -310,13 +314,13 @@ impl Monitor {
     }
 
     /// A failure transition marks its incident pending; this picks it up to start diagnostics.
-    fn take_new_incident(&mut self) -> Option<Value> {
+    fn take_new_incident(&mut self) -> Option<Incident> {
         let trigger = self.memory.pending_diagnostics.as_ref()?;
-        if trigger.get("started").is_some() {
+        if trigger.started.is_some() {
             return None;
         }
         let mut trigger = trigger.clone();
-        trigger["started"] = json!(now_rfc3339());
+        trigger.started = Some(now_rfc3339());
         self.memory.pending_diagnostics = Some(trigger.clone());
         self.save();
         Some(trigger)
@@ -339,19 +343,18 @@ impl Monitor {
                 self.save();
             }
             let unseen = match (obs.reboot, known) {
-                (Some(reboot), _) => Some(serde_json::to_value(reboot).expect("serialises")),
+                (Some(reboot), _) => Some(reboot),
                 // The boot count moved while nobody watched (the service was down).
-                (None, Some(k)) if k != record.boot_count => Some(
-                    serde_json::to_value(Reboot::BootCountChanged { from: k, to: record.boot_count })
-                        .unwrap(),
-                ),
+                (None, Some(k)) if k != record.boot_count => {
+                    Some(Reboot::BootCountChanged { from: k, to: record.boot_count })
+                }
                 _ => None,
             };
             if let Some(evidence) = unseen {
                 if std::mem::take(&mut self.reset_seen) {
                     // Already reported from QMP's RESET.
                 } else {
-                    self.reboot(json!({ "region": evidence }));
+                    self.reboot(RebootEvidence::Region(evidence));
                 }
             }
         }
@@ -359,7 +362,7 @@ impl Monitor {
             self.transition(t, None);
         }
         if let Some((status, details)) = r.app_status {
-            self.app_health(status, details, json!({ "source": "mailbox" }));
+            self.app_health(status, details, AppSource::Mailbox, None, None);
         }
         self.refresh_view("");
     }
@@ -368,15 +371,14 @@ impl Monitor {
     fn app_report(&mut self, r: app::Report) {
         match r {
             app::Report::Health(h) => {
-                let details = h.details.clone().unwrap_or_default();
-                let extra = json!({ "source": "app-channel", "id": h.id, "audit": h.audit });
-                self.app_health(h.status, details, extra);
+                let details = h.details.unwrap_or_default();
+                self.app_health(h.status, details, AppSource::AppChannel, h.id, h.audit);
             }
             app::Report::Info(info) => {
                 let changed = lock(&self.view).app_info.as_ref() != Some(&info);
                 if changed {
                     lock(&self.view).app_info = Some(info.clone());
-                    self.emit("app-info", json!({ "info": info }));
+                    self.emit(EventKind::AppInfo(event::AppInfo { info }));
                 }
             }
         }
@@ -384,7 +386,14 @@ impl Monitor {
     }
 
     /// The app's status: an `app-health` event when it changes, and into the state machine.
-    fn app_health(&mut self, status: AppStatus, details: String, mut extra: Value) {
+    fn app_health(
+        &mut self,
+        status: AppStatus,
+        details: String,
+        source: AppSource,
+        id: Option<String>,
+        audit: Option<app::Audit>,
+    ) {
         let changed = {
             let mut v = lock(&self.view);
             let changed = v.app_status != Some(status) || v.app_details.as_deref() != Some(details.as_str());
@@ -393,11 +402,10 @@ impl Monitor {
             changed
         };
         // An audit result is news even when the status is not.
-        if changed || !extra["audit"].is_null() {
-            extra["status"] = json!(status);
-            extra["details"] = json!(details);
-            self.log(&format!("the app reports {status:?}: {details}"));
-            self.emit("app-health", extra);
+        if changed || audit.is_some() {
+            self.log(&format!("the app reports {}: {details}", status_name(status)));
+            let details = details.clone();
+            self.emit(EventKind::AppHealth(event::AppHealth { status, details, source, id, audit }));
         }
         if let Some(t) = self.machine.app_health(status, details, Instant::now()) {
             self.transition(t, None);
@@ -407,28 +415,28 @@ impl Monitor {
     fn qmp_event(&mut self, ev: QmpEvent) {
         let now = Instant::now();
         let t = match ev.kind {
-            EventKind::Stop => self.machine.stopped(ev.raw, now),
-            EventKind::Resume => self.machine.resumed(ev.raw, now),
-            EventKind::Panicked { .. } => self.machine.panicked(ev.raw, now),
-            EventKind::Reset { .. } => {
+            QmpEventKind::Stop => self.machine.stopped(ev.raw, now),
+            QmpEventKind::Resume => self.machine.resumed(ev.raw, now),
+            QmpEventKind::Panicked { .. } => self.machine.panicked(ev.raw, now),
+            QmpEventKind::Reset { .. } => {
                 if self.machine.state == State::Gone {
                     self.machine.attached("running", now)
                 } else {
                     self.reset_seen = true;
-                    self.reboot(json!({ "qmp_event": ev.raw }));
+                    self.reboot(RebootEvidence::QmpEvent(ev.raw));
                     None
                 }
             }
-            EventKind::Shutdown { ref reason, .. } => {
+            QmpEventKind::Shutdown { ref reason, .. } => {
                 let why = match reason.as_str() {
                     "host-qmp-quit" => "QEMU is quitting (QMP quit)".to_string(),
                     "host-signal" => "QEMU is quitting (signal)".to_string(),
                     "guest-shutdown" => "the guest powered off".to_string(),
                     other => format!("the VM shut down ({other})"),
                 };
-                self.machine.gone(why, json!({ "qmp_event": ev.raw }), now)
+                self.machine.gone(why, Evidence::QmpEvent { qmp_event: ev.raw }, now)
             }
-            EventKind::DumpCompleted { .. } | EventKind::Other => None,
+            QmpEventKind::DumpCompleted { .. } | QmpEventKind::Other => None,
         };
         if let Some(t) = t {
             self.transition(t, None);
@@ -436,29 +444,31 @@ impl Monitor {
         self.refresh_view("");
     }
 
-    fn reboot(&mut self, evidence: Value) {
+    fn reboot(&mut self, evidence: RebootEvidence) {
         lock(&self.view).reboots += 1;
-        self.log(&format!("the guest rebooted: {evidence}"));
-        self.emit("reboot", json!({ "evidence": evidence }));
-        if let Some(t) = self.machine.rebooted(evidence, Instant::now()) {
+        let seen = match &evidence {
+            RebootEvidence::QmpEvent(e) => Evidence::QmpEvent { qmp_event: e.clone() },
+            RebootEvidence::Region(r) => Evidence::Region { region: r.clone() },
+        };
+        let shown = serde_json::to_string(&evidence).expect("evidence serialises");
+        self.log(&format!("the guest rebooted: {shown}"));
+        self.emit(EventKind::Reboot(event::RebootEvent { evidence }));
+        if let Some(t) = self.machine.rebooted(seen, Instant::now()) {
             self.transition(t, None);
         }
     }
 
-    fn transition(&mut self, t: Transition, extra: Option<Value>) {
+    fn transition(&mut self, t: Transition, attached: Option<event::Attached>) {
         self.memory.state = t.to;
         self.memory.incident = self.machine.incident;
         self.log(&format!("{} -> {}: {}", t.from, t.to, t.reason));
-        let mut detail = json!({
-            "from": t.from,
-            "to": t.to,
-            "reason": t.reason,
-            "evidence": t.evidence,
-        });
-        if let Some(extra) = extra {
-            detail["attached"] = extra;
-        }
-        let key = self.emit("transition", detail);
+        let key = self.emit(EventKind::Transition(event::Transition {
+            from: t.from,
+            to: t.to,
+            reason: t.reason.clone(),
+            evidence: t.evidence.clone(),
+            attached,
+        }));
         if t.to.is_failure()
             && self.memory.pending_diagnostics.is_none()
             && !self.settings.diagnostics.is_empty()
@@ -471,14 +481,17 @@ impl Monitor {
                 .join("bundles")
                 .join(&self.name)
                 .join(format!("{stamp}-{}", t.to));
-            self.memory.pending_diagnostics = Some(json!({
-                "kind": t.to,
-                "time": now_rfc3339(),
-                "reason": t.reason,
-                "evidence": t.evidence,
-                "event": key,
-                "bundle": bundle,
-            }));
+            self.memory.pending_diagnostics = Some(Incident {
+                trigger: diagnose::Trigger {
+                    kind: t.to.name().into(),
+                    time: now_rfc3339(),
+                    reason: t.reason.clone(),
+                    evidence: serde_json::to_value(&t.evidence).expect("evidence serialises"),
+                },
+                event: key,
+                bundle,
+                started: None,
+            });
             self.save();
         }
         // send_replace: the value must change even when no diagnostics task is listening.
@@ -489,13 +502,13 @@ impl Monitor {
         v.reason = t.reason;
     }
 
-    fn start_diagnostics(&mut self, trigger: Value, att: &Attached) -> JoinHandle<DiagDone> {
+    fn start_diagnostics(&mut self, trigger: Incident, att: &Attached) -> JoinHandle<DiagDone> {
         let steps = self.settings.diagnostics.clone();
         let name = self.name.clone();
         let qmp = att.qmp.clone();
         let console = att.console.clone();
         let timeline: Vec<Value> = self.timeline.iter().cloned().collect();
-        let bundle = PathBuf::from(trigger["bundle"].as_str().unwrap_or("bundle"));
+        let bundle = trigger.bundle.clone();
         let recovery = self.recovery_plan();
         let state = self.state_tx.subscribe();
         // Beside QMP's socket, whose path length `prepare` checked.
@@ -510,15 +523,8 @@ impl Monitor {
                 gdb_socket: gdb_socket.clone(),
                 guest_agent: guest_agent.clone(),
             };
-            let dtrigger = diagnose::Trigger {
-                kind: trigger["kind"].as_str().unwrap_or("?").into(),
-                time: trigger["time"].as_str().unwrap_or("").into(),
-                reason: trigger["reason"].as_str().unwrap_or("").into(),
-                evidence: trigger["evidence"].clone(),
-            };
-            let manifest = diagnose::collect(&steps, &target, &dtrigger, timeline, &bundle)
+            let manifest = diagnose::collect(&steps, &target, &trigger.trigger, timeline, &bundle)
                 .await
-                .map(|m| serde_json::to_value(m).expect("manifest serialises"))
                 .map_err(|e| e.to_string());
             let recovery = match recovery {
                 Ok(RecoveryAction::None) => None,
@@ -543,7 +549,7 @@ impl Monitor {
             return Err(RecoveryOutcome {
                 action: action.name(),
                 acted: false,
-                outcome: "refused",
+                outcome: event::RecoveryOutcome::Refused,
                 detail: format!(
                     "rate limit: {} action(s) in the last hour, at most {max} allowed (recovery.max_per_hour)",
                     self.memory.recoveries.len()
@@ -554,24 +560,25 @@ impl Monitor {
     }
 
     fn diagnostics_done(&mut self, done: DiagDone) {
-        let mut detail = json!({ "trigger": done.trigger, "bundle": done.bundle });
+        let mut detail =
+            event::Bundle { trigger: done.trigger, bundle: done.bundle.clone(), manifest: None, error: None };
         match done.manifest {
             Ok(m) => {
                 lock(&self.view).diagnostics_ok += 1;
                 lock(&self.view).last_bundle = Some(done.bundle.display().to_string());
-                detail["manifest"] = m;
+                detail.manifest = Some(Box::new(m));
                 self.log(&format!("bundle written: {}", done.bundle.display()));
             }
             Err(e) => {
                 lock(&self.view).diagnostics_failed += 1;
-                detail["error"] = json!(e);
                 tracing::warn!("no bundle: {e}");
+                detail.error = Some(e);
             }
         }
         // Saved with the bundle's event (emit saves): a crash can no longer leave a delivered
         // bundle's incident pending, to be diagnosed again on restart.
         self.memory.pending_diagnostics = None;
-        self.emit("bundle", detail);
+        self.emit(EventKind::Bundle(detail));
         let (bundle, keep) = (done.bundle.clone(), self.shared.config.bundles_keep);
         // Removing old bundles is disk work: off the VM's loop.
         drop(tokio::task::spawn_blocking(move || prune_bundles(&bundle, keep)));
@@ -579,29 +586,19 @@ impl Monitor {
             if r.acted {
                 self.memory.recoveries.push(unix_now());
                 lock(&self.view).recoveries += 1;
-            } else if r.outcome == "refused" {
+            } else if r.outcome == event::RecoveryOutcome::Refused {
                 lock(&self.view).recoveries_refused += 1;
             }
             self.log(&format!("recovery {}: {}: {}", r.action, r.outcome, r.detail));
-            self.emit("recovery", json!({ "action": r.action, "outcome": r.outcome, "detail": r.detail }));
+            let (action, outcome, detail) = (r.action.to_string(), r.outcome, r.detail);
+            self.emit(EventKind::Recovery(event::Recovery { action, outcome, detail }));
         }
     }
 
     /// Emits an event for this VM; returns its key.
-    fn emit(&mut self, kind: &str, detail: Value) -> String {
+    fn emit(&mut self, kind: EventKind) -> String {
         let key = self.memory.take_key();
-        let detail: Map<String, Value> = match detail {
-            Value::Object(m) => m,
-            other => Map::from_iter([("detail".to_string(), other)]),
-        };
-        let ev = Event {
-            key: key.clone(),
-            time: now_rfc3339(),
-            node: self.shared.config.node.clone(),
-            vm: Some(self.name.clone()),
-            kind: kind.into(),
-            detail,
-        };
+        let ev = Event::new(key.clone(), &self.shared.config.node, Some(&self.name), kind);
         let spooled = self.shared.forward.submit(&ev);
         {
             let mut v = lock(&self.view);
@@ -675,7 +672,7 @@ async fn recover(
         return RecoveryOutcome {
             action: name,
             acted: false,
-            outcome: "skipped",
+            outcome: event::RecoveryOutcome::Skipped,
             detail: format!("the VM is {now} again"),
         };
     }
@@ -695,8 +692,12 @@ async fn recover(
         RecoveryAction::Command { argv, timeout } => run_command(argv, *timeout, vm, bundle).await,
     };
     match result {
-        Ok(detail) => RecoveryOutcome { action: name, acted: true, outcome: "done", detail },
-        Err(e) => RecoveryOutcome { action: name, acted: true, outcome: "failed", detail: e },
+        Ok(detail) => {
+            RecoveryOutcome { action: name, acted: true, outcome: event::RecoveryOutcome::Done, detail }
+        }
+        Err(e) => {
+            RecoveryOutcome { action: name, acted: true, outcome: event::RecoveryOutcome::Failed, detail: e }
+        }
     }
 }
 
@@ -711,9 +712,16 @@ async fn run_command(
     match Program::new(argv, timeout).env(env).run().await.outcome {
         Outcome::Exited(s) if s.success() => Ok(format!("{} exited 0", argv[0])),
         Outcome::Exited(s) => Err(format!("{} {s}", argv[0])),
-        Outcome::TimedOut(_) => Err(format!("{} still running after {timeout:?}; killed", argv[0])),
+        Outcome::TimedOut(_) => {
+            Err(format!("{} still running after {}; killed", argv[0], crate::units::format_duration(timeout)))
+        }
         Outcome::CannotStart(e) | Outcome::Failed(e) => Err(e),
     }
+}
+
+/// How an app status is written in events and logs.
+fn status_name(status: AppStatus) -> String {
+    serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 /// Keeps the newest `keep` bundles beside `bundle`.

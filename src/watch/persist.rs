@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::state::State;
+use crate::event::Incident;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Memory {
@@ -23,9 +23,10 @@ pub struct Memory {
     /// Unix times (s) of recovery actions taken.
     #[serde(default)]
     pub recoveries: Vec<u64>,
-    /// An incident whose bundle is not finished: its trigger.
+    /// An incident whose bundle is not finished. Stored with the same fields before it was
+    /// typed, so files of earlier versions load as they are.
     #[serde(default)]
-    pub pending_diagnostics: Option<Value>,
+    pub pending_diagnostics: Option<Incident>,
 }
 
 impl Memory {
@@ -108,6 +109,38 @@ mod tests {
         assert_eq!(back, m);
         let mut again = back.clone();
         assert_eq!(again.take_key(), format!("{:016x}{:016x}", m.epoch, 2));
+    }
+
+    /// A file written before the pending incident was typed (by 0.1, with its magic keys).
+    #[test]
+    fn an_old_pending_incident_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = path(dir.path(), "web");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let old = r#"{
+  "epoch": 7, "next_seq": 12, "state": "unresponsive", "incident": true, "boot_count": 2,
+  "recoveries": [],
+  "pending_diagnostics": {
+    "kind": "unresponsive", "time": "2026-01-01T00:00:00.000Z",
+    "reason": "acpi-heartbeat missed 3 of 3", "evidence": {"cause": "acpi-heartbeat"},
+    "event": "00000000000000070000000000000009", "bundle": "/d/bundles/web/x-unresponsive",
+    "started": "2026-01-01T00:00:01.000Z"
+  }
+}"#;
+        std::fs::write(&p, old).unwrap();
+        let (m, why) = load(&p);
+        assert!(why.is_none(), "{why:?}");
+        let pending = m.pending_diagnostics.clone().unwrap();
+        assert_eq!(pending.trigger.kind, "unresponsive");
+        assert_eq!(pending.trigger.evidence["cause"], "acpi-heartbeat");
+        assert_eq!(pending.event, "00000000000000070000000000000009");
+        assert_eq!(pending.bundle, PathBuf::from("/d/bundles/web/x-unresponsive"));
+        assert_eq!(pending.started.as_deref(), Some("2026-01-01T00:00:01.000Z"));
+        // Written back, it has the same fields.
+        save(&p, &m).unwrap();
+        let again: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        let before: serde_json::Value = serde_json::from_str(old).unwrap();
+        assert_eq!(again["pending_diagnostics"], before["pending_diagnostics"]);
     }
 
     #[test]

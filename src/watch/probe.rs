@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use regex::Regex;
 use tokio::sync::mpsc;
 
-use super::config::{Probe, Scenario};
+use super::config::{Scenario, ScenarioSpec};
 use super::state::Outcome;
 use crate::abi::AppStatus;
 use crate::app::{qga, AppChannel};
@@ -49,14 +49,18 @@ pub struct Channels {
 /// Why `scenario` cannot run with these channels, if it cannot.
 pub fn unavailable(scenario: &Scenario, ch: &Channels, console_why: &str) -> Option<String> {
     match &scenario.probe {
-        Probe::AcpiHeartbeat | Probe::Thermal if ch.region.is_none() => Some(ch.region_why.clone()),
-        Probe::Console { .. } if ch.console.is_none() => Some(format!("no serial console: {console_why}")),
-        Probe::AppMailbox if ch.region.is_none() => Some(ch.region_why.clone()),
-        Probe::AppHeartbeat { .. } => ch.app.as_ref().err().cloned(),
-        Probe::GuestAgent if ch.guest_agent.is_none() => {
+        ScenarioSpec::AcpiHeartbeat {} | ScenarioSpec::Thermal {} if ch.region.is_none() => {
+            Some(ch.region_why.clone())
+        }
+        ScenarioSpec::Console { .. } if ch.console.is_none() => {
+            Some(format!("no serial console: {console_why}"))
+        }
+        ScenarioSpec::AppMailbox {} if ch.region.is_none() => Some(ch.region_why.clone()),
+        ScenarioSpec::AppHeartbeat { .. } => ch.app.as_ref().err().cloned(),
+        ScenarioSpec::GuestAgent {} if ch.guest_agent.is_none() => {
             Some("the VM has no guest agent port; prepare it with --guest-agent to use this scenario".into())
         }
-        Probe::Thermal if ch.thermal_period.is_none() => Some(
+        ScenarioSpec::Thermal {} if ch.thermal_period.is_none() => Some(
             "the VM's table has no thermal zone; prepare it with --thermal-period-ds to use this scenario"
                 .into(),
         ),
@@ -104,25 +108,27 @@ enum Prober {
 impl Prober {
     fn new(scenario: &Scenario, ch: &Channels) -> Result<Prober, String> {
         Ok(match scenario.probe {
-            Probe::AcpiHeartbeat => {
+            ScenarioSpec::AcpiHeartbeat {} => {
                 let region = ch.region.clone().ok_or_else(|| ch.region_why.clone())?;
                 Prober::Heartbeat(
                     Heartbeat::new(region, ch.irq).map_err(|e| format!("cannot use the region: {e}"))?,
                 )
             }
-            Probe::Thermal => Prober::Thermal(Counter::default()),
-            Probe::Console { .. } => Prober::Console,
-            Probe::Tcp { .. } => Prober::Tcp,
-            Probe::AppHeartbeat { .. } => Prober::App { last_health: None },
-            Probe::GuestAgent => Prober::GuestAgent,
-            Probe::AppMailbox => Prober::Mailbox(Counter::default()),
+            ScenarioSpec::Thermal {} => Prober::Thermal(Counter::default()),
+            ScenarioSpec::Console { .. } => Prober::Console,
+            ScenarioSpec::Tcp { .. } => Prober::Tcp,
+            ScenarioSpec::AppHeartbeat { .. } => Prober::App { last_health: None },
+            ScenarioSpec::GuestAgent {} => Prober::GuestAgent,
+            ScenarioSpec::AppMailbox {} => Prober::Mailbox(Counter::default()),
         })
     }
 
     async fn probe(&mut self, scenario: &Scenario, ch: &Channels) -> ProbeResult {
         let timeout = scenario.timeout;
         let (outcome, record) = match (self, &scenario.probe) {
-            (Prober::App { last_health }, Probe::AppHeartbeat { health_interval, audit }) => match &ch.app {
+            (Prober::App { last_health }, ScenarioSpec::AppHeartbeat { health_interval, audit }) => match &ch
+                .app
+            {
                 Ok(app) => {
                     (app_heartbeat(app, timeout, *health_interval, audit.as_deref(), last_health).await, None)
                 }
@@ -147,11 +153,11 @@ impl Prober {
                 }
                 None => (miss(ch.region_why.clone()), None),
             },
-            (Prober::Console, Probe::Console { command, expect }) => match &ch.console {
-                Some(c) => (console(c, command, expect, timeout).await, None),
+            (Prober::Console, ScenarioSpec::Console { command, expect }) => match &ch.console {
+                Some(c) => (console(c, command, &expect.0, timeout).await, None),
                 None => (miss("no serial console"), None),
             },
-            (Prober::Tcp, Probe::Tcp { address }) => (tcp(address, timeout).await, None),
+            (Prober::Tcp, ScenarioSpec::Tcp { address }) => (tcp(address, timeout).await, None),
             _ => unreachable!("a prober is made for its own probe"),
         };
         (outcome, record, None)

@@ -13,9 +13,10 @@
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::abi::AppStatus;
+use crate::judge::Reboot;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -78,6 +79,22 @@ pub enum PausePolicy {
     Exempt,
 }
 
+impl PausePolicy {
+    /// As written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            PausePolicy::Counts => "counts",
+            PausePolicy::Exempt => "exempt",
+        }
+    }
+}
+
+impl std::fmt::Display for PausePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What one probe found.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {
@@ -93,7 +110,70 @@ pub struct Transition {
     pub from: State,
     pub to: State,
     pub reason: String,
-    pub evidence: Value,
+    pub evidence: Evidence,
+}
+
+/// What caused a transition, as sent in its event. One shape per cause, told apart by their
+/// field names (so the JSON is the same as when it was built by hand); QMP events are kept as
+/// QEMU sent them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Evidence {
+    /// What the probes say: the machine settled on a new state.
+    Probes(ProbeEvidence),
+    /// QMP `query-status` on attaching.
+    QmpStatus { qmp_status: String },
+    /// A QMP event: `STOP`, `RESUME`, `RESET`, `SHUTDOWN`.
+    QmpEvent { qmp_event: Value },
+    /// The region showed a reboot.
+    Region { region: Reboot },
+    /// Why attaching to QEMU failed.
+    Attach { attach: String },
+    /// QEMU's QMP connection closed: `{}`.
+    Closed(Nothing),
+    /// The panic, as QMP reported it (`GUEST_PANICKED`, `GUEST_CRASHLOADED`).
+    Panic(Value),
+}
+
+/// `{}`, and only that (an untagged empty struct would match any object).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nothing {}
+
+/// The machine's view when probes moved it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProbeEvidence {
+    /// The scenario whose report moved it, or `tick`, `attached`, `unavailable`, `app-health`.
+    pub cause: String,
+    pub scenarios: Vec<ScenarioEvidence>,
+    pub paused: bool,
+    /// The panic still in force, if any.
+    pub panic: Option<Value>,
+    /// What the app says of its health, when it is not ok.
+    pub app: Option<AppEvidence>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScenarioEvidence {
+    pub scenario: String,
+    pub kind: String,
+    pub consecutive_misses: u32,
+    pub threshold: u32,
+    pub last: Option<LastOutcome>,
+    pub unavailable: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastOutcome {
+    pub ok: bool,
+    pub detail: String,
+    pub latency_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppEvidence {
+    pub status: AppStatus,
+    pub details: String,
 }
 
 /// A scenario as the machine sees it.
@@ -136,19 +216,19 @@ impl Track {
         self.unavailable.is_none()
     }
 
-    fn evidence(&self) -> Value {
-        json!({
-            "scenario": self.name,
-            "kind": self.kind,
-            "consecutive_misses": self.misses,
-            "threshold": self.threshold,
-            "last": self.last.as_ref().map(|o| json!({
-                "ok": o.ok,
-                "detail": o.detail,
-                "latency_ms": o.latency.map(|l| l.as_secs_f64() * 1e3),
-            })),
-            "unavailable": self.unavailable,
-        })
+    fn evidence(&self) -> ScenarioEvidence {
+        ScenarioEvidence {
+            scenario: self.name.clone(),
+            kind: self.kind.into(),
+            consecutive_misses: self.misses,
+            threshold: self.threshold,
+            last: self.last.as_ref().map(|o| LastOutcome {
+                ok: o.ok,
+                detail: o.detail.clone(),
+                latency_ms: o.latency.map(|l| l.as_secs_f64() * 1e3),
+            }),
+            unavailable: self.unavailable.clone(),
+        }
     }
 }
 
@@ -193,7 +273,7 @@ impl Machine {
             incident,
         };
         if state == State::Panicked {
-            m.panicked = Some(json!({ "restored": true }));
+            m.panicked = Some(serde_json::json!({ "restored": true }));
         }
         if matches!(state, State::Healthy | State::Late | State::Recovered | State::Unresponsive) {
             // The VM was known to be up: its scenarios have answered before. A restored
@@ -212,10 +292,10 @@ impl Machine {
     /// QEMU's monitor answered: `status` is QMP `query-status`'s status.
     pub fn attached(&mut self, status: &str, now: Instant) -> Option<Transition> {
         self.paused_since = None;
-        let evidence = json!({ "qmp_status": status });
+        let evidence = Evidence::QmpStatus { qmp_status: status.into() };
         match status {
             "guest-panicked" => {
-                self.panicked = Some(evidence.clone());
+                self.panicked = Some(serde_json::to_value(&evidence).expect("evidence serialises"));
                 self.incident = true;
                 self.go(State::Panicked, "QEMU reports the guest panicked".into(), evidence, now)
             }
@@ -284,7 +364,7 @@ impl Machine {
         self.go(
             State::Paused,
             "QEMU stopped the VM's vCPUs (QMP STOP)".into(),
-            json!({ "qmp_event": event }),
+            Evidence::QmpEvent { qmp_event: event },
             now,
         )
     }
@@ -305,7 +385,7 @@ impl Machine {
             return None;
         }
         let to = if self.incident { State::Unresponsive } else { State::Starting };
-        self.go(to, "QEMU resumed the VM (QMP RESUME)".into(), json!({ "qmp_event": event }), now)
+        self.go(to, "QEMU resumed the VM (QMP RESUME)".into(), Evidence::QmpEvent { qmp_event: event }, now)
     }
 
     /// QMP `GUEST_PANICKED` (pvpanic).
@@ -315,12 +395,13 @@ impl Machine {
             return None;
         }
         self.incident = true;
-        self.go(State::Panicked, "the guest kernel panicked (pvpanic GUEST_PANICKED)".into(), event, now)
+        let evidence = Evidence::Panic(event);
+        self.go(State::Panicked, "the guest kernel panicked (pvpanic GUEST_PANICKED)".into(), evidence, now)
     }
 
     /// The guest rebooted (QMP `RESET`, or the region's boot count or timer says so). Not a
     /// failure: the start-up grace begins again.
-    pub fn rebooted(&mut self, evidence: Value, now: Instant) -> Option<Transition> {
+    pub fn rebooted(&mut self, evidence: Evidence, now: Instant) -> Option<Transition> {
         self.panicked = None;
         self.paused_since = None;
         for t in &mut self.tracks {
@@ -335,7 +416,7 @@ impl Machine {
     }
 
     /// QEMU went away (QMP closed) or powered the guest off.
-    pub fn gone(&mut self, why: String, evidence: Value, now: Instant) -> Option<Transition> {
+    pub fn gone(&mut self, why: String, evidence: Evidence, now: Instant) -> Option<Transition> {
         self.paused_since = None;
         self.panicked = None;
         for t in &mut self.tracks {
@@ -391,12 +472,15 @@ impl Machine {
                 t.ok_since_recovery = false;
             }
         }
-        let evidence = json!({
-            "cause": cause,
-            "scenarios": self.tracks.iter().map(Track::evidence).collect::<Vec<_>>(),
-            "paused": self.paused_since.is_some(),
-            "panic": self.panicked,
-            "app": self.app.as_ref().map(|(s, d)| json!({ "status": s, "details": d })),
+        let evidence = Evidence::Probes(ProbeEvidence {
+            cause: cause.into(),
+            scenarios: self.tracks.iter().map(Track::evidence).collect(),
+            paused: self.paused_since.is_some(),
+            panic: self.panicked.clone(),
+            app: self
+                .app
+                .as_ref()
+                .map(|(status, details)| AppEvidence { status: *status, details: details.clone() }),
         });
         self.go(to, reason, evidence, now)
     }
@@ -460,7 +544,7 @@ impl Machine {
         (State::Healthy, describe(&active, "answers"))
     }
 
-    fn go(&mut self, to: State, reason: String, evidence: Value, now: Instant) -> Option<Transition> {
+    fn go(&mut self, to: State, reason: String, evidence: Evidence, now: Instant) -> Option<Transition> {
         if to == self.state {
             return None;
         }

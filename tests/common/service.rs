@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use acpimon::forward::Event;
+// Tests read events as JSON, kind and fields as sent; every logged line must also read as a
+// typed event (checked in `Service::events`).
+use acpimon::event::RawEvent as Event;
 use acpimon::watch::metrics::{StatusView, VmView};
 use acpimon::watch::state::State;
 
@@ -152,11 +154,16 @@ impl Service {
         panic!("{name} not {state} within {timeout:?}; last seen {last:#?}\nlog:\n{}", self.log_text());
     }
 
-    /// Every event in the JSON-lines log.
+    /// Every event in the JSON-lines log, each checked to be a typed event.
     pub fn events(&self) -> Vec<Event> {
         let text = std::fs::read_to_string(self.data_dir.join("events.jsonl")).unwrap_or_default();
         text.lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}")))
+            .map(|l| {
+                if let Err(e) = serde_json::from_str::<acpimon::event::Event>(l) {
+                    panic!("logged event is not a typed event ({e}): {l}");
+                }
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}"))
+            })
             .collect()
     }
 

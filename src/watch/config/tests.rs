@@ -76,12 +76,12 @@ fn a_full_file_resolves_with_per_vm_overrides() {
         (Duration::from_millis(500), Duration::from_secs(1), 4)
     );
     assert!(
-        matches!(&d.scenarios[1].probe, Probe::Console { command, .. } if command == "cat /proc/loadavg")
+        matches!(&d.scenarios[1].probe, ScenarioSpec::Console { command, .. } if command == "cat /proc/loadavg")
     );
     // A VM's own scenarios replace the defaults'; everything else is inherited.
     let web = c.settings_for("web");
     assert_eq!(web.scenarios.len(), 1);
-    assert_eq!(web.scenarios[0].probe, Probe::Tcp { address: "192.168.1.5:80".into() });
+    assert_eq!(web.scenarios[0].probe, ScenarioSpec::Tcp { address: "192.168.1.5:80".into() });
     assert_eq!(web.startup_grace, Duration::from_secs(30));
     assert!(!c.settings_for("batch").enabled);
     assert_eq!(c.settings_for("unlisted").scenarios.len(), 2);
@@ -171,4 +171,143 @@ fn forwarding_settings_follow_the_forwarders_rules() {
     assert!(e.problems[0].message.contains("hook.argv is empty"), "{e}");
     let e = parse("[hook]\nargv = [\"x\"]\ntimeout = \"0s\"\n").unwrap_err();
     assert!(e.problems[0].message.contains("hook.timeout"), "{e}");
+}
+
+#[test]
+fn scenario_kinds_are_typed_and_their_problems_named() {
+    let e = parse("[[defaults.scenario]]\nkind = \"ping\"\n").unwrap_err();
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with("watch.toml:1: defaults.scenario: kind 'ping' is unknown; use one of"),
+        "{shown}"
+    );
+    assert!(shown.contains("`app-mailbox`"), "{shown}");
+    // Every key the kind lacks, at once; and a bad common key on its scenario's line.
+    let e = parse(
+        "\n[[defaults.scenario]]\nkind = \"thermal\"\ncommand = \"x\"\naudit = \"disk\"\n\n[[defaults.scenario]]\nkind = \"tcp\"\naddress = \"h:1\"\ninterval = 5\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.problems.iter().map(|p| p.line).collect::<Vec<_>>(), vec![2, 7], "{e}");
+    assert!(
+        e.problems[0].message.ends_with("audit, command do(es) not apply to kind thermal; remove it"),
+        "{e}"
+    );
+    assert!(e.problems[1].message.starts_with("defaults.scenario 'tcp': interval: "), "{e}");
+    let e = parse("[[defaults.scenario]]\nkind = \"tcp\"\naddress = \"nohost\"\n").unwrap_err();
+    assert!(e.to_string().contains("address 'nohost' is not HOST:PORT"), "{e}");
+    let e = parse("[[defaults.scenario]]\nkind = \"console\"\ncommand = \"a\\nb\"\n").unwrap_err();
+    assert!(e.to_string().contains("command must be one line"), "{e}");
+
+    let c = parse(
+        "[[defaults.scenario]]\nkind = \"app-heartbeat\"\n[[defaults.scenario]]\nkind = \"app-heartbeat\"\nname = \"quiet\"\nhealth_interval = \"0s\"\naudit = \"disk\"\n",
+    )
+    .unwrap();
+    let s = &c.defaults.scenarios;
+    assert_eq!(
+        s[0].probe,
+        ScenarioSpec::AppHeartbeat { health_interval: Some(Duration::from_secs(30)), audit: None }
+    );
+    assert_eq!(s[1].probe, ScenarioSpec::AppHeartbeat { health_interval: None, audit: Some("disk".into()) });
+    assert_eq!((s[1].name.as_str(), s[1].interval, s[1].threshold), ("quiet", Duration::from_secs(5), 3));
+}
+
+/// `dist/watch.toml`, which says it lists every key with its default.
+const DIST: &str = include_str!("../../../dist/watch.toml");
+
+/// `text` with the commented-out block that starts at the line `# {first}` uncommented.
+fn uncomment(text: &str, first: &str) -> String {
+    let mut inside = false;
+    let mut found = false;
+    let mut out = String::new();
+    for line in text.lines() {
+        if line == format!("# {first}") {
+            inside = true;
+            found = true;
+        } else if !line.starts_with('#') {
+            inside = false;
+        }
+        out.push_str(if inside { line.strip_prefix("# ").unwrap_or(line) } else { line });
+        out.push('\n');
+    }
+    assert!(found, "dist/watch.toml has no '# {first}' block");
+    out
+}
+
+#[test]
+fn dist_watch_toml_lists_the_built_in_defaults() {
+    let dist = parse(DIST).unwrap();
+    let builtin = parse("").unwrap();
+    assert_eq!(
+        dist.defaults, builtin.defaults,
+        "[defaults] of dist/watch.toml differ from the built-in ones"
+    );
+    assert_eq!(
+        (dist.discover_interval, dist.console_keep, dist.metrics, dist.bundles_keep, &dist.node),
+        (
+            builtin.discover_interval,
+            builtin.console_keep,
+            builtin.metrics,
+            builtin.bundles_keep,
+            &builtin.node
+        )
+    );
+    assert_eq!(dist.event_log, Some(dist.data_dir.join("events.jsonl")));
+    assert!(dist.controller.is_none() && dist.hook.is_none() && dist.vms.is_empty());
+
+    // The commented-out sections show their defaults too: uncommented, they change nothing but
+    // the required keys.
+    let on = parse(&uncomment(&uncomment(DIST, "[controller]"), "[hook]")).unwrap();
+    let only = parse(
+        "[controller]\nurl = \"http://127.0.0.1:8080\"\n[hook]\nargv = [\"/usr/local/libexec/acpimon-analyze\"]\n",
+    )
+    .unwrap();
+    assert_eq!(format!("{:?}", on.controller), format!("{:?}", only.controller));
+    assert_eq!(format!("{:?}", on.hook), format!("{:?}", only.hook));
+    let console = parse(&uncomment(DIST, "[[defaults.scenario]]")).unwrap();
+    let only = parse("[[defaults.scenario]]\nkind = \"console\"\n").unwrap();
+    assert_eq!(console.defaults.scenarios[1], only.defaults.scenarios[0]);
+}
+
+#[test]
+fn watch_reads_the_system_file_when_given_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let system = dir.path().join("watch.toml");
+    // None there: the built-in configuration on --state-dir.
+    let c = Config::resolve(None, &system, Some(dir.path().join("vms"))).unwrap();
+    assert_eq!((c.state_dir.clone(), c.node.clone()), (dir.path().join("vms"), host_name()));
+    std::fs::write(&system, "node = \"from-etc\"\nstate_dir = \"/srv/vms\"\n").unwrap();
+    let c = Config::resolve(None, &system, None).unwrap();
+    assert_eq!((c.node.as_str(), c.state_dir.to_str()), ("from-etc", Some("/srv/vms")));
+    // --state-dir still overrides it, and --config wins over it.
+    let c = Config::resolve(None, &system, Some("/x".into())).unwrap();
+    assert_eq!((c.node.as_str(), c.state_dir.to_str()), ("from-etc", Some("/x")));
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, "node = \"given\"\n").unwrap();
+    assert_eq!(Config::resolve(Some(&other), &system, None).unwrap().node, "given");
+    // A broken system file is reported, not skipped.
+    std::fs::write(&system, "node = [\n").unwrap();
+    let e = Config::resolve(None, &system, None).unwrap_err();
+    assert_eq!(e.file, system);
+}
+
+#[test]
+fn the_resolved_configuration_serialises_with_the_file_keys() {
+    let c = parse(FULL).unwrap();
+    let v = crate::report::config_json(&c);
+    assert_eq!(v["defaults"]["pause"], "exempt");
+    assert_eq!(v["defaults"]["startup_grace"], "30s");
+    assert_eq!(v["defaults"]["recovery"], serde_json::json!({ "action": "reset", "max_per_hour": 2 }));
+    assert_eq!(
+        v["defaults"]["scenario"][0],
+        serde_json::json!({ "name": "acpi-heartbeat", "kind": "acpi-heartbeat", "interval": "500ms", "timeout": "1s", "threshold": 4 })
+    );
+    assert_eq!(v["defaults"]["scenario"][1]["expect"], "^\\d+\\.\\d+ ");
+    assert_eq!(v["vm"]["web"]["scenario"][0]["address"], "192.168.1.5:80");
+    assert_eq!(v["controller"]["spool_max"], 1 << 20);
+    assert_eq!(v["defaults"]["diagnostic"][1]["step"], "sysrq");
+    // Read back as a configuration, its defaults are the same.
+    let defaults = serde_json::json!({ "defaults": v["defaults"] });
+    let text = toml::to_string(&serde_json::from_value::<toml::Table>(defaults).unwrap()).unwrap();
+    let again = parse(&text).unwrap();
+    assert_eq!(again.defaults, c.defaults);
 }

@@ -1,5 +1,12 @@
+use serde_json::json;
+
 use super::*;
 use crate::abi::AppStatus;
+
+/// The evidence as it is sent.
+fn sent(t: &Transition) -> Value {
+    serde_json::to_value(&t.evidence).unwrap()
+}
 
 const HB: usize = 0;
 const CON: usize = 1;
@@ -46,7 +53,12 @@ fn misses_make_late_then_unresponsive_at_the_threshold_then_recovered_then_healt
     assert_eq!(to(m.probe(HB, miss("x"), t0)), None);
     let t = m.probe(HB, miss("no record echoed request 9 within 1s"), t0).unwrap();
     assert_eq!(t.to, State::Unresponsive);
-    assert_eq!(t.evidence["scenarios"][0]["consecutive_misses"], 3);
+    assert_eq!(sent(&t)["scenarios"][0]["consecutive_misses"], 3);
+    assert_eq!(sent(&t)["scenarios"][0]["last"]["detail"], "no record echoed request 9 within 1s");
+    assert_eq!(
+        (sent(&t)["cause"].as_str(), sent(&t)["paused"].as_bool()),
+        (Some("acpi-heartbeat"), Some(false))
+    );
     assert!(m.incident);
     assert_eq!(to(m.probe(HB, miss("x"), t0)), None, "no second alert while the incident lasts");
     assert_eq!(to(m.probe(HB, ok(2), t0)), Some(State::Recovered));
@@ -112,10 +124,12 @@ fn a_panic_is_sticky_until_the_guest_reboots() {
     healthy_round(&mut m, t0);
     let t = m.panicked(json!({"event": "GUEST_PANICKED"}), t0).unwrap();
     assert_eq!(t.to, State::Panicked);
+    assert_eq!(sent(&t), json!({"event": "GUEST_PANICKED"}), "the QMP event as QEMU sent it");
     for _ in 0..5 {
         assert_eq!(to(m.probe(HB, miss("x"), t0)), None);
     }
-    assert_eq!(to(m.rebooted(json!({"qmp_event": "RESET"}), t0)), Some(State::Starting));
+    let reset = Evidence::QmpEvent { qmp_event: json!({"event": "RESET"}) };
+    assert_eq!(to(m.rebooted(reset, t0)), Some(State::Starting));
     assert_eq!(to(m.probe(HB, ok(1), t0)), None);
     assert_eq!(
         to(m.probe(CON, ok(1), t0)),
@@ -128,7 +142,8 @@ fn a_panic_is_sticky_until_the_guest_reboots() {
 fn a_reboot_is_not_a_failure() {
     let (mut m, t0) = machine(PausePolicy::Counts, None);
     healthy_round(&mut m, t0);
-    assert_eq!(to(m.rebooted(json!({}), t0)), Some(State::Starting));
+    let region = Evidence::Region { region: Reboot::BootCountChanged { from: 1, to: 2 } };
+    assert_eq!(to(m.rebooted(region, t0)), Some(State::Starting));
     for _ in 0..5 {
         assert_eq!(to(m.probe(HB, miss("rebooting"), t0)), None);
     }
@@ -140,7 +155,8 @@ fn a_reboot_is_not_a_failure() {
 fn gone_then_attached_again_starts_over() {
     let (mut m, t0) = machine(PausePolicy::Counts, None);
     healthy_round(&mut m, t0);
-    assert_eq!(to(m.gone("QEMU exited".into(), json!({}), t0)), Some(State::Gone));
+    let t = m.gone("QEMU exited".into(), Evidence::Closed(Nothing {}), t0).unwrap();
+    assert_eq!((t.to, sent(&t)), (State::Gone, json!({})));
     assert_eq!(to(m.probe(HB, miss("x"), t0)), None, "nothing counts while gone");
     assert_eq!(to(m.attached("running", t0)), Some(State::Starting));
     assert_eq!(healthy_round(&mut m, t0), vec![State::Healthy]);
@@ -163,7 +179,7 @@ fn an_unavailable_scenario_stops_counting() {
     m.probe(HB, ok(1), t0);
     let t = m.unavailable(CON, "no console socket".into(), t0).unwrap();
     assert_eq!(t.to, State::Healthy);
-    assert_eq!(t.evidence["scenarios"][1]["unavailable"], "no console socket");
+    assert_eq!(sent(&t)["scenarios"][1]["unavailable"], "no console socket");
 }
 
 #[test]

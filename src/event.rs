@@ -1,0 +1,334 @@
+//! The events the service emits: one [`Event`] envelope (key, time, node, VM) around one
+//! [`EventKind`], a variant per kind with its own fields. They are logged, spooled, POSTed and
+//! run through the hook as JSON; the README's event table ("States and events") lists the same
+//! kinds and fields, and a test holds the two together.
+//!
+//! Adding a kind: a variant (its struct holds the fields), an arm in [`EventKind::name`], an
+//! example in the tests and a row in the README. Fields are only ever added; a renamed field
+//! keeps its old name as a serde alias so logs and spools written before still read.
+//!
+//! [`RawEvent`] is any event as received, kind unchecked: the reference controller stores
+//! those, so a newer node's kinds are stored rather than refused.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::abi::AppStatus;
+use crate::app::Audit;
+use crate::diagnose::{Manifest, Trigger};
+use crate::judge::Reboot;
+use crate::watch::state::{Evidence, State};
+
+/// The longest idempotency key the controller accepts.
+pub const MAX_KEY_LEN: usize = 64;
+
+/// The field names of the envelope; no kind may use one (it would be serialised twice).
+pub const ENVELOPE_FIELDS: [&str; 5] = ["key", "time", "node", "vm", "kind"];
+
+/// One event, as logged, spooled and POSTed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Idempotency key: unique per event, fixed when the event is created and kept across
+    /// retries and service restarts. For a VM's events: its random epoch and event sequence,
+    /// 32 lowercase hex digits.
+    pub key: String,
+    /// When it happened: RFC 3339 UTC with milliseconds.
+    pub time: String,
+    /// The node (host name) the service runs on.
+    pub node: String,
+    /// The VM it concerns; `None` for events of the service itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// What happened, serialised as the `kind` field beside the kind's own fields.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// Every kind of event, with its fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum EventKind {
+    /// The app's own word on its health changed, or it answered an audit.
+    AppHealth(AppHealth),
+    /// The app's `info` (or `hello`) message changed.
+    AppInfo(AppInfo),
+    /// The VM changed state.
+    Transition(Transition),
+    /// The guest rebooted (not a failure).
+    Reboot(RebootEvent),
+    /// Diagnostics of an incident finished (or failed).
+    Bundle(Bundle),
+    /// The recovery action after a bundle.
+    Recovery(Recovery),
+    /// A VM is watched for the first time.
+    VmAdded(VmAdded),
+    /// A VM's directory went away; it is no longer watched.
+    VmRemoved(VmRemoved),
+    /// A VM's directory cannot be watched (bad descriptor).
+    VmInvalid(VmInvalid),
+    /// The service started.
+    ServiceStarted(ServiceStarted),
+}
+
+impl EventKind {
+    /// The `kind` string, as serialised.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::AppHealth(_) => "app-health",
+            EventKind::AppInfo(_) => "app-info",
+            EventKind::Transition(_) => "transition",
+            EventKind::Reboot(_) => "reboot",
+            EventKind::Bundle(_) => "bundle",
+            EventKind::Recovery(_) => "recovery",
+            EventKind::VmAdded(_) => "vm-added",
+            EventKind::VmRemoved(_) => "vm-removed",
+            EventKind::VmInvalid(_) => "vm-invalid",
+            EventKind::ServiceStarted(_) => "service-started",
+        }
+    }
+}
+
+/// Where the app said it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AppSource {
+    /// The app protocol over the app channel.
+    AppChannel,
+    /// The app mailbox in the region.
+    Mailbox,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppHealth {
+    pub status: AppStatus,
+    pub details: String,
+    pub source: AppSource,
+    /// The request answered, when the app answered one; always sent (`null` otherwise), as
+    /// readers have relied on.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The audit's result, when the request named one; always sent, like `id`.
+    #[serde(default)]
+    pub audit: Option<Audit>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppInfo {
+    /// What the app sent, as it sent it (bounded by the app channel).
+    pub info: Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Transition {
+    pub from: State,
+    pub to: State,
+    /// For people: which scenarios missed or answered, and how.
+    pub reason: String,
+    /// What the state machine saw: `cause`, every scenario's misses, threshold and last
+    /// outcome, `paused`, `panic`, `app`; or the QMP event or status that caused it.
+    pub evidence: Evidence,
+    /// Set when the transition came from attaching to QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached: Option<Attached>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attached {
+    /// QEMU's version, `MAJOR.MINOR.MICRO`.
+    pub qemu: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RebootEvent {
+    pub evidence: RebootEvidence,
+}
+
+/// How the reboot was seen: `{"qmp_event": ...}` or `{"region": ...}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RebootEvidence {
+    /// QMP `RESET`, as QEMU sent it.
+    QmpEvent(Value),
+    /// The region's boot count changed or its guest timer went backwards.
+    Region(Reboot),
+}
+
+/// An incident that needs a bundle: why diagnostics run, the transition event that started
+/// it and where its bundle goes. Persisted while the bundle is unfinished and sent in the
+/// `bundle` event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Incident {
+    #[serde(flatten)]
+    pub trigger: Trigger,
+    /// The key of the transition event.
+    pub event: String,
+    /// The bundle's directory.
+    pub bundle: PathBuf,
+    /// When diagnostics started (RFC 3339); `None` until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Bundle {
+    pub trigger: Incident,
+    /// The bundle's directory.
+    pub bundle: PathBuf,
+    /// Its `manifest.json`, when it was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<Box<Manifest>>,
+    /// Why there is no bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recovery {
+    /// `reset`, `poweroff` or `command`.
+    pub action: String,
+    pub outcome: RecoveryOutcome,
+    pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecoveryOutcome {
+    /// The action ran and succeeded.
+    Done,
+    /// The action ran and failed.
+    Failed,
+    /// The VM recovered during diagnostics; nothing done.
+    Skipped,
+    /// The rate limit (`recovery.max_per_hour`) was reached; nothing done.
+    Refused,
+}
+
+impl RecoveryOutcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            RecoveryOutcome::Done => "done",
+            RecoveryOutcome::Failed => "failed",
+            RecoveryOutcome::Skipped => "skipped",
+            RecoveryOutcome::Refused => "refused",
+        }
+    }
+}
+
+impl std::fmt::Display for RecoveryOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmAdded {
+    /// The VM's directory.
+    pub dir: PathBuf,
+    /// The names of its scenarios.
+    pub scenarios: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmRemoved {
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmInvalid {
+    /// Sent as `vm_dir` before the field took the documented name.
+    #[serde(alias = "vm_dir")]
+    pub dir: PathBuf,
+    pub error: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStarted {
+    pub version: String,
+    pub state_dir: PathBuf,
+    /// The metrics and status endpoint; `null` when it is off.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// A fresh random idempotency key.
+pub fn new_key() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Whether `key` is an idempotency key the controller accepts: 1-64 characters of
+/// `[0-9A-Za-z_-]` (so it is also a safe file name).
+pub fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_KEY_LEN
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Why an event cannot be sent.
+#[derive(Debug, thiserror::Error)]
+#[error("key '{key}' is not 1-{MAX_KEY_LEN} characters of [0-9A-Za-z_-]; make it with event::new_key()")]
+pub struct BadKey {
+    pub key: String,
+}
+
+impl Event {
+    /// The one constructor: an event of `kind` happening now. `key` is the VM's next key
+    /// (see `watch::persist`) or [`new_key`] for the service's own events.
+    pub fn new(key: String, node: &str, vm: Option<&str>, kind: EventKind) -> Event {
+        Event { key, time: crate::units::now_rfc3339(), node: node.into(), vm: vm.map(Into::into), kind }
+    }
+
+    /// Checks what the controller would refuse: the key's syntax.
+    pub fn validate(&self) -> Result<(), BadKey> {
+        if valid_key(&self.key) {
+            Ok(())
+        } else {
+            Err(BadKey { key: self.key.escape_debug().to_string() })
+        }
+    }
+
+    /// The environment a hook or analyzer gets: `ACPIMON_EVENT_KEY`, `ACPIMON_EVENT_KIND` and,
+    /// when the event concerns a VM, `ACPIMON_VM`.
+    pub fn hook_env(&self) -> Vec<(&'static str, String)> {
+        hook_env(&self.key, self.kind.name(), self.vm.as_deref())
+    }
+}
+
+/// Any event as received, its kind not checked against [`EventKind`]: what the reference
+/// controller stores, so events of kinds this build does not know are kept as sent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RawEvent {
+    pub key: String,
+    pub time: String,
+    pub node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    pub kind: String,
+    /// The kind's own fields.
+    #[serde(flatten)]
+    pub detail: Map<String, Value>,
+}
+
+impl RawEvent {
+    /// See [`Event::hook_env`].
+    pub fn hook_env(&self) -> Vec<(&'static str, String)> {
+        hook_env(&self.key, &self.kind, self.vm.as_deref())
+    }
+
+    /// The typed event, if this build knows its kind and its fields fit.
+    pub fn typed(&self) -> Result<Event, serde_json::Error> {
+        serde_json::from_value(serde_json::to_value(self)?)
+    }
+}
+
+fn hook_env(key: &str, kind: &str, vm: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut env = vec![("ACPIMON_EVENT_KEY", key.to_string()), ("ACPIMON_EVENT_KIND", kind.to_string())];
+    if let Some(vm) = vm {
+        env.push(("ACPIMON_VM", vm.to_string()));
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests;
