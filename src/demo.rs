@@ -23,7 +23,7 @@ const NAME: &str = "demo";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("the test guest could not be built: {0}")]
+    #[error("{0}")]
     Fixture(String),
     #[error(transparent)]
     Prepare(#[from] crate::launch::PrepareError),
@@ -38,6 +38,8 @@ pub enum DemoError {
 }
 
 pub struct DemoOptions {
+    /// The test guest's directory (kernel and initrd).
+    pub guest: PathBuf,
     pub state_dir: PathBuf,
     pub machine: String,
     pub ovmf: bool,
@@ -48,18 +50,10 @@ pub struct DemoOptions {
     pub hang_at: Option<Duration>,
 }
 
-/// The built-in test guest's QEMU arguments (building the guest if it is not cached).
-pub fn guest_args(machine: &str, ovmf: bool) -> Result<Vec<String>, DemoError> {
-    let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/qemu-fixtures/build-guest"));
-    let out = std::process::Command::new(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| DemoError::Fixture(format!("cannot run {}: {e}", script.display())))?;
-    if !out.status.success() {
-        return Err(DemoError::Fixture(format!("{} failed; run tools/setup first", script.display())));
-    }
-    let guest = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_string();
-    let g = Path::new(&guest);
+/// The test guest's QEMU arguments: its kernel and initrd from `guest`, the directory
+/// `qemu-fixtures/build-guest` prints (found at run time, so an installed binary works too).
+pub fn guest_args(guest: &Path, machine: &str, ovmf: bool) -> Vec<String> {
+    let g = guest;
     let mut args: Vec<String> =
         ["-M", machine, "-m", "256", "-nodefaults", "-display", "none"].map(String::from).to_vec();
     let kernel = if ovmf {
@@ -78,7 +72,7 @@ pub fn guest_args(machine: &str, ovmf: bool) -> Result<Vec<String>, DemoError> {
         "-append".into(),
         "console=ttyS0 acpimon.scenario=healthy".into(),
     ]);
-    Ok(args)
+    args
 }
 
 fn say(msg: &str) {
@@ -87,7 +81,15 @@ fn say(msg: &str) {
 
 /// Runs the demo; with `duration`, fails unless everything it showed happened.
 pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Result<(), DemoError> {
-    let mut args = guest_args(&opts.machine, opts.ovmf)?;
+    for file in [if opts.ovmf { "vmlinuz" } else { "vmlinux" }, "initrd.img"] {
+        if !opts.guest.join(file).is_file() {
+            return Err(DemoError::Fixture(format!(
+                "{} has no {file}; pass the directory qemu-fixtures/build-guest prints",
+                opts.guest.display()
+            )));
+        }
+    }
+    let mut args = guest_args(&opts.guest, &opts.machine, opts.ovmf);
     // Created paused, as EVE does, so the service sees the console from the first line.
     args.push("-S".into());
     std::fs::create_dir_all(&opts.state_dir)

@@ -6,7 +6,6 @@
 
 pub mod abi;
 pub mod app;
-pub mod bench;
 pub mod console;
 pub mod demo;
 pub mod diagnose;
@@ -17,8 +16,6 @@ pub mod launch;
 pub mod read;
 pub mod report;
 pub mod run;
-pub mod scale;
-pub mod simvm;
 pub mod trigger;
 pub mod units;
 pub mod watch;

@@ -77,6 +77,10 @@ enum Command {
     /// The whole path on the built-in test guest, watched live: a reference controller, the
     /// guest, and `acpimon watch` over it. Runs until Ctrl-C or --duration.
     Demo {
+        /// The test guest's directory: the last line `qemu-fixtures/build-guest` prints
+        /// (tools/demo builds it and passes it).
+        #[arg(long, env = "ACPIMON_GUEST", value_name = "DIR")]
+        guest: Option<PathBuf>,
         /// Where the VM's directory goes [default: $XDG_RUNTIME_DIR/acpimon or $TMPDIR/acpimon-UID].
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
@@ -93,21 +97,6 @@ enum Command {
         /// caught, diagnosed and delivered; it is resumed once the bundle is written.
         #[arg(long, value_name = "SECS")]
         hang_at: Option<f64>,
-    },
-    /// Measure trigger-to-record latency and sustained events/s on the built-in test guest,
-    /// beside the bare QMP human-monitor-command round trip measured in the same run.
-    Bench {
-        /// Heartbeats for the latency figures (and bare round trips for the baseline).
-        #[arg(long, default_value_t = 500)]
-        count: usize,
-        /// Seconds of back-to-back heartbeats for the events/s figure.
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        #[arg(long, default_value = "pc", value_parser = ["pc", "q35"])]
-        machine: String,
-        /// Where the VM's directory goes.
-        #[arg(long, value_name = "DIR")]
-        state_dir: Option<PathBuf>,
     },
     /// Watch every VM in the state directory: scenarios, state, diagnostics, forwarding,
     /// metrics. Runs until SIGTERM or SIGINT.
@@ -151,30 +140,6 @@ enum Command {
         /// event's JSON on stdin.
         #[arg(last = true, value_name = "ANALYZER")]
         analyzer: Vec<String>,
-    },
-    /// Scale benchmark: one `acpimon watch` child watching N simulated VMs (no QEMU) at 1 s
-    /// heartbeats, beside a 0-VM baseline of the same run: CPU per VM-heartbeat, memory per
-    /// VM, detection latency, false alarms. Needs ~256 + 4×N open files (tools/bench-scale
-    /// raises the limit).
-    BenchScale {
-        /// VM counts to measure.
-        #[arg(long, value_delimiter = ',', default_values_t = [10, 100, 500])]
-        vms: Vec<usize>,
-        /// Measurement window per size.
-        #[arg(long, default_value = "20s", value_parser = acpimon::units::parse_duration)]
-        window: Duration,
-        /// VMs hung per size to measure detection latency (at most N).
-        #[arg(long, default_value_t = 10)]
-        hangs: usize,
-        /// Simulated guest delay from the raised IRQ to its record, in ms (real guest p50 ≈ 1).
-        #[arg(long, default_value_t = 1.0)]
-        sim_latency_ms: f64,
-        /// Scratch directory; each run keeps a fresh subdirectory there.
-        #[arg(long, value_name = "DIR")]
-        work: Option<PathBuf>,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Print the decoded contents of a region file.
     Snapshot {
@@ -310,9 +275,12 @@ enum Error {
     #[error(transparent)]
     Trigger(#[from] TriggerError),
     #[error(transparent)]
-    Bench(#[from] acpimon::bench::BenchError),
-    #[error(transparent)]
     Demo(#[from] acpimon::demo::DemoError),
+    #[error(
+        "no test guest given: pass --guest DIR or set ACPIMON_GUEST to the directory \
+         qemu-fixtures/build-guest prints (tools/demo does both)"
+    )]
+    NoGuest,
     #[error("{missed} of {sent} heartbeats were not acknowledged")]
     Unacknowledged { missed: u64, sent: u64 },
     #[error("QEMU exited with status {0}")]
@@ -325,14 +293,13 @@ enum Error {
     Controller(#[from] acpimon::forward::controller::ControllerError),
     #[error("{0}")]
     Status(String),
-    #[error(transparent)]
-    Scale(#[from] acpimon::scale::ScaleError),
 }
 
 impl Error {
     fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Launch(_) | Error::Prepare(_) | Error::WatchConfig(_) => 2,
+            Error::NoGuest | Error::Demo(acpimon::demo::DemoError::Fixture(_)) => 2,
             Error::Vm(VmError::Conflicts(_)) => 2,
             Error::QemuStatus(code) => u8::try_from(*code).unwrap_or(1),
             Error::Region(e) if is_bad_input(e) => 2,
@@ -388,8 +355,10 @@ fn run(command: Command) -> Result<(), Error> {
             let (program, args) = qemu.split_first().expect("clap requires the QEMU command");
             runtime().block_on(run_vm(&run, program.clone(), args.to_vec()))
         }
-        Command::Demo { state_dir, machine, ovmf, duration, hang_at } => {
+        Command::Demo { guest, state_dir, machine, ovmf, duration, hang_at } => {
+            let guest = guest.ok_or(Error::NoGuest)?;
             let opts = acpimon::demo::DemoOptions {
+                guest,
                 state_dir: state_dir.unwrap_or_else(default_state_dir),
                 machine,
                 ovmf,
@@ -398,10 +367,6 @@ fn run(command: Command) -> Result<(), Error> {
             };
             runtime().block_on(async { acpimon::demo::run(opts, shutdown_on_signal()).await })?;
             Ok(())
-        }
-        Command::Bench { count, seconds, machine, state_dir } => {
-            let state_dir = state_dir.unwrap_or_else(default_state_dir);
-            runtime().block_on(bench(count.max(1), seconds, &machine, &state_dir))
         }
         Command::Watch { config, state_dir, check } => {
             let config = watch_config(config.as_deref(), state_dir)?;
@@ -450,28 +415,6 @@ fn run(command: Command) -> Result<(), Error> {
                 acpimon::forward::controller::serve(opts, shutdown, Some(tx)).await
             })?;
             Ok(())
-        }
-        Command::BenchScale { vms, window, hangs, sim_latency_ms, work, json } => {
-            let exe = std::env::current_exe()
-                .map_err(|e| Error::Status(format!("cannot find the acpimon binary: {e}")))?;
-            let work = work.unwrap_or_else(|| std::env::temp_dir().join("acpimon-scale"));
-            let mut opts = acpimon::scale::ScaleOptions::new(exe, work);
-            opts.vms = vms;
-            opts.window = window;
-            opts.hangs = hangs;
-            opts.latency = Duration::from_secs_f64(sim_latency_ms.max(0.0) / 1e3);
-            let report = runtime().block_on(acpimon::scale::run(&opts, |m| eprintln!("bench-scale: {m}")))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
-            } else {
-                print!("{report}");
-            }
-            let problems = report.problems();
-            if problems.is_empty() {
-                Ok(())
-            } else {
-                Err(Error::Status(problems.join("; ")))
-            }
         }
         Command::Snapshot { region, json, watch, interval_ms, count } => {
             let region = Region::open(&region, Access::ReadOnly)?;
@@ -602,26 +545,6 @@ fn print_summary(s: &Summary, json: bool) {
     } else {
         println!("{}", summary_line(s));
     }
-}
-
-/// `acpimon bench`.
-async fn bench(count: usize, seconds: f64, machine: &str, state_dir: &Path) -> Result<(), Error> {
-    let prepared = launch::prepare(state_dir, "bench", &SsdtConfig::default())?;
-    let spec = VmSpec {
-        program: "qemu-system-x86_64".into(),
-        args: acpimon::demo::guest_args(machine, false)?,
-        prepared,
-        readconfig: false,
-        leave_to_watch: false,
-    };
-    let mut vm = Vm::launch(spec).await?;
-    let result = acpimon::bench::run(&vm, count, Duration::from_secs_f64(seconds)).await;
-    let _ = vm.shutdown().await;
-    let r = result?;
-    let v = vm.qmp.version;
-    println!("bench: QEMU {}.{}.{} {machine} TCG, {count} heartbeats, {seconds} s sustained", v.0, v.1, v.2);
-    print!("{}", acpimon::bench::table(&r));
-    Ok(())
 }
 
 fn print_snapshot(

@@ -6,10 +6,10 @@ use common::{acpimon, text};
 
 #[test]
 fn the_demo_catches_a_hang_delivers_every_event_and_recovers() {
-    common::guest::fixture();
+    let guest = common::guest::fixture().to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let out =
-        acpimon(&["demo", "--duration", "40", "--hang-at", "3", "--state-dir", dir.path().to_str().unwrap()]);
+    let d = dir.path().to_str().unwrap();
+    let out = acpimon(&["demo", "--guest", guest, "--duration", "40", "--hang-at", "3", "--state-dir", d]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{}", text(&out.stderr));
     let order = [

@@ -1,4 +1,4 @@
-//! `acpimon bench-scale`: how one `acpimon watch` scales with the number of VMs it watches
+//! `acpimon-bench scale`: how one `acpimon watch` scales with the number of VMs it watches
 //! (issue 4), on simulated VMs ([`crate::simvm`]) so that 500 of them fit on the 2 cores that
 //! also run the service.
 //!
@@ -27,7 +27,7 @@
 //! Caveats the report states: the simulated VMs and the service share the machine (the
 //! simulator's CPU and the machine's load are reported beside the service's); a simulated
 //! guest writes its record [`ScaleOptions::latency`] after the IRQ (the real guest's p50 in
-//! `acpimon bench` is about 1 ms), with no QEMU in the path.
+//! `acpimon-bench latency` is about 1 ms), with no QEMU in the path.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -39,10 +39,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::forward::Event;
 use crate::simvm::{spawn_fleet, SimError, SimState, SimVm, SimVmOptions};
-use crate::watch::metrics::{fetch_status, StatusView};
-use crate::watch::state::State;
+use acpimon::forward::Event;
+use acpimon::watch::metrics::{fetch_status, StatusView};
+use acpimon::watch::state::State;
 
 /// The heartbeat scenario every simulated VM gets (the service's defaults): a probe every
 /// `INTERVAL`, ...
@@ -481,7 +481,7 @@ fn config_text(state_dir: &Path, data_dir: &Path) -> String {
     let quote = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
     let dur = |d: Duration| format!("\"{}ms\"", d.as_millis());
     format!(
-        "# Written by acpimon bench-scale.\n\
+        "# Written by acpimon-bench scale.\n\
          state_dir = {}\n\
          data_dir = {}\n\
          node = \"bench-scale\"\n\
@@ -1025,7 +1025,7 @@ mod tests {
             .with("from", from)
             .with("to", to)
             .with("reason", format!("{from} to {to}"));
-        ev.time = crate::units::rfc3339(time);
+        ev.time = acpimon::units::rfc3339(time);
         ev
     }
 
@@ -1050,7 +1050,7 @@ mod tests {
             transition("sim-0005", at(11_100), "healthy", "late"),
         ];
         let mut other = Event::new("node", Some("sim-0001"), "reboot");
-        other.time = crate::units::rfc3339(at(7_000));
+        other.time = acpimon::units::rfc3339(at(7_000));
         let mut all = events.clone();
         all.push(other);
         let f = analyze(&all, at(1_000), &hung);
@@ -1080,7 +1080,7 @@ mod tests {
     #[test]
     fn the_service_configuration_is_valid() {
         let text = config_text(Path::new("/tmp/x \"y\"/state"), Path::new("/tmp/data"));
-        let c = crate::watch::Config::parse(&text, Path::new("watch.toml")).unwrap();
+        let c = acpimon::watch::Config::parse(&text, Path::new("watch.toml")).unwrap();
         assert_eq!(c.state_dir, Path::new("/tmp/x \"y\"/state"));
         assert_eq!(c.metrics, Some("127.0.0.1:0".parse().unwrap()));
         assert_eq!(c.defaults.startup_grace, STARTUP_GRACE);
