@@ -6,6 +6,7 @@
 
 pub mod abi;
 pub mod app;
+pub mod cli;
 pub mod console;
 pub mod demo;
 pub mod diagnose;
