@@ -253,6 +253,28 @@ fn run_reports_qemus_exit_status_apart_from_its_own() {
     assert_eq!(out.status.code(), Some(65), "{err}");
     assert!(err.contains("QEMU exited during start-up (exit status: 1)"), "{err}");
     assert!(err.contains("no-such-option"), "QEMU's own message is shown: {err}");
+    // QEMU ending after it ran: a wrapper stops it after 2 s and exits 3, or is killed.
+    for (ending, code) in [("exit 3", 67), ("kill -KILL $$", 137)] {
+        let script = format!("\"$0\" \"$@\" & q=$!; sleep 2; kill $q; wait $q; {ending}");
+        let out = acpimon(&[
+            "run",
+            "--state-dir",
+            d,
+            "--",
+            "sh",
+            "-c",
+            &script,
+            &qemu,
+            "-M",
+            "pc",
+            "-nodefaults",
+            "-display",
+            "none",
+        ]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{ending}: {err}");
+        assert!(err.contains("QEMU exited unsuccessfully"), "{err}");
+    }
     // A program that is not there is acpimon's failure, not QEMU's.
     let out = acpimon(&["run", "--state-dir", d, "--", "/nonexistent/qemu", "-M", "pc", "-nodefaults"]);
     let err = text(&out.stderr);
