@@ -56,7 +56,6 @@ pub struct DemoOptions {
 /// The test guest's QEMU arguments: its kernel and initrd from `guest`, the directory
 /// `qemu-fixtures/build-guest` prints (found at run time, so an installed binary works too).
 pub fn guest_args(guest: &Path, machine: &str, ovmf: bool) -> Vec<String> {
-    let g = guest;
     let mut args: Vec<String> =
         ["-M", machine, "-m", "256", "-nodefaults", "-display", "none"].map(String::from).to_vec();
     let kernel = if ovmf {
@@ -66,7 +65,7 @@ pub fn guest_args(guest: &Path, machine: &str, ovmf: bool) -> Vec<String> {
     } else {
         "vmlinux"
     };
-    let file = |name: &str| g.join(name).to_string_lossy().into_owned();
+    let file = |name: &str| guest.join(name).to_string_lossy().into_owned();
     args.extend([
         "-kernel".into(),
         file(kernel),

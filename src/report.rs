@@ -1,4 +1,5 @@
-//! Human-readable and JSON renderings of what was read, shared by every command that prints.
+//! Human-readable and JSON renderings of what was read, shared by every command that prints,
+//! and the printers of `acpimon snapshot` (with its live view) and `acpimon status`.
 
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
