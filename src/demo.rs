@@ -14,15 +14,18 @@ use crate::forward::controller::{self, ControllerOptions};
 use crate::forward::ControllerConfig;
 use crate::generate::SsdtConfig;
 use crate::launch::{prepare, Vm, VmError, VmSpec};
+use crate::run::Summary;
 use crate::watch::config::Config;
-use crate::watch::metrics::{fetch_status, StatusView, VmView};
+use crate::watch::metrics::{fetch_status, ScenarioView, StatusView, VmView};
 use crate::watch::state::State;
 
 const NAME: &str = "demo";
+/// The scenario whose latencies the summary reports.
+const HEARTBEAT: &str = "acpi-heartbeat";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("the test guest could not be built: {0}")]
+    #[error("{0}")]
     Fixture(String),
     #[error(transparent)]
     Prepare(#[from] crate::launch::PrepareError),
@@ -37,6 +40,8 @@ pub enum DemoError {
 }
 
 pub struct DemoOptions {
+    /// The test guest's directory (kernel and initrd).
+    pub guest: PathBuf,
     pub state_dir: PathBuf,
     pub machine: String,
     pub ovmf: bool,
@@ -47,18 +52,9 @@ pub struct DemoOptions {
     pub hang_at: Option<Duration>,
 }
 
-/// The built-in test guest's QEMU arguments (building the guest if it is not cached).
-pub fn guest_args(machine: &str, ovmf: bool) -> Result<Vec<String>, DemoError> {
-    let script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/qemu-fixtures/build-guest"));
-    let out = std::process::Command::new(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| DemoError::Fixture(format!("cannot run {}: {e}", script.display())))?;
-    if !out.status.success() {
-        return Err(DemoError::Fixture(format!("{} failed; run tools/setup first", script.display())));
-    }
-    let guest = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_string();
-    let g = Path::new(&guest);
+/// The test guest's QEMU arguments: its kernel and initrd from `guest`, the directory
+/// `qemu-fixtures/build-guest` prints (found at run time, so an installed binary works too).
+pub fn guest_args(guest: &Path, machine: &str, ovmf: bool) -> Vec<String> {
     let mut args: Vec<String> =
         ["-M", machine, "-m", "256", "-nodefaults", "-display", "none"].map(String::from).to_vec();
     let kernel = if ovmf {
@@ -68,7 +64,7 @@ pub fn guest_args(machine: &str, ovmf: bool) -> Result<Vec<String>, DemoError> {
     } else {
         "vmlinux"
     };
-    let file = |name: &str| g.join(name).to_string_lossy().into_owned();
+    let file = |name: &str| guest.join(name).to_string_lossy().into_owned();
     args.extend([
         "-kernel".into(),
         file(kernel),
@@ -77,7 +73,7 @@ pub fn guest_args(machine: &str, ovmf: bool) -> Result<Vec<String>, DemoError> {
         "-append".into(),
         "console=ttyS0 acpimon.scenario=healthy".into(),
     ]);
-    Ok(args)
+    args
 }
 
 fn say(msg: &str) {
@@ -86,7 +82,15 @@ fn say(msg: &str) {
 
 /// Runs the demo; with `duration`, fails unless everything it showed happened.
 pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Result<(), DemoError> {
-    let mut args = guest_args(&opts.machine, opts.ovmf)?;
+    for file in [if opts.ovmf { "vmlinuz" } else { "vmlinux" }, "initrd.img"] {
+        if !opts.guest.join(file).is_file() {
+            return Err(DemoError::Fixture(format!(
+                "{} has no {file}; pass the directory qemu-fixtures/build-guest prints",
+                opts.guest.display()
+            )));
+        }
+    }
+    let mut args = guest_args(&opts.guest, &opts.machine, opts.ovmf);
     // Created paused, as EVE does, so the service sees the console from the first line.
     args.push("-S".into());
     std::fs::create_dir_all(&opts.state_dir)
@@ -138,16 +142,50 @@ pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Resu
         .ok_or_else(|| DemoError::Expectation("the service did not start".into()))?;
     say(&format!("acpimon watch is up; in another terminal: acpimon status --addr {addr}"));
 
+    let sampler = tokio::spawn(sample_latencies(addr, stop.clone()));
     let outcome = drive(&opts, &vm, addr, &mut shutdown).await;
     let status = fetch_status(addr, Duration::from_secs(5)).await.ok();
     let _ = stop_tx.send(true);
+    let latencies = sampler.await.unwrap_or_default();
     let _ = service.await;
     let _ = ctl.await;
     let _ = vm.shutdown().await;
     if let Some(s) = &status {
-        summary(s, &store);
+        summary(s, &store, &latencies);
     }
     outcome
+}
+
+/// The heartbeat latencies the service measured, read from `/status` as they come.
+#[derive(Debug, Default)]
+struct Latencies {
+    /// Each answer's latency (ms), as the service measured it.
+    ms: Vec<f64>,
+    /// Answers whose latency was overwritten by the next before it was read.
+    unseen: u64,
+}
+
+/// Polls the demo VM's heartbeat several times per interval until `stop`, keeping the
+/// latency of every new answer (`/status` shows the last one).
+async fn sample_latencies(addr: SocketAddr, mut stop: watch::Receiver<bool>) -> Latencies {
+    let mut out = Latencies::default();
+    let mut answers = 0u64;
+    loop {
+        if let Some(hb) = view(addr).await.and_then(|v| v.scenarios.into_iter().find(|s| s.kind == HEARTBEAT))
+        {
+            if hb.answers_total > answers {
+                if let Some(ms) = hb.last_latency_ms {
+                    out.ms.push(ms);
+                    out.unseen += hb.answers_total - answers - 1;
+                }
+                answers = hb.answers_total;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = crate::watch::until_true(&mut stop) => return out,
+        }
+    }
 }
 
 async fn view(addr: SocketAddr) -> Option<VmView> {
@@ -210,7 +248,7 @@ async fn drive(
             return Ok(());
         }
         if let Some(v) = view(addr).await {
-            let hb = v.scenarios.iter().find(|s| s.kind == "acpi-heartbeat");
+            let hb = v.scenarios.iter().find(|s| s.kind == HEARTBEAT);
             say(&format!(
                 "{} · heartbeat {} · {} answered, {} missed",
                 v.state,
@@ -237,7 +275,7 @@ async fn drive(
     }
 }
 
-fn summary(s: &StatusView, store: &Path) {
+fn summary(s: &StatusView, store: &Path, latencies: &Latencies) {
     let stored = std::fs::read_dir(store.join("events")).map_or(0, |d| d.count());
     let f = &s.forward;
     println!(
@@ -248,6 +286,10 @@ fn summary(s: &StatusView, store: &Path) {
     );
     for v in &s.vms {
         for sc in &v.scenarios {
+            if v.name == NAME && sc.kind == HEARTBEAT {
+                println!("summary: {} {}: {}", v.name, sc.name, heartbeat_line(sc, latencies));
+                continue;
+            }
             println!(
                 "summary: {} {}: {} answered, {} missed, last {}",
                 v.name,
@@ -260,5 +302,37 @@ fn summary(s: &StatusView, store: &Path) {
         if let Some(b) = &v.last_bundle {
             println!("summary: {} last bundle {b}", v.name);
         }
+    }
+}
+
+/// "N answered, M missed, latency p50 X ms, p99 Y ms (K measured)".
+fn heartbeat_line(sc: &ScenarioView, latencies: &Latencies) -> String {
+    let counts = format!("{} answered, {} missed", sc.answers_total, sc.misses_total);
+    if latencies.ms.is_empty() {
+        return format!("{counts}, latency -");
+    }
+    let n = latencies.ms.len() as u64;
+    let p = Summary::from_latencies(latencies.ms.clone(), n, 0, 0);
+    let unseen = match latencies.unseen {
+        0 => String::new(),
+        u => format!("; {u} answered between two reads"),
+    };
+    format!("{counts}, latency p50 {:.2} ms, p99 {:.2} ms ({n} measured{unseen})", p.p50_ms, p.p99_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_heartbeat_summary_has_counts_and_percentiles() {
+        let sc = ScenarioView { answers_total: 102, misses_total: 3, ..Default::default() };
+        let lat = Latencies { ms: (1..=100).map(f64::from).collect(), unseen: 2 };
+        assert_eq!(
+            heartbeat_line(&sc, &lat),
+            "102 answered, 3 missed, latency p50 51.00 ms, p99 99.00 ms (100 measured; 2 answered between two reads)"
+        );
+        let none = Latencies::default();
+        assert_eq!(heartbeat_line(&sc, &none), "102 answered, 3 missed, latency -");
     }
 }

@@ -6,7 +6,7 @@
 
 pub mod abi;
 pub mod app;
-pub mod bench;
+pub mod cli;
 pub mod console;
 pub mod demo;
 pub mod diagnose;
@@ -19,8 +19,6 @@ pub mod logging;
 pub mod read;
 pub mod report;
 pub mod run;
-pub mod scale;
-pub mod simvm;
 pub mod trigger;
 pub mod units;
 pub mod util;

@@ -1,12 +1,15 @@
-//! Human-readable and JSON renderings of what was read, shared by every command that prints.
+//! Human-readable and JSON renderings of what was read, shared by every command that prints,
+//! and the printers of `acpimon snapshot` (with its live view) and `acpimon status`.
 
 use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::judge::{ticks_to_duration, Observation};
-use crate::read::Snapshot;
+use crate::judge::{ticks_to_duration, Observation, Tracker};
+use crate::read::{Region, Snapshot};
 use crate::run::{RunEvent, Summary};
 use crate::trigger::Beat;
 
@@ -241,4 +244,51 @@ pub fn status_table(s: &crate::watch::metrics::StatusView) -> String {
         }
     }
     o
+}
+
+/// `acpimon snapshot`: one snapshot as a table, or as one JSON line.
+pub fn print_snapshot(region: &Region, snap: &Snapshot, obs: Option<&Observation>, json: bool) {
+    if json {
+        let report = SnapshotReport { region: region.path(), snapshot: snap, observation: obs };
+        println!("{}", serde_json::to_string(&report).expect("snapshot serialises"));
+    } else {
+        print!("{}", snapshot_table(region.path(), snap, obs));
+    }
+}
+
+/// `acpimon snapshot --watch`: a live view, redrawn in place on a terminal, otherwise one
+/// snapshot per new record. Errors while watching (a VM paused mid-write, a corrupt header)
+/// are shown and the watch goes on.
+pub fn watch_region(region: &Region, json: bool, interval: Duration, count: Option<u64>) {
+    // Cursor home, then clear the screen: the table is redrawn where it was.
+    const REDRAW: &str = "\x1b[H\x1b[2J";
+    let tty = std::io::stdout().is_terminal() && !json;
+    let mut tracker = Tracker::new();
+    let mut n = 0u64;
+    while count.is_none_or(|c| n < c) {
+        n += 1;
+        let started = Instant::now();
+        match region.snapshot() {
+            Ok(snap) => {
+                let obs = tracker.observe(snap.record.as_ref(), started);
+                if tty {
+                    print!("{REDRAW}{}", snapshot_table(region.path(), &snap, Some(&obs)));
+                } else if obs.fresh || n == 1 {
+                    print_snapshot(region, &snap, Some(&obs), json);
+                }
+            }
+            Err(e) => eprintln!("acpimon: {e}"),
+        }
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(interval.saturating_sub(started.elapsed()));
+    }
+}
+
+/// `acpimon status`: the table, or the service's JSON.
+pub fn print_status(status: &crate::watch::metrics::StatusView, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(status).expect("status serialises"));
+    } else {
+        print!("{}", status_table(status));
+    }
 }

@@ -1,12 +1,15 @@
 //! One VM under acpimon: heartbeats at an interval, judged as they arrive, QMP events
-//! reported, until QEMU exits or the time is up. `acpimon run` and `acpimon demo` drive it.
+//! reported, until QEMU exits or the time is up. [`command`] is `acpimon run`.
 
+use std::path::PathBuf;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::generate::SsdtConfig;
 use crate::judge::{Observation, Tracker};
-use crate::launch::Vm;
+use crate::launch::{Extras, PrepareError, Vm, VmError, VmSpec};
 use crate::read::GuestRecord;
 use crate::trigger::qmp::QmpError;
 use crate::trigger::{Beat, Heartbeat, TriggerError};
@@ -179,6 +182,100 @@ pub async fn run(
         report(&RunEvent::Beat { beat, observation });
     }
     Ok(Summary::from_latencies(latencies, sent, errors, startup))
+}
+
+/// `acpimon run`, validated: the VM to prepare and launch, and how to watch it.
+#[derive(Clone, Debug)]
+pub struct RunCommand {
+    pub state_dir: PathBuf,
+    pub name: String,
+    pub ssdt: SsdtConfig,
+    pub extras: Extras,
+    /// Pass acpimon's QEMU options as a -readconfig file, as EVE does.
+    pub readconfig: bool,
+    /// JSON lines instead of text.
+    pub json: bool,
+    pub options: RunOptions,
+    /// The QEMU program and the user's arguments.
+    pub program: String,
+    pub args: Vec<String>,
+}
+
+/// How `acpimon run` can end other than with QEMU exiting 0.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Trigger(#[from] TriggerError),
+    #[error("{missed} of {sent} heartbeats were not acknowledged")]
+    Unacknowledged { missed: u64, sent: u64 },
+    /// QEMU ended unsuccessfully; the binary reports its status apart from its own.
+    #[error("QEMU exited unsuccessfully ({0})")]
+    Qemu(ExitStatus),
+    #[error("lost track of the QEMU process: {0}")]
+    Wait(std::io::Error),
+}
+
+/// `acpimon run`: prepare, launch, heartbeat until QEMU exits or the duration passes,
+/// printing each event and the summary on stdout.
+pub async fn command(cmd: RunCommand) -> Result<(), RunError> {
+    let prepared = crate::launch::prepare_with(&cmd.state_dir, &cmd.name, &cmd.ssdt, cmd.extras)?;
+    let spec = VmSpec {
+        program: cmd.program,
+        args: cmd.args,
+        prepared,
+        readconfig: cmd.readconfig,
+        leave_to_watch: false,
+    };
+    let mut vm = Vm::launch(spec).await?;
+    let json = cmd.json;
+    if !json {
+        let d = &vm.prepared.descriptor;
+        println!(
+            "acpimon: {} running (QEMU {}.{}.{}); state in {}; heartbeat IRQ {} every {} ms",
+            d.name,
+            vm.qmp.version.0,
+            vm.qmp.version.1,
+            vm.qmp.version.2,
+            vm.prepared.dir.display(),
+            d.irq,
+            cmd.options.interval.as_millis()
+        );
+        for note in &vm.notes {
+            println!("acpimon: {note}");
+        }
+        if let Err(why) = vm.console() {
+            println!("acpimon: console unavailable ({why}); monitoring without it");
+        }
+    }
+    let summary = run(&mut vm, cmd.options, |ev: &RunEvent| {
+        if json {
+            println!("{}", serde_json::to_string(ev).expect("events serialise"));
+        } else {
+            println!("{}", crate::report::run_event_line(ev));
+        }
+    })
+    .await?;
+    if json {
+        println!("{}", serde_json::json!({ "type": "summary", "summary": summary }));
+    } else {
+        println!("{}", crate::report::summary_line(&summary));
+    }
+    if cmd.options.duration.is_some() {
+        return match summary.sent - summary.acked {
+            0 if summary.sent > 0 => Ok(()),
+            missed => Err(RunError::Unacknowledged { missed, sent: summary.sent }),
+        };
+    }
+    let status = vm.wait().await.map_err(RunError::Wait)?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(RunError::Qemu(status))
+    }
 }
 
 #[cfg(test)]

@@ -197,3 +197,111 @@ fn status_without_a_service_says_how_to_find_one() {
     assert!(err.contains("no acpimon watch answers on 127.0.0.1:"), "{err}");
     assert!(err.contains("--addr"), "{err}");
 }
+
+/// The operator commands, as `acpimon --help` lists them (and nothing else: the benchmarks
+/// are `acpimon-bench`).
+const COMMANDS: [&str; 11] = [
+    "ssdt",
+    "qemu-args",
+    "prepare",
+    "run",
+    "demo",
+    "watch",
+    "status",
+    "controller",
+    "snapshot",
+    "completions",
+    "man",
+];
+
+#[test]
+fn help_lists_only_the_operator_commands() {
+    let out = acpimon(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    let listed: Vec<&str> = help
+        .split("Commands:\n")
+        .nth(1)
+        .expect("a command list")
+        .lines()
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert_eq!(listed, COMMANDS, "{help}");
+    assert!(help.contains("Exit status: 0 success; 1 a runtime failure"), "{help}");
+}
+
+#[test]
+fn completions_and_the_man_page_cover_every_command() {
+    let out = acpimon(&["completions", "bash"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let bash = text(&out.stdout);
+    assert!(bash.contains("complete -F _acpimon"), "{bash}");
+    for c in COMMANDS {
+        assert!(bash.contains(c), "bash completion lacks {c}");
+    }
+    assert!(bash.contains("--region-path") && bash.contains("--state-dir"), "options complete too");
+    let out = acpimon(&["completions", "cmd.exe"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("invalid value 'cmd.exe'"), "{}", text(&out.stderr));
+
+    let out = acpimon(&["man"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let page = text(&out.stdout);
+    assert!(page.contains(".TH acpimon 1"), "{page}");
+    assert!(page.contains(".SH \"EXIT STATUS\""), "{page}");
+    for c in COMMANDS {
+        // roff escapes the hyphen of acpimon-COMMAND(1).
+        let reference = format!("acpimon\\-{}(1)", c.replace('-', "\\-"));
+        assert!(page.contains(&reference), "the man page lacks {reference}:\n{page}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = acpimon(&["man", "--dir", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for c in COMMANDS {
+        let sub = std::fs::read_to_string(dir.path().join(format!("acpimon-{c}.1"))).unwrap();
+        assert!(sub.contains(&format!(".TH acpimon-{c} 1")), "{sub}");
+    }
+    assert_eq!(std::fs::read_to_string(dir.path().join("acpimon.1")).unwrap(), page);
+}
+
+#[test]
+fn run_reports_qemus_exit_status_apart_from_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // QEMU refuses an option it does not know and exits 1: acpimon exits 64 + 1.
+    let qemu = common::guest::qemu();
+    let out = acpimon(&["run", "--state-dir", d, "--", &qemu, "-M", "pc", "-nodefaults", "--no-such-option"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(err.contains("QEMU exited during start-up (exit status: 1)"), "{err}");
+    assert!(err.contains("no-such-option"), "QEMU's own message is shown: {err}");
+    // QEMU ending after it ran: a wrapper stops it after 2 s and exits 3, or is killed.
+    for (ending, code) in [("exit 3", 67), ("kill -KILL $$", 137)] {
+        let script = format!("\"$0\" \"$@\" & q=$!; sleep 2; kill $q; wait $q; {ending}");
+        let out = acpimon(&[
+            "run",
+            "--state-dir",
+            d,
+            "--",
+            "sh",
+            "-c",
+            &script,
+            &qemu,
+            "-M",
+            "pc",
+            "-nodefaults",
+            "-display",
+            "none",
+        ]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{ending}: {err}");
+        assert!(err.contains("QEMU exited unsuccessfully"), "{err}");
+    }
+    // A program that is not there is acpimon's failure, not QEMU's.
+    let out = acpimon(&["run", "--state-dir", d, "--", "/nonexistent/qemu", "-M", "pc", "-nodefaults"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot start /nonexistent/qemu"), "{err}");
+}

@@ -12,9 +12,9 @@ use acpimon::generate::SsdtConfig;
 use acpimon::launch::channel::{self, Channel};
 use acpimon::launch::prepare;
 use acpimon::read::{Access, GuestRecord, Region};
-use acpimon::simvm::{spawn_fleet, PanicAction, SimState, SimVm, SimVmOptions};
 use acpimon::trigger::qmp::{EventKind, Qmp, QmpError, QmpEvent};
 use acpimon::trigger::{Beat, Heartbeat};
+use acpimon_bench::simvm::{spawn_fleet, PanicAction, SimState, SimVm, SimVmOptions};
 use tokio::sync::broadcast;
 
 const WAIT: Duration = Duration::from_secs(2);

@@ -12,11 +12,11 @@ use tokio::runtime::Handle;
 use tokio::sync::{broadcast, watch};
 
 use super::{PanicAction, SimState};
-use crate::abi::Source;
-use crate::generate::{PciSlot, TESTDEV_IRQ_PORT_BASE};
-use crate::launch::Descriptor;
-use crate::read::sim::SimulatedAml;
-use crate::read::Region;
+use acpimon::abi::Source;
+use acpimon::generate::{PciSlot, TESTDEV_IRQ_PORT_BASE};
+use acpimon::launch::Descriptor;
+use acpimon::read::sim::SimulatedAml;
+use acpimon::read::Region;
 
 /// pc-testdev's 4-byte scratch register.
 pub(super) const TESTDEV_REG_PORT: u16 = 0xe0;

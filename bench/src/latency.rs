@@ -1,15 +1,17 @@
-//! `acpimon bench`: trigger-to-record latency and sustained heartbeats per second on a real
+//! `acpimon-bench latency`: trigger-to-record latency and sustained heartbeats per second on a real
 //! guest, each beside the floor measured in the same run: the bare QMP `human-monitor-command`
 //! round trip (`o /b PORT 0`, the same HMP path with nothing for the guest to do).
 
 use std::time::{Duration, Instant};
 
-use crate::launch::Vm;
-use crate::run::Summary;
-use crate::trigger::{Beat, Heartbeat, TriggerError};
+use serde::Serialize;
+
+use acpimon::launch::Vm;
+use acpimon::run::Summary;
+use acpimon::trigger::{Beat, Heartbeat, TriggerError};
 
 /// Figures of one benchmark run.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct BenchResult {
     pub bare: Summary,
     pub heartbeat: Summary,
@@ -19,16 +21,30 @@ pub struct BenchResult {
     pub sustained_missed: u64,
 }
 
+/// What `--json` prints: the run's setting beside its figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// QEMU's version, e.g. "10.0.2".
+    pub qemu: String,
+    pub machine: String,
+    /// Heartbeats (and bare round trips) for the latency figures.
+    pub count: usize,
+    /// Seconds of each sustained phase.
+    pub seconds: f64,
+    #[serde(flatten)]
+    pub result: BenchResult,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("the guest acknowledged no heartbeat within 120 s; check that it boots with `acpimon demo`")]
+    #[error("the guest acknowledged no heartbeat within 120 s; check that it boots with `acpimon demo --guest DIR`")]
     NotReady,
     #[error(transparent)]
     Trigger(#[from] TriggerError),
     #[error(transparent)]
-    Qmp(#[from] crate::trigger::qmp::QmpError),
+    Qmp(#[from] acpimon::trigger::qmp::QmpError),
     #[error(transparent)]
-    Region(#[from] crate::read::RegionError),
+    Region(#[from] acpimon::read::RegionError),
 }
 
 /// Runs the benchmark on a booted `vm`.
@@ -45,7 +61,7 @@ pub async fn run(vm: &Vm, count: usize, sustained: Duration) -> Result<BenchResu
             return Err(BenchError::NotReady);
         }
     }
-    let lower = crate::trigger::irq_line_command(irq, 0);
+    let lower = acpimon::trigger::irq_line_command(irq, 0);
     let mut bare = Vec::with_capacity(count);
     for _ in 0..count {
         let t = Instant::now();

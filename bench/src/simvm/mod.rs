@@ -5,7 +5,7 @@
 //!
 //! What is simulated, and how faithfully:
 //!
-//! - **The guest's AML** is [`SimulatedAml`](crate::read::sim::SimulatedAml) (byte-identical
+//! - **The guest's AML** is [`SimulatedAml`](acpimon::read::sim::SimulatedAml) (byte-identical
 //!   to ACPICA executing our table, `tests/acpica.rs`), writing into the VM's real region
 //!   file: the boot record at start and at every reset (as `_INI`), a GED record per raised
 //!   IRQ (as `_EVT`), and, when the descriptor enables the thermal zone, a thermal record
@@ -60,9 +60,9 @@ use tokio::task::JoinHandle;
 
 use self::machine::Shared;
 pub use self::qmp::{COMMANDS, MAX_QMP_CLIENTS, MAX_QMP_LINE};
-use crate::generate::{ConfigError, SsdtConfig};
-use crate::launch::{prepare, Descriptor, PrepareError};
-use crate::read::{Access, Region, RegionError};
+use acpimon::generate::{ConfigError, SsdtConfig};
+use acpimon::launch::{prepare, Descriptor, PrepareError};
+use acpimon::read::{Access, Region, RegionError};
 
 /// QEMU's version, as the simulated VM reports it.
 pub const QEMU_VERSION: (u64, u64, u64) = (10, 0, 2);
@@ -70,7 +70,7 @@ pub const QEMU_VERSION: (u64, u64, u64) = (10, 0, 2);
 /// How to run one simulated VM.
 #[derive(Clone, Debug)]
 pub struct SimVmOptions {
-    /// A VM directory made by [`crate::launch::prepare()`] (its `vm.json`, region and socket
+    /// A VM directory made by [`acpimon::launch::prepare()`] (its `vm.json`, region and socket
     /// paths are used).
     pub dir: PathBuf,
     /// The guest's delay between the raised IRQ and the GED record (zero: at once).

@@ -116,8 +116,8 @@ async fn the_irq_is_level_triggered_and_waits_for_a_running_guest() {
     let region = Region::open(&vm.descriptor().region, Access::ReadWrite).unwrap();
     let seq = |r: &Region| r.snapshot().unwrap().record.unwrap();
     let boot = seq(&region);
-    assert_eq!((boot.source, boot.boot_count, boot.bar), (crate::abi::Source::Boot, 1, 0xfebf_f000));
-    let port = crate::trigger::irq_line_command(vm.descriptor().irq, 1);
+    assert_eq!((boot.source, boot.boot_count, boot.bar), (acpimon::abi::Source::Boot, 1, 0xfebf_f000));
+    let port = acpimon::trigger::irq_line_command(vm.descriptor().irq, 1);
     let mut c = Raw::connect(&vm.descriptor().qmp).await;
     c.line().await;
     c.send(r#"{"execute": "qmp_capabilities"}"#).await;
@@ -135,7 +135,7 @@ async fn the_irq_is_level_triggered_and_waits_for_a_running_guest() {
     assert_eq!(seq(&region).seq, boot.seq, "the latency applies");
     tokio::time::sleep(Duration::from_millis(80)).await;
     let ged = seq(&region);
-    assert_eq!((ged.seq, ged.ged_count, ged.source), (boot.seq + 2, 1, crate::abi::Source::Ged));
+    assert_eq!((ged.seq, ged.ged_count, ged.source), (boot.seq + 2, 1, acpimon::abi::Source::Ged));
     tokio::time::sleep(Duration::from_millis(60)).await;
     assert_eq!(seq(&region).seq, ged.seq, "one event for two raises");
     assert_eq!(vm.triggers(), 2);
@@ -185,7 +185,7 @@ async fn the_thermal_zone_writes_records_while_the_guest_answers() {
     let record = || region.snapshot().unwrap().record.unwrap();
     tokio::time::sleep(Duration::from_millis(350)).await;
     let r = record();
-    assert_eq!(r.source, crate::abi::Source::Thermal);
+    assert_eq!(r.source, acpimon::abi::Source::Thermal);
     assert!((2..=4).contains(&r.thermal_count), "{} polls in 350 ms at 100 ms", r.thermal_count);
     vm.set_state(SimState::Hung);
     let hung = record();

@@ -1,4 +1,4 @@
-//! `acpimon bench-scale`: how one `acpimon watch` scales with the number of VMs it watches
+//! `acpimon-bench scale`: how one `acpimon watch` scales with the number of VMs it watches
 //! (issue 4), on simulated VMs ([`crate::simvm`]) so that 500 of them fit on the 2 cores that
 //! also run the service.
 //!
@@ -27,7 +27,7 @@
 //! Caveats the report states: the simulated VMs and the service share the machine (the
 //! simulator's CPU and the machine's load are reported beside the service's); a simulated
 //! guest writes its record [`ScaleOptions::latency`] after the IRQ (the real guest's p50 in
-//! `acpimon bench` is about 1 ms), with no QEMU in the path.
+//! `acpimon-bench latency` is about 1 ms), with no QEMU in the path.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -39,10 +39,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::event::{Event, EventKind};
 use crate::simvm::{spawn_fleet, SimError, SimState, SimVm, SimVmOptions};
-use crate::watch::metrics::{fetch_status, StatusView};
-use crate::watch::state::State;
+use acpimon::event::{Event, EventKind};
+use acpimon::watch::metrics::{fetch_status, StatusView};
+use acpimon::watch::state::State;
 
 /// The heartbeat scenario every simulated VM gets (the service's defaults): a probe every
 /// `INTERVAL`, ...
@@ -244,7 +244,7 @@ pub enum ScaleError {
     ServiceExited { status: String, when: String, log: PathBuf },
     #[error(
         "the service did not start within {}; its output is in {log}",
-        crate::units::format_duration(SERVICE_START_WAIT)
+        acpimon::units::format_duration(SERVICE_START_WAIT)
     )]
     NoEndpoint { log: PathBuf },
     #[error("{0}")]
@@ -260,7 +260,7 @@ pub async fn run(opts: &ScaleOptions, progress: impl Fn(&str)) -> Result<ScaleRe
     if opts.window < Duration::from_secs(1) {
         return Err(ScaleError::Options(format!(
             "the window ({}) must be at least 1 s; the service heartbeats once a second",
-            crate::units::format_duration(opts.window)
+            acpimon::units::format_duration(opts.window)
         )));
     }
     let mut sizes: Vec<usize> = opts.vms.iter().copied().filter(|&n| n > 0).collect();
@@ -399,7 +399,7 @@ async fn measure_with(
     progress(&format!(
         "{n} VMs: all healthy after {:.2} s; measuring {}",
         row.healthy_after_s,
-        crate::units::format_duration(opts.window)
+        acpimon::units::format_duration(opts.window)
     ));
     tokio::time::sleep(SETTLE).await;
 
@@ -485,7 +485,7 @@ fn config_text(state_dir: &Path, data_dir: &Path) -> String {
     let quote = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
     let dur = |d: Duration| format!("\"{}ms\"", d.as_millis());
     format!(
-        "# Written by acpimon bench-scale.\n\
+        "# Written by acpimon-bench scale.\n\
          state_dir = {}\n\
          data_dir = {}\n\
          node = \"bench-scale\"\n\
@@ -577,7 +577,7 @@ impl Service {
     /// SIGTERM, then SIGKILL if it does not stop in time.
     async fn stop(mut self) -> Result<(), ScaleError> {
         self.exited("before the end of the measurement")?;
-        crate::util::process::terminate(self.child.id());
+        acpimon::util::process::terminate(self.child.id());
         let deadline = Instant::now() + SERVICE_STOP_WAIT;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -1012,15 +1012,15 @@ mod tests {
     }
 
     fn transition(vm: &str, time: SystemTime, from: State, to: State) -> Event {
-        let kind = EventKind::Transition(crate::event::Transition {
+        let kind = EventKind::Transition(acpimon::event::Transition {
             from,
             to,
             reason: format!("{from} to {to}"),
-            evidence: crate::watch::state::Evidence::Closed(Default::default()),
+            evidence: acpimon::watch::state::Evidence::Closed(Default::default()),
             attached: None,
         });
-        let mut ev = Event::new(crate::event::new_key(), "node", Some(vm), kind);
-        ev.time = crate::units::rfc3339(time);
+        let mut ev = Event::new(acpimon::event::new_key(), "node", Some(vm), kind);
+        ev.time = acpimon::units::rfc3339(time);
         ev
     }
 
@@ -1044,10 +1044,10 @@ mod tests {
             transition("sim-0000", at(13_450), State::Late, State::Unresponsive),
             transition("sim-0005", at(11_100), State::Healthy, State::Late),
         ];
-        let evidence = crate::event::RebootEvidence::QmpEvent(serde_json::Value::Null);
-        let reboot = EventKind::Reboot(crate::event::RebootEvent { evidence });
-        let mut other = Event::new(crate::event::new_key(), "node", Some("sim-0001"), reboot);
-        other.time = crate::units::rfc3339(at(7_000));
+        let evidence = acpimon::event::RebootEvidence::QmpEvent(serde_json::Value::Null);
+        let reboot = EventKind::Reboot(acpimon::event::RebootEvent { evidence });
+        let mut other = Event::new(acpimon::event::new_key(), "node", Some("sim-0001"), reboot);
+        other.time = acpimon::units::rfc3339(at(7_000));
         let mut all = events.clone();
         all.push(other);
         let f = analyze(&all, at(1_000), &hung);
@@ -1080,7 +1080,7 @@ mod tests {
     #[test]
     fn the_service_configuration_is_valid() {
         let text = config_text(Path::new("/tmp/x \"y\"/state"), Path::new("/tmp/data"));
-        let c = crate::watch::Config::parse(&text, Path::new("watch.toml")).unwrap();
+        let c = acpimon::watch::Config::parse(&text, Path::new("watch.toml")).unwrap();
         assert_eq!(c.state_dir, Path::new("/tmp/x \"y\"/state"));
         assert_eq!(c.metrics, Some("127.0.0.1:0".parse().unwrap()));
         assert_eq!(c.defaults.startup_grace, STARTUP_GRACE);

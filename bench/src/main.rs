@@ -1,0 +1,213 @@
+//! `acpimon-bench`: the benchmarks whose figures the README shows. Exit status: 0 success,
+//! 1 a failure or a figure outside its bound, 2 bad input (options), each with a one-line
+//! message naming the problem and the fix.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use acpimon::generate::SsdtConfig;
+use acpimon::launch::{self, Vm, VmSpec};
+use acpimon::watch::config::default_state_dir;
+use acpimon_bench::{latency, scale};
+
+#[derive(Parser)]
+#[command(
+    name = "acpimon-bench",
+    version,
+    about = "acpimon's benchmarks: trigger-to-record latency and scale"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure trigger-to-record latency and sustained events/s on the built-in test guest,
+    /// beside the bare QMP human-monitor-command round trip measured in the same run.
+    Latency {
+        /// The test guest's directory (`qemu-fixtures/build-guest` prints it as its last line).
+        #[arg(long, env = "ACPIMON_GUEST", value_name = "DIR")]
+        guest: Option<PathBuf>,
+        /// Heartbeats for the latency figures (and bare round trips for the baseline).
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        /// Seconds of back-to-back heartbeats for the events/s figure.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value = "pc", value_parser = ["pc", "q35"])]
+        machine: String,
+        /// Where the VM's directory goes [default: $XDG_RUNTIME_DIR/acpimon or $TMPDIR/acpimon-UID].
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Scale benchmark: one `acpimon watch` child watching N simulated VMs (no QEMU) at 1 s
+    /// heartbeats, beside a 0-VM baseline of the same run: CPU per VM-heartbeat, memory per
+    /// VM, detection latency, false alarms. Needs ~256 + 4×N open files (tools/bench-scale
+    /// raises the limit).
+    Scale {
+        /// VM counts to measure.
+        #[arg(long, value_delimiter = ',', default_values_t = [10, 100, 500])]
+        vms: Vec<usize>,
+        /// Measurement window per size.
+        #[arg(long, default_value = "20s", value_parser = acpimon::units::parse_duration)]
+        window: Duration,
+        /// VMs hung per size to measure detection latency (at most N).
+        #[arg(long, default_value_t = 10)]
+        hangs: usize,
+        /// Simulated guest delay from the raised IRQ to its record, in ms (real guest p50 ≈ 1).
+        #[arg(long, default_value_t = 1.0)]
+        sim_latency_ms: f64,
+        /// The acpimon binary to run as the service [default: `acpimon` beside this program].
+        #[arg(long, value_name = "PATH")]
+        acpimon: Option<PathBuf>,
+        /// Scratch directory; each run keeps a fresh subdirectory there.
+        #[arg(long, value_name = "DIR")]
+        work: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Prepare(#[from] acpimon::launch::PrepareError),
+    #[error(transparent)]
+    Vm(#[from] acpimon::launch::VmError),
+    #[error(transparent)]
+    Latency(#[from] latency::BenchError),
+    #[error(transparent)]
+    Scale(#[from] scale::ScaleError),
+    #[error("{0}")]
+    Problems(String),
+}
+
+impl Error {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Error::Input(_) | Error::Prepare(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("acpimon-bench: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(command: Command) -> Result<(), Error> {
+    match command {
+        Command::Latency { guest, count, seconds, machine, state_dir, json } => {
+            let guest = guest.ok_or_else(|| {
+                Error::Input(
+                    "no test guest given: pass --guest DIR or set ACPIMON_GUEST to the directory \
+                     qemu-fixtures/build-guest prints (tools/bench does both)"
+                        .into(),
+                )
+            })?;
+            let state_dir = state_dir.unwrap_or_else(default_state_dir);
+            runtime().block_on(bench_latency(&guest, count.max(1), seconds, &machine, &state_dir, json))
+        }
+        Command::Scale { vms, window, hangs, sim_latency_ms, acpimon, work, json } => {
+            let service = match acpimon {
+                Some(p) => p,
+                None => beside_this_program("acpimon")?,
+            };
+            let work = work.unwrap_or_else(|| std::env::temp_dir().join("acpimon-scale"));
+            let mut opts = scale::ScaleOptions::new(service, work);
+            opts.vms = vms;
+            opts.window = window;
+            opts.hangs = hangs;
+            opts.latency = Duration::from_secs_f64(sim_latency_ms.max(0.0) / 1e3);
+            let report = runtime().block_on(scale::run(&opts, |m| eprintln!("bench-scale: {m}")))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            } else {
+                print!("{report}");
+            }
+            let problems = report.problems();
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Problems(problems.join("; ")))
+            }
+        }
+    }
+}
+
+/// `name` in the directory of this executable, where cargo and installers put both binaries.
+fn beside_this_program(name: &str) -> Result<PathBuf, Error> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Input(format!("cannot find this program's path ({e}); pass --acpimon PATH")))?;
+    let path = exe.with_file_name(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::Input(format!(
+            "no {name} binary beside {}: build both (`cargo build --release -p acpimon -p acpimon-bench`) \
+             or pass --acpimon PATH",
+            exe.display()
+        )))
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+}
+
+/// `acpimon-bench latency`: boots the test guest, measures, shuts it down.
+async fn bench_latency(
+    guest: &std::path::Path,
+    count: usize,
+    seconds: f64,
+    machine: &str,
+    state_dir: &std::path::Path,
+    json: bool,
+) -> Result<(), Error> {
+    let prepared = launch::prepare(state_dir, "bench", &SsdtConfig::default())?;
+    let spec = VmSpec {
+        program: "qemu-system-x86_64".into(),
+        args: acpimon::demo::guest_args(guest, machine, false),
+        prepared,
+        readconfig: false,
+        leave_to_watch: false,
+    };
+    let mut vm = Vm::launch(spec).await?;
+    let result = latency::run(&vm, count, Duration::from_secs_f64(seconds)).await;
+    let _ = vm.shutdown().await;
+    let r = result?;
+    let v = vm.qmp.version;
+    if json {
+        let report = latency::Report {
+            qemu: format!("{}.{}.{}", v.0, v.1, v.2),
+            machine: machine.into(),
+            count,
+            seconds,
+            result: r,
+        };
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+    } else {
+        println!(
+            "bench: QEMU {}.{}.{} {machine} TCG, {count} heartbeats, {seconds} s sustained",
+            v.0, v.1, v.2
+        );
+        print!("{}", latency::table(&r));
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! `acpimon-bench` as a user runs it: what it needs, and `latency --json` on the real test
+//! guest (a short run: the figures' shape, not their values).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_acpimon-bench"))
+        .args(args)
+        .env_remove("ACPIMON_GUEST")
+        .output()
+        .expect("acpimon-bench runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The test guest's directory, as tools/bench finds it.
+fn guest() -> PathBuf {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../qemu-fixtures/build-guest");
+    let out =
+        Command::new(&script).output().unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(out.status.success(), "{} failed (run tools/setup):\n{}", script.display(), text(&out.stderr));
+    PathBuf::from(text(&out.stdout).lines().last().expect("build-guest prints its directory").trim())
+}
+
+#[test]
+fn latency_needs_a_guest_and_says_how_to_get_one() {
+    let out = bench(&["latency"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("pass --guest DIR or set ACPIMON_GUEST"), "{err}");
+    assert!(err.contains("qemu-fixtures/build-guest"), "{err}");
+}
+
+#[test]
+fn latency_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = guest();
+    let out = bench(&[
+        "latency",
+        "--guest",
+        guest.to_str().unwrap(),
+        "--count",
+        "20",
+        "--seconds",
+        "0.5",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+        "--json",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(v["machine"], "pc");
+    assert_eq!(v["count"], 20);
+    assert!(v["qemu"].as_str().is_some_and(|q| q.split('.').count() == 3), "{v}");
+    assert_eq!(v["heartbeat"]["sent"], 20, "{v}");
+    assert!(v["heartbeat"]["acked"].as_u64().unwrap() >= 18, "a healthy guest answers: {v}");
+    let (p50, p99) = (v["heartbeat"]["p50_ms"].as_f64().unwrap(), v["heartbeat"]["p99_ms"].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p99 && p99 < 1000.0, "{v}");
+    assert!(v["bare"]["p50_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["heartbeats_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+}

@@ -1,0 +1,428 @@
+//! The command line: the clap definitions of every `acpimon` command, validated in one stage
+//! without I/O ([`TableArgs::config`], [`RunArgs::command`]) into the library's working
+//! objects, and the exit statuses ([`Error::exit_code`]). `src/main.rs` parses, dispatches and
+//! prints errors; the man page and the shell completions are generated from these definitions.
+
+mod error;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+pub use self::error::{qemu_exit_code, Error, BAD_INPUT, RUNTIME};
+use crate::generate::{self, ConfigError, SsdtConfig};
+use crate::launch::{self, LaunchPlan};
+use crate::run::{RunCommand, RunOptions};
+use crate::watch::config::default_state_dir;
+
+/// Shown after `acpimon --help` and in the man page.
+const EXIT_STATUS: &str = "\
+Exit status: 0 success; 1 a runtime failure (region unreadable, I/O, a service not answering);
+2 bad input (options, files), with one line naming the problem and the fix. `acpimon run`
+reports QEMU's own failure apart from these: QEMU's exit status N as 64 + N (N above 63 as
+127), QEMU killed by signal S as 128 + S.";
+
+#[derive(Parser)]
+#[command(
+    name = "acpimon",
+    version,
+    about = "Agentless monitoring of QEMU VMs through a custom ACPI SSDT",
+    after_help = EXIT_STATUS
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Logging, for every command (see the README, "Logs").
+#[derive(Args)]
+pub struct LogArgs {
+    /// More log lines: -v adds debug lines (QMP messages acpimon does not route), -vv trace.
+    /// Without -v/-q, RUST_LOG (e.g. acpimon::qmp=debug) chooses.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Fewer log lines: -q warnings and errors only, -qq errors only.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+    /// Log lines as human text, or as one JSON object per line on stderr. Under systemd the
+    /// text lines carry journal priorities and no timestamps.
+    #[arg(long, global = true, value_enum, default_value_t, value_name = "FORMAT")]
+    pub log_format: crate::logging::LogFormat,
+}
+
+impl LogArgs {
+    /// What `logging::init` takes: -v and -q as one signed level.
+    pub fn options(&self) -> crate::logging::Options {
+        let verbosity = (i16::from(self.verbose) - i16::from(self.quiet)).clamp(-2, 2) as i8;
+        crate::logging::Options { format: self.log_format, verbosity }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Write the SSDT (AML) that the guest kernel executes.
+    Ssdt {
+        /// Where to write the table.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        table: TableArgs,
+    },
+    /// Create the region file and the table, and print the QEMU arguments that add them.
+    QemuArgs {
+        #[command(flatten)]
+        table: TableArgs,
+        /// The shared-memory region file; created with the ABI header if missing.
+        #[arg(long, value_name = "PATH")]
+        region_path: PathBuf,
+        /// Where to write the table [default: REGION_PATH.ssdt.aml].
+        #[arg(long, value_name = "FILE")]
+        ssdt: Option<PathBuf>,
+        /// argv: one argument per line; readconfig: a QEMU -readconfig file (as EVE uses),
+        /// followed by the arguments it cannot hold.
+        #[arg(long, value_enum, default_value_t = Format::Argv)]
+        format: Format,
+        #[command(flatten)]
+        extras: ExtrasArgs,
+    },
+    /// Create a VM's state directory (table, region, vm.json) and print its QEMU arguments,
+    /// with a QMP socket, a serial console socket and pvpanic.
+    Prepare {
+        /// The VM's name (its directory under --state-dir).
+        name: String,
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        table: TableArgs,
+        #[arg(long, value_enum, default_value_t = Format::Argv)]
+        format: Format,
+        #[command(flatten)]
+        extras: ExtrasArgs,
+    },
+    /// Launch QEMU with acpimon added, send heartbeats, show them live; exits with QEMU.
+    ///
+    /// Exit status: 0 when QEMU exits 0 (with --duration: when every heartbeat was
+    /// acknowledged); 1 acpimon's own failure; 2 bad input; QEMU's exit status N as 64 + N
+    /// (N above 63 as 127), also when QEMU fails during start-up (e.g. a bad option: 65);
+    /// QEMU killed by signal S as 128 + S.
+    Run {
+        #[command(flatten)]
+        run: RunArgs,
+        /// The QEMU program and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "QEMU ARGS")]
+        qemu: Vec<String>,
+    },
+    /// The whole path on the test guest, watched live: a reference controller, the guest, and
+    /// `acpimon watch` over it. Runs until Ctrl-C or --duration. tools/demo builds the guest.
+    Demo {
+        /// The test guest's directory: the last line `qemu-fixtures/build-guest` prints
+        /// (tools/demo builds it and passes it).
+        #[arg(long, env = "ACPIMON_GUEST", value_name = "DIR")]
+        guest: Option<PathBuf>,
+        /// Where the VM's directory goes [default: $XDG_RUNTIME_DIR/acpimon or $TMPDIR/acpimon-UID].
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Machine type for the demo guest.
+        #[arg(long, default_value = "pc", value_parser = ["pc", "q35"])]
+        machine: String,
+        /// Boot through OVMF (UEFI) instead of SeaBIOS (PVH).
+        #[arg(long)]
+        ovmf: bool,
+        /// Stop after this many seconds; exit 0 only if everything shown happened.
+        #[arg(long, value_name = "SECS")]
+        duration: Option<f64>,
+        /// Stop the guest's vCPUs this many seconds after it is healthy, to show a hang being
+        /// caught, diagnosed and delivered; it is resumed once the bundle is written.
+        #[arg(long, value_name = "SECS")]
+        hang_at: Option<f64>,
+    },
+    /// Watch every VM in the state directory: scenarios, state, diagnostics, forwarding,
+    /// metrics. Runs until SIGTERM or SIGINT.
+    Watch {
+        /// The configuration file (TOML; see the README). Without it: /etc/acpimon/watch.toml
+        /// if it exists, else every VM in --state-dir with the default scenarios.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The state directory (overrides the file's state_dir).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Only validate the configuration, print what it resolves to, and exit.
+        #[arg(long)]
+        check: bool,
+        /// With --check: print the resolved configuration as JSON.
+        #[arg(long, requires = "check")]
+        json: bool,
+    },
+    /// Show every VM a running `acpimon watch` is watching.
+    Status {
+        /// The service's configuration, to find its status address.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The service's metrics/status address [default: from --config, else 127.0.0.1:9464].
+        #[arg(long, value_name = "IP:PORT")]
+        addr: Option<std::net::SocketAddr>,
+        /// Print the service's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The reference controller: receives events over HTTP, stores each once by its key, and
+    /// optionally runs an analyzer on each new one.
+    Controller {
+        /// Address to listen on, e.g. 127.0.0.1:8080.
+        #[arg(long, value_name = "IP:PORT")]
+        listen: std::net::SocketAddr,
+        /// Directory for the received events.
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+        /// Seconds an analyzer run may take.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        analyzer_timeout: u64,
+        /// The analyzer program and its arguments, after `--`: run once per new event, with the
+        /// event's JSON on stdin.
+        #[arg(last = true, value_name = "ANALYZER")]
+        analyzer: Vec<String>,
+    },
+    /// Print the decoded contents of a region file.
+    Snapshot {
+        /// The region file.
+        region: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Keep reading: redraw on a terminal, otherwise one line per new record.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: milliseconds between reads.
+        #[arg(long, default_value_t = 500, value_name = "MS")]
+        interval_ms: u64,
+        /// With --watch: stop after this many reads.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+    /// Print the completion script for a shell.
+    ///
+    /// E.g. `acpimon completions bash > /usr/share/bash-completion/completions/acpimon`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), generated from these definitions.
+    ///
+    /// E.g. `acpimon man > acpimon.1`; with --dir, write it and one page per command there.
+    Man {
+        /// Write acpimon.1 and acpimon-COMMAND.1 into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Optional channels, shared by `qemu-args`, `prepare` and `run`.
+#[derive(Args)]
+pub struct ExtrasArgs {
+    /// Add the app channel: a virtio-serial port named org.acpimon.app.0 on a socket
+    /// (docs/app-protocol.md), for the app-heartbeat scenario.
+    #[arg(long)]
+    pub app_channel: bool,
+    /// Add a virtio-serial port for the QEMU guest agent (org.qemu.guest_agent.0), for the
+    /// guest-agent scenario.
+    #[arg(long)]
+    pub guest_agent: bool,
+}
+
+impl ExtrasArgs {
+    pub fn extras(&self) -> launch::Extras {
+        launch::Extras { app_channel: self.app_channel, guest_agent: self.guest_agent }
+    }
+}
+
+/// Options of `run`.
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub table: TableArgs,
+    #[command(flatten)]
+    pub extras: ExtrasArgs,
+    /// Where the VM's directory goes [default: $XDG_RUNTIME_DIR/acpimon or /tmp/acpimon-$UID].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The VM's name.
+    #[arg(long, default_value = "vm", value_name = "NAME")]
+    pub name: String,
+    /// Milliseconds between heartbeats.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub interval_ms: u64,
+    /// Milliseconds a heartbeat waits for its echo before it counts as missed.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub timeout_ms: u64,
+    /// Stop after this many seconds, quit QEMU and print a summary; exit 0 only if every
+    /// heartbeat was acknowledged.
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Pass acpimon's QEMU options as a -readconfig file, as EVE does.
+    #[arg(long)]
+    pub readconfig: bool,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The table's parameters, shared by `ssdt` and `qemu-args`.
+#[derive(Args)]
+pub struct TableArgs {
+    /// ISA IRQ of the Generic Event Device (below 16), raised through pc-testdev.
+    #[arg(long, default_value_t = u32::from(generate::DEFAULT_IRQ), value_name = "N")]
+    pub irq: u32,
+    /// PCI slot of ivshmem-plain, DEV[.FN] in hex as QEMU's addr= (e.g. 0f or 0x0f.0).
+    #[arg(long, default_value = "0f.0", value_name = "DEV[.FN]")]
+    pub slot: String,
+    /// Size of the shared region: a power of two, at least 4096 (e.g. 4096, 64K).
+    #[arg(long, default_value = "4096", value_name = "BYTES")]
+    pub region_size: String,
+    /// Add the thermal-zone fallback, polled by the guest every N tenths of a second.
+    #[arg(long, value_name = "N")]
+    pub thermal_period_ds: Option<u32>,
+    /// OEM table ID written in the table header (1-8 characters).
+    #[arg(long, default_value = generate::DEFAULT_OEM_TABLE_ID, value_name = "ID")]
+    pub oem_table_id: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Argv,
+    Readconfig,
+}
+
+impl TableArgs {
+    /// Validation stage: no I/O, every problem as a library error.
+    pub fn config(&self) -> Result<SsdtConfig, ConfigError> {
+        let thermal_period_ds = match self.thermal_period_ds {
+            Some(p) => Some(u16::try_from(p).map_err(|_| ConfigError::ThermalPeriod(p))?),
+            None => None,
+        };
+        let cfg = SsdtConfig {
+            slot: self.slot.parse()?,
+            irq: generate::validate_irq(self.irq)?,
+            region_size: generate::parse_region_size(&self.region_size)?,
+            oem_table_id: self.oem_table_id.clone(),
+            thermal_period_ds,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl RunArgs {
+    /// Validation stage of `acpimon run`: no I/O.
+    pub fn command(&self, qemu: &[String]) -> Result<RunCommand, Error> {
+        let (program, args) = qemu.split_first().ok_or(Error::NoQemu)?;
+        Ok(RunCommand {
+            state_dir: self.state_dir.clone().unwrap_or_else(default_state_dir),
+            name: self.name.clone(),
+            ssdt: self.table.config()?,
+            extras: self.extras.extras(),
+            readconfig: self.readconfig,
+            json: self.json,
+            options: RunOptions {
+                interval: Duration::from_millis(self.interval_ms.max(1)),
+                timeout: Duration::from_millis(self.timeout_ms.max(1)),
+                duration: self.duration.map(Duration::from_secs_f64),
+                boot_timeout: Duration::from_secs(120),
+            },
+            program: program.clone(),
+            args: args.to_vec(),
+        })
+    }
+}
+
+/// The QEMU options `qemu-args` and `prepare` print, in `format`.
+pub fn render(plan: &LaunchPlan, format: Format) -> Result<String, Error> {
+    Ok(match format {
+        Format::Argv => plan.argv()?.join("\n") + "\n",
+        Format::Readconfig => {
+            let (ini, rest) = plan.readconfig()?;
+            format!(
+                "# acpimon: a -readconfig file cannot carry these; pass them on the command line: {}\n{ini}",
+                rest.join(" ")
+            )
+        }
+    })
+}
+
+/// The service's configuration: the file, /etc/acpimon/watch.toml, or the built-in one;
+/// `--state-dir` overrides.
+pub fn watch_config(file: Option<&Path>, state_dir: Option<PathBuf>) -> Result<crate::watch::Config, Error> {
+    let system = Path::new(crate::watch::config::SYSTEM_CONFIG);
+    Ok(crate::watch::Config::resolve(file, system, state_dir)?)
+}
+
+/// Where `acpimon status` asks: `--addr`, else the address in `--config` (or
+/// /etc/acpimon/watch.toml), else the default.
+pub fn status_addr(
+    addr: Option<std::net::SocketAddr>,
+    config: Option<&Path>,
+) -> Result<std::net::SocketAddr, Error> {
+    let system = Path::new(crate::watch::config::SYSTEM_CONFIG);
+    let config = config.or_else(|| system.exists().then_some(system));
+    Ok(match (addr, config) {
+        (Some(a), _) => a,
+        (None, Some(file)) => crate::watch::Config::load(file)?.metrics.ok_or_else(|| {
+            Error::Status(format!(
+                "{} turns the status endpoint off ([metrics] listen = \"\")",
+                file.display()
+            ))
+        })?,
+        (None, None) => crate::watch::config::DEFAULT_METRICS.parse().expect("valid address"),
+    })
+}
+
+/// `acpimon completions SHELL`: the script.
+pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "acpimon", &mut out);
+    out
+}
+
+/// `acpimon man`: the page (roff). clap_mangen's sections, with the exit statuses under their
+/// customary title rather than its generic "EXTRA".
+pub fn man_page() -> Vec<u8> {
+    let man = clap_mangen::Man::new(Cli::command());
+    let mut out = Vec::new();
+    type Section = fn(&clap_mangen::Man, &mut dyn Write) -> std::io::Result<()>;
+    let sections: [Section; 6] = [
+        clap_mangen::Man::render_title,
+        clap_mangen::Man::render_name_section,
+        clap_mangen::Man::render_synopsis_section,
+        clap_mangen::Man::render_description_section,
+        clap_mangen::Man::render_options_section,
+        clap_mangen::Man::render_subcommands_section,
+    ];
+    for section in sections {
+        section(&man, &mut out).expect("writing to memory cannot fail");
+    }
+    out.extend_from_slice(b".SH \"EXIT STATUS\"\n");
+    out.extend_from_slice(EXIT_STATUS.replace('-', "\\-").as_bytes());
+    out.extend_from_slice(b"\n");
+    man.render_version_section(&mut out).expect("writing to memory cannot fail");
+    out
+}
+
+/// `acpimon man --dir DIR`: acpimon.1 and one page per command, written into `dir`.
+pub fn man_pages(dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Write { path: dir.into(), source })?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .map_err(|source| Error::Write { path: dir.into(), source })?;
+    let main = dir.join("acpimon.1");
+    std::fs::write(&main, man_page()).map_err(|source| Error::Write { path: main, source })
+}
+
+/// `path` with `suffix` appended to its last component.
+pub fn suffixed(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    s.into()
+}
