@@ -92,7 +92,7 @@ papt_get() { local s=$1; shift; local o; mapfile -t o < <(papt_opts "$s"); apt-g
 papt_update() { # suite
   papt_log "apt-get update for $1 (private configuration in $(papt_dir "$1"))"
   papt_get "$1" update -qq >&2 ||
-    papt_die "apt-get update for $1 failed; the sources tried are in $(papt_dir "$1")/sources.list (derived from the machine's apt sources)"
+    papt_die "apt-get update for $1 failed; the sources tried are in $(papt_dir "$1")/sources.list (derived from the machine's apt sources). A suite without a Release file there is not on the machine's mirror (old releases move to Debian's archive, which these sources do not reach)"
   touch "$(papt_dir "$1")/updated"
 }
 
