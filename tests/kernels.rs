@@ -18,8 +18,8 @@ use acpimon::trigger::Beat;
 use common::guest::{manifest_value, Guest, GuestSpec};
 use tokio::sync::mpsc;
 
-/// Seconds from the ready marker to the panic: room for the checks before it (they take
-/// under 1 s after the ready marker here; the test fails, saying so, if they have not finished by then).
+/// Seconds from the ready marker to the panic: room for the checks before it (they end under
+/// 1 s after the marker here; the test fails, saying so, if they have not ended by then).
 const PANIC_DELAY: u32 = 8;
 
 struct Kernel {
