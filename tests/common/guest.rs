@@ -4,10 +4,15 @@
 //!
 //! `ACPIMON_QEMU` names the QEMU binary (default `qemu-system-x86_64`); CI runs the suite once
 //! with QEMU 10 and once with Debian bookworm's 7.2 (`tools/qemu-7.2`).
+//!
+//! `ACPIMON_KERNEL` names the fixture's kernel for every guest that does not pick its own
+//! (`GuestSpec::kernel`): a `qemu-fixtures/build-guest --kernel` spec such as `trixie-cloud`
+//! (default `bookworm`, Debian's 6.1). tests/kernels.rs boots each kernel of the matrix.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use acpimon::generate::SsdtConfig;
@@ -51,6 +56,9 @@ pub struct GuestSpec {
     pub extras: acpimon::launch::Extras,
     /// More kernel command-line words for the fixture's /init (e.g. `acpimon.app=responder`).
     pub append: Vec<String>,
+    /// The fixture's kernel (a `build-guest --kernel` spec, e.g. `bullseye-cloud`); `None`:
+    /// `ACPIMON_KERNEL`, else bookworm's.
+    pub kernel: Option<&'static str>,
 }
 
 impl GuestSpec {
@@ -67,27 +75,59 @@ impl GuestSpec {
             watched: false,
             extras: acpimon::launch::Extras::default(),
             append: Vec::new(),
+            kernel: None,
         }
     }
 }
 
-/// The fixture guest's directory, built (or found in the cache) once per test binary.
+/// The kernel spec of guests that do not name one: `ACPIMON_KERNEL`, else `bookworm`.
+pub fn default_kernel() -> String {
+    match std::env::var("ACPIMON_KERNEL") {
+        Ok(k) if !k.is_empty() => k,
+        _ => "bookworm".into(),
+    }
+}
+
+/// The fixture guest's directory for the default kernel (`default_kernel`).
 pub fn fixture() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let script = repo().join("qemu-fixtures/build-guest");
-        let out = run(&mut Command::new(&script));
-        assert!(
-            out.status.success(),
-            "{} failed (run tools/setup):\n{}",
-            script.display(),
-            text(&out.stderr)
-        );
-        let dir =
-            PathBuf::from(text(&out.stdout).lines().last().expect("build-guest prints its directory").trim());
-        assert!(dir.join("vmlinux").is_file(), "no vmlinux in {}", dir.display());
-        dir
-    })
+    fixture_for(&default_kernel())
+}
+
+/// The fixture guest's directory with `kernel` (a `build-guest --kernel` spec), built (or
+/// found in the cache) once per test binary and kernel.
+pub fn fixture_for(kernel: &str) -> &'static Path {
+    static DIRS: Mutex<BTreeMap<String, &'static Path>> = Mutex::new(BTreeMap::new());
+    // Held while building: build-guest serialises builds on its cache lock anyway.
+    let mut dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(dir) = dirs.get(kernel) {
+        return dir;
+    }
+    let script = repo().join("qemu-fixtures/build-guest");
+    let out = run(Command::new(&script).args(["--kernel", kernel]));
+    assert!(
+        out.status.success(),
+        "{} --kernel {kernel} failed (run tools/setup):\n{}",
+        script.display(),
+        text(&out.stderr)
+    );
+    let dir =
+        PathBuf::from(text(&out.stdout).lines().last().expect("build-guest prints its directory").trim());
+    assert!(dir.join("vmlinux").is_file(), "no vmlinux in {}", dir.display());
+    let dir: &'static Path = Box::leak(dir.into_boxed_path());
+    dirs.insert(kernel.to_string(), dir);
+    dir
+}
+
+/// One `key=value` line of a fixture's manifest (e.g. `kernel_release`).
+pub fn manifest_value(fixture: &Path, key: &str) -> String {
+    let path = fixture.join("manifest");
+    let manifest =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    manifest
+        .lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key}= in {}", path.display()))
+        .to_string()
 }
 
 /// The QEMU under test.
@@ -104,13 +144,18 @@ pub fn qemu() -> String {
 /// A booted guest.
 pub struct Guest {
     pub vm: Vm,
+    /// The fixture directory it booted (its manifest names the kernel).
+    pub fixture: &'static Path,
     _dir: tempfile::TempDir,
 }
 
 impl Guest {
     /// Boots `spec` and waits for the guest's ready marker on the console.
     pub async fn boot(spec: GuestSpec) -> Guest {
-        let fx = fixture();
+        let fx = match spec.kernel {
+            Some(k) => fixture_for(k),
+            None => fixture(),
+        };
         let dir = tempfile::Builder::new().prefix("acpimon-test").tempdir_in("/tmp").unwrap();
         let prepared = acpimon::launch::prepare_with(dir.path(), "guest", &spec.ssdt, spec.extras).unwrap();
         let mut cmdline =
@@ -148,7 +193,7 @@ impl Guest {
             leave_to_watch: spec.watched,
         };
         let vm = Vm::launch(spec).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
-        let guest = Guest { vm, _dir: dir };
+        let guest = Guest { vm, fixture: fx, _dir: dir };
         if wait_ready {
             guest.wait_console(READY, 0, BOOT_TIMEOUT).await;
         }
