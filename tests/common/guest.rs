@@ -146,6 +146,7 @@ impl Guest {
             prepared,
             readconfig: spec.readconfig,
             leave_to_watch: spec.watched,
+            console_chardev: None,
         };
         let vm = Vm::launch(spec).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
         let guest = Guest { vm, _dir: dir };
