@@ -50,6 +50,11 @@ impl Chardev {
     }
 }
 
+/// `key = value` options of a section or an option.
+type Opts = Vec<(String, String)>;
+/// A `-readconfig` section being read: its group, id and options.
+type Section = (String, String, Opts);
+
 /// What the launch says about chardevs and serial ports.
 #[derive(Default)]
 struct Launch {
@@ -110,8 +115,8 @@ impl Launch {
 
     /// A `-readconfig` file: `[group "id"]` sections of `key = "value"` lines.
     fn config(&mut self, text: &str) {
-        let mut section: Option<(String, String, Vec<(String, String)>)> = None;
-        let flush = |me: &mut Launch, s: Option<(String, String, Vec<(String, String)>)>| {
+        let mut section: Option<Section> = None;
+        let flush = |me: &mut Launch, s: Option<Section>| {
             let Some((group, id, opts)) = s else { return };
             match group.as_str() {
                 "chardev" => {
