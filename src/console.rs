@@ -10,6 +10,7 @@
 //! waited for), so no client can stall the guest or acpimon; nothing is written to disk.
 
 use std::collections::VecDeque;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,6 +40,25 @@ struct Shared {
     out: broadcast::Sender<Arc<[u8]>>,
 }
 
+/// The socket [`Console::share`] listens on.
+struct Share {
+    task: tokio::task::JoinHandle<()>,
+    path: PathBuf,
+    /// Its inode: a later console (QEMU relaunched) may have bound the same path since, and
+    /// its socket is not this one's to remove.
+    ino: u64,
+}
+
+impl Share {
+    fn close(self) {
+        self.task.abort();
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Chunks a shared-socket client may fall behind by before it loses output.
 const SHARE_BACKLOG: usize = 256;
 
@@ -48,8 +68,8 @@ pub struct Console {
     writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     /// The QEMU chardev this console is (for `chardev-send-break`), when known.
     chardev: Option<String>,
-    /// The shared socket's task and path, removed with the console.
-    share: Mutex<Option<(tokio::task::JoinHandle<()>, PathBuf)>>,
+    /// The shared socket's task, path and inode, removed with the console.
+    share: Mutex<Option<Share>>,
 }
 
 impl Console {
@@ -153,11 +173,9 @@ impl Console {
                 });
             }
         });
-        if let Some((old, old_path)) = lock(&self.share).replace((task, path.into())) {
-            old.abort();
-            if old_path != path {
-                let _ = std::fs::remove_file(old_path);
-            }
+        let ino = std::fs::symlink_metadata(path)?.ino();
+        if let Some(old) = lock(&self.share).replace(Share { task, path: path.into(), ino }) {
+            old.close();
         }
         Ok(())
     }
@@ -224,9 +242,8 @@ impl Console {
 
 impl Drop for Console {
     fn drop(&mut self) {
-        if let Some((task, path)) = lock(&self.share).take() {
-            task.abort();
-            let _ = std::fs::remove_file(path);
+        if let Some(share) = lock(&self.share).take() {
+            share.close();
         }
     }
 }
@@ -308,7 +325,16 @@ mod tests {
         let mut got = [0u8; 3];
         tokio::time::timeout(Duration::from_secs(5), qemu.read_exact(&mut got)).await.unwrap().unwrap();
         assert_eq!(&got, b"ls\n");
+        // QEMU relaunched: a new console shares the same path; the old one going away leaves
+        // the new socket alone, and the new one going away removes it.
+        let (listener2, path2) =
+            (tokio::net::UnixListener::bind(dir.path().join("c2.sock")).unwrap(), dir.path().join("c2.sock"));
+        let console2 = Console::connect(&path2, 64, Duration::from_secs(1)).await.unwrap();
+        let _qemu2 = listener2.accept().await.unwrap();
+        console2.share(&share).unwrap();
         drop(console);
+        assert!(share.exists(), "a later console's socket is not the earlier one's to remove");
+        drop(console2);
         assert!(!share.exists(), "the shared socket goes with the console");
     }
 }
