@@ -84,7 +84,20 @@ impl Vm {
     /// Checks the command line, starts QEMU, and connects QMP, the console and the region.
     pub async fn launch(mut spec: VmSpec) -> Result<Vm, VmError> {
         let mut notes = Vec::new();
-        if let Some(src) = super::console::from_launch(&spec.args, spec.console_chardev.as_deref())? {
+        let found = match super::console::from_launch(&spec.args, spec.console_chardev.as_deref()) {
+            Ok(found) => found,
+            // Not asked for: a console acpimon cannot share (`-serial stdio`, an unreadable
+            // file QEMU will report itself) leaves acpimon's own serial port, as before.
+            Err(e) if spec.console_chardev.is_none() => {
+                notes.push(format!(
+                    "{e}; acpimon's own serial port (the next ttyS) is its console, so the kernel's console \
+                     must be on it (console=ttyS1), or give --console-chardev"
+                ));
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(src) = found {
             spec.prepared.use_guest_console(&src)?;
             notes.push(format!(
                 "the guest's console is chardev '{}' ({}{}): acpimon reads it and re-exports it on {} for other clients",
