@@ -129,3 +129,41 @@ threshold = 2
     let text = other.wait_for("sysrq: Show Memory", Duration::from_secs(10)).await;
     assert!(text.contains("sysrq: Show Blocked State"), "{text}");
 }
+
+/// `acpimon run`'s path (`launch::Vm`, no service): the console found in the launcher's
+/// `-readconfig` file is the handle's console, re-exported, and SysRq breaks on `cons`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_own_launch_reads_the_mux_console_and_sysrq_reaches_it() {
+    use acpimon::diagnose::{self, Step, StepSpec, Target, Trigger};
+    let g = Guest::boot(GuestSpec { eve_console: true, ..GuestSpec::new("q35") }).await;
+    assert!(g.vm.notes.iter().any(|n| n.contains("chardev 'cons'")), "{:?}", g.vm.notes);
+    let console = g.vm.console().expect("console connected");
+    assert_eq!(console.chardev(), Some("cons"));
+    assert!(console.tail().contains("Linux version"), "the launcher's console from boot");
+    let other = Client::connect(&g.vm.prepared.dir.join(CONSOLE_SHARE));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let target = Target {
+        vm: "guest",
+        qmp: Some(&g.vm.qmp),
+        console: Some(console),
+        gdb_socket: g.vm.prepared.dir.join("gdb.sock"),
+        guest_agent: None,
+    };
+    let trigger = Trigger {
+        kind: "test".into(),
+        time: acpimon::units::now_rfc3339(),
+        reason: "test".into(),
+        evidence: serde_json::json!({}),
+    };
+    // The step's default chardev: the console's own, `cons`.
+    let step: Step = toml::from_str("step = \"sysrq\"\nkeys = \"m\"").unwrap();
+    assert!(matches!(step.spec, StepSpec::Sysrq { .. }));
+    let bundle = tempfile::tempdir().unwrap();
+    let m = diagnose::collect(&[step], &target, &trigger, Vec::new(), bundle.path()).await.unwrap();
+    let s = m.step("sysrq").unwrap();
+    let summary = s.summary.as_ref().unwrap();
+    assert_eq!(summary["break"], "qmp", "{summary}");
+    let text = std::fs::read_to_string(bundle.path().join(s.file.as_ref().unwrap())).unwrap();
+    assert!(text.contains("sysrq: Show Memory"), "{text}");
+    other.wait_for("sysrq: Show Memory", Duration::from_secs(10)).await;
+}
