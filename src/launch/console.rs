@@ -160,7 +160,12 @@ impl Launch {
             if let Some(id) = first.strip_prefix("chardev:") {
                 return self.find(id).cloned().or(Some(Chardev { id: id.into(), ..Chardev::default() }));
             }
-            // `-serial unix:PATH,server=on,...`: QEMU names that chardev serial0.
+            // `-serial [mon:]unix:PATH,server=on,...`: QEMU names that chardev serial0 (a mux
+            // with a monitor on it with `mon:`).
+            let (mux, first) = match first.strip_prefix("mon:") {
+                Some(rest) => (true, rest),
+                None => (false, first.as_str()),
+            };
             let (head, opts) = key_values(first);
             let head = head.unwrap_or_default();
             let (backend, path) = match head.split_once(':') {
@@ -171,6 +176,9 @@ impl Launch {
             let mut opts = opts;
             if !path.is_empty() {
                 opts.push(("path".into(), path));
+            }
+            if mux {
+                opts.push(("mux".into(), "on".into()));
             }
             return Some(Chardev { id: "serial0".into(), backend, opts });
         }
@@ -206,6 +214,8 @@ pub fn guest_console(
                     "serial" => launch.serial_options.push(value.clone()),
                     _ => {
                         let (driver, opts) = key_values(value);
+                        let driver = driver
+                            .or_else(|| opts.iter().find(|(k, _)| k == "driver").map(|(_, v)| v.clone()));
                         launch.device(driver.as_deref().unwrap_or(""), &opts);
                     }
                 }
@@ -297,8 +307,13 @@ mod tests {
         let a = argv("-serial none -serial unix:/r/s,server=on,wait=off");
         let c = guest_console(&a, &[], None).unwrap().unwrap();
         assert_eq!((c.chardev.as_str(), c.socket.to_str().unwrap(), c.mux), ("serial0", "/r/s", false));
+        let a = argv("-serial mon:unix:/r/m,server=on,wait=off");
+        let c = guest_console(&a, &[], None).unwrap().unwrap();
+        assert_eq!((c.chardev.as_str(), c.socket.to_str().unwrap(), c.mux), ("serial0", "/r/m", true));
         let a = argv("-chardev socket,id=s0,path=/r/s0,server=on -device isa-serial,chardev=s0");
         assert_eq!(guest_console(&a, &[], None).unwrap().unwrap().chardev, "s0");
+        let a = argv("-chardev socket,id=s1,path=/r/s1,server=on -device driver=isa-serial,chardev=s1");
+        assert_eq!(guest_console(&a, &[], None).unwrap().unwrap().chardev, "s1");
         // No serial port: acpimon's own is the console.
         assert_eq!(guest_console(&argv("-M q35 -nodefaults"), &[], None).unwrap(), None);
     }
