@@ -2,9 +2,16 @@
 //! bounded ring (the last N bytes), so what was printed before a failure is there when
 //! diagnostics need it. The guest's bytes are untrusted: bounded here, and control characters
 //! are neutralised before anything is shown.
+//!
+//! QEMU serves one client per socket chardev. When the console is the launcher's own (EVE's
+//! `cons`, see [`crate::launch::console`]), acpimon is that client and [`Console::share`]
+//! re-exports it: every client of the shared socket gets the guest's output as it arrives and
+//! can type into the serial port. A client that does not keep up loses bytes (it is never
+//! waited for), so no client can stall the guest or acpimon; nothing is written to disk.
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +19,7 @@ use crate::util::lock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
-use tokio::sync::Notify;
+use tokio::sync::{broadcast, Notify};
 
 /// Default ring size.
 pub const DEFAULT_KEEP: usize = 256 << 10;
@@ -29,12 +36,40 @@ struct Ring {
 struct Shared {
     ring: Mutex<Ring>,
     notify: Notify,
+    /// The output, for the clients of the shared socket.
+    out: broadcast::Sender<Arc<[u8]>>,
 }
+
+/// The socket [`Console::share`] listens on.
+struct Share {
+    task: tokio::task::JoinHandle<()>,
+    path: PathBuf,
+    /// Its inode: a later console (QEMU relaunched) may have bound the same path since, and
+    /// its socket is not this one's to remove.
+    ino: u64,
+}
+
+impl Share {
+    fn close(self) {
+        self.task.abort();
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Chunks a shared-socket client may fall behind by before it loses output.
+const SHARE_BACKLOG: usize = 256;
 
 /// A connected console.
 pub struct Console {
     shared: Arc<Shared>,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    /// The QEMU chardev this console is (for `chardev-send-break`), when known.
+    chardev: Option<String>,
+    /// The shared socket's task, path and inode, removed with the console.
+    share: Mutex<Option<Share>>,
 }
 
 impl Console {
@@ -53,6 +88,7 @@ impl Console {
         let shared = Arc::new(Shared {
             ring: Mutex::new(Ring { cap: keep.max(1), ..Ring::default() }),
             notify: Notify::new(),
+            out: broadcast::channel(SHARE_BACKLOG).0,
         });
         let s = shared.clone();
         tokio::spawn(async move {
@@ -72,10 +108,76 @@ impl Console {
                 let excess = ring.buf.len().saturating_sub(cap);
                 ring.buf.drain(..excess);
                 drop(ring);
+                // No receiver (nobody on the shared socket) is fine.
+                let _ = s.out.send(Arc::from(&chunk[..n]));
                 s.notify.notify_waiters();
             }
         });
-        Ok(Console { shared, writer: tokio::sync::Mutex::new(write) })
+        Ok(Console {
+            shared,
+            writer: Arc::new(tokio::sync::Mutex::new(write)),
+            chardev: None,
+            share: Mutex::new(None),
+        })
+    }
+
+    /// Names the QEMU chardev this console is.
+    pub fn with_chardev(mut self, chardev: impl Into<String>) -> Self {
+        self.chardev = Some(chardev.into());
+        self
+    }
+
+    /// The QEMU chardev this console is, when known.
+    pub fn chardev(&self) -> Option<&str> {
+        self.chardev.as_deref()
+    }
+
+    /// Re-exports the console on a Unix socket at `path` (replacing a stale one; created
+    /// readable by the owner only): clients get the output from the time they connect and their
+    /// input goes to the serial port. The socket goes away with the console.
+    pub fn share(&self, path: &Path) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path)?;
+        // The console takes input: the owner's only (the service's umask is 0077 anyway).
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let shared = self.shared.clone();
+        let writer = self.writer.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (mut read, mut write) = stream.into_split();
+                let mut rx = shared.out.subscribe();
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    let mut chunk = vec![0u8; 4096];
+                    loop {
+                        tokio::select! {
+                            out = rx.recv() => match out {
+                                Ok(bytes) => {
+                                    if write.write_all(&bytes).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                                Err(broadcast::error::RecvError::Closed) => return,
+                            },
+                            n = read.read(&mut chunk) => match n {
+                                Ok(n) if n > 0 => {
+                                    if writer.lock().await.write_all(&chunk[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                _ => return,
+                            },
+                        }
+                    }
+                });
+            }
+        });
+        let ino = std::fs::symlink_metadata(path)?.ino();
+        if let Some(old) = lock(&self.share).replace(Share { task, path: path.into(), ino }) {
+            old.close();
+        }
+        Ok(())
     }
 
     /// Bytes received so far; a mark for [`Console::wait_for`].
@@ -138,6 +240,14 @@ impl Console {
     }
 }
 
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Some(share) = lock(&self.share).take() {
+            share.close();
+        }
+    }
+}
+
 /// Guest output made safe to print: invalid UTF-8 replaced, control characters other than
 /// newline and tab shown as `^X` (so escape sequences cannot drive the operator's terminal).
 pub fn sanitize(bytes: &[u8]) -> String {
@@ -188,5 +298,43 @@ mod tests {
         let mut got = [0u8; 7];
         peer.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"uptime\n");
+    }
+
+    #[tokio::test]
+    async fn a_shared_console_gives_output_to_its_clients_and_takes_their_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let share = dir.path().join("share.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let console = Console::connect(&path, 64, Duration::from_secs(1)).await.unwrap().with_chardev("cons");
+        assert_eq!(console.chardev(), Some("cons"));
+        let (mut qemu, _) = listener.accept().await.unwrap();
+        console.share(&share).unwrap();
+        let mut a = UnixStream::connect(&share).await.unwrap();
+        let mut b = UnixStream::connect(&share).await.unwrap();
+        // Let both be accepted and subscribed before the output.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        qemu.write_all(b"boot line\n").await.unwrap();
+        for client in [&mut a, &mut b] {
+            let mut got = [0u8; 10];
+            tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut got)).await.unwrap().unwrap();
+            assert_eq!(&got, b"boot line\n");
+        }
+        console.wait_for("boot line", 0, Duration::from_secs(5)).await.unwrap();
+        b.write_all(b"ls\n").await.unwrap();
+        let mut got = [0u8; 3];
+        tokio::time::timeout(Duration::from_secs(5), qemu.read_exact(&mut got)).await.unwrap().unwrap();
+        assert_eq!(&got, b"ls\n");
+        // QEMU relaunched: a new console shares the same path; the old one going away leaves
+        // the new socket alone, and the new one going away removes it.
+        let (listener2, path2) =
+            (tokio::net::UnixListener::bind(dir.path().join("c2.sock")).unwrap(), dir.path().join("c2.sock"));
+        let console2 = Console::connect(&path2, 64, Duration::from_secs(1)).await.unwrap();
+        let _qemu2 = listener2.accept().await.unwrap();
+        console2.share(&share).unwrap();
+        drop(console);
+        assert!(share.exists(), "a later console's socket is not the earlier one's to remove");
+        drop(console2);
+        assert!(!share.exists(), "the shared socket goes with the console");
     }
 }

@@ -116,6 +116,7 @@ pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Resu
         prepared,
         readconfig: false,
         leave_to_watch: true,
+        console_chardev: None,
     };
     let mut vm = Vm::launch(spec).await?;
     say(&format!(

@@ -44,8 +44,18 @@ fn run(command: Command) -> Result<(), Error> {
             print!("{text}");
             Ok(())
         }
-        Command::Prepare { name, state_dir, table, format, extras } => {
-            let prepared = launch::prepare_with(&state_dir, &name, &table.config()?, extras.extras())?;
+        Command::Prepare { name, state_dir, table, format, extras, console, launch } => {
+            let source = console.source(&launch)?;
+            let mut prepared = launch::prepare_with(&state_dir, &name, &table.config()?, extras.extras())?;
+            if let Some(src) = &source {
+                prepared.use_guest_console(src)?;
+                eprintln!(
+                    "acpimon: the guest's console is chardev '{}' ({}); acpimon re-exports it on {}",
+                    src.chardev,
+                    src.socket.display(),
+                    prepared.dir.join(launch::prepare::CONSOLE_SHARE).display()
+                );
+            }
             print!("{}", cli::render(&prepared.descriptor.plan()?, format)?);
             Ok(())
         }

@@ -196,6 +196,8 @@ pub struct RunCommand {
     /// JSON lines instead of text.
     pub json: bool,
     pub options: RunOptions,
+    /// The chardev of the guest's console (`--console-chardev`), else found in `args`.
+    pub console_chardev: Option<String>,
     /// The QEMU program and the user's arguments.
     pub program: String,
     pub args: Vec<String>,
@@ -229,6 +231,7 @@ pub async fn command(cmd: RunCommand) -> Result<(), RunError> {
         prepared,
         readconfig: cmd.readconfig,
         leave_to_watch: false,
+        console_chardev: cmd.console_chardev,
     };
     let mut vm = Vm::launch(spec).await?;
     let json = cmd.json;

@@ -305,3 +305,48 @@ fn run_reports_qemus_exit_status_apart_from_its_own() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot start /nonexistent/qemu"), "{err}");
 }
+
+#[test]
+fn prepare_finds_the_launchers_console_in_its_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vm.cfg");
+    common::write(
+        &cfg,
+        b"[chardev \"cons\"]\n  backend = \"socket\"\n  path = \"/run/vm1/cons\"\n  server = \"on\"\n  wait = \"off\"\n  mux = \"on\"\n\n[device \"serial0\"]\n  driver = \"isa-serial\"\n  chardev = \"cons\"\n",
+    );
+    let state = dir.path().join("state");
+    let (s, c) = (state.to_str().unwrap(), cfg.to_str().unwrap());
+    let out = acpimon(&["prepare", "vm1", "--state-dir", s, "--launch-config", c, "--format", "readconfig"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("chardev 'cons' (/run/vm1/cons)"), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stdout).contains("isa-serial"),
+        "no serial port of acpimon's own: {}",
+        text(&out.stdout)
+    );
+    let vm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("vm1/vm.json")).unwrap()).unwrap();
+    assert_eq!(vm["console_chardev"], "cons");
+    assert_eq!(vm["console"], "/run/vm1/cons");
+    assert!(vm["console_share"].as_str().unwrap().ends_with("vm1/console-share.sock"), "{vm}");
+    // Told, with the socket: no file needed.
+    let out = acpimon(&[
+        "prepare",
+        "vm2",
+        "--state-dir",
+        s,
+        "--console-chardev",
+        "c0",
+        "--console-socket",
+        "/run/c0",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    refused(
+        &["prepare", "vm3", "--state-dir", s, "--launch-config", c, "--console-chardev", "nope"],
+        &["no chardev 'nope'", "name the chardev"],
+    );
+    refused(
+        &["prepare", "vm3", "--state-dir", s, "--", "-serial", "stdio"],
+        &["not a listening Unix socket (backend stdio)"],
+    );
+}

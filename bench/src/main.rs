@@ -187,6 +187,7 @@ async fn bench_latency(
         prepared,
         readconfig: false,
         leave_to_watch: false,
+        console_chardev: None,
     };
     let mut vm = Vm::launch(spec).await?;
     let result = latency::run(&vm, count, Duration::from_secs_f64(seconds)).await;

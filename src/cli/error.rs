@@ -64,6 +64,8 @@ pub enum Error {
     Controller(#[from] crate::forward::controller::ControllerError),
     #[error("{0}")]
     Status(String),
+    #[error("the guest's console: {0}")]
+    Console(#[from] crate::launch::console::ConsoleError),
 }
 
 impl Error {
@@ -71,10 +73,11 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Launch(_) | Error::Prepare(_) | Error::WatchConfig(_) => BAD_INPUT,
+            Error::Console(_) => BAD_INPUT,
             Error::NoQemu | Error::NoGuest | Error::Demo(crate::demo::DemoError::Fixture(_)) => BAD_INPUT,
             Error::Region(e) if is_bad_input(e) => BAD_INPUT,
             Error::Run(e) => match e {
-                RunError::Prepare(_) | RunError::Vm(VmError::Conflicts(_)) => BAD_INPUT,
+                RunError::Prepare(_) | RunError::Vm(VmError::Conflicts(_) | VmError::Console(_)) => BAD_INPUT,
                 RunError::Vm(VmError::Exited { status, .. }) | RunError::Qemu(status) => {
                     qemu_exit_code(*status).unwrap_or(RUNTIME)
                 }

@@ -102,6 +102,12 @@ pub enum Command {
         format: Format,
         #[command(flatten)]
         extras: ExtrasArgs,
+        #[command(flatten)]
+        console: ConsoleArgs,
+        /// The launcher's own QEMU arguments, after `--`, to find the guest's console in
+        /// (its -readconfig files are read too).
+        #[arg(last = true, value_name = "QEMU ARGS")]
+        launch: Vec<String>,
     },
     /// Launch QEMU with acpimon added, send heartbeats, show them live; exits with QEMU.
     ///
@@ -240,6 +246,42 @@ impl ExtrasArgs {
     }
 }
 
+/// Where `prepare` learns the guest's console, when the launcher gives the VM its own serial
+/// port (as EVE's `cons` socket).
+#[derive(Args)]
+pub struct ConsoleArgs {
+    /// The chardev the guest kernel's console is on (a listening Unix socket, mux=on or not),
+    /// defined in --launch-config, after `--`, or given by --console-socket. Without it, the
+    /// chardev of the first serial port those define. acpimon then adds no serial port of its
+    /// own, reads that socket, and re-exports it on DIR/console-share.sock for other clients.
+    #[arg(long, value_name = "ID")]
+    pub console_chardev: Option<String>,
+    /// The Unix socket QEMU listens on for --console-chardev, when no file defines it here.
+    #[arg(long, value_name = "PATH", requires = "console_chardev")]
+    pub console_socket: Option<PathBuf>,
+    /// A -readconfig file of the launcher (repeatable), to find the guest's console in.
+    #[arg(long, value_name = "FILE")]
+    pub launch_config: Vec<PathBuf>,
+}
+
+impl ConsoleArgs {
+    /// The guest's console these name or lead to; `None` keeps acpimon's own serial port.
+    pub fn source(&self, launch_args: &[String]) -> Result<Option<launch::console::ConsoleSource>, Error> {
+        if let (Some(id), Some(socket)) = (&self.console_chardev, &self.console_socket) {
+            return Ok(Some(launch::console::ConsoleSource {
+                chardev: id.clone(),
+                socket: socket.clone(),
+                mux: false,
+            }));
+        }
+        let mut args = launch_args.to_vec();
+        for file in &self.launch_config {
+            args.extend(["-readconfig".to_string(), file.to_string_lossy().into_owned()]);
+        }
+        Ok(launch::console::from_launch(&args, self.console_chardev.as_deref())?)
+    }
+}
+
 /// Options of `run`.
 #[derive(Args)]
 pub struct RunArgs {
@@ -266,6 +308,12 @@ pub struct RunArgs {
     /// Pass acpimon's QEMU options as a -readconfig file, as EVE does.
     #[arg(long)]
     pub readconfig: bool,
+    /// The chardev of the guest kernel's console (a listening Unix socket, mux=on or not)
+    /// [default: that of the first serial port the QEMU arguments or their -readconfig files
+    /// define; acpimon's own serial port when they define none]. acpimon reads it and
+    /// re-exports it on STATE_DIR/NAME/console-share.sock for other clients.
+    #[arg(long, value_name = "ID")]
+    pub console_chardev: Option<String>,
     /// Print JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
@@ -327,6 +375,7 @@ impl RunArgs {
             extras: self.extras.extras(),
             readconfig: self.readconfig,
             json: self.json,
+            console_chardev: self.console_chardev.clone(),
             options: RunOptions {
                 interval: Duration::from_millis(self.interval_ms.max(1)),
                 timeout: Duration::from_millis(self.timeout_ms.max(1)),

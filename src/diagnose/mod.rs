@@ -14,7 +14,7 @@
 //! | `step` | needs | default timeout | what it writes |
 //! |---|---|---|---|
 //! | `console-tail` | console | 5 s | the console's kept output (its last 256 KiB), after waiting until the guest has been quiet for `settle` (default `"500ms"`), so the text printed just after the event is included |
-//! | `sysrq` | console (and QMP for the break) | 30 s | for each of `keys` (default `"wtlm"`): a serial break, the key, and what the guest printed until quiet for `quiet` (default `"500ms"`) or `per_key` (default `"5s"`). The break is QMP `chardev-send-break` on `chardev` (default `"acpimon-console"`, the chardev acpimon's launch gives the serial port); without QMP, or when that chardev does not exist, it is a telnet `IAC BRK` on the console (which only a `telnet=on` chardev turns into a break). Keys that crash, reboot, kill or change the guest (`b c e f g i j k n o r s u`) are refused unless `allow_destructive = true`. `ok` once the kernel answered a key (its "sysrq: ..." line); skipped when QMP says the VM is not running |
+//! | `sysrq` | console (and QMP for the break) | 30 s | for each of `keys` (default `"wtlm"`): a serial break, the key, and what the guest printed until quiet for `quiet` (default `"500ms"`) or `per_key` (default `"5s"`). The break is QMP `chardev-send-break` on `chardev` (default: the console's chardev, `"acpimon-console"` for acpimon's own serial port or vm.json's `console_chardev`, e.g. a mux chardev, whose break reaches its serial port); without QMP, or when that chardev does not exist, it is a telnet `IAC BRK` on the console (which only a `telnet=on` chardev turns into a break). Keys that crash, reboot, kill or change the guest (`b c e f g i j k n o r s u`) are refused unless `allow_destructive = true`. `ok` once the kernel answered a key (its "sysrq: ..." line); skipped when QMP says the VM is not running |
 //! | `qmp-status` | QMP | 5 s | `query-status` (JSON) |
 //! | `qmp-cpus` | QMP | 5 s | `query-cpus-fast` (JSON) |
 //! | `registers` | QMP | 10 s | HMP `info registers -a` (every vCPU); per vCPU through `human-monitor-command`'s `cpu-index` where `-a` is not understood |
@@ -523,7 +523,14 @@ async fn dispatch(spec: &StepSpec, ctx: &Ctx<'_>) -> Done {
             Err(d) => return d,
         },
         StepSpec::Sysrq { keys, per_key, quiet, chardev, .. } => match need_console() {
-            Ok(c) => serial::sysrq(ctx, c, t.qmp, keys, *per_key, *quiet, chardev).await,
+            Ok(c) => {
+                // The default names acpimon's own port; a launcher's console names its chardev.
+                let chardev = match c.chardev() {
+                    Some(own) if chardev == crate::launch::CONSOLE_ID => own,
+                    _ => chardev.as_str(),
+                };
+                serial::sysrq(ctx, c, t.qmp, keys, *per_key, *quiet, chardev).await
+            }
             Err(d) => return d,
         },
         StepSpec::InjectNmi { capture, quiet } => match need_qmp() {

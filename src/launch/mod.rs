@@ -8,6 +8,7 @@
 
 pub mod channel;
 pub mod conflicts;
+pub mod console;
 pub mod prepare;
 pub mod vm;
 

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::console::ConsoleSource;
 use super::LaunchPlan;
 use crate::generate::{self, ConfigError, SsdtConfig};
 use crate::read::{Region, RegionError};
@@ -45,7 +46,16 @@ pub struct Descriptor {
     pub ssdt: PathBuf,
     pub region: PathBuf,
     pub qmp: PathBuf,
+    /// The guest console's socket acpimon connects to: its own serial port's, or the launcher's
+    /// (with `console_chardev`).
     pub console: PathBuf,
+    /// The launcher's chardev the guest kernel writes (`prepare --console-chardev`, or found in
+    /// `run`'s command line); then acpimon adds no serial port of its own and re-exports the
+    /// console on `console_share` for the launcher's tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_chardev: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_share: Option<PathBuf>,
     /// The app channel's socket, when the VM has one (`prepare --app-channel`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<PathBuf>,
@@ -74,7 +84,7 @@ impl Descriptor {
             ssdt_path: self.ssdt.clone(),
             region_path: self.region.clone(),
             qmp_socket: Some(self.qmp.clone()),
-            console_socket: Some(self.console.clone()),
+            console_socket: self.console_chardev.is_none().then(|| self.console.clone()),
             pvpanic: true,
             ovmf_low_bar: false,
             app_socket: self.app.clone(),
@@ -101,6 +111,27 @@ impl Descriptor {
 pub struct Prepared {
     pub dir: PathBuf,
     pub descriptor: Descriptor,
+}
+
+/// Where acpimon re-exports a launcher's console, inside the VM's directory.
+pub const CONSOLE_SHARE: &str = "console-share.sock";
+
+impl Prepared {
+    /// Makes the launcher's chardev `src` the VM's console (see [`Descriptor::console_chardev`])
+    /// and rewrites `vm.json`.
+    pub fn use_guest_console(&mut self, src: &ConsoleSource) -> Result<(), PrepareError> {
+        let share = self.dir.join(CONSOLE_SHARE);
+        for sock in [&src.socket, &share] {
+            if sock.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(PrepareError::SocketPathTooLong(sock.clone()));
+            }
+        }
+        self.descriptor.console = src.socket.clone();
+        self.descriptor.console_chardev = Some(src.chardev.clone());
+        self.descriptor.console_share = Some(share);
+        let json = serde_json::to_vec_pretty(&self.descriptor).expect("descriptor serialises");
+        write_atomic(&self.dir.join(DESCRIPTOR), &json)
+    }
 }
 
 /// Whether `name` is a VM name `prepare` accepts.
@@ -155,6 +186,8 @@ pub fn prepare_with(
         region: dir.join("region"),
         qmp: dir.join("qmp.sock"),
         console: dir.join("console.sock"),
+        console_chardev: None,
+        console_share: None,
         app: extras.app_channel.then(|| dir.join("app.sock")),
         guest_agent: extras.guest_agent.then(|| dir.join("qga.sock")),
     };
@@ -189,6 +222,24 @@ mod tests {
         assert!(plan.argv().unwrap().join(" ").contains("qmp.sock"));
         // Again: the same files, refreshed.
         prepare(dir.path(), "vm-1", &SsdtConfig::default()).unwrap();
+    }
+
+    #[test]
+    fn a_launchers_console_replaces_acpimons_serial_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = prepare(dir.path(), "vm-1", &SsdtConfig::default()).unwrap();
+        let src = ConsoleSource { chardev: "cons".into(), socket: "/run/vm-1/cons".into(), mux: true };
+        p.use_guest_console(&src).unwrap();
+        let d = Descriptor::load(&p.dir).unwrap();
+        assert_eq!(d.console_chardev.as_deref(), Some("cons"));
+        assert_eq!(d.console, PathBuf::from("/run/vm-1/cons"));
+        assert_eq!(d.console_share, Some(p.dir.join(CONSOLE_SHARE)));
+        let argv = d.plan().unwrap().argv().unwrap().join(" ");
+        assert!(!argv.contains("isa-serial") && !argv.contains("cons"), "{argv}");
+        // Preparing again without it gives acpimon's own serial port back.
+        let d = prepare(dir.path(), "vm-1", &SsdtConfig::default()).unwrap().descriptor;
+        assert_eq!(d.console_chardev, None);
+        assert!(d.plan().unwrap().argv().unwrap().join(" ").contains("isa-serial"));
     }
 
     #[test]

@@ -11,7 +11,8 @@ use tokio::process::{Child, Command};
 
 use super::channel::{self, Channel};
 use super::conflicts::{self, Conflict};
-use super::{LaunchError, Prepared};
+use super::console::ConsoleError;
+use super::{LaunchError, PrepareError, Prepared};
 use crate::console::{self, Console};
 use crate::generate::ConfigError;
 use crate::read::{Access, Region, RegionError};
@@ -40,6 +41,10 @@ pub enum VmError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Launch(#[from] LaunchError),
+    #[error("the guest's console: {0}")]
+    Console(#[from] ConsoleError),
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
 }
 
 /// What to launch.
@@ -55,6 +60,9 @@ pub struct VmSpec {
     /// Leave the VM's QMP and console sockets to `acpimon watch`: this handle connects to a
     /// second monitor (`control-qmp.sock`, as EVE keeps two) and not to the console.
     pub leave_to_watch: bool,
+    /// The chardev of the guest's console (`--console-chardev`); without it, the chardev of
+    /// the first serial port `args` defines, if any (see [`super::console`]).
+    pub console_chardev: Option<String>,
 }
 
 /// A running VM.
@@ -74,10 +82,33 @@ pub struct Vm {
 
 impl Vm {
     /// Checks the command line, starts QEMU, and connects QMP, the console and the region.
-    pub async fn launch(spec: VmSpec) -> Result<Vm, VmError> {
+    pub async fn launch(mut spec: VmSpec) -> Result<Vm, VmError> {
+        let mut notes = Vec::new();
+        let found = match super::console::from_launch(&spec.args, spec.console_chardev.as_deref()) {
+            Ok(found) => found,
+            // Not asked for: a console acpimon cannot share (`-serial stdio`, an unreadable
+            // file QEMU will report itself) leaves acpimon's own serial port, as before.
+            Err(e) if spec.console_chardev.is_none() => {
+                notes.push(format!(
+                    "{e}; acpimon's own serial port (the next ttyS) is its console, so the kernel's console \
+                     must be on it (console=ttyS1), or give --console-chardev"
+                ));
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(src) = found {
+            spec.prepared.use_guest_console(&src)?;
+            notes.push(format!(
+                "the guest's console is chardev '{}' ({}{}): acpimon reads it and re-exports it on {} for other clients",
+                src.chardev,
+                src.socket.display(),
+                if src.mux { ", mux" } else { "" },
+                spec.prepared.dir.join(super::prepare::CONSOLE_SHARE).display()
+            ));
+        }
         let d = &spec.prepared.descriptor;
         let mut plan = d.plan()?;
-        let mut notes = Vec::new();
         if channel::uses_ovmf(&spec.args) && !channel::sets_mmio64(&spec.args) {
             plan.ovmf_low_bar = true;
             notes.push(format!(
@@ -99,7 +130,9 @@ impl Vm {
         }
         let dir = &spec.prepared.dir;
         let control = dir.join(CONTROL_QMP);
-        for sock in [&d.qmp, &d.console, &control].into_iter().chain(&d.app).chain(&d.guest_agent) {
+        // The launcher's console socket is QEMU's to replace, not acpimon's to remove.
+        let own_console = d.console_chardev.is_none().then_some(&d.console);
+        for sock in [&d.qmp, &control].into_iter().chain(own_console).chain(&d.app).chain(&d.guest_agent) {
             let _ = std::fs::remove_file(sock);
         }
         let mut ours = if spec.readconfig {
@@ -148,9 +181,7 @@ impl Vm {
         let console = if spec.leave_to_watch {
             Err("left to acpimon watch".to_string())
         } else {
-            Console::connect(&d.console, console::DEFAULT_KEEP, Duration::from_secs(5))
-                .await
-                .map_err(|e| format!("console socket {}: {e}", d.console.display()))
+            connect_console(d).await
         };
         let region = Arc::new(Region::open(&d.region, Access::ReadWrite)?);
         let slot = plan.ssdt.slot;
@@ -193,6 +224,28 @@ impl Vm {
             }
         }
     }
+}
+
+/// Connects the VM's console, naming its chardev, and re-exports it when it is the launcher's.
+pub async fn connect_console_with(
+    d: &super::Descriptor,
+    keep: usize,
+    wait: Duration,
+) -> Result<Console, String> {
+    let console = Console::connect(&d.console, keep, wait)
+        .await
+        .map_err(|e| format!("console socket {}: {e}", d.console.display()))?
+        .with_chardev(d.console_chardev.as_deref().unwrap_or(super::CONSOLE_ID));
+    if let Some(share) = &d.console_share {
+        console
+            .share(share)
+            .map_err(|e| format!("cannot re-export the console on {}: {e}", share.display()))?;
+    }
+    Ok(console)
+}
+
+async fn connect_console(d: &super::Descriptor) -> Result<Console, String> {
+    connect_console_with(d, console::DEFAULT_KEEP, Duration::from_secs(5)).await
 }
 
 fn read_tail(path: &std::path::Path) -> String {

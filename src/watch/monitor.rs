@@ -188,10 +188,12 @@ impl Monitor {
             .map(|s| s.status)
             .map_err(|e| format!("QMP query-status failed: {e}"))?;
         let keep = self.shared.config.console_keep;
-        let (console, console_why) = match Console::connect(&d.console, keep, Duration::ZERO).await {
-            Ok(c) => (Some(Arc::new(c)), String::new()),
-            Err(e) => (None, format!("cannot connect to {}: {e}", d.console.display())),
-        };
+        // The launcher's console (vm.json's console_chardev) is re-exported for its tools.
+        let (console, console_why) =
+            match crate::launch::vm::connect_console_with(&d, keep, Duration::ZERO).await {
+                Ok(c) => (Some(Arc::new(c)), String::new()),
+                Err(e) => (None, format!("cannot connect: {e}")),
+            };
         let (region, region_why) = match Region::open(&d.region, Access::ReadWrite) {
             Ok(r) => match d.ssdt_config().ok().map(|c| c.slot) {
                 Some(slot) => match channel::locate(&qmp, slot).await {

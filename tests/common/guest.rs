@@ -59,6 +59,10 @@ pub struct GuestSpec {
     /// The fixture's kernel (a `build-guest --kernel` spec, e.g. `bullseye-cloud`); `None`:
     /// `ACPIMON_KERNEL`, else bookworm's.
     pub kernel: Option<&'static str>,
+    /// Launch as EVE does: `-nodefaults -no-shutdown`, the machine and the guest's console in
+    /// a `-readconfig` file, the console a mux socket (`cons`, with a readline monitor on it)
+    /// that acpimon finds there, reads and re-exports (`console-share.sock`).
+    pub eve_console: bool,
 }
 
 impl GuestSpec {
@@ -76,6 +80,7 @@ impl GuestSpec {
             extras: acpimon::launch::Extras::default(),
             append: Vec::new(),
             kernel: None,
+            eve_console: false,
         }
     }
 }
@@ -141,6 +146,43 @@ pub fn qemu() -> String {
     }
 }
 
+/// The socket of [`GuestSpec::eve_console`]'s console in the guest's directory `dir`.
+pub fn eve_console_socket(dir: &Path) -> PathBuf {
+    dir.join("eve").join("cons")
+}
+
+/// Writes an EVE-style `-readconfig` file (machine, and the console as a mux socket shared by
+/// the first serial port and a readline monitor) under `dir`; returns its path.
+fn eve_config(dir: &Path, machine: &str) -> PathBuf {
+    let eve = dir.join("eve");
+    std::fs::create_dir_all(&eve).unwrap();
+    let cons = eve_console_socket(dir);
+    let text = format!(
+        r#"[machine]
+  type = "{machine}"
+
+[chardev "cons"]
+  backend = "socket"
+  path = "{}"
+  server = "on"
+  wait = "off"
+  mux = "on"
+
+[device "serial0"]
+  driver = "isa-serial"
+  chardev = "cons"
+
+[mon "cons-mon"]
+  chardev = "cons"
+  mode = "readline"
+"#,
+        cons.display()
+    );
+    let path = eve.join("vm.cfg");
+    super::write(&path, text.as_bytes());
+    path
+}
+
 /// A booted guest.
 pub struct Guest {
     pub vm: Vm,
@@ -164,10 +206,19 @@ impl Guest {
             cmdline.push(' ');
             cmdline.push_str(word);
         }
-        let mut args: Vec<String> = ["-M", spec.machine, "-m", "256", "-nodefaults", "-display", "none"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> = if spec.eve_console {
+            let config = eve_config(dir.path(), spec.machine);
+            ["-nodefaults", "-no-shutdown", "-m", "256", "-display", "none", "-readconfig"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([config.to_string_lossy().into_owned()])
+                .collect()
+        } else {
+            ["-M", spec.machine, "-m", "256", "-nodefaults", "-display", "none"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        };
         let kernel = match spec.firmware {
             Firmware::SeaBios => "vmlinux",
             Firmware::Ovmf => {
@@ -191,6 +242,7 @@ impl Guest {
             prepared,
             readconfig: spec.readconfig,
             leave_to_watch: spec.watched,
+            console_chardev: None,
         };
         let vm = Vm::launch(spec).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
         let guest = Guest { vm, fixture: fx, _dir: dir };

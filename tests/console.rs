@@ -1,0 +1,169 @@
+//! The guest's own console in an EVE-style launch: q35, `-nodefaults -no-shutdown -S`, the
+//! machine and a mux console socket (`cons`, serial port and readline monitor) in a
+//! `-readconfig` file. acpimon finds `cons` there, reads it and re-exports it; another client
+//! (this test's thread) stays on the re-export the whole time and must see everything too.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use acpimon::event::RawEvent as Event;
+use acpimon::launch::prepare::CONSOLE_SHARE;
+use acpimon::watch::state::State;
+use common::guest::{eve_console_socket, Guest, GuestSpec};
+use common::service::Service;
+
+const BOOT: Duration = Duration::from_secs(120);
+
+/// Another client of the guest's console: a thread that reads it into a buffer until it closes.
+struct Client {
+    seen: Arc<Mutex<Vec<u8>>>,
+    stream: UnixStream,
+}
+
+impl Client {
+    fn connect(path: &Path) -> Client {
+        let stream = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (mut read, buf) = (stream.try_clone().unwrap(), seen.clone());
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = read.read(&mut chunk) {
+                buf.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Client { seen, stream }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
+    }
+
+    async fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.text();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(start.elapsed() < timeout, "'{needle}' not in the other client's stream:\n{text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn step_file(bundle: &Event, name: &str) -> String {
+    let dir = PathBuf::from(bundle.detail["bundle"].as_str().expect("bundle path"));
+    let steps = bundle.detail["manifest"]["steps"].as_array().expect("steps");
+    let s = steps.iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no step {name}"));
+    let file = s["file"].as_str().unwrap_or_else(|| panic!("step {name} has no file: {s:#}"));
+    std::fs::read_to_string(dir.join(file)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eve_mux_console_is_read_shared_and_answers_sysrq_while_another_client_stays_on_it() {
+    let work = tempfile::Builder::new().prefix("acpimon-console").tempdir_in("/tmp").unwrap();
+    let spec = GuestSpec {
+        watched: true,
+        eve_console: true,
+        scenario: "starve",
+        delay: 30,
+        extra: vec!["-S".into()],
+        ..GuestSpec::new("q35")
+    };
+    let g = Guest::boot(spec).await;
+    let dir = g.vm.prepared.dir.clone();
+    let d = acpimon::launch::Descriptor::load(&dir).unwrap();
+    assert_eq!(d.console_chardev.as_deref(), Some("cons"), "vm.json records the launcher's console");
+    assert_eq!(d.console, eve_console_socket(dir.parent().unwrap()));
+    let config = r#"
+[defaults]
+startup_grace = "90s"
+[[defaults.scenario]]
+kind = "acpi-heartbeat"
+[[defaults.scenario]]
+kind = "console"
+command = "echo console-$((6*7))"
+expect = "console-42"
+interval = "2s"
+timeout = "3s"
+threshold = 2
+"#;
+    let svc = Service::start(dir.parent().unwrap(), work.path(), config).await;
+    svc.wait_state("guest", State::Paused, Duration::from_secs(30)).await;
+    // The service holds QEMU's socket now; the other client takes the re-export before the
+    // guest runs, so both see the console from boot.
+    let mut other = Client::connect(&dir.join(CONSOLE_SHARE));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();
+
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    let text = other.wait_for("ACPIMON-GUEST: ready", Duration::from_secs(30)).await;
+    assert!(text.contains("Linux version"), "the other client has the console from boot:\n{text}");
+    // The console scenario runs on the real console: its command and answer pass by the other
+    // client too, which can also type.
+    other.wait_for("console-42", Duration::from_secs(30)).await;
+    other.stream.write_all(b"echo other-$((5*5))\n").unwrap();
+    other.wait_for("other-25", Duration::from_secs(30)).await;
+
+    // The guest's kernel starves: unresponsive, and the bundle has its console from boot and
+    // SysRq's answers, which the other client sees as well.
+    let (view, _) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(90)).await;
+    assert!(view.reason.contains("acpi-heartbeat missed"), "{}", view.reason);
+    let bundle = svc.wait_event("bundle", Duration::from_secs(90), |e| e.kind == "bundle").await;
+    let tail = step_file(&bundle, "console-tail");
+    assert!(
+        tail.contains("Linux version")
+            && tail.contains("ACPIMON-GUEST: ready")
+            && tail.contains("ACPIMON-GUEST: starving"),
+        "the bundle has the guest's real console from boot:\n{tail}"
+    );
+    let sysrq = step_file(&bundle, "sysrq");
+    assert!(sysrq.contains("sysrq: Show Memory"), "{sysrq}");
+    assert!(sysrq.contains("sysrq: Show Blocked State"), "{sysrq}");
+    assert!(!sysrq.contains("telnet"), "the break went through QMP on chardev 'cons': {sysrq}");
+    let text = other.wait_for("sysrq: Show Memory", Duration::from_secs(10)).await;
+    assert!(text.contains("sysrq: Show Blocked State"), "{text}");
+}
+
+/// `acpimon run`'s path (`launch::Vm`, no service): the console found in the launcher's
+/// `-readconfig` file is the handle's console, re-exported, and SysRq breaks on `cons`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_own_launch_reads_the_mux_console_and_sysrq_reaches_it() {
+    use acpimon::diagnose::{self, Step, StepSpec, Target, Trigger};
+    let g = Guest::boot(GuestSpec { eve_console: true, ..GuestSpec::new("q35") }).await;
+    assert!(g.vm.notes.iter().any(|n| n.contains("chardev 'cons'")), "{:?}", g.vm.notes);
+    let console = g.vm.console().expect("console connected");
+    assert_eq!(console.chardev(), Some("cons"));
+    assert!(console.tail().contains("Linux version"), "the launcher's console from boot");
+    let other = Client::connect(&g.vm.prepared.dir.join(CONSOLE_SHARE));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let target = Target {
+        vm: "guest",
+        qmp: Some(&g.vm.qmp),
+        console: Some(console),
+        gdb_socket: g.vm.prepared.dir.join("gdb.sock"),
+        guest_agent: None,
+    };
+    let trigger = Trigger {
+        kind: "test".into(),
+        time: acpimon::units::now_rfc3339(),
+        reason: "test".into(),
+        evidence: serde_json::json!({}),
+    };
+    // The step's default chardev: the console's own, `cons`.
+    let step: Step = toml::from_str("step = \"sysrq\"\nkeys = \"m\"").unwrap();
+    assert!(matches!(step.spec, StepSpec::Sysrq { .. }));
+    let bundle = tempfile::tempdir().unwrap();
+    let m = diagnose::collect(&[step], &target, &trigger, Vec::new(), bundle.path()).await.unwrap();
+    let s = m.step("sysrq").unwrap();
+    let summary = s.summary.as_ref().unwrap();
+    assert_eq!(summary["break"], "qmp", "{summary}");
+    let text = std::fs::read_to_string(bundle.path().join(s.file.as_ref().unwrap())).unwrap();
+    assert!(text.contains("sysrq: Show Memory"), "{text}");
+    other.wait_for("sysrq: Show Memory", Duration::from_secs(10)).await;
+}
