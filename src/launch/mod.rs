@@ -9,6 +9,7 @@
 pub mod channel;
 pub mod conflicts;
 pub mod prepare;
+pub mod qemu_config;
 pub mod vm;
 
 use std::fmt::Write as _;
