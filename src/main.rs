@@ -30,13 +30,17 @@ fn main() -> ExitCode {
 fn run(command: Command) -> Result<(), Error> {
     match command {
         Command::Ssdt { out, table } => write_file(&out, &generate::build(&table.config()?)?),
-        Command::QemuArgs { table, region_path, ssdt, format, extras } => {
-            let cfg = table.config()?;
+        Command::QemuArgs { table, region_path, ssdt, format, extras, launch } => {
+            let user = launch.user_config()?;
+            let cfg = table.config_for(&user)?;
             let ssdt_path = ssdt.unwrap_or_else(|| cli::suffixed(&region_path, ".ssdt.aml"));
             let mut plan = LaunchPlan::minimal(cfg, ssdt_path, region_path);
             plan.app_socket = extras.app_channel.then(|| cli::suffixed(&plan.region_path, ".app.sock"));
             plan.guest_agent_socket =
                 extras.guest_agent.then(|| cli::suffixed(&plan.region_path, ".qga.sock"));
+            for note in launch.adapt(&mut plan, &user)? {
+                eprintln!("acpimon: {note}");
+            }
             // Render first, so a path QEMU cannot take leaves no files behind.
             let text = cli::render(&plan, format)?;
             write_file(&plan.ssdt_path, &generate::build(&plan.ssdt)?)?;
@@ -44,9 +48,26 @@ fn run(command: Command) -> Result<(), Error> {
             print!("{text}");
             Ok(())
         }
-        Command::Prepare { name, state_dir, table, format, extras } => {
-            let prepared = launch::prepare_with(&state_dir, &name, &table.config()?, extras.extras())?;
-            print!("{}", cli::render(&prepared.descriptor.plan()?, format)?);
+        Command::Prepare { name, state_dir, table, format, extras, launch } => {
+            let user = launch.user_config()?;
+            let cfg = table.config_for(&user)?;
+            // Check before anything is written, so a collision leaves no directory behind.
+            let any = || Some(std::path::PathBuf::from("/"));
+            let mut plan = LaunchPlan {
+                qmp_socket: any(),
+                console_socket: any(),
+                pvpanic: true,
+                app_socket: extras.app_channel.then(any).flatten(),
+                guest_agent_socket: extras.guest_agent.then(any).flatten(),
+                ..LaunchPlan::minimal(cfg.clone(), "/".into(), "/".into())
+            };
+            launch.adapt(&mut plan, &user)?;
+            let prepared = launch::prepare_with(&state_dir, &name, &cfg, extras.extras())?;
+            let mut plan = prepared.descriptor.plan()?;
+            for note in launch.adapt(&mut plan, &user)? {
+                eprintln!("acpimon: {note}");
+            }
+            print!("{}", cli::render(&plan, format)?);
             Ok(())
         }
         Command::Run { run, qemu } => {

@@ -13,7 +13,9 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 pub use self::error::{qemu_exit_code, Error, BAD_INPUT, RUNTIME};
 use crate::generate::{self, ConfigError, SsdtConfig};
-use crate::launch::{self, LaunchPlan};
+use crate::launch::qemu_config::QemuConfig;
+use crate::launch::qemu_version::{self, QemuVersion};
+use crate::launch::{self, conflicts, LaunchPlan};
 use crate::run::{RunCommand, RunOptions};
 use crate::watch::config::default_state_dir;
 
@@ -88,6 +90,8 @@ pub enum Command {
         format: Format,
         #[command(flatten)]
         extras: ExtrasArgs,
+        #[command(flatten)]
+        launch: LaunchArgs,
     },
     /// Create a VM's state directory (table, region, vm.json) and print its QEMU arguments,
     /// with a QMP socket, a serial console socket and pvpanic.
@@ -102,6 +106,8 @@ pub enum Command {
         format: Format,
         #[command(flatten)]
         extras: ExtrasArgs,
+        #[command(flatten)]
+        launch: LaunchArgs,
     },
     /// Launch QEMU with acpimon added, send heartbeats, show them live; exits with QEMU.
     ///
@@ -240,6 +246,76 @@ impl ExtrasArgs {
     }
 }
 
+/// What `qemu-args` and `prepare` know of the launch they print options for.
+#[derive(Args)]
+pub struct LaunchArgs {
+    /// A -readconfig file the VM is launched with (EVE's merged config; repeatable): acpimon
+    /// checks it for devices on its slot or IRQ and its ids, picks --slot auto outside it, and
+    /// adds OVMF's low-BAR knob when it boots OVMF from pflash drives.
+    #[arg(long, value_name = "FILE")]
+    pub launch_config: Vec<PathBuf>,
+    /// The VM boots OVMF (UEFI) given outside the config files (e.g. -bios on the command
+    /// line): add OVMF's low-BAR knob.
+    #[arg(long)]
+    pub ovmf: bool,
+    /// The QEMU binary the VM runs on, asked for its version [default: qemu-system-x86_64].
+    #[arg(long, value_name = "PATH", conflicts_with = "qemu_version")]
+    pub qemu: Option<String>,
+    /// The version of the QEMU the VM runs on, MAJOR.MINOR (5.2 and later), instead of asking
+    /// a binary: before 6.0 there is no -action.
+    #[arg(long, value_name = "X.Y")]
+    pub qemu_version: Option<String>,
+}
+
+impl LaunchArgs {
+    /// The launcher's configuration files, read.
+    pub fn user_config(&self) -> Result<QemuConfig, Error> {
+        let mut cfg = QemuConfig::default();
+        for file in &self.launch_config {
+            cfg.add_file(file)?;
+        }
+        Ok(cfg)
+    }
+
+    /// The QEMU version to print options for. Without --qemu or --qemu-version, an installed
+    /// qemu-system-x86_64 is asked; with none installed, a current QEMU (6.0 on) is assumed.
+    pub fn version(&self) -> Result<Option<QemuVersion>, Error> {
+        let v = match (&self.qemu_version, &self.qemu) {
+            (Some(text), _) => text.parse()?,
+            (None, Some(program)) => qemu_version::probe(program)?,
+            (None, None) => match qemu_version::probe("qemu-system-x86_64") {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!("{e}; printing options for QEMU 6.0 or later");
+                    return Ok(None);
+                }
+            },
+        };
+        Ok(Some(qemu_version::supported(v)?))
+    }
+
+    /// Adapts `plan` to this launch (OVMF, QEMU version) and checks it for collisions.
+    /// Returns the notes for the operator.
+    pub fn adapt(&self, plan: &mut LaunchPlan, user: &QemuConfig) -> Result<Vec<String>, Error> {
+        plan.qemu_version = self.version()?;
+        let mut notes = plan.adapt_to(user);
+        if self.ovmf && !plan.ovmf_low_bar && user.fw_cfg(crate::launch::channel::OVMF_MMIO64_KNOB).is_none()
+        {
+            plan.ovmf_low_bar = true;
+            notes.push(
+                "OVMF (--ovmf): added OVMF's low-BAR knob; OVMF older than edk2-stable202505 also needs \
+                 -cpu ...,phys-bits=37"
+                    .into(),
+            );
+        }
+        let found = conflicts::check(user, plan);
+        if !found.is_empty() {
+            return Err(Error::Conflicts(found));
+        }
+        Ok(notes)
+    }
+}
+
 /// Options of `run`.
 #[derive(Args)]
 pub struct RunArgs {
@@ -272,13 +348,15 @@ pub struct RunArgs {
 }
 
 /// The table's parameters, shared by `ssdt` and `qemu-args`.
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct TableArgs {
     /// ISA IRQ of the Generic Event Device (below 16), raised through pc-testdev.
     #[arg(long, default_value_t = u32::from(generate::DEFAULT_IRQ), value_name = "N")]
     pub irq: u32,
-    /// PCI slot of ivshmem-plain, DEV[.FN] in hex as QEMU's addr= (e.g. 0f or 0x0f.0).
-    #[arg(long, default_value = "0f.0", value_name = "DEV[.FN]")]
+    /// PCI slot of ivshmem-plain, DEV[.FN] in hex as QEMU's addr= (e.g. 0f or 0x0f.0), or
+    /// `auto`: the highest root-bus slot below 1f that the board and the VM's own devices (its
+    /// argv and config files) leave free.
+    #[arg(long, default_value = "0f.0", value_name = "DEV[.FN]|auto")]
     pub slot: String,
     /// Size of the shared region: a power of two, at least 4096 (e.g. 4096, 64K).
     #[arg(long, default_value = "4096", value_name = "BYTES")]
@@ -298,8 +376,24 @@ pub enum Format {
 }
 
 impl TableArgs {
-    /// Validation stage: no I/O, every problem as a library error.
+    /// [`TableArgs::config`], with `--slot auto` resolved against the VM's configuration.
+    pub fn config_for(&self, user: &QemuConfig) -> Result<SsdtConfig, Error> {
+        if self.slot.trim() != "auto" {
+            return Ok(self.config()?);
+        }
+        let slot = conflicts::free_slot(user).ok_or(Error::NoFreeSlot)?;
+        let table = TableArgs { slot: slot.to_string(), ..self.clone() };
+        Ok(table.config()?)
+    }
+
+    /// Validation stage: no I/O, every problem as a library error. `--slot auto` is resolved
+    /// against no configuration (the board alone).
     pub fn config(&self) -> Result<SsdtConfig, ConfigError> {
+        if self.slot.trim() == "auto" {
+            let slot = conflicts::free_slot(&QemuConfig::default()).expect("an empty board has free slots");
+            let table = TableArgs { slot: slot.to_string(), ..self.clone() };
+            return table.config();
+        }
         let thermal_period_ds = match self.thermal_period_ds {
             Some(p) => Some(u16::try_from(p).map_err(|_| ConfigError::ThermalPeriod(p))?),
             None => None,
@@ -323,7 +417,12 @@ impl RunArgs {
         Ok(RunCommand {
             state_dir: self.state_dir.clone().unwrap_or_else(default_state_dir),
             name: self.name.clone(),
-            ssdt: self.table.config()?,
+            // `--slot auto` reads the -readconfig files the arguments name.
+            ssdt: if self.table.slot.trim() == "auto" {
+                self.table.config_for(&QemuConfig::from_args(args)?)?
+            } else {
+                self.table.config()?
+            },
             extras: self.extras.extras(),
             readconfig: self.readconfig,
             json: self.json,

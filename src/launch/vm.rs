@@ -11,6 +11,8 @@ use tokio::process::{Child, Command};
 
 use super::channel::{self, Channel};
 use super::conflicts::{self, Conflict};
+use super::qemu_config::{QemuConfig, QemuConfigError};
+use super::qemu_version::{self, VersionError};
 use super::{LaunchError, Prepared};
 use crate::console::{self, Console};
 use crate::generate::ConfigError;
@@ -40,6 +42,10 @@ pub enum VmError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Launch(#[from] LaunchError),
+    #[error(transparent)]
+    QemuConfig(#[from] QemuConfigError),
+    #[error(transparent)]
+    Version(#[from] VersionError),
 }
 
 /// What to launch.
@@ -77,23 +83,14 @@ impl Vm {
     pub async fn launch(spec: VmSpec) -> Result<Vm, VmError> {
         let d = &spec.prepared.descriptor;
         let mut plan = d.plan()?;
-        let mut notes = Vec::new();
-        if channel::uses_ovmf(&spec.args) && !channel::sets_mmio64(&spec.args) {
-            plan.ovmf_low_bar = true;
-            notes.push(format!(
-                "OVMF: added -fw_cfg name={},string=0 so the ivshmem BAR lands below 4 GiB (no 64-bit PCI window \
-                 for this VM)",
-                channel::OVMF_MMIO64_KNOB
-            ));
-            if !spec.args.iter().any(|a| a.contains("phys-bits")) {
-                notes.push(
-                    "OVMF older than edk2-stable202505 (Debian's 2022.11) ignores that unless the CPU's phys-bits \
-                     is one it distrusts: add -cpu ...,phys-bits=37 if no record arrives"
-                        .into(),
-                );
-            }
-        }
-        let found = conflicts::check(&spec.args, &plan);
+        let user = QemuConfig::from_args(&spec.args)?;
+        // A QEMU that cannot be run is reported when it is started, with the usual message.
+        plan.qemu_version = match qemu_version::probe(&spec.program) {
+            Ok(v) => Some(qemu_version::supported(v)?),
+            Err(_) => None,
+        };
+        let notes = plan.adapt_to(&user);
+        let found = conflicts::check(&user, &plan);
         if !found.is_empty() {
             return Err(VmError::Conflicts(found));
         }
