@@ -27,6 +27,40 @@ pub enum Firmware {
     SeaBios,
     /// OVMF (UEFI), booting the bzImage.
     Ovmf,
+    /// OVMF as EVE gives it: two pflash drives (code read-only, a copy of the variables),
+    /// booting the bzImage.
+    Pflash(Edk2),
+}
+
+/// Which OVMF build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edk2 {
+    /// Debian bookworm's edk2 2022.11 (/usr/share/OVMF, installed by tools/setup): honours
+    /// OVMF's low-BAR knob only with a CPU address width it distrusts.
+    Bookworm,
+    /// Debian trixie's edk2 2025.02 (unpacked by `tools/ovmf trixie`): honours it alone.
+    Trixie,
+}
+
+impl Edk2 {
+    /// The directory holding OVMF_CODE_4M.fd and OVMF_VARS_4M.fd.
+    pub fn dir(self) -> PathBuf {
+        match self {
+            Edk2::Bookworm => PathBuf::from("/usr/share/OVMF"),
+            Edk2::Trixie => {
+                static DIR: OnceLock<PathBuf> = OnceLock::new();
+                DIR.get_or_init(|| {
+                    let script = repo().join("tools/ovmf");
+                    let out = run(Command::new(&script).arg("trixie"));
+                    assert!(out.status.success(), "tools/ovmf trixie failed:\n{}", text(&out.stderr));
+                    PathBuf::from(
+                        text(&out.stdout).lines().last().expect("tools/ovmf prints its directory").trim(),
+                    )
+                })
+                .clone()
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -51,6 +85,10 @@ pub struct GuestSpec {
     pub extras: acpimon::launch::Extras,
     /// More kernel command-line words for the fixture's /init (e.g. `acpimon.app=responder`).
     pub append: Vec<String>,
+    /// Launch as EVE does: the machine and the firmware's pflash drives in the launcher's own
+    /// -readconfig file, `-nodefaults -no-shutdown -S` on the command line, and `cont` once
+    /// QMP is up.
+    pub eve_config: bool,
 }
 
 impl GuestSpec {
@@ -67,6 +105,7 @@ impl GuestSpec {
             watched: false,
             extras: acpimon::launch::Extras::default(),
             append: Vec::new(),
+            eve_config: false,
         }
     }
 }
@@ -119,17 +158,58 @@ impl Guest {
             cmdline.push(' ');
             cmdline.push_str(word);
         }
-        let mut args: Vec<String> = ["-M", spec.machine, "-m", "256", "-nodefaults", "-display", "none"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> =
+            ["-m", "256", "-nodefaults", "-display", "none"].iter().map(|s| s.to_string()).collect();
+        // The launcher's own sections: in its -readconfig file (EVE), or as argv.
+        let mut launcher: Vec<(&str, Vec<(&str, String)>)> =
+            vec![("machine", vec![("type", spec.machine.into())])];
         let kernel = match spec.firmware {
             Firmware::SeaBios => "vmlinux",
             Firmware::Ovmf => {
                 args.extend(["-bios".into(), "/usr/share/ovmf/OVMF.fd".into()]);
                 "vmlinuz"
             }
+            Firmware::Pflash(edk2) => {
+                let vars = dir.path().join("OVMF_VARS.fd");
+                std::fs::copy(edk2.dir().join("OVMF_VARS_4M.fd"), &vars).unwrap();
+                let code = edk2.dir().join("OVMF_CODE_4M.fd").to_string_lossy().into_owned();
+                let drive = |unit: &str, file: String, readonly: bool| {
+                    let mut p =
+                        vec![("if", "pflash".to_string()), ("format", "raw".into()), ("unit", unit.into())];
+                    if readonly {
+                        p.push(("readonly", "on".into()));
+                    }
+                    p.push(("file", file));
+                    ("drive", p)
+                };
+                launcher.push(drive("0", code, true));
+                launcher.push(drive("1", vars.to_string_lossy().into_owned(), false));
+                "vmlinuz"
+            }
         };
+        if spec.eve_config {
+            let mut ini = String::from("# the launcher's own configuration, as EVE writes it\n");
+            for (group, props) in &launcher {
+                ini.push_str(&format!("[{group}]\n"));
+                for (k, v) in props {
+                    ini.push_str(&format!("  {k} = \"{v}\"\n"));
+                }
+                ini.push('\n');
+            }
+            let path = dir.path().join("launcher.cfg");
+            std::fs::write(&path, ini).unwrap();
+            args.extend([
+                "-no-shutdown".into(),
+                "-S".into(),
+                "-readconfig".into(),
+                path.to_string_lossy().into(),
+            ]);
+        } else {
+            for (group, props) in &launcher {
+                let v: Vec<String> = props.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                args.extend([format!("-{group}"), v.join(",")]);
+            }
+        }
         args.extend(spec.extra.iter().cloned());
         args.extend([
             "-kernel".into(),
@@ -140,6 +220,7 @@ impl Guest {
             cmdline,
         ]);
         let wait_ready = spec.wait_ready && !spec.watched;
+        let eve_config = spec.eve_config;
         let spec = VmSpec {
             program: qemu(),
             args,
@@ -149,6 +230,9 @@ impl Guest {
         };
         let vm = Vm::launch(spec).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
         let guest = Guest { vm, _dir: dir };
+        if eve_config {
+            guest.vm.qmp.execute(qapi::qmp::cont {}).await.expect("cont");
+        }
         if wait_ready {
             guest.wait_console(READY, 0, BOOT_TIMEOUT).await;
         }
