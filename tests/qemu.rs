@@ -250,4 +250,15 @@ async fn a_panic_is_reported_and_the_guest_kept_on_every_qemu() {
         assert_eq!(status.status, "guest-panicked");
     }
     g.wait_console("Kernel panic - not syncing: sysrq triggered crash", 0, Duration::from_secs(10)).await;
+    // pvpanic is a panic notifier: a guest paused there never prints the kernel's closing line.
+    let end = "---[ end Kernel panic";
+    if major >= 6 {
+        g.wait_console(end, 0, Duration::from_secs(10)).await;
+    } else {
+        let console = g.vm.console().unwrap();
+        assert!(
+            console.wait_for(end, 0, Duration::from_secs(2)).await.is_err(),
+            "a paused guest printed more"
+        );
+    }
 }

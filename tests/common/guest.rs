@@ -3,7 +3,8 @@
 //! console and region. Every integration test that boots QEMU goes through here.
 //!
 //! `ACPIMON_QEMU` names the QEMU binary (default `qemu-system-x86_64`); CI runs the suite once
-//! with QEMU 10 and once with Debian bookworm's 7.2 (`tools/qemu-7.2`).
+//! with QEMU 10, once with Debian bookworm's 7.2 (`tools/qemu-7.2`), and a reduced set with
+//! bullseye's 5.2 (`tools/qemu-old bullseye`; see tools/test).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
