@@ -268,12 +268,14 @@ pub struct LaunchArgs {
 }
 
 impl LaunchArgs {
-    /// The launcher's configuration files, read.
+    /// The launcher's configuration files, read. The command line they go with is not known
+    /// here, so the devices QEMU adds without `-nodefaults` are not assumed (EVE passes it).
     pub fn user_config(&self) -> Result<QemuConfig, Error> {
         let mut cfg = QemuConfig::default();
         for file in &self.launch_config {
             cfg.add_file(file)?;
         }
+        cfg.flags.push("nodefaults".into());
         Ok(cfg)
     }
 
@@ -308,7 +310,8 @@ impl LaunchArgs {
                     .into(),
             );
         }
-        let found = conflicts::check(user, plan);
+        // Without a config file there is nothing of the VM's own to check against.
+        let found = if self.launch_config.is_empty() { Vec::new() } else { conflicts::check(user, plan) };
         if !found.is_empty() {
             return Err(Error::Conflicts(found));
         }
