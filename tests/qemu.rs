@@ -262,3 +262,16 @@ async fn a_panic_is_reported_and_the_guest_kept_on_every_qemu() {
         );
     }
 }
+
+/// OVMF's pflash drives on the command line of a pc machine, trixie's edk2: found in argv, and
+/// the knob alone puts BAR2 below 4 GiB on pc too.
+#[tokio::test(flavor = "multi_thread")]
+async fn pc_with_trixie_ovmf_pflash_in_argv_gets_a_low_bar() {
+    let g = Guest::boot(GuestSpec { firmware: Firmware::Pflash(Edk2::Trixie), ..GuestSpec::new("pc") }).await;
+    assert!(g.vm.notes.iter().any(|n| n.contains("OVMF (-drive if=pflash")), "{:?}", g.vm.notes);
+    let channel = g.vm.channel().await.unwrap();
+    assert!(matches!(channel, Channel::Region { bar } if bar < 1 << 32), "{channel}");
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    g.beats_acked(&mut hb, 10).await;
+}

@@ -528,3 +528,37 @@ pub fn suffixed(path: &Path, suffix: &str) -> PathBuf {
     s.push(suffix);
     s.into()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_resolves_slot_auto_from_its_qemu_arguments() {
+        let cli = Cli::try_parse_from([
+            "acpimon",
+            "run",
+            "--slot",
+            "auto",
+            "--",
+            "qemu",
+            "-M",
+            "q35",
+            "-device",
+            "e1000,addr=1e",
+        ])
+        .unwrap();
+        let Command::Run { run, qemu } = cli.command else { panic!("not run") };
+        assert_eq!(run.command(&qemu).unwrap().ssdt.slot.to_string(), "1d.0");
+        let table = TableArgs {
+            slot: "auto".into(),
+            ..Cli::try_parse_from(["acpimon", "ssdt", "--out", "x"])
+                .map(|c| match c.command {
+                    Command::Ssdt { table, .. } => table,
+                    _ => unreachable!(),
+                })
+                .unwrap()
+        };
+        assert_eq!(table.config().unwrap().slot.to_string(), "1e.0", "no configuration: the board alone");
+    }
+}

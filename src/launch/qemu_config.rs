@@ -163,6 +163,14 @@ const FLAGS: &[&str] = &[
     "semihosting",
     "only-migratable",
     "enable-sync-profile",
+    "s",
+    "no-quit",
+    "no-frame",
+    "alt-grab",
+    "ctrl-grab",
+    "curses",
+    "sdl",
+    "no-kvm",
 ];
 
 /// Splits `a=1,b=x,,y` into `[("a","1"), ("b","x,y")]`, the first key implied by `group`.
