@@ -389,6 +389,10 @@ fn prepare_prints_options_for_the_qemu_it_is_told() {
     };
     assert!(args(&[]).contains("-action\npanic=none"), "the installed QEMU 10 has -action");
     assert!(args(&["--qemu-version", "7.2"]).contains("-action\npanic=none"));
+    let out = acpimon(&["prepare", "vm", "--state-dir", d, "--qemu-version", "5.2"]);
+    assert!(
+        text(&out.stderr).contains("QEMU 5.2 has no -action") && text(&out.stderr).contains("-no-shutdown")
+    );
     let old = args(&["--qemu-version", "5.2"]);
     assert!(!old.contains("-action") && old.contains("pvpanic"), "{old}");
     assert!(!args(&["--qemu-version", "5.2", "--format", "readconfig"]).contains("[action]"));

@@ -244,9 +244,15 @@ async fn a_panic_is_reported_and_the_guest_kept_on_every_qemu() {
     let status = g.vm.qmp.status(Duration::from_secs(5)).await.unwrap();
     if major >= 6 {
         assert_eq!(action, "run", "-action panic=none keeps it running");
+        assert!(g.vm.notes.is_empty(), "{:?}", g.vm.notes);
         assert_eq!(status.status, "running");
     } else {
         assert_eq!(action, "pause", "QEMU 5.2's default with -no-shutdown");
+        assert!(
+            g.vm.notes.iter().any(|n| n.contains("has no -action: a panicked guest pauses")),
+            "{:?}",
+            g.vm.notes
+        );
         assert_eq!(status.status, "guest-panicked");
     }
     g.wait_console("Kernel panic - not syncing: sysrq triggered crash", 0, Duration::from_secs(10)).await;

@@ -301,6 +301,12 @@ impl LaunchArgs {
     pub fn adapt(&self, plan: &mut LaunchPlan, user: &QemuConfig) -> Result<Vec<String>, Error> {
         plan.qemu_version = self.version()?;
         let mut notes = plan.adapt_to(user);
+        if let Some(v) = plan.qemu_version.filter(|v| plan.pvpanic && !v.has_action()) {
+            notes.push(format!(
+                "QEMU {v} has no -action, so none is printed: launch with -no-shutdown to keep a panicked guest \
+                 (paused) for diagnostics; without it QEMU powers it off"
+            ));
+        }
         if self.ovmf && !plan.ovmf_low_bar && user.fw_cfg(crate::launch::channel::OVMF_MMIO64_KNOB).is_none()
         {
             plan.ovmf_low_bar = true;

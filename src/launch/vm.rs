@@ -89,7 +89,17 @@ impl Vm {
             Ok(v) => Some(qemu_version::supported(v)?),
             Err(_) => None,
         };
-        let notes = plan.adapt_to(&user);
+        let mut notes = plan.adapt_to(&user);
+        if let Some(v) = plan.qemu_version.filter(|v| plan.pvpanic && !v.has_action()) {
+            notes.push(if user.has_flag("no-shutdown") {
+                format!("QEMU {v} has no -action: a panicked guest pauses (guest-panicked) instead of running on")
+            } else {
+                format!(
+                    "QEMU {v} has no -action: a panicked guest is powered off after GUEST_PANICKED; add -no-shutdown \
+                     to keep it paused for diagnostics"
+                )
+            });
+        }
         let found = conflicts::check(&user, &plan);
         if !found.is_empty() {
             return Err(VmError::Conflicts(found));
