@@ -11,7 +11,7 @@ use clap::Parser;
 
 use acpimon::cli::{self, Cli, Command, Error};
 use acpimon::generate;
-use acpimon::launch::{self, LaunchPlan};
+use acpimon::launch::LaunchPlan;
 use acpimon::read::{Access, Region};
 use acpimon::watch::config::default_state_dir;
 
@@ -30,13 +30,17 @@ fn main() -> ExitCode {
 fn run(command: Command) -> Result<(), Error> {
     match command {
         Command::Ssdt { out, table } => write_file(&out, &generate::build(&table.config()?)?),
-        Command::QemuArgs { table, region_path, ssdt, format, extras } => {
-            let cfg = table.config()?;
+        Command::QemuArgs { table, region_path, ssdt, format, extras, launch } => {
+            let user = launch.user_config(&[])?;
+            let cfg = table.config_for(&user)?;
             let ssdt_path = ssdt.unwrap_or_else(|| cli::suffixed(&region_path, ".ssdt.aml"));
             let mut plan = LaunchPlan::minimal(cfg, ssdt_path, region_path);
             plan.app_socket = extras.app_channel.then(|| cli::suffixed(&plan.region_path, ".app.sock"));
             plan.guest_agent_socket =
                 extras.guest_agent.then(|| cli::suffixed(&plan.region_path, ".qga.sock"));
+            for note in launch.adapt(&mut plan, &user)? {
+                eprintln!("acpimon: {note}");
+            }
             // Render first, so a path QEMU cannot take leaves no files behind.
             let text = cli::render(&plan, format)?;
             write_file(&plan.ssdt_path, &generate::build(&plan.ssdt)?)?;
@@ -44,19 +48,14 @@ fn run(command: Command) -> Result<(), Error> {
             print!("{text}");
             Ok(())
         }
-        Command::Prepare { name, state_dir, table, format, extras, console, launch } => {
-            let source = console.source(&launch)?;
-            let mut prepared = launch::prepare_with(&state_dir, &name, &table.config()?, extras.extras())?;
-            if let Some(src) = &source {
-                prepared.use_guest_console(src)?;
-                eprintln!(
-                    "acpimon: the guest's console is chardev '{}' ({}); acpimon re-exports it on {}",
-                    src.chardev,
-                    src.socket.display(),
-                    prepared.dir.join(launch::prepare::CONSOLE_SHARE).display()
-                );
+        Command::Prepare { name, state_dir, table, format, extras, launch, console, launch_args } => {
+            let request =
+                cli::PrepareRequest { name, state_dir, table, format, extras, launch, console, launch_args };
+            let (text, notes) = cli::prepare(request)?;
+            for note in notes {
+                eprintln!("acpimon: {note}");
             }
-            print!("{}", cli::render(&prepared.descriptor.plan()?, format)?);
+            print!("{text}");
             Ok(())
         }
         Command::Run { run, qemu } => {

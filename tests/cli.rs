@@ -350,3 +350,119 @@ fn prepare_finds_the_launchers_console_in_its_config_file() {
         &["not a listening Unix socket (backend stdio)"],
     );
 }
+
+/// A launcher's merged -readconfig file as EVE writes it: q35, OVMF in pflash drives, a root
+/// port per device from slot 4 up (here up to 0x0f), a disk behind the first.
+fn eve_config(dir: &std::path::Path, last_port: u8) -> String {
+    let mut ini = String::from(
+        "[machine]\n  type = \"q35\"\n\n[drive]\n  if = \"pflash\"\n  format = \"raw\"\n  readonly = \"on\"\n  \
+         file = \"/usr/share/OVMF/OVMF_CODE_4M.fd\"\n\n[chardev \"cons\"]\n  backend = \"socket\"\n  path = \"/run/cons\"\n  \
+         server = \"on\"\n  wait = \"off\"\n  mux = \"on\"\n\n[device \"serial0\"]\n  driver = \"isa-serial\"\n  chardev = \"cons\"\n",
+    );
+    for n in 4..=last_port {
+        ini.push_str(&format!(
+            "\n[device \"pci.{n}\"]\n  driver = \"pcie-root-port\"\n  bus = \"pcie.0\"\n  addr = \"{n:#x}\"\n"
+        ));
+    }
+    ini.push_str(
+        "\n[device \"disk0\"]\n  driver = \"virtio-blk-pci\"\n  bus = \"pci.4\"\n  addr = \"0x0\"\n",
+    );
+    let path = dir.join("vm.cfg");
+    std::fs::write(&path, ini).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn prepare_checks_the_launchers_config_file_and_picks_a_free_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let cfg = eve_config(dir.path(), 0x0f);
+    refused(
+        &["prepare", "vm", "--state-dir", d, "--launch-config", &cfg],
+        &[
+            "PCI slot 0f.0 is taken by [device \"pci.15\"] (driver = \"pcie-root-port\"",
+            "vm.cfg:",
+            "--slot auto",
+        ],
+    );
+    assert!(!dir.path().join("vm").exists(), "a refused prepare writes nothing");
+    refused(
+        &["prepare", "vm", "--state-dir", d, "--launch-config", &cfg, "--irq", "4"],
+        &["ISA IRQ 4", "serial0", "--irq"],
+    );
+    refused(
+        &["prepare", "vm", "--state-dir", d, "--launch-config", &format!("{d}/none.cfg")],
+        &["cannot read the QEMU config file"],
+    );
+
+    let out = acpimon(&[
+        "prepare",
+        "vm",
+        "--state-dir",
+        d,
+        "--launch-config",
+        &cfg,
+        "--slot",
+        "auto",
+        "--format",
+        "readconfig",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ini = text(&out.stdout);
+    assert!(ini.contains("  addr = \"1e.0\""), "the highest free slot: {ini}");
+    assert!(
+        ini.contains("[fw_cfg]\n  name = \"opt/ovmf/X-PciMmio64Mb\"\n  string = \"0\""),
+        "OVMF from the pflash drive: {ini}"
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("OVMF ([drive] (if = \"pflash\")") && err.contains("phys-bits=37"), "{err}");
+    let vm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("vm/vm.json")).unwrap()).unwrap();
+    assert_eq!(vm["slot"], "1e.0");
+}
+
+#[test]
+fn prepare_prints_options_for_the_qemu_it_is_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let args = |extra: &[&str]| {
+        let mut a = vec!["prepare", "vm", "--state-dir", d];
+        a.extend_from_slice(extra);
+        let out = acpimon(&a);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    assert!(args(&[]).contains("-action\npanic=none"), "the installed QEMU 10 has -action");
+    assert!(args(&["--qemu-version", "7.2"]).contains("-action\npanic=none"));
+    let out = acpimon(&["prepare", "vm", "--state-dir", d, "--qemu-version", "5.2"]);
+    assert!(
+        text(&out.stderr).contains("QEMU 5.2 has no -action") && text(&out.stderr).contains("-no-shutdown")
+    );
+    let old = args(&["--qemu-version", "5.2"]);
+    assert!(!old.contains("-action") && old.contains("pvpanic"), "{old}");
+    assert!(!args(&["--qemu-version", "5.2", "--format", "readconfig"]).contains("[action]"));
+    assert!(args(&["--ovmf"]).contains("-fw_cfg\nname=opt/ovmf/X-PciMmio64Mb,string=0"));
+    refused(&["prepare", "vm", "--state-dir", d, "--qemu-version", "4.2"], &["older than 5.2"]);
+    refused(&["prepare", "vm", "--state-dir", d, "--qemu-version", "five"], &["not a QEMU version"]);
+    refused(
+        &["prepare", "vm", "--state-dir", d, "--qemu", "/nonexistent/qemu"],
+        &["/nonexistent/qemu --version", "--qemu-version"],
+    );
+}
+
+#[test]
+fn run_checks_the_readconfig_files_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let cfg = eve_config(dir.path(), 0x0f);
+    refused(
+        &["run", "--state-dir", d, "--", "qemu-system-x86_64", "-nodefaults", "-readconfig", &cfg],
+        &["PCI slot 0f.0 is taken by [device \"pci.15\"]", "--slot auto"],
+    );
+    let bad = dir.path().join("bad.cfg");
+    std::fs::write(&bad, "[device \"x\"]\n  driver e1000\n").unwrap();
+    refused(
+        &["run", "--state-dir", d, "--", "qemu-system-x86_64", "-readconfig", bad.to_str().unwrap()],
+        &["bad.cfg:2:", "key = \"value\""],
+    );
+}

@@ -56,7 +56,8 @@ async fn boot_beat_answer_and_panic(k: Kernel) {
     let (want_release, want_modules) = k.expected();
     let start = Instant::now();
     let extra = match k.firmware {
-        Firmware::SeaBios => Vec::new(),
+        Firmware::SeaBios | Firmware::Pflash(_) => Vec::new(),
+        // Bookworm's OVMF (edk2 2022.11) needs the phys-bits change beside the low-BAR knob.
         Firmware::Ovmf => vec!["-cpu".into(), "qemu64,phys-bits=37".into()],
     };
     let g = Guest::boot(GuestSpec {

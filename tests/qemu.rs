@@ -8,7 +8,7 @@ use acpimon::abi::Source;
 use acpimon::generate::SsdtConfig;
 use acpimon::launch::channel::Channel;
 use acpimon::trigger::Beat;
-use common::guest::{Firmware, Guest, GuestSpec};
+use common::guest::{Edk2, Firmware, Guest, GuestSpec};
 
 fn p50(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -153,4 +153,131 @@ async fn ovmf_with_a_high_bar_writes_nothing_and_says_why() {
         hb.beat(&g.vm.qmp, Duration::from_secs(1)).await.unwrap(),
         Beat::Missed { last: None, .. }
     ));
+}
+
+/// EVE's launch: q35, `-nodefaults -no-shutdown -S`, the machine and OVMF's pflash drives in
+/// the launcher's -readconfig file, acpimon's additions in a second one. acpimon finds OVMF in
+/// the file and adds the low-BAR knob as a `[fw_cfg]` section; edk2 2025.02 (Debian trixie)
+/// honours it with the CPU left alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn eve_readconfig_with_trixie_ovmf_gets_a_low_bar_without_phys_bits() {
+    let spec = GuestSpec {
+        firmware: Firmware::Pflash(Edk2::Trixie),
+        eve_config: true,
+        readconfig: true,
+        ..GuestSpec::new("q35")
+    };
+    let g = Guest::boot(spec).await;
+    assert!(
+        g.vm.notes
+            .iter()
+            .any(|n| n.contains("[drive]") && n.contains("if = \"pflash\"") && n.contains("launcher.cfg")),
+        "the note names the config file's pflash drive: {:?}",
+        g.vm.notes
+    );
+    let cfg = std::fs::read_to_string(g.vm.prepared.dir.join("acpimon.cfg")).unwrap();
+    assert!(cfg.contains("[fw_cfg]\n  name = \"opt/ovmf/X-PciMmio64Mb\"\n  string = \"0\""), "{cfg}");
+    let channel = g.vm.channel().await.unwrap();
+    let Channel::Region { bar } = channel else { panic!("{channel}") };
+    assert!(bar < 1 << 32);
+    assert_eq!(u64::from(g.record().expect("boot record").bar), bar);
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    g.beats_acked(&mut hb, 10).await;
+}
+
+/// The same EVE launch with Debian bookworm's OVMF (edk2 2022.11): the knob alone leaves BAR2
+/// above 4 GiB, and the channel says what to add; with `-cpu qemu64,phys-bits=37` it is low.
+#[tokio::test(flavor = "multi_thread")]
+async fn eve_readconfig_with_bookworm_ovmf_needs_phys_bits_and_says_so() {
+    let spec = GuestSpec {
+        firmware: Firmware::Pflash(Edk2::Bookworm),
+        eve_config: true,
+        readconfig: true,
+        wait_ready: false,
+        ..GuestSpec::new("q35")
+    };
+    let g = Guest::boot(spec.clone()).await;
+    assert!(g.vm.notes.iter().any(|n| n.contains("phys-bits=37")), "{:?}", g.vm.notes);
+    g.wait_console(common::guest::READY, 0, common::guest::BOOT_TIMEOUT).await;
+    let channel = g.vm.channel().await.unwrap();
+    assert!(matches!(channel, Channel::AboveFourGib { .. }), "{channel}");
+    assert!(
+        channel.to_string().contains("phys-bits=37") && channel.to_string().contains("-readconfig"),
+        "{channel}"
+    );
+    drop(g);
+
+    let g = Guest::boot(GuestSpec {
+        extra: vec!["-cpu".into(), "qemu64,phys-bits=37".into()],
+        wait_ready: true,
+        ..spec
+    })
+    .await;
+    assert!(!g.vm.notes.iter().any(|n| n.contains("phys-bits=37")), "the CPU is set: {:?}", g.vm.notes);
+    let channel = g.vm.channel().await.unwrap();
+    assert!(matches!(channel, Channel::Region { bar } if bar < 1 << 32), "{channel}");
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    g.beats_acked(&mut hb, 10).await;
+}
+
+/// pvpanic on every QEMU: 6.0 and later keep the panicked guest running (`-action
+/// panic=none`); 5.2 has no `-action`, and with `-no-shutdown` (as EVE launches) pauses it in
+/// `guest-panicked`. Either way QEMU reports the panic and the console keeps the kernel's text.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_is_reported_and_the_guest_kept_on_every_qemu() {
+    let spec =
+        GuestSpec { scenario: "panic", delay: 2, extra: vec!["-no-shutdown".into()], ..GuestSpec::new("pc") };
+    let g = Guest::boot(spec).await;
+    let mut events = g.vm.qmp.events();
+    let action = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(60), events.recv())
+            .await
+            .expect("GUEST_PANICKED")
+            .unwrap();
+        if ev.name == "GUEST_PANICKED" {
+            break ev.raw["data"]["action"].as_str().unwrap_or_default().to_string();
+        }
+    };
+    let (major, ..) = g.vm.qmp.version;
+    let status = g.vm.qmp.status(Duration::from_secs(5)).await.unwrap();
+    if major >= 6 {
+        assert_eq!(action, "run", "-action panic=none keeps it running");
+        assert!(g.vm.notes.is_empty(), "{:?}", g.vm.notes);
+        assert_eq!(status.status, "running");
+    } else {
+        assert_eq!(action, "pause", "QEMU 5.2's default with -no-shutdown");
+        assert!(
+            g.vm.notes.iter().any(|n| n.contains("has no -action: a panicked guest pauses")),
+            "{:?}",
+            g.vm.notes
+        );
+        assert_eq!(status.status, "guest-panicked");
+    }
+    g.wait_console("Kernel panic - not syncing: sysrq triggered crash", 0, Duration::from_secs(10)).await;
+    // pvpanic is a panic notifier: a guest paused there never prints the kernel's closing line.
+    let end = "---[ end Kernel panic";
+    if major >= 6 {
+        g.wait_console(end, 0, Duration::from_secs(10)).await;
+    } else {
+        let console = g.vm.console().unwrap();
+        assert!(
+            console.wait_for(end, 0, Duration::from_secs(2)).await.is_err(),
+            "a paused guest printed more"
+        );
+    }
+}
+
+/// OVMF's pflash drives on the command line of a pc machine, trixie's edk2: found in argv, and
+/// the knob alone puts BAR2 below 4 GiB on pc too.
+#[tokio::test(flavor = "multi_thread")]
+async fn pc_with_trixie_ovmf_pflash_in_argv_gets_a_low_bar() {
+    let g = Guest::boot(GuestSpec { firmware: Firmware::Pflash(Edk2::Trixie), ..GuestSpec::new("pc") }).await;
+    assert!(g.vm.notes.iter().any(|n| n.contains("OVMF (-drive if=pflash")), "{:?}", g.vm.notes);
+    let channel = g.vm.channel().await.unwrap();
+    assert!(matches!(channel, Channel::Region { bar } if bar < 1 << 32), "{channel}");
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    g.beats_acked(&mut hb, 10).await;
 }

@@ -20,9 +20,11 @@ fn work() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("acpimon-watch").tempdir_in("/tmp").unwrap()
 }
 
-/// A fixture guest created paused (`-S`, as EVE launches), left to the service under test.
+/// A fixture guest created paused (`-S`, as EVE launches, with `-no-shutdown`: on QEMU 5.2,
+/// which has no `-action`, it keeps a panicked guest paused rather than powered off), left to
+/// the service under test.
 async fn guest(scenario: &'static str, delay: u32) -> Guest {
-    let extra = vec!["-S".to_string()];
+    let extra = vec!["-S".to_string(), "-no-shutdown".to_string()];
     Guest::boot(GuestSpec { watched: true, scenario, delay, extra, ..GuestSpec::new("pc") }).await
 }
 

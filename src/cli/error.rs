@@ -66,6 +66,14 @@ pub enum Error {
     Status(String),
     #[error("the guest's console: {0}")]
     Console(#[from] crate::launch::console::ConsoleError),
+    #[error(transparent)]
+    QemuConfig(#[from] crate::launch::qemu_config::QemuConfigError),
+    #[error(transparent)]
+    QemuVersion(#[from] crate::launch::qemu_version::VersionError),
+    #[error("the VM's QEMU configuration collides with acpimon's additions: {}", .0.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("; "))]
+    Conflicts(Vec<crate::launch::conflicts::Conflict>),
+    #[error("--slot auto found no free PCI slot on the root bus; move a device behind a PCIe root port or bridge, or give --slot")]
+    NoFreeSlot,
 }
 
 impl Error {
@@ -73,11 +81,21 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Launch(_) | Error::Prepare(_) | Error::WatchConfig(_) => BAD_INPUT,
-            Error::Console(_) => BAD_INPUT,
+            Error::Console(_)
+            | Error::QemuConfig(_)
+            | Error::QemuVersion(_)
+            | Error::Conflicts(_)
+            | Error::NoFreeSlot => BAD_INPUT,
             Error::NoQemu | Error::NoGuest | Error::Demo(crate::demo::DemoError::Fixture(_)) => BAD_INPUT,
             Error::Region(e) if is_bad_input(e) => BAD_INPUT,
             Error::Run(e) => match e {
-                RunError::Prepare(_) | RunError::Vm(VmError::Conflicts(_) | VmError::Console(_)) => BAD_INPUT,
+                RunError::Prepare(_)
+                | RunError::Vm(
+                    VmError::Conflicts(_)
+                    | VmError::Console(_)
+                    | VmError::QemuConfig(_)
+                    | VmError::Version(_),
+                ) => BAD_INPUT,
                 RunError::Vm(VmError::Exited { status, .. }) | RunError::Qemu(status) => {
                     qemu_exit_code(*status).unwrap_or(RUNTIME)
                 }

@@ -13,7 +13,9 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 pub use self::error::{qemu_exit_code, Error, BAD_INPUT, RUNTIME};
 use crate::generate::{self, ConfigError, SsdtConfig};
-use crate::launch::{self, LaunchPlan};
+use crate::launch::qemu_config::QemuConfig;
+use crate::launch::qemu_version::{self, QemuVersion};
+use crate::launch::{self, conflicts, LaunchPlan};
 use crate::run::{RunCommand, RunOptions};
 use crate::watch::config::default_state_dir;
 
@@ -88,6 +90,8 @@ pub enum Command {
         format: Format,
         #[command(flatten)]
         extras: ExtrasArgs,
+        #[command(flatten)]
+        launch: LaunchArgs,
     },
     /// Create a VM's state directory (table, region, vm.json) and print its QEMU arguments,
     /// with a QMP socket, a serial console socket and pvpanic.
@@ -103,11 +107,13 @@ pub enum Command {
         #[command(flatten)]
         extras: ExtrasArgs,
         #[command(flatten)]
+        launch: LaunchArgs,
+        #[command(flatten)]
         console: ConsoleArgs,
         /// The launcher's own QEMU arguments, after `--`, to find the guest's console in
         /// (its -readconfig files are read too).
         #[arg(last = true, value_name = "QEMU ARGS")]
-        launch: Vec<String>,
+        launch_args: Vec<String>,
     },
     /// Launch QEMU with acpimon added, send heartbeats, show them live; exits with QEMU.
     ///
@@ -251,7 +257,7 @@ impl ExtrasArgs {
 #[derive(Args)]
 pub struct ConsoleArgs {
     /// The chardev the guest kernel's console is on (a listening Unix socket, mux=on or not),
-    /// defined in --launch-config, after `--`, or given by --console-socket. Without it, the
+    /// defined in a --launch-config file, after `--`, or given by --console-socket. Without it, the
     /// chardev of the first serial port those define. acpimon then adds no serial port of its
     /// own, reads that socket, and re-exports it on DIR/console-share.sock for other clients.
     #[arg(long, value_name = "ID")]
@@ -259,14 +265,16 @@ pub struct ConsoleArgs {
     /// The Unix socket QEMU listens on for --console-chardev, when no file defines it here.
     #[arg(long, value_name = "PATH", requires = "console_chardev")]
     pub console_socket: Option<PathBuf>,
-    /// A -readconfig file of the launcher (repeatable), to find the guest's console in.
-    #[arg(long, value_name = "FILE")]
-    pub launch_config: Vec<PathBuf>,
 }
 
 impl ConsoleArgs {
     /// The guest's console these name or lead to; `None` keeps acpimon's own serial port.
-    pub fn source(&self, launch_args: &[String]) -> Result<Option<launch::console::ConsoleSource>, Error> {
+    /// `launch_config`: the launcher's -readconfig files (`LaunchArgs::launch_config`).
+    pub fn source(
+        &self,
+        launch_args: &[String],
+        launch_config: &[PathBuf],
+    ) -> Result<Option<launch::console::ConsoleSource>, Error> {
         if let (Some(id), Some(socket)) = (&self.console_chardev, &self.console_socket) {
             return Ok(Some(launch::console::ConsoleSource {
                 chardev: id.clone(),
@@ -275,10 +283,138 @@ impl ConsoleArgs {
             }));
         }
         let mut args = launch_args.to_vec();
-        for file in &self.launch_config {
+        for file in launch_config {
             args.extend(["-readconfig".to_string(), file.to_string_lossy().into_owned()]);
         }
         Ok(launch::console::from_launch(&args, self.console_chardev.as_deref())?)
+    }
+}
+
+/// `acpimon prepare`'s arguments, as parsed.
+pub struct PrepareRequest {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub table: TableArgs,
+    pub format: Format,
+    pub extras: ExtrasArgs,
+    pub launch: LaunchArgs,
+    pub console: ConsoleArgs,
+    pub launch_args: Vec<String>,
+}
+
+/// `acpimon prepare`: checks the launch, then writes the VM's directory. Returns the QEMU
+/// options to print and the notes for the operator.
+pub fn prepare(r: PrepareRequest) -> Result<(String, Vec<String>), Error> {
+    let source = r.console.source(&r.launch_args, &r.launch.launch_config)?;
+    let user = r.launch.user_config(&r.launch_args)?;
+    let cfg = r.table.config_for(&user)?;
+    // Check before anything is written, so a collision leaves no directory behind.
+    let any = || Some(PathBuf::from("/"));
+    let mut plan = LaunchPlan {
+        qmp_socket: any(),
+        // With the guest's own console acpimon adds no serial port.
+        console_socket: if source.is_some() { None } else { any() },
+        pvpanic: true,
+        app_socket: r.extras.app_channel.then(any).flatten(),
+        guest_agent_socket: r.extras.guest_agent.then(any).flatten(),
+        ..LaunchPlan::minimal(cfg.clone(), "/".into(), "/".into())
+    };
+    r.launch.adapt(&mut plan, &user)?;
+    let mut prepared = launch::prepare_with(&r.state_dir, &r.name, &cfg, r.extras.extras())?;
+    let mut notes = Vec::new();
+    if let Some(src) = &source {
+        prepared.use_guest_console(src)?;
+        notes.push(format!(
+            "the guest's console is chardev '{}' ({}); acpimon re-exports it on {}",
+            src.chardev,
+            src.socket.display(),
+            prepared.dir.join(launch::prepare::CONSOLE_SHARE).display()
+        ));
+    }
+    let mut plan = prepared.descriptor.plan()?;
+    notes.extend(r.launch.adapt(&mut plan, &user)?);
+    Ok((render(&plan, r.format)?, notes))
+}
+
+/// What `qemu-args` and `prepare` know of the launch they print options for.
+#[derive(Args)]
+pub struct LaunchArgs {
+    /// A -readconfig file the VM is launched with (EVE's merged config; repeatable): acpimon
+    /// checks it for devices on its slot or IRQ and its ids, picks --slot auto outside it, and
+    /// adds OVMF's low-BAR knob when it boots OVMF from pflash drives.
+    #[arg(long, value_name = "FILE")]
+    pub launch_config: Vec<PathBuf>,
+    /// The VM boots OVMF (UEFI) given outside the config files (e.g. -bios on the command
+    /// line): add OVMF's low-BAR knob.
+    #[arg(long)]
+    pub ovmf: bool,
+    /// The QEMU binary the VM runs on, asked for its version [default: qemu-system-x86_64].
+    #[arg(long, value_name = "PATH", conflicts_with = "qemu_version")]
+    pub qemu: Option<String>,
+    /// The version of the QEMU the VM runs on, MAJOR.MINOR (5.2 and later), instead of asking
+    /// a binary: before 6.0 there is no -action.
+    #[arg(long, value_name = "X.Y")]
+    pub qemu_version: Option<String>,
+}
+
+impl LaunchArgs {
+    /// The launcher's configuration: its command line when given (`prepare ... -- ARGS`, with
+    /// the -readconfig files it names) and its configuration files. Without the command line
+    /// the devices QEMU adds without `-nodefaults` are not assumed (EVE passes it).
+    pub fn user_config(&self, launch_args: &[String]) -> Result<QemuConfig, Error> {
+        let mut cfg = QemuConfig::from_args(launch_args)?;
+        for file in &self.launch_config {
+            cfg.add_file(file)?;
+        }
+        if launch_args.is_empty() {
+            cfg.flags.push("nodefaults".into());
+        }
+        Ok(cfg)
+    }
+
+    /// The QEMU version to print options for. Without --qemu or --qemu-version, an installed
+    /// qemu-system-x86_64 is asked; with none installed, a current QEMU (6.0 on) is assumed.
+    pub fn version(&self) -> Result<Option<QemuVersion>, Error> {
+        let v = match (&self.qemu_version, &self.qemu) {
+            (Some(text), _) => text.parse()?,
+            (None, Some(program)) => qemu_version::probe(program)?,
+            (None, None) => match qemu_version::probe("qemu-system-x86_64") {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!("{e}; printing options for QEMU 6.0 or later");
+                    return Ok(None);
+                }
+            },
+        };
+        Ok(Some(qemu_version::supported(v)?))
+    }
+
+    /// Adapts `plan` to this launch (OVMF, QEMU version) and checks it for collisions.
+    /// Returns the notes for the operator.
+    pub fn adapt(&self, plan: &mut LaunchPlan, user: &QemuConfig) -> Result<Vec<String>, Error> {
+        plan.qemu_version = self.version()?;
+        let mut notes = plan.adapt_to(user);
+        if let Some(v) = plan.qemu_version.filter(|v| plan.pvpanic && !v.has_action()) {
+            notes.push(format!(
+                "QEMU {v} has no -action, so none is printed: launch with -no-shutdown to keep a panicked guest \
+                 (paused) for diagnostics; without it QEMU powers it off"
+            ));
+        }
+        if self.ovmf && !plan.ovmf_low_bar && user.fw_cfg(crate::launch::channel::OVMF_MMIO64_KNOB).is_none()
+        {
+            plan.ovmf_low_bar = true;
+            notes.push(
+                "OVMF (--ovmf): added OVMF's low-BAR knob; OVMF older than edk2-stable202505 also needs \
+                 -cpu ...,phys-bits=37"
+                    .into(),
+            );
+        }
+        // Without a config file there is nothing of the VM's own to check against.
+        let found = if self.launch_config.is_empty() { Vec::new() } else { conflicts::check(user, plan) };
+        if !found.is_empty() {
+            return Err(Error::Conflicts(found));
+        }
+        Ok(notes)
     }
 }
 
@@ -320,13 +456,15 @@ pub struct RunArgs {
 }
 
 /// The table's parameters, shared by `ssdt` and `qemu-args`.
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct TableArgs {
     /// ISA IRQ of the Generic Event Device (below 16), raised through pc-testdev.
     #[arg(long, default_value_t = u32::from(generate::DEFAULT_IRQ), value_name = "N")]
     pub irq: u32,
-    /// PCI slot of ivshmem-plain, DEV[.FN] in hex as QEMU's addr= (e.g. 0f or 0x0f.0).
-    #[arg(long, default_value = "0f.0", value_name = "DEV[.FN]")]
+    /// PCI slot of ivshmem-plain, DEV[.FN] in hex as QEMU's addr= (e.g. 0f or 0x0f.0), or
+    /// `auto`: the highest root-bus slot below 1f that the board and the VM's own devices (its
+    /// argv and config files) leave free.
+    #[arg(long, default_value = "0f.0", value_name = "DEV[.FN]|auto")]
     pub slot: String,
     /// Size of the shared region: a power of two, at least 4096 (e.g. 4096, 64K).
     #[arg(long, default_value = "4096", value_name = "BYTES")]
@@ -346,8 +484,24 @@ pub enum Format {
 }
 
 impl TableArgs {
-    /// Validation stage: no I/O, every problem as a library error.
+    /// [`TableArgs::config`], with `--slot auto` resolved against the VM's configuration.
+    pub fn config_for(&self, user: &QemuConfig) -> Result<SsdtConfig, Error> {
+        if self.slot.trim() != "auto" {
+            return Ok(self.config()?);
+        }
+        let slot = conflicts::free_slot(user).ok_or(Error::NoFreeSlot)?;
+        let table = TableArgs { slot: slot.to_string(), ..self.clone() };
+        Ok(table.config()?)
+    }
+
+    /// Validation stage: no I/O, every problem as a library error. `--slot auto` is resolved
+    /// against no configuration (the board alone).
     pub fn config(&self) -> Result<SsdtConfig, ConfigError> {
+        if self.slot.trim() == "auto" {
+            let slot = conflicts::free_slot(&QemuConfig::default()).expect("an empty board has free slots");
+            let table = TableArgs { slot: slot.to_string(), ..self.clone() };
+            return table.config();
+        }
         let thermal_period_ds = match self.thermal_period_ds {
             Some(p) => Some(u16::try_from(p).map_err(|_| ConfigError::ThermalPeriod(p))?),
             None => None,
@@ -371,7 +525,12 @@ impl RunArgs {
         Ok(RunCommand {
             state_dir: self.state_dir.clone().unwrap_or_else(default_state_dir),
             name: self.name.clone(),
-            ssdt: self.table.config()?,
+            // `--slot auto` reads the -readconfig files the arguments name.
+            ssdt: if self.table.slot.trim() == "auto" {
+                self.table.config_for(&QemuConfig::from_args(args)?)?
+            } else {
+                self.table.config()?
+            },
             extras: self.extras.extras(),
             readconfig: self.readconfig,
             json: self.json,
@@ -474,4 +633,38 @@ pub fn suffixed(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);
     s.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_resolves_slot_auto_from_its_qemu_arguments() {
+        let cli = Cli::try_parse_from([
+            "acpimon",
+            "run",
+            "--slot",
+            "auto",
+            "--",
+            "qemu",
+            "-M",
+            "q35",
+            "-device",
+            "e1000,addr=1e",
+        ])
+        .unwrap();
+        let Command::Run { run, qemu } = cli.command else { panic!("not run") };
+        assert_eq!(run.command(&qemu).unwrap().ssdt.slot.to_string(), "1d.0");
+        let table = TableArgs {
+            slot: "auto".into(),
+            ..Cli::try_parse_from(["acpimon", "ssdt", "--out", "x"])
+                .map(|c| match c.command {
+                    Command::Ssdt { table, .. } => table,
+                    _ => unreachable!(),
+                })
+                .unwrap()
+        };
+        assert_eq!(table.config().unwrap().slot.to_string(), "1e.0", "no configuration: the board alone");
+    }
 }

@@ -2,20 +2,24 @@
 //!
 //! One list of [`QemuItem`]s renders two ways: an argv, and the INI format of QEMU's
 //! `-readconfig` that EVE launches VMs from. Measured on QEMU 10.0: `[object]`, `[device]`,
-//! `[chardev]`, `[mon]` and `[action]` sections work there; an `[acpi]` section is accepted but
-//! never loads the table (not even a missing file is reported), so `-acpitable` is returned
-//! as an argv remainder. [`prepare`] writes a VM's state directory; [`vm`] runs QEMU.
+//! `[chardev]`, `[mon]`, `[action]` and `[fw_cfg]` sections work there; an `[acpi]` section is
+//! accepted but never loads the table (not even a missing file is reported), so `-acpitable` is
+//! returned as an argv remainder. The user's own configuration is read by [`qemu_config`]. [`prepare`] writes a VM's state directory; [`vm`] runs QEMU.
 
 pub mod channel;
 pub mod conflicts;
 pub mod console;
 pub mod prepare;
+pub mod qemu_config;
+pub mod qemu_version;
 pub mod vm;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 pub use self::prepare::{prepare, prepare_with, Descriptor, Extras, PrepareError, Prepared};
+use self::qemu_config::QemuConfig;
+use self::qemu_version::QemuVersion;
 pub use self::vm::{Vm, VmError, VmSpec};
 use crate::generate::SsdtConfig;
 
@@ -68,15 +72,18 @@ pub struct LaunchPlan {
     /// The first serial port on this Unix socket (QEMU listens).
     pub console_socket: Option<PathBuf>,
     /// Add pvpanic, and keep a panicked guest running (`-action panic=none`) so its state and
-    /// console survive for diagnostics; QEMU's default powers it off.
+    /// console survive for diagnostics; QEMU's default powers it off. QEMU before 6.0 has no
+    /// `-action`: there the guest pauses on a panic (and powers off without `-no-shutdown`).
     pub pvpanic: bool,
     /// Ask OVMF for no 64-bit PCI window, so the ivshmem BAR lands below 4 GiB (see
-    /// [`channel`]). Argv only: not verified in a -readconfig file.
+    /// [`channel`]): `-fw_cfg`, or a `[fw_cfg]` section in the -readconfig form.
     pub ovmf_low_bar: bool,
     /// The app channel (`docs/app-protocol.md`): a virtio-serial port on this Unix socket.
     pub app_socket: Option<PathBuf>,
     /// The QEMU guest agent's virtio-serial port on this Unix socket.
     pub guest_agent_socket: Option<PathBuf>,
+    /// The QEMU the options are for; `None` means a current one (6.0 or later).
+    pub qemu_version: Option<QemuVersion>,
 }
 
 /// One QEMU option: `-OPTION [head,]id=ID,key=value...`, or a `[OPTION "ID"]` section.
@@ -159,7 +166,35 @@ impl LaunchPlan {
             ovmf_low_bar: false,
             app_socket: None,
             guest_agent_socket: None,
+            qemu_version: None,
         }
+    }
+
+    /// Adapts the plan to the user's own configuration: asks OVMF for a low BAR when the
+    /// firmware is UEFI and the user has not set the window. Returns what it changed, for the
+    /// operator.
+    pub fn adapt_to(&mut self, user: &QemuConfig) -> Vec<String> {
+        let mut notes = Vec::new();
+        let Some(firmware) = user.uefi_firmware() else { return notes };
+        if user.fw_cfg(channel::OVMF_MMIO64_KNOB).is_some() {
+            return notes;
+        }
+        self.ovmf_low_bar = true;
+        notes.push(format!(
+            "OVMF ({firmware}): added -fw_cfg name={},string=0 (a [fw_cfg] section in the -readconfig form) so \
+             the ivshmem BAR lands below 4 GiB; this VM gets no 64-bit PCI window",
+            channel::OVMF_MMIO64_KNOB
+        ));
+        let phys_bits = user.sections("cpu").any(|c| c.get("phys-bits").is_some());
+        if !phys_bits {
+            notes.push(
+                "OVMF from edk2-stable202505 on (Debian trixie's 2025.02) honours that alone; older OVMF \
+                 (Debian bookworm's 2022.11) only with a CPU address width it distrusts: add \
+                 -cpu ...,phys-bits=37 if the channel is reported above 4 GiB"
+                    .into(),
+            );
+        }
+        notes
     }
 
     /// The options, in the order QEMU needs them (a backend before its device).
@@ -191,7 +226,9 @@ impl LaunchPlan {
         }
         if self.pvpanic {
             items.push(QemuItem::new("device", Some(("driver", "pvpanic")), Some(PVPANIC_ID)));
-            items.push(QemuItem::new("action", None, None).prop("panic", "none"));
+            if self.qemu_version.is_none_or(QemuVersion::has_action) {
+                items.push(QemuItem::new("action", None, None).prop("panic", "none"));
+            }
         }
         let ports = [
             (&self.app_socket, APP_ID, APP_PORT_ID, APP_PORT_NAME),
@@ -213,7 +250,7 @@ impl LaunchPlan {
         }
         if self.ovmf_low_bar {
             items.push(
-                QemuItem { readconfig: false, ..QemuItem::new("fw_cfg", None, None) }
+                QemuItem::new("fw_cfg", None, None)
                     .prop("name", channel::OVMF_MMIO64_KNOB)
                     .prop("string", "0"),
             );
@@ -307,5 +344,44 @@ mod tests {
         assert!(p.argv().unwrap()[3].contains("mem-path=/run/a,,b/region,"));
         p.region_path = "/run/a\"b".into();
         assert_eq!(p.readconfig(), Err(LaunchError::QuoteInPath("/run/a\"b".into())));
+    }
+
+    #[test]
+    fn older_qemu_gets_no_action_and_ovmf_gets_the_knob_in_either_form() {
+        let p = LaunchPlan { pvpanic: true, qemu_version: Some("5.2".parse().unwrap()), ..plan() };
+        let argv = p.argv().unwrap().join(" ");
+        assert!(argv.ends_with("-device pvpanic,id=acpimon-pvpanic"), "{argv}");
+        assert!(!p.readconfig().unwrap().0.contains("[action]"));
+        let p = LaunchPlan { qemu_version: Some("6.0".parse().unwrap()), ..p };
+        assert!(p.argv().unwrap().join(" ").ends_with("-action panic=none"));
+
+        let mut p = plan();
+        let user = QemuConfig {
+            sections: qemu_config::parse_readconfig(qemu_config::EVE_LIKE, Path::new("/run/vm.cfg")).unwrap(),
+            ..QemuConfig::default()
+        };
+        let notes = p.adapt_to(&user);
+        assert!(p.ovmf_low_bar);
+        assert!(notes[0].contains("[drive \"drive-ovmf-code\"]"), "{notes:?}");
+        assert!(notes[1].contains("phys-bits=37"), "{notes:?}");
+        let (ini, rest) = p.readconfig().unwrap();
+        assert!(
+            ini.ends_with("[fw_cfg]\n  name = \"opt/ovmf/X-PciMmio64Mb\"\n  string = \"0\"\n\n"),
+            "{ini}"
+        );
+        assert_eq!(rest, ["-acpitable", "file=/run/vm1/ssdt.aml"]);
+        assert!(p.argv().unwrap().join(" ").ends_with("-fw_cfg name=opt/ovmf/X-PciMmio64Mb,string=0"));
+
+        // The user's own window, or no UEFI firmware: nothing added.
+        let own = QemuConfig::from_args(&[
+            "-bios".into(),
+            "OVMF.fd".into(),
+            "-fw_cfg".into(),
+            "name=opt/ovmf/X-PciMmio64Mb,string=32768".into(),
+        ])
+        .unwrap();
+        let mut p = plan();
+        assert!(p.adapt_to(&own).is_empty() && !p.ovmf_low_bar);
+        assert!(p.adapt_to(&QemuConfig::from_args(&["-M".into(), "q35".into()]).unwrap()).is_empty());
     }
 }

@@ -89,6 +89,7 @@ impl Descriptor {
             ovmf_low_bar: false,
             app_socket: self.app.clone(),
             guest_agent_socket: self.guest_agent.clone(),
+            qemu_version: None,
         })
     }
 

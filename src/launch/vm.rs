@@ -12,6 +12,8 @@ use tokio::process::{Child, Command};
 use super::channel::{self, Channel};
 use super::conflicts::{self, Conflict};
 use super::console::ConsoleError;
+use super::qemu_config::{QemuConfig, QemuConfigError};
+use super::qemu_version::{self, VersionError};
 use super::{LaunchError, PrepareError, Prepared};
 use crate::console::{self, Console};
 use crate::generate::ConfigError;
@@ -45,6 +47,10 @@ pub enum VmError {
     Console(#[from] ConsoleError),
     #[error(transparent)]
     Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    QemuConfig(#[from] QemuConfigError),
+    #[error(transparent)]
+    Version(#[from] VersionError),
 }
 
 /// What to launch.
@@ -109,22 +115,24 @@ impl Vm {
         }
         let d = &spec.prepared.descriptor;
         let mut plan = d.plan()?;
-        if channel::uses_ovmf(&spec.args) && !channel::sets_mmio64(&spec.args) {
-            plan.ovmf_low_bar = true;
-            notes.push(format!(
-                "OVMF: added -fw_cfg name={},string=0 so the ivshmem BAR lands below 4 GiB (no 64-bit PCI window \
-                 for this VM)",
-                channel::OVMF_MMIO64_KNOB
-            ));
-            if !spec.args.iter().any(|a| a.contains("phys-bits")) {
-                notes.push(
-                    "OVMF older than edk2-stable202505 (Debian's 2022.11) ignores that unless the CPU's phys-bits \
-                     is one it distrusts: add -cpu ...,phys-bits=37 if no record arrives"
-                        .into(),
-                );
-            }
+        let user = QemuConfig::from_args(&spec.args)?;
+        // A QEMU that cannot be run is reported when it is started, with the usual message.
+        plan.qemu_version = match qemu_version::probe(&spec.program) {
+            Ok(v) => Some(qemu_version::supported(v)?),
+            Err(_) => None,
+        };
+        notes.extend(plan.adapt_to(&user));
+        if let Some(v) = plan.qemu_version.filter(|v| plan.pvpanic && !v.has_action()) {
+            notes.push(if user.has_flag("no-shutdown") {
+                format!("QEMU {v} has no -action: a panicked guest pauses (guest-panicked) instead of running on")
+            } else {
+                format!(
+                    "QEMU {v} has no -action: a panicked guest is powered off after GUEST_PANICKED; add -no-shutdown \
+                     to keep it paused for diagnostics"
+                )
+            });
         }
-        let found = conflicts::check(&spec.args, &plan);
+        let found = conflicts::check(&user, &plan);
         if !found.is_empty() {
             return Err(VmError::Conflicts(found));
         }

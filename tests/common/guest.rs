@@ -3,7 +3,8 @@
 //! console and region. Every integration test that boots QEMU goes through here.
 //!
 //! `ACPIMON_QEMU` names the QEMU binary (default `qemu-system-x86_64`); CI runs the suite once
-//! with QEMU 10 and once with Debian bookworm's 7.2 (`tools/qemu-7.2`).
+//! with QEMU 10, once with Debian bookworm's 7.2 (`tools/qemu-7.2`), and a reduced set with
+//! bullseye's 5.2 (`tools/qemu-old bullseye`; see tools/test).
 //!
 //! `ACPIMON_KERNEL` names the fixture's kernel for every guest that does not pick its own
 //! (`GuestSpec::kernel`): a `qemu-fixtures/build-guest --kernel` spec such as `trixie-cloud`
@@ -12,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use acpimon::generate::SsdtConfig;
@@ -32,6 +33,40 @@ pub enum Firmware {
     SeaBios,
     /// OVMF (UEFI), booting the bzImage.
     Ovmf,
+    /// OVMF as EVE gives it: two pflash drives (code read-only, a copy of the variables),
+    /// booting the bzImage.
+    Pflash(Edk2),
+}
+
+/// Which OVMF build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edk2 {
+    /// Debian bookworm's edk2 2022.11 (/usr/share/OVMF, installed by tools/setup): honours
+    /// OVMF's low-BAR knob only with a CPU address width it distrusts.
+    Bookworm,
+    /// Debian trixie's edk2 2025.02 (unpacked by `tools/ovmf trixie`): honours it alone.
+    Trixie,
+}
+
+impl Edk2 {
+    /// The directory holding OVMF_CODE_4M.fd and OVMF_VARS_4M.fd.
+    pub fn dir(self) -> PathBuf {
+        match self {
+            Edk2::Bookworm => PathBuf::from("/usr/share/OVMF"),
+            Edk2::Trixie => {
+                static DIR: OnceLock<PathBuf> = OnceLock::new();
+                DIR.get_or_init(|| {
+                    let script = repo().join("tools/ovmf");
+                    let out = run(Command::new(&script).arg("trixie"));
+                    assert!(out.status.success(), "tools/ovmf trixie failed:\n{}", text(&out.stderr));
+                    PathBuf::from(
+                        text(&out.stdout).lines().last().expect("tools/ovmf prints its directory").trim(),
+                    )
+                })
+                .clone()
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -59,10 +94,14 @@ pub struct GuestSpec {
     /// The fixture's kernel (a `build-guest --kernel` spec, e.g. `bullseye-cloud`); `None`:
     /// `ACPIMON_KERNEL`, else bookworm's.
     pub kernel: Option<&'static str>,
-    /// Launch as EVE does: `-nodefaults -no-shutdown`, the machine and the guest's console in
-    /// a `-readconfig` file, the console a mux socket (`cons`, with a readline monitor on it)
+    /// The guest's console as EVE gives it (implies the launcher's -readconfig file, as
+    /// `eve_config`, without its `-S`): a mux socket (`cons`, with a readline monitor on it)
     /// that acpimon finds there, reads and re-exports (`console-share.sock`).
     pub eve_console: bool,
+    /// Launch as EVE does: the machine and the firmware's pflash drives in the launcher's own
+    /// -readconfig file, `-nodefaults -no-shutdown -S` on the command line, and `cont` once
+    /// QMP is up.
+    pub eve_config: bool,
 }
 
 impl GuestSpec {
@@ -81,6 +120,7 @@ impl GuestSpec {
             append: Vec::new(),
             kernel: None,
             eve_console: false,
+            eve_config: false,
         }
     }
 }
@@ -151,17 +191,12 @@ pub fn eve_console_socket(dir: &Path) -> PathBuf {
     dir.join("eve").join("cons")
 }
 
-/// Writes an EVE-style `-readconfig` file (machine, and the console as a mux socket shared by
-/// the first serial port and a readline monitor) under `dir`; returns its path.
-fn eve_config(dir: &Path, machine: &str) -> PathBuf {
-    let eve = dir.join("eve");
-    std::fs::create_dir_all(&eve).unwrap();
-    let cons = eve_console_socket(dir);
-    let text = format!(
-        r#"[machine]
-  type = "{machine}"
-
-[chardev "cons"]
+/// The console sections of an EVE-style `-readconfig` file: a mux socket under `dir` shared by
+/// the first serial port and a readline monitor.
+fn eve_console_sections(dir: &Path) -> String {
+    std::fs::create_dir_all(dir.join("eve")).unwrap();
+    format!(
+        r#"[chardev "cons"]
   backend = "socket"
   path = "{}"
   server = "on"
@@ -176,11 +211,8 @@ fn eve_config(dir: &Path, machine: &str) -> PathBuf {
   chardev = "cons"
   mode = "readline"
 "#,
-        cons.display()
-    );
-    let path = eve.join("vm.cfg");
-    super::write(&path, text.as_bytes());
-    path
+        eve_console_socket(dir).display()
+    )
 }
 
 /// A booted guest.
@@ -206,26 +238,60 @@ impl Guest {
             cmdline.push(' ');
             cmdline.push_str(word);
         }
-        let mut args: Vec<String> = if spec.eve_console {
-            let config = eve_config(dir.path(), spec.machine);
-            ["-nodefaults", "-no-shutdown", "-m", "256", "-display", "none", "-readconfig"]
-                .iter()
-                .map(|s| s.to_string())
-                .chain([config.to_string_lossy().into_owned()])
-                .collect()
-        } else {
-            ["-M", spec.machine, "-m", "256", "-nodefaults", "-display", "none"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        };
+        let mut args: Vec<String> =
+            ["-m", "256", "-nodefaults", "-display", "none"].iter().map(|s| s.to_string()).collect();
+        // The launcher's own sections: in its -readconfig file (EVE), or as argv.
+        let mut launcher: Vec<(&str, Vec<(&str, String)>)> =
+            vec![("machine", vec![("type", spec.machine.into())])];
         let kernel = match spec.firmware {
             Firmware::SeaBios => "vmlinux",
             Firmware::Ovmf => {
                 args.extend(["-bios".into(), "/usr/share/ovmf/OVMF.fd".into()]);
                 "vmlinuz"
             }
+            Firmware::Pflash(edk2) => {
+                let vars = dir.path().join("OVMF_VARS.fd");
+                std::fs::copy(edk2.dir().join("OVMF_VARS_4M.fd"), &vars).unwrap();
+                let code = edk2.dir().join("OVMF_CODE_4M.fd").to_string_lossy().into_owned();
+                let drive = |unit: &str, file: String, readonly: bool| {
+                    let mut p =
+                        vec![("if", "pflash".to_string()), ("format", "raw".into()), ("unit", unit.into())];
+                    if readonly {
+                        p.push(("readonly", "on".into()));
+                    }
+                    p.push(("file", file));
+                    ("drive", p)
+                };
+                launcher.push(drive("0", code, true));
+                launcher.push(drive("1", vars.to_string_lossy().into_owned(), false));
+                "vmlinuz"
+            }
         };
+        if spec.eve_config || spec.eve_console {
+            let mut ini = String::from("# the launcher's own configuration, as EVE writes it\n");
+            for (group, props) in &launcher {
+                ini.push_str(&format!("[{group}]\n"));
+                for (k, v) in props {
+                    ini.push_str(&format!("  {k} = \"{v}\"\n"));
+                }
+                ini.push('\n');
+            }
+            if spec.eve_console {
+                ini.push_str(&eve_console_sections(dir.path()));
+            }
+            let path = dir.path().join("launcher.cfg");
+            std::fs::write(&path, ini).unwrap();
+            args.push("-no-shutdown".into());
+            if spec.eve_config {
+                args.push("-S".into());
+            }
+            args.extend(["-readconfig".into(), path.to_string_lossy().into()]);
+        } else {
+            for (group, props) in &launcher {
+                let v: Vec<String> = props.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                args.extend([format!("-{group}"), v.join(",")]);
+            }
+        }
         args.extend(spec.extra.iter().cloned());
         args.extend([
             "-kernel".into(),
@@ -236,6 +302,7 @@ impl Guest {
             cmdline,
         ]);
         let wait_ready = spec.wait_ready && !spec.watched;
+        let eve_config = spec.eve_config;
         let spec = VmSpec {
             program: qemu(),
             args,
@@ -246,6 +313,9 @@ impl Guest {
         };
         let vm = Vm::launch(spec).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
         let guest = Guest { vm, fixture: fx, _dir: dir };
+        if eve_config {
+            guest.vm.qmp.execute(qapi::qmp::cont {}).await.expect("cont");
+        }
         if wait_ready {
             guest.wait_console(READY, 0, BOOT_TIMEOUT).await;
         }
