@@ -266,6 +266,10 @@ pub struct RunArgs {
     /// Pass acpimon's QEMU options as a -readconfig file, as EVE does.
     #[arg(long)]
     pub readconfig: bool,
+    /// When QEMU is started paused (-S), wait for your own `cont` (through another monitor)
+    /// instead of resuming it; time spent paused counts toward --duration only.
+    #[arg(long)]
+    pub wait_cont: bool,
     /// Print JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
@@ -332,6 +336,7 @@ impl RunArgs {
                 timeout: Duration::from_millis(self.timeout_ms.max(1)),
                 duration: self.duration.map(Duration::from_secs_f64),
                 boot_timeout: Duration::from_secs(120),
+                cont: !self.wait_cont,
             },
             program: program.clone(),
             args: args.to_vec(),

@@ -51,6 +51,9 @@ pub struct GuestSpec {
     pub extras: acpimon::launch::Extras,
     /// More kernel command-line words for the fixture's /init (e.g. `acpimon.app=responder`).
     pub append: Vec<String>,
+    /// Prepare the VM in this state directory (e.g. one a service already watches) instead of
+    /// a temporary one of its own.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl GuestSpec {
@@ -67,7 +70,40 @@ impl GuestSpec {
             watched: false,
             extras: acpimon::launch::Extras::default(),
             append: Vec::new(),
+            state_dir: None,
         }
+    }
+
+    /// QEMU's arguments for this guest (without acpimon's), as `acpimon run` takes them.
+    pub fn qemu_args(&self) -> Vec<String> {
+        let fx = fixture();
+        let mut cmdline =
+            format!("console=ttyS0 acpimon.scenario={} acpimon.delay={}", self.scenario, self.delay);
+        for word in &self.append {
+            cmdline.push(' ');
+            cmdline.push_str(word);
+        }
+        let mut args: Vec<String> = ["-M", self.machine, "-m", "256", "-nodefaults", "-display", "none"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let kernel = match self.firmware {
+            Firmware::SeaBios => "vmlinux",
+            Firmware::Ovmf => {
+                args.extend(["-bios".into(), "/usr/share/ovmf/OVMF.fd".into()]);
+                "vmlinuz"
+            }
+        };
+        args.extend(self.extra.iter().cloned());
+        args.extend([
+            "-kernel".into(),
+            fx.join(kernel).to_string_lossy().into(),
+            "-initrd".into(),
+            fx.join("initrd.img").to_string_lossy().into(),
+            "-append".into(),
+            cmdline,
+        ]);
+        args
     }
 }
 
@@ -104,41 +140,25 @@ pub fn qemu() -> String {
 /// A booted guest.
 pub struct Guest {
     pub vm: Vm,
-    _dir: tempfile::TempDir,
+    /// What it was launched with, to relaunch it in the same directory.
+    spec: VmSpec,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Guest {
     /// Boots `spec` and waits for the guest's ready marker on the console.
     pub async fn boot(spec: GuestSpec) -> Guest {
-        let fx = fixture();
-        let dir = tempfile::Builder::new().prefix("acpimon-test").tempdir_in("/tmp").unwrap();
-        let prepared = acpimon::launch::prepare_with(dir.path(), "guest", &spec.ssdt, spec.extras).unwrap();
-        let mut cmdline =
-            format!("console=ttyS0 acpimon.scenario={} acpimon.delay={}", spec.scenario, spec.delay);
-        for word in &spec.append {
-            cmdline.push(' ');
-            cmdline.push_str(word);
-        }
-        let mut args: Vec<String> = ["-M", spec.machine, "-m", "256", "-nodefaults", "-display", "none"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let kernel = match spec.firmware {
-            Firmware::SeaBios => "vmlinux",
-            Firmware::Ovmf => {
-                args.extend(["-bios".into(), "/usr/share/ovmf/OVMF.fd".into()]);
-                "vmlinuz"
+        fixture();
+        let (dir, state) = match &spec.state_dir {
+            Some(state) => (None, state.clone()),
+            None => {
+                let dir = tempfile::Builder::new().prefix("acpimon-test").tempdir_in("/tmp").unwrap();
+                let state = dir.path().to_path_buf();
+                (Some(dir), state)
             }
         };
-        args.extend(spec.extra.iter().cloned());
-        args.extend([
-            "-kernel".into(),
-            fx.join(kernel).to_string_lossy().into(),
-            "-initrd".into(),
-            fx.join("initrd.img").to_string_lossy().into(),
-            "-append".into(),
-            cmdline,
-        ]);
+        let prepared = acpimon::launch::prepare_with(&state, "guest", &spec.ssdt, spec.extras).unwrap();
+        let args = spec.qemu_args();
         let wait_ready = spec.wait_ready && !spec.watched;
         let spec = VmSpec {
             program: qemu(),
@@ -147,12 +167,30 @@ impl Guest {
             readconfig: spec.readconfig,
             leave_to_watch: spec.watched,
         };
-        let vm = Vm::launch(spec).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
-        let guest = Guest { vm, _dir: dir };
+        let vm = Vm::launch(spec.clone()).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
+        let guest = Guest { vm, spec, _dir: dir };
         if wait_ready {
             guest.wait_console(READY, 0, BOOT_TIMEOUT).await;
         }
         guest
+    }
+
+    /// Kills QEMU (SIGKILL, as a crash or an operator would) and waits until it is gone.
+    pub async fn kill(&mut self) {
+        let pid = self.vm.qmp.pid.expect("QEMU's pid through its QMP socket");
+        let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("SIGKILL sent");
+        tokio::time::timeout(Duration::from_secs(20), self.vm.qmp.closed()).await.expect("QEMU exits");
+    }
+
+    /// Launches QEMU again in the same directory, created paused (`-S`) or not; does not wait
+    /// for the guest (as a watched guest).
+    pub async fn relaunch(&mut self, paused: bool) {
+        self.spec.args.retain(|a| a != "-S");
+        if paused {
+            self.spec.args.push("-S".into());
+        }
+        self.vm = Vm::launch(self.spec.clone()).await.unwrap_or_else(|e| panic!("relaunch failed: {e}"));
     }
 
     pub fn snapshot(&self) -> Snapshot {
