@@ -402,10 +402,13 @@ impl Machine {
             RunState::Stopped { held } => {
                 let why = RunState::describe(status);
                 match &mut self.stopped {
-                    // Already known to be stopped: the newer word on why.
+                    // Already known to be stopped: a poll saying `paused` adds nothing to QMP
+                    // STOP; any other state is the newer word on why.
                     Some(s) => {
                         s.held |= held;
-                        s.why = why.clone();
+                        if status != "paused" {
+                            s.why = why.clone();
+                        }
                     }
                     None => self.stopped = Some(Stopped { held, why: why.clone() }),
                 }

@@ -389,6 +389,7 @@ fn a_missed_resume_is_caught_by_the_status_poll() {
     healthy_round(&mut m, t0);
     assert_eq!(to(m.stopped(stop_event(), t0)), Some(State::Paused));
     assert_eq!(to(m.status("paused", t0)), None, "the poll agrees");
+    assert_eq!(m.evaluate(t0).1, "the VM is paused (QMP STOP) (pauses are exempt)", "and says no more");
     assert_eq!(to(m.status("running", t0)), Some(State::Starting));
     assert_eq!(healthy_round(&mut m, t0), vec![State::Healthy]);
 }
