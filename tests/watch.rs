@@ -400,14 +400,17 @@ async fn every_start_order_reaches_healthy_and_a_hang_is_detected_after_it() {
     let i = t.iter().position(|(_, to)| to == "starting").unwrap_or_else(|| panic!("{t:?}"));
     assert_eq!(t[i + 1..], [("starting".to_string(), "healthy".to_string())], "{t:?}");
 
-    // The service killed and restarted, the same QEMU: still healthy, on fresh answers.
+    // The service killed and restarted, the same QEMU: still healthy, on fresh answers, and
+    // not started over (the same QEMU process).
     svc.kill();
     let mark = svc.events().len();
     svc.restart().await;
     svc.wait_state("guest", State::Healthy, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(svc.vm("guest").await.unwrap().state, State::Healthy);
-    assert!(transitions_since(&svc, mark).is_empty(), "{:?}", transitions_since(&svc, mark));
+    // (A first heartbeat crossing the killed service's last one may be late: not an alert.)
+    let t = transitions_since(&svc, mark);
+    assert!(!t.iter().any(|(_, to)| to == "unresponsive" || to == "starting" || to == "gone"), "{t:?}");
 
     // While the service is down, QEMU is killed and relaunched, with -S and then without:
     // the service (after QEMU) sees another QEMU process, whose guest starts over.
