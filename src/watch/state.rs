@@ -391,6 +391,10 @@ impl Machine {
                 self.settle(now, "status")
             }
             RunState::Panicked => {
+                if self.state == State::Panicked && self.panicked.is_some() {
+                    // Already known (from GUEST_PANICKED, whose evidence stays).
+                    return None;
+                }
                 self.panicked = Some(serde_json::to_value(&evidence).expect("evidence serialises"));
                 self.incident = true;
                 self.go(State::Panicked, "QEMU reports the guest panicked".into(), evidence, now)
