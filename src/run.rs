@@ -119,7 +119,8 @@ enum BootWait {
     Exited,
     /// No record, and why: heartbeats start anyway.
     NoRecord(String),
-    /// The VM never ran within `--duration`: nothing to heartbeat.
+    /// The VM was not running when `--duration` ran out, and no record came: nothing to
+    /// heartbeat.
     NeverRan(String),
 }
 
@@ -172,9 +173,14 @@ async fn wait_for_boot(vm: &mut Vm, opts: &RunOptions, report: &mut impl FnMut(&
                 status = s;
             }
             if status != "running" {
-                if opts.duration.is_some_and(|d| start.elapsed() >= d && ran.is_zero()) {
+                if opts.duration.is_some_and(|d| start.elapsed() >= d) {
                     let why = crate::watch::state::RunState::describe(&status);
-                    return BootWait::NeverRan(format!("the VM never ran: {why}"));
+                    let what = if ran.is_zero() {
+                        "the VM never ran"
+                    } else {
+                        "the VM stopped before its guest booted"
+                    };
+                    return BootWait::NeverRan(format!("{what}: {why}"));
                 }
             } else {
                 if kernel_at.is_none() && vm.console().is_ok_and(|c| c.tail().contains(KERNEL_BANNER)) {
