@@ -119,6 +119,7 @@ pub fn run_event_line(ev: &RunEvent) -> String {
         RunEvent::Channel { channel } => format!("channel: {channel}"),
         RunEvent::Qmp { name } => format!("qmp event {name}"),
         RunEvent::Error { message } => format!("error: {message}"),
+        RunEvent::Notice { message } => format!("acpimon: {message}"),
     }
 }
 

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::generate::SsdtConfig;
 use crate::judge::{Observation, Tracker};
+use crate::launch::channel::Channel;
 use crate::launch::{Extras, PrepareError, Vm, VmError, VmSpec};
 use crate::read::GuestRecord;
 use crate::trigger::qmp::QmpError;
@@ -22,9 +23,22 @@ pub struct RunOptions {
     pub timeout: Duration,
     /// Stop (and quit QEMU) after this long; `None` runs until QEMU exits.
     pub duration: Option<Duration>,
-    /// How long to wait for the guest's first record before heartbeats start anyway.
+    /// How long the VM may run without the guest's first record before heartbeats start
+    /// anyway (time it spends paused does not count).
     pub boot_timeout: Duration,
+    /// Resume a VM that QEMU started paused (`-S`) with `cont`; `false` waits for the
+    /// user's own `cont` (`--wait-cont`).
+    pub cont: bool,
 }
+
+/// How long a guest's kernel may run (its banner on the console) with BAR2 still unassigned
+/// before that is reported: Linux assigns what the firmware left during its PCI scan.
+const KERNEL_UNASSIGNED_WAIT: Duration = Duration::from_secs(10);
+/// How long a guest's kernel may run without the boot record: the table's `_INI` runs when
+/// the kernel loads its ACPI tables, seconds after its banner even under TCG.
+const KERNEL_NO_RECORD_WAIT: Duration = Duration::from_secs(20);
+/// What shows the guest's kernel runs, on its console (printed first when it boots).
+const KERNEL_BANNER: &str = "Linux version";
 
 /// What the loop reports as it goes.
 #[derive(Debug, Serialize)]
@@ -48,8 +62,12 @@ pub enum RunEvent {
     Qmp {
         name: String,
     },
-    /// A heartbeat could not be sent.
+    /// A heartbeat could not be sent, or no channel appeared (with why).
     Error {
+        message: String,
+    },
+    /// What acpimon did or waits for: resuming a VM started with `-S`, a VM not running.
+    Notice {
         message: String,
     },
 }
@@ -68,6 +86,10 @@ pub struct Summary {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Why no heartbeat could be acknowledged, when that is known (no channel, the VM never
+    /// ran, no boot record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 impl Summary {
@@ -84,29 +106,123 @@ impl Summary {
             p90_ms: pct(0.9),
             p99_ms: pct(0.99),
             max_ms: ms.last().copied().unwrap_or(0.0),
+            problem: None,
         }
     }
 }
 
-/// Waits for a record newer than the one the region held at launch. `Err` when QEMU exits.
-async fn wait_for_first_record(
-    vm: &mut Vm,
-    timeout: Duration,
-) -> Result<Option<(Duration, GuestRecord)>, ()> {
+/// How waiting for the guest's first record ended.
+enum BootWait {
+    /// The first record, after this long.
+    Booted(Duration, GuestRecord),
+    /// QEMU exited.
+    Exited,
+    /// No record, and why: heartbeats start anyway.
+    NoRecord(String),
+    /// The VM was not running when `--duration` ran out, and no record came: nothing to
+    /// heartbeat.
+    NeverRan(String),
+}
+
+/// Waits for a record newer than the one the region held at launch, saying why there is none
+/// as soon as that is known: QEMU's run state (a paused VM is waited for, never blamed on the
+/// firmware), BAR2 where no AML can reach it, or a kernel that runs without the record.
+async fn wait_for_boot(vm: &mut Vm, opts: &RunOptions, report: &mut impl FnMut(&RunEvent)) -> BootWait {
     let seq_at_launch = vm.region.snapshot().ok().and_then(|s| s.record).map(|r| r.seq);
     let start = Instant::now();
-    while start.elapsed() < timeout {
+    // Time the vCPUs ran, and when (in that time) the kernel's banner appeared.
+    let (mut ran, mut kernel_at) = (Duration::ZERO, None::<Duration>);
+    let (mut status, mut checked, mut last) = (String::new(), None::<Instant>, Instant::now());
+    loop {
         if vm.try_wait().ok().flatten().is_some() {
-            return Err(());
+            return BootWait::Exited;
         }
         if let Some(r) = vm.region.snapshot().ok().and_then(|s| s.record) {
             if Some(r.seq) != seq_at_launch {
-                return Ok(Some((start.elapsed(), r)));
+                return BootWait::Booted(start.elapsed(), r);
+            }
+        }
+        let now = Instant::now();
+        if status == "running" {
+            ran += now - last;
+        }
+        last = now;
+        if checked.is_none_or(|c| c.elapsed() >= Duration::from_millis(500)) {
+            checked = Some(now);
+            let s = match vm.qmp.status(Duration::from_secs(2)).await {
+                Ok(s) => s.status,
+                Err(QmpError::Closed) => return BootWait::Exited,
+                Err(_) => status.clone(),
+            };
+            if s != status {
+                if s == "prelaunch" && opts.cont {
+                    report(&RunEvent::Notice {
+                        message: "QEMU was started paused (-S): acpimon resumes it with `cont` (--wait-cont leaves that to you)".into(),
+                    });
+                    if let Err(e) = vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await {
+                        report(&RunEvent::Error { message: format!("cannot resume the VM (QMP cont): {e}") });
+                    }
+                } else if s == "prelaunch" {
+                    report(&RunEvent::Notice {
+                        message: "QEMU was started paused (-S) and waits for your `cont` (--wait-cont): heartbeats start once the guest has booted".into(),
+                    });
+                } else if s != "running" {
+                    let why = crate::watch::state::RunState::describe(&s);
+                    report(&RunEvent::Notice { message: format!("{why}: waiting for it to run") });
+                }
+                status = s;
+            }
+            if status != "running" {
+                if opts.duration.is_some_and(|d| start.elapsed() >= d) {
+                    let why = crate::watch::state::RunState::describe(&status);
+                    let what = if ran.is_zero() {
+                        "the VM never ran"
+                    } else {
+                        "the VM stopped before its guest booted"
+                    };
+                    return BootWait::NeverRan(format!("{what}: {why}"));
+                }
+            } else {
+                if kernel_at.is_none() && vm.console().is_ok_and(|c| c.tail().contains(KERNEL_BANNER)) {
+                    kernel_at = Some(ran);
+                }
+                let kernel_for = kernel_at.map(|k| ran - k);
+                match vm.channel().await {
+                    Ok(c @ (Channel::AboveFourGib { .. } | Channel::NoDevice)) => {
+                        let why = format!("no channel: {c}");
+                        report(&RunEvent::Channel { channel: c });
+                        return BootWait::NoRecord(why);
+                    }
+                    Ok(c @ Channel::Unassigned)
+                        if kernel_for.is_some_and(|k| k >= KERNEL_UNASSIGNED_WAIT) =>
+                    {
+                        let why = format!(
+                            "no channel: the guest's kernel has run for {} and ivshmem BAR2 is still unassigned",
+                            crate::units::format_duration(KERNEL_UNASSIGNED_WAIT)
+                        );
+                        report(&RunEvent::Channel { channel: c });
+                        return BootWait::NoRecord(why);
+                    }
+                    Ok(Channel::Region { bar }) if kernel_for.is_some_and(|k| k >= KERNEL_NO_RECORD_WAIT) => {
+                        return BootWait::NoRecord(format!(
+                            "no boot record {} after the guest's kernel started, though ivshmem BAR2 is at {bar:#x}: \
+                             the kernel did not load acpimon's table or its _INI cannot reach the region \
+                             (ACPI disabled, e.g. acpi=off? the table not passed to QEMU?)",
+                            crate::units::format_duration(KERNEL_NO_RECORD_WAIT)
+                        ));
+                    }
+                    _ => {}
+                }
+                if ran >= opts.boot_timeout {
+                    return BootWait::NoRecord(format!(
+                        "no record from the guest within {} of running: its AML cannot reach the region, or it has not booted",
+                        crate::units::format_duration(opts.boot_timeout)
+                    ));
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(None)
 }
 
 /// Runs heartbeats until QEMU exits or `opts.duration` passes (then QEMU is asked to quit).
@@ -119,21 +235,25 @@ pub async fn run(
     let mut events = vm.qmp.events();
     let mut tracker = Tracker::new();
     // Beats before the guest's GED driver is bound would only count as misses.
-    match wait_for_first_record(vm, opts.boot_timeout).await {
-        Ok(Some((after, record))) => {
+    let mut problem = None;
+    match wait_for_boot(vm, &opts, &mut report).await {
+        BootWait::Booted(after, record) => {
             tracker.observe(Some(&record), Instant::now());
             report(&RunEvent::Booted { after, record });
+            if let Ok(channel) = vm.channel().await {
+                report(&RunEvent::Channel { channel });
+            }
         }
-        Ok(None) => report(&RunEvent::Error {
-            message: format!(
-                "no record from the guest within {}: its AML cannot reach the region, or it has not booted; heartbeats start anyway",
-                crate::units::format_duration(opts.boot_timeout)
-            ),
-        }),
-        Err(()) => return Ok(Summary::default()),
-    }
-    if let Ok(channel) = vm.channel().await {
-        report(&RunEvent::Channel { channel });
+        BootWait::NoRecord(why) => {
+            report(&RunEvent::Error { message: format!("{why}; heartbeats start anyway") });
+            problem = Some(why);
+        }
+        BootWait::NeverRan(why) => {
+            report(&RunEvent::Error { message: why.clone() });
+            let _ = vm.shutdown().await;
+            return Ok(Summary { problem: Some(why), ..Summary::default() });
+        }
+        BootWait::Exited => return Ok(Summary::default()),
     }
     let (mut latencies, mut sent, mut errors, mut startup) = (Vec::new(), 0u64, 0u64, 0u64);
     let start = Instant::now();
@@ -181,7 +301,11 @@ pub async fn run(
         let observation = tracker.observe(record.as_ref(), Instant::now());
         report(&RunEvent::Beat { beat, observation });
     }
-    Ok(Summary::from_latencies(latencies, sent, errors, startup))
+    let mut summary = Summary::from_latencies(latencies, sent, errors, startup);
+    if summary.acked == 0 {
+        summary.problem = problem;
+    }
+    Ok(summary)
 }
 
 /// `acpimon run`, validated: the VM to prepare and launch, and how to watch it.
@@ -214,6 +338,9 @@ pub enum RunError {
     Trigger(#[from] TriggerError),
     #[error("{missed} of {sent} heartbeats were not acknowledged")]
     Unacknowledged { missed: u64, sent: u64 },
+    /// Not one heartbeat acknowledged: `why` is what is known of the cause.
+    #[error("no heartbeat was acknowledged: {why}")]
+    NoAnswer { why: String },
     /// QEMU ended unsuccessfully; the binary reports its status apart from its own.
     #[error("QEMU exited unsuccessfully ({0})")]
     Qemu(ExitStatus),
@@ -238,7 +365,7 @@ pub async fn command(cmd: RunCommand) -> Result<(), RunError> {
     if !json {
         let d = &vm.prepared.descriptor;
         println!(
-            "acpimon: {} running (QEMU {}.{}.{}); state in {}; heartbeat IRQ {} every {} ms",
+            "acpimon: {} launched (QEMU {}.{}.{}); state in {}; heartbeat IRQ {} every {} ms",
             d.name,
             vm.qmp.version.0,
             vm.qmp.version.1,
@@ -268,8 +395,17 @@ pub async fn command(cmd: RunCommand) -> Result<(), RunError> {
         println!("{}", crate::report::summary_line(&summary));
     }
     if cmd.options.duration.is_some() {
+        if summary.acked == 0 {
+            let why = summary.problem.unwrap_or_else(|| {
+                format!(
+                    "{} sent while the guest's GED driver was not bound yet; run longer (--duration) or see the beats above",
+                    summary.startup
+                )
+            });
+            return Err(RunError::NoAnswer { why });
+        }
         return match summary.sent - summary.acked {
-            0 if summary.sent > 0 => Ok(()),
+            0 => Ok(()),
             missed => Err(RunError::Unacknowledged { missed, sent: summary.sent }),
         };
     }

@@ -281,3 +281,54 @@ async fn pc_with_trixie_ovmf_pflash_in_argv_gets_a_low_bar() {
     g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
     g.beats_acked(&mut hb, 10).await;
 }
+
+/// `acpimon run` over QEMU started paused (-S, as EVE launches): it resumes the VM and the
+/// heartbeats are answered; with --wait-cont and nobody resuming, and with a kernel that never
+/// loads the table (acpi=off), it says why at once instead of blaming the firmware later.
+#[test]
+fn run_resumes_a_vm_started_paused_and_says_why_when_no_heartbeat_can_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let qemu = common::guest::qemu();
+    let run = |extra: &[&str], args: &[String]| {
+        let mut argv = vec!["run", "--state-dir", d, "--interval-ms", "500"];
+        argv.extend(extra);
+        argv.push("--");
+        argv.push(&qemu);
+        argv.extend(args.iter().map(String::as_str));
+        let start = std::time::Instant::now();
+        let out = common::acpimon(&argv);
+        (out, start.elapsed())
+    };
+
+    let spec = GuestSpec { extra: vec!["-S".into()], ..GuestSpec::new("pc") };
+    let (out, _) = run(&["--duration", "6"], &spec.qemu_args());
+    let (stdout, stderr) = (common::text(&out.stdout), common::text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("QEMU was started paused (-S): acpimon resumes it with `cont`"), "{stdout}");
+    assert!(stdout.contains("guest booted: first record"), "{stdout}");
+    assert!(stdout.contains("channel: shared region through ivshmem BAR2"), "{stdout}");
+    assert!(!stdout.contains("unassigned"), "{stdout}");
+
+    // Nobody resumes it: said at once, and at the end why nothing answered.
+    let args: Vec<String> = ["-M", "pc", "-nodefaults", "-display", "none", "-S"].map(String::from).to_vec();
+    let (out, took) = run(&["--duration", "3", "--wait-cont"], &args);
+    let (stdout, stderr) = (common::text(&out.stdout), common::text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("waits for your `cont` (--wait-cont)"), "{stdout}");
+    assert!(
+        stderr.contains("no heartbeat was acknowledged: the VM never ran: QEMU waits for `cont`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("0 of 0") && !stdout.contains("firmware"), "{stdout}\n{stderr}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+
+    // The kernel runs but never loads the table: said once the kernel is up, not after 120 s.
+    let spec = GuestSpec { append: vec!["acpi=off".into()], ..GuestSpec::new("pc") };
+    let (out, took) = run(&["--duration", "1"], &spec.qemu_args());
+    let (stdout, stderr) = (common::text(&out.stdout), common::text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("error: no boot record 20s after the guest's kernel started"), "{stdout}");
+    assert!(stderr.contains("no heartbeat was acknowledged: no boot record"), "{stderr}");
+    assert!(took < Duration::from_secs(80), "{took:?}");
+}

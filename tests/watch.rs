@@ -346,6 +346,102 @@ async fn events_survive_a_controller_outage_and_a_service_crash_exactly_once() {
     assert_eq!(svc.stop().code(), Some(0), "SIGTERM stops the service cleanly");
 }
 
+/// QMP `stop` on a healthy guest is unresponsive within interval × threshold + timeout.
+async fn assert_a_hang_is_detected_in_time(g: &Guest, svc: &Service) {
+    g.vm.qmp.execute_within(qapi::qmp::stop {}, Duration::from_secs(5)).await.unwrap();
+    let (view, took) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(30)).await;
+    // 1 s × 3 + 1 s; the status is polled every 100 ms.
+    assert!(took <= Duration::from_millis(4000 + 1500), "unresponsive after {took:?}");
+    assert!(
+        view.reason.starts_with("the VM is paused (QMP STOP) and acpi-heartbeat missed 3 of 3"),
+        "{}",
+        view.reason
+    );
+}
+
+/// The transitions logged since event `from` (an index into the events).
+fn transitions_since(svc: &Service, from: usize) -> Vec<(String, String)> {
+    transitions(&svc.events()[from..])
+}
+
+/// One guest walked through every start order: the service before QEMU (EVE's order:
+/// prepare, QEMU with -S, `cont` seconds later); QEMU killed and relaunched in the same
+/// directory without -S; the service killed and restarted with the same QEMU; QEMU killed and
+/// relaunched with and without -S while the service is down (the service after QEMU). Each
+/// reaches healthy on the new guest's own answers, and a hang after that is detected in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_start_order_reaches_healthy_and_a_hang_is_detected_after_it() {
+    let work = work();
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let config = "[defaults]\nstartup_grace = \"90s\"\n";
+    let mut svc = Service::start(&state, work.path(), config).await;
+
+    // The service first, then prepare and QEMU with -S: paused (waiting for `cont`), not gone.
+    let extra = vec!["-S".to_string()];
+    let spec = GuestSpec { watched: true, extra, state_dir: Some(state.clone()), ..GuestSpec::new("pc") };
+    let mut g = Guest::boot(spec).await;
+    let (v, _) = svc.wait_state("guest", State::Paused, Duration::from_secs(30)).await;
+    assert!(v.reason.starts_with("QEMU waits for `cont`"), "{}", v.reason);
+    // `cont` seconds later: the misses while it waited never counted.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(svc.vm("guest").await.unwrap().state, State::Paused);
+    g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    let t = transitions(&svc.events());
+    let i = t.iter().position(|(_, to)| to == "paused").unwrap_or_else(|| panic!("{t:?}"));
+    assert_eq!(t[i + 1], ("paused".into(), "starting".into()), "{t:?}");
+    assert_eq!(t[i + 2], ("starting".into(), "healthy".into()), "{t:?}");
+
+    // QEMU killed and relaunched in the same directory, without -S: gone, then healthy on the
+    // new guest's own answers (not on the previous one's, and no false alarm while it boots).
+    let mark = svc.events().len();
+    g.kill().await;
+    svc.wait_state("guest", State::Gone, Duration::from_secs(10)).await;
+    g.relaunch(false).await;
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    let t = transitions_since(&svc, mark);
+    let i = t.iter().position(|(_, to)| to == "starting").unwrap_or_else(|| panic!("{t:?}"));
+    assert_eq!(t[i - 1].1, "gone", "{t:?}");
+    assert_eq!(t[i + 1], ("starting".into(), "healthy".into()), "{t:?}");
+
+    // The service killed and restarted, the same QEMU: still healthy, on fresh answers, and
+    // not started over (the same QEMU process).
+    svc.kill();
+    let mark = svc.events().len();
+    svc.restart().await;
+    svc.wait_state("guest", State::Healthy, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(svc.vm("guest").await.unwrap().state, State::Healthy);
+    // (A first heartbeat crossing the killed service's last one may be late: not an alert.)
+    let t = transitions_since(&svc, mark);
+    assert!(!t.iter().any(|(_, to)| to == "unresponsive" || to == "starting" || to == "gone"), "{t:?}");
+
+    // While the service is down, QEMU is killed and relaunched, with -S and then without:
+    // the service (after QEMU) sees another QEMU process, whose guest starts over.
+    for paused in [true, false] {
+        svc.kill();
+        g.kill().await;
+        g.relaunch(paused).await;
+        let mark = svc.events().len();
+        svc.restart().await;
+        if paused {
+            svc.wait_state("guest", State::Paused, Duration::from_secs(30)).await;
+            g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();
+        }
+        svc.wait_state("guest", State::Healthy, BOOT).await;
+        let t = transitions_since(&svc, mark);
+        let i =
+            t.iter().position(|(_, to)| to == "starting").unwrap_or_else(|| panic!("started over: {t:?}"));
+        assert_eq!(t[i + 1], ("starting".into(), "healthy".into()), "{t:?}");
+        assert!(!t.iter().any(|(_, to)| to == "unresponsive"), "{t:?}");
+    }
+
+    // A hang after all that is detected within the bound.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_a_hang_is_detected_in_time(&g, &svc).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_are_picked_up_and_dropped_as_their_directories_come_and_go() {
     let work = work();

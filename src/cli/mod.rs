@@ -450,6 +450,10 @@ pub struct RunArgs {
     /// re-exports it on STATE_DIR/NAME/console-share.sock for other clients.
     #[arg(long, value_name = "ID")]
     pub console_chardev: Option<String>,
+    /// When QEMU is started paused (-S), wait for your own `cont` (through another monitor)
+    /// instead of resuming it; time spent paused counts toward --duration only.
+    #[arg(long)]
+    pub wait_cont: bool,
     /// Print JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
@@ -540,6 +544,7 @@ impl RunArgs {
                 timeout: Duration::from_millis(self.timeout_ms.max(1)),
                 duration: self.duration.map(Duration::from_secs_f64),
                 boot_timeout: Duration::from_secs(120),
+                cont: !self.wait_cont,
             },
             program: program.clone(),
             args: args.to_vec(),

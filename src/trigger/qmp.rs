@@ -219,6 +219,8 @@ pub struct Qmp {
     closed: tokio::sync::watch::Receiver<bool>,
     /// QEMU's version from the greeting, e.g. (10, 0, 2).
     pub version: (u64, u64, u64),
+    /// QEMU's process id (the socket's peer), when visible from this pid namespace.
+    pub pid: Option<u32>,
 }
 
 impl Qmp {
@@ -235,6 +237,12 @@ impl Qmp {
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
+        let pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|&p| p > 0);
         let (read, write) = stream.into_split();
         let mut reader = BufReader::new(read);
         let greeting = read_line(&mut reader).await?.ok_or(QmpError::Closed)?;
@@ -259,6 +267,7 @@ impl Qmp {
             next_id: AtomicU64::new(1),
             closed,
             version,
+            pid,
         };
         qmp.execute(qapi::qmp::qmp_capabilities { enable: None }).await?;
         Ok(qmp)

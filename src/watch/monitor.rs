@@ -37,6 +37,10 @@ use crate::util::lock;
 const ATTACH_WAIT: Duration = Duration::from_secs(3);
 /// Recent events kept for a bundle's timeline.
 const TIMELINE: usize = 64;
+/// How often QEMU's run state is polled while the VM runs; while it does not (gone after a
+/// power-off, paused) and after a reset, it is polled every second. Events say the same, but a
+/// reset of a stopped VM (QEMU goes to prelaunch) has no event of its own.
+const STATUS_EVERY: u32 = 10;
 
 /// Why a monitor is asked to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +67,8 @@ struct Attached {
     channels: Channels,
     console_why: String,
     status: String,
+    /// Which QEMU process this is (pid and start time), when its pid is visible.
+    qemu_id: Option<String>,
     /// What the app says on its own (health, info).
     app_reports: mpsc::Receiver<app::Report>,
 }
@@ -94,6 +100,8 @@ pub struct Monitor {
     timeline: VecDeque<Value>,
     tracker: Tracker,
     reset_seen: bool,
+    /// Poll QEMU's run state at the next tick (after a reset).
+    poll_status: bool,
     state_tx: watch::Sender<State>,
     loop_name: String,
 }
@@ -121,6 +129,7 @@ impl Monitor {
             timeline: VecDeque::new(),
             tracker: Tracker::new(),
             reset_seen: false,
+            poll_status: false,
             state_tx,
             loop_name,
         };
@@ -187,6 +196,7 @@ impl Monitor {
             .await
             .map(|s| s.status)
             .map_err(|e| format!("QMP query-status failed: {e}"))?;
+        let qemu_id = qmp.pid.map(process_identity);
         let keep = self.shared.config.console_keep;
         // The launcher's console (vm.json's console_chardev) is re-exported for its tools.
         let (console, console_why) =
@@ -226,7 +236,7 @@ impl Monitor {
             app,
             guest_agent: d.guest_agent.clone(),
         };
-        Ok(Attached { qmp, console, channels, console_why, status, app_reports })
+        Ok(Attached { qmp, console, channels, console_why, status, qemu_id, app_reports })
     }
 
     /// Watches an attached VM until QEMU goes away or the monitor is stopped.
@@ -234,7 +244,17 @@ impl Monitor {
         let now = Instant::now();
         let qemu = format!("{}.{}.{}", att.qmp.version.0, att.qmp.version.1, att.qmp.version.2);
         let mut degraded = Vec::new();
-        if let Some(t) = self.machine.attached(&att.status, now) {
+        // Another QEMU process than the one last attached (even before a restart of the
+        // service): its guest starts over. Unknown (pid not visible): the state decides.
+        let new_life = match (&self.memory.qemu, &att.qemu_id) {
+            (Some(old), Some(new)) => old != new,
+            _ => self.machine.state == State::Gone,
+        };
+        if att.qemu_id.is_some() && self.memory.qemu != att.qemu_id {
+            self.memory.qemu = att.qemu_id.clone();
+            self.save();
+        }
+        if let Some(t) = self.machine.attached(&att.status, new_life, now) {
             self.transition(t, Some(event::Attached { qemu }));
         }
         let (tx, mut rx) = mpsc::channel::<Report>(64);
@@ -265,6 +285,7 @@ impl Monitor {
         }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u32 = 0;
         loop {
             tokio::select! {
                 Some(report) = rx.recv() => self.report(report),
@@ -298,6 +319,11 @@ impl Monitor {
                     if let Some(t) = self.machine.tick(Instant::now()) {
                         self.transition(t, None);
                     }
+                    ticks = ticks.wrapping_add(1);
+                    let not_running = matches!(self.machine.state, State::Gone | State::Paused);
+                    if std::mem::take(&mut self.poll_status) || not_running || ticks % STATUS_EVERY == 0 {
+                        self.poll_status(&att.qmp).await;
+                    }
                 }
                 _ = stop.changed() => break,
             }
@@ -312,6 +338,20 @@ impl Monitor {
         }
         if let Some(d) = diag {
             d.abort();
+        }
+    }
+
+    /// Feeds QEMU's run state to the machine. A monitor that does not answer in time is left
+    /// to the probes (which time out too) and the next poll.
+    async fn poll_status(&mut self, qmp: &Qmp) {
+        match qmp.status(Duration::from_secs(2)).await {
+            Ok(s) => {
+                if let Some(t) = self.machine.status(&s.status, Instant::now()) {
+                    self.transition(t, None);
+                    self.refresh_view("");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "query-status failed"),
         }
     }
 
@@ -421,13 +461,14 @@ impl Monitor {
             QmpEventKind::Resume => self.machine.resumed(ev.raw, now),
             QmpEventKind::Panicked { .. } => self.machine.panicked(ev.raw, now),
             QmpEventKind::Reset { .. } => {
-                if self.machine.state == State::Gone {
-                    self.machine.attached("running", now)
-                } else {
+                // A reset of a powered-off or stopped VM leaves QEMU in prelaunch, of a running
+                // one running: the next tick asks which.
+                self.poll_status = true;
+                if self.machine.state != State::Gone {
                     self.reset_seen = true;
                     self.reboot(RebootEvidence::QmpEvent(ev.raw));
-                    None
                 }
+                None
             }
             QmpEventKind::Shutdown { ref reason, .. } => {
                 let why = match reason.as_str() {
@@ -735,6 +776,21 @@ fn prune_bundles(bundle: &std::path::Path, keep: usize) {
     let excess = dirs.len().saturating_sub(keep);
     for old in dirs.into_iter().take(excess) {
         let _ = std::fs::remove_dir_all(old);
+    }
+}
+
+/// A process's identity: its pid and start time (clock ticks since boot), so that a pid
+/// reused by a later QEMU is still another process.
+fn process_identity(pid: u32) -> String {
+    let start = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
+        // The fields after the command name (which may hold spaces) in parentheses; the start
+        // time is field 22 of the line, the 20th after the name.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        rest.split_whitespace().nth(19).map(str::to_string)
+    });
+    match start {
+        Some(start) => format!("{pid}@{start}"),
+        None => pid.to_string(),
     }
 }
 

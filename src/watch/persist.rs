@@ -27,6 +27,10 @@ pub struct Memory {
     /// typed, so files of earlier versions load as they are.
     #[serde(default)]
     pub pending_diagnostics: Option<Incident>,
+    /// The QEMU process last attached (pid and start time): another one is a relaunch, whose
+    /// guest starts over even when the service was down meanwhile.
+    #[serde(default)]
+    pub qemu: Option<String>,
 }
 
 impl Memory {
@@ -39,6 +43,7 @@ impl Memory {
             boot_count: None,
             recoveries: Vec::new(),
             pending_diagnostics: None,
+            qemu: None,
         }
     }
 

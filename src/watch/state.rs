@@ -4,11 +4,15 @@
 //!
 //! ```text
 //!  starting ──► healthy ◄──► late ──► unresponsive ──► recovered ──► healthy
-//!      any ──► paused (QMP STOP) ──► (RESUME: back to what the probes say)
+//!      any ──► paused (QMP STOP, or any QEMU run state but running) ──► (RESUME: back to what the probes say)
 //!      any ──► panicked (GUEST_PANICKED) ── until the guest answers again or reboots
-//!      any ──► gone (QEMU exited / powered off) ──► starting (attached again)
+//!      any ──► gone (QEMU exited / powered off) ──► starting or paused (attached again, whatever
+//!              QEMU's run state: prelaunch and the other stopped states are paused)
 //! ```
 //! A reboot is an event, not a failure: it restarts the start-up grace (state starting).
+//! Every QEMU run state maps to a state that a later event or status leaves ([`RunState`]);
+//! a new QEMU process (relaunched in the same directory) starts over: what the previous one's
+//! guest answered counts for nothing.
 
 use std::time::{Duration, Instant};
 
@@ -93,6 +97,63 @@ impl std::fmt::Display for PausePolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// QEMU's run state (`query-status`), as the machine reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// The vCPUs run.
+    Running,
+    /// The vCPUs do not run. `held`: the guest has not run in this QEMU yet (`prelaunch`
+    /// after `-S` or a reset of a stopped VM, `inmigrate`), so its probes never count and it
+    /// boots when it runs.
+    Stopped { held: bool },
+    /// `guest-panicked`.
+    Panicked,
+    /// `shutdown`: the guest powered off and QEMU stays (`-no-shutdown`).
+    Off,
+}
+
+impl RunState {
+    /// Every status QEMU 5.2 to 10 reports, and any newer one, maps to one of these: only
+    /// `running` runs the vCPUs.
+    pub fn of(status: &str) -> RunState {
+        match status {
+            "running" => RunState::Running,
+            "prelaunch" | "inmigrate" => RunState::Stopped { held: true },
+            "guest-panicked" => RunState::Panicked,
+            "shutdown" => RunState::Off,
+            // paused, suspended, postmigrate, finish-migrate, save-vm, restore-vm, debug, colo,
+            // io-error, internal-error, watchdog, and states newer than this code.
+            _ => RunState::Stopped { held: false },
+        }
+    }
+
+    /// Why a VM in `status` is not running, for people.
+    pub fn describe(status: &str) -> String {
+        let why = match status {
+            "prelaunch" => "QEMU waits for `cont` to start the VM (started with -S, or reset while stopped)",
+            "inmigrate" => "QEMU waits for an incoming migration",
+            "paused" => "the VM is paused",
+            "suspended" => "the guest suspended itself (ACPI S3)",
+            "postmigrate" => "the VM migrated away",
+            "finish-migrate" | "save-vm" => "the VM is paused while QEMU saves it",
+            "restore-vm" => "the VM is paused while QEMU restores it",
+            "debug" => "the VM is stopped in the debugger",
+            "io-error" => "QEMU stopped the VM on a disk I/O error",
+            "internal-error" => "QEMU stopped the VM on an internal (accelerator) error",
+            "watchdog" => "QEMU stopped the VM when its watchdog fired",
+            _ => "the VM is not running",
+        };
+        format!("{why} (QEMU status {status})")
+    }
+}
+
+/// Why the vCPUs are not running.
+#[derive(Clone, Debug)]
+struct Stopped {
+    held: bool,
+    why: String,
 }
 
 /// What one probe found.
@@ -241,7 +302,8 @@ pub struct Machine {
     grace: Duration,
     grace_until: Instant,
     pause: PausePolicy,
-    paused_since: Option<Instant>,
+    /// Why the vCPUs are not running, while they are not.
+    stopped: Option<Stopped>,
     panicked: Option<Value>,
     /// What the app last said of its own health (app protocol or mailbox), if not ok.
     app: Option<(AppStatus, String)>,
@@ -267,7 +329,7 @@ impl Machine {
             grace,
             grace_until: now + grace,
             pause,
-            paused_since: None,
+            stopped: None,
             panicked: None,
             app: None,
             incident,
@@ -289,40 +351,88 @@ impl Machine {
         m
     }
 
-    /// QEMU's monitor answered: `status` is QMP `query-status`'s status.
-    pub fn attached(&mut self, status: &str, now: Instant) -> Option<Transition> {
-        self.paused_since = None;
+    /// QEMU's monitor answered on a new connection; `status` is QMP `query-status`'s status.
+    /// Whatever the probes said before counts for nothing: every scenario must answer this
+    /// QEMU afresh. `new_life`: this is not the QEMU process the machine saw last (relaunched in
+    /// the same directory, possibly while the service was down): its guest starts over, with
+    /// the start-up grace.
+    pub fn attached(&mut self, status: &str, new_life: bool, now: Instant) -> Option<Transition> {
+        self.stopped = None;
+        for t in &mut self.tracks {
+            t.last = None;
+        }
+        if new_life || self.state == State::Gone {
+            self.start_over(now);
+            if self.state != State::Gone
+                && self.state != State::Starting
+                && RunState::of(status) == RunState::Running
+            {
+                let evidence = Evidence::QmpStatus { qmp_status: status.into() };
+                return self.go(
+                    State::Starting,
+                    "QEMU was relaunched: its guest starts over".into(),
+                    evidence,
+                    now,
+                );
+            }
+        }
+        self.status(status, now)
+    }
+
+    /// QEMU's run state, as QMP `query-status` reports it (on attaching, and polled while the
+    /// VM is not running or after a reset). Every run state leads to a state that can be left.
+    pub fn status(&mut self, status: &str, now: Instant) -> Option<Transition> {
         let evidence = Evidence::QmpStatus { qmp_status: status.into() };
-        match status {
-            "guest-panicked" => {
+        match RunState::of(status) {
+            RunState::Running => {
+                if self.stopped.is_some() || self.state == State::Gone {
+                    return self.resume("QEMU is running".into(), evidence, now);
+                }
+                self.settle(now, "status")
+            }
+            RunState::Panicked => {
+                if self.state == State::Panicked && self.panicked.is_some() {
+                    // Already known (from GUEST_PANICKED, whose evidence stays).
+                    return None;
+                }
                 self.panicked = Some(serde_json::to_value(&evidence).expect("evidence serialises"));
                 self.incident = true;
                 self.go(State::Panicked, "QEMU reports the guest panicked".into(), evidence, now)
             }
-            "shutdown" => {
+            RunState::Off => {
+                self.stopped = None;
                 self.go(State::Gone, "the guest powered off; QEMU is still running".into(), evidence, now)
             }
-            "running" => {
-                if self.state == State::Gone {
-                    self.restart_grace(now);
-                    return self.go(State::Starting, "QEMU is running".into(), evidence, now);
+            RunState::Stopped { held } => {
+                let why = RunState::describe(status);
+                match &mut self.stopped {
+                    // Already known to be stopped: a poll saying `paused` adds nothing to QMP
+                    // STOP; any other state is the newer word on why.
+                    Some(s) => {
+                        s.held |= held;
+                        if status != "paused" {
+                            s.why = why.clone();
+                        }
+                    }
+                    None => self.stopped = Some(Stopped { held, why: why.clone() }),
                 }
-                self.settle(now, "attached")
-            }
-            _ => {
-                self.paused_since = Some(now);
-                let t = self.settle(now, "attached");
-                if t.is_none() && self.state != State::Paused && self.pause == PausePolicy::Exempt {
-                    return self.go(State::Paused, format!("QEMU reports the VM {status}"), evidence, now);
+                if self.state == State::Gone
+                    || held
+                    || (self.state != State::Paused && !self.state.is_failure())
+                {
+                    if self.state == State::Gone {
+                        self.start_over(now);
+                    }
+                    return self.go(State::Paused, why, evidence, now);
                 }
-                t
+                self.settle(now, "status")
             }
         }
     }
 
     /// A probe of scenario `index` finished.
     pub fn probe(&mut self, index: usize, outcome: Outcome, now: Instant) -> Option<Transition> {
-        let exempt = self.paused_since.is_some() && self.pause == PausePolicy::Exempt;
+        let exempt = self.stopped.as_ref().is_some_and(|s| s.held || self.pause == PausePolicy::Exempt);
         let t = self.tracks.get_mut(index)?;
         t.unavailable = None;
         if outcome.ok {
@@ -354,10 +464,11 @@ impl Machine {
 
     /// QMP `STOP`.
     pub fn stopped(&mut self, event: Value, now: Instant) -> Option<Transition> {
-        if self.paused_since.is_some() {
+        if self.stopped.is_some() {
             return None;
         }
-        self.paused_since = Some(now);
+        let why = "the VM is paused (QMP STOP)".to_string();
+        self.stopped = Some(Stopped { held: false, why: why.clone() });
         if self.state.is_failure() || self.state == State::Gone {
             return None;
         }
@@ -371,7 +482,16 @@ impl Machine {
 
     /// QMP `RESUME`.
     pub fn resumed(&mut self, event: Value, now: Instant) -> Option<Transition> {
-        self.paused_since.take()?;
+        if self.stopped.is_none() && self.state != State::Gone {
+            return None;
+        }
+        self.resume("QEMU resumed the VM (QMP RESUME)".into(), Evidence::QmpEvent { qmp_event: event }, now)
+    }
+
+    /// The vCPUs run again (QMP `RESUME`, or a status poll says so).
+    fn resume(&mut self, reason: String, evidence: Evidence, now: Instant) -> Option<Transition> {
+        let stopped = self.stopped.take();
+        let held = stopped.as_ref().is_some_and(|s| s.held);
         if self.pause == PausePolicy::Exempt {
             for t in &mut self.tracks {
                 t.misses = 0;
@@ -381,11 +501,29 @@ impl Machine {
         for t in &mut self.tracks {
             t.last = None;
         }
+        if held || self.state == State::Gone {
+            // The guest runs for the first time in this QEMU (after -S, a reset or a relaunch):
+            // it boots now.
+            self.start_over(now);
+            return self.go(State::Starting, reason, evidence, now);
+        }
         if self.state != State::Paused {
             return None;
         }
         let to = if self.incident { State::Unresponsive } else { State::Starting };
-        self.go(to, "QEMU resumed the VM (QMP RESUME)".into(), Evidence::QmpEvent { qmp_event: event }, now)
+        self.go(to, reason, evidence, now)
+    }
+
+    /// The guest boots afresh: misses and past answers are forgotten, the grace restarts.
+    fn start_over(&mut self, now: Instant) {
+        self.panicked = None;
+        for t in &mut self.tracks {
+            t.misses = 0;
+            t.ever_ok = false;
+            t.ok_since_recovery = false;
+            t.last = None;
+        }
+        self.restart_grace(now);
     }
 
     /// QMP `GUEST_PANICKED` (pvpanic).
@@ -403,7 +541,6 @@ impl Machine {
     /// failure: the start-up grace begins again.
     pub fn rebooted(&mut self, evidence: Evidence, now: Instant) -> Option<Transition> {
         self.panicked = None;
-        self.paused_since = None;
         for t in &mut self.tracks {
             t.misses = 0;
             t.ever_ok = false;
@@ -412,12 +549,14 @@ impl Machine {
         if self.state == State::Starting || self.state == State::Gone {
             return None;
         }
-        self.go(State::Starting, "the guest rebooted".into(), evidence, now)
+        // A reset does not resume stopped vCPUs (QEMU goes to prelaunch): still paused.
+        let to = if self.stopped.is_some() { State::Paused } else { State::Starting };
+        self.go(to, "the guest rebooted".into(), evidence, now)
     }
 
     /// QEMU went away (QMP closed) or powered the guest off.
     pub fn gone(&mut self, why: String, evidence: Evidence, now: Instant) -> Option<Transition> {
-        self.paused_since = None;
+        self.stopped = None;
         self.panicked = None;
         for t in &mut self.tracks {
             t.misses = 0;
@@ -455,7 +594,8 @@ impl Machine {
 
     /// Moves to what the probes say now.
     fn settle(&mut self, now: Instant, cause: &str) -> Option<Transition> {
-        if self.state == State::Gone && cause != "attached" {
+        if self.state == State::Gone {
+            // Left only by what QEMU says of itself (attach, status, RESUME, RESET).
             return None;
         }
         if self.tracks.iter().any(|t| t.active() && t.last.is_none()) && !self.tracks_failing() {
@@ -475,7 +615,7 @@ impl Machine {
         let evidence = Evidence::Probes(ProbeEvidence {
             cause: cause.into(),
             scenarios: self.tracks.iter().map(Track::evidence).collect(),
-            paused: self.paused_since.is_some(),
+            paused: self.stopped.is_some(),
             panic: self.panicked.clone(),
             app: self
                 .app
@@ -489,9 +629,14 @@ impl Machine {
         if let Some(p) = &self.panicked {
             return (State::Panicked, format!("the guest kernel panicked: {p}"));
         }
-        let paused = self.paused_since.is_some();
-        if paused && self.pause == PausePolicy::Exempt {
-            return (State::Paused, "the VM is paused (pauses are exempt)".into());
+        if let Some(s) = &self.stopped {
+            if s.held {
+                // The guest has not run in this QEMU yet: nothing can hang.
+                return (State::Paused, s.why.clone());
+            }
+            if self.pause == PausePolicy::Exempt {
+                return (State::Paused, format!("{} (pauses are exempt)", s.why));
+            }
         }
         if let Some((AppStatus::Failed, details)) = &self.app {
             return (State::Unresponsive, format!("the app reports it failed: {details}"));
@@ -511,13 +656,13 @@ impl Machine {
                     reason.push_str(": the guest kernel is alive but what the failing probes need is not");
                 }
             }
-            if paused {
-                reason = format!("the VM is paused (QMP STOP) and {reason}");
+            if let Some(s) = &self.stopped {
+                reason = format!("{} and {reason}", s.why);
             }
             return (State::Unresponsive, reason);
         }
-        if paused {
-            return (State::Paused, "the VM is paused (QMP STOP)".into());
+        if let Some(s) = &self.stopped {
+            return (State::Paused, s.why.clone());
         }
         if active.is_empty() {
             return (State::Starting, "no scenario can run for this VM".into());

@@ -102,6 +102,9 @@ pub struct GuestSpec {
     /// -readconfig file, `-nodefaults -no-shutdown -S` on the command line, and `cont` once
     /// QMP is up.
     pub eve_config: bool,
+    /// Prepare the VM in this state directory (e.g. one a service already watches) instead of
+    /// a temporary one of its own.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl GuestSpec {
@@ -121,7 +124,101 @@ impl GuestSpec {
             kernel: None,
             eve_console: false,
             eve_config: false,
+            state_dir: None,
         }
+    }
+
+    /// QEMU's arguments for this guest (without acpimon's), as `acpimon run` takes them.
+    pub fn qemu_args(&self) -> Vec<String> {
+        assert!(
+            !(self.eve_config || self.eve_console || matches!(self.firmware, Firmware::Pflash(_))),
+            "this launch writes files: use qemu_args_in(DIR)"
+        );
+        self.qemu_args_in(Path::new("/nonexistent"))
+    }
+
+    /// The fixture this guest boots (its kernel's).
+    pub fn fixture(&self) -> &'static Path {
+        match self.kernel {
+            Some(k) => fixture_for(k),
+            None => fixture(),
+        }
+    }
+
+    /// QEMU's arguments for this guest (without acpimon's); the files the launcher writes (its
+    /// -readconfig file, OVMF's variable store, the EVE console socket) go in `dir`.
+    pub fn qemu_args_in(&self, dir: &Path) -> Vec<String> {
+        let fx = self.fixture();
+        let mut cmdline =
+            format!("console=ttyS0 acpimon.scenario={} acpimon.delay={}", self.scenario, self.delay);
+        for word in &self.append {
+            cmdline.push(' ');
+            cmdline.push_str(word);
+        }
+        let mut args: Vec<String> =
+            ["-m", "256", "-nodefaults", "-display", "none"].iter().map(|s| s.to_string()).collect();
+        // The launcher's own sections: in its -readconfig file (EVE), or as argv.
+        let mut launcher: Vec<(&str, Vec<(&str, String)>)> =
+            vec![("machine", vec![("type", self.machine.into())])];
+        let kernel = match self.firmware {
+            Firmware::SeaBios => "vmlinux",
+            Firmware::Ovmf => {
+                args.extend(["-bios".into(), "/usr/share/ovmf/OVMF.fd".into()]);
+                "vmlinuz"
+            }
+            Firmware::Pflash(edk2) => {
+                let vars = dir.join("OVMF_VARS.fd");
+                std::fs::copy(edk2.dir().join("OVMF_VARS_4M.fd"), &vars).unwrap();
+                let code = edk2.dir().join("OVMF_CODE_4M.fd").to_string_lossy().into_owned();
+                let drive = |unit: &str, file: String, readonly: bool| {
+                    let mut p =
+                        vec![("if", "pflash".to_string()), ("format", "raw".into()), ("unit", unit.into())];
+                    if readonly {
+                        p.push(("readonly", "on".into()));
+                    }
+                    p.push(("file", file));
+                    ("drive", p)
+                };
+                launcher.push(drive("0", code, true));
+                launcher.push(drive("1", vars.to_string_lossy().into_owned(), false));
+                "vmlinuz"
+            }
+        };
+        if self.eve_config || self.eve_console {
+            let mut ini = String::from("# the launcher's own configuration, as EVE writes it\n");
+            for (group, props) in &launcher {
+                ini.push_str(&format!("[{group}]\n"));
+                for (k, v) in props {
+                    ini.push_str(&format!("  {k} = \"{v}\"\n"));
+                }
+                ini.push('\n');
+            }
+            if self.eve_console {
+                ini.push_str(&eve_console_sections(dir));
+            }
+            let path = dir.join("launcher.cfg");
+            std::fs::write(&path, ini).unwrap();
+            args.push("-no-shutdown".into());
+            if self.eve_config {
+                args.push("-S".into());
+            }
+            args.extend(["-readconfig".into(), path.to_string_lossy().into()]);
+        } else {
+            for (group, props) in &launcher {
+                let v: Vec<String> = props.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                args.extend([format!("-{group}"), v.join(",")]);
+            }
+        }
+        args.extend(self.extra.iter().cloned());
+        args.extend([
+            "-kernel".into(),
+            fx.join(kernel).to_string_lossy().into(),
+            "-initrd".into(),
+            fx.join("initrd.img").to_string_lossy().into(),
+            "-append".into(),
+            cmdline,
+        ]);
+        args
     }
 }
 
@@ -220,87 +317,25 @@ pub struct Guest {
     pub vm: Vm,
     /// The fixture directory it booted (its manifest names the kernel).
     pub fixture: &'static Path,
-    _dir: tempfile::TempDir,
+    /// What it was launched with, to relaunch it in the same directory.
+    spec: VmSpec,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Guest {
     /// Boots `spec` and waits for the guest's ready marker on the console.
     pub async fn boot(spec: GuestSpec) -> Guest {
-        let fx = match spec.kernel {
-            Some(k) => fixture_for(k),
-            None => fixture(),
-        };
-        let dir = tempfile::Builder::new().prefix("acpimon-test").tempdir_in("/tmp").unwrap();
-        let prepared = acpimon::launch::prepare_with(dir.path(), "guest", &spec.ssdt, spec.extras).unwrap();
-        let mut cmdline =
-            format!("console=ttyS0 acpimon.scenario={} acpimon.delay={}", spec.scenario, spec.delay);
-        for word in &spec.append {
-            cmdline.push(' ');
-            cmdline.push_str(word);
-        }
-        let mut args: Vec<String> =
-            ["-m", "256", "-nodefaults", "-display", "none"].iter().map(|s| s.to_string()).collect();
-        // The launcher's own sections: in its -readconfig file (EVE), or as argv.
-        let mut launcher: Vec<(&str, Vec<(&str, String)>)> =
-            vec![("machine", vec![("type", spec.machine.into())])];
-        let kernel = match spec.firmware {
-            Firmware::SeaBios => "vmlinux",
-            Firmware::Ovmf => {
-                args.extend(["-bios".into(), "/usr/share/ovmf/OVMF.fd".into()]);
-                "vmlinuz"
-            }
-            Firmware::Pflash(edk2) => {
-                let vars = dir.path().join("OVMF_VARS.fd");
-                std::fs::copy(edk2.dir().join("OVMF_VARS_4M.fd"), &vars).unwrap();
-                let code = edk2.dir().join("OVMF_CODE_4M.fd").to_string_lossy().into_owned();
-                let drive = |unit: &str, file: String, readonly: bool| {
-                    let mut p =
-                        vec![("if", "pflash".to_string()), ("format", "raw".into()), ("unit", unit.into())];
-                    if readonly {
-                        p.push(("readonly", "on".into()));
-                    }
-                    p.push(("file", file));
-                    ("drive", p)
-                };
-                launcher.push(drive("0", code, true));
-                launcher.push(drive("1", vars.to_string_lossy().into_owned(), false));
-                "vmlinuz"
+        let fx = spec.fixture();
+        let (dir, state) = match &spec.state_dir {
+            Some(state) => (None, state.clone()),
+            None => {
+                let dir = tempfile::Builder::new().prefix("acpimon-test").tempdir_in("/tmp").unwrap();
+                let state = dir.path().to_path_buf();
+                (Some(dir), state)
             }
         };
-        if spec.eve_config || spec.eve_console {
-            let mut ini = String::from("# the launcher's own configuration, as EVE writes it\n");
-            for (group, props) in &launcher {
-                ini.push_str(&format!("[{group}]\n"));
-                for (k, v) in props {
-                    ini.push_str(&format!("  {k} = \"{v}\"\n"));
-                }
-                ini.push('\n');
-            }
-            if spec.eve_console {
-                ini.push_str(&eve_console_sections(dir.path()));
-            }
-            let path = dir.path().join("launcher.cfg");
-            std::fs::write(&path, ini).unwrap();
-            args.push("-no-shutdown".into());
-            if spec.eve_config {
-                args.push("-S".into());
-            }
-            args.extend(["-readconfig".into(), path.to_string_lossy().into()]);
-        } else {
-            for (group, props) in &launcher {
-                let v: Vec<String> = props.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                args.extend([format!("-{group}"), v.join(",")]);
-            }
-        }
-        args.extend(spec.extra.iter().cloned());
-        args.extend([
-            "-kernel".into(),
-            fx.join(kernel).to_string_lossy().into(),
-            "-initrd".into(),
-            fx.join("initrd.img").to_string_lossy().into(),
-            "-append".into(),
-            cmdline,
-        ]);
+        let prepared = acpimon::launch::prepare_with(&state, "guest", &spec.ssdt, spec.extras).unwrap();
+        let args = spec.qemu_args_in(&state);
         let wait_ready = spec.wait_ready && !spec.watched;
         let eve_config = spec.eve_config;
         let spec = VmSpec {
@@ -311,8 +346,8 @@ impl Guest {
             leave_to_watch: spec.watched,
             console_chardev: None,
         };
-        let vm = Vm::launch(spec).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
-        let guest = Guest { vm, fixture: fx, _dir: dir };
+        let vm = Vm::launch(spec.clone()).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
+        let guest = Guest { vm, fixture: fx, spec, _dir: dir };
         if eve_config {
             guest.vm.qmp.execute(qapi::qmp::cont {}).await.expect("cont");
         }
@@ -320,6 +355,24 @@ impl Guest {
             guest.wait_console(READY, 0, BOOT_TIMEOUT).await;
         }
         guest
+    }
+
+    /// Kills QEMU (SIGKILL, as a crash or an operator would) and waits until it is gone.
+    pub async fn kill(&mut self) {
+        let pid = self.vm.qmp.pid.expect("QEMU's pid through its QMP socket");
+        let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("SIGKILL sent");
+        tokio::time::timeout(Duration::from_secs(20), self.vm.qmp.closed()).await.expect("QEMU exits");
+    }
+
+    /// Launches QEMU again in the same directory, created paused (`-S`) or not; does not wait
+    /// for the guest (as a watched guest).
+    pub async fn relaunch(&mut self, paused: bool) {
+        self.spec.args.retain(|a| a != "-S");
+        if paused {
+            self.spec.args.push("-S".into());
+        }
+        self.vm = Vm::launch(self.spec.clone()).await.unwrap_or_else(|e| panic!("relaunch failed: {e}"));
     }
 
     pub fn snapshot(&self) -> Snapshot {

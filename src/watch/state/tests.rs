@@ -37,7 +37,7 @@ fn healthy_round(m: &mut Machine, now: Instant) -> Vec<State> {
 #[test]
 fn starting_becomes_healthy_once_every_scenario_answered() {
     let (mut m, t0) = machine(PausePolicy::Counts, None);
-    assert_eq!(to(m.attached("running", t0)), None);
+    assert_eq!(to(m.attached("running", false, t0)), None);
     assert_eq!(to(m.probe(HB, ok(1), t0)), None, "console has not answered yet");
     assert_eq!(to(m.probe(CON, ok(20), t0)), Some(State::Healthy));
 }
@@ -158,14 +158,14 @@ fn gone_then_attached_again_starts_over() {
     let t = m.gone("QEMU exited".into(), Evidence::Closed(Nothing {}), t0).unwrap();
     assert_eq!((t.to, sent(&t)), (State::Gone, json!({})));
     assert_eq!(to(m.probe(HB, miss("x"), t0)), None, "nothing counts while gone");
-    assert_eq!(to(m.attached("running", t0)), Some(State::Starting));
+    assert_eq!(to(m.attached("running", false, t0)), Some(State::Starting));
     assert_eq!(healthy_round(&mut m, t0), vec![State::Healthy]);
 }
 
 #[test]
 fn a_restored_incident_is_not_alerted_twice() {
     let (mut m, t0) = machine(PausePolicy::Counts, Some((State::Unresponsive, true)));
-    assert_eq!(to(m.attached("running", t0)), None);
+    assert_eq!(to(m.attached("running", false, t0)), None);
     for _ in 0..5 {
         assert_eq!(to(m.probe(HB, miss("x"), t0)), None);
     }
@@ -185,7 +185,7 @@ fn an_unavailable_scenario_stops_counting() {
 #[test]
 fn qemu_reporting_a_panic_at_attach_is_panicked() {
     let (mut m, t0) = machine(PausePolicy::Counts, None);
-    assert_eq!(to(m.attached("guest-panicked", t0)), Some(State::Panicked));
+    assert_eq!(to(m.attached("guest-panicked", false, t0)), Some(State::Panicked));
     assert!(m.incident);
 }
 
@@ -200,4 +200,216 @@ fn the_apps_own_word_counts() {
     assert!(m.incident, "a failed app runs diagnostics like a hang");
     assert_eq!(to(m.probe(HB, ok(1), t0)), None, "still failed while the app says so");
     assert_eq!(to(m.app_health(AppStatus::Ok, String::new(), t0)), Some(State::Recovered));
+}
+
+fn stop_event() -> Value {
+    json!({"event": "STOP"})
+}
+
+/// Healthy, then a hang (QMP STOP and misses) is unresponsive at the threshold.
+fn assert_healthy_then_hang_detected(m: &mut Machine, now: Instant) {
+    assert_eq!(healthy_round(m, now), vec![State::Healthy]);
+    assert_eq!(to(m.stopped(stop_event(), now)), Some(State::Paused));
+    m.probe(HB, miss("x"), now);
+    m.probe(HB, miss("x"), now);
+    assert_eq!(to(m.probe(HB, miss("x"), now)), Some(State::Unresponsive));
+}
+
+#[test]
+fn eves_order_service_first_then_qemu_with_dash_s_then_cont() {
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    let why = "QEMU is not running: cannot connect to QMP socket".to_string();
+    assert_eq!(to(m.gone(why.clone(), Evidence::Attach { attach: why }, t0)), Some(State::Gone));
+    let t = m.attached("prelaunch", true, t0).unwrap();
+    assert_eq!((t.from, t.to), (State::Gone, State::Paused));
+    assert!(t.reason.starts_with("QEMU waits for `cont`"), "{}", t.reason);
+    assert_eq!(sent(&t), json!({"qmp_status": "prelaunch"}));
+    // A guest that never ran cannot hang: its misses do not count, past the grace too.
+    let later = t0 + Duration::from_secs(600);
+    for _ in 0..10 {
+        assert_eq!(to(m.probe(HB, miss("x"), later)), None);
+    }
+    assert_eq!(to(m.tick(later)), None);
+    let t = m.resumed(json!({"event": "RESUME"}), later).unwrap();
+    assert_eq!(t.to, State::Starting);
+    // It boots now: the grace starts at the resume.
+    for _ in 0..5 {
+        assert_eq!(to(m.probe(HB, miss("booting"), later)), None);
+    }
+    assert_healthy_then_hang_detected(&mut m, later);
+}
+
+#[test]
+fn every_qemu_run_state_leads_to_a_state_that_can_be_left() {
+    let statuses = [
+        "prelaunch",
+        "inmigrate",
+        "paused",
+        "suspended",
+        "postmigrate",
+        "finish-migrate",
+        "save-vm",
+        "restore-vm",
+        "debug",
+        "colo",
+        "io-error",
+        "internal-error",
+        "watchdog",
+        "guest-panicked",
+        "shutdown",
+        "running",
+        "some-future-state",
+    ];
+    for status in statuses {
+        for from in ["gone", "starting", "healthy", "unresponsive"] {
+            let (mut m, t0) = machine(PausePolicy::Counts, None);
+            match from {
+                "gone" => {
+                    m.gone("QEMU exited".into(), Evidence::Closed(Nothing {}), t0);
+                }
+                "healthy" => {
+                    healthy_round(&mut m, t0);
+                }
+                "unresponsive" => {
+                    healthy_round(&mut m, t0);
+                    for _ in 0..3 {
+                        m.probe(HB, miss("x"), t0);
+                    }
+                    assert_eq!(m.state, State::Unresponsive);
+                }
+                _ => {}
+            }
+            let ctx = format!("{status} from {from}");
+            m.attached(status, from == "gone", t0);
+            let expected = match RunState::of(status) {
+                RunState::Running if from == "gone" => State::Starting,
+                RunState::Running => m.state,
+                RunState::Panicked => State::Panicked,
+                RunState::Off => State::Gone,
+                RunState::Stopped { held: false } if from == "unresponsive" => State::Unresponsive,
+                RunState::Stopped { .. } => State::Paused,
+            };
+            assert_eq!(m.state, expected, "{ctx}");
+            // And out again, by what QEMU does next.
+            match RunState::of(status) {
+                RunState::Off => {
+                    // system_reset of a powered-off VM: RESET, then prelaunch until `cont`.
+                    assert_eq!(to(m.status("prelaunch", t0)), Some(State::Paused), "{ctx}");
+                    assert_eq!(to(m.resumed(json!({}), t0)), Some(State::Starting), "{ctx}");
+                }
+                RunState::Panicked => {
+                    let reset = Evidence::QmpEvent { qmp_event: json!({"event": "RESET"}) };
+                    assert_eq!(to(m.rebooted(reset, t0)), Some(State::Starting), "{ctx}");
+                }
+                RunState::Stopped { .. } => {
+                    // `cont` whose RESUME was missed: the status poll says running.
+                    m.status("running", t0);
+                    assert_ne!(m.state, State::Paused, "{ctx}");
+                }
+                RunState::Running => {}
+            }
+            healthy_round(&mut m, t0);
+            assert!(matches!(m.state, State::Healthy | State::Recovered), "{ctx}: {:?}", m.state);
+            healthy_round(&mut m, t0);
+            assert_healthy_or_recovered_then_hang(&mut m, t0, &ctx);
+        }
+    }
+}
+
+fn assert_healthy_or_recovered_then_hang(m: &mut Machine, now: Instant, ctx: &str) {
+    assert_eq!(m.state, State::Healthy, "{ctx}");
+    assert_eq!(to(m.stopped(stop_event(), now)), Some(State::Paused), "{ctx}");
+    m.probe(HB, miss("x"), now);
+    m.probe(HB, miss("x"), now);
+    assert_eq!(to(m.probe(HB, miss("x"), now)), Some(State::Unresponsive), "{ctx}");
+}
+
+#[test]
+fn a_relaunched_qemu_needs_fresh_answers_from_its_own_guest() {
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    m.gone("QEMU exited (its QMP connection closed)".into(), Evidence::Closed(Nothing {}), t0);
+    assert_eq!(to(m.attached("running", true, t0)), Some(State::Starting));
+    assert_eq!(to(m.tick(t0)), None, "the previous life's answers count for nothing");
+    assert_eq!(to(m.probe(HB, ok(1), t0)), None, "the console has not answered this QEMU yet");
+    for _ in 0..5 {
+        assert_eq!(to(m.probe(CON, miss("booting"), t0)), None, "its guest boots: start-up grace");
+    }
+    assert_eq!(to(m.probe(CON, ok(1), t0)), Some(State::Healthy));
+}
+
+#[test]
+fn a_qemu_relaunched_while_the_service_was_down_starts_over() {
+    let (mut m, t0) = machine(PausePolicy::Counts, Some((State::Healthy, false)));
+    let t = m.attached("running", true, t0).unwrap();
+    assert_eq!((t.from, t.to), (State::Healthy, State::Starting));
+    assert!(t.reason.contains("relaunched"), "{}", t.reason);
+    for _ in 0..5 {
+        assert_eq!(to(m.probe(HB, miss("booting"), t0)), None, "not a hang: its guest boots");
+    }
+    assert_healthy_then_hang_detected(&mut m, t0);
+
+    // The same QEMU, the service restarted: misses count at once (no grace), but healthy
+    // needs a fresh answer from every scenario.
+    let (mut m, t0) = machine(PausePolicy::Counts, Some((State::Healthy, false)));
+    assert_eq!(to(m.attached("running", false, t0)), None);
+    assert_eq!(to(m.probe(HB, miss("x"), t0)), None, "the console has not reported yet");
+    assert_eq!(to(m.probe(CON, ok(1), t0)), Some(State::Late), "no start-up grace");
+    let (mut m, t0) = machine(PausePolicy::Counts, Some((State::Healthy, false)));
+    m.attached("running", false, t0);
+    assert_eq!(to(m.probe(HB, ok(1), t0)), None, "the console has not answered since the attach");
+    assert_eq!(to(m.probe(CON, ok(1), t0)), None, "healthy, as before");
+    assert_eq!(m.state, State::Healthy);
+
+    // Relaunched with -S while the service was down, after an incident.
+    let (mut m, t0) = machine(PausePolicy::Counts, Some((State::Unresponsive, true)));
+    assert_eq!(to(m.attached("prelaunch", true, t0)), Some(State::Paused));
+    assert_eq!(to(m.resumed(json!({}), t0)), Some(State::Starting));
+    assert_eq!(healthy_round(&mut m, t0), vec![State::Recovered], "the incident ends");
+}
+
+#[test]
+fn a_reset_of_a_stopped_vm_stays_paused_until_cont() {
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    assert_eq!(to(m.stopped(stop_event(), t0)), Some(State::Paused));
+    let reset = Evidence::QmpEvent { qmp_event: json!({"event": "RESET"}) };
+    assert_eq!(to(m.rebooted(reset, t0)), None, "a reset does not resume the vCPUs");
+    assert_eq!(to(m.status("prelaunch", t0)), None);
+    for _ in 0..10 {
+        assert_eq!(to(m.probe(HB, miss("x"), t0 + Duration::from_secs(600))), None, "held: never ran");
+    }
+    assert_eq!(to(m.resumed(json!({}), t0)), Some(State::Starting));
+    assert_healthy_then_hang_detected(&mut m, t0);
+}
+
+#[test]
+fn a_missed_resume_is_caught_by_the_status_poll() {
+    let (mut m, t0) = machine(PausePolicy::Exempt, None);
+    healthy_round(&mut m, t0);
+    assert_eq!(to(m.stopped(stop_event(), t0)), Some(State::Paused));
+    assert_eq!(to(m.status("paused", t0)), None, "the poll agrees");
+    assert_eq!(m.evaluate(t0).1, "the VM is paused (QMP STOP) (pauses are exempt)", "and says no more");
+    assert_eq!(to(m.status("running", t0)), Some(State::Starting));
+    assert_eq!(healthy_round(&mut m, t0), vec![State::Healthy]);
+}
+
+#[test]
+fn an_error_stop_says_why_and_counts() {
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    let t = m.status("io-error", t0).unwrap();
+    assert_eq!(t.to, State::Paused);
+    assert_eq!(t.reason, "QEMU stopped the VM on a disk I/O error (QEMU status io-error)");
+    m.probe(HB, miss("x"), t0);
+    m.probe(HB, miss("x"), t0);
+    let t = m.probe(HB, miss("x"), t0).unwrap();
+    assert_eq!(t.to, State::Unresponsive);
+    assert!(
+        t.reason.starts_with(
+            "QEMU stopped the VM on a disk I/O error (QEMU status io-error) and acpi-heartbeat missed 3"
+        ),
+        "{}",
+        t.reason
+    );
 }
