@@ -8,6 +8,7 @@
 
 pub mod channel;
 pub mod conflicts;
+pub mod libvirt;
 pub mod prepare;
 pub mod vm;
 
