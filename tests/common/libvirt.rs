@@ -69,9 +69,16 @@ pub struct Domain {
 }
 
 impl Domain {
-    /// Defines and starts a domain whose guest runs `scenario` after `delay` seconds, created
-    /// paused (`virsh start --paused`) so a watch service can attach before the first line.
+    /// [`Domain::define`]s and starts a domain, created paused (`virsh start --paused`) so a
+    /// watch service can attach before the guest's first line.
     pub fn start_paused(scenario: &str, delay: u32) -> Domain {
+        let d = Domain::define(scenario, delay);
+        d.virsh(&["start", "--paused"]);
+        d
+    }
+
+    /// Defines (does not start) a domain whose guest runs `scenario` after `delay` seconds.
+    pub fn define(scenario: &str, delay: u32) -> Domain {
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!("acpimon-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
         let dir = tempfile::Builder::new().prefix("acpimon-libvirt").tempdir_in("/tmp").unwrap();
@@ -93,7 +100,6 @@ impl Domain {
         super::write(&file, xml.as_bytes());
         let d = Domain { name, prepared, xml, _dir: dir };
         virsh_ok(&["define", file.to_str().unwrap()]);
-        virsh_ok(&["start", "--paused", &d.name]);
         d
     }
 
