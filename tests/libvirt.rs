@@ -105,6 +105,33 @@ async fn sysrq_reaches_a_libvirt_guest_that_stops_answering() {
     assert!(sysrq.contains("sysrq: Show Blocked State"), "{sysrq}");
 }
 
+/// `[libvirt]`: QMP commands (the heartbeat's HMP, query-status) through libvirt's monitor
+/// passthrough and QMP events as libvirt relays them. acpimon's own QMP socket is unlinked
+/// first, so nothing can reach QEMU but through libvirt.
+#[cfg(feature = "libvirt")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_libvirt_api_by_uuid_a_suspend_and_a_panic_are_seen() {
+    let work = work();
+    let d = Domain::start_paused("panic", 40);
+    std::fs::remove_file(&d.prepared.descriptor.qmp).unwrap();
+    let uuid = d.virsh(&["domuuid"]).trim().to_string();
+    let config = format!("{CONFIG}[libvirt]\nuri = \"{}\"\ndomains = [\"{uuid}\"]\n", common::libvirt::uri());
+    let svc = Service::start(d.state_dir(), work.path(), &config).await;
+    svc.wait_state(&d.name, State::Paused, Duration::from_secs(30)).await;
+    d.virsh(&["resume"]);
+    svc.wait_state(&d.name, State::Healthy, BOOT).await;
+    d.virsh(&["suspend"]);
+    svc.wait_state(&d.name, State::Paused, Duration::from_secs(10)).await;
+    let (view, _) = svc.wait_state(&d.name, State::Unresponsive, Duration::from_secs(30)).await;
+    assert!(view.reason.starts_with("the VM is paused (QMP STOP)"), "{}", view.reason);
+    d.virsh(&["resume"]);
+    svc.wait_state(&d.name, State::Healthy, Duration::from_secs(40)).await;
+    let t = svc.wait_event("panicked", BOOT, |e| is_transition(e, State::Panicked)).await;
+    assert_eq!(t.detail["reason"], "the guest kernel panicked (pvpanic GUEST_PANICKED)");
+    d.virsh(&["destroy"]);
+    svc.wait_state(&d.name, State::Gone, Duration::from_secs(20)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs issue 10 item 1 (any start order): attached during libvirt's -S, the VM stays gone"]
 async fn a_domain_started_after_the_service_becomes_healthy() {
