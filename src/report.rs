@@ -135,7 +135,7 @@ pub fn summary_line(s: &Summary) -> String {
 /// and every default filled in.
 pub fn config_json(c: &crate::watch::Config) -> serde_json::Value {
     use crate::units::format_duration as d;
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "state_dir": c.state_dir,
         "data_dir": c.data_dir,
         "node": c.node,
@@ -156,7 +156,11 @@ pub fn config_json(c: &crate::watch::Config) -> serde_json::Value {
         "bundles": { "keep_per_vm": c.bundles_keep },
         "defaults": c.defaults,
         "vm": c.vms,
-    })
+    });
+    if let Some(l) = &c.libvirt {
+        v["libvirt"] = serde_json::json!({ "uri": l.uri, "domains": l.domains });
+    }
+    v
 }
 
 /// `acpimon watch --check`: what a configuration resolves to.
@@ -171,6 +175,10 @@ pub fn config_summary(c: &crate::watch::Config) -> String {
     let _ = writeln!(o, "metrics     {}", c.metrics.map_or("off".into(), |a| format!("http://{a}/metrics")));
     let _ = writeln!(o, "controller  {}", c.controller.as_ref().map_or("none", |c| c.url.as_str()));
     let _ = writeln!(o, "hook        {}", c.hook.as_ref().map_or("none".into(), |h| h.argv.join(" ")));
+    if let Some(l) = &c.libvirt {
+        let which = if l.domains.is_empty() { "every VM".into() } else { l.domains.join(", ") };
+        let _ = writeln!(o, "libvirt     {} (QMP through libvirt for {which})", l.uri);
+    }
     let vms = std::iter::once(("(defaults)", &c.defaults)).chain(c.vms.iter().map(|(n, s)| (n.as_str(), s)));
     for (name, s) in vms {
         let _ = writeln!(

@@ -85,7 +85,7 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         ssdt: Option<PathBuf>,
         /// argv: one argument per line; readconfig: a QEMU -readconfig file (as EVE uses),
-        /// followed by the arguments it cannot hold.
+        /// followed by the arguments it cannot hold; libvirt: a domain XML fragment to merge.
         #[arg(long, value_enum, default_value_t = Format::Argv)]
         format: Format,
         #[command(flatten)]
@@ -485,6 +485,8 @@ pub struct TableArgs {
 pub enum Format {
     Argv,
     Readconfig,
+    /// A libvirt domain XML fragment to merge into a domain (`<qemu:commandline>`, `<panic>`).
+    Libvirt,
 }
 
 impl TableArgs {
@@ -563,6 +565,7 @@ pub fn render(plan: &LaunchPlan, format: Format) -> Result<String, Error> {
                 rest.join(" ")
             )
         }
+        Format::Libvirt => crate::launch::libvirt::domain_xml(plan)?,
     })
 }
 

@@ -9,6 +9,7 @@
 pub mod channel;
 pub mod conflicts;
 pub mod console;
+pub mod libvirt;
 pub mod prepare;
 pub mod qemu_config;
 pub mod qemu_version;

@@ -4,6 +4,8 @@
 //! IRQ with the HMP command `o /b 0x20NN 1` (pc-testdev), and waits until a record echoes
 //! both. The time between the HMP command and the echo is the round trip.
 
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod qmp;
 
 use std::sync::Arc;

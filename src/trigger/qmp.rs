@@ -19,8 +19,9 @@ use crate::util::lock;
 use qapi::Enum as _;
 use serde::Deserialize as _;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
 
@@ -212,7 +213,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Outcome>>>>;
 
 /// A connected QMP monitor. Cheap to share behind an `Arc`; commands may run concurrently.
 pub struct Qmp {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// A Unix socket's write half, or another transport's (libvirt's monitor passthrough).
+    writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
     next_id: AtomicU64,
@@ -244,11 +246,23 @@ impl Qmp {
             .and_then(|p| u32::try_from(p).ok())
             .filter(|&p| p > 0);
         let (read, write) = stream.into_split();
+        let mut qmp = Qmp::over(read, write, path).await?;
+        qmp.pid = pid;
+        Ok(qmp)
+    }
+
+    /// A QMP session over any byte stream that speaks QMP's lines (greeting first); `peer` names
+    /// it in errors. QEMU's pid is not known over such a stream.
+    pub async fn over(
+        read: impl AsyncRead + Send + Unpin + 'static,
+        write: impl AsyncWrite + Send + Unpin + 'static,
+        peer: &Path,
+    ) -> Result<Qmp, QmpError> {
         let mut reader = BufReader::new(read);
         let greeting = read_line(&mut reader).await?.ok_or(QmpError::Closed)?;
         let version = match parse_message(&greeting) {
             Ok(Message::Greeting { version }) => version,
-            _ => return Err(QmpError::Greeting(path.into())),
+            _ => return Err(QmpError::Greeting(peer.into())),
         };
         // QEMU sends events one at a time; a broadcast channel allocates every slot up front
         // (one QmpEvent each), so a few dozen are plenty and hundreds would cost memory per VM.
@@ -261,13 +275,13 @@ impl Qmp {
             let _ = closed_tx.send(true);
         });
         let qmp = Qmp {
-            writer: tokio::sync::Mutex::new(write),
+            writer: tokio::sync::Mutex::new(Box::new(write)),
             pending,
             events,
             next_id: AtomicU64::new(1),
             closed,
             version,
-            pid,
+            pid: None,
         };
         qmp.execute(qapi::qmp::qmp_capabilities { enable: None }).await?;
         Ok(qmp)

@@ -40,9 +40,21 @@ pub struct Config {
     pub controller: Option<ControllerConfig>,
     pub hook: Option<HookConfig>,
     pub bundles_keep: usize,
+    /// `[libvirt]`: VMs whose QMP goes through libvirt (cargo feature `libvirt`).
+    pub libvirt: Option<LibvirtConfig>,
     pub defaults: VmSettings,
     /// Per-VM settings, already merged over the defaults.
     pub vms: BTreeMap<String, VmSettings>,
+}
+
+/// `[libvirt]`: domains whose QMP commands and events go through libvirt's monitor
+/// passthrough instead of the VM's own QMP socket. A domain is the acpimon VM of its name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LibvirtConfig {
+    /// libvirt's connection URI, e.g. `qemu:///system`.
+    pub uri: String,
+    /// Domain names or UUIDs; empty: every VM is a libvirt domain of its name.
+    pub domains: Vec<String>,
 }
 
 /// How one VM is watched. Serialised (for `watch --check --json`) with the file's key names.
@@ -311,6 +323,7 @@ struct RawConfig {
     controller: Option<Spanned<RawController>>,
     hook: Option<Spanned<RawHook>>,
     bundles: Option<RawBundles>,
+    libvirt: Option<Spanned<RawLibvirt>>,
     defaults: Option<RawVm>,
     #[serde(default)]
     vm: BTreeMap<String, Spanned<RawVm>>,
@@ -341,6 +354,14 @@ struct RawController {
 struct RawHook {
     argv: Vec<String>,
     timeout: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLibvirt {
+    uri: String,
+    #[serde(default)]
+    domains: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -559,6 +580,25 @@ impl Validator<'_> {
             }
         });
         let bundles_keep = raw.bundles.map_or(10, |b| b.keep_per_vm.max(1));
+        let libvirt = raw.libvirt.and_then(|l| {
+            let span = l.span();
+            let l = l.into_inner();
+            if !cfg!(feature = "libvirt") {
+                self.problem(
+                    span,
+                    "[libvirt]: this acpimon was built without libvirt; build it with `cargo build \
+                     --features libvirt` (it needs libvirt's client library), or watch the domain \
+                     through its own QMP socket (remove [libvirt])"
+                        .into(),
+                );
+                return None;
+            }
+            if l.uri.is_empty() {
+                self.problem(span, "[libvirt]: uri is empty; write e.g. uri = \"qemu:///system\"".into());
+                return None;
+            }
+            Some(LibvirtConfig { uri: l.uri, domains: l.domains })
+        });
         let defaults = self.vm_settings(raw.defaults.unwrap_or_default(), &VmSettings::default(), "defaults");
         let mut vms = BTreeMap::new();
         for (name, vm) in raw.vm {
@@ -586,6 +626,7 @@ impl Validator<'_> {
             controller,
             hook,
             bundles_keep,
+            libvirt,
             defaults,
             vms,
         }

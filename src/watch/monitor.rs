@@ -179,7 +179,7 @@ impl Monitor {
 
     async fn attach(&mut self) -> Result<Attached, String> {
         let d = Descriptor::load(&self.dir).map_err(|e| e.to_string())?;
-        let qmp = match tokio::time::timeout(ATTACH_WAIT, Qmp::connect(&d.qmp, Duration::ZERO)).await {
+        let qmp = match tokio::time::timeout(ATTACH_WAIT, self.connect_qmp(&d)).await {
             Ok(Ok(q)) => Arc::new(q),
             Ok(Err(e)) => return Err(format!("QEMU is not running: {e}")),
             Err(_) => {
@@ -237,6 +237,18 @@ impl Monitor {
             guest_agent: d.guest_agent.clone(),
         };
         Ok(Attached { qmp, console, channels, console_why, status, qemu_id, app_reports })
+    }
+
+    /// The backend seam: QMP through libvirt for a domain `[libvirt]` names, else the VM's own
+    /// socket. Both give the same [`Qmp`] (commands, events, closing).
+    async fn connect_qmp(&self, d: &Descriptor) -> Result<Qmp, crate::trigger::qmp::QmpError> {
+        #[cfg(feature = "libvirt")]
+        if let Some(cfg) = &self.shared.config.libvirt {
+            if let Some(qmp) = crate::trigger::libvirt::connect_vm(cfg, &self.name).await {
+                return qmp;
+            }
+        }
+        Qmp::connect(&d.qmp, Duration::ZERO).await
     }
 
     /// Watches an attached VM until QEMU goes away or the monitor is stopped.

@@ -5,6 +5,7 @@
 
 pub mod acpica;
 pub mod guest;
+pub mod libvirt;
 pub mod service;
 
 use std::path::{Path, PathBuf};

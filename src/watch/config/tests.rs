@@ -311,3 +311,18 @@ fn the_resolved_configuration_serialises_with_the_file_keys() {
     let again = parse(&text).unwrap();
     assert_eq!(again.defaults, c.defaults);
 }
+
+#[test]
+fn the_libvirt_section_needs_the_feature_and_a_uri() {
+    let c = parse("[libvirt]\nuri = \"qemu:///system\"\ndomains = [\"web1\"]\n");
+    if cfg!(feature = "libvirt") {
+        let l = c.unwrap().libvirt.unwrap();
+        assert_eq!(l, LibvirtConfig { uri: "qemu:///system".into(), domains: vec!["web1".into()] });
+        let e = parse("[libvirt]\nuri = \"\"\n").unwrap_err().to_string();
+        assert!(e.contains("uri is empty"), "{e}");
+    } else {
+        let e = c.unwrap_err().to_string();
+        assert!(e.contains("built without libvirt") && e.contains("--features libvirt"), "{e}");
+    }
+    assert!(parse("").unwrap().libvirt.is_none());
+}

@@ -1,0 +1,156 @@
+//! `acpimon watch` on libvirt domains: the fixture guest defined through a real `libvirtd`
+//! with the XML `acpimon prepare NAME --format libvirt` prints, merged into a plain domain.
+//! libvirt owns its own QMP monitor; the service uses the second one (and the console) that the
+//! fragment's `<qemu:commandline>` adds. Each domain is destroyed and undefined on drop.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use acpimon::event::RawEvent as Event;
+use acpimon::watch::state::State;
+use common::libvirt::Domain;
+use common::service::{is_transition, Service};
+
+const BOOT: Duration = Duration::from_secs(120);
+const CONFIG: &str = "[defaults]\nstartup_grace = \"90s\"\n";
+
+fn work() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("acpimon-libvirt-watch").tempdir_in("/tmp").unwrap()
+}
+
+/// Starts the service on `d` (created paused, so it has the console from the first line) and
+/// lets libvirt resume the domain.
+async fn watch(d: &Domain, work: &std::path::Path) -> Service {
+    let svc = Service::start(d.state_dir(), work, CONFIG).await;
+    svc.wait_state(&d.name, State::Paused, Duration::from_secs(30)).await;
+    d.virsh(&["resume"]);
+    svc
+}
+
+/// The text of a bundle step's file.
+fn step_file(bundle: &Event, name: &str) -> String {
+    let dir = PathBuf::from(bundle.detail["bundle"].as_str().expect("bundle path"));
+    let steps = bundle.detail["manifest"]["steps"].as_array().expect("steps");
+    let s = steps.iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no step {name}: {bundle:?}"));
+    let file = s["file"].as_str().unwrap_or_else(|| panic!("step {name} has no file: {s:#}"));
+    std::fs::read_to_string(dir.join(file)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_libvirt_domain_is_healthy_and_virsh_suspend_is_paused_then_unresponsive() {
+    let work = work();
+    let d = Domain::start_paused("healthy", 3);
+    let log = d.qemu_log();
+    assert!(
+        log.contains("-no-shutdown") && log.contains("acpimon-qmp"),
+        "libvirt's QEMU command line: {log}"
+    );
+    let svc = watch(&d, work.path()).await;
+    svc.wait_state(&d.name, State::Healthy, BOOT).await;
+    // The heartbeat answers before userspace starts: give the guest time to reach its shell.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    d.virsh(&["suspend"]);
+    svc.wait_state(&d.name, State::Paused, Duration::from_secs(10)).await;
+    let (view, _) = svc.wait_state(&d.name, State::Unresponsive, Duration::from_secs(30)).await;
+    assert!(
+        view.reason.starts_with("the VM is paused (QMP STOP) and acpi-heartbeat missed 3 of 3"),
+        "{}",
+        view.reason
+    );
+    let bundle = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
+    assert_eq!(bundle.detail["manifest"]["trigger"]["kind"], "unresponsive");
+    let tail = step_file(&bundle, "console-tail");
+    assert!(tail.contains("Linux version") && tail.contains(common::guest::READY), "from boot on: {tail}");
+    assert!(step_file(&bundle, "qmp-status").contains("paused"));
+
+    d.virsh(&["resume"]);
+    svc.wait_state(&d.name, State::Healthy, Duration::from_secs(40)).await;
+    assert_eq!(d.state(), "running (unpaused)");
+
+    // libvirt stops the domain: gone, not a failure.
+    d.virsh(&["destroy"]);
+    svc.wait_state(&d.name, State::Gone, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_libvirt_domain_is_reported_and_libvirt_keeps_the_guest() {
+    let work = work();
+    let d = Domain::start_paused("panic", 10);
+    let svc = watch(&d, work.path()).await;
+    svc.wait_state(&d.name, State::Healthy, BOOT).await;
+    let t = svc.wait_event("panicked", Duration::from_secs(90), |e| is_transition(e, State::Panicked)).await;
+    assert_eq!(t.detail["reason"], "the guest kernel panicked (pvpanic GUEST_PANICKED)");
+    let bundle = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
+    assert_eq!(bundle.detail["manifest"]["trigger"]["kind"], "panicked");
+    let tail = step_file(&bundle, "console-tail");
+    assert!(tail.contains("Kernel panic - not syncing: sysrq triggered crash"), "{tail}");
+    // <on_crash>preserve</on_crash>: libvirt marks it crashed and leaves it for diagnostics.
+    assert_eq!(d.state(), "crashed (panicked)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sysrq_reaches_a_libvirt_guest_that_stops_answering() {
+    let work = work();
+    let d = Domain::start_paused("starve", 12);
+    let svc = watch(&d, work.path()).await;
+    svc.wait_state(&d.name, State::Healthy, BOOT).await;
+    let (view, _) = svc.wait_state(&d.name, State::Unresponsive, Duration::from_secs(90)).await;
+    assert!(view.reason.starts_with("acpi-heartbeat missed 3 of 3"), "{}", view.reason);
+    let bundle = svc.wait_event("bundle", Duration::from_secs(90), |e| e.kind == "bundle").await;
+    assert!(step_file(&bundle, "console-tail").contains("ACPIMON-GUEST: starving"));
+    let sysrq = step_file(&bundle, "sysrq");
+    assert!(sysrq.contains("sysrq: Show Blocked State"), "{sysrq}");
+}
+
+/// `[libvirt]`: QMP commands (the heartbeat's HMP, query-status) through libvirt's monitor
+/// passthrough and QMP events as libvirt relays them. acpimon's own QMP socket is unlinked
+/// first, so nothing can reach QEMU but through libvirt.
+#[cfg(feature = "libvirt")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_libvirt_api_by_uuid_a_suspend_and_a_panic_are_seen() {
+    let work = work();
+    let d = Domain::start_paused("panic", 40);
+    std::fs::remove_file(&d.prepared.descriptor.qmp).unwrap();
+    let uuid = d.virsh(&["domuuid"]).trim().to_string();
+    let config = format!("{CONFIG}[libvirt]\nuri = \"{}\"\ndomains = [\"{uuid}\"]\n", common::libvirt::uri());
+    let svc = Service::start(d.state_dir(), work.path(), &config).await;
+    svc.wait_state(&d.name, State::Paused, Duration::from_secs(30)).await;
+    d.virsh(&["resume"]);
+    svc.wait_state(&d.name, State::Healthy, BOOT).await;
+    d.virsh(&["suspend"]);
+    svc.wait_state(&d.name, State::Paused, Duration::from_secs(10)).await;
+    let (view, _) = svc.wait_state(&d.name, State::Unresponsive, Duration::from_secs(30)).await;
+    assert!(view.reason.starts_with("the VM is paused (QMP STOP)"), "{}", view.reason);
+    d.virsh(&["resume"]);
+    svc.wait_state(&d.name, State::Healthy, Duration::from_secs(40)).await;
+    let t = svc.wait_event("panicked", BOOT, |e| is_transition(e, State::Panicked)).await;
+    assert_eq!(t.detail["reason"], "the guest kernel panicked (pvpanic GUEST_PANICKED)");
+    d.virsh(&["destroy"]);
+    svc.wait_state(&d.name, State::Gone, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_started_after_the_service_becomes_healthy() {
+    let work = work();
+    let d = Domain::define("healthy", 3);
+    let svc = Service::start(d.state_dir(), work.path(), CONFIG).await;
+    svc.wait_state(&d.name, State::Gone, Duration::from_secs(10)).await;
+    d.virsh(&["start"]);
+    svc.wait_state(&d.name, State::Healthy, BOOT).await;
+}
+
+#[test]
+fn the_fragment_merges_as_the_readme_says() {
+    let dir = work();
+    let state = dir.path().to_str().unwrap();
+    let frag = common::acpimon(&["prepare", "x", "--state-dir", state, "--format", "libvirt"]);
+    assert!(frag.status.success());
+    let base = "<domain type='qemu'>\n  <devices>\n  </devices>\n</domain>\n";
+    let xml = common::libvirt::merge(base, &common::text(&frag.stdout));
+    assert!(xml.starts_with("<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"));
+    assert!(xml.contains("<panic model='isa'/>\n  </devices>"), "{xml}");
+    assert!(xml.contains("</qemu:commandline>\n</domain>"), "{xml}");
+}
