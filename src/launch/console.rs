@@ -7,10 +7,13 @@
 //! (QEMU serves one client per socket chardev) and re-exports it on a socket of its own for the
 //! launcher's tools (see [`crate::console::Console::share`]).
 //!
-//! The parsing here is the minimum this needs; [`guest_console`] is the one entry point, so a
-//! shared argv/`-readconfig` parser can replace its internals.
+//! The launch is read through the one parser of QEMU configurations,
+//! [`super::qemu_config::QemuConfig`], so a console given on the command line and one in EVE's
+//! merged config file are found alike.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use super::qemu_config::{self, QemuConfig, Section};
 
 /// The guest's console as the launch defines it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,14 +26,14 @@ pub struct ConsoleSource {
     pub mux: bool,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
     #[error("no chardev '{0}' in the QEMU command line or its -readconfig files; name the chardev of the guest's serial console")]
     NoSuchChardev(String),
     #[error("chardev '{id}' is not a listening Unix socket (backend {backend}); acpimon can only share a console given as `socket` with `path=` and `server=on`")]
     NotASocket { id: String, backend: String },
-    #[error("cannot read -readconfig file {path}: {why}")]
-    Config { path: PathBuf, why: String },
+    #[error(transparent)]
+    Config(#[from] qemu_config::QemuConfigError),
 }
 
 /// One chardev definition: its id and its options.
@@ -48,184 +51,64 @@ impl Chardev {
     fn on(&self, key: &str) -> bool {
         matches!(self.get(key), Some("on" | "yes" | "true" | "y"))
     }
-}
-
-/// `key = value` options of a section or an option.
-type Opts = Vec<(String, String)>;
-/// A `-readconfig` section being read: its group, id and options.
-type Section = (String, String, Opts);
-
-/// What the launch says about chardevs and serial ports.
-#[derive(Default)]
-struct Launch {
-    chardevs: Vec<Chardev>,
-    /// `-serial` values, in order (they are ttyS0, ttyS1, ... before any `-device isa-serial`).
-    serial_options: Vec<String>,
-    /// The `chardev=` of each `isa-serial` device, in order.
-    isa_serials: Vec<String>,
-}
-
-/// Splits a QEMU option value at single commas (`,,` is an escaped comma).
-fn split_opts(value: &str) -> Vec<String> {
-    let mut out = vec![String::new()];
-    let mut chars = value.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                out.last_mut().expect("non-empty").push(',');
-            } else {
-                out.push(String::new());
-            }
-        } else {
-            out.last_mut().expect("non-empty").push(c);
+    fn of(s: &Section) -> Chardev {
+        Chardev {
+            id: s.id.clone().unwrap_or_default(),
+            backend: s.get("backend").unwrap_or_default().to_string(),
+            opts: s.props.clone(),
         }
     }
-    out
 }
 
-/// `key=value` pairs; a first word without `=` is returned as the implied head.
-fn key_values(value: &str) -> (Option<String>, Vec<(String, String)>) {
-    let mut head = None;
-    let mut kv = Vec::new();
-    for (i, part) in split_opts(value).into_iter().enumerate() {
-        match part.split_once('=') {
-            Some((k, v)) => kv.push((k.to_string(), v.to_string())),
-            None if i == 0 => head = Some(part),
-            None => kv.push((part, "on".into())),
-        }
-    }
-    (head, kv)
+/// The chardev `id`, or only its name when no section defines it.
+fn find(cfg: &QemuConfig, id: &str) -> Chardev {
+    cfg.by_id("chardev", id).map(Chardev::of).unwrap_or(Chardev { id: id.into(), ..Chardev::default() })
 }
 
-impl Launch {
-    fn chardev_arg(&mut self, value: &str) {
-        let (head, opts) = key_values(value);
-        let id = opts.iter().find(|(k, _)| k == "id").map(|(_, v)| v.clone()).unwrap_or_default();
-        self.chardevs.push(Chardev { id, backend: head.unwrap_or_default(), opts });
-    }
-
-    fn device(&mut self, driver: &str, opts: &[(String, String)]) {
-        if driver == "isa-serial" {
-            let chardev =
-                opts.iter().find(|(k, _)| k == "chardev").map(|(_, v)| v.clone()).unwrap_or_default();
-            self.isa_serials.push(chardev);
+/// The chardev behind ttyS0, if the launch defines one: the first `-serial` that is not `none`
+/// (they are ttyS0, ttyS1, ... before any `isa-serial` device), else the first `isa-serial`.
+fn first_serial(cfg: &QemuConfig) -> Option<Chardev> {
+    if let Some(first) = cfg.sections("serial").filter_map(Section::value).find(|v| *v != "none") {
+        if let Some(id) = first.strip_prefix("chardev:") {
+            return Some(find(cfg, id));
         }
-    }
-
-    /// A `-readconfig` file: `[group "id"]` sections of `key = "value"` lines.
-    fn config(&mut self, text: &str) {
-        let mut section: Option<Section> = None;
-        let flush = |me: &mut Launch, s: Option<Section>| {
-            let Some((group, id, opts)) = s else { return };
-            match group.as_str() {
-                "chardev" => {
-                    let backend = opts.iter().find(|(k, _)| k == "backend").map(|(_, v)| v.clone());
-                    me.chardevs.push(Chardev { id, backend: backend.unwrap_or_default(), opts });
-                }
-                "device" => {
-                    let driver = opts.iter().find(|(k, _)| k == "driver").map(|(_, v)| v.clone());
-                    me.device(driver.as_deref().unwrap_or(""), &opts);
-                }
-                _ => {}
-            }
+        // `-serial [mon:]unix:PATH,server=on,...`: QEMU names that chardev serial0 (a mux
+        // with a monitor on it with `mon:`).
+        let (mux, first) = match first.strip_prefix("mon:") {
+            Some(rest) => (true, rest),
+            None => (false, first),
         };
-        for line in text.lines() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            if let Some(rest) = line.strip_prefix('[') {
-                flush(self, section.take());
-                let rest = rest.trim_end_matches(']').trim();
-                let (group, id) = match rest.split_once(' ') {
-                    Some((g, id)) => (g.to_string(), id.trim().trim_matches('"').to_string()),
-                    None => (rest.to_string(), String::new()),
-                };
-                section = Some((group, id, Vec::new()));
-            } else if let (Some((_, _, opts)), Some((k, v))) = (section.as_mut(), line.split_once('=')) {
-                opts.push((k.trim().to_string(), v.trim().trim_matches('"').to_string()));
-            }
+        let (_, mut opts) = qemu_config::parse_keyed("serial", first);
+        // The first word without `=` is the backend (`unix:PATH`), which the parser keeps as a
+        // bare key.
+        let bare = !first.split(',').next().unwrap_or_default().contains('=');
+        let head = if bare && !opts.is_empty() { opts.remove(0).0 } else { String::new() };
+        let (backend, path) = match head.split_once(':') {
+            Some(("unix", p)) => ("socket".to_string(), p.to_string()),
+            Some((b, _)) => (b.to_string(), String::new()),
+            None => (head.clone(), String::new()),
+        };
+        if !path.is_empty() {
+            opts.push(("path".into(), path));
         }
-        flush(self, section);
-    }
-
-    fn find(&self, id: &str) -> Option<&Chardev> {
-        self.chardevs.iter().rev().find(|c| c.id == id)
-    }
-
-    /// The chardev behind ttyS0, if the launch defines it as a chardev.
-    fn first_serial(&self) -> Option<Chardev> {
-        if let Some(first) = self.serial_options.iter().find(|s| s.as_str() != "none") {
-            if let Some(id) = first.strip_prefix("chardev:") {
-                return self.find(id).cloned().or(Some(Chardev { id: id.into(), ..Chardev::default() }));
-            }
-            // `-serial [mon:]unix:PATH,server=on,...`: QEMU names that chardev serial0 (a mux
-            // with a monitor on it with `mon:`).
-            let (mux, first) = match first.strip_prefix("mon:") {
-                Some(rest) => (true, rest),
-                None => (false, first.as_str()),
-            };
-            let (head, opts) = key_values(first);
-            let head = head.unwrap_or_default();
-            let (backend, path) = match head.split_once(':') {
-                Some(("unix", p)) => ("socket".to_string(), p.to_string()),
-                Some((b, _)) => (b.to_string(), String::new()),
-                None => (head.clone(), String::new()),
-            };
-            let mut opts = opts;
-            if !path.is_empty() {
-                opts.push(("path".into(), path));
-            }
-            if mux {
-                opts.push(("mux".into(), "on".into()));
-            }
-            return Some(Chardev { id: "serial0".into(), backend, opts });
+        if mux {
+            opts.push(("mux".into(), "on".into()));
         }
-        let id = self.isa_serials.first()?;
-        self.find(id).cloned().or(Some(Chardev { id: id.clone(), ..Chardev::default() }))
+        return Some(Chardev { id: "serial0".into(), backend, opts });
     }
+    let dev = cfg.sections("device").find(|s| s.driver() == Some("isa-serial"))?;
+    Some(find(cfg, dev.get("chardev").unwrap_or_default()))
 }
 
 /// The guest's console: the chardev named `chosen` (`--console-chardev`), or the one of the
-/// first serial port the launch defines. `argv` is the user's QEMU arguments (without the
-/// program); `configs` the text of its `-readconfig` files, in order. `Ok(None)`: the launch
-/// defines no serial port, so acpimon's own (ttyS0 then) is the console.
-pub fn guest_console(
-    argv: &[String],
-    configs: &[String],
-    chosen: Option<&str>,
-) -> Result<Option<ConsoleSource>, ConsoleError> {
-    let mut launch = Launch::default();
-    for text in configs {
-        launch.config(text);
-    }
-    let mut args = argv.iter();
-    while let Some(arg) = args.next() {
-        let opt = arg.trim_start_matches('-');
-        if !arg.starts_with('-') {
-            continue;
-        }
-        match opt {
-            "chardev" | "serial" | "device" => {
-                let Some(value) = args.next() else { break };
-                match opt {
-                    "chardev" => launch.chardev_arg(value),
-                    "serial" => launch.serial_options.push(value.clone()),
-                    _ => {
-                        let (driver, opts) = key_values(value);
-                        let driver = driver
-                            .or_else(|| opts.iter().find(|(k, _)| k == "driver").map(|(_, v)| v.clone()));
-                        launch.device(driver.as_deref().unwrap_or(""), &opts);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
+/// first serial port the launch defines. `Ok(None)`: the launch defines no serial port, so
+/// acpimon's own (ttyS0 then) is the console.
+pub fn guest_console(cfg: &QemuConfig, chosen: Option<&str>) -> Result<Option<ConsoleSource>, ConsoleError> {
     let dev = match chosen {
-        Some(id) => launch.find(id).cloned().ok_or_else(|| ConsoleError::NoSuchChardev(id.into()))?,
-        None => match launch.first_serial() {
+        Some(id) => {
+            cfg.by_id("chardev", id).map(Chardev::of).ok_or_else(|| ConsoleError::NoSuchChardev(id.into()))?
+        }
+        None => match first_serial(cfg) {
             Some(c) => c,
             None => return Ok(None),
         },
@@ -242,18 +125,10 @@ pub fn guest_console(
     }
 }
 
-/// [`guest_console`] reading the `-readconfig` files `argv` names.
+/// [`guest_console`] of a command line (without the program), reading the `-readconfig` files
+/// it names.
 pub fn from_launch(argv: &[String], chosen: Option<&str>) -> Result<Option<ConsoleSource>, ConsoleError> {
-    let mut configs = Vec::new();
-    for pair in argv.windows(2) {
-        if pair[0] == "-readconfig" || pair[0] == "--readconfig" {
-            let path = Path::new(&pair[1]);
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConsoleError::Config { path: path.into(), why: e.to_string() })?;
-            configs.push(text);
-        }
-    }
-    guest_console(argv, &configs, chosen)
+    guest_console(&QemuConfig::from_args(argv)?, chosen)
 }
 
 #[cfg(test)]
@@ -262,6 +137,15 @@ mod tests {
 
     fn argv(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()
+    }
+
+    /// The launch of `args` and the config file `text`, as `from_launch` would read them.
+    fn launch(args: &str, text: Option<&str>) -> QemuConfig {
+        let mut cfg = QemuConfig::from_args(&argv(args)).unwrap();
+        if let Some(text) = text {
+            cfg.sections.extend(qemu_config::parse_readconfig(text, "vm.cfg".as_ref()).unwrap());
+        }
+        cfg
     }
 
     const EVE: &str = r#"
@@ -286,7 +170,7 @@ mod tests {
 
     #[test]
     fn an_eve_config_gives_its_mux_socket() {
-        let c = guest_console(&argv("-M q35 -nodefaults"), &[EVE.into()], None).unwrap().unwrap();
+        let c = guest_console(&launch("-M q35 -nodefaults", Some(EVE)), None).unwrap().unwrap();
         assert_eq!(
             c,
             ConsoleSource {
@@ -296,39 +180,42 @@ mod tests {
             }
         );
         // Named explicitly: the same.
-        assert_eq!(guest_console(&[], &[EVE.into()], Some("cons")).unwrap().unwrap(), c);
+        assert_eq!(guest_console(&launch("", Some(EVE)), Some("cons")).unwrap().unwrap(), c);
     }
 
     #[test]
     fn argv_forms() {
         let a = argv("-chardev socket,id=cons,path=/r/c,,1,server=on,wait=off,mux=on -serial chardev:cons -mon chardev=cons,mode=readline");
-        let c = guest_console(&a, &[], None).unwrap().unwrap();
+        let c = guest_console(&QemuConfig::from_args(&a).unwrap(), None).unwrap().unwrap();
         assert_eq!((c.chardev.as_str(), c.socket.to_str().unwrap(), c.mux), ("cons", "/r/c,1", true));
         let a = argv("-serial none -serial unix:/r/s,server=on,wait=off");
-        let c = guest_console(&a, &[], None).unwrap().unwrap();
+        let c = guest_console(&QemuConfig::from_args(&a).unwrap(), None).unwrap().unwrap();
         assert_eq!((c.chardev.as_str(), c.socket.to_str().unwrap(), c.mux), ("serial0", "/r/s", false));
         let a = argv("-serial mon:unix:/r/m,server=on,wait=off");
-        let c = guest_console(&a, &[], None).unwrap().unwrap();
+        let c = guest_console(&QemuConfig::from_args(&a).unwrap(), None).unwrap().unwrap();
         assert_eq!((c.chardev.as_str(), c.socket.to_str().unwrap(), c.mux), ("serial0", "/r/m", true));
         let a = argv("-chardev socket,id=s0,path=/r/s0,server=on -device isa-serial,chardev=s0");
-        assert_eq!(guest_console(&a, &[], None).unwrap().unwrap().chardev, "s0");
+        assert_eq!(guest_console(&QemuConfig::from_args(&a).unwrap(), None).unwrap().unwrap().chardev, "s0");
         let a = argv("-chardev socket,id=s1,path=/r/s1,server=on -device driver=isa-serial,chardev=s1");
-        assert_eq!(guest_console(&a, &[], None).unwrap().unwrap().chardev, "s1");
+        assert_eq!(guest_console(&QemuConfig::from_args(&a).unwrap(), None).unwrap().unwrap().chardev, "s1");
         // No serial port: acpimon's own is the console.
-        assert_eq!(guest_console(&argv("-M q35 -nodefaults"), &[], None).unwrap(), None);
+        assert_eq!(guest_console(&launch("-M q35 -nodefaults", None), None).unwrap(), None);
     }
 
     #[test]
     fn unusable_consoles_are_refused_with_the_reason() {
-        let e = guest_console(&argv("-serial stdio"), &[], None).unwrap_err().to_string();
+        let e = guest_console(&launch("-serial stdio", None), None).unwrap_err().to_string();
         assert!(e.contains("not a listening Unix socket (backend stdio)"), "{e}");
         let e =
-            guest_console(&argv("-chardev pty,id=p -device isa-serial,chardev=p"), &[], None).unwrap_err();
-        assert_eq!(e, ConsoleError::NotASocket { id: "p".into(), backend: "pty".into() });
-        let e = guest_console(&[], &[EVE.into()], Some("nope")).unwrap_err().to_string();
+            guest_console(&launch("-chardev pty,id=p -device isa-serial,chardev=p", None), None).unwrap_err();
+        assert!(
+            matches!(e, ConsoleError::NotASocket { ref id, ref backend } if id == "p" && backend == "pty"),
+            "{e}"
+        );
+        let e = guest_console(&launch("", Some(EVE)), Some("nope")).unwrap_err().to_string();
         assert!(e.contains("no chardev 'nope'"), "{e}");
         // A client socket (server=off) cannot be connected to.
-        let e = guest_console(&argv("-chardev socket,id=c,path=/x -serial chardev:c"), &[], None);
+        let e = guest_console(&launch("-chardev socket,id=c,path=/x -serial chardev:c", None), None);
         assert!(matches!(e, Err(ConsoleError::NotASocket { .. })), "{e:?}");
     }
 }

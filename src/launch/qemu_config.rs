@@ -174,7 +174,7 @@ const FLAGS: &[&str] = &[
 ];
 
 /// Splits `a=1,b=x,,y` into `[("a","1"), ("b","x,y")]`, the first key implied by `group`.
-fn parse_keyed(group: &str, text: &str) -> (Option<String>, Vec<(String, String)>) {
+pub fn parse_keyed(group: &str, text: &str) -> (Option<String>, Vec<(String, String)>) {
     let mut parts: Vec<String> = vec![String::new()];
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
