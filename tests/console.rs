@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use acpimon::event::RawEvent as Event;
 use acpimon::launch::prepare::CONSOLE_SHARE;
 use acpimon::watch::state::State;
-use common::guest::{eve_console_socket, Guest, GuestSpec};
+use common::guest::{eve_console_socket, Edk2, Firmware, Guest, GuestSpec};
 use common::service::Service;
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -66,7 +66,6 @@ fn step_file(bundle: &Event, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_eve_mux_console_is_read_shared_and_answers_sysrq_while_another_client_stays_on_it() {
-    let work = tempfile::Builder::new().prefix("acpimon-console").tempdir_in("/tmp").unwrap();
     let spec = GuestSpec {
         watched: true,
         eve_console: true,
@@ -75,6 +74,32 @@ async fn an_eve_mux_console_is_read_shared_and_answers_sysrq_while_another_clien
         extra: vec!["-S".into()],
         ..GuestSpec::new("q35")
     };
+    eve_launch_watched(spec).await;
+}
+
+/// EVE's whole launch: q35, `-nodefaults -no-shutdown -S`, the machine, OVMF's pflash drives
+/// (trixie's edk2 2025.02) and the mux console in the launcher's `-readconfig` file, acpimon's
+/// additions in a second one; the service attaches first, then the VM is resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eves_whole_launch_with_ovmf_is_healthy_and_a_hang_gives_the_console_from_boot() {
+    let spec = GuestSpec {
+        watched: true,
+        eve_console: true,
+        eve_config: true,
+        readconfig: true,
+        firmware: Firmware::Pflash(Edk2::Trixie),
+        scenario: "starve",
+        delay: 30,
+        ..GuestSpec::new("q35")
+    };
+    eve_launch_watched(spec).await;
+}
+
+/// Boots `spec` (created paused) under the watch service with another client on the console's
+/// re-export, resumes it, and follows it to healthy, then to unresponsive when its kernel
+/// starves: the bundle and the other client both have the console from boot and SysRq's output.
+async fn eve_launch_watched(spec: GuestSpec) {
+    let work = tempfile::Builder::new().prefix("acpimon-console").tempdir_in("/tmp").unwrap();
     let g = Guest::boot(spec).await;
     let dir = g.vm.prepared.dir.clone();
     let d = acpimon::launch::Descriptor::load(&dir).unwrap();

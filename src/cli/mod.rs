@@ -305,8 +305,9 @@ pub struct PrepareRequest {
 /// `acpimon prepare`: checks the launch, then writes the VM's directory. Returns the QEMU
 /// options to print and the notes for the operator.
 pub fn prepare(r: PrepareRequest) -> Result<(String, Vec<String>), Error> {
-    let source = r.console.source(&r.launch_args, &r.launch.launch_config)?;
+    // The launcher's files first: one it cannot read is named as such, not as a console problem.
     let user = r.launch.user_config(&r.launch_args)?;
+    let source = r.console.source(&r.launch_args, &r.launch.launch_config)?;
     let cfg = r.table.config_for(&user)?;
     // Check before anything is written, so a collision leaves no directory behind.
     let any = || Some(PathBuf::from("/"));

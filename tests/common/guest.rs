@@ -100,7 +100,7 @@ pub struct GuestSpec {
     pub eve_console: bool,
     /// Launch as EVE does: the machine and the firmware's pflash drives in the launcher's own
     /// -readconfig file, `-nodefaults -no-shutdown -S` on the command line, and `cont` once
-    /// QMP is up.
+    /// QMP is up (a watched guest: by its test, once the service has attached).
     pub eve_config: bool,
     /// Prepare the VM in this state directory (e.g. one a service already watches) instead of
     /// a temporary one of its own.
@@ -337,7 +337,8 @@ impl Guest {
         let prepared = acpimon::launch::prepare_with(&state, "guest", &spec.ssdt, spec.extras).unwrap();
         let args = spec.qemu_args_in(&state);
         let wait_ready = spec.wait_ready && !spec.watched;
-        let eve_config = spec.eve_config;
+        // EVE resumes the VM once it is set up; a watched guest is left for its test to resume.
+        let eve_cont = spec.eve_config && !spec.watched;
         let spec = VmSpec {
             program: qemu(),
             args,
@@ -348,7 +349,7 @@ impl Guest {
         };
         let vm = Vm::launch(spec.clone()).await.unwrap_or_else(|e| panic!("launch failed: {e}"));
         let guest = Guest { vm, fixture: fx, spec, _dir: dir };
-        if eve_config {
+        if eve_cont {
             guest.vm.qmp.execute(qapi::qmp::cont {}).await.expect("cont");
         }
         if wait_ready {
