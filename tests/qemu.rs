@@ -124,13 +124,7 @@ async fn ovmf_q35_monitors_through_a_low_bar_and_names_the_channel() {
     };
     let g = Guest::boot(spec).await;
     assert!(g.vm.notes.iter().any(|n| n.contains("X-PciMmio64Mb,string=0")), "{:?}", g.vm.notes);
-    let channel = g.vm.channel().await.unwrap();
-    let Channel::Region { bar } = channel else { panic!("{channel}") };
-    assert!(bar < 1 << 32);
-    assert_eq!(u64::from(g.record().expect("boot record").bar), bar);
-    let mut hb = g.heartbeat();
-    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
-    g.beats_acked(&mut hb, 10).await;
+    low_bar_and_ten_beats(&g).await;
 }
 
 /// With OVMF's 64-bit window kept (here by the user's own fw_cfg, which acpimon respects), the
@@ -177,13 +171,7 @@ async fn eve_readconfig_with_trixie_ovmf_gets_a_low_bar_without_phys_bits() {
     );
     let cfg = std::fs::read_to_string(g.vm.prepared.dir.join("acpimon.cfg")).unwrap();
     assert!(cfg.contains("[fw_cfg]\n  name = \"opt/ovmf/X-PciMmio64Mb\"\n  string = \"0\""), "{cfg}");
-    let channel = g.vm.channel().await.unwrap();
-    let Channel::Region { bar } = channel else { panic!("{channel}") };
-    assert!(bar < 1 << 32);
-    assert_eq!(u64::from(g.record().expect("boot record").bar), bar);
-    let mut hb = g.heartbeat();
-    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
-    g.beats_acked(&mut hb, 10).await;
+    low_bar_and_ten_beats(&g).await;
 }
 
 /// The same EVE launch with Debian bookworm's OVMF (edk2 2022.11): the knob alone leaves BAR2
@@ -215,11 +203,7 @@ async fn eve_readconfig_with_bookworm_ovmf_needs_phys_bits_and_says_so() {
     })
     .await;
     assert!(!g.vm.notes.iter().any(|n| n.contains("phys-bits=37")), "the CPU is set: {:?}", g.vm.notes);
-    let channel = g.vm.channel().await.unwrap();
-    assert!(matches!(channel, Channel::Region { bar } if bar < 1 << 32), "{channel}");
-    let mut hb = g.heartbeat();
-    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
-    g.beats_acked(&mut hb, 10).await;
+    low_bar_and_ten_beats(&g).await;
 }
 
 /// pvpanic on every QEMU: 6.0 and later keep the panicked guest running (`-action
@@ -275,11 +259,7 @@ async fn a_panic_is_reported_and_the_guest_kept_on_every_qemu() {
 async fn pc_with_trixie_ovmf_pflash_in_argv_gets_a_low_bar() {
     let g = Guest::boot(GuestSpec { firmware: Firmware::Pflash(Edk2::Trixie), ..GuestSpec::new("pc") }).await;
     assert!(g.vm.notes.iter().any(|n| n.contains("OVMF (-drive if=pflash")), "{:?}", g.vm.notes);
-    let channel = g.vm.channel().await.unwrap();
-    assert!(matches!(channel, Channel::Region { bar } if bar < 1 << 32), "{channel}");
-    let mut hb = g.heartbeat();
-    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
-    g.beats_acked(&mut hb, 10).await;
+    low_bar_and_ten_beats(&g).await;
 }
 
 /// `acpimon run` over QEMU started paused (-S, as EVE launches): it resumes the VM and the
@@ -331,4 +311,16 @@ fn run_resumes_a_vm_started_paused_and_says_why_when_no_heartbeat_can_answer() {
     assert!(stdout.contains("error: no boot record 20s after the guest's kernel started"), "{stdout}");
     assert!(stderr.contains("no heartbeat was acknowledged: no boot record"), "{stderr}");
     assert!(took < Duration::from_secs(80), "{took:?}");
+}
+
+/// The channel is the region through a BAR below 4 GiB (the one the boot record names), and
+/// ten heartbeats are acknowledged through it.
+async fn low_bar_and_ten_beats(g: &Guest) {
+    let channel = g.vm.channel().await.unwrap();
+    let Channel::Region { bar } = channel else { panic!("{channel}") };
+    assert!(bar < 1 << 32, "{channel}");
+    assert_eq!(u64::from(g.record().expect("boot record").bar), bar);
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    g.beats_acked(&mut hb, 10).await;
 }
