@@ -11,7 +11,6 @@ use clap::Parser;
 
 use acpimon::cli::{self, Cli, Command, Error};
 use acpimon::generate;
-use acpimon::launch::LaunchPlan;
 use acpimon::read::{Access, Region};
 use acpimon::watch::config::default_state_dir;
 
@@ -31,31 +30,14 @@ fn run(command: Command) -> Result<(), Error> {
     match command {
         Command::Ssdt { out, table } => write_file(&out, &generate::build(&table.config()?)?),
         Command::QemuArgs { table, region_path, ssdt, format, extras, launch } => {
-            let user = launch.user_config(&[])?;
-            let cfg = table.config_for(&user)?;
-            let ssdt_path = ssdt.unwrap_or_else(|| cli::suffixed(&region_path, ".ssdt.aml"));
-            let mut plan = LaunchPlan::minimal(cfg, ssdt_path, region_path);
-            plan.app_socket = extras.app_channel.then(|| cli::suffixed(&plan.region_path, ".app.sock"));
-            plan.guest_agent_socket =
-                extras.guest_agent.then(|| cli::suffixed(&plan.region_path, ".qga.sock"));
-            for note in launch.adapt(&mut plan, &user)? {
-                eprintln!("acpimon: {note}");
-            }
-            // Render first, so a path QEMU cannot take leaves no files behind.
-            let text = cli::render(&plan, format)?;
-            write_file(&plan.ssdt_path, &generate::build(&plan.ssdt)?)?;
-            Region::create(&plan.region_path, plan.ssdt.region_size)?;
-            print!("{text}");
+            let request = cli::QemuArgsRequest { table, region_path, ssdt, format, extras, launch };
+            print_with_notes(cli::qemu_args(request)?);
             Ok(())
         }
         Command::Prepare { name, state_dir, table, format, extras, launch, console, launch_args } => {
             let request =
                 cli::PrepareRequest { name, state_dir, table, format, extras, launch, console, launch_args };
-            let (text, notes) = cli::prepare(request)?;
-            for note in notes {
-                eprintln!("acpimon: {note}");
-            }
-            print!("{text}");
+            print_with_notes(cli::prepare(request)?);
             Ok(())
         }
         Command::Run { run, qemu } => {
@@ -158,6 +140,14 @@ fn print_bytes(bytes: &[u8]) -> Result<(), Error> {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Stdout(e)),
         _ => Ok(()),
     }
+}
+
+/// A command's output on stdout, its notes for the operator on stderr.
+fn print_with_notes((text, notes): (String, Vec<String>)) {
+    for note in notes {
+        eprintln!("acpimon: {note}");
+    }
+    print!("{text}");
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {

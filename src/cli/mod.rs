@@ -290,6 +290,35 @@ impl ConsoleArgs {
     }
 }
 
+/// `acpimon qemu-args`' arguments, as parsed.
+pub struct QemuArgsRequest {
+    pub table: TableArgs,
+    pub region_path: PathBuf,
+    pub ssdt: Option<PathBuf>,
+    pub format: Format,
+    pub extras: ExtrasArgs,
+    pub launch: LaunchArgs,
+}
+
+/// `acpimon qemu-args`: writes the table and the region file, and returns the QEMU options to
+/// print and the notes for the operator.
+pub fn qemu_args(r: QemuArgsRequest) -> Result<(String, Vec<String>), Error> {
+    let user = r.launch.user_config(&[])?;
+    let cfg = r.table.config_for(&user)?;
+    let ssdt_path = r.ssdt.unwrap_or_else(|| suffixed(&r.region_path, ".ssdt.aml"));
+    let mut plan = LaunchPlan::minimal(cfg, ssdt_path, r.region_path);
+    plan.app_socket = r.extras.app_channel.then(|| suffixed(&plan.region_path, ".app.sock"));
+    plan.guest_agent_socket = r.extras.guest_agent.then(|| suffixed(&plan.region_path, ".qga.sock"));
+    let notes = r.launch.adapt(&mut plan, &user)?;
+    // Render first, so a path QEMU cannot take leaves no files behind.
+    let text = render(&plan, r.format)?;
+    let table = generate::build(&plan.ssdt)?;
+    std::fs::write(&plan.ssdt_path, table)
+        .map_err(|source| Error::Write { path: plan.ssdt_path.clone(), source })?;
+    crate::read::Region::create(&plan.region_path, plan.ssdt.region_size)?;
+    Ok((text, notes))
+}
+
 /// `acpimon prepare`'s arguments, as parsed.
 pub struct PrepareRequest {
     pub name: String,
