@@ -282,13 +282,33 @@ async fn open_console(
     let alias = chardev.strip_prefix("char").unwrap_or(chardev).to_string();
     let (tx, rx) = mpsc::unbounded_channel();
     let (uri_, domain_) = (uri.to_string(), domain.to_string());
-    let stream = tokio::task::spawn_blocking(move || ConsoleStream::open(&uri_, &domain_, &alias, tx))
-        .await
-        .map_err(|e| format!("libvirt console task failed: {e}"))??;
+    // A console this service just dropped (its QEMU session ended) may not have been released
+    // by libvirt yet: a held console is retried briefly before it is reported.
+    let stream = tokio::task::spawn_blocking(move || {
+        let mut tries = 0;
+        loop {
+            match ConsoleStream::open(&uri_, &domain_, &alias, tx.clone()) {
+                Err(Held(_)) if tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return other.map_err(|(Held(e) | Failed(e))| e),
+            }
+        }
+    })
+    .await
+    .map_err(|e| format!("libvirt console task failed: {e}"))??;
     let (ours, bridge) = tokio::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     tokio::spawn(pump(Arc::new(stream), rx, bridge));
     Ok(crate::console::Console::over(ours, keep).with_chardev(chardev))
 }
+
+/// Why a console stream did not open: another client holds it, or anything else.
+enum OpenError {
+    Held(String),
+    Failed(String),
+}
+use OpenError::{Failed, Held};
 
 /// What the stream's callback hands on: output, an empty chunk at the end, or libvirt's error.
 type Chunk = Result<Vec<u8>, String>;
@@ -308,36 +328,45 @@ unsafe impl Send for ConsoleStream {}
 unsafe impl Sync for ConsoleStream {}
 
 impl ConsoleStream {
-    fn open(uri: &str, domain: &str, alias: &str, tx: mpsc::UnboundedSender<Chunk>) -> Result<Self, String> {
+    fn open(
+        uri: &str,
+        domain: &str,
+        alias: &str,
+        tx: mpsc::UnboundedSender<Chunk>,
+    ) -> Result<Self, OpenError> {
         use virt::sys;
         let conn = Connect::open(Some(uri))
-            .map_err(|e| format!("cannot connect to libvirt at {uri}: {e}; is libvirtd running?"))?;
+            .map_err(|e| Failed(format!("cannot connect to libvirt at {uri}: {e}; is libvirtd running?")))?;
         let mut this = ConsoleStream { conn, stream: std::ptr::null_mut() };
         let dom = Domain::lookup_by_name(&this.conn, domain)
             .or_else(|_| Domain::lookup_by_uuid_string(&this.conn, domain))
-            .map_err(|e| format!("no libvirt domain named {domain} at {uri}: {e}"))?;
+            .map_err(|e| Failed(format!("no libvirt domain named {domain} at {uri}: {e}")))?;
         // SAFETY: `this.conn` is a live connection.
         this.stream = unsafe { sys::virStreamNew(this.conn.as_ptr(), sys::VIR_STREAM_NONBLOCK) };
         if this.stream.is_null() {
-            return Err(format!("libvirt cannot create a stream: {}", virt::error::Error::last_error()));
+            return Err(Failed(format!(
+                "libvirt cannot create a stream: {}",
+                virt::error::Error::last_error()
+            )));
         }
-        let dev = std::ffi::CString::new(alias).map_err(|_| format!("bad chardev alias {alias:?}"))?;
+        let dev =
+            std::ffi::CString::new(alias).map_err(|_| Failed(format!("bad chardev alias {alias:?}")))?;
         // SAFETY: live domain and stream; `dev` outlives the call. No flags: never `force`.
         if unsafe { sys::virDomainOpenConsole(dom.as_ptr(), dev.as_ptr(), this.stream, 0) } < 0 {
             let e = virt::error::Error::last_error();
             let held = e.message().contains("Active console session");
             return Err(if held {
-                format!(
+                Held(format!(
                     "libvirt's console of domain {domain} ({alias}) is held by another client \
                      (a `virsh console`?): libvirt serves one at a time; close it and use \
                      acpimon's console-share.sock, which re-exports the console"
-                )
+                ))
             } else {
-                format!(
+                Failed(format!(
                     "libvirt cannot open the console {alias} of domain {domain}: {e}; the domain \
                      needs <serial type='pty'> (and --console-chardev naming libvirt's chardev \
                      of it, `char` + its alias, if not the first)"
-                )
+                ))
             });
         }
         let opaque = Box::into_raw(Box::new(tx)).cast::<c_void>();
@@ -358,7 +387,10 @@ impl ConsoleStream {
         if rc < 0 {
             // SAFETY: registration failed, so libvirt holds no copy of `opaque`.
             unsafe { free_chunks(opaque) };
-            return Err(format!("libvirt refused console events: {}", virt::error::Error::last_error()));
+            return Err(Failed(format!(
+                "libvirt refused console events: {}",
+                virt::error::Error::last_error()
+            )));
         }
         Ok(this)
     }
