@@ -179,7 +179,7 @@ async fn libvirts_console_stream_is_the_console_from_boot() {
     let log = d.qemu_log();
     assert!(log.contains("id=charserial0") && !log.contains("acpimon-console"), "{log}");
     // libvirt's chardev of the first <serial>: the one SysRq's chardev-send-break names.
-    let chardevs = d.virsh(&["qemu-monitor-command", "--hmp", "--cmd", "info chardev"]);
+    let chardevs = common::libvirt::virsh_ok(&["qemu-monitor-command", &d.name, "--hmp", "info chardev"]);
     assert!(chardevs.contains("charserial0: filename=pty:"), "{chardevs}");
     let svc = watch_libvirt_console(&d, work.path()).await;
     svc.wait_state(&d.name, State::Healthy, BOOT).await;

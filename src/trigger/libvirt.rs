@@ -445,7 +445,13 @@ unsafe extern "C" fn on_console(stream: virt::sys::virStreamPtr, events: c_int, 
                 let _ = tx.send(Ok(buf[..n as usize].to_vec()));
                 continue;
             }
-            -2 if events as u32 & virt::sys::VIR_STREAM_EVENT_HANGUP == 0 => return,
+            // Nothing to read now; after a hangup or an error, nothing ever will.
+            -2 if events as u32
+                & (virt::sys::VIR_STREAM_EVENT_HANGUP | virt::sys::VIR_STREAM_EVENT_ERROR)
+                == 0 =>
+            {
+                return
+            }
             0 | -2 => Ok(Vec::new()),
             _ => Err(virt::error::Error::last_error().to_string()),
         };
