@@ -319,6 +319,9 @@ type Chunk = Result<Vec<u8>, String>;
 struct ConsoleStream {
     conn: Connect,
     stream: virt::sys::virStreamPtr,
+    /// The console is open on the stream, and its callback added: undone on drop.
+    opened: bool,
+    callback: bool,
 }
 
 // SAFETY: libvirt's stream and connection objects may be used from any thread (libvirt locks
@@ -337,7 +340,7 @@ impl ConsoleStream {
         use virt::sys;
         let conn = Connect::open(Some(uri))
             .map_err(|e| Failed(format!("cannot connect to libvirt at {uri}: {e}; is libvirtd running?")))?;
-        let mut this = ConsoleStream { conn, stream: std::ptr::null_mut() };
+        let mut this = ConsoleStream { conn, stream: std::ptr::null_mut(), opened: false, callback: false };
         let dom = Domain::lookup_by_name(&this.conn, domain)
             .or_else(|_| Domain::lookup_by_uuid_string(&this.conn, domain))
             .map_err(|e| Failed(format!("no libvirt domain named {domain} at {uri}: {e}")))?;
@@ -369,6 +372,7 @@ impl ConsoleStream {
                 ))
             });
         }
+        this.opened = true;
         let opaque = Box::into_raw(Box::new(tx)).cast::<c_void>();
         let events =
             sys::VIR_STREAM_EVENT_READABLE | sys::VIR_STREAM_EVENT_ERROR | sys::VIR_STREAM_EVENT_HANGUP;
@@ -392,6 +396,7 @@ impl ConsoleStream {
                 virt::error::Error::last_error()
             )));
         }
+        this.callback = true;
         Ok(this)
     }
 
@@ -417,11 +422,15 @@ impl ConsoleStream {
 impl Drop for ConsoleStream {
     fn drop(&mut self) {
         if !self.stream.is_null() {
-            // SAFETY: the stream is live and freed only here; removing a callback that was
-            // never added fails harmlessly.
+            // SAFETY: the stream is live and freed only here; each step is undone once, and
+            // only when done (libvirt prints an error for the others).
             unsafe {
-                virt::sys::virStreamEventRemoveCallback(self.stream);
-                virt::sys::virStreamAbort(self.stream);
+                if self.callback {
+                    virt::sys::virStreamEventRemoveCallback(self.stream);
+                }
+                if self.opened {
+                    virt::sys::virStreamAbort(self.stream);
+                }
                 virt::sys::virStreamFree(self.stream);
             }
         }
