@@ -237,6 +237,8 @@ async fn sysrq_reaches_a_starving_guest_through_libvirts_console() {
     assert!(tail.contains("Linux version") && tail.contains("ACPIMON-GUEST: starving"), "{tail}");
     let sysrq = step_file(&bundle, "sysrq");
     assert!(sysrq.contains("sysrq: Show Blocked State"), "{sysrq}");
+    // The break went to libvirt's chardev, not as a telnet fallback on the stream.
+    assert!(!sysrq.contains("QMP has no chardev"), "{sysrq}");
 }
 
 #[test]
