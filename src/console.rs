@@ -84,6 +84,12 @@ impl Console {
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
+        Ok(Console::over(stream, keep))
+    }
+
+    /// A console on an already connected stream (the other end carries the guest's serial
+    /// port: QEMU's socket, or a bridge such as libvirt's console stream).
+    pub fn over(stream: UnixStream, keep: usize) -> Console {
         let (mut read, write) = stream.into_split();
         let shared = Arc::new(Shared {
             ring: Mutex::new(Ring { cap: keep.max(1), ..Ring::default() }),
@@ -113,12 +119,12 @@ impl Console {
                 s.notify.notify_waiters();
             }
         });
-        Ok(Console {
+        Console {
             shared,
             writer: Arc::new(tokio::sync::Mutex::new(write)),
             chardev: None,
             share: Mutex::new(None),
-        })
+        }
     }
 
     /// Names the QEMU chardev this console is.

@@ -154,3 +154,123 @@ fn the_fragment_merges_as_the_readme_says() {
     assert!(xml.contains("<panic model='isa'/>\n  </devices>"), "{xml}");
     assert!(xml.contains("</qemu:commandline>\n</domain>"), "{xml}");
 }
+
+/// `[libvirt]` naming the domain, for a domain prepared with `--console libvirt`.
+#[cfg(feature = "libvirt")]
+async fn watch_libvirt_console(d: &Domain, work: &std::path::Path) -> Service {
+    let config =
+        format!("{CONFIG}[libvirt]\nuri = \"{}\"\ndomains = [\"{}\"]\n", common::libvirt::uri(), d.name);
+    let svc = Service::start(d.state_dir(), work, &config).await;
+    svc.wait_state(&d.name, State::Paused, Duration::from_secs(30)).await;
+    d.virsh(&["resume"]);
+    svc
+}
+
+/// libvirt's own pty serial console (the guest's ttyS0), read through libvirt's console
+/// stream: acpimon adds no serial port, the console tail has the guest's output from boot, and
+/// the console is re-exported on console-share.sock while libvirt refuses a second client.
+#[cfg(feature = "libvirt")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirts_console_stream_is_the_console_from_boot() {
+    use std::io::Read;
+    let work = work();
+    let d = Domain::start_paused_with_libvirt_console("healthy", 3);
+    assert!(d.prepared.descriptor.console_libvirt);
+    let log = d.qemu_log();
+    assert!(log.contains("id=charserial0") && !log.contains("acpimon-console"), "{log}");
+    // libvirt's chardev of the first <serial>: the one SysRq's chardev-send-break names.
+    let chardevs = common::libvirt::virsh_ok(&["qemu-monitor-command", &d.name, "--hmp", "info chardev"]);
+    assert!(chardevs.contains("charserial0: filename=pty:"), "{chardevs}");
+    let svc = watch_libvirt_console(&d, work.path()).await;
+    svc.wait_state(&d.name, State::Healthy, BOOT).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // acpimon holds libvirt's console: a second client (as `virsh console` would be) is
+    // refused, and told to use the re-exported socket.
+    let cfg = acpimon::watch::config::LibvirtConfig {
+        uri: common::libvirt::uri().into(),
+        domains: vec![d.name.clone()],
+    };
+    let second = acpimon::trigger::libvirt::console_vm(&cfg, &d.name, "charserial0", 4096).await;
+    let why = second.expect("a libvirt domain").err().expect("libvirt serves one console client");
+    assert!(why.contains("held by another client") && why.contains("console-share.sock"), "{why}");
+    let share = d.prepared.dir.join(acpimon::launch::prepare::CONSOLE_SHARE);
+    let mut client = std::os::unix::net::UnixStream::connect(&share).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+
+    d.virsh(&["suspend"]);
+    svc.wait_state(&d.name, State::Paused, Duration::from_secs(10)).await;
+    svc.wait_state(&d.name, State::Unresponsive, Duration::from_secs(30)).await;
+    let bundle = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
+    let tail = step_file(&bundle, "console-tail");
+    assert!(tail.contains("Linux version") && tail.contains(common::guest::READY), "from boot on: {tail}");
+    d.virsh(&["resume"]);
+    svc.wait_state(&d.name, State::Healthy, Duration::from_secs(40)).await;
+    // Input typed on the shared socket reaches the guest's shell through libvirt's stream, and
+    // its output comes back.
+    use std::io::Write;
+    client.write_all(b"echo shared-$((6*7))\n").unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("shared-42") {
+        let n = client.read(&mut buf).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&seen)));
+        assert!(n > 0, "the shared console closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    d.virsh(&["destroy"]);
+    svc.wait_state(&d.name, State::Gone, Duration::from_secs(20)).await;
+}
+
+/// SysRq through libvirt: QMP `chardev-send-break` on libvirt's chardev (through the monitor
+/// passthrough) and the key through libvirt's console stream; its output in the bundle.
+#[cfg(feature = "libvirt")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sysrq_reaches_a_starving_guest_through_libvirts_console() {
+    let work = work();
+    let d = Domain::start_paused_with_libvirt_console("starve", 12);
+    let svc = watch_libvirt_console(&d, work.path()).await;
+    svc.wait_state(&d.name, State::Healthy, BOOT).await;
+    let (view, _) = svc.wait_state(&d.name, State::Unresponsive, Duration::from_secs(90)).await;
+    assert!(view.reason.starts_with("acpi-heartbeat missed 3 of 3"), "{}", view.reason);
+    let bundle = svc.wait_event("bundle", Duration::from_secs(90), |e| e.kind == "bundle").await;
+    let tail = step_file(&bundle, "console-tail");
+    assert!(tail.contains("Linux version") && tail.contains("ACPIMON-GUEST: starving"), "{tail}");
+    let sysrq = step_file(&bundle, "sysrq");
+    assert!(sysrq.contains("sysrq: Show Blocked State"), "{sysrq}");
+    // The break went to libvirt's chardev, not as a telnet fallback on the stream.
+    assert!(!sysrq.contains("QMP has no chardev"), "{sysrq}");
+}
+
+#[test]
+fn prepare_console_libvirt_leaves_out_acpimons_serial_port() {
+    let dir = work();
+    let state = dir.path().to_str().unwrap();
+    let out = common::acpimon(&[
+        "prepare",
+        "x",
+        "--state-dir",
+        state,
+        "--format",
+        "libvirt",
+        "--console",
+        "libvirt",
+    ]);
+    assert!(out.status.success(), "{}", common::text(&out.stderr));
+    let xml = common::text(&out.stdout);
+    assert!(!xml.contains("isa-serial") && !xml.contains("acpimon-console"), "{xml}");
+    assert!(xml.contains("acpimon-qmp"), "{xml}");
+    assert!(
+        common::text(&out.stderr).contains("libvirt's chardev 'charserial0'"),
+        "{}",
+        common::text(&out.stderr)
+    );
+    let d = acpimon::launch::Descriptor::load(&dir.path().join("x")).unwrap();
+    assert!(d.console_libvirt);
+    assert_eq!(d.console_chardev.as_deref(), Some("charserial0"));
+    assert_eq!(d.console_share, Some(dir.path().join("x").join(acpimon::launch::prepare::CONSOLE_SHARE)));
+
+    let out = common::acpimon(&["prepare", "y", "--state-dir", state, "--console", "libvirt"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(common::text(&out.stderr).contains("add --format libvirt"), "{}", common::text(&out.stderr));
+    assert!(!dir.path().join("y").exists(), "nothing written on bad input");
+}

@@ -74,6 +74,8 @@ pub enum Error {
     Conflicts(Vec<crate::launch::conflicts::Conflict>),
     #[error("--slot auto found no free PCI slot on the root bus; move a device behind a PCIe root port or bridge, or give --slot")]
     NoFreeSlot,
+    #[error("--console libvirt is for a libvirt domain: add --format libvirt")]
+    ConsoleNeedsLibvirt,
 }
 
 impl Error {
@@ -85,7 +87,8 @@ impl Error {
             | Error::QemuConfig(_)
             | Error::QemuVersion(_)
             | Error::Conflicts(_)
-            | Error::NoFreeSlot => BAD_INPUT,
+            | Error::NoFreeSlot
+            | Error::ConsoleNeedsLibvirt => BAD_INPUT,
             Error::NoQemu | Error::NoGuest | Error::Demo(crate::demo::DemoError::Fixture(_)) => BAD_INPUT,
             Error::Region(e) if is_bad_input(e) => BAD_INPUT,
             Error::Run(e) => match e {

@@ -265,6 +265,20 @@ pub struct ConsoleArgs {
     /// The Unix socket QEMU listens on for --console-chardev, when no file defines it here.
     #[arg(long, value_name = "PATH", requires = "console_chardev")]
     pub console_socket: Option<PathBuf>,
+    /// `libvirt` (with --format libvirt): the guest's console is the domain's own serial port
+    /// (`<serial type='pty'>`), read through libvirt's console stream by `acpimon watch` with
+    /// `[libvirt]`; acpimon adds no serial port and re-exports the console on
+    /// DIR/console-share.sock. --console-chardev then names libvirt's chardev of that port
+    /// [default: charserial0, the first <serial>].
+    #[arg(long, value_enum, value_name = "FROM", conflicts_with = "console_socket")]
+    pub console: Option<ConsoleFrom>,
+}
+
+/// Where the guest's console is read from, when not from a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConsoleFrom {
+    /// libvirt's console stream (`virDomainOpenConsole`) of the domain's serial port.
+    Libvirt,
 }
 
 impl ConsoleArgs {
@@ -275,6 +289,9 @@ impl ConsoleArgs {
         launch_args: &[String],
         launch_config: &[PathBuf],
     ) -> Result<Option<launch::console::ConsoleSource>, Error> {
+        if self.console == Some(ConsoleFrom::Libvirt) {
+            return Ok(None);
+        }
         if let (Some(id), Some(socket)) = (&self.console_chardev, &self.console_socket) {
             return Ok(Some(launch::console::ConsoleSource {
                 chardev: id.clone(),
@@ -337,13 +354,17 @@ pub fn prepare(r: PrepareRequest) -> Result<(String, Vec<String>), Error> {
     // The launcher's files first: one it cannot read is named as such, not as a console problem.
     let user = r.launch.user_config(&r.launch_args)?;
     let source = r.console.source(&r.launch_args, &r.launch.launch_config)?;
+    let libvirt_console = r.console.console == Some(ConsoleFrom::Libvirt);
+    if libvirt_console && !matches!(r.format, Format::Libvirt) {
+        return Err(Error::ConsoleNeedsLibvirt);
+    }
     let cfg = r.table.config_for(&user)?;
     // Check before anything is written, so a collision leaves no directory behind.
     let any = || Some(PathBuf::from("/"));
     let mut plan = LaunchPlan {
         qmp_socket: any(),
         // With the guest's own console acpimon adds no serial port.
-        console_socket: if source.is_some() { None } else { any() },
+        console_socket: if source.is_some() || libvirt_console { None } else { any() },
         pvpanic: true,
         app_socket: r.extras.app_channel.then(any).flatten(),
         guest_agent_socket: r.extras.guest_agent.then(any).flatten(),
@@ -358,6 +379,17 @@ pub fn prepare(r: PrepareRequest) -> Result<(String, Vec<String>), Error> {
             "the guest's console is chardev '{}' ({}); acpimon re-exports it on {}",
             src.chardev,
             src.socket.display(),
+            prepared.dir.join(launch::prepare::CONSOLE_SHARE).display()
+        ));
+    }
+    if libvirt_console {
+        let chardev = r.console.console_chardev.as_deref().unwrap_or(launch::prepare::LIBVIRT_CONSOLE);
+        prepared.use_libvirt_console(chardev)?;
+        notes.push(format!(
+            "the guest's console is the domain's serial port (libvirt's chardev '{chardev}'): \
+             `acpimon watch` with [libvirt] reads it through libvirt's console stream and \
+             re-exports it on {}; use that socket, not `virsh console`, which libvirt allows \
+             one client at a time",
             prepared.dir.join(launch::prepare::CONSOLE_SHARE).display()
         ));
     }

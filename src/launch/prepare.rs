@@ -56,6 +56,10 @@ pub struct Descriptor {
     pub console_chardev: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console_share: Option<PathBuf>,
+    /// The console is a libvirt domain's serial port, chardev `console_chardev`, read through
+    /// libvirt's console stream (`prepare --console libvirt`); `console` is then unused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub console_libvirt: bool,
     /// The app channel's socket, when the VM has one (`prepare --app-channel`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<PathBuf>,
@@ -116,6 +120,8 @@ pub struct Prepared {
 
 /// Where acpimon re-exports a launcher's console, inside the VM's directory.
 pub const CONSOLE_SHARE: &str = "console-share.sock";
+/// libvirt's chardev id of a domain's first `<serial>` (`char` + its alias `serial0`).
+pub const LIBVIRT_CONSOLE: &str = "charserial0";
 
 impl Prepared {
     /// Makes the launcher's chardev `src` the VM's console (see [`Descriptor::console_chardev`])
@@ -130,6 +136,21 @@ impl Prepared {
         self.descriptor.console = src.socket.clone();
         self.descriptor.console_chardev = Some(src.chardev.clone());
         self.descriptor.console_share = Some(share);
+        let json = serde_json::to_vec_pretty(&self.descriptor).expect("descriptor serialises");
+        write_atomic(&self.dir.join(DESCRIPTOR), &json)
+    }
+
+    /// Makes the libvirt domain's serial port with chardev `chardev` the VM's console, read
+    /// through libvirt's console stream (see [`Descriptor::console_libvirt`]), and rewrites
+    /// `vm.json`.
+    pub fn use_libvirt_console(&mut self, chardev: &str) -> Result<(), PrepareError> {
+        let share = self.dir.join(CONSOLE_SHARE);
+        if share.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(PrepareError::SocketPathTooLong(share));
+        }
+        self.descriptor.console_chardev = Some(chardev.to_string());
+        self.descriptor.console_share = Some(share);
+        self.descriptor.console_libvirt = true;
         let json = serde_json::to_vec_pretty(&self.descriptor).expect("descriptor serialises");
         write_atomic(&self.dir.join(DESCRIPTOR), &json)
     }
@@ -189,6 +210,7 @@ pub fn prepare_with(
         console: dir.join("console.sock"),
         console_chardev: None,
         console_share: None,
+        console_libvirt: false,
         app: extras.app_channel.then(|| dir.join("app.sock")),
         guest_agent: extras.guest_agent.then(|| dir.join("qga.sock")),
     };

@@ -224,8 +224,15 @@ pub async fn connect_vm(
     cfg: &crate::watch::config::LibvirtConfig,
     vm: &str,
 ) -> Option<Result<Qmp, QmpError>> {
+    let domain = domain_of(cfg, vm).await?;
+    Some(connect(&cfg.uri, &domain).await)
+}
+
+/// The domain's name or UUID under `cfg` for VM `vm`: `vm` itself when `cfg.domains` names it
+/// (or is empty), else the listed UUID of a domain named `vm`. `None`: not a libvirt domain here.
+async fn domain_of(cfg: &crate::watch::config::LibvirtConfig, vm: &str) -> Option<String> {
     if cfg.domains.is_empty() || cfg.domains.iter().any(|d| d == vm) {
-        return Some(connect(&cfg.uri, vm).await);
+        return Some(vm.to_string());
     }
     let uuids: Vec<String> =
         cfg.domains.iter().filter(|d| d.len() == 36 && d.matches('-').count() == 4).cloned().collect();
@@ -234,13 +241,282 @@ pub async fn connect_vm(
     }
     event_loop().ok()?;
     let (uri, name) = (cfg.uri.clone(), vm.to_string());
-    let uuid = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let conn = Connect::open(Some(&uri)).ok()?;
-        uuids.into_iter().find(|u| {
+        let found = uuids.into_iter().find(|u| {
             Domain::lookup_by_uuid_string(&conn, u).and_then(|d| d.get_name()).is_ok_and(|n| n == name)
-        })
+        });
+        let mut conn = conn;
+        let _ = conn.close();
+        found
     })
     .await
-    .ok()??;
-    Some(connect(&cfg.uri, &uuid).await)
+    .ok()?
+}
+
+/// VM `vm`'s console through libvirt's console stream (`virDomainOpenConsole`) of the serial
+/// port whose QEMU chardev is `chardev` (libvirt's `char` + the port's alias, e.g.
+/// `charserial0`), keeping the last `keep` bytes. `None`: `vm` is not a libvirt domain under
+/// `cfg`.
+///
+/// libvirt serves one console client at a time. acpimon opens without `force`, so it never
+/// takes the console away from an operator's `virsh console`; it says so when one holds it.
+/// A later `virsh console --force` takes it from acpimon: the console then reads as closed.
+pub async fn console_vm(
+    cfg: &crate::watch::config::LibvirtConfig,
+    vm: &str,
+    chardev: &str,
+    keep: usize,
+) -> Option<Result<crate::console::Console, String>> {
+    let domain = domain_of(cfg, vm).await?;
+    Some(open_console(&cfg.uri, &domain, chardev, keep).await)
+}
+
+async fn open_console(
+    uri: &str,
+    domain: &str,
+    chardev: &str,
+    keep: usize,
+) -> Result<crate::console::Console, String> {
+    event_loop().map_err(|e| e.to_string())?;
+    let alias = chardev.strip_prefix("char").unwrap_or(chardev).to_string();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (uri_, domain_) = (uri.to_string(), domain.to_string());
+    // A console this service just dropped (its QEMU session ended) may not have been released
+    // by libvirt yet: a held console is retried briefly before it is reported.
+    let stream = tokio::task::spawn_blocking(move || {
+        let mut tries = 0;
+        loop {
+            match ConsoleStream::open(&uri_, &domain_, &alias, tx.clone()) {
+                Err(Held(_)) if tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return other.map_err(|(Held(e) | Failed(e))| e),
+            }
+        }
+    })
+    .await
+    .map_err(|e| format!("libvirt console task failed: {e}"))??;
+    let (ours, bridge) = tokio::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    tokio::spawn(pump(Arc::new(stream), rx, bridge));
+    Ok(crate::console::Console::over(ours, keep).with_chardev(chardev))
+}
+
+/// Why a console stream did not open: another client holds it, or anything else.
+enum OpenError {
+    Held(String),
+    Failed(String),
+}
+use OpenError::{Failed, Held};
+
+/// What the stream's callback hands on: output, an empty chunk at the end, or libvirt's error.
+type Chunk = Result<Vec<u8>, String>;
+
+/// An open, non-blocking libvirt console stream with its own connection: its output comes from
+/// libvirt's event loop ([`on_console`]), so no thread blocks in libvirt holding the
+/// connection, and input is sent from the pump.
+struct ConsoleStream {
+    conn: Connect,
+    stream: virt::sys::virStreamPtr,
+    /// The console is open on the stream, and its callback added: undone on drop.
+    opened: bool,
+    callback: bool,
+}
+
+// SAFETY: libvirt's stream and connection objects may be used from any thread (libvirt locks
+// them); the pointer is freed only in `drop`.
+unsafe impl Send for ConsoleStream {}
+// SAFETY: as for `Send`: shared use is libvirt's stream calls, which lock the stream.
+unsafe impl Sync for ConsoleStream {}
+
+impl ConsoleStream {
+    fn open(
+        uri: &str,
+        domain: &str,
+        alias: &str,
+        tx: mpsc::UnboundedSender<Chunk>,
+    ) -> Result<Self, OpenError> {
+        use virt::sys;
+        let conn = Connect::open(Some(uri))
+            .map_err(|e| Failed(format!("cannot connect to libvirt at {uri}: {e}; is libvirtd running?")))?;
+        let mut this = ConsoleStream { conn, stream: std::ptr::null_mut(), opened: false, callback: false };
+        let dom = Domain::lookup_by_name(&this.conn, domain)
+            .or_else(|_| Domain::lookup_by_uuid_string(&this.conn, domain))
+            .map_err(|e| Failed(format!("no libvirt domain named {domain} at {uri}: {e}")))?;
+        // SAFETY: `this.conn` is a live connection.
+        this.stream = unsafe { sys::virStreamNew(this.conn.as_ptr(), sys::VIR_STREAM_NONBLOCK) };
+        if this.stream.is_null() {
+            return Err(Failed(format!(
+                "libvirt cannot create a stream: {}",
+                virt::error::Error::last_error()
+            )));
+        }
+        let dev =
+            std::ffi::CString::new(alias).map_err(|_| Failed(format!("bad chardev alias {alias:?}")))?;
+        // SAFETY: live domain and stream; `dev` outlives the call. No flags: never `force`.
+        if unsafe { sys::virDomainOpenConsole(dom.as_ptr(), dev.as_ptr(), this.stream, 0) } < 0 {
+            let e = virt::error::Error::last_error();
+            let held = e.message().contains("Active console session");
+            return Err(if held {
+                Held(format!(
+                    "libvirt's console of domain {domain} ({alias}) is held by another client \
+                     (a `virsh console`?): libvirt serves one at a time; close it and use \
+                     acpimon's console-share.sock, which re-exports the console"
+                ))
+            } else {
+                Failed(format!(
+                    "libvirt cannot open the console {alias} of domain {domain}: {e}; the domain \
+                     needs <serial type='pty'> (and --console-chardev naming libvirt's chardev \
+                     of it, `char` + its alias, if not the first)"
+                ))
+            });
+        }
+        this.opened = true;
+        let opaque = Box::into_raw(Box::new(tx)).cast::<c_void>();
+        let events =
+            sys::VIR_STREAM_EVENT_READABLE | sys::VIR_STREAM_EVENT_ERROR | sys::VIR_STREAM_EVENT_HANGUP;
+        // SAFETY: live stream; `on_console` and `free_chunks` match libvirt's callback types;
+        // `opaque` is reclaimed only by `free_chunks`, which libvirt calls once when the
+        // callback is removed (in `drop`), or below when registration fails.
+        let rc = unsafe {
+            sys::virStreamEventAddCallback(
+                this.stream,
+                events as c_int,
+                Some(on_console),
+                opaque,
+                Some(free_chunks),
+            )
+        };
+        if rc < 0 {
+            // SAFETY: registration failed, so libvirt holds no copy of `opaque`.
+            unsafe { free_chunks(opaque) };
+            return Err(Failed(format!(
+                "libvirt refused console events: {}",
+                virt::error::Error::last_error()
+            )));
+        }
+        this.callback = true;
+        Ok(this)
+    }
+
+    /// Sends all of `bytes`, waiting while libvirt's buffer is full (bounded).
+    fn send(&self, bytes: &[u8]) -> Result<(), String> {
+        let mut sent = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while sent < bytes.len() {
+            let rest = &bytes[sent..];
+            // SAFETY: live stream; `rest` is valid for its length.
+            let n = unsafe { virt::sys::virStreamSend(self.stream, rest.as_ptr().cast(), rest.len()) };
+            match n {
+                n if n > 0 => sent += n as usize,
+                -2 if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                -2 => return Err("libvirt's console stream takes no input".into()),
+                _ => return Err(format!("libvirt's console stream: {}", virt::error::Error::last_error())),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ConsoleStream {
+    fn drop(&mut self) {
+        if !self.stream.is_null() {
+            // SAFETY: the stream is live and freed only here; each step is undone once, and
+            // only when done (libvirt prints an error for the others).
+            unsafe {
+                if self.callback {
+                    virt::sys::virStreamEventRemoveCallback(self.stream);
+                }
+                if self.opened {
+                    virt::sys::virStreamAbort(self.stream);
+                }
+                virt::sys::virStreamFree(self.stream);
+            }
+        }
+        let _ = self.conn.close();
+    }
+}
+
+/// Called by libvirt's event loop thread when the console stream has output or ended.
+unsafe extern "C" fn on_console(stream: virt::sys::virStreamPtr, events: c_int, opaque: *mut c_void) {
+    if opaque.is_null() {
+        return;
+    }
+    // SAFETY: `opaque` is the sender boxed in `ConsoleStream::open`, alive until `free_chunks`.
+    let tx = unsafe { &*opaque.cast::<mpsc::UnboundedSender<Chunk>>() };
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        // SAFETY: live stream (the callback is removed before it is freed); `buf` is writable.
+        let n = unsafe { virt::sys::virStreamRecv(stream, buf.as_mut_ptr().cast(), buf.len()) };
+        let end = match n {
+            n if n > 0 => {
+                let _ = tx.send(Ok(buf[..n as usize].to_vec()));
+                continue;
+            }
+            // Nothing to read now; after a hangup or an error, nothing ever will.
+            -2 if events as u32
+                & (virt::sys::VIR_STREAM_EVENT_HANGUP | virt::sys::VIR_STREAM_EVENT_ERROR)
+                == 0 =>
+            {
+                return
+            }
+            0 | -2 => Ok(Vec::new()),
+            _ => Err(virt::error::Error::last_error().to_string()),
+        };
+        let _ = tx.send(end);
+        // Ended: no more events (the pump then drops the stream).
+        // SAFETY: live stream; updating its callback's events from inside it is allowed.
+        unsafe { virt::sys::virStreamEventUpdateCallback(stream, 0) };
+        return;
+    }
+}
+
+/// libvirt's free callback for the console's `opaque`.
+unsafe extern "C" fn free_chunks(opaque: *mut c_void) {
+    if !opaque.is_null() {
+        // SAFETY: from `Box::into_raw` in `ConsoleStream::open`, freed only here, once.
+        drop(unsafe { Box::from_raw(opaque.cast::<mpsc::UnboundedSender<Chunk>>()) });
+    }
+}
+
+/// Moves bytes between libvirt's console stream and the [`crate::console::Console`]'s end of
+/// `bridge` until either ends, then closes the stream.
+async fn pump(
+    stream: Arc<ConsoleStream>,
+    mut rx: mpsc::UnboundedReceiver<Chunk>,
+    bridge: tokio::net::UnixStream,
+) {
+    use tokio::io::AsyncReadExt;
+    let (mut read, mut write) = bridge.into_split();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            chunk = rx.recv() => match chunk {
+                Some(Ok(bytes)) if !bytes.is_empty() => {
+                    if write.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("libvirt's console stream failed: {e}");
+                    break;
+                }
+                _ => break,
+            },
+            n = read.read(&mut buf) => match n {
+                Ok(n) if n > 0 => {
+                    let (s, bytes) = (stream.clone(), buf[..n].to_vec());
+                    match tokio::task::spawn_blocking(move || s.send(&bytes)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!("{e}"),
+                        Err(_) => break,
+                    }
+                }
+                _ => break,
+            },
+        }
+    }
+    drop(write);
+    let _ = tokio::task::spawn_blocking(move || drop(stream)).await;
 }

@@ -199,11 +199,10 @@ impl Monitor {
         let qemu_id = qmp.pid.map(process_identity);
         let keep = self.shared.config.console_keep;
         // The launcher's console (vm.json's console_chardev) is re-exported for its tools.
-        let (console, console_why) =
-            match crate::launch::vm::connect_console_with(&d, keep, Duration::ZERO).await {
-                Ok(c) => (Some(Arc::new(c)), String::new()),
-                Err(e) => (None, format!("cannot connect: {e}")),
-            };
+        let (console, console_why) = match self.connect_console(&d, keep).await {
+            Ok(c) => (Some(Arc::new(c)), String::new()),
+            Err(e) => (None, format!("cannot connect: {e}")),
+        };
         let (region, region_why) = match Region::open(&d.region, Access::ReadWrite) {
             Ok(r) => match d.ssdt_config().ok().map(|c| c.slot) {
                 Some(slot) => match channel::locate(&qmp, slot).await {
@@ -249,6 +248,31 @@ impl Monitor {
             }
         }
         Qmp::connect(&d.qmp, Duration::ZERO).await
+    }
+
+    /// The VM's console: libvirt's console stream for a domain prepared with `--console
+    /// libvirt`, else its socket. Either is re-exported when the descriptor says so.
+    async fn connect_console(&self, d: &Descriptor, keep: usize) -> Result<Console, String> {
+        if !d.console_libvirt {
+            return crate::launch::vm::connect_console_with(d, keep, Duration::ZERO).await;
+        }
+        let chardev = d.console_chardev.as_deref().unwrap_or(crate::launch::prepare::LIBVIRT_CONSOLE);
+        #[cfg(feature = "libvirt")]
+        if let Some(cfg) = &self.shared.config.libvirt {
+            if let Some(console) = crate::trigger::libvirt::console_vm(cfg, &self.name, chardev, keep).await {
+                let console = console?;
+                if let Some(share) = &d.console_share {
+                    console
+                        .share(share)
+                        .map_err(|e| format!("cannot re-export the console on {}: {e}", share.display()))?;
+                }
+                return Ok(console);
+            }
+        }
+        Err(format!(
+            "the console is libvirt's (chardev {chardev}, prepare --console libvirt): name the domain \
+             in [libvirt] of the service's configuration (acpimon built with --features libvirt)"
+        ))
     }
 
     /// Watches an attached VM until QEMU goes away or the monitor is stopped.

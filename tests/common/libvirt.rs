@@ -77,25 +77,40 @@ impl Domain {
         d
     }
 
+    /// As [`Domain::start_paused`], with libvirt's own pty serial console (`<serial
+    /// type='pty'>` + `<console type='pty'>`, the guest's ttyS0) as the guest's console:
+    /// prepared with `--console libvirt`, so acpimon adds no serial port.
+    pub fn start_paused_with_libvirt_console(scenario: &str, delay: u32) -> Domain {
+        let d = Domain::define_with(scenario, delay, true);
+        d.virsh(&["start", "--paused"]);
+        d
+    }
+
     /// Defines (does not start) a domain whose guest runs `scenario` after `delay` seconds.
     pub fn define(scenario: &str, delay: u32) -> Domain {
+        Domain::define_with(scenario, delay, false)
+    }
+
+    fn define_with(scenario: &str, delay: u32, libvirt_console: bool) -> Domain {
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!("acpimon-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
         let dir = tempfile::Builder::new().prefix("acpimon-libvirt").tempdir_in("/tmp").unwrap();
-        let out = super::acpimon(&[
-            "prepare",
-            &name,
-            "--state-dir",
-            dir.path().to_str().unwrap(),
-            "--format",
-            "libvirt",
-        ]);
+        let mut args =
+            vec!["prepare", &name, "--state-dir", dir.path().to_str().unwrap(), "--format", "libvirt"];
+        if libvirt_console {
+            args.extend(["--console", "libvirt"]);
+        }
+        let out = super::acpimon(&args);
         assert!(out.status.success(), "prepare --format libvirt failed: {}", text(&out.stderr));
         let prepared = Prepared {
             dir: dir.path().join(&name),
             descriptor: acpimon::launch::Descriptor::load(&dir.path().join(&name)).unwrap(),
         };
-        let xml = merge(&base(&name, scenario, delay), &text(&out.stdout));
+        let mut base = base(&name, scenario, delay);
+        if libvirt_console {
+            base = base.replacen("  </devices>", LIBVIRT_CONSOLE, 1);
+        }
+        let xml = merge(&base, &text(&out.stdout));
         let file = dir.path().join("domain.xml");
         super::write(&file, xml.as_bytes());
         let d = Domain { name, prepared, xml, _dir: dir };
@@ -133,6 +148,15 @@ impl Drop for Domain {
         let _ = virsh(&["undefine", &self.name]);
     }
 }
+
+/// libvirt's usual serial console: a pty that libvirt's console stream (`virsh console`) serves.
+const LIBVIRT_CONSOLE: &str = "    <serial type='pty'>
+      <target port='0'/>
+    </serial>
+    <console type='pty'>
+      <target type='serial' port='0'/>
+    </console>
+  </devices>";
 
 /// The user's domain before acpimon's part: the fixture guest under TCG with nothing libvirt
 /// adds by default that the guest does not need.
