@@ -95,6 +95,24 @@ async fn eves_whole_launch_with_ovmf_is_healthy_and_a_hang_gives_the_console_fro
     eve_launch_watched(spec).await;
 }
 
+/// The same with Debian bookworm's OVMF (edk2 2022.11), which needs the CPU's phys-bits changed
+/// beside the knob (`-cpu qemu64,phys-bits=37`, as the channel report advises).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eves_whole_launch_with_bookworms_ovmf_is_healthy_and_a_hang_gives_the_console_from_boot() {
+    let spec = GuestSpec {
+        watched: true,
+        eve_console: true,
+        eve_config: true,
+        readconfig: true,
+        firmware: Firmware::Pflash(Edk2::Bookworm),
+        extra: vec!["-cpu".into(), "qemu64,phys-bits=37".into()],
+        scenario: "starve",
+        delay: 30,
+        ..GuestSpec::new("q35")
+    };
+    eve_launch_watched(spec).await;
+}
+
 /// Boots `spec` (created paused) under the watch service with another client on the console's
 /// re-export, resumes it, and follows it to healthy, then to unresponsive when its kernel
 /// starves: the bundle and the other client both have the console from boot and SysRq's output.
