@@ -384,6 +384,8 @@ async fn every_start_order_reaches_healthy_and_a_hang_is_detected_after_it() {
     let i = t.iter().position(|(_, to)| to == "paused").unwrap_or_else(|| panic!("{t:?}"));
     assert_eq!(t[i + 1], ("paused".into(), "starting".into()), "{t:?}");
     assert_eq!(t[i + 2], ("starting".into(), "healthy".into()), "{t:?}");
+    // The service had the console before the guest ran: the bundle has it from boot.
+    hang_detected_and_recovered(&g, &svc, true).await;
 
     // QEMU killed and relaunched in the same directory, without -S: gone, then healthy on the
     // new guest's own answers (not on the previous one's, and no false alarm while it boots).
@@ -396,6 +398,7 @@ async fn every_start_order_reaches_healthy_and_a_hang_is_detected_after_it() {
     let i = t.iter().position(|(_, to)| to == "starting").unwrap_or_else(|| panic!("{t:?}"));
     assert_eq!(t[i - 1].1, "gone", "{t:?}");
     assert_eq!(t[i + 1], ("starting".into(), "healthy".into()), "{t:?}");
+    hang_detected_and_recovered(&g, &svc, false).await;
 
     // The service killed and restarted, the same QEMU: still healthy, on fresh answers, and
     // not started over (the same QEMU process).
@@ -408,6 +411,7 @@ async fn every_start_order_reaches_healthy_and_a_hang_is_detected_after_it() {
     // (A first heartbeat crossing the killed service's last one may be late: not an alert.)
     let t = transitions_since(&svc, mark);
     assert!(!t.iter().any(|(_, to)| to == "unresponsive" || to == "starting" || to == "gone"), "{t:?}");
+    hang_detected_and_recovered(&g, &svc, false).await;
 
     // While the service is down, QEMU is killed and relaunched, with -S and then without:
     // the service (after QEMU) sees another QEMU process, whose guest starts over.
@@ -427,11 +431,29 @@ async fn every_start_order_reaches_healthy_and_a_hang_is_detected_after_it() {
             t.iter().position(|(_, to)| to == "starting").unwrap_or_else(|| panic!("started over: {t:?}"));
         assert_eq!(t[i + 1], ("starting".into(), "healthy".into()), "{t:?}");
         assert!(!t.iter().any(|(_, to)| to == "unresponsive"), "{t:?}");
+        // Created paused, the guest ran only once the restarted service had its console.
+        hang_detected_and_recovered(&g, &svc, paused).await;
     }
+}
 
-    // A hang after all that is detected within the bound.
+/// After a start order reached healthy: a QMP `stop` is unresponsive within the bound, a new
+/// bundle is taken (with the console from the kernel's banner on when `from_boot`), and `cont`
+/// brings the VM back to healthy for the next order.
+async fn hang_detected_and_recovered(g: &Guest, svc: &Service, from_boot: bool) {
+    let before: Vec<String> =
+        svc.events().into_iter().filter(|e| e.kind == "bundle").map(|e| e.key).collect();
+    // The heartbeat answers before userspace starts: give the guest time to reach its shell.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_a_hang_is_detected_in_time(&g, &svc).await;
+    assert_a_hang_is_detected_in_time(g, svc).await;
+    let bundle = svc
+        .wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle" && !before.contains(&e.key))
+        .await;
+    if from_boot {
+        let tail = step_file(&bundle, "console-tail");
+        assert!(tail.contains("Linux version"), "the console from boot: {tail}");
+    }
+    g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();
+    svc.wait_state("guest", State::Healthy, Duration::from_secs(60)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
