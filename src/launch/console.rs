@@ -148,25 +148,8 @@ mod tests {
         cfg
     }
 
-    const EVE: &str = r#"
-[machine]
-  type = "q35"
-
-[chardev "cons"]
-  backend = "socket"
-  path = "/run/hypervisor/kvm/vm1/cons"
-  server = "on"
-  wait = "off"
-  mux = "on"
-
-[device "serial0"]
-  driver = "isa-serial"
-  chardev = "cons"
-
-[mon "cons-mon"]
-  chardev = "cons"
-  mode = "readline"
-"#;
+    /// EVE's merged config, with its muxed `cons` console.
+    const EVE: &str = qemu_config::EVE_LIKE;
 
     #[test]
     fn an_eve_config_gives_its_mux_socket() {
