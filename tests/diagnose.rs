@@ -212,16 +212,7 @@ async fn a_healthy_guest_gives_every_step_and_keeps_running() {
 async fn a_panicked_guest_gives_the_whole_panic_text() {
     let g = Guest::boot(GuestSpec { scenario: "panic", delay: 2, ..GuestSpec::new("pc") }).await;
     let mut events = g.vm.qmp.events();
-    let wait = async {
-        loop {
-            match events.recv().await {
-                Ok(ev) if ev.name == "GUEST_PANICKED" => return ev,
-                Ok(_) => {}
-                Err(e) => panic!("QMP events: {e}"),
-            }
-        }
-    };
-    let ev = tokio::time::timeout(Duration::from_secs(60), wait).await.expect("GUEST_PANICKED within 60 s");
+    let ev = common::guest::next_qmp_event(&mut events, "GUEST_PANICKED", Duration::from_secs(60)).await;
     // Collect at once, as the service does: the console tail waits for the text printed after
     // the event.
     let dir = tempfile::tempdir().unwrap();

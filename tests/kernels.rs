@@ -115,17 +115,8 @@ async fn boot_beat_answer_and_panic(k: Kernel) {
     );
 
     // The panic: QEMU's GUEST_PANICKED (pvpanic), the kernel's text on the console, no more beats.
-    let wait = async {
-        loop {
-            match events.recv().await {
-                Ok(ev) if ev.name == "GUEST_PANICKED" => return ev,
-                Ok(_) => {}
-                Err(e) => panic!("QMP events: {e}"),
-            }
-        }
-    };
     let limit = Duration::from_secs(u64::from(PANIC_DELAY) + 30);
-    let ev = tokio::time::timeout(limit, wait).await.expect("GUEST_PANICKED in time");
+    let ev = common::guest::next_qmp_event(&mut events, "GUEST_PANICKED", limit).await;
     assert_eq!(ev.raw["event"], "GUEST_PANICKED", "{}: {:?}", k.spec, ev.raw);
     let tail = g.wait_console("---[ end Kernel panic", 0, Duration::from_secs(30)).await;
     assert!(tail.contains("Kernel panic - not syncing: sysrq triggered crash"), "{}:\n{tail}", k.spec);

@@ -215,15 +215,8 @@ async fn a_panic_is_reported_and_the_guest_kept_on_every_qemu() {
         GuestSpec { scenario: "panic", delay: 2, extra: vec!["-no-shutdown".into()], ..GuestSpec::new("pc") };
     let g = Guest::boot(spec).await;
     let mut events = g.vm.qmp.events();
-    let action = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(60), events.recv())
-            .await
-            .expect("GUEST_PANICKED")
-            .unwrap();
-        if ev.name == "GUEST_PANICKED" {
-            break ev.raw["data"]["action"].as_str().unwrap_or_default().to_string();
-        }
-    };
+    let ev = common::guest::next_qmp_event(&mut events, "GUEST_PANICKED", Duration::from_secs(60)).await;
+    let action = ev.raw["data"]["action"].as_str().unwrap_or_default().to_string();
     let (major, ..) = g.vm.qmp.version;
     let status = g.vm.qmp.status(Duration::from_secs(5)).await.unwrap();
     if major >= 6 {

@@ -428,3 +428,22 @@ impl Guest {
         out
     }
 }
+
+/// The next QMP event named `name` on `events` (subscribed before what raises it), within
+/// `timeout`; panics naming the event otherwise.
+pub async fn next_qmp_event(
+    events: &mut tokio::sync::broadcast::Receiver<acpimon::trigger::qmp::QmpEvent>,
+    name: &str,
+    timeout: Duration,
+) -> acpimon::trigger::qmp::QmpEvent {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(ev) if ev.name == name => return ev,
+                Ok(_) => {}
+                Err(e) => panic!("QMP events: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.unwrap_or_else(|_| panic!("no {name} within {timeout:?}"))
+}
