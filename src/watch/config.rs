@@ -61,7 +61,8 @@ pub struct LibvirtConfig {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VmSettings {
     pub enabled: bool,
-    /// Misses do not count as failures for this long after the VM is attached or reboots.
+    /// A scenario's misses do not count as failures for this long after the VM is attached or
+    /// reboots, unless it has answered since (the grace is per scenario).
     #[serde(serialize_with = "crate::units::duration::serialize")]
     pub startup_grace: Duration,
     pub pause: PausePolicy,

@@ -10,6 +10,8 @@
 //!              QEMU's run state: prelaunch and the other stopped states are paused)
 //! ```
 //! A reboot is an event, not a failure: it restarts the start-up grace (state starting).
+//! The grace is per scenario: it covers a scenario until its first answer, so one slow
+//! scenario cannot hide another that answered and then failed.
 //! Every QEMU run state maps to a state that a later event or status leaves ([`RunState`]);
 //! a new QEMU process (relaunched in the same directory) starts over: what the previous one's
 //! guest answered counts for nothing.
@@ -517,6 +519,8 @@ impl Machine {
     /// The guest boots afresh: misses and past answers are forgotten, the grace restarts.
     fn start_over(&mut self, now: Instant) {
         self.panicked = None;
+        // The app's word was about the previous guest's app.
+        self.app = None;
         for t in &mut self.tracks {
             t.misses = 0;
             t.ever_ok = false;
@@ -642,9 +646,13 @@ impl Machine {
             return (State::Unresponsive, format!("the app reports it failed: {details}"));
         }
         let active: Vec<&Track> = self.tracks.iter().filter(|t| t.active()).collect();
-        let failing: Vec<&Track> = active.iter().copied().filter(|t| t.misses >= t.threshold).collect();
-        let in_grace = now < self.grace_until && active.iter().any(|t| !t.ever_ok);
-        if !failing.is_empty() && !in_grace {
+        // The start-up grace is per scenario: it covers a scenario only until its first answer
+        // in this life. One that answered is judged from then on, and one still waiting for
+        // its first answer is judged once the grace is over, whatever the others do.
+        let in_grace = now < self.grace_until;
+        let failing: Vec<&Track> =
+            active.iter().copied().filter(|t| t.misses >= t.threshold && (t.ever_ok || !in_grace)).collect();
+        if !failing.is_empty() {
             let mut reason = describe(&failing, "missed");
             let answering: Vec<&Track> =
                 active.iter().copied().filter(|t| t.misses == 0 && t.ever_ok).collect();

@@ -413,3 +413,81 @@ fn an_error_stop_says_why_and_counts() {
         t.reason
     );
 }
+
+/// Issue 11's case: the heartbeat answered during start-up, then missed 93 times while the
+/// console scenario never answered; the VM stayed `starting` for the whole grace. A scenario
+/// that answered once is judged from then on.
+#[test]
+fn a_hang_during_start_up_is_not_hidden_by_a_scenario_that_never_answered() {
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    assert_eq!(to(m.attached("running", false, t0)), None);
+    assert_eq!(to(m.probe(HB, ok(1), at(1))), None);
+    assert_eq!(to(m.probe(CON, miss("'uptime' got no output"), at(1))), None, "the console boots: grace");
+    let mut failed = None;
+    for i in 0..93 {
+        let now = at(2 + i);
+        if let Some(t) = m.probe(HB, miss(&format!("no record echoed request {i} within 1s")), now) {
+            failed.get_or_insert((i + 1, t));
+        }
+        m.probe(CON, miss("'uptime' got no output"), now);
+    }
+    let (misses, t) = failed.expect("the heartbeat's misses count during the grace");
+    assert_eq!((misses, t.from, t.to), (3, State::Starting, State::Unresponsive));
+    assert!(t.reason.starts_with("acpi-heartbeat missed 3 of 3 (no record echoed request 2"), "{}", t.reason);
+    assert_eq!(sent(&t)["scenarios"][0]["consecutive_misses"], 3);
+    assert_eq!(sent(&t)["scenarios"][1]["last"]["ok"], false, "the console never answered");
+    assert!(m.incident, "diagnostics run");
+    // The console, still in its grace, is not part of the verdict; the grace over, it is.
+    assert!(!t.reason.contains("console missed"), "{}", t.reason);
+    assert_eq!(m.state, State::Unresponsive);
+}
+
+/// A heartbeat that never answers fails once the grace is over, even while another scenario
+/// is slow (has not reported at all).
+#[test]
+fn a_heartbeat_that_never_answers_fails_after_the_grace_even_if_another_scenario_is_slow() {
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    for i in 0..10 {
+        assert_eq!(to(m.probe(HB, miss("no record"), t0 + Duration::from_secs(i))), None, "grace");
+    }
+    assert_eq!(m.state, State::Starting);
+    let t = m.tick(t0 + Duration::from_secs(31)).unwrap();
+    assert_eq!(t.to, State::Unresponsive);
+    assert!(t.reason.starts_with("acpi-heartbeat missed 10 of 3"), "{}", t.reason);
+    assert_eq!(sent(&t)["scenarios"][1]["last"], Value::Null, "the console had not reported");
+}
+
+/// A slow scenario is covered by the grace only until its first answer: the other one,
+/// answering, makes the VM late or unresponsive by its own misses, not `starting`.
+#[test]
+fn the_grace_is_per_scenario() {
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    m.probe(HB, ok(1), t0);
+    m.probe(CON, ok(1), t0);
+    assert_eq!(m.state, State::Healthy);
+    // Within the grace still: the console, which answered, is judged.
+    m.probe(CON, miss("x"), t0);
+    assert_eq!(to(m.probe(CON, miss("x"), t0)), Some(State::Unresponsive));
+
+    // Past the grace, a scenario that never answered counts like any other.
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    m.probe(HB, ok(1), t0);
+    m.probe(CON, miss("x"), t0);
+    assert_eq!(to(m.probe(CON, miss("x"), t0)), None, "in its grace");
+    let t = m.tick(t0 + Duration::from_secs(31)).unwrap();
+    assert_eq!(t.to, State::Unresponsive);
+    assert!(t.reason.starts_with("console missed 2 of 2"), "{}", t.reason);
+    assert!(t.reason.contains("while acpi-heartbeat answers"), "{}", t.reason);
+}
+
+/// What the app said in a previous QEMU's guest does not count for the new one.
+#[test]
+fn a_relaunch_forgets_the_previous_apps_word() {
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    assert_eq!(to(m.app_health(AppStatus::Failed, "database down".into(), t0)), Some(State::Unresponsive));
+    m.gone("QEMU exited (its QMP connection closed)".into(), Evidence::Closed(Nothing {}), t0);
+    assert_eq!(to(m.attached("running", true, t0)), Some(State::Starting));
+    assert_eq!(healthy_round(&mut m, t0), vec![State::Recovered], "not failed on the old app's word");
+}
