@@ -146,7 +146,7 @@ pub struct RebootEvent {
     pub evidence: RebootEvidence,
 }
 
-/// How the reboot was seen: `{"qmp_event": ...}` or `{"region": ...}`.
+/// How the reboot was seen: `{"qmp_event": ...}`, `{"region": ...}` or `{"relaunch": ...}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RebootEvidence {
@@ -154,6 +154,17 @@ pub enum RebootEvidence {
     QmpEvent(Value),
     /// The region's boot count changed or its guest timer went backwards.
     Region(Reboot),
+    /// Another QEMU process runs the VM (relaunched in the same directory): its guest is a new
+    /// life, whatever the region still holds of the previous one.
+    Relaunch(Relaunch),
+}
+
+/// Which QEMU process ran the VM before and which runs it now: `PID@START` (the process's
+/// start time in clock ticks since the host booted, so a reused pid is still another process).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Relaunch {
+    pub qemu: String,
+    pub previous: String,
 }
 
 /// An incident that needs a bundle: why diagnostics run, the transition event that started

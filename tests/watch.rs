@@ -12,7 +12,7 @@ use acpimon::event::RawEvent as Event;
 use acpimon::watch::state::State;
 use common::guest::{Guest, GuestSpec};
 use common::service::{free_port, is_transition, watch_guest, Controller, Service};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const BOOT: Duration = Duration::from_secs(120);
 
@@ -568,4 +568,122 @@ async fn a_second_service_on_the_same_data_directory_is_refused_and_the_first_go
     svc.status().await;
     assert_eq!(svc.events().len(), started, "{:#?}", svc.events());
     assert_eq!(std::fs::read_to_string(svc.data_dir.join("watch.lock")).unwrap().trim(), pid.to_string());
+}
+
+/// The request number a heartbeat's detail quotes ("request 41 answered in 1.2 ms").
+fn quoted_request(scenario: &Value) -> Option<u32> {
+    let detail = scenario["last"]["detail"].as_str()?;
+    detail.strip_prefix("request ")?.split(' ').next()?.parse().ok()
+}
+
+/// QEMU killed with SIGKILL and relaunched in the same directory five times, a second apart:
+/// every new QEMU process is a life of its own. Each relaunch is a `reboot` event whose
+/// evidence names the new and the previous process, the VM starts over at each, and it is
+/// `healthy` only on an answer to a request of its current life (never on what the region
+/// still holds of a previous one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_relaunches_a_second_apart_are_five_lives() {
+    let work = work();
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let svc = Service::start(&state, work.path(), "").await;
+    let spec = GuestSpec { watched: true, state_dir: Some(state.clone()), ..GuestSpec::new("pc") };
+    let mut g = Guest::boot(spec).await;
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    let boots_before = g.record().map(|r| r.boot_count).unwrap();
+
+    let mark = svc.events().len();
+    // Per life: the last request the previous QEMU's guest was asked; no answer in this life
+    // can quote it or an earlier one.
+    let mut asked_before = Vec::new();
+    let mut relaunched = Instant::now();
+    for _ in 0..5 {
+        g.kill().await;
+        asked_before.push(g.snapshot().request.request_no);
+        g.relaunch(false).await;
+        relaunched = Instant::now();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (view, _) = svc.wait_state("guest", State::Healthy, BOOT).await;
+    eprintln!("healthy {:?} after the last relaunch: {}", relaunched.elapsed(), view.reason);
+    let events = &svc.events()[mark..];
+    for e in events {
+        eprintln!("{} {} {}", e.time, e.kind, serde_json::to_string(&e.detail).unwrap());
+    }
+    let is_relaunch = |e: &Event| e.kind == "reboot" && e.detail["evidence"].get("relaunch").is_some();
+    let relaunches: Vec<&Event> = events.iter().filter(|e| is_relaunch(e)).collect();
+    assert_eq!(relaunches.len(), 5, "one reboot event per relaunch");
+    // Each names its own QEMU process, and the one before it.
+    for pair in relaunches.windows(2) {
+        let (a, b) = (&pair[0].detail["evidence"]["relaunch"], &pair[1].detail["evidence"]["relaunch"]);
+        assert_eq!(b["previous"], a["qemu"]);
+        assert_ne!(b["qemu"], a["qemu"]);
+    }
+    // The boot count the new guests wrote is no reboot of its own.
+    assert!(!events.iter().any(|e| e.kind == "reboot" && e.detail["evidence"].get("region").is_some()));
+    let mut life = 0;
+    let mut healthy = 0;
+    for (i, e) in events.iter().enumerate() {
+        if is_relaunch(e) {
+            life += 1;
+            // The VM starts over at once: the next transition leaves `gone` for `starting`.
+            let next = events[i..].iter().find(|e| e.kind == "transition").expect("a transition follows");
+            assert_eq!((&next.detail["from"], &next.detail["to"]), (&json!("gone"), &json!("starting")));
+        }
+        if is_transition(e, State::Healthy) {
+            healthy += 1;
+            assert!(life > 0, "healthy before the first relaunch was seen");
+            assert_eq!(e.detail["from"], "starting", "healthy only from starting");
+            let scenarios = e.detail["evidence"]["scenarios"].as_array().unwrap();
+            let answered = quoted_request(&scenarios[0]).unwrap_or_else(|| panic!("{scenarios:#?}"));
+            let before = asked_before[life - 1];
+            assert!(
+                answered > before,
+                "healthy on request {answered}, asked of a previous life (≤ {before})"
+            );
+        }
+        assert!(!is_transition(e, State::Unresponsive) && !is_transition(e, State::Late), "{e:?}");
+    }
+    assert!(healthy >= 1);
+    assert_eq!(events.iter().filter(|e| is_transition(e, State::Gone)).count(), 5);
+    assert!(g.record().unwrap().boot_count > boots_before);
+    assert_eq!(svc.vm("guest").await.unwrap().reboots, 5);
+}
+
+/// Issue 11's start-up hang: the console scenario never answers (its expected output never
+/// comes), the heartbeat answers and then stops (the kernel starves) well within a two-minute
+/// start-up grace. The heartbeat, having answered, is judged: `unresponsive` after its
+/// threshold, not `starting` until the grace ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hang_during_the_start_up_grace_is_not_hidden_by_a_scenario_that_never_answered() {
+    let work = work();
+    let g = guest("starve", 5).await;
+    let config = r#"
+[defaults]
+startup_grace = "120s"
+[[defaults.scenario]]
+kind = "acpi-heartbeat"
+[[defaults.scenario]]
+kind = "console"
+command = "uptime"
+expect = "no such output"
+interval = "2s"
+timeout = "1s"
+threshold = 2
+"#;
+    let svc = watch_guest(&g, work.path(), config).await;
+    let resumed = Instant::now();
+    let (view, took) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(100)).await;
+    eprintln!("unresponsive {took:?} after the guest was resumed: {}", view.reason);
+    assert!(view.reason.starts_with("acpi-heartbeat missed 3 of 3"), "{}", view.reason);
+    assert!(resumed.elapsed() < Duration::from_secs(100), "within the grace");
+    let events = svc.events();
+    let t = events.iter().find(|e| is_transition(e, State::Unresponsive)).unwrap();
+    // Straight from `starting` (the console never answered): the grace hid nothing.
+    assert_eq!(t.detail["from"], "starting");
+    let scenarios = t.detail["evidence"]["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios[0]["consecutive_misses"], 3, "{scenarios:#?}");
+    assert_eq!(scenarios[1]["last"]["ok"], false, "{scenarios:#?}");
+    assert!(view.scenarios[0].answers_total > 0, "the heartbeat answered first");
+    assert_eq!(view.scenarios[1].answers_total, 0, "the console never answered");
 }

@@ -50,6 +50,12 @@ fn examples() -> Vec<EventKind> {
         EventKind::Reboot(RebootEvent {
             evidence: RebootEvidence::Region(Reboot::BootCountChanged { from: 1, to: 2 }),
         }),
+        EventKind::Reboot(RebootEvent {
+            evidence: RebootEvidence::Relaunch(Relaunch {
+                qemu: "4242@90210".into(),
+                previous: "4100@88000".into(),
+            }),
+        }),
         EventKind::Bundle(Bundle {
             trigger: incident,
             bundle: "/b/web/x-unresponsive".into(),

@@ -41,6 +41,11 @@ const TIMELINE: usize = 64;
 /// power-off, paused) and after a reset, it is polled every second. Events say the same, but a
 /// reset of a stopped VM (QEMU goes to prelaunch) has no event of its own.
 const STATUS_EVERY: u32 = 10;
+/// For this long after QEMU went away, its socket is tried every [`RELAUNCH_RETRY`] (or every
+/// `discover_interval` if shorter), so that a QEMU relaunched and killed again within a second
+/// is still attached to, and counted as a relaunch.
+const RELAUNCH_WATCH: Duration = Duration::from_secs(30);
+const RELAUNCH_RETRY: Duration = Duration::from_millis(100);
 
 /// Why a monitor is asked to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,12 +153,18 @@ impl Monitor {
             self.emit(EventKind::VmAdded(event::VmAdded { dir: self.dir.clone(), scenarios }));
         }
         let retry = self.shared.config.discover_interval;
+        // When QEMU last went away: a relaunch usually follows at once, and every QEMU process
+        // is a life of its own (with its own event), so the socket is tried often for a while.
+        let mut lost: Option<Instant> = None;
         loop {
             if *stop.borrow() != Stop::Run {
                 break;
             }
             match self.attach().await {
-                Ok(att) => self.attached(att, &mut stop).await,
+                Ok(att) => {
+                    self.attached(att, &mut stop).await;
+                    lost = Some(Instant::now());
+                }
                 Err(why) => {
                     if let Some(t) =
                         self.machine.gone(why.clone(), Evidence::Attach { attach: why }, Instant::now())
@@ -161,8 +172,12 @@ impl Monitor {
                         self.transition(t, None);
                     }
                     self.shared.liveness.beat(&self.loop_name);
+                    let wait = match lost {
+                        Some(at) if at.elapsed() < RELAUNCH_WATCH => retry.min(RELAUNCH_RETRY),
+                        _ => retry,
+                    };
                     tokio::select! {
-                        _ = tokio::time::sleep(retry) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = stop.changed() => {}
                     }
                 }
@@ -282,13 +297,22 @@ impl Monitor {
         let mut degraded = Vec::new();
         // Another QEMU process than the one last attached (even before a restart of the
         // service): its guest starts over. Unknown (pid not visible): the state decides.
+        let relaunch = match (&self.memory.qemu, &att.qemu_id) {
+            (Some(old), Some(new)) if old != new => {
+                Some(event::Relaunch { qemu: new.clone(), previous: old.clone() })
+            }
+            _ => None,
+        };
         let new_life = match (&self.memory.qemu, &att.qemu_id) {
-            (Some(old), Some(new)) => old != new,
+            (Some(_), Some(_)) => relaunch.is_some(),
             _ => self.machine.state == State::Gone,
         };
         if att.qemu_id.is_some() && self.memory.qemu != att.qemu_id {
             self.memory.qemu = att.qemu_id.clone();
             self.save();
+        }
+        if new_life {
+            self.new_life(relaunch);
         }
         if let Some(t) = self.machine.attached(&att.status, new_life, now) {
             self.transition(t, Some(event::Attached { qemu }));
@@ -523,16 +547,54 @@ impl Monitor {
         self.refresh_view("");
     }
 
+    /// Another QEMU process runs the VM (or, its pid unknown, QEMU came back): nothing of the
+    /// previous one's guest counts for the new one. A known relaunch is a `reboot` event of its
+    /// own, however fast relaunches come.
+    fn new_life(&mut self, relaunch: Option<event::Relaunch>) {
+        // The new guest's records are compared with each other, not with the previous guest's
+        // (whose boot count and timer are still in the region).
+        self.tracker = Tracker::new();
+        {
+            // The new guest's app has said nothing yet: its first word is news.
+            let mut v = lock(&self.view);
+            v.app_status = None;
+            v.app_details = None;
+        }
+        if let Some(trigger) = self.memory.pending_diagnostics.take() {
+            // The incident's guest went with its QEMU: a bundle taken now would show the new one.
+            lock(&self.view).diagnostics_failed += 1;
+            let error =
+                "QEMU was relaunched before the incident's bundle was finished: the guest it concerns \
+                         is gone, and the new guest's state is not its evidence"
+                    .to_string();
+            tracing::warn!("no bundle: {error}");
+            let bundle = trigger.bundle.clone();
+            self.emit(EventKind::Bundle(event::Bundle {
+                trigger,
+                bundle,
+                manifest: None,
+                error: Some(error),
+            }));
+        }
+        let Some(relaunch) = relaunch else { return };
+        // The region's boot count moves when the new guest boots: that is this relaunch, not a
+        // reboot of its own.
+        self.reset_seen = true;
+        self.reboot(RebootEvidence::Relaunch(relaunch));
+    }
+
     fn reboot(&mut self, evidence: RebootEvidence) {
         lock(&self.view).reboots += 1;
         let seen = match &evidence {
-            RebootEvidence::QmpEvent(e) => Evidence::QmpEvent { qmp_event: e.clone() },
-            RebootEvidence::Region(r) => Evidence::Region { region: r.clone() },
+            RebootEvidence::QmpEvent(e) => Some(Evidence::QmpEvent { qmp_event: e.clone() }),
+            RebootEvidence::Region(r) => Some(Evidence::Region { region: r.clone() }),
+            // The machine starts over when it attaches to the new QEMU (Machine::attached).
+            RebootEvidence::Relaunch(_) => None,
         };
         let shown = serde_json::to_string(&evidence).expect("evidence serialises");
         self.log(&format!("the guest rebooted: {shown}"));
         self.emit(EventKind::Reboot(event::RebootEvent { evidence }));
-        if let Some(t) = self.machine.rebooted(seen, Instant::now()) {
+        if let Some(t) = seen.and_then(|seen| self.machine.rebooted(seen, Instant::now())) {
             self.transition(t, None);
         }
     }

@@ -268,6 +268,12 @@ async fn mailbox(
         Err(miss) => return (miss, None),
     };
     let pid = view.pid;
+    // A mailbox never seen to move may be what a previous guest's app (before a reboot or a
+    // relaunch) left in the region: its status is nobody's word now.
+    let status = match progress {
+        Progress::Never(_) => None,
+        Progress::Fresh(_) | Progress::Stale(_) => Some((view.status, view.text)),
+    };
     let outcome = match progress {
         Progress::Fresh(age) => {
             answered(age, format!("beat {beats} (pid {pid}) {:.1}s ago", age.as_secs_f64()))
@@ -279,7 +285,7 @@ async fn mailbox(
             miss(format!("beat {beats} (pid {pid}) did not move in {:.1}s", waited.as_secs_f64()))
         }
     };
-    (outcome, Some((view.status, view.text)))
+    (outcome, status)
 }
 
 fn miss(detail: impl Into<String>) -> Outcome {
