@@ -420,7 +420,14 @@ async fn every_start_order_reaches_healthy_and_a_hang_is_detected_after_it() {
         g.kill().await;
         g.relaunch(paused).await;
         let mark = svc.events().len();
+        let before: Vec<String> = svc.events().into_iter().map(|e| e.key).collect();
         svc.restart().await;
+        // Until it attaches, the restarted service shows the state it remembered (healthy):
+        // the relaunch it finds on attaching is an event of its own.
+        svc.wait_event("reboot (relaunch)", Duration::from_secs(30), |e| {
+            e.kind == "reboot" && e.detail["evidence"].get("relaunch").is_some() && !before.contains(&e.key)
+        })
+        .await;
         if paused {
             svc.wait_state("guest", State::Paused, Duration::from_secs(30)).await;
             g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();
