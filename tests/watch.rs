@@ -694,3 +694,41 @@ threshold = 2
     assert!(view.scenarios[0].answers_total > 0, "the heartbeat answered first");
     assert_eq!(view.scenarios[1].answers_total, 0, "the console never answered");
 }
+
+/// QEMU killed while an incident's bundle is being taken, and relaunched: the bundle is
+/// reported failed (it concerned the previous guest), not taken from the new guest, and the
+/// new guest's first answers end the incident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_unfinished_at_a_relaunch_is_failed_not_taken_from_the_new_guest() {
+    let work = work();
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let svc = Service::start(&state, work.path(), "").await;
+    let spec = GuestSpec { watched: true, state_dir: Some(state.clone()), ..GuestSpec::new("pc") };
+    let mut g = Guest::boot(spec).await;
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    // A paused VM: SysRq waits for output that never comes, so the bundle takes seconds.
+    g.vm.qmp.execute_within(qapi::qmp::stop {}, Duration::from_secs(5)).await.unwrap();
+    svc.wait_state("guest", State::Unresponsive, Duration::from_secs(30)).await;
+    g.kill().await;
+    g.relaunch(false).await;
+    let bundle = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
+    let error = bundle.detail["error"].as_str().unwrap_or_else(|| panic!("{bundle:?}"));
+    assert!(error.starts_with("QEMU was relaunched before the incident's bundle was finished"), "{error}");
+    assert!(bundle.detail.get("manifest").is_none_or(Value::is_null), "{bundle:?}");
+    assert_eq!(bundle.detail["trigger"]["kind"], "unresponsive");
+    // The incident ends on the new guest's own answers.
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    let t = transitions(&svc.events());
+    let i = t.iter().rposition(|(_, to)| to == "starting").unwrap();
+    assert_eq!(
+        &t[i..],
+        [
+            ("gone".into(), "starting".into()),
+            ("starting".into(), "recovered".into()),
+            ("recovered".into(), "healthy".into())
+        ],
+        "{t:?}"
+    );
+    assert_eq!(svc.events().iter().filter(|e| e.kind == "bundle").count(), 1);
+}
