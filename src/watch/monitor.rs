@@ -44,7 +44,7 @@ const STATUS_EVERY: u32 = 10;
 /// For this long after QEMU went away, its socket is tried every [`RELAUNCH_RETRY`] (or every
 /// `discover_interval` if shorter), so that a QEMU relaunched and killed again within a second
 /// is still attached to, and counted as a relaunch.
-const RELAUNCH_WATCH: Duration = Duration::from_secs(30);
+const RELAUNCH_WATCH: Duration = Duration::from_secs(10);
 const RELAUNCH_RETRY: Duration = Duration::from_millis(100);
 
 /// Why a monitor is asked to stop.
