@@ -563,10 +563,11 @@ impl Monitor {
         if let Some(trigger) = self.memory.pending_diagnostics.take() {
             // The incident's guest went with its QEMU: a bundle taken now would show the new one.
             lock(&self.view).diagnostics_failed += 1;
-            let error =
-                "QEMU was relaunched before the incident's bundle was finished: the guest it concerns \
-                         is gone, and the new guest's state is not its evidence"
-                    .to_string();
+            let error = concat!(
+                "QEMU was relaunched before the incident's bundle was finished: the guest it ",
+                "concerns is gone, and the new guest's state is not its evidence"
+            )
+            .to_string();
             tracing::warn!("no bundle: {error}");
             let bundle = trigger.bundle.clone();
             self.emit(EventKind::Bundle(event::Bundle {

@@ -438,7 +438,7 @@ fn a_hang_during_start_up_is_not_hidden_by_a_scenario_that_never_answered() {
     assert_eq!(sent(&t)["scenarios"][0]["consecutive_misses"], 3);
     assert_eq!(sent(&t)["scenarios"][1]["last"]["ok"], false, "the console never answered");
     assert!(m.incident, "diagnostics run");
-    // The console, still in its grace, is not part of the verdict; the grace over, it is.
+    // The console, still in its grace, is not part of the verdict.
     assert!(!t.reason.contains("console missed"), "{}", t.reason);
     assert_eq!(m.state, State::Unresponsive);
 }
