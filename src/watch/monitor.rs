@@ -551,9 +551,6 @@ impl Monitor {
     /// previous one's guest counts for the new one. A known relaunch is a `reboot` event of its
     /// own, however fast relaunches come.
     fn new_life(&mut self, relaunch: Option<event::Relaunch>) {
-        // The new guest's records are compared with each other, not with the previous guest's
-        // (whose boot count and timer are still in the region).
-        self.tracker = Tracker::new();
         {
             // The new guest's app has said nothing yet: its first word is news.
             let mut v = lock(&self.view);
