@@ -649,7 +649,8 @@ async fn five_relaunches_a_second_apart_are_five_lives() {
                 "healthy on request {answered}, asked of a previous life (≤ {before})"
             );
         }
-        assert!(!is_transition(e, State::Unresponsive) && !is_transition(e, State::Late), "{e:?}");
+        // No false alarm while the new guests boot.
+        assert!(!is_transition(e, State::Unresponsive), "{e:?}");
     }
     assert!(healthy >= 1);
     assert_eq!(events.iter().filter(|e| is_transition(e, State::Gone)).count(), 5);
