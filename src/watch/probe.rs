@@ -398,3 +398,61 @@ fn clip(s: &str, n: usize) -> String {
         s.chars().take(n).chain("…".chars()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use zerocopy::IntoBytes;
+
+    use super::*;
+    use crate::abi::{self, AppMailbox};
+
+    /// Writes an ABI-1 mailbox with `beats` and status code `status` (3: failed) into the
+    /// region file at `path`, as a guest's app would.
+    fn write_mailbox(path: &std::path::Path, beats: u32, status: u32) {
+        let mut text = [0u8; abi::MAILBOX_TEXT];
+        text[..13].copy_from_slice(b"database down");
+        let m = AppMailbox {
+            magic: abi::MAILBOX_MAGIC.into(),
+            version: abi::MAILBOX_VERSION.into(),
+            seq: 2.into(),
+            beats: beats.into(),
+            status: status.into(),
+            pid: 42.into(),
+            uptime_ms: 1000.into(),
+            period_ms: 0.into(),
+            text,
+        };
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.write_all_at(m.as_bytes(), abi::MAILBOX_OFFSET as u64).unwrap();
+    }
+
+    /// A mailbox that never moves while it is watched (what a previous guest's app left in
+    /// the region, before a reboot or a relaunch) is a miss, and its status is nobody's word.
+    #[tokio::test]
+    async fn a_mailbox_that_never_moved_gives_no_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("region");
+        let region = Region::create(&path, abi::MIN_REGION_SIZE as u32).unwrap();
+        write_mailbox(&path, 7, 3);
+        let step = Duration::from_millis(50);
+        let (outcome, status) = mailbox(&region, step, step, &mut Counter::default()).await;
+        assert!(!outcome.ok && outcome.detail.contains("did not move"), "{outcome:?}");
+        assert_eq!(status, None);
+
+        // A mailbox seen to move is the app's word now.
+        let mut counter = Counter::default();
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                write_mailbox(&path, 8, 3);
+            })
+        };
+        let (outcome, status) = mailbox(&region, step, step, &mut counter).await;
+        writer.join().unwrap();
+        assert!(outcome.ok, "{outcome:?}");
+        assert_eq!(status, Some((AppStatus::Failed, "database down".to_string())));
+    }
+}
