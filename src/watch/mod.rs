@@ -127,7 +127,26 @@ pub async fn serve(
             }
             _ = pulse.tick() => {
                 let stalled = shared.liveness.stalled();
-                if stalled.is_empty() {
+                // Events lost to a full disk are reported once it takes writes again.
+                if let Some(loss) = shared.forward.take_loss() {
+                    service_event(
+                        &shared,
+                        EventKind::EventsLost(event::EventsLost {
+                            count: loss.count,
+                            first: loss.first,
+                            last: loss.last,
+                            reason: "the disk refused writes and the events held in memory reached \
+                                     event_hold_max / event_hold_max_events"
+                                .into(),
+                        }),
+                    );
+                }
+                // A full disk is its own condition: the service still works (the watchdog is fed)
+                // but holds or loses events.
+                let disk = shared.forward.stats().disk_condition();
+                if let (true, Some(disk)) = (stalled.is_empty(), &disk) {
+                    notifier.notify(&format!("WATCHDOG=1\nSTATUS={disk}"));
+                } else if stalled.is_empty() {
                     notifier.notify(&format!("WATCHDOG=1\nSTATUS=watching {} VMs", vms.len()));
                     if let Some(p) = &config.touch_file {
                         if let Err(e) = liveness::touch(p) {
@@ -176,6 +195,7 @@ fn forward_config(c: &Config) -> ForwardConfig {
         spool_dir: c.data_dir.join("spool"),
         controller: c.controller.clone(),
         hook: c.hook.clone(),
+        hold: c.event_hold,
     }
 }
 
