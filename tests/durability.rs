@@ -129,3 +129,160 @@ async fn sigkill_mid_burst_keeps_every_acknowledged_event() {
     let logged: BTreeSet<String> = log_events(&log).into_iter().map(|e| e.key).collect();
     assert!(ctl.events().iter().all(|e| logged.contains(&e.key)));
 }
+
+// ---- A full disk (a real one: a small tmpfs) ----
+
+mod full_disk {
+    use super::*;
+    use acpimon::event::{new_key, EventKind, VmRemoved};
+    use acpimon::forward::{ControllerConfig, ForwardConfig, Forwarder, HoldLimits};
+    use common::tmpfs::Tmpfs;
+
+    /// The `i`-th test event; its directory names it, padded to about 1 KiB so a few hundred
+    /// fill a small file system.
+    fn event(i: usize) -> Event {
+        let dir = format!("/run/acpimon/vm{i:05}/{}", "p".repeat(900)).into();
+        Event::new(new_key(), "n", None, EventKind::VmRemoved(VmRemoved { dir }))
+    }
+
+    fn config(fs: &Tmpfs, hold: HoldLimits) -> ForwardConfig {
+        ForwardConfig {
+            log: Some(fs.join("events.jsonl")),
+            spool_dir: fs.join("spool"),
+            // Nothing listens, and the sender is not run: entries stay in the spool.
+            controller: Some(ControllerConfig {
+                url: "http://127.0.0.1:9".into(),
+                timeout: Duration::from_secs(1),
+                spool_max_bytes: 64 << 20,
+                spool_max_events: 100_000,
+                backoff_min: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(1),
+            }),
+            hook: None,
+            hold,
+        }
+    }
+
+    fn wait(what: &str, fw: &Forwarder, done: impl Fn(&acpimon::forward::ForwardStats) -> bool) {
+        let start = Instant::now();
+        loop {
+            let s = fw.stats();
+            if done(&s) {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "{what}: {s:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The spooled events' keys, in spool (sending) order.
+    fn spool_keys(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|n| {
+                assert!(n.ends_with(".json") && !n.starts_with('.'), "a leftover in the spool: {n}");
+                serde_json::from_slice::<Event>(&std::fs::read(dir.join(n)).unwrap()).unwrap().key
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_writer_holds_events_on_a_full_disk_and_writes_them_in_order_once_space_returns() {
+        let fs = Tmpfs::mount("2m");
+        let (fw, _task) = Forwarder::open(config(&fs, HoldLimits::default())).unwrap();
+        let events: Vec<Event> = (0..60).map(event).collect();
+        for ev in &events[..5] {
+            fw.submit(ev).unwrap();
+        }
+        fw.flush();
+        fs.fill();
+        for ev in &events[5..] {
+            fw.submit(ev).unwrap();
+        }
+        wait("the events after the disk filled up are held", &fw, |s| s.held_events == 55);
+        let s = fw.stats();
+        assert_eq!((s.events_accepted, s.events_logged, s.events_lost), (60, 5, 0), "{s:?}");
+        let problem = s.disk_condition().expect("a full disk is a health condition");
+        // The log's last page or the spool refused first, whichever had no room.
+        assert!(problem.starts_with("disk full: cannot") && problem.contains("55 events"), "{problem}");
+        // Whole lines only (`log_events` checks): a failed append was cut back.
+        let logged = log_events(&fs.join("events.jsonl")).len();
+        assert!((5..60).contains(&logged), "{logged} lines");
+        // Still held after several retries, and nothing written meanwhile.
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(fw.stats().held_events, 55);
+        assert!(fw.stats().write_failures >= 2, "retried with backoff: {:?}", fw.stats());
+
+        fs.unfill();
+        wait("every held event is written once space returns", &fw, |s| {
+            s.held_events == 0 && s.events_logged == 60
+        });
+        let s = fw.stats();
+        assert_eq!((s.disk_problem.as_deref(), s.events_lost, s.pending_events), (None, 0, 60), "{s:?}");
+        assert!(fw.take_loss().is_none(), "nothing was lost");
+        let keys: Vec<String> = events.iter().map(|e| e.key.clone()).collect();
+        let logged: Vec<String> = log_events(&fs.join("events.jsonl")).into_iter().map(|e| e.key).collect();
+        assert_eq!(logged, keys, "the log holds every event once, in order");
+        assert_eq!(spool_keys(&fs.join("spool")), keys, "the spool too");
+        fw.flush();
+    }
+
+    #[test]
+    fn beyond_the_hold_events_are_dropped_counted_and_reported_once_space_returns() {
+        let fs = Tmpfs::mount("1m");
+        let hold = HoldLimits { max_bytes: 1 << 20, max_events: 10 };
+        let (fw, _task) = Forwarder::open(config(&fs, hold)).unwrap();
+        fw.submit(&event(0)).unwrap();
+        fw.flush();
+        fs.fill();
+        let events: Vec<Event> = (1..31).map(event).collect();
+        fw.submit(&events[0]).unwrap();
+        // The first failure starts the hold; from then on its bound applies.
+        wait("the disk is seen full", &fw, |s| s.disk_problem.is_some());
+        for ev in &events[1..] {
+            fw.submit(ev).unwrap();
+        }
+        wait("ten held, the rest lost", &fw, |s| s.held_events == 10 && s.events_lost == 20);
+        assert!(fw.stats().disk_condition().unwrap().contains("20 lost so far"));
+        assert!(fw.take_loss().is_none(), "a loss is reported once the disk takes writes again");
+        fs.unfill();
+        wait("the held ones are written", &fw, |s| s.held_events == 0 && s.events_logged == 11);
+        let loss = fw.take_loss().expect("the loss is handed over");
+        assert_eq!((loss.count, &loss.first, &loss.last), (20, &events[10].time, &events[29].time));
+        assert!(fw.take_loss().is_none(), "reported once");
+        let logged: Vec<String> = log_events(&fs.join("events.jsonl")).into_iter().map(|e| e.key).collect();
+        let expected: Vec<String> =
+            std::iter::once(&logged[0]).chain(events[..10].iter().map(|e| &e.key)).cloned().collect();
+        assert_eq!(logged, expected, "the held ten, in order, after the first");
+        // The dropped events' spool slots are freed; the held ones are spooled.
+        assert_eq!(spool_keys(&fs.join("spool")), expected);
+        assert_eq!(fw.stats().pending_events, 11);
+    }
+
+    #[test]
+    fn atomic_writes_keep_the_old_file_whole_on_a_full_disk() {
+        let fs = Tmpfs::mount("512k");
+        let state = fs.join("state.json");
+        acpimon::util::fs::atomic_write(&state, b"{\"version\":1}\n").unwrap();
+        fs.fill();
+        let big = vec![b'x'; 64 << 10];
+        let err = acpimon::util::fs::atomic_write(&state, &big).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(28), "{err}");
+        assert_eq!(std::fs::read(&state).unwrap(), b"{\"version\":1}\n", "the old contents stay whole");
+        let names: Vec<String> = std::fs::read_dir(&fs.path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(!names.iter().any(|n| n.ends_with(".tmp")), "no partial temporary is left: {names:?}");
+        fs.unfill();
+        acpimon::util::fs::atomic_write(&state, &big).unwrap();
+        assert_eq!(std::fs::read(&state).unwrap(), big);
+    }
+}

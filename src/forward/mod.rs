@@ -165,7 +165,8 @@ impl ForwardStats {
     /// account, or `None`. Set while events are held in memory (and maybe lost).
     pub fn disk_condition(&self) -> Option<String> {
         let problem = self.disk_problem.as_ref()?;
-        let lost = if self.events_lost > 0 { format!(", {} lost so far", self.events_lost) } else { String::new() };
+        let lost =
+            if self.events_lost > 0 { format!(", {} lost so far", self.events_lost) } else { String::new() };
         Some(format!(
             "{problem}; {} events ({} bytes) held in memory{lost}",
             self.held_events, self.held_bytes
@@ -415,7 +416,9 @@ impl Forwarder {
                 }
             },
         };
-        if let Err(e) = self.shared.writer.send(Job::Event { json: json.clone(), spool_seq, time: ev.time.clone() }) {
+        if let Err(e) =
+            self.shared.writer.send(Job::Event { json: json.clone(), spool_seq, time: ev.time.clone() })
+        {
             if let (Some(spool), Some(seq)) = (&self.shared.spool, spool_seq) {
                 spool.finish(seq, false);
             }
@@ -762,17 +765,24 @@ mod tests {
 
     #[test]
     fn failed_writes_are_counted_and_a_full_log_acknowledges_nothing() {
-        // A full disk: the event is accepted (and spooled), never acknowledged by the log.
+        // A full disk: the event is accepted and held in memory (its spool slot reserved),
+        // never acknowledged while the log refuses it. (tests/durability.rs: a real full disk.)
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path(), Some(controller("http://127.0.0.1:9")));
         cfg.log = Some("/dev/full".into());
         let (fw, _task) = Forwarder::open(cfg).unwrap();
         fw.submit(&event(1)).unwrap();
-        fw.flush();
+        let start = std::time::Instant::now();
+        while fw.stats().write_failures == 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "the write never failed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let s = fw.stats();
-        assert_eq!((s.events_accepted, s.events_logged, s.write_failures), (1, 0, 1), "{s:?}");
-        assert!(s.last_write_error.unwrap().contains("is the disk full?"));
-        assert_eq!(s.pending_events, 1, "still spooled for the controller");
+        assert_eq!((s.events_accepted, s.events_logged, s.held_events), (1, 0, 1), "{s:?}");
+        assert!(s.last_write_error.as_ref().unwrap().contains("disk full: cannot append to event log"));
+        assert!(s.disk_condition().unwrap().contains("1 events"), "{:?}", s.disk_problem);
+        assert_eq!(s.pending_events, 1, "its spool slot is kept for when the disk takes it");
+        drop(_task);
 
         // A state file in a place that cannot be a directory fails through the same counter;
         // the event beside it is still acknowledged.

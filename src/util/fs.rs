@@ -30,11 +30,9 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
 pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = tmp_path(path);
     // On any failure (a full disk mid-write) the partial temporary goes; `path` is untouched.
-    write_synced(&tmp, bytes, mode)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
+    write_synced(&tmp, bytes, mode).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// Writes `bytes` to `path` (created with `mode` before the umask, or truncated) and fsyncs it.
