@@ -286,3 +286,50 @@ mod full_disk {
         assert_eq!(std::fs::read(&state).unwrap(), big);
     }
 }
+
+mod full_disk_bundles {
+    use super::*;
+    use acpimon::diagnose::{collect, DiagnoseError, Step, StepSpec, Target, Trigger};
+    use common::tmpfs::Tmpfs;
+
+    fn trigger() -> Trigger {
+        Trigger {
+            kind: "unresponsive".into(),
+            time: "2026-01-01T00:00:00.000Z".into(),
+            reason: "test".into(),
+            evidence: serde_json::json!({}),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bundle_written_to_a_full_disk_is_failed_and_removed() {
+        let fs = Tmpfs::mount("512k");
+        let target =
+            Target { vm: "vm-1", qmp: None, console: None, gdb_socket: fs.join("gdb.sock"), guest_agent: None };
+        let script = Step::new(StepSpec::Script { argv: vec!["sh".into(), "-c".into(), "echo evidence".into()] });
+
+        // With room: a bundle.
+        let ok = fs.join("bundles/vm-1/ok");
+        let m = collect(std::slice::from_ref(&script), &target, &trigger(), vec![], &ok).await.unwrap();
+        assert_eq!(m.steps[0].bytes, 9);
+        assert!(ok.join("manifest.json").is_file());
+
+        fs.fill();
+        // A step's file refused: the bundle fails, with what the steps found, and is removed.
+        let dir = fs.join("bundles/vm-1/step");
+        let err = collect(std::slice::from_ref(&script), &target, &trigger(), vec![], &dir).await.unwrap_err();
+        let msg = err.to_string();
+        let DiagnoseError::NotWritten { manifest, reason, .. } = err else { panic!("{msg}") };
+        assert!(reason.contains("cannot write 01-script.log") && reason.contains("No space left"), "{reason}");
+        assert!(msg.contains("free space"), "{msg}");
+        assert_eq!(manifest.steps.len(), 1, "what the steps found is still reported");
+        assert!(!dir.exists(), "a partial bundle is removed");
+
+        // The manifest refused (no step writes anything): the same.
+        let dir = fs.join("bundles/vm-1/manifest");
+        let err = collect(&[], &target, &trigger(), vec![], &dir).await.unwrap_err();
+        assert!(matches!(&err, DiagnoseError::NotWritten { reason, .. } if reason.contains("manifest.json")), "{err}");
+        assert!(!dir.exists());
+        assert!(ok.join("manifest.json").is_file(), "the complete bundle stays");
+    }
+}

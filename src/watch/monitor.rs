@@ -906,3 +906,65 @@ fn process_identity(pid: u32) -> String {
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+mod bundle_budget_tests {
+    use super::*;
+
+    /// A bundle directory of `bytes` bytes under `root/vm/name`.
+    fn bundle(root: &Path, vm: &str, name: &str, bytes: usize) -> PathBuf {
+        let dir = root.join(vm).join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("01-console-tail.txt"), vec![b'x'; bytes]).unwrap();
+        dir
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    }
+
+    const MB: usize = 1 << 20;
+
+    #[test]
+    fn the_size_budgets_remove_the_oldest_bundles_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for (i, vm) in ["a", "b"].iter().enumerate() {
+            for t in 0..3 {
+                bundle(root, vm, &format!("2026-01-01T0{t}000{i}Z-unresponsive"), MB);
+            }
+        }
+        let budget = BundleBudget { per_vm: 10 * MB as u64, total: 100 * MB as u64 };
+        // Within every budget: nothing goes.
+        let next = root.join("a/2026-01-01T050000Z-panicked");
+        prune_bundles(&next, 10, budget, true);
+        assert_eq!(names(&root.join("a")).len(), 3);
+
+        // Per VM, before writing: 3 MiB kept plus room for one like the newest (1 MiB) within
+        // 3 MiB: the oldest goes.
+        let tight = BundleBudget { per_vm: 3 * MB as u64 + 4096, ..budget };
+        prune_bundles(&next, 10, tight, true);
+        assert_eq!(names(&root.join("a")), ["2026-01-01T010000Z-unresponsive", "2026-01-01T020000Z-unresponsive"]);
+        assert_eq!(names(&root.join("b")).len(), 3, "another VM's bundles are not this VM's budget");
+
+        // Per service, after writing: the new bundle (2 MiB) stays; the oldest of every VM go
+        // until the total fits 5 MiB.
+        let new = bundle(root, "a", "2026-01-01T050000Z-panicked", 2 * MB);
+        let service = BundleBudget { per_vm: 100 * MB as u64, total: 5 * MB as u64 + 8192 };
+        prune_bundles(&new, 10, service, false);
+        assert_eq!(names(&root.join("a")), ["2026-01-01T020000Z-unresponsive", "2026-01-01T050000Z-panicked"]);
+        assert_eq!(names(&root.join("b")), ["2026-01-01T010001Z-unresponsive", "2026-01-01T020001Z-unresponsive"]);
+
+        // A new bundle larger than the whole budget is kept; every older one goes.
+        let huge = bundle(root, "b", "2026-01-01T060001Z-panicked", 3 * MB);
+        prune_bundles(&huge, 10, BundleBudget { per_vm: 2 * MB as u64, total: 100 * MB as u64 }, false);
+        assert_eq!(names(&root.join("b")), ["2026-01-01T060001Z-panicked"]);
+
+        // keep_per_vm still counts.
+        prune_bundles(&root.join("a/2026-01-01T070000Z-panicked"), 1, budget, true);
+        assert!(names(&root.join("a")).is_empty());
+    }
+}
