@@ -304,9 +304,15 @@ mod full_disk_bundles {
     #[tokio::test]
     async fn a_bundle_written_to_a_full_disk_is_failed_and_removed() {
         let fs = Tmpfs::mount("512k");
-        let target =
-            Target { vm: "vm-1", qmp: None, console: None, gdb_socket: fs.join("gdb.sock"), guest_agent: None };
-        let script = Step::new(StepSpec::Script { argv: vec!["sh".into(), "-c".into(), "echo evidence".into()] });
+        let target = Target {
+            vm: "vm-1",
+            qmp: None,
+            console: None,
+            gdb_socket: fs.join("gdb.sock"),
+            guest_agent: None,
+        };
+        let script =
+            Step::new(StepSpec::Script { argv: vec!["sh".into(), "-c".into(), "echo evidence".into()] });
 
         // With room: a bundle.
         let ok = fs.join("bundles/vm-1/ok");
@@ -317,10 +323,14 @@ mod full_disk_bundles {
         fs.fill();
         // A step's file refused: the bundle fails, with what the steps found, and is removed.
         let dir = fs.join("bundles/vm-1/step");
-        let err = collect(std::slice::from_ref(&script), &target, &trigger(), vec![], &dir).await.unwrap_err();
+        let err =
+            collect(std::slice::from_ref(&script), &target, &trigger(), vec![], &dir).await.unwrap_err();
         let msg = err.to_string();
         let DiagnoseError::NotWritten { manifest, reason, .. } = err else { panic!("{msg}") };
-        assert!(reason.contains("cannot write 01-script.log") && reason.contains("No space left"), "{reason}");
+        assert!(
+            reason.contains("cannot write 01-script.log") && reason.contains("No space left"),
+            "{reason}"
+        );
         assert!(msg.contains("free space"), "{msg}");
         assert_eq!(manifest.steps.len(), 1, "what the steps found is still reported");
         assert!(!dir.exists(), "a partial bundle is removed");
@@ -328,8 +338,143 @@ mod full_disk_bundles {
         // The manifest refused (no step writes anything): the same.
         let dir = fs.join("bundles/vm-1/manifest");
         let err = collect(&[], &target, &trigger(), vec![], &dir).await.unwrap_err();
-        assert!(matches!(&err, DiagnoseError::NotWritten { reason, .. } if reason.contains("manifest.json")), "{err}");
+        assert!(
+            matches!(&err, DiagnoseError::NotWritten { reason, .. } if reason.contains("manifest.json")),
+            "{err}"
+        );
         assert!(!dir.exists());
         assert!(ok.join("manifest.json").is_file(), "the complete bundle stays");
+    }
+}
+
+mod full_disk_service {
+    use super::*;
+    use common::tmpfs::Tmpfs;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// `GET path` on the service: (status code, body).
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+        (code, body)
+    }
+
+    /// The process's resident memory, in KiB.
+    fn rss_kib(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    async fn wait_status(
+        svc: &Service,
+        what: &str,
+        pred: impl Fn(&acpimon::watch::metrics::StatusView) -> bool,
+    ) {
+        let start = Instant::now();
+        loop {
+            let s = svc.status().await;
+            if pred(&s) {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "{what}: {:?}\n{}", s.forward, svc.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The real service with its data directory on a full tmpfs and the controller down: it
+    /// holds what it accepts (up to its bound), says "disk full" everywhere it reports health,
+    /// loses beyond the bound only with a count and an `events-lost` event, and once space
+    /// and the controller return, every event the log holds reaches the controller once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_service_on_a_full_disk_holds_reports_and_delivers_every_logged_event_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let staging = tmp.path().join("staging");
+        std::fs::create_dir_all(&state).unwrap();
+        let data = Tmpfs::mount_on(&tmp.path().join("data"), "4m");
+        let port = free_port();
+        let config = format!(
+            "event_hold_max_events = 100\n[controller]\nurl = \"http://127.0.0.1:{port}\"\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n"
+        );
+        let svc = Service::start(&state, tmp.path(), &config).await;
+        assert_eq!(svc.data_dir, data.path);
+        let log = svc.data_dir.join("events.jsonl");
+        wait_status(&svc, "service-started is written", |s| s.forward.events_logged >= 1).await;
+        assert_eq!(get(svc.addr, "/healthz").await, (200, "ok\n".into()));
+        let pid = svc.pid().unwrap();
+        let rss_before = rss_kib(pid);
+
+        data.fill();
+        // Forty VMs: 80 events (vm-added, then gone), all held.
+        for name in prepare_vms(&staging, "a", 40) {
+            std::fs::rename(staging.join(&name), state.join(&name)).unwrap();
+        }
+        wait_status(&svc, "80 events held", |s| s.forward.held_events >= 80).await;
+        let s = svc.status().await;
+        assert_eq!(s.forward.events_lost, 0);
+        let (code, body) = get(svc.addr, "/healthz").await;
+        assert_eq!(code, 503, "{body}");
+        assert!(body.starts_with("disk full: cannot") && body.contains("held in memory"), "{body}");
+        let table = common::text(&common::acpimon(&["status", "--addr", &svc.addr.to_string()]).stdout);
+        assert!(table.contains("DISK FULL: disk full: cannot"), "{table}");
+        let (_, metrics) = get(svc.addr, "/metrics").await;
+        assert!(metrics.contains("\nacpimon_disk_full 1\n"), "{metrics}");
+
+        // Forty more: the hold (100 events) overflows; the rest is lost, counted.
+        for name in prepare_vms(&staging, "b", 40) {
+            std::fs::rename(staging.join(&name), state.join(&name)).unwrap();
+        }
+        wait_status(&svc, "the hold is full and events are lost", |s| {
+            s.forward.held_events == 100 && s.forward.events_lost > 0
+        })
+        .await;
+        let rss_full = rss_kib(pid);
+        let table = common::text(&common::acpimon(&["status", "--addr", &svc.addr.to_string()]).stdout);
+        assert!(table.contains("lost so far"), "{table}");
+        assert!(svc.log_text().contains("new events are DROPPED"), "an error-level line says so");
+        // Whole lines only on disk meanwhile.
+        let logged_while_full = log_events(&log).len();
+
+        data.unfill();
+        let ctl = Controller::start(port, &tmp.path().join("store")).await;
+        wait_status(&svc, "everything held is written and delivered", |s| {
+            s.forward.held_events == 0
+                && s.forward.disk_problem.is_none()
+                && s.forward.pending_events == 0
+                && s.forward.events_logged == s.forward.events_accepted - s.forward.events_lost
+        })
+        .await;
+        let s = svc.status().await;
+        let lost = s.forward.events_lost;
+        let logged = log_events(&log);
+        let lost_event =
+            logged.iter().find(|e| e.kind.name() == "events-lost").expect("an events-lost event");
+        let acpimon::event::EventKind::EventsLost(l) = &lost_event.kind else { unreachable!() };
+        assert_eq!(l.count, lost, "the event counts every lost event");
+        assert_eq!(s.forward.events_accepted, logged.len() as u64 + lost);
+        assert!(logged.len() > logged_while_full);
+        // Every event the log holds reaches the controller, once.
+        let keys: Vec<String> = logged.iter().map(|e| e.key.clone()).collect();
+        assert_eq!(keys.iter().collect::<BTreeSet<_>>().len(), keys.len(), "no event twice in the log");
+        ctl.wait_keys(&keys, Duration::from_secs(60)).await;
+        assert_eq!(ctl.events().len(), keys.len(), "the controller has nothing else");
+        let s = svc.status().await;
+        assert_eq!((s.forward.delivered, s.forward.duplicates_acknowledged), (keys.len() as u64, 0));
+        assert_eq!(get(svc.addr, "/healthz").await, (200, "ok\n".into()));
+        let (_, metrics) = get(svc.addr, "/metrics").await;
+        assert!(metrics.contains(&format!("\nacpimon_forward_events_lost_total {lost}\n")), "{metrics}");
+        assert!(metrics.contains("\nacpimon_disk_full 0\n"));
+        eprintln!(
+            "accepted {}, logged and delivered {}, lost with a count and an event {lost}; RSS {rss_before} KiB before, {rss_full} KiB with the disk full and the hold full",
+            s.forward.events_accepted,
+            keys.len()
+        );
+        assert!(rss_full < rss_before + 16 * 1024, "memory grew from {rss_before} to {rss_full} KiB");
     }
 }

@@ -947,7 +947,10 @@ mod bundle_budget_tests {
         // 3 MiB: the oldest goes.
         let tight = BundleBudget { per_vm: 3 * MB as u64 + 4096, ..budget };
         prune_bundles(&next, 10, tight, true);
-        assert_eq!(names(&root.join("a")), ["2026-01-01T010000Z-unresponsive", "2026-01-01T020000Z-unresponsive"]);
+        assert_eq!(
+            names(&root.join("a")),
+            ["2026-01-01T010000Z-unresponsive", "2026-01-01T020000Z-unresponsive"]
+        );
         assert_eq!(names(&root.join("b")).len(), 3, "another VM's bundles are not this VM's budget");
 
         // Per service, after writing: the new bundle (2 MiB) stays; the oldest of every VM go
@@ -955,8 +958,14 @@ mod bundle_budget_tests {
         let new = bundle(root, "a", "2026-01-01T050000Z-panicked", 2 * MB);
         let service = BundleBudget { per_vm: 100 * MB as u64, total: 5 * MB as u64 + 8192 };
         prune_bundles(&new, 10, service, false);
-        assert_eq!(names(&root.join("a")), ["2026-01-01T020000Z-unresponsive", "2026-01-01T050000Z-panicked"]);
-        assert_eq!(names(&root.join("b")), ["2026-01-01T010001Z-unresponsive", "2026-01-01T020001Z-unresponsive"]);
+        assert_eq!(
+            names(&root.join("a")),
+            ["2026-01-01T020000Z-unresponsive", "2026-01-01T050000Z-panicked"]
+        );
+        assert_eq!(
+            names(&root.join("b")),
+            ["2026-01-01T010001Z-unresponsive", "2026-01-01T020001Z-unresponsive"]
+        );
 
         // A new bundle larger than the whole budget is kept; every older one goes.
         let huge = bundle(root, "b", "2026-01-01T060001Z-panicked", 3 * MB);

@@ -6,19 +6,27 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A tmpfs of a fixed size at `path` (a fresh temporary directory).
+/// A tmpfs of a fixed size at `path`.
 pub struct Tmpfs {
     pub path: PathBuf,
-    /// The mount point's parent, removed after the unmount.
-    _dir: tempfile::TempDir,
+    /// The mount point's parent when the helper made it, removed after the unmount.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Tmpfs {
-    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it: "2m", "512k").
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it: "2m", "512k") on a fresh
+    /// temporary directory.
     pub fn mount(size: &str) -> Tmpfs {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("fs");
-        std::fs::create_dir(&path).unwrap();
+        let mut fs = Tmpfs::mount_on(&dir.path().join("fs"), size);
+        fs._dir = Some(dir);
+        fs
+    }
+
+    /// Mounts a tmpfs of `size` on `path` (created if needed), e.g. a service's data directory.
+    pub fn mount_on(path: &Path, size: &str) -> Tmpfs {
+        let path = path.to_path_buf();
+        std::fs::create_dir_all(&path).unwrap();
         let out = super::run(
             Command::new("mount")
                 .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
@@ -31,7 +39,7 @@ impl Tmpfs {
             path.display(),
             super::text(&out.stderr).trim()
         );
-        Tmpfs { path, _dir: dir }
+        Tmpfs { path, _dir: None }
     }
 
     /// Fills the file system with `filler` until a write fails with ENOSPC; returns its path.
