@@ -478,3 +478,37 @@ mod full_disk_service {
         assert!(rss_full < rss_before + 16 * 1024, "memory grew from {rss_before} to {rss_full} KiB");
     }
 }
+
+/// A log whose last line was torn (a crash or a full disk mid-append, in an earlier version or
+/// on a file system that does not honour the cut-back) is repaired when the service starts,
+/// and the service says so; the whole lines before it stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_line_is_cut_on_start_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let whole = format!(
+        "{}\n",
+        serde_json::to_string(&Event::new(
+            acpimon::event::new_key(),
+            "n",
+            None,
+            acpimon::event::EventKind::VmRemoved(acpimon::event::VmRemoved { dir: "/x".into() })
+        ))
+        .unwrap()
+    );
+    std::fs::write(data.join("events.jsonl"), format!("{whole}{{\"key\":\"0123")).unwrap();
+    let svc = Service::start(&state, tmp.path(), "").await;
+    let start = Instant::now();
+    while svc.status().await.forward.events_logged < 1 {
+        assert!(start.elapsed() < Duration::from_secs(10), "service-started never acknowledged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logged = log_events(&data.join("events.jsonl"));
+    assert_eq!(logged.len(), 2, "the whole line, then service-started");
+    assert_eq!(logged[1].kind.name(), "service-started");
+    let text = svc.log_text();
+    assert!(text.contains("cut off a torn last line") && text.contains("bytes=12"), "{text}");
+}
