@@ -11,7 +11,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use acpimon::forward::Event;
@@ -350,19 +350,6 @@ mod full_disk_bundles {
 mod full_disk_service {
     use super::*;
     use common::tmpfs::Tmpfs;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// `GET path` on the service: (status code, body).
-    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).await.unwrap();
-        let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
-        (code, body)
-    }
 
     /// The process's resident memory, in KiB.
     fn rss_kib(pid: u32) -> u64 {
@@ -511,4 +498,99 @@ async fn a_torn_last_line_is_cut_on_start_and_reported() {
     assert_eq!(logged[1].kind.name(), "service-started");
     let text = svc.log_text();
     assert!(text.contains("cut off a torn last line") && text.contains("bytes=12"), "{text}");
+}
+
+/// A real guest hangs while the service's data directory is full and the controller is down:
+/// the bundle cannot be written, so it is `failed` (removed, not counted as a bundle), and
+/// every event, the bundle's included, is held and then delivered once, in order, when space
+/// and the controller return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hang_on_a_full_disk_gives_a_failed_bundle_and_every_event_once_space_returns() {
+    use acpimon::watch::state::State;
+    use common::guest::{Guest, GuestSpec};
+    use common::tmpfs::Tmpfs;
+
+    let tmp = tempfile::Builder::new().prefix("acpimon-full").tempdir_in("/tmp").unwrap();
+    let data = Tmpfs::mount_on(&tmp.path().join("data"), "8m");
+    let port = free_port();
+    let extra = vec!["-S".to_string(), "-no-shutdown".to_string()];
+    let g = Guest::boot(GuestSpec {
+        watched: true,
+        scenario: "healthy",
+        delay: 3,
+        extra,
+        ..GuestSpec::new("pc")
+    })
+    .await;
+    let config = format!(
+        "[controller]\nurl = \"http://127.0.0.1:{port}\"\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n[defaults]\nstartup_grace = \"90s\"\n"
+    );
+    let svc = common::service::watch_guest(&g, tmp.path(), &config).await;
+    assert_eq!(svc.data_dir, data.path);
+    svc.wait_state("guest", State::Healthy, Duration::from_secs(120)).await;
+    let before = svc.events();
+
+    data.fill();
+    g.vm.qmp.execute_within(qapi::qmp::stop {}, Duration::from_secs(5)).await.unwrap();
+    svc.wait_state("guest", State::Unresponsive, Duration::from_secs(30)).await;
+    let start = Instant::now();
+    let view = loop {
+        let v = svc.vm("guest").await.unwrap();
+        if v.diagnostics_failed + v.diagnostics_ok > 0 {
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "no bundle: {}", svc.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((view.diagnostics_ok, view.diagnostics_failed), (0, 1), "a bundle on a full disk is failed");
+    let s = svc.status().await;
+    assert!(s.forward.held_events >= 3, "the transitions and the bundle event are held: {:?}", s.forward);
+    assert_eq!(s.forward.events_lost, 0);
+    // What reached the log meanwhile (the last page's room) is whole lines: `log_events`
+    // checks every line and the final newline.
+    let logged_meanwhile = log_events(&svc.data_dir.join("events.jsonl")).len();
+    assert!(logged_meanwhile < before.len() + s.forward.held_events, "{logged_meanwhile}");
+
+    data.unfill();
+    let ctl = Controller::start(port, &tmp.path().join("store")).await;
+    g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();
+    svc.wait_state("guest", State::Healthy, Duration::from_secs(30)).await;
+    let bundle = svc.wait_event("bundle", Duration::from_secs(30), |e| e.kind == "bundle").await;
+    assert_eq!(bundle.detail["outcome"], "failed", "{:#?}", bundle.detail);
+    let error = bundle.detail["error"].as_str().unwrap();
+    assert!(error.contains("No space left on device"), "{error}");
+    let dir = PathBuf::from(bundle.detail["bundle"].as_str().unwrap());
+    assert!(!dir.exists(), "the partial bundle {} is removed", dir.display());
+
+    // Every event the log holds reaches the controller once; the log's order is the VM's.
+    let logged = svc.events();
+    let keys: Vec<String> = logged.iter().map(|e| e.key.clone()).collect();
+    assert_eq!(keys.iter().collect::<BTreeSet<_>>().len(), keys.len(), "no event twice in the log");
+    ctl.wait_keys(&keys, Duration::from_secs(60)).await;
+    assert_eq!(ctl.events().len(), keys.len());
+    let to: Vec<String> = logged
+        .iter()
+        .filter(|e| e.kind == "transition")
+        .map(|e| e.detail["to"].as_str().unwrap().to_string())
+        .collect();
+    let hang = to.iter().position(|t| t == "unresponsive").expect("the hang is logged");
+    assert!(to[hang..].contains(&"healthy".to_string()), "in order: {to:?}");
+    let s = svc.status().await;
+    assert_eq!((s.forward.duplicates_acknowledged, s.forward.events_lost, s.forward.held_events), (0, 0, 0));
+    let (_, metrics) = get(svc.addr, "/metrics").await;
+    assert!(metrics.contains("acpimon_diagnostics_total{vm=\"guest\"} 0"), "{metrics}");
+    assert!(metrics.contains("acpimon_diagnostics_failed_total{vm=\"guest\"} 1"), "{metrics}");
+}
+
+/// `GET path` on the service: (status code, body).
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    (code, body)
 }
