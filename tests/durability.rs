@@ -389,7 +389,12 @@ mod full_disk_service {
         let config = format!(
             "event_hold_max_events = 100\n[controller]\nurl = \"http://127.0.0.1:{port}\"\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n"
         );
-        let svc = Service::start(&state, tmp.path(), &config).await;
+        // systemd's notification socket, to read STATUS=.
+        let notify_path = tmp.path().join("notify.sock");
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+        notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let env = [("NOTIFY_SOCKET", notify_path.to_str().unwrap())];
+        let svc = Service::start_with_env(&state, tmp.path(), &config, &env).await;
         assert_eq!(svc.data_dir, data.path);
         let log = svc.data_dir.join("events.jsonl");
         wait_status(&svc, "service-started is written", |s| s.forward.events_logged >= 1).await;
@@ -412,6 +417,18 @@ mod full_disk_service {
         assert!(table.contains("DISK FULL: disk full: cannot"), "{table}");
         let (_, metrics) = get(svc.addr, "/metrics").await;
         assert!(metrics.contains("\nacpimon_disk_full 1\n"), "{metrics}");
+        let mut buf = [0u8; 1024];
+        let status = loop {
+            let n = notify.recv(&mut buf).expect("systemd notifications");
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if text.contains("STATUS=disk full") {
+                break text;
+            }
+        };
+        assert!(
+            status.starts_with("WATCHDOG=1\nSTATUS=disk full: cannot"),
+            "the service still works: {status}"
+        );
 
         // Forty more: the hold (100 events) overflows; the rest is lost, counted.
         for name in prepare_vms(&staging, "b", 40) {
