@@ -266,6 +266,47 @@ mod full_disk {
         assert_eq!(fw.stats().pending_events, 11);
     }
 
+    /// The resident memory of this process, in KiB.
+    fn rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn memory_stays_bounded_while_the_disk_is_full() {
+        let fs = Tmpfs::mount("1m");
+        // The default hold: 16 MiB.
+        let (fw, _task) = Forwarder::open(config(&fs, HoldLimits::default())).unwrap();
+        fw.submit(&event(0)).unwrap();
+        fw.flush();
+        fs.fill();
+        fw.submit(&event(1)).unwrap();
+        wait("the disk is seen full", &fw, |s| s.disk_problem.is_some());
+        let before = rss_kib();
+        // 60 MB of events offered (nearly four times the hold), in chunks the writer keeps up
+        // with.
+        let n = 60_000;
+        for i in 0..n {
+            fw.submit(&event(i)).unwrap();
+            if i % 5000 == 0 {
+                wait("the writer takes what is offered", &fw, |s| {
+                    s.held_events as u64 + s.events_lost >= i as u64 + 1
+                });
+            }
+        }
+        wait("every event is held or lost", &fw, |s| s.held_events as u64 + s.events_lost == n as u64 + 1);
+        let s = fw.stats();
+        let after = rss_kib();
+        eprintln!(
+            "offered {n} events of ~1 KiB on a full disk: {} held ({} bytes), {} lost; RSS {before} -> {after} KiB",
+            s.held_events, s.held_bytes, s.events_lost
+        );
+        assert!(s.held_bytes <= 16 << 20 && s.events_lost > 40_000, "{s:?}");
+        // The hold's 16 MiB, and the allocator's slack around it (measured: about 2x).
+        assert!(after < before + 64 * 1024, "RSS grew from {before} to {after} KiB");
+    }
+
     #[test]
     fn atomic_writes_keep_the_old_file_whole_on_a_full_disk() {
         let fs = Tmpfs::mount("512k");
@@ -471,6 +512,15 @@ mod full_disk_service {
         let s = svc.status().await;
         assert_eq!((s.forward.delivered, s.forward.duplicates_acknowledged), (keys.len() as u64, 0));
         assert_eq!(get(svc.addr, "/healthz").await, (200, "ok\n".into()));
+        // The state files the disk refused were written after, atomically: no temporary left.
+        let vms: Vec<String> = std::fs::read_dir(svc.data_dir.join("vms"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            vms.len() >= 40 && vms.iter().all(|n| n.ends_with(".json") && !n.starts_with('.')),
+            "{vms:?}"
+        );
         let (_, metrics) = get(svc.addr, "/metrics").await;
         assert!(metrics.contains(&format!("\nacpimon_forward_events_lost_total {lost}\n")), "{metrics}");
         assert!(metrics.contains("\nacpimon_disk_full 0\n"));
