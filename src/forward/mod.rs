@@ -16,6 +16,11 @@
 //!   acknowledged may be lost with the process (a burst is typically acknowledged within
 //!   milliseconds). [`Forwarder::flushed`] waits until everything accepted is acknowledged; the
 //!   service does that when it stops.
+//! - **A full disk** does not lose accepted events: the writer holds them in memory, bounded
+//!   ([`HoldLimits`]), and writes them in order when the disk takes writes again; beyond the
+//!   bound, events are dropped with a count and a [`Loss`] report ([`Forwarder::take_loss`]),
+//!   and [`ForwardStats::disk_condition`] is the service's "disk full" health condition. A
+//!   failed append is cut back, so the log never holds a torn line (see `writer.rs`).
 //! - The **log** is written first and always: whatever happens downstream, the node keeps its
 //!   own record. A torn last line (a power cut mid-append, never acknowledged) is cut off when
 //!   the log is opened.

@@ -179,6 +179,13 @@ impl Writer {
             }
             lock(&self.stats).events_lost += n as u64;
         }
+        if !p.saves.is_empty() {
+            let names: Vec<String> = p.saves.keys().map(|k| k.display().to_string()).collect();
+            tracing::error!(
+                "event writer: stopping with state files the disk would not take: {}",
+                names.join(", ")
+            );
+        }
         self.publish(&mut p);
     }
 
