@@ -7,6 +7,11 @@
 //! by the writer thread. Two observers see it from outside the process: `/status`'s
 //! `forward.events_logged` (a count: the first N events the run accepted, and the log keeps
 //! them in that order) and the controller (an event is sent only once acknowledged).
+//!
+//! A full disk, for real: a small tmpfs ([`common::tmpfs`], root) under the writer, a bundle,
+//! the service and a real guest. Accepted events are held in memory and written, in order and
+//! once, when space returns; beyond the hold they are lost only with a count, an error and an
+//! `events-lost` event; no torn line, no half bundle.
 
 mod common;
 
@@ -524,6 +529,8 @@ mod full_disk_service {
         let (_, metrics) = get(svc.addr, "/metrics").await;
         assert!(metrics.contains(&format!("\nacpimon_forward_events_lost_total {lost}\n")), "{metrics}");
         assert!(metrics.contains("\nacpimon_disk_full 0\n"));
+        let table = common::text(&common::acpimon(&["status", "--addr", &svc.addr.to_string()]).stdout);
+        assert!(table.contains(&format!("EVENTS LOST: {lost} accepted events")), "{table}");
         eprintln!(
             "accepted {}, logged and delivered {}, lost with a count and an event {lost}; RSS {rss_before} KiB before, {rss_full} KiB with the disk full and the hold full",
             s.forward.events_accepted,
