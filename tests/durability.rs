@@ -493,6 +493,8 @@ mod full_disk_service {
 
         data.unfill();
         let ctl = Controller::start(port, &tmp.path().join("store")).await;
+        // The loss is reported at the service's next pulse once the disk takes writes.
+        svc.wait_event("events-lost", Duration::from_secs(30), |e| e.kind == "events-lost").await;
         wait_status(&svc, "everything held is written and delivered", |s| {
             s.forward.held_events == 0
                 && s.forward.disk_problem.is_none()
