@@ -141,13 +141,15 @@ pub async fn serve(
                         }),
                     );
                 }
-                // A full disk is its own condition: the service still works (the watchdog is fed)
-                // but holds or loses events.
-                let disk = shared.forward.stats().disk_condition();
-                if let (true, Some(disk)) = (stalled.is_empty(), &disk) {
-                    notifier.notify(&format!("WATCHDOG=1\nSTATUS={disk}"));
-                } else if stalled.is_empty() {
-                    notifier.notify(&format!("WATCHDOG=1\nSTATUS=watching {} VMs", vms.len()));
+                if stalled.is_empty() {
+                    // A full disk is its own condition: the service still works (the watchdog is
+                    // fed: a restart would only lose what is held) but holds or loses events.
+                    let status = shared
+                        .forward
+                        .stats()
+                        .disk_condition()
+                        .unwrap_or_else(|| format!("watching {} VMs", vms.len()));
+                    notifier.notify(&format!("WATCHDOG=1\nSTATUS={status}"));
                     if let Some(p) = &config.touch_file {
                         if let Err(e) = liveness::touch(p) {
                             tracing::warn!(path = %p.display(), error = %e, "cannot touch the liveness file");
