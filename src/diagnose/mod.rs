@@ -431,7 +431,8 @@ pub enum DiagnoseError {
 /// Runs `steps` in order against `target`, each under its timeout, writing their files and
 /// finally `manifest.json` into `dir` (created if needed). A step's failure is recorded in the
 /// manifest and never stops the others; only a directory that cannot be created or written
-/// is an error.
+/// is an error: a step's file or the manifest that cannot be written (a full disk) makes the
+/// bundle [`DiagnoseError::NotWritten`], and its directory is removed.
 pub async fn collect(
     steps: &[Step],
     target: &Target<'_>,
