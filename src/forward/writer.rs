@@ -275,11 +275,13 @@ impl Writer {
 
         // 2. The spool, for events already logged.
         if let Some(spool) = &self.spool {
+            // Indices into the queue of the entries written, made ready once the directory is
+            // synced.
             let mut written = Vec::new();
-            for h in p.events.iter_mut().filter(|h| h.logged && !h.spooled) {
+            for (i, h) in p.events.iter_mut().enumerate().filter(|(_, h)| h.logged && !h.spooled) {
                 let Some(seq) = h.spool_seq else { continue };
                 match spool.write(seq, &h.json) {
-                    Ok(()) => written.push(seq),
+                    Ok(()) => written.push(i),
                     Err(e) if is_disk_error(&e) => {
                         let msg = format!(
                             "{}: cannot write spool entry {seq} in {}: {e}; free space on its file system",
@@ -303,13 +305,12 @@ impl Writer {
             if !written.is_empty() {
                 match spool.sync() {
                     Ok(()) => {
-                        for h in p.events.iter_mut() {
-                            if h.spool_seq.is_some_and(|s| written.contains(&s)) {
-                                h.spooled = true;
+                        for i in written {
+                            let h = &mut p.events[i];
+                            h.spooled = true;
+                            if let Some(seq) = h.spool_seq {
+                                spool.finish(seq, true);
                             }
-                        }
-                        for seq in written {
-                            spool.finish(seq, true);
                         }
                         self.wake.notify_one();
                     }
