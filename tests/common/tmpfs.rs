@@ -1,6 +1,7 @@
 //! A small tmpfs mounted for a test, to make a disk full for real (ENOSPC, short writes), and
-//! unmounted when dropped. Mounting needs root (CI runs as root); when it fails the test fails
-//! with the reason: a full-disk test that did not run must not pass.
+//! unmounted when dropped. Mounting needs root (CI runs as root; otherwise password-less
+//! `sudo`); when it fails the test fails with the reason: a full-disk test that did not run
+//! must not pass.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,15 +28,18 @@ impl Tmpfs {
     pub fn mount_on(path: &Path, size: &str) -> Tmpfs {
         let path = path.to_path_buf();
         std::fs::create_dir_all(&path).unwrap();
+        // Owned by whoever runs the tests, so a non-root run (through sudo) can write to it.
+        let (uid, gid) = (id("-u"), id("-g"));
         let out = super::run(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
+            as_root("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755,uid={uid},gid={gid}")])
                 .arg("tmpfs")
                 .arg(&path),
         );
         assert!(
             out.status.success(),
-            "cannot mount a {size} tmpfs on {} (full-disk tests need root, as CI runs them): {}",
+            "cannot mount a {size} tmpfs on {} (full-disk tests need root, as CI runs them, or \
+             password-less sudo): {}",
             path.display(),
             super::text(&out.stderr).trim()
         );
@@ -88,9 +92,26 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         // Lazy: a child (a service under test) may still hold a file open for a moment.
-        let out = Command::new("umount").arg("-l").arg(&self.path).output();
+        let out = as_root("umount").arg("-l").arg(&self.path).output();
         if !matches!(&out, Ok(o) if o.status.success()) {
             eprintln!("cannot unmount the test tmpfs {}: {out:?}", self.path.display());
         }
+    }
+}
+
+/// `id FLAG`'s answer (`-u`: the user id, `-g`: the group id).
+fn id(flag: &str) -> String {
+    super::text(&super::run(Command::new("id").arg(flag)).stdout).trim().to_string()
+}
+
+/// `program` run as root: directly when the tests run as root (CI), else through `sudo -n`
+/// (which fails at once, with its reason, rather than asking for a password).
+fn as_root(program: &str) -> Command {
+    if id("-u") == "0" {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.args(["-n", program]);
+        c
     }
 }
