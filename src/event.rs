@@ -71,6 +71,9 @@ pub enum EventKind {
     VmInvalid(VmInvalid),
     /// The service started.
     ServiceStarted(ServiceStarted),
+    /// Accepted events were dropped because the disk refused writes and the memory that holds
+    /// them was full; emitted once the disk takes writes again.
+    EventsLost(EventsLost),
 }
 
 impl EventKind {
@@ -87,6 +90,7 @@ impl EventKind {
             EventKind::VmRemoved(_) => "vm-removed",
             EventKind::VmInvalid(_) => "vm-invalid",
             EventKind::ServiceStarted(_) => "service-started",
+            EventKind::EventsLost(_) => "events-lost",
         }
     }
 }
@@ -194,6 +198,19 @@ pub struct Bundle {
     /// Why there is no bundle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// `ok`: the bundle is complete; `failed`: it could not be written (then `error` says
+    /// why, and `manifest`, when present, is what the steps found, not what is on disk).
+    /// Absent from events written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<BundleOutcome>,
+}
+
+/// Whether a bundle was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BundleOutcome {
+    Ok,
+    Failed,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -261,6 +278,17 @@ pub struct ServiceStarted {
     pub state_dir: PathBuf,
     /// The metrics and status endpoint; `null` when it is off.
     pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsLost {
+    /// How many events were dropped.
+    pub count: u64,
+    /// The times of the first and last dropped event (RFC 3339).
+    pub first: String,
+    pub last: String,
+    /// Why: the disk refused writes and the in-memory hold was full.
+    pub reason: String,
 }
 
 /// A fresh random idempotency key.

@@ -142,6 +142,8 @@ pub fn config_json(c: &crate::watch::Config) -> serde_json::Value {
         "discover_interval": d(c.discover_interval),
         "console_keep": c.console_keep,
         "event_log": c.event_log,
+        "event_hold_max": c.event_hold.max_bytes,
+        "event_hold_max_events": c.event_hold.max_events,
         "touch_file": c.touch_file,
         "metrics": c.metrics,
         "controller": c.controller.as_ref().map(|k| serde_json::json!({
@@ -153,7 +155,11 @@ pub fn config_json(c: &crate::watch::Config) -> serde_json::Value {
             "backoff_max": d(k.backoff_max),
         })),
         "hook": c.hook.as_ref().map(|h| serde_json::json!({ "argv": h.argv, "timeout": d(h.timeout) })),
-        "bundles": { "keep_per_vm": c.bundles_keep },
+        "bundles": {
+            "keep_per_vm": c.bundles_keep,
+            "max_bytes_per_vm": c.bundles_budget.per_vm,
+            "max_bytes": c.bundles_budget.total,
+        },
         "defaults": c.defaults,
         "vm": c.vms,
     });
@@ -225,6 +231,11 @@ pub fn status_table(s: &crate::watch::metrics::StatusView) -> String {
     );
     if !s.stalled.is_empty() {
         let _ = writeln!(o, "STALLED: {}", s.stalled.join(", "));
+    }
+    if let Some(disk) = f.disk_condition() {
+        let _ = writeln!(o, "DISK FULL: {disk}");
+    } else if f.events_lost > 0 {
+        let _ = writeln!(o, "EVENTS LOST: {} accepted events were dropped on a full disk", f.events_lost);
     }
     let _ = writeln!(
         o,

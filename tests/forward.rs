@@ -125,7 +125,13 @@ fn controller_cfg(addr: SocketAddr) -> ControllerConfig {
 }
 
 fn config(dir: &Path, controller: Option<ControllerConfig>, hook: Option<HookConfig>) -> ForwardConfig {
-    ForwardConfig { log: Some(dir.join("events.jsonl")), spool_dir: dir.join("spool"), controller, hook }
+    ForwardConfig {
+        log: Some(dir.join("events.jsonl")),
+        spool_dir: dir.join("spool"),
+        controller,
+        hook,
+        hold: Default::default(),
+    }
 }
 
 /// A running ForwardTask.

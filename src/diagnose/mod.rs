@@ -28,6 +28,11 @@
 //!
 //! Written last, atomically (a bundle without one is incomplete). Fields are only ever added.
 //!
+//! A bundle that cannot be written whole (a step's file or the manifest refused by a full
+//! disk) is not a bundle: [`collect`] removes its directory and returns
+//! [`DiagnoseError::NotWritten`] with what the steps found, and the service reports the bundle
+//! `failed`.
+//!
 //! ```text
 //! {
 //!   "schema":   "acpimon.bundle/1",
@@ -417,12 +422,17 @@ pub enum DiagnoseError {
     CreateDir { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    /// A step's file or the manifest could not be written (a full disk): the partial bundle
+    /// was removed; `manifest` is what the steps found.
+    #[error("bundle {dir} not written: {reason}; its partial files were removed (free space on the data directory's file system)")]
+    NotWritten { dir: PathBuf, reason: String, manifest: Box<Manifest> },
 }
 
 /// Runs `steps` in order against `target`, each under its timeout, writing their files and
 /// finally `manifest.json` into `dir` (created if needed). A step's failure is recorded in the
 /// manifest and never stops the others; only a directory that cannot be created or written
-/// is an error.
+/// is an error: a step's file or the manifest that cannot be written (a full disk) makes the
+/// bundle [`DiagnoseError::NotWritten`], and its directory is removed.
 pub async fn collect(
     steps: &[Step],
     target: &Target<'_>,
@@ -439,8 +449,9 @@ pub async fn collect(
         .await
         .map_err(|source| DiagnoseError::CreateDir { path: dir.into(), source })?;
     let mut outcomes = Vec::with_capacity(steps.len());
+    let write_failure = std::sync::Mutex::new(None);
     for (i, step) in steps.iter().enumerate() {
-        outcomes.push(run_step(i, step, target, trigger, &dir).await);
+        outcomes.push(run_step(i, step, target, trigger, &dir, &write_failure).await);
     }
     let manifest = Manifest {
         schema: SCHEMA.into(),
@@ -451,7 +462,17 @@ pub async fn collect(
         timeline,
         steps: outcomes,
     };
-    write_manifest(&dir, &manifest).await?;
+    let step_failure = crate::util::lock(&write_failure).take();
+    let failure = match step_failure {
+        Some(reason) => Some(reason),
+        None => write_manifest(&dir, &manifest).await.err().map(|e| e.to_string()),
+    };
+    if let Some(reason) = failure {
+        // Half a bundle is not one: remove it (and free the space it held).
+        let gone = dir.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(gone)).await;
+        return Err(DiagnoseError::NotWritten { dir, reason, manifest: Box::new(manifest) });
+    }
     Ok(manifest)
 }
 
@@ -467,7 +488,14 @@ async fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), DiagnoseE
     written.map_err(|source| DiagnoseError::Write { path, source })
 }
 
-async fn run_step(i: usize, step: &Step, target: &Target<'_>, trigger: &Trigger, dir: &Path) -> StepOutcome {
+async fn run_step(
+    i: usize,
+    step: &Step,
+    target: &Target<'_>,
+    trigger: &Trigger,
+    dir: &Path,
+    write_failure: &std::sync::Mutex<Option<String>>,
+) -> StepOutcome {
     let name = step.spec.name();
     let started = units::now_rfc3339();
     let t0 = Instant::now();
@@ -478,6 +506,7 @@ async fn run_step(i: usize, step: &Step, target: &Target<'_>, trigger: &Trigger,
         timeout: step.timeout,
         target,
         trigger,
+        write_failure,
     };
     let done = match step.spec.validate() {
         Err(e) => Done::failed(e),
@@ -636,6 +665,8 @@ struct Ctx<'a> {
     timeout: Duration,
     target: &'a Target<'a>,
     trigger: &'a Trigger,
+    /// The first step file that could not be written: the bundle is then `failed`.
+    write_failure: &'a std::sync::Mutex<Option<String>>,
 }
 
 impl Ctx<'_> {
@@ -654,9 +685,14 @@ impl Ctx<'_> {
     async fn write(&self, ext: &str, data: &[u8], keep: Keep) -> Result<String, Done> {
         let name = self.file_name(ext);
         let capped = cap(data, MAX_FILE, keep);
-        tokio::fs::write(self.dir.join(&name), &capped)
-            .await
-            .map_err(|e| Done::failed(format!("cannot write {name}: {e}")))?;
+        let path = self.dir.join(&name);
+        if let Err(e) = tokio::fs::write(&path, &capped).await {
+            // No partial file stays behind, and the bundle as a whole failed.
+            let _ = tokio::fs::remove_file(&path).await;
+            let reason = format!("cannot write {name}: {e}");
+            crate::util::lock(self.write_failure).get_or_insert_with(|| reason.clone());
+            return Err(Done::failed(reason));
+        }
         Ok(name)
     }
 

@@ -61,6 +61,7 @@ fn examples() -> Vec<EventKind> {
             bundle: "/b/web/x-unresponsive".into(),
             manifest: Some(Box::new(manifest)),
             error: Some("no".into()),
+            outcome: Some(BundleOutcome::Failed),
         }),
         EventKind::Recovery(Recovery {
             action: "reset".into(),
@@ -77,6 +78,12 @@ fn examples() -> Vec<EventKind> {
             version: "0.1.0".into(),
             state_dir: "/run/acpimon".into(),
             metrics: Some("127.0.0.1:9464".parse().unwrap()),
+        }),
+        EventKind::EventsLost(EventsLost {
+            count: 35,
+            first: "2026-01-01T00:00:00.000Z".into(),
+            last: "2026-01-01T00:01:00.000Z".into(),
+            reason: "disk full".into(),
         }),
     ]
 }
@@ -95,9 +102,10 @@ fn ordinal(k: &EventKind) -> usize {
         EventKind::VmRemoved(_) => 7,
         EventKind::VmInvalid(_) => 8,
         EventKind::ServiceStarted(_) => 9,
+        EventKind::EventsLost(_) => 10,
     }
 }
-const KINDS: usize = 10;
+const KINDS: usize = 11;
 
 fn event(kind: EventKind) -> Event {
     Event::new(new_key(), "node1", Some("web"), kind)

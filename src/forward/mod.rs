@@ -16,6 +16,11 @@
 //!   acknowledged may be lost with the process (a burst is typically acknowledged within
 //!   milliseconds). [`Forwarder::flushed`] waits until everything accepted is acknowledged; the
 //!   service does that when it stops.
+//! - **A full disk** does not lose accepted events: the writer holds them in memory, bounded
+//!   ([`HoldLimits`]), and writes them in order when the disk takes writes again; beyond the
+//!   bound, events are dropped with a count and a [`Loss`] report ([`Forwarder::take_loss`]),
+//!   and [`ForwardStats::disk_condition`] is the service's "disk full" health condition. A
+//!   failed append is cut back, so the log never holds a torn line (see `writer.rs`).
 //! - The **log** is written first and always: whatever happens downstream, the node keeps its
 //!   own record. A torn last line (a power cut mid-append, never acknowledged) is cut off when
 //!   the log is opened.
@@ -54,6 +59,7 @@ use crate::util::{lock, until_true};
 use writer::Job;
 
 pub use http::{parse_url, Endpoint};
+pub use writer::{HoldLimits, Loss};
 
 pub use crate::event::{new_key, valid_key, Event, RawEvent, MAX_KEY_LEN};
 
@@ -67,6 +73,8 @@ pub struct ForwardConfig {
     pub spool_dir: PathBuf,
     pub controller: Option<ControllerConfig>,
     pub hook: Option<HookConfig>,
+    /// What the writer holds in memory while the disk refuses writes (see `writer.rs`).
+    pub hold: HoldLimits,
 }
 
 /// The controller events are POSTed to.
@@ -127,6 +135,23 @@ pub struct ForwardStats {
     pub write_failures: u64,
     #[serde(default)]
     pub last_write_error: Option<String>,
+    /// Accepted events held in memory because the disk refuses writes (full or failing),
+    /// waiting to be written in order.
+    #[serde(default)]
+    pub held_events: usize,
+    #[serde(default)]
+    pub held_bytes: u64,
+    /// Accepted events dropped because the disk refused writes and the hold was full (or the
+    /// service stopped with events held): lost, counted and reported.
+    #[serde(default)]
+    pub events_lost: u64,
+    /// Set while the disk refuses writes: the first failure ("disk full: cannot append ...").
+    /// The service's "disk full" health condition.
+    #[serde(default)]
+    pub disk_problem: Option<String>,
+    /// A loss not yet reported as an `events-lost` event ([`Forwarder::take_loss`]).
+    #[serde(skip)]
+    pub unreported_loss: Option<Loss>,
     /// Hook runs finished (successful or not), runs that failed (non-zero exit, killed after
     /// the timeout, could not start), and events dropped because the hook queue was full.
     pub hook_runs: u64,
@@ -138,6 +163,20 @@ pub struct ForwardStats {
     pub last_error: Option<String>,
     /// When the controller last acknowledged an event (RFC 3339).
     pub last_delivery: Option<String>,
+}
+
+impl ForwardStats {
+    /// The "disk full" health condition: why the service is not healthy on the disk's
+    /// account, or `None`. Set while events are held in memory (and maybe lost).
+    pub fn disk_condition(&self) -> Option<String> {
+        let problem = self.disk_problem.as_ref()?;
+        let lost =
+            if self.events_lost > 0 { format!(", {} lost so far", self.events_lost) } else { String::new() };
+        Some(format!(
+            "{problem}; {} events ({} bytes) held in memory{lost}",
+            self.held_events, self.held_bytes
+        ))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,6 +309,11 @@ fn validate(cfg: &ForwardConfig) -> Result<Option<Endpoint>, ForwardError> {
     if let Some(h) = &cfg.hook {
         h.validate()?;
     }
+    if cfg.hold.max_bytes == 0 || cfg.hold.max_events == 0 {
+        return Err(ForwardError::Config(
+            "event_hold_max and event_hold_max_events must be more than 0; try \"16MiB\" and 50000".into(),
+        ));
+    }
     Ok(endpoint)
 }
 
@@ -334,7 +378,13 @@ impl Forwarder {
         let stats = Arc::new(Mutex::new(ForwardStats::default()));
         let wake = Arc::new(Notify::new());
         let (jobs, queue) = std::sync::mpsc::channel();
-        let w = writer::Writer { log, spool: spool.clone(), stats: stats.clone(), wake: wake.clone() };
+        let w = writer::Writer {
+            log,
+            spool: spool.clone(),
+            stats: stats.clone(),
+            wake: wake.clone(),
+            limits: cfg.hold,
+        };
         let thread = std::thread::Builder::new()
             .name("acpimon-writer".into())
             .spawn(move || w.run(queue))
@@ -371,7 +421,9 @@ impl Forwarder {
                 }
             },
         };
-        if let Err(e) = self.shared.writer.send(Job::Event { json: json.clone(), spool_seq }) {
+        if let Err(e) =
+            self.shared.writer.send(Job::Event { json: json.clone(), spool_seq, time: ev.time.clone() })
+        {
             if let (Some(spool), Some(seq)) = (&self.shared.spool, spool_seq) {
                 spool.finish(seq, false);
             }
@@ -421,6 +473,16 @@ impl Forwarder {
         if self.shared.writer.send(Job::Flush(tx)).is_ok() {
             let _ = rx.blocking_recv();
         }
+    }
+
+    /// Events lost to a full disk, once the disk takes writes again: the service reports them
+    /// as an `events-lost` event. Each loss is handed out once.
+    pub fn take_loss(&self) -> Option<Loss> {
+        let mut s = lock(&self.shared.stats);
+        if s.disk_problem.is_some() {
+            return None;
+        }
+        s.unreported_loss.take()
     }
 
     /// A snapshot of the counters.
@@ -598,6 +660,7 @@ mod tests {
             spool_dir: dir.join("spool"),
             controller,
             hook: None,
+            hold: HoldLimits::default(),
         }
     }
 
@@ -707,17 +770,24 @@ mod tests {
 
     #[test]
     fn failed_writes_are_counted_and_a_full_log_acknowledges_nothing() {
-        // A full disk: the event is accepted (and spooled), never acknowledged by the log.
+        // A full disk: the event is accepted and held in memory (its spool slot reserved),
+        // never acknowledged while the log refuses it. (tests/durability.rs: a real full disk.)
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path(), Some(controller("http://127.0.0.1:9")));
         cfg.log = Some("/dev/full".into());
         let (fw, _task) = Forwarder::open(cfg).unwrap();
         fw.submit(&event(1)).unwrap();
-        fw.flush();
+        let start = std::time::Instant::now();
+        while fw.stats().write_failures == 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "the write never failed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let s = fw.stats();
-        assert_eq!((s.events_accepted, s.events_logged, s.write_failures), (1, 0, 1), "{s:?}");
-        assert!(s.last_write_error.unwrap().contains("is the disk full?"));
-        assert_eq!(s.pending_events, 1, "still spooled for the controller");
+        assert_eq!((s.events_accepted, s.events_logged, s.held_events), (1, 0, 1), "{s:?}");
+        assert!(s.last_write_error.as_ref().unwrap().contains("disk full: cannot append to event log"));
+        assert!(s.disk_condition().unwrap().contains("1 events"), "{:?}", s.disk_problem);
+        assert_eq!(s.pending_events, 1, "its spool slot is kept for when the disk takes it");
+        drop(_task);
 
         // A state file in a place that cannot be a directory fails through the same counter;
         // the event beside it is still acknowledged.

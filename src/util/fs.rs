@@ -29,8 +29,8 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// `mode` is for a newly created file, before the umask.
 pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = tmp_path(path);
-    write_synced(&tmp, bytes, mode)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
+    // On any failure (a full disk mid-write) the partial temporary goes; `path` is untouched.
+    write_synced(&tmp, bytes, mode).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
 }

@@ -34,17 +34,37 @@ pub struct Config {
     pub discover_interval: Duration,
     pub console_keep: usize,
     pub event_log: Option<PathBuf>,
+    /// `event_hold_max` / `event_hold_max_events`: what the event writer holds in memory
+    /// while the disk refuses writes; beyond it events are dropped, counted and reported.
+    pub event_hold: crate::forward::HoldLimits,
     pub touch_file: Option<PathBuf>,
     /// `None`: no metrics or status endpoint.
     pub metrics: Option<SocketAddr>,
     pub controller: Option<ControllerConfig>,
     pub hook: Option<HookConfig>,
     pub bundles_keep: usize,
+    /// `[bundles] max_bytes_per_vm` / `max_bytes`: the size budgets of one VM's bundles and
+    /// of every VM's together; the oldest bundles are removed to keep within them.
+    pub bundles_budget: BundleBudget,
     /// `[libvirt]`: VMs whose QMP goes through libvirt (cargo feature `libvirt`).
     pub libvirt: Option<LibvirtConfig>,
     pub defaults: VmSettings,
     /// Per-VM settings, already merged over the defaults.
     pub vms: BTreeMap<String, VmSettings>,
+}
+
+/// The size budgets of bundles (`[bundles]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BundleBudget {
+    pub per_vm: u64,
+    pub total: u64,
+}
+
+impl Default for BundleBudget {
+    /// 2 GiB per VM (a default memory dump is at most 1 GiB), 8 GiB for the service.
+    fn default() -> BundleBudget {
+        BundleBudget { per_vm: 2 << 30, total: 8 << 30 }
+    }
 }
 
 /// `[libvirt]`: domains whose QMP commands and events go through libvirt's monitor
@@ -319,6 +339,8 @@ struct RawConfig {
     discover_interval: Option<Spanned<Dur>>,
     console_keep: Option<Spanned<Size>>,
     event_log: Option<PathBuf>,
+    event_hold_max: Option<Spanned<Size>>,
+    event_hold_max_events: Option<Spanned<usize>>,
     touch_file: Option<PathBuf>,
     metrics: Option<RawMetrics>,
     controller: Option<Spanned<RawController>>,
@@ -368,7 +390,14 @@ struct RawLibvirt {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBundles {
+    #[serde(default = "default_keep")]
     keep_per_vm: usize,
+    max_bytes_per_vm: Option<Spanned<Size>>,
+    max_bytes: Option<Spanned<Size>>,
+}
+
+fn default_keep() -> usize {
+    10
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -580,7 +609,37 @@ impl Validator<'_> {
                 }
             }
         });
-        let bundles_keep = raw.bundles.map_or(10, |b| b.keep_per_vm.max(1));
+        let bundles_keep = raw.bundles.as_ref().map_or(10, |b| b.keep_per_vm.max(1));
+        let mut bundles_budget = BundleBudget::default();
+        if let Some(b) = raw.bundles {
+            for (key, value, slot) in [
+                ("max_bytes_per_vm", b.max_bytes_per_vm, &mut bundles_budget.per_vm),
+                ("max_bytes", b.max_bytes, &mut bundles_budget.total),
+            ] {
+                match value {
+                    Some(v) if v.get_ref().0 < 1 << 20 => {
+                        self.problem(v.span(), format!("[bundles] {key} must be at least 1MiB; try \"2GiB\""))
+                    }
+                    Some(v) => *slot = v.into_inner().0,
+                    None => {}
+                }
+            }
+        }
+        let mut event_hold = crate::forward::HoldLimits::default();
+        match raw.event_hold_max {
+            Some(v) if v.get_ref().0 < 64 << 10 => {
+                self.problem(v.span(), "event_hold_max must be at least 64KiB; try \"16MiB\"".into())
+            }
+            Some(v) => event_hold.max_bytes = v.into_inner().0,
+            None => {}
+        }
+        match raw.event_hold_max_events {
+            Some(v) if *v.get_ref() == 0 => {
+                self.problem(v.span(), "event_hold_max_events must be more than 0; try 50000".into())
+            }
+            Some(v) => event_hold.max_events = v.into_inner(),
+            None => {}
+        }
         let libvirt = raw.libvirt.and_then(|l| {
             let span = l.span();
             let l = l.into_inner();
@@ -622,11 +681,13 @@ impl Validator<'_> {
             discover_interval,
             console_keep,
             event_log,
+            event_hold,
             touch_file: raw.touch_file,
             metrics,
             controller,
             hook,
             bundles_keep,
+            bundles_budget,
             libvirt,
             defaults,
             vms,

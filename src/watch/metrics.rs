@@ -281,7 +281,7 @@ fn render(status: &StatusView) -> String {
         }
     }
     let f = &status.forward;
-    let forward: [(&str, &str, &str, u64); 9] = [
+    let forward: [(&str, &str, &str, u64); 13] = [
         ("acpimon_forward_delivered_total", "counter", "Events the controller acknowledged.", f.delivered),
         (
             "acpimon_forward_duplicates_total",
@@ -320,6 +320,25 @@ fn render(status: &StatusView) -> String {
             "counter",
             "Writes of the event log, spool or state files that failed.",
             f.write_failures,
+        ),
+        (
+            "acpimon_forward_held_events",
+            "gauge",
+            "Accepted events held in memory because the disk refuses writes.",
+            f.held_events as u64,
+        ),
+        ("acpimon_forward_held_bytes", "gauge", "Bytes of the events held in memory.", f.held_bytes),
+        (
+            "acpimon_forward_events_lost_total",
+            "counter",
+            "Accepted events dropped: the disk refused writes and the hold was full.",
+            f.events_lost,
+        ),
+        (
+            "acpimon_disk_full",
+            "gauge",
+            "1 while the disk refuses the service's writes (events held or lost).",
+            u64::from(f.disk_problem.is_some()),
         ),
     ];
     for (name, kind, help, value) in forward {
@@ -402,10 +421,20 @@ async fn respond(
             let body = serde_json::to_string_pretty(&registry.status()).expect("status serialises");
             reply(StatusCode::OK, "application/json", body)
         }
-        "/healthz" => match registry.liveness.stalled() {
-            s if s.is_empty() => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-            s => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("stalled: {}\n", s.join(", "))),
-        },
+        "/healthz" => {
+            let mut problems = Vec::new();
+            let stalled = registry.liveness.stalled();
+            if !stalled.is_empty() {
+                problems.push(format!("stalled: {}", stalled.join(", ")));
+            }
+            // Not healthy while events are held in memory (or lost) because the disk refuses them.
+            problems.extend(registry.forward.stats().disk_condition());
+            if problems.is_empty() {
+                reply(StatusCode::OK, "text/plain", "ok\n".into())
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{}\n", problems.join("\n")))
+            }
+        }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "try /metrics, /status or /healthz\n".into()),
     }
 }

@@ -127,8 +127,29 @@ pub async fn serve(
             }
             _ = pulse.tick() => {
                 let stalled = shared.liveness.stalled();
+                // Events lost to a full disk are reported once it takes writes again.
+                if let Some(loss) = shared.forward.take_loss() {
+                    service_event(
+                        &shared,
+                        EventKind::EventsLost(event::EventsLost {
+                            count: loss.count,
+                            first: loss.first,
+                            last: loss.last,
+                            reason: "the disk refused writes and the events held in memory reached \
+                                     event_hold_max / event_hold_max_events"
+                                .into(),
+                        }),
+                    );
+                }
                 if stalled.is_empty() {
-                    notifier.notify(&format!("WATCHDOG=1\nSTATUS=watching {} VMs", vms.len()));
+                    // A full disk is its own condition: the service still works (the watchdog is
+                    // fed: a restart would only lose what is held) but holds or loses events.
+                    let status = shared
+                        .forward
+                        .stats()
+                        .disk_condition()
+                        .unwrap_or_else(|| format!("watching {} VMs", vms.len()));
+                    notifier.notify(&format!("WATCHDOG=1\nSTATUS={status}"));
                     if let Some(p) = &config.touch_file {
                         if let Err(e) = liveness::touch(p) {
                             tracing::warn!(path = %p.display(), error = %e, "cannot touch the liveness file");
@@ -176,6 +197,7 @@ fn forward_config(c: &Config) -> ForwardConfig {
         spool_dir: c.data_dir.join("spool"),
         controller: c.controller.clone(),
         hook: c.hook.clone(),
+        hold: c.event_hold,
     }
 }
 

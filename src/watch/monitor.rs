@@ -4,7 +4,7 @@
 //! waits on another VM or on the controller.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use super::config::{Config, RecoveryAction, VmSettings};
+use super::config::{BundleBudget, Config, RecoveryAction, VmSettings};
 use super::metrics::{Registry, ScenarioView, VmView};
 use super::persist::{self, Memory};
 use super::probe::{self, Channels, Report};
@@ -82,7 +82,8 @@ struct Attached {
 struct DiagDone {
     trigger: Incident,
     bundle: PathBuf,
-    manifest: Result<diagnose::Manifest, String>,
+    /// The manifest, or why there is no bundle (with what the steps found, when they ran).
+    manifest: Result<diagnose::Manifest, (String, Option<Box<diagnose::Manifest>>)>,
     recovery: Option<RecoveryOutcome>,
 }
 
@@ -653,8 +654,13 @@ impl Monitor {
         // Beside QMP's socket, whose path length `prepare` checked.
         let gdb_socket = self.dir.join("gdb.sock");
         let guest_agent = att.channels.guest_agent.clone();
+        let (keep, budget) = (self.shared.config.bundles_keep, self.shared.config.bundles_budget);
         self.log(&format!("collecting diagnostics into {}", bundle.display()));
         let task = async move {
+            // Room for the new bundle within the size budgets, before it is written: the oldest
+            // bundles go first.
+            let b = bundle.clone();
+            let _ = tokio::task::spawn_blocking(move || prune_bundles(&b, keep, budget, true)).await;
             let target = diagnose::Target {
                 vm: &name,
                 qmp: Some(&qmp),
@@ -662,9 +668,14 @@ impl Monitor {
                 gdb_socket: gdb_socket.clone(),
                 guest_agent: guest_agent.clone(),
             };
-            let manifest = diagnose::collect(&steps, &target, &trigger.trigger, timeline, &bundle)
-                .await
-                .map_err(|e| e.to_string());
+            let manifest =
+                diagnose::collect(&steps, &target, &trigger.trigger, timeline, &bundle).await.map_err(|e| {
+                    let text = e.to_string();
+                    match e {
+                        diagnose::DiagnoseError::NotWritten { manifest, .. } => (text, Some(manifest)),
+                        _ => (text, None),
+                    }
+                });
             let recovery = match recovery {
                 Ok(RecoveryAction::None) => None,
                 Ok(action) => Some(recover(&action, &qmp, &name, &bundle, &state).await),
@@ -699,8 +710,13 @@ impl Monitor {
     }
 
     fn diagnostics_done(&mut self, done: DiagDone) {
-        let mut detail =
-            event::Bundle { trigger: done.trigger, bundle: done.bundle.clone(), manifest: None, error: None };
+        let mut detail = event::Bundle {
+            trigger: done.trigger,
+            bundle: done.bundle.clone(),
+            manifest: None,
+            error: None,
+            outcome: Some(event::BundleOutcome::Ok),
+        };
         match done.manifest {
             Ok(m) => {
                 lock(&self.view).diagnostics_ok += 1;
@@ -708,10 +724,13 @@ impl Monitor {
                 detail.manifest = Some(Box::new(m));
                 self.log(&format!("bundle written: {}", done.bundle.display()));
             }
-            Err(e) => {
+            Err((e, found)) => {
+                // Not counted as a bundle: a failed write is a failed bundle.
                 lock(&self.view).diagnostics_failed += 1;
-                tracing::warn!("no bundle: {e}");
+                tracing::error!("bundle failed: {e}");
                 detail.error = Some(e);
+                detail.manifest = found;
+                detail.outcome = Some(event::BundleOutcome::Failed);
             }
         }
         // Saved with the bundle's event (emit saves): a crash can no longer leave a delivered
@@ -719,8 +738,9 @@ impl Monitor {
         self.memory.pending_diagnostics = None;
         self.emit(EventKind::Bundle(detail));
         let (bundle, keep) = (done.bundle.clone(), self.shared.config.bundles_keep);
+        let budget = self.shared.config.bundles_budget;
         // Removing old bundles is disk work: off the VM's loop.
-        drop(tokio::task::spawn_blocking(move || prune_bundles(&bundle, keep)));
+        drop(tokio::task::spawn_blocking(move || prune_bundles(&bundle, keep, budget, false)));
         if let Some(r) = done.recovery {
             if r.acted {
                 self.memory.recoveries.push(unix_now());
@@ -863,16 +883,69 @@ fn status_name(status: AppStatus) -> String {
     serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
-/// Keeps the newest `keep` bundles beside `bundle`.
-fn prune_bundles(bundle: &std::path::Path, keep: usize) {
-    let Some(dir) = bundle.parent() else { return };
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
-    dirs.sort();
-    let excess = dirs.len().saturating_sub(keep);
-    for old in dirs.into_iter().take(excess) {
-        let _ = std::fs::remove_dir_all(old);
+/// Keeps the newest `keep` bundles beside `bundle` (`DATA_DIR/bundles/VM/STAMP-STATE`), and
+/// removes the oldest, of this VM and then of every VM, until they fit their size budgets.
+/// `before`: `bundle` is about to be written; room is also made for a bundle the size of the
+/// VM's newest (the best guess of the next one's size). After, `bundle` itself is never
+/// removed, even if it alone exceeds a budget.
+pub(crate) fn prune_bundles(bundle: &Path, keep: usize, budget: BundleBudget, before: bool) {
+    let Some(vm_dir) = bundle.parent() else { return };
+    let mut mine = bundle_dirs(vm_dir);
+    mine.retain(|(p, _)| p != bundle);
+    // Newest last: the names start with the time.
+    let estimate = if before { mine.last().map_or(0, |(_, size)| *size) } else { 0 };
+    // Room for the new one (before), or the new one beside them (after).
+    let limit = keep.saturating_sub(1);
+    let remove = |(path, size): &(PathBuf, u64), why: &str| {
+        tracing::info!(bundle = %path.display(), bytes = size, "removed an old bundle ({why})");
+        let _ = std::fs::remove_dir_all(path);
+    };
+    while mine.len() > limit {
+        let old = mine.remove(0);
+        remove(&old, "bundles.keep_per_vm");
     }
+    let total = |v: &[(PathBuf, u64)]| v.iter().map(|(_, s)| s).sum::<u64>();
+    let newest = if before { 0 } else { dir_size(bundle) };
+    while !mine.is_empty() && total(&mine) + newest + estimate > budget.per_vm {
+        let old = mine.remove(0);
+        remove(&old, "bundles.max_bytes_per_vm");
+    }
+    // Every VM's bundles, oldest first by their names' time.
+    let Some(root) = vm_dir.parent() else { return };
+    let mut all: Vec<(PathBuf, u64)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .flat_map(|e| bundle_dirs(&e.path()))
+        .filter(|(p, _)| p != bundle)
+        .collect();
+    all.sort_by(|a, b| a.0.file_name().cmp(&b.0.file_name()));
+    while !all.is_empty() && total(&all) + newest + estimate > budget.total {
+        let old = all.remove(0);
+        remove(&old, "bundles.max_bytes");
+    }
+}
+
+/// The bundle directories in `dir`, sorted by name (oldest first), with their sizes.
+fn bundle_dirs(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut dirs: Vec<(PathBuf, u64)> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| (e.path(), dir_size(&e.path())))
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// The bytes of the files under `path` (symbolic links not followed).
+fn dir_size(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return 0 };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path).into_iter().flatten().flatten().map(|e| dir_size(&e.path())).sum()
 }
 
 /// A process's identity: its pid and start time (clock ticks since boot), so that a pid
@@ -892,4 +965,75 @@ fn process_identity(pid: u32) -> String {
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod bundle_budget_tests {
+    use super::*;
+
+    /// A bundle directory of `bytes` bytes under `root/vm/name`.
+    fn bundle(root: &Path, vm: &str, name: &str, bytes: usize) -> PathBuf {
+        let dir = root.join(vm).join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("01-console-tail.txt"), vec![b'x'; bytes]).unwrap();
+        dir
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    }
+
+    const MB: usize = 1 << 20;
+
+    #[test]
+    fn the_size_budgets_remove_the_oldest_bundles_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for (i, vm) in ["a", "b"].iter().enumerate() {
+            for t in 0..3 {
+                bundle(root, vm, &format!("2026-01-01T0{t}000{i}Z-unresponsive"), MB);
+            }
+        }
+        let budget = BundleBudget { per_vm: 10 * MB as u64, total: 100 * MB as u64 };
+        // Within every budget: nothing goes.
+        let next = root.join("a/2026-01-01T050000Z-panicked");
+        prune_bundles(&next, 10, budget, true);
+        assert_eq!(names(&root.join("a")).len(), 3);
+
+        // Per VM, before writing: 3 MiB kept plus room for one like the newest (1 MiB) within
+        // 3 MiB: the oldest goes.
+        let tight = BundleBudget { per_vm: 3 * MB as u64 + 4096, ..budget };
+        prune_bundles(&next, 10, tight, true);
+        assert_eq!(
+            names(&root.join("a")),
+            ["2026-01-01T010000Z-unresponsive", "2026-01-01T020000Z-unresponsive"]
+        );
+        assert_eq!(names(&root.join("b")).len(), 3, "another VM's bundles are not this VM's budget");
+
+        // Per service, after writing: the new bundle (2 MiB) stays; the oldest of every VM go
+        // until the total fits 5 MiB.
+        let new = bundle(root, "a", "2026-01-01T050000Z-panicked", 2 * MB);
+        let service = BundleBudget { per_vm: 100 * MB as u64, total: 5 * MB as u64 + 8192 };
+        prune_bundles(&new, 10, service, false);
+        assert_eq!(
+            names(&root.join("a")),
+            ["2026-01-01T020000Z-unresponsive", "2026-01-01T050000Z-panicked"]
+        );
+        assert_eq!(
+            names(&root.join("b")),
+            ["2026-01-01T010001Z-unresponsive", "2026-01-01T020001Z-unresponsive"]
+        );
+
+        // A new bundle larger than the whole budget is kept; every older one goes.
+        let huge = bundle(root, "b", "2026-01-01T060001Z-panicked", 3 * MB);
+        prune_bundles(&huge, 10, BundleBudget { per_vm: 2 * MB as u64, total: 100 * MB as u64 }, false);
+        assert_eq!(names(&root.join("b")), ["2026-01-01T060001Z-panicked"]);
+
+        // keep_per_vm still counts.
+        prune_bundles(&root.join("a/2026-01-01T070000Z-panicked"), 1, budget, true);
+        assert!(names(&root.join("a")).is_empty());
+    }
 }

@@ -7,6 +7,7 @@ pub mod acpica;
 pub mod guest;
 pub mod libvirt;
 pub mod service;
+pub mod tmpfs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

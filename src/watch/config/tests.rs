@@ -252,6 +252,7 @@ fn dist_watch_toml_lists_the_built_in_defaults() {
         )
     );
     assert_eq!(dist.event_log, Some(dist.data_dir.join("events.jsonl")));
+    assert_eq!((dist.event_hold, dist.bundles_budget), (builtin.event_hold, builtin.bundles_budget));
     assert!(dist.controller.is_none() && dist.hook.is_none() && dist.vms.is_empty());
 
     // The commented-out sections show their defaults too: uncommented, they change nothing but
@@ -288,6 +289,32 @@ fn watch_reads_the_system_file_when_given_none() {
     std::fs::write(&system, "node = [\n").unwrap();
     let e = Config::resolve(None, &system, None).unwrap_err();
     assert_eq!(e.file, system);
+}
+
+#[test]
+fn the_event_hold_and_the_bundle_budgets_are_read_and_checked() {
+    let c = parse(
+        "event_hold_max = \"1MiB\"\nevent_hold_max_events = 10\n[bundles]\nmax_bytes_per_vm = \"100MiB\"\nmax_bytes = \"1GiB\"\n",
+    )
+    .unwrap();
+    assert_eq!((c.event_hold.max_bytes, c.event_hold.max_events), (1 << 20, 10));
+    assert_eq!((c.bundles_budget.per_vm, c.bundles_budget.total), (100 << 20, 1 << 30));
+    assert_eq!(c.bundles_keep, 10, "keep_per_vm keeps its default beside the budgets");
+    let v = crate::report::config_json(&c);
+    assert_eq!(
+        (v["event_hold_max_events"].as_u64(), v["bundles"]["max_bytes"].as_u64()),
+        (Some(10), Some(1 << 30))
+    );
+    let e = parse("event_hold_max = \"1KiB\"\nevent_hold_max_events = 0\n[bundles]\nmax_bytes = \"1KiB\"\n")
+        .unwrap_err();
+    let all = e.to_string();
+    assert_eq!(e.problems.len(), 3, "{all}");
+    assert!(
+        all.contains("event_hold_max must be at least 64KiB")
+            && all.contains("event_hold_max_events must be more than 0"),
+        "{all}"
+    );
+    assert!(all.contains("[bundles] max_bytes must be at least 1MiB"), "{all}");
 }
 
 #[test]
