@@ -573,6 +573,7 @@ impl Monitor {
                 bundle,
                 manifest: None,
                 error: Some(error),
+                outcome: Some(event::BundleOutcome::Failed),
             }));
         }
         let Some(relaunch) = relaunch else { return };
