@@ -249,7 +249,7 @@ const ROWS: &[Row] = &[
 struct Fields {
     /// `CPU: 1 PID: 42 Comm: insmod Tainted: ...` (6.10+: `CPU: 1 UID: 0 PID: ...`).
     cpu_line: Regex,
-    /// `rcu: 	1-....: (5249 ticks this GP) ...`: the stalled CPU.
+    /// `rcu: \t1-....: (5249 ticks this GP) ...`: the stalled CPU.
     rcu_cpu: Regex,
     /// `RIP: 0010:spin_fn+0x10/0x20 [faults]`: where a kernel CPU was.
     rip: Regex,
