@@ -70,6 +70,8 @@ pub struct VmSettings {
     #[serde(rename = "diagnostic")]
     pub diagnostics: Vec<diagnose::Step>,
     pub recovery: Recovery,
+    /// What the guest kernel's own reports do to the VM's state.
+    pub kernel_reports: super::kernel::KernelPolicy,
 }
 
 /// One monitoring scenario.
@@ -379,6 +381,7 @@ struct RawVm {
     scenario: Option<Vec<Spanned<toml::Table>>>,
     diagnostic: Option<Vec<Spanned<toml::Table>>>,
     recovery: Option<Spanned<RawRecovery>>,
+    kernel_reports: Option<toml::Table>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -406,6 +409,7 @@ impl Default for VmSettings {
             scenarios: default_scenarios(),
             diagnostics: diagnose::default_steps(),
             recovery: Recovery { action: RecoveryAction::None, max_per_hour: 3 },
+            kernel_reports: super::kernel::KernelPolicy::default(),
         }
     }
 }
@@ -705,6 +709,19 @@ impl Validator<'_> {
             }
             None => base.recovery.clone(),
         };
+        let kernel_reports = match raw.kernel_reports {
+            // Not Spanned: toml's spans do not survive a table of tables here; each problem
+            // names its key instead.
+            Some(t) => super::kernel::KernelPolicy::parse(&t, &base.kernel_reports, section).unwrap_or_else(
+                |problems| {
+                    for p in problems {
+                        self.problem(0..0, p);
+                    }
+                    base.kernel_reports.clone()
+                },
+            ),
+            None => base.kernel_reports.clone(),
+        };
         VmSettings {
             enabled: raw.enabled.unwrap_or(base.enabled),
             startup_grace: raw.startup_grace.map_or(base.startup_grace, |d| d.0),
@@ -712,6 +729,7 @@ impl Validator<'_> {
             scenarios,
             diagnostics,
             recovery,
+            kernel_reports,
         }
     }
 

@@ -65,6 +65,9 @@ pub struct VmView {
     pub app_info: Option<serde_json::Value>,
     /// Lines received on the app channel, by what became of them.
     pub app_lines: Option<crate::app::LineCounts>,
+    /// The guest kernel's reports read on the console, by class.
+    #[serde(default)]
+    pub kernel_reports: BTreeMap<crate::sentinel::ReportClass, u64>,
     #[serde(skip)]
     pub latency_buckets: [u64; LATENCY_BUCKETS.len()],
     #[serde(skip)]
@@ -98,6 +101,7 @@ impl VmView {
             app_details: None,
             app_info: None,
             app_lines: None,
+            kernel_reports: BTreeMap::new(),
             latency_buckets: [0; LATENCY_BUCKETS.len()],
             latency_count: 0,
             latency_sum: 0.0,
@@ -345,6 +349,19 @@ fn render(status: &StatusView) -> String {
             ] {
                 let _ = writeln!(o, "acpimon_app_lines_total{{vm=\"{vm}\",what=\"{what}\"}} {n}");
             }
+        }
+    }
+    header(
+        &mut o,
+        "acpimon_kernel_reports_total",
+        "counter",
+        "The guest kernel's own fault reports read on the console, by class.",
+    );
+    for v in full {
+        let vm = esc(&v.name);
+        for class in crate::sentinel::ReportClass::ALL {
+            let n = v.kernel_reports.get(&class).copied().unwrap_or(0);
+            let _ = writeln!(o, "acpimon_kernel_reports_total{{vm=\"{vm}\",class=\"{class}\"}} {n}");
         }
     }
     header(&mut o, "acpimon_stalled_loops", "gauge", "Internal loops that are late.");
