@@ -317,7 +317,8 @@ const PLUMBING: &[&str] = &[
 #[derive(Debug)]
 struct Open {
     report: KernelReport,
-    /// The kernel timestamp of its last line, when the console has them.
+    /// The latest kernel timestamp of its lines, when the console has them. Not the last
+    /// line's: an NMI backtrace of a stuck CPU carries that CPU's stale clock.
     last_ts: Option<f64>,
     trace_bytes: usize,
     lines: usize,
@@ -394,7 +395,7 @@ impl Scanner {
         }
         if let Some(open) = &self.open {
             let ended = match (open.last_ts, ts) {
-                (Some(last), Some(now)) => now > last + REPORT_GAP_S || now + REPORT_GAP_S < last,
+                (Some(last), Some(now)) => now > last + REPORT_GAP_S,
                 _ => false,
             };
             if ended || open.lines >= REPORT_LINES_MAX {
@@ -442,8 +443,8 @@ impl Scanner {
             return;
         }
         open.lines += 1;
-        if ts.is_some() {
-            open.last_ts = ts;
+        if let Some(t) = ts {
+            open.last_ts = Some(open.last_ts.map_or(t, |last| last.max(t)));
         }
         self.scan_fields(&body);
         let open = self.open.as_mut().expect("still open");

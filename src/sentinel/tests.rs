@@ -285,3 +285,62 @@ fn a_line_logged_later_ends_the_report_and_repeats_are_separate() {
     assert_eq!(s.pending().map(|r| r.class), Some(ReportClass::SoftLockup));
     assert!(s.flush().is_some() && s.pending().is_none());
 }
+
+/// The fixture's fault module (branch faultmod's captures, tests/data/kernel-reports/README.md):
+/// what a soft-locked CPU 1 of a 2-vCPU 6.1 guest prints.
+#[test]
+fn fault_module_soft_lockup_on_cpu_1() {
+    let r = scan_text(&data("6.1-soft-lockup.txt"));
+    let first = &r[0];
+    assert_eq!((first.class, first.cpu), (ReportClass::RcuStall, Some(1)), "RCU notices first: {r:#?}");
+    assert_eq!(first.location.as_deref(), Some("acpimon_soft_lockup+0x21/0x23 [acpimon_faults]"));
+    let soft = only(&r, ReportClass::SoftLockup);
+    assert!(soft.len() >= 2, "it repeats: {r:#?}");
+    let s = soft[0];
+    assert_eq!((s.cpu, s.stuck_s, s.pid), (Some(1), Some(48), Some(124)));
+    assert_eq!(s.task.as_deref(), Some("acpimon-soft/1"));
+    assert_eq!(s.location.as_deref(), Some("acpimon_soft_lockup+0x21/0x23 [acpimon_faults]"));
+    assert!(s.trace.last().is_some_and(|l| l.trim() == "</TASK>"), "{:#?}", s.trace);
+    assert!(r.iter().all(|r| matches!(r.class, ReportClass::RcuStall | ReportClass::SoftLockup)), "{r:#?}");
+}
+
+/// CPU 1 hard-locked (interrupts off) under TCG, which has no NMI watchdog: CPU 0 reports the
+/// RCU stall with CPU 1's NMI backtrace, then its own soft lockup waiting for CPU 1.
+#[test]
+fn fault_module_hard_lockup_seen_as_an_rcu_stall() {
+    let r = scan_text(&data("6.1-rcu-stall.txt"));
+    let rcu = only(&r, ReportClass::RcuStall);
+    assert!(!rcu.is_empty(), "{r:#?}");
+    assert_eq!(rcu[0].cpu, Some(1), "{:#?}", rcu[0]);
+    assert!(rcu[0].line.contains("detected stalls on CPUs/tasks"));
+    assert!(
+        rcu[0].location.as_deref().is_some_and(|l| l.contains("[acpimon_faults]")),
+        "the NMI backtrace of CPU 1 names the culprit: {:#?}",
+        rcu[0]
+    );
+    let soft = only(&r, ReportClass::SoftLockup);
+    assert!(soft.iter().any(|s| s.cpu == Some(0)), "{r:#?}");
+}
+
+#[test]
+fn fault_module_hung_task() {
+    let r = scan_text(&data("6.1-hung-task.txt"));
+    let hung = only(&r, ReportClass::HungTask);
+    assert!(hung.len() >= 2, "every check: {r:#?}");
+    let h = hung[0];
+    assert_eq!((h.task.as_deref(), h.pid, h.stuck_s), (Some("acpimon-hung"), Some(125), Some(10)));
+    assert!(h.location.is_some(), "{h:#?}");
+}
+
+#[test]
+fn fault_module_oom_and_panic() {
+    let r = scan_text(&data("6.1-oom.txt"));
+    let oom = only(&r, ReportClass::Oom);
+    assert_eq!(oom.len(), 1, "{r:#?}");
+    assert_eq!((oom[0].task.as_deref(), oom[0].pid), (Some("tail"), Some(125)));
+    assert!(oom[0].line.starts_with("Out of memory: Killed process 125 (tail)"));
+    let r = scan_text(&data("6.1-panic.txt"));
+    assert_eq!(r.len(), 1, "{r:#?}");
+    assert_eq!(r[0].class, ReportClass::Panic);
+    assert!(r[0].location.as_deref().is_some_and(|l| l.starts_with("sysrq_handle_crash+")), "{:#?}", r[0]);
+}
