@@ -49,7 +49,7 @@ const RECENT_REPORTS: usize = 32;
 const REPORT_QUIET: Duration = Duration::from_millis(500);
 /// How long QMP's `GUEST_PANICKED` waits for the console's panic report (they come by
 /// different sockets; the kernel prints its report before it tells pvpanic).
-const PANIC_WAIT: Duration = Duration::from_millis(1500);
+const PANIC_WAIT: Duration = Duration::from_millis(750);
 /// How long after its bundle an incident still takes the kernel's reports as its own.
 const INCIDENT_RECENT: Duration = Duration::from_secs(600);
 /// `kernel-report` events per class and minute; more are counted and left out.
@@ -617,11 +617,11 @@ impl Monitor {
         attached: Option<event::Attached>,
         kernel_report: Option<KernelReport>,
     ) {
-        if let Some(r) = &kernel_report {
+        if let Some(r) = kernel_report.as_ref().filter(|r| !t.reason.contains(&r.line)) {
             t.reason = format!("{}: {}", t.reason, r.line);
-            if let Some(loc) = &r.location {
-                t.reason.push_str(&format!(", in `{loc}`"));
-            }
+        }
+        if let Some(loc) = kernel_report.as_ref().and_then(|r| r.location.as_ref()) {
+            t.reason.push_str(&format!(", in `{loc}`"));
         }
         self.memory.state = t.to;
         self.memory.incident = self.machine.incident;
@@ -865,9 +865,7 @@ impl Monitor {
                         None => self.machine.kernel_panic(&r, now),
                     };
                     if let Some(t) = t {
-                        // The report is the evidence, or explains QMP's event beside it.
-                        let explains = !matches!(t.evidence, super::state::Evidence::Kernel { .. });
-                        self.transition_with(t, None, explains.then(|| r.clone()));
+                        self.transition_with(t, None, Some(r.clone()));
                     }
                     None
                 }
