@@ -426,6 +426,10 @@ impl Monitor {
                 }
             }
         }
+        // A report the console's end cut short is still the kernel's word.
+        if let Some(r) = self.sentinel.scanner.flush() {
+            self.kernel_reports(vec![r]);
+        }
         for p in probes {
             p.abort();
         }
