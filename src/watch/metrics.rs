@@ -464,3 +464,32 @@ pub async fn fetch_status(addr: SocketAddr, timeout: Duration) -> Result<StatusV
     };
     tokio::time::timeout(timeout, fetch).await.map_err(|_| not_running(&"no answer in time"))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sentinel::ReportClass;
+
+    #[test]
+    fn kernel_reports_are_counted_per_vm_and_class() {
+        let mut vm = VmView::new("web");
+        vm.kernel_reports.insert(ReportClass::SoftLockup, 2);
+        let status = StatusView {
+            node: "n".into(),
+            started: "s".into(),
+            state_dir: "/d".into(),
+            vms: vec![vm],
+            forward: ForwardStats::default(),
+            stalled: vec![],
+        };
+        let text = render(&status);
+        assert!(
+            text.contains("acpimon_kernel_reports_total{vm=\"web\",class=\"soft-lockup\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("acpimon_kernel_reports_total{vm=\"web\",class=\"panic\"} 0\n"), "{text}");
+        // And /status says the same, by class name.
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["vms"][0]["kernel_reports"]["soft-lockup"], 2);
+    }
+}
