@@ -344,3 +344,34 @@ fn fault_module_oom_and_panic() {
     assert_eq!(r[0].class, ReportClass::Panic);
     assert!(r[0].location.as_deref().is_some_and(|l| l.starts_with("sysrq_handle_crash+")), "{:#?}", r[0]);
 }
+
+/// The same faults on 5.10 (`rcu_sched`; its soft lockup count restarts at each report) and
+/// 6.12 (a taint legend line of its own).
+#[test]
+fn fault_module_on_5_10_and_6_12() {
+    for (kernel, first_stuck) in [("5.10", 22), ("6.12", 45)] {
+        let r = scan_text(&data(&format!("{kernel}-soft-lockup.txt")));
+        assert_eq!((r[0].class, r[0].cpu), (ReportClass::RcuStall, Some(1)), "{kernel}: {r:#?}");
+        assert!(
+            r[0].location.as_deref().is_some_and(|l| l.ends_with("[acpimon_faults]")),
+            "{kernel}: {:#?}",
+            r[0]
+        );
+        let soft = only(&r, ReportClass::SoftLockup);
+        assert!(soft.len() >= 2, "{kernel}: {r:#?}");
+        assert_eq!((soft[0].cpu, soft[0].stuck_s), (Some(1), Some(first_stuck)), "{kernel}");
+        assert!(
+            soft[0].location.as_deref().is_some_and(|l| l.starts_with("acpimon_soft_lockup+")),
+            "{kernel}: {:#?}",
+            soft[0]
+        );
+        let hung = scan_text(&data(&format!("{kernel}-hung-task.txt")));
+        let hung = only(&hung, ReportClass::HungTask);
+        assert!(!hung.is_empty(), "{kernel}");
+        assert_eq!((hung[0].task.as_deref(), hung[0].stuck_s), (Some("acpimon-hung"), Some(10)), "{kernel}");
+        // CPU 0 waiting for a hard-locked CPU 1 to answer an IPI.
+        let ipi = scan_text(&data(&format!("{kernel}-soft-lockup-ipi-wait.txt")));
+        let ipi = only(&ipi, ReportClass::SoftLockup);
+        assert_eq!((ipi[0].cpu, ipi[0].task.as_deref()), (Some(0), Some("modprobe")), "{kernel}: {ipi:#?}");
+    }
+}
