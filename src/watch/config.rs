@@ -710,12 +710,17 @@ impl Validator<'_> {
             None => base.recovery.clone(),
         };
         let kernel_reports = match raw.kernel_reports {
-            // Not Spanned: toml's spans do not survive a table of tables here; each problem
-            // names its key instead.
+            // Not Spanned: toml's spans do not survive a table of tables here. The problems
+            // name their keys; the line is the section's.
             Some(t) => super::kernel::KernelPolicy::parse(&t, &base.kernel_reports, section).unwrap_or_else(
                 |problems| {
+                    let at = self
+                        .text
+                        .find(&format!("{section}.kernel_reports"))
+                        .or_else(|| self.text.find("kernel_reports"))
+                        .unwrap_or(0);
                     for p in problems {
-                        self.problem(0..0, p);
+                        self.problem(at..at, p);
                     }
                     base.kernel_reports.clone()
                 },

@@ -44,7 +44,7 @@ const TIMELINE: usize = 64;
 /// reset of a stopped VM (QEMU goes to prelaunch) has no event of its own.
 const STATUS_EVERY: u32 = 10;
 /// The kernel reports kept for the VM's verdicts (newest last).
-const RECENT_REPORTS: usize = 32;
+const RECENT_REPORTS: usize = 16;
 /// A report still being printed ends when the console has been quiet this long.
 const REPORT_QUIET: Duration = Duration::from_millis(500);
 /// How long QMP's `GUEST_PANICKED` waits for the console's panic report (they come by
