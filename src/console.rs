@@ -186,6 +186,12 @@ impl Console {
         Ok(())
     }
 
+    /// The output from now on, chunk by chunk, in order: what the shared socket's clients get.
+    /// A receiver more than 256 chunks behind loses some (`Lagged`).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<[u8]>> {
+        self.shared.out.subscribe()
+    }
+
     /// Bytes received so far; a mark for [`Console::wait_for`].
     pub fn position(&self) -> u64 {
         lock(&self.shared.ring).total

@@ -74,6 +74,8 @@ pub enum EventKind {
     /// Accepted events were dropped because the disk refused writes and the memory that holds
     /// them was full; emitted once the disk takes writes again.
     EventsLost(EventsLost),
+    /// The guest kernel reported a fault on the console (the sentinel read it).
+    KernelReport(KernelReportEvent),
 }
 
 impl EventKind {
@@ -91,6 +93,7 @@ impl EventKind {
             EventKind::VmInvalid(_) => "vm-invalid",
             EventKind::ServiceStarted(_) => "service-started",
             EventKind::EventsLost(_) => "events-lost",
+            EventKind::KernelReport(_) => "kernel-report",
         }
     }
 }
@@ -137,6 +140,31 @@ pub struct Transition {
     /// Set when the transition came from attaching to QEMU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached: Option<Attached>,
+    /// The guest kernel's own report behind it, when the sentinel has one (a panic's line and
+    /// first frames beside QMP's `GUEST_PANICKED`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_report: Option<Box<crate::sentinel::KernelReport>>,
+}
+
+/// A report of the guest kernel's: its fields (`class`, `cpu`, `task`, `pid`, `stuck_s`,
+/// `location`, `line`, `trace`), and the incident it belongs to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelReportEvent {
+    #[serde(flatten)]
+    pub report: crate::sentinel::KernelReport,
+    /// The incident open (or closed within the last minutes) when it arrived: the key of its
+    /// transition event, and its bundle's directory (a report after the bundle belongs to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<PathBuf>,
+    /// Reports of this class left out since the last event of the class (rate limit).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub suppressed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

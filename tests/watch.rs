@@ -232,7 +232,33 @@ async fn a_panic_is_reported_within_a_second_with_its_text_in_the_bundle() {
     let reported = humantime::parse_rfc3339(&t.time).unwrap();
     let delay = reported.duration_since(panicked_at).unwrap_or_default();
     assert!(delay <= Duration::from_secs(1), "panicked {delay:?} after QEMU's GUEST_PANICKED");
-    assert_eq!(t.detail["reason"], "the guest kernel panicked (pvpanic GUEST_PANICKED)");
+    // The kernel's own words: the panic line and where (the sentinel read them on the console).
+    let reason = t.detail["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("the guest kernel panicked")
+            && reason
+                .contains("Kernel panic - not syncing: sysrq triggered crash, in `sysrq_handle_crash+0x"),
+        "{reason}"
+    );
+    let report = &t.detail["kernel_report"];
+    assert_eq!(report["class"], "panic", "{:?}", t.detail);
+    assert!(report["trace"]
+        .as_array()
+        .is_some_and(|t| t.iter().any(|l| l.as_str().unwrap().contains("panic+0x"))));
+    // The whole report, as its own event, belongs to the incident.
+    let k = svc
+        .wait_event("kernel-report", Duration::from_secs(10), |e| {
+            e.kind == "kernel-report" && e.detail["class"] == "panic"
+        })
+        .await;
+    assert_eq!(k.detail["incident"], t.key.as_str(), "{:?}", k.detail);
+    assert!(k.detail["trace"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l.as_str().unwrap().starts_with("---[ end Kernel panic")));
+    let view = svc.vm("guest").await.unwrap();
+    assert_eq!(view.kernel_reports.get(&acpimon::sentinel::ReportClass::Panic), Some(&1));
     let bundle = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
     assert_eq!(bundle.detail["manifest"]["trigger"]["kind"], "panicked");
     let tail = step_file(&bundle, "console-tail");

@@ -1018,6 +1018,7 @@ mod tests {
             reason: format!("{from} to {to}"),
             evidence: acpimon::watch::state::Evidence::Closed(Default::default()),
             attached: None,
+            kernel_report: None,
         });
         let mut ev = Event::new(acpimon::event::new_key(), "node", Some(vm), kind);
         ev.time = acpimon::units::rfc3339(time);

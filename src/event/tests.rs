@@ -46,6 +46,7 @@ fn examples() -> Vec<EventKind> {
             reason: "acpi-heartbeat missed 3 of 3".into(),
             evidence: crate::watch::state::Evidence::QmpStatus { qmp_status: "running".into() },
             attached: Some(Attached { qemu: "10.0.0".into() }),
+            kernel_report: Some(Box::new(kernel_report())),
         }),
         EventKind::Reboot(RebootEvent {
             evidence: RebootEvidence::Region(Reboot::BootCountChanged { from: 1, to: 2 }),
@@ -85,7 +86,26 @@ fn examples() -> Vec<EventKind> {
             last: "2026-01-01T00:01:00.000Z".into(),
             reason: "disk full".into(),
         }),
+        EventKind::KernelReport(KernelReportEvent {
+            report: kernel_report(),
+            incident: Some("00".repeat(16)),
+            bundle: Some("/b/web/x-unresponsive".into()),
+            suppressed: 2,
+        }),
     ]
+}
+
+fn kernel_report() -> crate::sentinel::KernelReport {
+    crate::sentinel::KernelReport {
+        class: crate::sentinel::ReportClass::SoftLockup,
+        cpu: Some(1),
+        task: Some("insmod".into()),
+        pid: Some(93),
+        stuck_s: Some(44),
+        location: Some("spin_fn+0x10/0x20 [faults]".into()),
+        line: "watchdog: BUG: soft lockup - CPU#1 stuck for 44s! [insmod:93]".into(),
+        trace: vec!["RIP: 0010:spin_fn+0x10/0x20 [faults]".into()],
+    }
 }
 
 /// Which variant, by an exhaustive match: a new kind fails to compile here until it has an
@@ -103,9 +123,10 @@ fn ordinal(k: &EventKind) -> usize {
         EventKind::VmInvalid(_) => 8,
         EventKind::ServiceStarted(_) => 9,
         EventKind::EventsLost(_) => 10,
+        EventKind::KernelReport(_) => 11,
     }
 }
-const KINDS: usize = 11;
+const KINDS: usize = 12;
 
 fn event(kind: EventKind) -> Event {
     Event::new(new_key(), "node1", Some("web"), kind)
@@ -262,6 +283,10 @@ fn old_transition_evidence_reads_as_its_variant() {
         (r#"{"attach":"QEMU is not running"}"#, "attach"),
         (r#"{}"#, "closed"),
         (
+            r#"{"kernel_report":{"class":"soft-lockup","cpu":1,"line":"watchdog: BUG: soft lockup - CPU#1 stuck for 44s! [x:1]","trace":[]}}"#,
+            "kernel",
+        ),
+        (
             r#"{"event":"GUEST_PANICKED","data":{"action":"pause"},"timestamp":{"seconds":1,"microseconds":2}}"#,
             "panic",
         ),
@@ -282,6 +307,7 @@ fn old_transition_evidence_reads_as_its_variant() {
             Evidence::Region { .. } => "region",
             Evidence::Attach { .. } => "attach",
             Evidence::Closed(_) => "closed",
+            Evidence::Kernel { .. } => "kernel",
             Evidence::Panic(_) => "panic",
         };
         assert_eq!(got, want, "{json}");

@@ -91,6 +91,8 @@ pub struct VmSettings {
     #[serde(rename = "diagnostic")]
     pub diagnostics: Vec<diagnose::Step>,
     pub recovery: Recovery,
+    /// What the guest kernel's own reports do to the VM's state.
+    pub kernel_reports: super::kernel::KernelPolicy,
 }
 
 /// One monitoring scenario.
@@ -409,6 +411,7 @@ struct RawVm {
     scenario: Option<Vec<Spanned<toml::Table>>>,
     diagnostic: Option<Vec<Spanned<toml::Table>>>,
     recovery: Option<Spanned<RawRecovery>>,
+    kernel_reports: Option<toml::Table>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -436,6 +439,7 @@ impl Default for VmSettings {
             scenarios: default_scenarios(),
             diagnostics: diagnose::default_steps(),
             recovery: Recovery { action: RecoveryAction::None, max_per_hour: 3 },
+            kernel_reports: super::kernel::KernelPolicy::default(),
         }
     }
 }
@@ -767,6 +771,24 @@ impl Validator<'_> {
             }
             None => base.recovery.clone(),
         };
+        let kernel_reports = match raw.kernel_reports {
+            // Not Spanned: toml's spans do not survive a table of tables here. The problems
+            // name their keys; the line is the section's.
+            Some(t) => super::kernel::KernelPolicy::parse(&t, &base.kernel_reports, section).unwrap_or_else(
+                |problems| {
+                    let at = self
+                        .text
+                        .find(&format!("{section}.kernel_reports"))
+                        .or_else(|| self.text.find("kernel_reports"))
+                        .unwrap_or(0);
+                    for p in problems {
+                        self.problem(at..at, p);
+                    }
+                    base.kernel_reports.clone()
+                },
+            ),
+            None => base.kernel_reports.clone(),
+        };
         VmSettings {
             enabled: raw.enabled.unwrap_or(base.enabled),
             startup_grace: raw.startup_grace.map_or(base.startup_grace, |d| d.0),
@@ -774,6 +796,7 @@ impl Validator<'_> {
             scenarios,
             diagnostics,
             recovery,
+            kernel_reports,
         }
     }
 

@@ -65,6 +65,9 @@ pub struct VmView {
     pub app_info: Option<serde_json::Value>,
     /// Lines received on the app channel, by what became of them.
     pub app_lines: Option<crate::app::LineCounts>,
+    /// The guest kernel's reports read on the console, by class.
+    #[serde(default)]
+    pub kernel_reports: BTreeMap<crate::sentinel::ReportClass, u64>,
     #[serde(skip)]
     pub latency_buckets: [u64; LATENCY_BUCKETS.len()],
     #[serde(skip)]
@@ -98,6 +101,7 @@ impl VmView {
             app_details: None,
             app_info: None,
             app_lines: None,
+            kernel_reports: BTreeMap::new(),
             latency_buckets: [0; LATENCY_BUCKETS.len()],
             latency_count: 0,
             latency_sum: 0.0,
@@ -366,6 +370,19 @@ fn render(status: &StatusView) -> String {
             }
         }
     }
+    header(
+        &mut o,
+        "acpimon_kernel_reports_total",
+        "counter",
+        "The guest kernel's own fault reports read on the console, by class.",
+    );
+    for v in full {
+        let vm = esc(&v.name);
+        for class in crate::sentinel::ReportClass::ALL {
+            let n = v.kernel_reports.get(&class).copied().unwrap_or(0);
+            let _ = writeln!(o, "acpimon_kernel_reports_total{{vm=\"{vm}\",class=\"{class}\"}} {n}");
+        }
+    }
     header(&mut o, "acpimon_stalled_loops", "gauge", "Internal loops that are late.");
     let _ = writeln!(o, "acpimon_stalled_loops {}", status.stalled.len());
     o
@@ -475,4 +492,33 @@ pub async fn fetch_status(addr: SocketAddr, timeout: Duration) -> Result<StatusV
         serde_json::from_slice(&body).map_err(|e| format!("{addr} sent a status acpimon cannot read: {e}"))
     };
     tokio::time::timeout(timeout, fetch).await.map_err(|_| not_running(&"no answer in time"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sentinel::ReportClass;
+
+    #[test]
+    fn kernel_reports_are_counted_per_vm_and_class() {
+        let mut vm = VmView::new("web");
+        vm.kernel_reports.insert(ReportClass::SoftLockup, 2);
+        let status = StatusView {
+            node: "n".into(),
+            started: "s".into(),
+            state_dir: "/d".into(),
+            vms: vec![vm],
+            forward: ForwardStats::default(),
+            stalled: vec![],
+        };
+        let text = render(&status);
+        assert!(
+            text.contains("acpimon_kernel_reports_total{vm=\"web\",class=\"soft-lockup\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("acpimon_kernel_reports_total{vm=\"web\",class=\"panic\"} 0\n"), "{text}");
+        // And /status says the same, by class name.
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["vms"][0]["kernel_reports"]["soft-lockup"], 2);
+    }
 }

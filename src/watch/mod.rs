@@ -8,6 +8,7 @@
 //! (a panic) is reported and restarted; none can hold up another.
 
 pub mod config;
+pub mod kernel;
 pub mod liveness;
 pub mod lock;
 pub mod metrics;

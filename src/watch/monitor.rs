@@ -3,7 +3,7 @@
 //! failures, and re-attaches when QEMU comes back. Each VM has its own task; nothing here
 //! waits on another VM or on the controller.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::config::{BundleBudget, Config, RecoveryAction, VmSettings};
+use super::kernel::Action;
 use super::metrics::{Registry, ScenarioView, VmView};
 use super::persist::{self, Memory};
 use super::probe::{self, Channels, Report};
@@ -29,6 +30,7 @@ use crate::judge::{Reboot, Tracker};
 use crate::launch::channel::{self, Channel};
 use crate::launch::Descriptor;
 use crate::read::{Access, Region};
+use crate::sentinel::{KernelReport, ReportClass, Scanner};
 use crate::trigger::qmp::{EventKind as QmpEventKind, Qmp, QmpEvent};
 use crate::units::now_rfc3339;
 use crate::util::lock;
@@ -46,6 +48,17 @@ const STATUS_EVERY: u32 = 10;
 /// is still attached to, and counted as a relaunch.
 const RELAUNCH_WATCH: Duration = Duration::from_secs(10);
 const RELAUNCH_RETRY: Duration = Duration::from_millis(100);
+/// The kernel reports kept for the VM's verdicts (newest last).
+const RECENT_REPORTS: usize = 16;
+/// A report still being printed ends when the console has been quiet this long.
+const REPORT_QUIET: Duration = Duration::from_millis(500);
+/// How long QMP's `GUEST_PANICKED` waits for the console's panic report (they come by
+/// different sockets; the kernel prints its report before it tells pvpanic).
+const PANIC_WAIT: Duration = Duration::from_millis(750);
+/// How long after its bundle an incident still takes the kernel's reports as its own.
+const INCIDENT_RECENT: Duration = Duration::from_secs(600);
+/// `kernel-report` events per class and minute; more are counted and left out.
+const REPORTS_PER_MINUTE: u32 = 10;
 
 /// Why a monitor is asked to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +123,24 @@ pub struct Monitor {
     poll_status: bool,
     state_tx: watch::Sender<State>,
     loop_name: String,
+    /// The guest kernel's reports, read from the console ([`Monitor::console_bytes`]).
+    sentinel: Sentinel,
+}
+
+/// What the monitor keeps of the guest kernel's reports.
+#[derive(Default)]
+struct Sentinel {
+    scanner: Scanner,
+    /// When console bytes last came.
+    fed: Option<Instant>,
+    /// The VM's recent reports, newest last.
+    recent: VecDeque<(SystemTime, KernelReport)>,
+    /// Per class: the current minute's start, events sent in it, reports left out.
+    rate: BTreeMap<ReportClass, (Instant, u32, u64)>,
+    /// The last incident whose bundle is done: its transition's key, bundle, and when.
+    last_incident: Option<(String, PathBuf, Instant)>,
+    /// QMP's `GUEST_PANICKED`, waiting for the console's panic report until the deadline.
+    pending_panic: Option<(Value, Instant)>,
 }
 
 impl Monitor {
@@ -138,6 +169,7 @@ impl Monitor {
             poll_status: false,
             state_tx,
             loop_name,
+            sentinel: Sentinel::default(),
         };
         if let Some(p) = problem {
             tracing::warn!("{p}");
@@ -339,6 +371,11 @@ impl Monitor {
         lock(&self.view).degraded = degraded;
         self.refresh_view("");
         let mut events = att.qmp.events();
+        // The sentinel reads the console's output in order. This is the one place it
+        // subscribes: a receiver that falls behind loses chunks (and resyncs on a line).
+        let mut console_out = att.console.as_ref().map(|c| c.subscribe());
+        self.sentinel.scanner = Scanner::new();
+        self.sentinel.pending_panic = None;
         let mut diag: Option<JoinHandle<DiagDone>> = None;
         if let Some(trigger) = self.memory.pending_diagnostics.clone() {
             // The service stopped before this incident's bundle was finished.
@@ -348,8 +385,23 @@ impl Monitor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u32 = 0;
         loop {
+            let panic_wait =
+                self.sentinel.pending_panic.as_ref().map(|p| tokio::time::Instant::from_std(p.1));
             tokio::select! {
                 Some(report) = rx.recv() => self.report(report),
+                out = async { console_out.as_mut().expect("guarded").recv().await }, if console_out.is_some() => {
+                    match out {
+                        Ok(bytes) => self.console_bytes(&bytes),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!("the kernel-report sentinel missed {n} console chunks");
+                            self.sentinel.scanner.resync();
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => console_out = None,
+                    }
+                }
+                _ = async { tokio::time::sleep_until(panic_wait.expect("guarded")).await }, if panic_wait.is_some() => {
+                    self.panic_wait_over();
+                }
                 Some(r) = att.app_reports.recv() => self.app_report(r),
                 ev = events.recv() => match ev {
                     Ok(ev) => self.qmp_event(ev),
@@ -374,6 +426,11 @@ impl Monitor {
                 }
                 _ = tick.tick() => {
                     self.shared.liveness.beat(&self.loop_name);
+                    if self.sentinel.fed.is_some_and(|t| t.elapsed() >= REPORT_QUIET) {
+                        if let Some(r) = self.sentinel.scanner.flush() {
+                            self.kernel_reports(vec![r]);
+                        }
+                    }
                     if let Ok(app) = &att.channels.app {
                         lock(&self.view).app_lines = Some(app.counts());
                     }
@@ -393,6 +450,10 @@ impl Monitor {
                     diag = Some(self.start_diagnostics(trigger, &att));
                 }
             }
+        }
+        // A report the console's end cut short is still the kernel's word.
+        if let Some(r) = self.sentinel.scanner.flush() {
+            self.kernel_reports(vec![r]);
         }
         for p in probes {
             p.abort();
@@ -520,7 +581,18 @@ impl Monitor {
         let t = match ev.kind {
             QmpEventKind::Stop => self.machine.stopped(ev.raw, now),
             QmpEventKind::Resume => self.machine.resumed(ev.raw, now),
-            QmpEventKind::Panicked { .. } => self.machine.panicked(ev.raw, now),
+            QmpEventKind::Panicked { .. } => {
+                if self.machine.state != State::Panicked && self.panic_report().is_none() {
+                    // The console's report may be a moment behind: wait for it, briefly.
+                    self.sentinel.pending_panic = Some((ev.raw, now + PANIC_WAIT));
+                    return;
+                }
+                let report = self.panic_report();
+                if let Some(t) = self.machine.panicked(ev.raw, now) {
+                    self.transition_with(t, None, report);
+                }
+                None
+            }
             QmpEventKind::Reset { .. } => {
                 // A reset of a powered-off or stopped VM leaves QEMU in prelaunch, of a running
                 // one running: the next tick asks which.
@@ -600,6 +672,23 @@ impl Monitor {
     }
 
     fn transition(&mut self, t: Transition, attached: Option<event::Attached>) {
+        self.transition_with(t, attached, None);
+    }
+
+    /// A transition, with the guest kernel's report that explains it (its line and location
+    /// join the reason).
+    fn transition_with(
+        &mut self,
+        mut t: Transition,
+        attached: Option<event::Attached>,
+        kernel_report: Option<KernelReport>,
+    ) {
+        if let Some(r) = kernel_report.as_ref().filter(|r| !t.reason.contains(&r.line)) {
+            t.reason = format!("{}: {}", t.reason, r.line);
+        }
+        if let Some(loc) = kernel_report.as_ref().and_then(|r| r.location.as_ref()) {
+            t.reason.push_str(&format!(", in `{loc}`"));
+        }
         self.memory.state = t.to;
         self.memory.incident = self.machine.incident;
         self.log(&format!("{} -> {}: {}", t.from, t.to, t.reason));
@@ -609,6 +698,7 @@ impl Monitor {
             reason: t.reason.clone(),
             evidence: t.evidence.clone(),
             attached,
+            kernel_report: kernel_report.map(Box::new),
         }));
         if t.to.is_failure()
             && self.memory.pending_diagnostics.is_none()
@@ -734,6 +824,8 @@ impl Monitor {
                 detail.outcome = Some(event::BundleOutcome::Failed);
             }
         }
+        self.sentinel.last_incident =
+            Some((detail.trigger.event.clone(), done.bundle.clone(), Instant::now()));
         // Saved with the bundle's event (emit saves): a crash can no longer leave a delivered
         // bundle's incident pending, to be diagnosed again on restart.
         self.memory.pending_diagnostics = None;
@@ -753,6 +845,146 @@ impl Monitor {
             let (action, outcome, detail) = (r.action.to_string(), r.outcome, r.detail);
             self.emit(EventKind::Recovery(event::Recovery { action, outcome, detail }));
         }
+    }
+
+    /// Console output, for the sentinel.
+    fn console_bytes(&mut self, bytes: &[u8]) {
+        self.sentinel.fed = Some(Instant::now());
+        let reports = self.sentinel.scanner.feed(bytes);
+        if !reports.is_empty() {
+            self.kernel_reports(reports);
+        }
+        if self.sentinel.pending_panic.is_some() && self.panic_report().is_some() {
+            self.panic_wait_over();
+        }
+    }
+
+    /// The VM's recent kernel reports, oldest first (bounded), for its verdicts.
+    pub fn recent_kernel_reports(&self) -> Vec<KernelReport> {
+        self.sentinel.recent.iter().map(|(_, r)| r.clone()).collect()
+    }
+
+    /// The panic report of the last minute, or the one the kernel is still printing.
+    fn panic_report(&self) -> Option<KernelReport> {
+        if let Some(r) = self.sentinel.scanner.pending().filter(|r| r.class == ReportClass::Panic) {
+            return Some(r.clone());
+        }
+        let recent = |t: &SystemTime| t.elapsed().is_ok_and(|e| e < Duration::from_secs(60));
+        self.sentinel
+            .recent
+            .iter()
+            .rev()
+            .find(|(t, r)| r.class == ReportClass::Panic && recent(t))
+            .map(|(_, r)| r.clone())
+    }
+
+    /// QMP's `GUEST_PANICKED` waited for the console's report: it is here, or the wait is over.
+    fn panic_wait_over(&mut self) {
+        let Some((raw, _)) = self.sentinel.pending_panic.take() else { return };
+        let report = self.panic_report();
+        if let Some(t) = self.machine.panicked(raw, Instant::now()) {
+            self.transition_with(t, None, report);
+        }
+        self.refresh_view("");
+    }
+
+    /// The transition key and bundle of the incident a report arriving now belongs to.
+    fn incident_link(&self) -> (Option<String>, Option<PathBuf>) {
+        if let Some(p) = &self.memory.pending_diagnostics {
+            return (Some(p.event.clone()), Some(p.bundle.clone()));
+        }
+        match &self.sentinel.last_incident {
+            Some((key, bundle, done)) if self.machine.incident || done.elapsed() < INCIDENT_RECENT => {
+                (Some(key.clone()), Some(bundle.clone()))
+            }
+            _ => None.unzip(),
+        }
+    }
+
+    /// Reports the sentinel read: counted, kept, sent as `kernel-report` events (at most
+    /// [`REPORTS_PER_MINUTE`] a class), and into the state machine by the VM's policy.
+    fn kernel_reports(&mut self, reports: Vec<KernelReport>) {
+        for r in reports {
+            let now = Instant::now();
+            *lock(&self.view).kernel_reports.entry(r.class).or_default() += 1;
+            if self.sentinel.recent.len() == RECENT_REPORTS {
+                self.sentinel.recent.pop_front();
+            }
+            self.sentinel.recent.push_back((SystemTime::now(), r.clone()));
+            let policy = self.settings.kernel_reports.get(r.class);
+            let diagnose = policy.action == Action::LateDiagnose
+                && self.memory.pending_diagnostics.is_none()
+                && !self.machine.incident
+                && !self.settings.diagnostics.is_empty();
+            let rate = self.sentinel.rate.entry(r.class).or_insert((now, 0, 0));
+            if now.duration_since(rate.0) >= Duration::from_secs(60) {
+                *rate = (now, 0, rate.2);
+            }
+            let key = if rate.1 < REPORTS_PER_MINUTE || diagnose {
+                rate.1 += 1;
+                let suppressed = std::mem::take(&mut rate.2);
+                let (incident, bundle) = self.incident_link();
+                self.log(&r.summary());
+                let report = r.clone();
+                Some(self.emit(EventKind::KernelReport(event::KernelReportEvent {
+                    report,
+                    incident,
+                    bundle,
+                    suppressed,
+                })))
+            } else {
+                rate.2 += 1;
+                None
+            };
+            let t = match policy.action {
+                Action::Unresponsive => {
+                    self.machine.kernel_report(&r, State::Unresponsive, policy.clear_after, now)
+                }
+                Action::Late | Action::LateDiagnose => {
+                    self.machine.kernel_report(&r, State::Late, policy.clear_after, now)
+                }
+                Action::Panicked => {
+                    let t = match self.sentinel.pending_panic.take() {
+                        // QMP said so first (and waited for this): its event is the evidence.
+                        Some((raw, _)) => self.machine.panicked(raw, now),
+                        None => self.machine.kernel_panic(&r, now),
+                    };
+                    if let Some(t) = t {
+                        self.transition_with(t, None, Some(r.clone()));
+                    }
+                    None
+                }
+                Action::Report => None,
+            };
+            if let Some(t) = t {
+                self.transition(t, None);
+            }
+            if let (true, Some(key)) = (diagnose, key) {
+                self.kernel_incident(&r, key);
+            }
+        }
+        self.refresh_view("");
+    }
+
+    /// Diagnostics for a report whose policy asks for them without a failure state (an Oops):
+    /// an incident of its own, whose trigger is the report.
+    fn kernel_incident(&mut self, r: &KernelReport, key: String) {
+        let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "");
+        let kind = format!("kernel-{}", r.class);
+        let bundle =
+            self.shared.config.data_dir.join("bundles").join(&self.name).join(format!("{stamp}-{kind}"));
+        self.memory.pending_diagnostics = Some(Incident {
+            trigger: diagnose::Trigger {
+                kind,
+                time: now_rfc3339(),
+                reason: r.summary(),
+                evidence: serde_json::json!({ "kernel_report": r }),
+            },
+            event: key,
+            bundle,
+            started: None,
+        });
+        self.save();
     }
 
     /// Emits an event for this VM; returns its key.

@@ -23,6 +23,7 @@ use serde_json::Value;
 
 use crate::abi::AppStatus;
 use crate::judge::Reboot;
+use crate::sentinel::KernelReport;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -194,6 +195,8 @@ pub enum Evidence {
     Attach { attach: String },
     /// QEMU's QMP connection closed: `{}`.
     Closed(Nothing),
+    /// The guest kernel's own report (the sentinel's), which moved the VM.
+    Kernel { kernel_report: Box<KernelReport> },
     /// The panic, as QMP reported it (`GUEST_PANICKED`, `GUEST_CRASHLOADED`).
     Panic(Value),
 }
@@ -311,6 +314,25 @@ pub struct Machine {
     app: Option<(AppStatus, String)>,
     /// Between entering a failure state and recovering from it.
     pub incident: bool,
+    /// The guest kernel's last report of each effect (unresponsive, late), while in force.
+    kernel: Vec<KernelFault>,
+}
+
+/// What the guest kernel reported, to the machine: the state it asks for and until when.
+#[derive(Clone, Debug)]
+pub struct KernelFault {
+    /// [`State::Unresponsive`] or [`State::Late`].
+    pub to: State,
+    pub report: KernelReport,
+    pub last: Instant,
+    /// In force until this long after `last` without another report.
+    pub clear_after: Duration,
+}
+
+impl KernelFault {
+    fn in_force(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last) < self.clear_after
+    }
 }
 
 impl Machine {
@@ -335,6 +357,7 @@ impl Machine {
             panicked: None,
             app: None,
             incident,
+            kernel: Vec::new(),
         };
         if state == State::Panicked {
             m.panicked = Some(serde_json::json!({ "restored": true }));
@@ -521,6 +544,7 @@ impl Machine {
         self.panicked = None;
         // The app's word was about the previous guest's app.
         self.app = None;
+        self.kernel.clear();
         for t in &mut self.tracks {
             t.misses = 0;
             t.ever_ok = false;
@@ -545,6 +569,7 @@ impl Machine {
     /// failure: the start-up grace begins again.
     pub fn rebooted(&mut self, evidence: Evidence, now: Instant) -> Option<Transition> {
         self.panicked = None;
+        self.kernel.clear();
         for t in &mut self.tracks {
             t.misses = 0;
             t.ever_ok = false;
@@ -562,6 +587,7 @@ impl Machine {
     pub fn gone(&mut self, why: String, evidence: Evidence, now: Instant) -> Option<Transition> {
         self.stopped = None;
         self.panicked = None;
+        self.kernel.clear();
         for t in &mut self.tracks {
             t.misses = 0;
         }
@@ -578,9 +604,43 @@ impl Machine {
         self.settle(now, "app-health")
     }
 
-    /// Time passed: the start-up grace may have ended.
+    /// Time passed: the start-up grace may have ended, a kernel report's effect may have
+    /// lapsed.
     pub fn tick(&mut self, now: Instant) -> Option<Transition> {
+        self.kernel.retain(|k| k.in_force(now));
         self.settle(now, "tick")
+    }
+
+    /// The guest kernel reported a fault that makes the VM `to` ([`State::Unresponsive`] or
+    /// [`State::Late`]) until `clear_after` passes without another report of that effect; the
+    /// more severe one in force decides.
+    pub fn kernel_report(
+        &mut self,
+        report: &KernelReport,
+        to: State,
+        clear_after: Duration,
+        now: Instant,
+    ) -> Option<Transition> {
+        self.kernel.retain(|k| k.to != to);
+        self.kernel.push(KernelFault { to, report: report.clone(), last: now, clear_after });
+        self.settle(now, "kernel-report")
+    }
+
+    /// The guest kernel's report of a panic (the console's word; QMP's `GUEST_PANICKED` may
+    /// say the same or never come, without pvpanic).
+    pub fn kernel_panic(&mut self, report: &KernelReport, now: Instant) -> Option<Transition> {
+        self.panicked = Some(serde_json::to_value(report).expect("reports serialise"));
+        if self.state == State::Panicked {
+            return None;
+        }
+        self.incident = true;
+        let evidence = Evidence::Kernel { kernel_report: Box::new(report.clone()) };
+        self.go(State::Panicked, format!("the guest kernel panicked: {}", report.line), evidence, now)
+    }
+
+    /// The kernel report in force that makes the VM `to`, if any.
+    pub fn kernel_fault(&self, to: State, now: Instant) -> Option<&KernelFault> {
+        self.kernel.iter().find(|k| k.to == to && k.in_force(now))
     }
 
     fn restart_grace(&mut self, now: Instant) {
@@ -616,6 +676,10 @@ impl Machine {
                 t.ok_since_recovery = false;
             }
         }
+        if let Some(k) = self.kernel_fault(to, now).filter(|k| reason == kernel_reason(&k.report)) {
+            let evidence = Evidence::Kernel { kernel_report: Box::new(k.report.clone()) };
+            return self.go(to, reason, evidence, now);
+        }
         let evidence = Evidence::Probes(ProbeEvidence {
             cause: cause.into(),
             scenarios: self.tracks.iter().map(Track::evidence).collect(),
@@ -644,6 +708,10 @@ impl Machine {
         }
         if let Some((AppStatus::Failed, details)) = &self.app {
             return (State::Unresponsive, format!("the app reports it failed: {details}"));
+        }
+        if let Some(k) = self.kernel_fault(State::Unresponsive, now) {
+            // Whatever the probes say: a stuck CPU need not be the one that answers them.
+            return (State::Unresponsive, kernel_reason(&k.report));
         }
         let active: Vec<&Track> = self.tracks.iter().filter(|t| t.active()).collect();
         // The start-up grace is per scenario: it covers a scenario only until its first answer
@@ -683,6 +751,9 @@ impl Machine {
         if let Some((AppStatus::Degraded, details)) = &self.app {
             return (State::Late, format!("the app reports it is degraded: {details}"));
         }
+        if let Some(k) = self.kernel_fault(State::Late, now) {
+            return (State::Late, kernel_reason(&k.report));
+        }
         if !missing.is_empty() || !never.is_empty() {
             let mut late = missing.clone();
             late.extend(never.iter().copied().filter(|t| t.misses == 0));
@@ -708,6 +779,11 @@ impl Machine {
         self.since = now;
         Some(Transition { from, to, reason, evidence })
     }
+}
+
+/// A transition's reason when a kernel report decided it.
+fn kernel_reason(r: &KernelReport) -> String {
+    r.summary()
 }
 
 /// "acpi-heartbeat missed 3 of 3 (no record ...)", joined with "; ".

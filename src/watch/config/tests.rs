@@ -353,3 +353,21 @@ fn the_libvirt_section_needs_the_feature_and_a_uri() {
     }
     assert!(parse("").unwrap().libvirt.is_none());
 }
+
+#[test]
+fn kernel_report_policies_are_per_vm_and_their_problems_name_the_line() {
+    let c = parse(
+        "[defaults.kernel_reports]\nhung-task = \"unresponsive\"\n\n[vm.db]\n[vm.db.kernel_reports]\noom = { action = \"report\", clear_after = \"1m\" }\n",
+    )
+    .unwrap();
+    use crate::sentinel::ReportClass;
+    use crate::watch::kernel::Action;
+    assert_eq!(c.defaults.kernel_reports.get(ReportClass::HungTask).action, Action::Unresponsive);
+    let db = &c.settings_for("db").kernel_reports;
+    assert_eq!(db.get(ReportClass::HungTask).action, Action::Unresponsive, "inherited from [defaults]");
+    assert_eq!(db.get(ReportClass::Oom).action, Action::Report);
+    let e = parse("node = \"n\"\n\n[vm.db]\nkernel_reports = { soft-lockup = \"ignore\" }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("watch.toml:4: vm.db.kernel_reports.soft-lockup: unknown action 'ignore'"), "{e}");
+}

@@ -491,3 +491,85 @@ fn a_relaunch_forgets_the_previous_apps_word() {
     assert_eq!(to(m.attached("running", true, t0)), Some(State::Starting));
     assert_eq!(healthy_round(&mut m, t0), vec![State::Recovered], "not failed on the old app's word");
 }
+
+fn kernel(class: crate::sentinel::ReportClass, line: &str) -> KernelReport {
+    KernelReport {
+        class,
+        cpu: Some(1),
+        task: Some("insmod".into()),
+        pid: Some(93),
+        stuck_s: Some(44),
+        location: Some("spin_fn+0x10/0x20 [faults]".into()),
+        line: line.into(),
+        trace: vec![],
+    }
+}
+
+/// A lockup on CPU 1 while CPU 0 serves the heartbeat: the kernel's report alone makes the
+/// VM unresponsive, and it stays so while the report repeats; once the kernel has been quiet
+/// for `clear_after` and the probes answer, it recovers.
+#[test]
+fn a_soft_lockup_report_is_unresponsive_though_the_probes_answer_until_it_lapses() {
+    use crate::sentinel::ReportClass;
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    let r = kernel(ReportClass::SoftLockup, "watchdog: BUG: soft lockup - CPU#1 stuck for 44s! [insmod:93]");
+    let clear = Duration::from_secs(90);
+    let t = m.kernel_report(&r, State::Unresponsive, clear, t0).unwrap();
+    assert_eq!((t.from, t.to), (State::Healthy, State::Unresponsive));
+    assert!(
+        t.reason.starts_with("the guest kernel reports a soft lockup on CPU#1 (task insmod:93) for 44 s in `spin_fn+0x10/0x20 [faults]`"),
+        "{}",
+        t.reason
+    );
+    assert_eq!(sent(&t)["kernel_report"]["class"], "soft-lockup");
+    assert!(m.incident);
+    // The heartbeat still answers: no change.
+    let t28 = t0 + Duration::from_secs(28);
+    assert_eq!(healthy_round(&mut m, t28), vec![]);
+    // A repeat 28 s later keeps it (no new transition, so no new incident).
+    assert_eq!(to(m.kernel_report(&r, State::Unresponsive, clear, t28)), None);
+    assert_eq!(to(m.tick(t28 + Duration::from_secs(89))), None, "90 s after the repeat, not the first");
+    // A hung task report (late) does not lower it.
+    let hung = kernel(ReportClass::HungTask, "INFO: task a:1 blocked for more than 120 seconds.");
+    let hung_clear = Duration::from_secs(120);
+    assert_eq!(to(m.kernel_report(&hung, State::Late, hung_clear, t28 + Duration::from_secs(1))), None);
+    assert_eq!(m.state, State::Unresponsive);
+    // Quiet for 90 s and the probes answer: recovered, then healthy.
+    let later = t28 + Duration::from_secs(91);
+    let t = m.tick(later);
+    assert_eq!(to(t), Some(State::Late), "the hung task's lower report is still in force");
+    let quiet = t28 + Duration::from_secs(121);
+    assert_eq!(to(m.tick(quiet)), Some(State::Recovered));
+    healthy_round(&mut m, quiet);
+    assert_eq!(m.state, State::Healthy);
+}
+
+#[test]
+fn a_hung_task_or_oom_is_late_and_a_reboot_clears_it() {
+    use crate::sentinel::ReportClass;
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    let r = kernel(ReportClass::Oom, "Out of memory: Killed process 117 (sh)");
+    let t = m.kernel_report(&r, State::Late, Duration::from_secs(120), t0).unwrap();
+    assert_eq!((t.to, m.incident), (State::Late, false));
+    assert!(t.reason.starts_with("the guest kernel reports an OOM kill"), "{}", t.reason);
+    let t = m.rebooted(Evidence::QmpStatus { qmp_status: "running".into() }, t0).unwrap();
+    assert_eq!(t.to, State::Starting);
+    healthy_round(&mut m, t0 + Duration::from_secs(1));
+    assert_eq!(m.state, State::Healthy, "the report went with the boot");
+}
+
+#[test]
+fn a_console_panic_report_is_panicked_without_pvpanic() {
+    use crate::sentinel::ReportClass;
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    let r = kernel(ReportClass::Panic, "Kernel panic - not syncing: sysrq triggered crash");
+    let t = m.kernel_panic(&r, t0).unwrap();
+    assert_eq!(t.to, State::Panicked);
+    assert_eq!(t.reason, "the guest kernel panicked: Kernel panic - not syncing: sysrq triggered crash");
+    assert_eq!(sent(&t)["kernel_report"]["line"], r.line);
+    // QMP saying so too changes nothing.
+    assert_eq!(to(m.panicked(json!({"event": "GUEST_PANICKED"}), t0)), None);
+}
