@@ -80,8 +80,10 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use crate::console::Console;
+use crate::sentinel::KernelReport;
 use crate::trigger::qmp::{Qmp, QmpError};
 use crate::units;
+use crate::verdict::{symbols::Symbols, Verdict};
 
 /// The manifest's schema name.
 pub const SCHEMA: &str = "acpimon.bundle/1";
@@ -402,6 +404,9 @@ pub struct Manifest {
     pub finished: String,
     pub timeline: Vec<Value>,
     pub steps: Vec<StepOutcome>,
+    /// Why it happened ([`crate::verdict::judge`]); absent only in bundles of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
 }
 
 impl Manifest {
@@ -419,10 +424,40 @@ pub enum DiagnoseError {
     Write { path: PathBuf, source: std::io::Error },
 }
 
+/// The bundle deadline the service uses unless `[diagnostics] deadline` says otherwise.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(8);
+/// A step that waits on the guest is not started with less than this left of the deadline.
+const MIN_SLICE: Duration = Duration::from_millis(300);
+
+/// How a bundle is collected beyond its steps.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The time the steps that wait on the guest's answer (`console-tail`, `sysrq`,
+    /// `inject-nmi`, `guest-agent`) share, from the start of collection: each gets at most
+    /// what is left, and one with nothing left is skipped. The host-side steps (QMP,
+    /// registers, memory dump, gdbstub, script) keep their own timeouts. `None`: no deadline.
+    pub deadline: Option<Duration>,
+    /// The guest kernel's symbols (a System.map, kallsyms copy or vmlinux) for the verdict.
+    pub symbols: Option<PathBuf>,
+    /// The VM's recent kernel reports (the sentinel's), for the verdict.
+    pub reports: Vec<KernelReport>,
+}
+
+/// Whether a step's time is spent waiting for the guest to answer.
+fn waits_on_guest(spec: &StepSpec) -> bool {
+    matches!(
+        spec,
+        StepSpec::ConsoleTail { .. }
+            | StepSpec::Sysrq { .. }
+            | StepSpec::InjectNmi { .. }
+            | StepSpec::GuestAgent {}
+    )
+}
+
 /// Runs `steps` in order against `target`, each under its timeout, writing their files and
 /// finally `manifest.json` into `dir` (created if needed). A step's failure is recorded in the
 /// manifest and never stops the others; only a directory that cannot be created or written
-/// is an error.
+/// is an error. No bundle deadline, no symbols, no kernel reports: [`collect_with`] takes them.
 pub async fn collect(
     steps: &[Step],
     target: &Target<'_>,
@@ -430,6 +465,20 @@ pub async fn collect(
     timeline: Vec<Value>,
     dir: &Path,
 ) -> Result<Manifest, DiagnoseError> {
+    collect_with(steps, target, trigger, timeline, dir, &Options::default()).await
+}
+
+/// [`collect`] with a deadline shared by the steps that wait on the guest, and a verdict
+/// judged with the given symbols and kernel reports.
+pub async fn collect_with(
+    steps: &[Step],
+    target: &Target<'_>,
+    trigger: &Trigger,
+    timeline: Vec<Value>,
+    dir: &Path,
+    opts: &Options,
+) -> Result<Manifest, DiagnoseError> {
+    let t0 = Instant::now();
     let created = units::now_rfc3339();
     tokio::fs::create_dir_all(dir)
         .await
@@ -440,9 +489,19 @@ pub async fn collect(
         .map_err(|source| DiagnoseError::CreateDir { path: dir.into(), source })?;
     let mut outcomes = Vec::with_capacity(steps.len());
     for (i, step) in steps.iter().enumerate() {
-        outcomes.push(run_step(i, step, target, trigger, &dir).await);
+        let left = opts.deadline.map(|d| d.saturating_sub(t0.elapsed()));
+        match left.filter(|_| waits_on_guest(&step.spec)) {
+            Some(left) if left < MIN_SLICE => {
+                outcomes.push(past_deadline(step, opts.deadline.unwrap_or_default()));
+            }
+            Some(left) if left < step.timeout => {
+                let cut = Step { spec: step.spec.clone(), timeout: left };
+                outcomes.push(run_step(i, &cut, target, trigger, &dir).await);
+            }
+            _ => outcomes.push(run_step(i, step, target, trigger, &dir).await),
+        }
     }
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         schema: SCHEMA.into(),
         vm: target.vm.into(),
         trigger: trigger.clone(),
@@ -450,9 +509,64 @@ pub async fn collect(
         finished: units::now_rfc3339(),
         timeline,
         steps: outcomes,
+        verdict: None,
     };
+    manifest.verdict = Some(judge(&manifest, &dir, opts).await);
     write_manifest(&dir, &manifest).await?;
     Ok(manifest)
+}
+
+/// A guest-waiting step not run: the deadline was used up.
+fn past_deadline(step: &Step, deadline: Duration) -> StepOutcome {
+    StepOutcome {
+        name: step.spec.name().into(),
+        started: units::now_rfc3339(),
+        duration_ms: 0,
+        timeout_ms: step.timeout.as_millis() as u64,
+        outcome: Outcome::Skipped,
+        file: None,
+        bytes: 0,
+        reason: Some(format!(
+            "the bundle's deadline of {} was used up by the steps before ([diagnostics] deadline)",
+            units::format_duration(deadline)
+        )),
+        summary: None,
+    }
+}
+
+/// The verdict on the finished steps; reading files and symbols is disk work, off the async
+/// workers.
+async fn judge(manifest: &Manifest, dir: &Path, opts: &Options) -> Verdict {
+    let (m, dir, path, reports) =
+        (manifest.clone(), dir.to_path_buf(), opts.symbols.clone(), opts.reports.clone());
+    let judged = tokio::task::spawn_blocking(move || {
+        let files = crate::verdict::read_files(&dir, &m);
+        let symbols = path.as_deref().map(Symbols::load);
+        let mut v = crate::verdict::judge(
+            &m.trigger,
+            &m,
+            &files,
+            &reports,
+            symbols.as_ref().and_then(|s| s.as_ref().ok()),
+        );
+        match symbols {
+            Some(Ok(s)) => v.evidence.push(crate::verdict::EvidenceLine {
+                source: "symbols".into(),
+                line: format!("{} symbols from {}", s.len(), s.source),
+            }),
+            Some(Err(e)) => {
+                v.evidence.push(crate::verdict::EvidenceLine { source: "symbols".into(), line: e })
+            }
+            None => {}
+        }
+        v
+    })
+    .await;
+    judged.unwrap_or_else(|e| Verdict {
+        class: crate::verdict::Class::Unknown,
+        headline: format!("no verdict: judging the bundle failed ({e})"),
+        evidence: Vec::new(),
+    })
 }
 
 async fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), DiagnoseError> {
