@@ -231,9 +231,8 @@ pub fn judge(
         .map(str::to_string);
     let probe: Option<ProbeEvidence> = serde_json::from_value(trigger.evidence.clone()).ok();
     let panic_report = reports.iter().rev().find(|r| r.class == ReportClass::Panic);
-    let panic_console = console.and_then(|f| {
-        f.text.lines().rev().find(|l| l.contains("Kernel panic - not syncing")).map(|l| (f.file.as_str(), l))
-    });
+    let panic_console =
+        console.and_then(|f| f.text.lines().rev().find(|l| is_panic_line(l)).map(|l| (f.file.as_str(), l)));
     let push_cpus = |ev: &mut Evidence, only_busy: bool| {
         for c in &cpus {
             if !only_busy || !c.idle {
@@ -254,7 +253,10 @@ pub fn judge(
             .or(panic_console)
             .map(|(src, l)| (src, strip_stamp(l)));
         let headline = match &line {
-            Some((_, l)) => format!("the guest kernel panicked: {}", after(l, "Kernel panic - ")),
+            Some((_, l)) => format!(
+                "the guest kernel panicked: {}",
+                after(l, "Kernel panic - ").trim_end_matches(" ]---")
+            ),
             None => "the guest kernel panicked (QMP GUEST_PANICKED)".to_string(),
         };
         if let Some((src, l)) = &line {
@@ -414,18 +416,45 @@ fn after<'a>(line: &'a str, marker: &str) -> &'a str {
     line.find(marker).map_or(line, |i| &line[i + marker.len()..])
 }
 
-/// The first frames of the last call trace before the panic line in console text.
+/// `Kernel panic - not syncing: ...`, not its `---[ end Kernel panic ...` echo.
+fn is_panic_line(l: &str) -> bool {
+    l.contains("Kernel panic - not syncing") && !l.contains("---[ end Kernel panic")
+}
+
+/// The first telling frames of the panic's call trace in console text: the one the panic
+/// printed after its line, else the last one before it; the frames of the panic itself
+/// (`dump_stack`, `panic`) and unreliable ones (`? `) left out.
 fn panic_frames(text: &str) -> Vec<String> {
     let lines: Vec<&str> = text.lines().collect();
-    let Some(p) = lines.iter().rposition(|l| l.contains("Kernel panic - not syncing")) else {
-        return Vec::new();
+    let Some(p) = lines.iter().rposition(|l| is_panic_line(l)) else { return Vec::new() };
+    let end = lines[p..]
+        .iter()
+        .take(200)
+        .position(|l| l.contains("---[ end Kernel panic"))
+        .map_or(lines.len().min(p + 200), |e| p + e);
+    let trace = match lines[p..end].iter().position(|l| l.contains("Call Trace:")) {
+        Some(t) => &lines[p + t + 1..end],
+        None => {
+            let start = p.saturating_sub(200);
+            match lines[start..p].iter().rposition(|l| l.contains("Call Trace:")) {
+                Some(t) => &lines[start + t + 1..p],
+                None => return Vec::new(),
+            }
+        }
     };
-    let start = p.saturating_sub(200);
-    let Some(t) = lines[start..p].iter().rposition(|l| l.contains("Call Trace:")) else { return Vec::new() };
-    lines[start + t + 1..p]
+    trace
         .iter()
         .map(|l| strip_stamp(l).trim())
-        .filter(|l| !l.is_empty() && !l.starts_with('<'))
+        .take_while(|l| {
+            !l.starts_with("</TASK>") && !l.starts_with("Kernel Offset") && !l.starts_with("RIP:")
+        })
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with('<')
+                && !l.starts_with("? ")
+                && !l.starts_with("dump_stack")
+                && !l.starts_with("panic+")
+        })
         .take(FRAMES)
         .map(str::to_string)
         .collect()

@@ -2,7 +2,9 @@
 //! evidence into a bundle directory with a `manifest.json`.
 //!
 //! Each [`Step`] runs in turn under its own timeout; a step that fails, times out or lacks the
-//! channel it needs is recorded as such and the next one runs. Everything the guest produces
+//! channel it needs is recorded as such and the next one runs. With [`Options::deadline`] the
+//! steps that wait on the guest share one deadline (the service's `[diagnostics] deadline`,
+//! default 8 s). The manifest ends with a [`Verdict`] ([`crate::verdict::judge`]). Everything the guest produces
 //! (console text, register values, the script's output) is untrusted: every file a step writes
 //! is capped at [`MAX_FILE`] bytes, except the memory dump, which has its own cap.
 //!
@@ -14,10 +16,10 @@
 //! | `step` | needs | default timeout | what it writes |
 //! |---|---|---|---|
 //! | `console-tail` | console | 5 s | the console's kept output (its last 256 KiB), after waiting until the guest has been quiet for `settle` (default `"500ms"`), so the text printed just after the event is included |
-//! | `sysrq` | console (and QMP for the break) | 30 s | for each of `keys` (default `"wtlm"`): a serial break, the key, and what the guest printed until quiet for `quiet` (default `"500ms"`) or `per_key` (default `"5s"`). The break is QMP `chardev-send-break` on `chardev` (default: the console's chardev, `"acpimon-console"` for acpimon's own serial port or vm.json's `console_chardev`, e.g. a mux chardev, whose break reaches its serial port); without QMP, or when that chardev does not exist, it is a telnet `IAC BRK` on the console (which only a `telnet=on` chardev turns into a break). Keys that crash, reboot, kill or change the guest (`b c e f g i j k n o r s u`) are refused unless `allow_destructive = true`. `ok` once the kernel answered a key (its "sysrq: ..." line); skipped when QMP says the VM is not running |
+//! | `sysrq` | console (and QMP for the break) | 30 s | for each of `keys` (default `"wtlm"`): a serial break, the key, and what the guest printed until quiet for `quiet` (default `"500ms"`) or `per_key` (default `"5s"`). The break is QMP `chardev-send-break` on `chardev` (default: the console's chardev, `"acpimon-console"` for acpimon's own serial port or vm.json's `console_chardev`, e.g. a mux chardev, whose break reaches its serial port); without QMP, or when that chardev does not exist, it is a telnet `IAC BRK` on the console (which only a `telnet=on` chardev turns into a break). Keys that crash, reboot, kill or change the guest (`b c e f g i j k n o r s u`) are refused unless `allow_destructive = true`. `ok` once the kernel answered a key (its "sysrq: ..." line); a key with no output within 2 s (or `per_key` if shorter) ends the step (`failed`, the keys not sent named); skipped on a `panicked` trigger and when QMP says the VM is not running |
 //! | `qmp-status` | QMP | 5 s | `query-status` (JSON) |
 //! | `qmp-cpus` | QMP | 5 s | `query-cpus-fast` (JSON) |
-//! | `registers` | QMP | 10 s | HMP `info registers -a` (every vCPU); per vCPU through `human-monitor-command`'s `cpu-index` where `-a` is not understood |
+//! | `registers` | QMP | 10 s | HMP `info registers -a` (every vCPU), twice 300 ms apart (the second after a line `=== acpimon: registers sample 2, ...`); per vCPU through `human-monitor-command`'s `cpu-index` where `-a` is not understood (one sample) |
 //! | `inject-nmi` | QMP (console to capture) | 10 s | QMP `inject-nmi`, then the console output until quiet for `quiet` (default `"500ms"`) or `capture` (default `"3s"`); skipped when the VM is not running |
 //! | `memory-dump` | QMP | 120 s | `dump-guest-memory` in kdump-raw-zlib format (the kdump-compressed file `crash` reads; QEMU 8.2 and later), or on older QEMU the flattened kdump-zlib stream (`makedumpfile -R` converts it), detached, polled with `query-dump`; skipped when the guest's RAM exceeds `max_bytes` (default `"1GiB"`), deleted if the file grows past it. QEMU writes the file itself, so the bundle directory must be writable by QEMU. QEMU stops the VM while it dumps (STOP/RESUME events) |
 //! | `gdbstub` | QMP | 15 s | starts QEMU's gdbstub on `Target::gdb_socket` (HMP `gdbserver unix:PATH,server=on,wait=off`), reads every vCPU's registers over the GDB remote protocol (decoded with the target's own register description, and raw), then stops the gdbstub. The gdbstub stops the VM while connected (STOP/RESUME events); the VM is left running or stopped as it was |
@@ -46,7 +48,11 @@
 //!       "file":        file name relative to the bundle directory ("03-sysrq.txt"), or null,
 //!       "bytes":       the file's size (0 without a file),
 //!       "reason":      why the outcome is not "ok" (null when ok),
-//!       "summary":     step-specific JSON (below), or null } ]
+//!       "summary":     step-specific JSON (below), or null } ],
+//!   "verdict":  { "class": "panic" | "soft-lockup" | "hard-lockup" | "rcu-stall" | "hung-task" |
+//!                 "oom" | "paused-by-host" | "app-failed" | "userspace-stopped" | "unknown",
+//!                 "headline": one line, "evidence": [ { "source": file or "trigger",
+//!                 "kernel-report", "symbols", "line": text } ] (at most 16) }
 //! }
 //! ```
 //!
@@ -58,7 +64,8 @@
 //! "sysrq: ..." line or null, `disabled` whether the kernel refused the key, `quiet` whether the
 //! output ended before `per_key`);
 //! `qmp-status` the `query-status` reply; `qmp-cpus` `{ "count" }`;
-//! `registers` `{ "method": "info registers -a" | "per-cpu", "cpus": [ { "cpu", "rip", "cpl", "halted" } ] }`;
+//! `registers` `{ "method": "info registers -a" | "per-cpu", "cpus": [ { "cpu", "rip", "cpl", "halted" } ],
+//! "samples": 1 | 2 }` (`cpus` from the first sample);
 //! `inject-nmi` `{ "console": bool, "printed": bytes }`;
 //! `memory-dump` `{ "format": "kdump-raw-zlib" | "kdump-zlib", "ram_bytes", "max_bytes", "note"? }`;
 //! `gdbstub` `{ "status_before", "status_after", "threads": [ { "thread", "rip", "rsp", "eflags" } ],

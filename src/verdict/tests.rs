@@ -96,8 +96,12 @@ fn spinning_irqs_off() -> String {
 #[test]
 fn a_panic_is_the_verdict_whatever_else() {
     let t = trigger("panicked", json!({ "event": "GUEST_PANICKED" }));
-    let console = "[    5.1] Call Trace:\n[    5.1]  <TASK>\n[    5.1]  dump_stack_lvl+0x44/0x5c\n[    5.1]  panic+0x118/0x2ed\n\
-                   [    5.2] Kernel panic - not syncing: sysrq triggered crash\n[    5.3] ---[ end Kernel panic ]---\n";
+    // As 6.1 prints it: the line, the panic's own trace, the end marker.
+    let console = "[    5.2] Kernel panic - not syncing: sysrq triggered crash\n[    5.2] CPU: 0 PID: 1 Comm: sh\n\
+                   [    5.2] Call Trace:\n[    5.2]  <TASK>\n[    5.2]  dump_stack_lvl+0x44/0x5c\n\
+                   [    5.2]  panic+0x118/0x2f4\n[    5.2]  ? _printk+0x68/0x83\n[    5.2]  sysrq_handle_crash+0x16/0x20\n\
+                   [    5.2]  __handle_sysrq.cold+0x44/0x11c\n[    5.2]  </TASK>\n[    5.3] Kernel Offset: disabled\n\
+                   [    5.3] ---[ end Kernel panic - not syncing: sysrq triggered crash ]---\n";
     let v = judge(
         &t,
         &manifest(&t, Some("running")),
@@ -111,7 +115,14 @@ fn a_panic_is_the_verdict_whatever_else() {
         v.evidence.iter().any(|e| e.source == "01-console-tail.txt" && e.line.starts_with("Kernel panic")),
         "{v:?}"
     );
-    assert!(v.evidence.iter().any(|e| e.line == "dump_stack_lvl+0x44/0x5c"), "{v:?}");
+    let frames: Vec<&str> = v
+        .evidence
+        .iter()
+        .filter(|e| e.source == "01-console-tail.txt")
+        .skip(1)
+        .map(|e| e.line.as_str())
+        .collect();
+    assert_eq!(frames, ["sysrq_handle_crash+0x16/0x20", "__handle_sysrq.cold+0x44/0x11c"], "{v:?}");
     // An unresponsive trigger with the kernel's panic report is a panic too.
     let t = trigger("unresponsive", json!({}));
     let r = KernelReport {

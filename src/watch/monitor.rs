@@ -104,6 +104,9 @@ pub struct Monitor {
     poll_status: bool,
     state_tx: watch::Sender<State>,
     loop_name: String,
+    /// A panic that came while another incident's bundle was being collected: its own bundle,
+    /// with the panic as its trigger, follows that one.
+    queued_panic: Option<Incident>,
 }
 
 impl Monitor {
@@ -132,6 +135,7 @@ impl Monitor {
             poll_status: false,
             state_tx,
             loop_name,
+            queued_panic: None,
         };
         if let Some(p) = problem {
             tracing::warn!("{p}");
@@ -548,10 +552,7 @@ impl Monitor {
             evidence: t.evidence.clone(),
             attached,
         }));
-        if t.to.is_failure()
-            && self.memory.pending_diagnostics.is_none()
-            && !self.settings.diagnostics.is_empty()
-        {
+        if t.to.is_failure() && !self.settings.diagnostics.is_empty() {
             let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "");
             let bundle = self
                 .shared
@@ -560,7 +561,7 @@ impl Monitor {
                 .join("bundles")
                 .join(&self.name)
                 .join(format!("{stamp}-{}", t.to));
-            self.memory.pending_diagnostics = Some(Incident {
+            let incident = Incident {
                 trigger: diagnose::Trigger {
                     kind: t.to.name().into(),
                     time: now_rfc3339(),
@@ -570,8 +571,19 @@ impl Monitor {
                 event: key,
                 bundle,
                 started: None,
-            });
-            self.save();
+            };
+            match &self.memory.pending_diagnostics {
+                None => {
+                    self.memory.pending_diagnostics = Some(incident);
+                    self.save();
+                }
+                // An incident that became a panic: the panic gets its own bundle once the
+                // running one is done (a panicked guest's evidence is another).
+                Some(p) if t.to == State::Panicked && p.trigger.kind != State::Panicked.name() => {
+                    self.queued_panic = Some(incident);
+                }
+                Some(_) => {}
+            }
         }
         // send_replace: the value must change even when no diagnostics task is listening.
         self.state_tx.send_replace(t.to);
@@ -588,6 +600,12 @@ impl Monitor {
         let console = att.console.clone();
         let timeline: Vec<Value> = self.timeline.iter().cloned().collect();
         let bundle = trigger.bundle.clone();
+        // TODO(sentinel): the VM's recent kernel reports (sentinel::KernelReport) go here.
+        let opts = diagnose::Options {
+            deadline: Some(self.settings.bundle.deadline),
+            symbols: self.settings.bundle.symbols.clone(),
+            reports: Vec::new(),
+        };
         let recovery = self.recovery_plan();
         let state = self.state_tx.subscribe();
         // Beside QMP's socket, whose path length `prepare` checked.
@@ -602,9 +620,10 @@ impl Monitor {
                 gdb_socket: gdb_socket.clone(),
                 guest_agent: guest_agent.clone(),
             };
-            let manifest = diagnose::collect(&steps, &target, &trigger.trigger, timeline, &bundle)
-                .await
-                .map_err(|e| e.to_string());
+            let manifest =
+                diagnose::collect_with(&steps, &target, &trigger.trigger, timeline, &bundle, &opts)
+                    .await
+                    .map_err(|e| e.to_string());
             let recovery = match recovery {
                 Ok(RecoveryAction::None) => None,
                 Ok(action) => Some(recover(&action, &qmp, &name, &bundle, &state).await),
@@ -645,6 +664,10 @@ impl Monitor {
             Ok(m) => {
                 lock(&self.view).diagnostics_ok += 1;
                 lock(&self.view).last_bundle = Some(done.bundle.display().to_string());
+                lock(&self.view).last_verdict = m.verdict.clone();
+                if let Some(v) = &m.verdict {
+                    self.log(&format!("verdict {}: {}", v.class, v.headline));
+                }
                 detail.manifest = Some(Box::new(m));
                 self.log(&format!("bundle written: {}", done.bundle.display()));
             }
@@ -658,6 +681,11 @@ impl Monitor {
         // bundle's incident pending, to be diagnosed again on restart.
         self.memory.pending_diagnostics = None;
         self.emit(EventKind::Bundle(detail));
+        // The panic that came meanwhile, unless the guest has left it (a recovery reset it).
+        if let Some(panic) = self.queued_panic.take().filter(|_| self.machine.state == State::Panicked) {
+            self.memory.pending_diagnostics = Some(panic);
+            self.save();
+        }
         let (bundle, keep) = (done.bundle.clone(), self.shared.config.bundles_keep);
         // Removing old bundles is disk work: off the VM's loop.
         drop(tokio::task::spawn_blocking(move || prune_bundles(&bundle, keep)));
