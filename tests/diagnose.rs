@@ -135,8 +135,11 @@ async fn a_healthy_guest_gives_every_step_and_keeps_running() {
     assert!(file(&bundle, &m, 2).contains("\"running\": true"));
     assert_eq!(m.steps[3].summary.as_ref().unwrap()["count"], 2);
     let regs = file(&bundle, &m, 4);
-    assert_eq!(regs.matches("RIP=").count(), 2, "{regs}");
-    assert!(regs.contains("CPU#0") && regs.contains("CPU#1"), "{regs}");
+    // Two samples of both vCPUs, the second after its mark.
+    let (first, second) = regs.split_once(acpimon::verdict::registers::SAMPLE_MARK).expect("a second sample");
+    assert_eq!((first.matches("RIP=").count(), second.matches("RIP=").count()), (2, 2), "{regs}");
+    assert!(first.contains("CPU#0") && first.contains("CPU#1"), "{regs}");
+    assert_eq!(m.steps[4].summary.as_ref().unwrap()["samples"], 2);
     let nmi = file(&bundle, &m, 5);
     assert!(nmi.contains("NMI received for unknown reason"), "{nmi}");
     let gdb = file(&bundle, &m, 6);
