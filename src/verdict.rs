@@ -322,6 +322,13 @@ pub fn judge(
                 ev.push("kernel-report", t);
             }
             push_cpus(&mut ev, true);
+            // An RCU stall whose CPU the registers show spinning with interrupts off is a hard
+            // lockup the kernel could not name (no NMI watchdog, as under TCG): say so first.
+            let irqs_off =
+                cpus.iter().find(|c| c.stuck_irqs_off && (r.cpu.is_none() || r.cpu == Some(c.cpu)));
+            if let (ReportClass::RcuStall, Some(c)) = (rc, irqs_off) {
+                return ev.verdict(Class::HardLockup, format!("{}; {headline}", c.text));
+            }
             return ev.verdict(class, headline);
         }
     }

@@ -343,7 +343,10 @@ threshold = 2
     let bundle = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
     let v = &bundle.detail["manifest"]["verdict"];
     assert_eq!(v["class"], "userspace-stopped", "{v:#}");
-    assert!(v["headline"].as_str().unwrap().contains("the console scenario 'console' missed 2 of 2"), "{v:#}");
+    assert!(
+        v["headline"].as_str().unwrap().contains("the console scenario 'console' missed 2 of 2"),
+        "{v:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

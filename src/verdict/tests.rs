@@ -242,6 +242,18 @@ fn registers_alone_show_interrupts_off_and_symbols_name_the_function() {
     assert!(v.headline.contains("spin_fn+0x30/0x80 [faults]"), "{}", v.headline);
     assert_eq!(v.evidence[1].source, "05-registers.txt");
 
+    // An RCU stall on that CPU with interrupts off in the registers: a hard lockup.
+    let mut rcu = report(ReportClass::RcuStall, "rcu: INFO: rcu_preempt self-detected stall on CPU");
+    rcu.cpu = Some(0);
+    let v = judge(&t, &m, &files("", &spinning_irqs_off()), &[rcu.clone()], None);
+    assert_eq!(v.class, Class::HardLockup, "{v:?}");
+    assert!(v.headline.starts_with("vCPU 0 spinning with interrupts disabled at RIP"), "{}", v.headline);
+    assert!(v.headline.contains("; the guest kernel reports an RCU stall on CPU#0"), "{}", v.headline);
+    // On another CPU, or with interrupts on, it stays an RCU stall.
+    rcu.cpu = Some(1);
+    assert_eq!(judge(&t, &m, &files("", &spinning_irqs_off()), &[rcu.clone()], None).class, Class::RcuStall);
+    assert_eq!(judge(&t, &m, &files("", QEMU10), &[rcu], None).class, Class::RcuStall);
+
     // The idle guest of QEMU 10's dump: halted, nothing found.
     let v = judge(&t, &m, &files("", QEMU10), &[], None);
     assert_eq!(v.class, Class::Unknown);
