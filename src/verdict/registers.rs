@@ -92,10 +92,12 @@ fn empty(cpu: u32) -> CpuRegs {
 /// Where an address lies in an x86_64 Linux guest's address space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Space {
-    /// The kernel image (`0xffffffff80000000` up to the modules).
+    /// The kernel image: `0xffffffff80000000` to `0xffffffffbfffffff`, the 1 GiB a kernel built
+    /// with `CONFIG_RANDOMIZE_BASE` (every major distribution's) may place it in.
     KernelText,
-    /// Loadable modules (`0xffffffffa0000000` to `0xfffffffffeffffff`; with KASLR the image
-    /// may reach into this range, which a symbol source then settles).
+    /// Loadable modules: `0xffffffffc0000000` to `0xfffffffffeffffff`, above that 1 GiB (a
+    /// kernel without `RANDOMIZE_BASE` starts them at `0xffffffffa0000000`, shown as kernel text
+    /// here; a symbol source then names the module).
     Modules,
     /// User space (canonical lower half).
     User,
@@ -110,8 +112,8 @@ impl Space {
         match addr {
             0..=0x0000_7fff_ffff_ffff => Space::User,
             0x0000_8000_0000_0000..=0xffff_7fff_ffff_ffff => Space::NonCanonical,
-            0xffff_ffff_8000_0000..=0xffff_ffff_9fff_ffff => Space::KernelText,
-            0xffff_ffff_a000_0000..=0xffff_ffff_feff_ffff => Space::Modules,
+            0xffff_ffff_8000_0000..=0xffff_ffff_bfff_ffff => Space::KernelText,
+            0xffff_ffff_c000_0000..=0xffff_ffff_feff_ffff => Space::Modules,
             _ => Space::OtherKernel,
         }
     }
@@ -200,6 +202,9 @@ mod tests {
         );
         assert_eq!(Space::of(0xffffffffc023604c), Space::Modules);
         assert_eq!(Space::of(0xffffffff81a592eb), Space::KernelText);
+        // The fixture kernel's pvpanic module (its kallsyms), and a KASLR-placed image.
+        assert_eq!(Space::of(0xffffffffc0201190), Space::Modules);
+        assert_eq!(Space::of(0xffffffffab00002c), Space::KernelText);
         assert_eq!(Space::of(0x400099), Space::User);
         assert_eq!(Space::of(0xffff888004a6c8c0), Space::OtherKernel);
     }
