@@ -177,18 +177,21 @@ mod tests {
     }
 
     #[test]
-    fn reads_qemu_7_2() {
-        let cpus = parse(QEMU72);
-        assert_eq!(cpus.len(), 2, "{cpus:?}");
-        for c in &cpus {
-            assert!(c.rip.is_some() && c.rflags.is_some() && c.cr3.is_some() && c.rsp.is_some(), "{c:?}");
-            assert!(c.cpl.is_some() && c.halted.is_some(), "{c:?}");
+    fn reads_qemu_7_2_and_5_2() {
+        // The starve scenario on both: each vCPU in rt-spin's user-mode loop, interrupts on.
+        for text in [QEMU72, include_str!("testdata/info-registers-a-qemu5.2.txt")] {
+            let cpus = parse(text);
+            assert_eq!(cpus.len(), 2, "{cpus:?}");
+            for (i, c) in cpus.iter().enumerate() {
+                assert_eq!(c.cpu, i as u32);
+                assert!(c.rsp.is_some() && c.cr3.is_some(), "{c:?}");
+                assert_eq!(
+                    (c.rip, c.rflags, c.cpl, c.halted),
+                    (Some(0x400099), Some(0x246), Some(3), Some(false))
+                );
+                assert_eq!(Space::of(c.rip.unwrap()), Space::User);
+            }
         }
-        // The starve scenario: both vCPUs in rt-spin's user-mode loop, interrupts on.
-        assert!(
-            cpus.iter().any(|c| c.cpl == Some(3) && Space::of(c.rip.unwrap()) == Space::User),
-            "{cpus:?}"
-        );
     }
 
     #[test]
