@@ -215,7 +215,7 @@ pub fn judge(
     let console = file("console-tail");
     // A link-time map needs the KASLR offset the console printed, if it did.
     let relocated = symbols.map(|s| {
-        let off = files.iter().find_map(|f| symbols::kaslr_offset(&f.text));
+        let off = files.iter().find_map(|f| symbols::kaslr_offset(this_boot(&f.text)));
         s.clone().relocated(off)
     });
     let symbols = relocated.as_ref();
@@ -231,8 +231,9 @@ pub fn judge(
         .map(str::to_string);
     let probe: Option<ProbeEvidence> = serde_json::from_value(trigger.evidence.clone()).ok();
     let panic_report = reports.iter().rev().find(|r| r.class == ReportClass::Panic);
-    let panic_console =
-        console.and_then(|f| f.text.lines().rev().find(|l| is_panic_line(l)).map(|l| (f.file.as_str(), l)));
+    let panic_console = console.and_then(|f| {
+        this_boot(&f.text).lines().rev().find(|l| is_panic_line(l)).map(|l| (f.file.as_str(), l))
+    });
     let push_cpus = |ev: &mut Evidence, only_busy: bool| {
         for c in &cpus {
             if !only_busy || !c.idle {
@@ -267,7 +268,7 @@ pub fn judge(
                 ev.push("kernel-report", t);
             }
         } else if let Some(f) = console {
-            for l in panic_frames(&f.text) {
+            for l in panic_frames(this_boot(&f.text)) {
                 ev.push(&f.file, &l);
             }
         }
@@ -421,6 +422,15 @@ fn strip_stamp(line: &str) -> &str {
 /// The text from `marker` on, or all of it.
 fn after<'a>(line: &'a str, marker: &str) -> &'a str {
     line.find(marker).map_or(line, |i| &line[i + marker.len()..])
+}
+
+/// The console text since the guest kernel last booted (its `Linux version` banner): the
+/// console keeps output across reboots, and an earlier boot's panic is not this incident's.
+fn this_boot(text: &str) -> &str {
+    match text.rfind("Linux version ") {
+        Some(i) => &text[text[..i].rfind('\n').map_or(0, |n| n + 1)..],
+        None => text,
+    }
 }
 
 /// `Kernel panic - not syncing: ...`, not its `---[ end Kernel panic ...` echo.

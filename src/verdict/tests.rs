@@ -123,6 +123,13 @@ fn a_panic_is_the_verdict_whatever_else() {
         .map(|e| e.line.as_str())
         .collect();
     assert_eq!(frames, ["sysrq_handle_crash+0x16/0x20", "__handle_sysrq.cold+0x44/0x11c"], "{v:?}");
+    // An earlier boot's panic, still in the console, is not this incident's.
+    let t = trigger("unresponsive", json!({}));
+    let rebooted = format!(
+        "{console}[    0.000000] Linux version 6.1.0-57-amd64 (debian-kernel@lists.debian.org)\nready\n"
+    );
+    let v = judge(&t, &manifest(&t, Some("running")), &files(&rebooted, QEMU10), &[], None);
+    assert_eq!(v.class, Class::Unknown, "{v:?}");
     // An unresponsive trigger with the kernel's panic report is a panic too.
     let t = trigger("unresponsive", json!({}));
     let r = KernelReport {
