@@ -345,13 +345,17 @@ pub fn judge(
                 && s.consecutive_misses == 0
                 && s.last.as_ref().is_some_and(|l| l.ok)
         });
+        // What failed while the kernel answers: the app's own channels say the app stopped;
+        // the others (console, TCP, guest agent) that userspace did.
         let failed: Vec<_> = p
             .scenarios
             .iter()
-            .filter(|s| matches!(s.kind.as_str(), "console" | "tcp") && s.consecutive_misses >= s.threshold)
+            .filter(|s| {
+                s.kind != "acpi-heartbeat" && s.kind != "thermal" && s.consecutive_misses >= s.threshold
+            })
             .collect();
-        if kernel_ok && !failed.is_empty() {
-            let s = failed[0];
+        let app = failed.iter().find(|s| matches!(s.kind.as_str(), "app-heartbeat" | "app-mailbox"));
+        if let (true, Some(&s)) = (kernel_ok, app.or(failed.first())) {
             let detail = s.last.as_ref().map_or("no answer", |l| l.detail.as_str());
             ev.push(
                 "trigger",
@@ -361,10 +365,15 @@ pub fn judge(
                 ),
             );
             push_cpus(&mut ev, true);
+            let (class, who) = if app.is_some() {
+                (Class::AppFailed, "the app")
+            } else {
+                (Class::UserspaceStopped, "userspace")
+            };
             return ev.verdict(
-                Class::UserspaceStopped,
+                class,
                 format!(
-                    "userspace stopped answering: the {} scenario '{}' missed {} of {} while the kernel heartbeat answers",
+                    "{who} stopped answering: the {} scenario '{}' missed {} of {} while the kernel heartbeat answers",
                     s.kind, s.scenario, s.consecutive_misses, s.threshold
                 ),
             );

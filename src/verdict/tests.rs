@@ -214,6 +214,19 @@ fn the_app_and_userspace() {
     let v = judge(&t, &manifest(&t, Some("running")), &files("", QEMU10), &[], None);
     assert_eq!(v.class, Class::UserspaceStopped, "{v:?}");
     assert!(v.headline.contains("console scenario 'shell' missed 2 of 2"), "{}", v.headline);
+    // The app's own heartbeat failing while the kernel answers: the app.
+    let sc = json!([
+        scenario("acpi-heartbeat", "acpi-heartbeat", 0, true),
+        scenario("app", "app-heartbeat", 2, false)
+    ]);
+    let t = trigger("unresponsive", probe(sc, false, None));
+    let v = judge(&t, &manifest(&t, Some("running")), &[], &[], None);
+    assert_eq!(v.class, Class::AppFailed, "{v:?}");
+    assert!(
+        v.headline.starts_with("the app stopped answering: the app-heartbeat scenario 'app' missed 2 of 2"),
+        "{}",
+        v.headline
+    );
     // With the heartbeat failing too it is not userspace alone.
     let sc = json!([
         scenario("acpi-heartbeat", "acpi-heartbeat", 3, false),
