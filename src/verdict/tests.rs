@@ -312,3 +312,22 @@ fn readings_tell_spinning_stopped_and_running() {
     let r = read(regs(0xffffffff81000010, 0x246, 0), regs(0xffffffff81900000, 0x246, 0));
     assert!(r.text.starts_with("vCPU 2 running at RIP"), "{}", r.text);
 }
+
+#[test]
+fn a_starved_guest_reads_as_both_vcpus_spinning_in_user_space() {
+    // QEMU 10's two samples of the starve fixture: rt-spin's one-instruction loop on each vCPU.
+    let one = include_str!("testdata/info-registers-a-qemu10-starve.txt");
+    let regs = format!("{one}\n{} 2, 300 ms after the first ===\n{one}", registers::SAMPLE_MARK);
+    let t = trigger(
+        "unresponsive",
+        probe(json!([scenario("acpi-heartbeat", "acpi-heartbeat", 3, false)]), false, None),
+    );
+    let v = judge(&t, &manifest(&t, Some("running")), &files("", &regs), &[], None);
+    assert_eq!(v.class, Class::Unknown);
+    assert_eq!(
+        v.headline,
+        "no kernel report; vCPU 0 spinning at RIP 0x0000000000400099 (user space), the same in all 2 samples (and 1 more \
+         vCPUs busy)"
+    );
+    assert_eq!(v.evidence.iter().filter(|e| e.source == "05-registers.txt").count(), 2);
+}
