@@ -393,6 +393,7 @@ pub fn judge(
             "no cause found: every vCPU is halted (idle), and the kernel reported nothing".to_string()
         }
         (Some(c), false) if busy.len() == 1 => format!("no kernel report; {}", c.text),
+        (Some(c), false) if busy.len() == 2 => format!("no kernel report; {} (and 1 more vCPU busy)", c.text),
         (Some(c), false) => format!("no kernel report; {} (and {} more vCPUs busy)", c.text, busy.len() - 1),
     };
     ev.verdict(Class::Unknown, headline)

@@ -327,7 +327,7 @@ fn a_starved_guest_reads_as_both_vcpus_spinning_in_user_space() {
     assert_eq!(
         v.headline,
         "no kernel report; vCPU 0 spinning at RIP 0x0000000000400099 (user space), the same in all 2 samples (and 1 more \
-         vCPUs busy)"
+         vCPU busy)"
     );
     assert_eq!(v.evidence.iter().filter(|e| e.source == "05-registers.txt").count(), 2);
 }
