@@ -267,6 +267,9 @@ async fn drive(
                 return fail("hang was not diagnosed within 90 s");
             };
             say(&format!("bundle: {}", v.last_bundle.unwrap_or_default()));
+            if let Some(verdict) = &v.last_verdict {
+                say(&format!("verdict {}: {}", verdict.class, verdict.headline));
+            }
             cont().await.map_err(VmError::from)?;
             say("resumed the VM (QMP cont)");
             if until(addr, Duration::from_secs(30), shutdown, |v| v.state == State::Healthy).await.is_none() {

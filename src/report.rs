@@ -258,6 +258,13 @@ pub fn status_table(s: &crate::watch::metrics::StatusView) -> String {
             v.since,
             crate::console::sanitize(v.reason.as_bytes())
         );
+        // Why the incident in force happened (the verdict of its last bundle).
+        if let Some(verdict) =
+            v.last_verdict.as_ref().filter(|_| !matches!(v.state.name(), "healthy" | "starting"))
+        {
+            let headline = crate::console::sanitize(verdict.headline.as_bytes());
+            let _ = writeln!(o, "{:<20}   verdict {}: {headline}", "", verdict.class);
+        }
         for sc in v.scenarios.iter().filter(|sc| sc.unavailable.is_some() || sc.consecutive_misses > 0) {
             let why = sc.unavailable.as_deref().or(sc.last_detail.as_deref()).unwrap_or("");
             let _ = writeln!(o, "{:<20}   {}: {}", "", sc.name, crate::console::sanitize(why.as_bytes()));

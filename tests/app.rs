@@ -90,6 +90,8 @@ async fn a_killed_responder_fails_app_heartbeat_while_the_kernel_heartbeat_answe
     assert!(v.reason.contains("while acpi-heartbeat answers"), "{}", v.reason);
     let bundle = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
     assert_eq!(bundle.detail["manifest"]["trigger"]["kind"], "unresponsive");
+    let verdict = &bundle.detail["manifest"]["verdict"];
+    assert_eq!(verdict["class"], "app-failed", "{verdict:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

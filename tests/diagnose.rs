@@ -8,9 +8,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use acpimon::diagnose::{
-    collect, default_steps, Manifest, Outcome, Step, StepSpec, Target, Trigger, MAX_FILE,
+    collect, collect_with, default_steps, Manifest, Options, Outcome, Step, StepSpec, Target, Trigger,
+    DEFAULT_DEADLINE, MAX_FILE,
 };
 use acpimon::trigger::Beat;
+use acpimon::verdict::Class;
 use common::guest::{Guest, GuestSpec};
 use serde_json::json;
 
@@ -133,8 +135,11 @@ async fn a_healthy_guest_gives_every_step_and_keeps_running() {
     assert!(file(&bundle, &m, 2).contains("\"running\": true"));
     assert_eq!(m.steps[3].summary.as_ref().unwrap()["count"], 2);
     let regs = file(&bundle, &m, 4);
-    assert_eq!(regs.matches("RIP=").count(), 2, "{regs}");
-    assert!(regs.contains("CPU#0") && regs.contains("CPU#1"), "{regs}");
+    // Two samples of both vCPUs, the second after its mark.
+    let (first, second) = regs.split_once(acpimon::verdict::registers::SAMPLE_MARK).expect("a second sample");
+    assert_eq!((first.matches("RIP=").count(), second.matches("RIP=").count()), (2, 2), "{regs}");
+    assert!(first.contains("CPU#0") && first.contains("CPU#1"), "{regs}");
+    assert_eq!(m.steps[4].summary.as_ref().unwrap()["samples"], 2);
     let nmi = file(&bundle, &m, 5);
     assert!(nmi.contains("NMI received for unknown reason"), "{nmi}");
     let gdb = file(&bundle, &m, 6);
@@ -351,4 +356,114 @@ async fn scripts_get_the_environment_and_are_killed_at_their_timeout() {
     }
     assert_eq!(m.steps[5].reason.as_deref(), Some("no QMP connection to the VM"));
     assert_eq!(m.steps[6].reason.as_deref(), Some("no console connection to the VM"));
+}
+
+/// Collects the default steps (no guest agent port here) as the service does: under the
+/// default deadline, with `symbols`.
+async fn service_bundle(
+    g: &Guest,
+    t: &Trigger,
+    symbols: Option<std::path::PathBuf>,
+) -> (tempfile::TempDir, Manifest) {
+    let dir = tempfile::tempdir().unwrap();
+    let steps: Vec<Step> = default_steps().into_iter().filter(|s| s.spec.name() != "guest-agent").collect();
+    let opts = Options { deadline: Some(DEFAULT_DEADLINE), symbols, reports: vec![] };
+    let t0 = std::time::Instant::now();
+    let m = collect_with(&steps, &target(g), t, vec![], dir.path(), &opts).await.unwrap();
+    print_steps(&t.kind, &m);
+    eprintln!("{}: bundle in {} ms; verdict {:?}", t.kind, t0.elapsed().as_millis(), m.verdict);
+    (dir, m)
+}
+
+/// The sum of the steps that wait on the guest: within the deadline.
+fn guest_wait(m: &Manifest) -> Duration {
+    let ms: u64 = m
+        .steps
+        .iter()
+        .filter(|s| matches!(s.name.as_str(), "console-tail" | "sysrq" | "inject-nmi" | "guest-agent"))
+        .map(|s| s.duration_ms)
+        .sum();
+    Duration::from_millis(ms)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicked_guests_bundle_skips_sysrq_and_its_verdict_is_the_panic() {
+    let g = Guest::boot(GuestSpec { scenario: "panic", delay: 2, ..GuestSpec::new("pc") }).await;
+    let mut events = g.vm.qmp.events();
+    let ev = common::guest::next_qmp_event(&mut events, "GUEST_PANICKED", Duration::from_secs(60)).await;
+    let t = Trigger { evidence: ev.raw.clone(), ..trigger("panicked") };
+    let t0 = std::time::Instant::now();
+    let (_dir, m) = service_bundle(&g, &t, None).await;
+    let sysrq = m.step("sysrq").unwrap();
+    assert_eq!(sysrq.outcome, Outcome::Skipped, "{sysrq:?}");
+    assert_eq!(sysrq.reason.as_deref(), Some("the guest kernel panicked: it no longer answers SysRq"));
+    let v = m.verdict.as_ref().expect("a verdict");
+    assert_eq!(v.class, Class::Panic, "{v:?}");
+    assert!(v.headline.starts_with("the guest kernel panicked: not syncing: "), "{}", v.headline);
+    assert!(v.evidence.iter().any(|e| e.source.ends_with("-console-tail.txt")), "{v:?}");
+    // QEMU says "running" (-action panic=none): before, SysRq spent 20 s here.
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    // In the manifest as written.
+    let on_disk: Manifest =
+        serde_json::from_slice(&std::fs::read(_dir.path().join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(on_disk.verdict, m.verdict);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_starved_guests_bundle_is_within_the_deadline_and_its_verdict_reads_the_registers() {
+    let spec = GuestSpec {
+        scenario: "starve",
+        delay: 2,
+        extra: vec!["-smp".into(), "2".into()],
+        ..GuestSpec::new("pc")
+    };
+    let g = Guest::boot(spec).await;
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    g.wait_console("ACPIMON-GUEST: starving", 0, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = std::time::Instant::now();
+    let (_dir, m) = service_bundle(&g, &trigger("unresponsive"), None).await;
+    let took = t0.elapsed();
+    assert!(guest_wait(&m) <= DEFAULT_DEADLINE, "{:?}", guest_wait(&m));
+    assert!(took < DEFAULT_DEADLINE + Duration::from_secs(3), "the bundle took {took:?}");
+    let regs = m.step("registers").unwrap();
+    assert_eq!(regs.summary.as_ref().unwrap()["samples"], 2, "{regs:?}");
+    let v = m.verdict.as_ref().expect("a verdict");
+    assert_eq!(v.class, Class::Unknown, "{v:?}");
+    // Both vCPUs run rt-spin's user-mode loop (a sample may land in an interrupt handler).
+    assert!(v.headline.starts_with("no kernel report; vCPU "), "{}", v.headline);
+    let cpu_lines: Vec<_> = v.evidence.iter().filter(|e| e.source.ends_with("-registers.txt")).collect();
+    assert_eq!(cpu_lines.len(), 2, "{v:?}");
+    assert!(cpu_lines.iter().any(|e| e.line.contains("at RIP 0x0000000000400099 (user space)")), "{v:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_vms_verdict_is_paused_by_host_and_idle_vcpus_are_symbolised() {
+    let g = Guest::boot(GuestSpec::new("pc")).await;
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
+    // The fixture kernel's own symbols (its /proc/kallsyms, no KASLR under a PVH boot), around
+    // the idle loop.
+    let map = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/verdict/testdata/kallsyms-6.1.0-57-amd64.txt");
+    let (_dir, m) = service_bundle(&g, &trigger("unresponsive"), Some(map.clone())).await;
+    let v = m.verdict.as_ref().expect("a verdict");
+    assert_eq!(v.class, Class::Unknown, "{v:?}");
+    if common::guest::default_kernel() == "bookworm" {
+        assert!(
+            v.evidence
+                .iter()
+                .any(|e| e.line.contains("halted at RIP")
+                    && e.line.contains("(kernel text) native_safe_halt+0x")),
+            "{v:?}"
+        );
+    }
+    g.vm.qmp.execute_within(qapi::qmp::stop {}, Duration::from_secs(5)).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let (_dir, m) = service_bundle(&g, &trigger("unresponsive"), Some(map)).await;
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    let v = m.verdict.as_ref().expect("a verdict");
+    assert_eq!(v.class, Class::PausedByHost, "{v:?}");
+    assert!(v.headline.contains("status 'paused'"), "{}", v.headline);
+    assert!(v.evidence.iter().any(|e| e.source == "symbols" && e.line.contains("symbols from")), "{v:?}");
 }

@@ -100,6 +100,12 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
     assert!(step_file(&bundle, "qmp-status").contains("paused"));
     // SysRq is sent; a guest whose vCPUs are stopped cannot answer it.
     assert!(step(manifest, "sysrq")["outcome"].is_string());
+    // Why: the host paused it, in the manifest and in the status.
+    assert_eq!(manifest["verdict"]["class"], "paused-by-host", "{:#}", manifest["verdict"]);
+    let view = svc.vm("guest").await.unwrap();
+    assert_eq!(view.last_verdict.as_ref().map(|v| v.class), Some(acpimon::verdict::Class::PausedByHost));
+    let table = acpimon::report::status_table(&svc.status().await);
+    assert!(table.contains("verdict paused-by-host: QEMU has the VM paused"), "{table}");
 
     let keys: Vec<String> = svc.events().into_iter().map(|e| e.key).collect();
     ctl.wait_keys(&keys, Duration::from_secs(30)).await;
@@ -183,6 +189,17 @@ async fn a_kernel_that_stops_answering_is_unresponsive_sysrq_shows_why_and_recov
     );
     let bundle = svc.wait_event("bundle", Duration::from_secs(90), |e| e.kind == "bundle").await;
     assert!(step_file(&bundle, "console-tail").contains("ACPIMON-GUEST: starving"));
+    // Within the deadline (8 s for the steps that wait on the guest), and the verdict says
+    // what the registers show: no report, vCPUs spinning in rt-spin's user-mode loop.
+    let m = &bundle.detail["manifest"];
+    let took = humantime::parse_rfc3339(m["finished"].as_str().unwrap())
+        .unwrap()
+        .duration_since(humantime::parse_rfc3339(m["created"].as_str().unwrap()).unwrap())
+        .unwrap();
+    assert!(took < Duration::from_secs(10), "the bundle took {took:?}");
+    assert_eq!(m["verdict"]["class"], "unknown", "{:#}", m["verdict"]);
+    let headline = m["verdict"]["headline"].as_str().unwrap();
+    assert!(headline.starts_with("no kernel report; vCPU ") && headline.contains(" at RIP 0x"), "{headline}");
     let sysrq = step_file(&bundle, "sysrq");
     assert!(sysrq.contains("sysrq: Show Blocked State"), "{sysrq}");
     assert!(sysrq.contains("rt-spin"), "the backtraces name the task that starves the kernel: {sysrq}");
@@ -259,10 +276,56 @@ async fn a_panic_is_reported_within_a_second_with_its_text_in_the_bundle() {
         .any(|l| l.as_str().unwrap().starts_with("---[ end Kernel panic")));
     let view = svc.vm("guest").await.unwrap();
     assert_eq!(view.kernel_reports.get(&acpimon::sentinel::ReportClass::Panic), Some(&1));
-    let bundle = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
-    assert_eq!(bundle.detail["manifest"]["trigger"]["kind"], "panicked");
+    // The panicked bundle (under load, a heartbeat missed before the panic may have taken one
+    // for an unresponsive incident first: the panic then gets its own after it).
+    let bundle = svc
+        .wait_event("panicked bundle", Duration::from_secs(60), |e| {
+            e.kind == "bundle" && e.detail["manifest"]["trigger"]["kind"] == "panicked"
+        })
+        .await;
     let tail = step_file(&bundle, "console-tail");
     assert!(tail.contains("Kernel panic - not syncing: sysrq triggered crash"), "{tail}");
+    let m = &bundle.detail["manifest"];
+    assert_eq!(step(m, "sysrq")["outcome"], "skipped", "a panicked kernel answers no SysRq");
+    assert_eq!(m["verdict"]["class"], "panic", "{:#}", m["verdict"]);
+    assert_eq!(m["verdict"]["headline"], "the guest kernel panicked: not syncing: sysrq triggered crash");
+}
+
+/// An unresponsive incident that becomes a panic while its bundle is collected (an NMI with
+/// `unknown_nmi_panic=1` on a starved kernel): the panic gets its own bundle, with the panic
+/// as its trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incident_that_becomes_a_panic_gets_a_panicked_bundle() {
+    let work = work();
+    let g = Guest::boot(GuestSpec {
+        watched: true,
+        scenario: "starve",
+        delay: 12,
+        extra: vec!["-S".into(), "-no-shutdown".into()],
+        append: vec!["unknown_nmi_panic=1".into()],
+        ..GuestSpec::new("pc")
+    })
+    .await;
+    let svc = watch_guest(&g, work.path(), "[defaults]\nstartup_grace = \"90s\"\n").await;
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    svc.wait_state("guest", State::Unresponsive, Duration::from_secs(60)).await;
+    // Its bundle is being collected (console tail, then SysRq): panic the kernel now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    g.vm.qmp.execute_within(qapi::qmp::inject_nmi {}, Duration::from_secs(5)).await.unwrap();
+    svc.wait_state("guest", State::Panicked, Duration::from_secs(20)).await;
+    let first = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
+    assert_eq!(first.detail["manifest"]["trigger"]["kind"], "unresponsive");
+    let second = svc
+        .wait_event("panicked bundle", Duration::from_secs(60), |e| {
+            e.kind == "bundle" && e.detail["manifest"]["trigger"]["kind"] == "panicked"
+        })
+        .await;
+    let m = &second.detail["manifest"];
+    assert_eq!(m["verdict"]["class"], "panic", "{:#}", m["verdict"]);
+    assert!(m["verdict"]["headline"].as_str().unwrap().contains("NMI"), "{:#}", m["verdict"]);
+    assert_eq!(step(m, "sysrq")["outcome"], "skipped");
+    assert_ne!(first.detail["bundle"], second.detail["bundle"]);
+    assert_eq!(svc.events().iter().filter(|e| e.kind == "bundle").count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,6 +371,13 @@ threshold = 2
         hb.answers_total
     );
     assert_eq!(later.state, State::Unresponsive);
+    let bundle = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
+    let v = &bundle.detail["manifest"]["verdict"];
+    assert_eq!(v["class"], "userspace-stopped", "{v:#}");
+    assert!(
+        v["headline"].as_str().unwrap().contains("the console scenario 'console' missed 2 of 2"),
+        "{v:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,9 @@
 //! evidence into a bundle directory with a `manifest.json`.
 //!
 //! Each [`Step`] runs in turn under its own timeout; a step that fails, times out or lacks the
-//! channel it needs is recorded as such and the next one runs. Everything the guest produces
+//! channel it needs is recorded as such and the next one runs. With [`Options::deadline`] the
+//! steps that wait on the guest share one deadline (the service's `[diagnostics] deadline`,
+//! default 8 s). The manifest ends with a [`Verdict`] ([`crate::verdict::judge`]). Everything the guest produces
 //! (console text, register values, the script's output) is untrusted: every file a step writes
 //! is capped at [`MAX_FILE`] bytes, except the memory dump, which has its own cap.
 //!
@@ -14,10 +16,10 @@
 //! | `step` | needs | default timeout | what it writes |
 //! |---|---|---|---|
 //! | `console-tail` | console | 5 s | the console's kept output (its last 256 KiB), after waiting until the guest has been quiet for `settle` (default `"500ms"`), so the text printed just after the event is included |
-//! | `sysrq` | console (and QMP for the break) | 30 s | for each of `keys` (default `"wtlm"`): a serial break, the key, and what the guest printed until quiet for `quiet` (default `"500ms"`) or `per_key` (default `"5s"`). The break is QMP `chardev-send-break` on `chardev` (default: the console's chardev, `"acpimon-console"` for acpimon's own serial port or vm.json's `console_chardev`, e.g. a mux chardev, whose break reaches its serial port); without QMP, or when that chardev does not exist, it is a telnet `IAC BRK` on the console (which only a `telnet=on` chardev turns into a break). Keys that crash, reboot, kill or change the guest (`b c e f g i j k n o r s u`) are refused unless `allow_destructive = true`. `ok` once the kernel answered a key (its "sysrq: ..." line); skipped when QMP says the VM is not running |
+//! | `sysrq` | console (and QMP for the break) | 30 s | for each of `keys` (default `"wtlm"`): a serial break, the key, and what the guest printed until quiet for `quiet` (default `"500ms"`) or `per_key` (default `"5s"`). The break is QMP `chardev-send-break` on `chardev` (default: the console's chardev, `"acpimon-console"` for acpimon's own serial port or vm.json's `console_chardev`, e.g. a mux chardev, whose break reaches its serial port); without QMP, or when that chardev does not exist, it is a telnet `IAC BRK` on the console (which only a `telnet=on` chardev turns into a break). Keys that crash, reboot, kill or change the guest (`b c e f g i j k n o r s u`) are refused unless `allow_destructive = true`. `ok` once the kernel answered a key (its "sysrq: ..." line); a key with no output within 2 s (or `per_key` if shorter) ends the step (`failed`, the keys not sent named); skipped on a `panicked` trigger and when QMP says the VM is not running |
 //! | `qmp-status` | QMP | 5 s | `query-status` (JSON) |
 //! | `qmp-cpus` | QMP | 5 s | `query-cpus-fast` (JSON) |
-//! | `registers` | QMP | 10 s | HMP `info registers -a` (every vCPU); per vCPU through `human-monitor-command`'s `cpu-index` where `-a` is not understood |
+//! | `registers` | QMP | 10 s | HMP `info registers -a` (every vCPU), twice 300 ms apart (the second after a line `=== acpimon: registers sample 2, ...`); per vCPU through `human-monitor-command`'s `cpu-index` where `-a` is not understood (one sample) |
 //! | `inject-nmi` | QMP (console to capture) | 10 s | QMP `inject-nmi`, then the console output until quiet for `quiet` (default `"500ms"`) or `capture` (default `"3s"`); skipped when the VM is not running |
 //! | `memory-dump` | QMP | 120 s | `dump-guest-memory` in kdump-raw-zlib format (the kdump-compressed file `crash` reads; QEMU 8.2 and later), or on older QEMU the flattened kdump-zlib stream (`makedumpfile -R` converts it), detached, polled with `query-dump`; skipped when the guest's RAM exceeds `max_bytes` (default `"1GiB"`), deleted if the file grows past it. QEMU writes the file itself, so the bundle directory must be writable by QEMU. QEMU stops the VM while it dumps (STOP/RESUME events) |
 //! | `gdbstub` | QMP | 15 s | starts QEMU's gdbstub on `Target::gdb_socket` (HMP `gdbserver unix:PATH,server=on,wait=off`), reads every vCPU's registers over the GDB remote protocol (decoded with the target's own register description, and raw), then stops the gdbstub. The gdbstub stops the VM while connected (STOP/RESUME events); the VM is left running or stopped as it was |
@@ -51,7 +53,11 @@
 //!       "file":        file name relative to the bundle directory ("03-sysrq.txt"), or null,
 //!       "bytes":       the file's size (0 without a file),
 //!       "reason":      why the outcome is not "ok" (null when ok),
-//!       "summary":     step-specific JSON (below), or null } ]
+//!       "summary":     step-specific JSON (below), or null } ],
+//!   "verdict":  { "class": "panic" | "soft-lockup" | "hard-lockup" | "rcu-stall" | "hung-task" |
+//!                 "oom" | "paused-by-host" | "app-failed" | "userspace-stopped" | "unknown",
+//!                 "headline": one line, "evidence": [ { "source": file or "trigger",
+//!                 "kernel-report", "symbols", "line": text } ] (at most 16) }
 //! }
 //! ```
 //!
@@ -63,7 +69,8 @@
 //! "sysrq: ..." line or null, `disabled` whether the kernel refused the key, `quiet` whether the
 //! output ended before `per_key`);
 //! `qmp-status` the `query-status` reply; `qmp-cpus` `{ "count" }`;
-//! `registers` `{ "method": "info registers -a" | "per-cpu", "cpus": [ { "cpu", "rip", "cpl", "halted" } ] }`;
+//! `registers` `{ "method": "info registers -a" | "per-cpu", "cpus": [ { "cpu", "rip", "cpl", "halted" } ],
+//! "samples": 1 | 2 }` (`cpus` from the first sample);
 //! `inject-nmi` `{ "console": bool, "printed": bytes }`;
 //! `memory-dump` `{ "format": "kdump-raw-zlib" | "kdump-zlib", "ram_bytes", "max_bytes", "note"? }`;
 //! `gdbstub` `{ "status_before", "status_after", "threads": [ { "thread", "rip", "rsp", "eflags" } ],
@@ -85,8 +92,10 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use crate::console::Console;
+use crate::sentinel::KernelReport;
 use crate::trigger::qmp::{Qmp, QmpError};
 use crate::units;
+use crate::verdict::{symbols::Symbols, Verdict};
 
 /// The manifest's schema name.
 pub const SCHEMA: &str = "acpimon.bundle/1";
@@ -407,6 +416,9 @@ pub struct Manifest {
     pub finished: String,
     pub timeline: Vec<Value>,
     pub steps: Vec<StepOutcome>,
+    /// Why it happened ([`crate::verdict::judge`]); absent only in bundles of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
 }
 
 impl Manifest {
@@ -428,11 +440,42 @@ pub enum DiagnoseError {
     NotWritten { dir: PathBuf, reason: String, manifest: Box<Manifest> },
 }
 
+/// The bundle deadline the service uses unless `[diagnostics] deadline` says otherwise.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(8);
+/// A step that waits on the guest is not started with less than this left of the deadline.
+const MIN_SLICE: Duration = Duration::from_millis(300);
+
+/// How a bundle is collected beyond its steps.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The time the steps that wait on the guest's answer (`console-tail`, `sysrq`,
+    /// `inject-nmi`, `guest-agent`) share, from the start of collection: each gets at most
+    /// what is left, and one with nothing left is skipped. The host-side steps (QMP,
+    /// registers, memory dump, gdbstub, script) keep their own timeouts. `None`: no deadline.
+    pub deadline: Option<Duration>,
+    /// The guest kernel's symbols (a System.map, kallsyms copy or vmlinux) for the verdict.
+    pub symbols: Option<PathBuf>,
+    /// The VM's recent kernel reports (the sentinel's), for the verdict.
+    pub reports: Vec<KernelReport>,
+}
+
+/// Whether a step's time is spent waiting for the guest to answer.
+fn waits_on_guest(spec: &StepSpec) -> bool {
+    matches!(
+        spec,
+        StepSpec::ConsoleTail { .. }
+            | StepSpec::Sysrq { .. }
+            | StepSpec::InjectNmi { .. }
+            | StepSpec::GuestAgent {}
+    )
+}
+
 /// Runs `steps` in order against `target`, each under its timeout, writing their files and
 /// finally `manifest.json` into `dir` (created if needed). A step's failure is recorded in the
 /// manifest and never stops the others; only a directory that cannot be created or written
 /// is an error: a step's file or the manifest that cannot be written (a full disk) makes the
-/// bundle [`DiagnoseError::NotWritten`], and its directory is removed.
+/// bundle [`DiagnoseError::NotWritten`], and its directory is removed. No bundle deadline, no
+/// symbols, no kernel reports: [`collect_with`] takes them.
 pub async fn collect(
     steps: &[Step],
     target: &Target<'_>,
@@ -440,6 +483,20 @@ pub async fn collect(
     timeline: Vec<Value>,
     dir: &Path,
 ) -> Result<Manifest, DiagnoseError> {
+    collect_with(steps, target, trigger, timeline, dir, &Options::default()).await
+}
+
+/// [`collect`] with a deadline shared by the steps that wait on the guest, and a verdict
+/// judged with the given symbols and kernel reports.
+pub async fn collect_with(
+    steps: &[Step],
+    target: &Target<'_>,
+    trigger: &Trigger,
+    timeline: Vec<Value>,
+    dir: &Path,
+    opts: &Options,
+) -> Result<Manifest, DiagnoseError> {
+    let t0 = Instant::now();
     let created = units::now_rfc3339();
     tokio::fs::create_dir_all(dir)
         .await
@@ -451,9 +508,19 @@ pub async fn collect(
     let mut outcomes = Vec::with_capacity(steps.len());
     let write_failure = std::sync::Mutex::new(None);
     for (i, step) in steps.iter().enumerate() {
-        outcomes.push(run_step(i, step, target, trigger, &dir, &write_failure).await);
+        let left = opts.deadline.map(|d| d.saturating_sub(t0.elapsed()));
+        match left.filter(|_| waits_on_guest(&step.spec)) {
+            Some(left) if left < MIN_SLICE => {
+                outcomes.push(past_deadline(step, opts.deadline.unwrap_or_default()));
+            }
+            Some(left) if left < step.timeout => {
+                let cut = Step { spec: step.spec.clone(), timeout: left };
+                outcomes.push(run_step(i, &cut, target, trigger, &dir, &write_failure).await);
+            }
+            _ => outcomes.push(run_step(i, step, target, trigger, &dir, &write_failure).await),
+        }
     }
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         schema: SCHEMA.into(),
         vm: target.vm.into(),
         trigger: trigger.clone(),
@@ -461,7 +528,9 @@ pub async fn collect(
         finished: units::now_rfc3339(),
         timeline,
         steps: outcomes,
+        verdict: None,
     };
+    manifest.verdict = Some(judge(&manifest, &dir, opts).await);
     let step_failure = crate::util::lock(&write_failure).take();
     let failure = match step_failure {
         Some(reason) => Some(reason),
@@ -474,6 +543,59 @@ pub async fn collect(
         return Err(DiagnoseError::NotWritten { dir, reason, manifest: Box::new(manifest) });
     }
     Ok(manifest)
+}
+
+/// A guest-waiting step not run: the deadline was used up.
+fn past_deadline(step: &Step, deadline: Duration) -> StepOutcome {
+    StepOutcome {
+        name: step.spec.name().into(),
+        started: units::now_rfc3339(),
+        duration_ms: 0,
+        timeout_ms: step.timeout.as_millis() as u64,
+        outcome: Outcome::Skipped,
+        file: None,
+        bytes: 0,
+        reason: Some(format!(
+            "the bundle's deadline of {} was used up by the steps before ([diagnostics] deadline)",
+            units::format_duration(deadline)
+        )),
+        summary: None,
+    }
+}
+
+/// The verdict on the finished steps; reading files and symbols is disk work, off the async
+/// workers.
+async fn judge(manifest: &Manifest, dir: &Path, opts: &Options) -> Verdict {
+    let (m, dir, path, reports) =
+        (manifest.clone(), dir.to_path_buf(), opts.symbols.clone(), opts.reports.clone());
+    let judged = tokio::task::spawn_blocking(move || {
+        let files = crate::verdict::read_files(&dir, &m);
+        let symbols = path.as_deref().map(Symbols::load);
+        let mut v = crate::verdict::judge(
+            &m.trigger,
+            &m,
+            &files,
+            &reports,
+            symbols.as_ref().and_then(|s| s.as_ref().ok()),
+        );
+        match symbols {
+            Some(Ok(s)) => v.evidence.push(crate::verdict::EvidenceLine {
+                source: "symbols".into(),
+                line: format!("{} symbols from {}", s.len(), s.source),
+            }),
+            Some(Err(e)) => {
+                v.evidence.push(crate::verdict::EvidenceLine { source: "symbols".into(), line: e })
+            }
+            None => {}
+        }
+        v
+    })
+    .await;
+    judged.unwrap_or_else(|e| Verdict {
+        class: crate::verdict::Class::Unknown,
+        headline: format!("no verdict: judging the bundle failed ({e})"),
+        evidence: Vec::new(),
+    })
 }
 
 async fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), DiagnoseError> {

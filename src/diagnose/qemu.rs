@@ -32,7 +32,10 @@ async fn hmp(qmp: &Qmp, line: &str, cpu: Option<i64>, timeout: Duration) -> Resu
     Ok(crate::console::sanitize(out.as_bytes()))
 }
 
-/// `registers`: HMP `info registers -a`; where QEMU does not know `-a`, `info registers` on
+/// The time between the two register samples.
+const SAMPLE_GAP: Duration = Duration::from_millis(300);
+
+/// `registers`: HMP `info registers -a` twice, [`SAMPLE_GAP`] apart; where QEMU does not know `-a`, `info registers` on
 /// each vCPU that `query-cpus-fast` lists.
 pub(super) async fn registers(ctx: &Ctx<'_>, qmp: &Qmp) -> StepResult {
     let all = hmp(qmp, "info registers -a", None, ctx.remaining()).await?;
@@ -55,7 +58,25 @@ pub(super) async fn registers(ctx: &Ctx<'_>, qmp: &Qmp) -> StepResult {
         }
         ("per-cpu", text)
     };
-    let summary = json!({ "method": method, "cpus": summarize_registers(&text) });
+    let mut summary = json!({ "method": method, "cpus": summarize_registers(&text), "samples": 1 });
+    // A second sample tells a vCPU spinning in one place from one making progress or stopped.
+    let mut text = text;
+    if ctx.remaining() > SAMPLE_GAP * 2 {
+        tokio::time::sleep(SAMPLE_GAP).await;
+        let again = if method == "info registers -a" {
+            hmp(qmp, "info registers -a", None, ctx.remaining()).await.ok()
+        } else {
+            None
+        };
+        if let Some(again) = again.filter(|a| a.contains("CPU#")) {
+            text.push_str(&format!(
+                "\n{} 2, {} ms after the first ===\n{again}",
+                crate::verdict::registers::SAMPLE_MARK,
+                SAMPLE_GAP.as_millis()
+            ));
+            summary["samples"] = 2.into();
+        }
+    }
     let file = ctx.write("txt", text.as_bytes(), Keep::Head).await?;
     Ok(Done::ok(Some(file), Some(summary)))
 }

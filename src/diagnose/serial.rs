@@ -10,9 +10,13 @@ use tokio::time::Instant;
 use super::{Ctx, Done, Keep, StepResult, SYSRQ_KEYS};
 use crate::console::{Console, DEFAULT_KEEP};
 use crate::trigger::qmp::{Qmp, QmpError};
+use crate::units;
 
 /// How often the console's position is looked at.
 const POLL: Duration = Duration::from_millis(20);
+/// A kernel that takes SysRq prints its "sysrq: ..." line at once: a key with no output this
+/// long after it was sent is unanswered, and the remaining keys are not sent.
+const ANSWER_WAIT: Duration = Duration::from_secs(2);
 /// Kept free before a step's deadline to write its file.
 const WRITE_MARGIN: Duration = Duration::from_millis(300);
 
@@ -116,14 +120,18 @@ pub(super) async fn sysrq(
     quiet: Duration,
     chardev: &str,
 ) -> StepResult {
+    if ctx.trigger.kind == "panicked" {
+        return Err(Done::skipped("the guest kernel panicked: it no longer answers SysRq".into()));
+    }
     must_run(ctx, qmp, "its kernel cannot answer SysRq").await?;
     let mut telnet = qmp.is_none();
     let mut out = String::new();
     let mut notes = Vec::new();
     let mut per = Vec::new();
     let mut unsent = String::new();
+    let mut unanswered = None;
     for key in keys.chars() {
-        if ctx.remaining() < WRITE_MARGIN * 2 {
+        if unanswered.is_some() || ctx.remaining() < WRITE_MARGIN * 2 {
             unsent.push(key);
             continue;
         }
@@ -166,7 +174,10 @@ pub(super) async fn sysrq(
             return Err(Done::failed(why).with_file(file));
         }
         let until = (Instant::now() + per_key).min(wait_limit(ctx));
-        let s = settle(console, mark, quiet, Some(per_key), until).await;
+        let s = settle(console, mark, quiet, Some(per_key.min(ANSWER_WAIT)), until).await;
+        if s.printed == 0 {
+            unanswered = Some(key);
+        }
         let text = captured(console, mark);
         let what = SYSRQ_KEYS.iter().find(|(k, ..)| *k == key).map_or("?", |(_, w, _)| w);
         out.push_str(&format!("=== sysrq '{key}' ({what}), sent {sent} ===\n{text}"));
@@ -186,6 +197,15 @@ pub(super) async fn sysrq(
     }
     let file = write_sysrq(ctx, &out, &notes).await?;
     let summary = json!({ "break": if telnet { "telnet" } else { "qmp" }, "keys": per, "notes": notes });
+    if let (Some(key), false) = (unanswered, unsent.is_empty()) {
+        let wait = units::format_duration(per_key.min(ANSWER_WAIT));
+        return Err(Done::failed(format!(
+            "the guest printed nothing within {wait} of key '{key}': keys '{unsent}' not sent (SysRq disabled, the \
+             serial port not the kernel's console, or the kernel not taking interrupts)"
+        ))
+        .with_file(Some(file))
+        .with_summary(summary));
+    }
     if !unsent.is_empty() {
         return Err(Done::timeout(format!(
             "keys '{unsent}' not sent: the step's timeout of {} was used up",

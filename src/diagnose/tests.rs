@@ -200,6 +200,58 @@ async fn without_channels_every_step_is_skipped_and_the_manifest_written() {
     assert!(!bundle.join(".manifest.json.tmp").exists());
 }
 
+/// The guest-waiting steps share the deadline: a guest agent that accepts and never answers
+/// gets what is left, the next one nothing (skipped, saying why); a host-side step still runs.
+#[tokio::test]
+async fn the_deadline_bounds_the_steps_that_wait_on_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qga.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    // Accepts and holds every connection, saying nothing.
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = listener.accept().await {
+            held.push(c);
+        }
+    });
+    let target = Target {
+        vm: "vm1",
+        qmp: None,
+        console: None,
+        gdb_socket: dir.path().join("gdb.sock"),
+        guest_agent: Some(sock),
+    };
+    let trigger = Trigger {
+        kind: "unresponsive".into(),
+        time: units::now_rfc3339(),
+        reason: "test".into(),
+        evidence: json!({}),
+    };
+    let steps = vec![
+        Step::new(StepSpec::GuestAgent {}),
+        Step::new(StepSpec::GuestAgent {}),
+        Step { spec: StepSpec::Script { argv: vec!["/bin/true".into()] }, timeout: Duration::from_secs(5) },
+    ];
+    let opts = Options { deadline: Some(Duration::from_secs(1)), ..Options::default() };
+    let t0 = std::time::Instant::now();
+    let m = collect_with(&steps, &target, &trigger, vec![], &dir.path().join("b"), &opts).await.unwrap();
+    silent.abort();
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}: {m:#?}", t0.elapsed());
+    assert_ne!(m.steps[0].outcome, Outcome::Ok, "{:?}", m.steps[0]);
+    assert!(m.steps[0].duration_ms <= 1500 && m.steps[0].timeout_ms <= 1000, "{:?}", m.steps[0]);
+    assert_eq!(m.steps[1].outcome, Outcome::Skipped, "{:?}", m.steps[1]);
+    assert!(
+        m.steps[1].reason.as_deref().unwrap().starts_with("the bundle's deadline of 1s was used up"),
+        "{:?}",
+        m.steps[1]
+    );
+    assert_eq!(m.steps[2].outcome, Outcome::Ok, "{:?}", m.steps[2]);
+    // Without channels or registers: a verdict all the same.
+    let v = m.verdict.expect("a verdict");
+    assert_eq!(v.class, crate::verdict::Class::Unknown);
+    assert_eq!(v.headline, "no cause found: no kernel report, and no registers were read");
+}
+
 #[tokio::test]
 async fn an_unwritable_bundle_directory_is_the_only_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -30,6 +30,16 @@ fn examples() -> Vec<EventKind> {
         finished: "f".into(),
         timeline: vec![],
         steps: vec![],
+        verdict: Some(crate::verdict::Verdict {
+            class: crate::verdict::Class::HardLockup,
+            headline: "vCPU 1 spinning with interrupts disabled at RIP 0xffffffffc023604c (module space)"
+                .into(),
+            evidence: vec![crate::verdict::EvidenceLine {
+                source: "05-registers.txt".into(),
+                line: "vCPU 1 spinning with interrupts disabled at RIP 0xffffffffc023604c (module space)"
+                    .into(),
+            }],
+        }),
     };
     vec![
         EventKind::AppHealth(AppHealth {

@@ -90,9 +90,30 @@ pub struct VmSettings {
     pub scenarios: Vec<Scenario>,
     #[serde(rename = "diagnostic")]
     pub diagnostics: Vec<diagnose::Step>,
+    /// `[diagnostics]`: how bundles are collected and judged beyond their steps.
+    #[serde(rename = "diagnostics")]
+    pub bundle: BundleSettings,
     pub recovery: Recovery,
     /// What the guest kernel's own reports do to the VM's state.
     pub kernel_reports: super::kernel::KernelPolicy,
+}
+
+/// `[diagnostics]` of a VM (or `[defaults]`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BundleSettings {
+    /// The time the steps that wait on the guest's answer share (default 8 s).
+    #[serde(serialize_with = "crate::units::duration::serialize")]
+    pub deadline: Duration,
+    /// The guest kernel's symbols for verdicts: a System.map, a copy of /proc/kallsyms, or a
+    /// vmlinux with its symbol table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symbols: Option<PathBuf>,
+}
+
+impl Default for BundleSettings {
+    fn default() -> Self {
+        BundleSettings { deadline: diagnose::DEFAULT_DEADLINE, symbols: None }
+    }
 }
 
 /// One monitoring scenario.
@@ -410,8 +431,16 @@ struct RawVm {
     pause: Option<PausePolicy>,
     scenario: Option<Vec<Spanned<toml::Table>>>,
     diagnostic: Option<Vec<Spanned<toml::Table>>>,
+    diagnostics: Option<RawDiagnostics>,
     recovery: Option<Spanned<RawRecovery>>,
     kernel_reports: Option<toml::Table>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawDiagnostics {
+    deadline: Option<Spanned<Dur>>,
+    symbols: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -438,6 +467,7 @@ impl Default for VmSettings {
             pause: PausePolicy::Counts,
             scenarios: default_scenarios(),
             diagnostics: diagnose::default_steps(),
+            bundle: BundleSettings::default(),
             recovery: Recovery { action: RecoveryAction::None, max_per_hour: 3 },
             kernel_reports: super::kernel::KernelPolicy::default(),
         }
@@ -764,6 +794,41 @@ impl Validator<'_> {
                 .collect(),
             None => base.diagnostics.clone(),
         };
+        let bundle = match raw.diagnostics {
+            Some(d) => {
+                let deadline = match d.deadline {
+                    Some(dl) => (Some(dl.span()), dl.into_inner().0),
+                    None => (None, base.bundle.deadline),
+                };
+                if let (Some(span), true) = (deadline.0, deadline.1.is_zero()) {
+                    self.problem(
+                        span,
+                        format!(
+                            "{section}.diagnostics: deadline must be more than zero, e.g. deadline = \"8s\""
+                        ),
+                    );
+                }
+                // Absolute: the service's working directory is not the configuration's.
+                let deadline = deadline.1;
+                let symbols = match d.symbols.map(|p| (p.span(), p.into_inner())) {
+                    Some((span, p)) if !p.is_absolute() => {
+                        self.problem(
+                            span,
+                            format!(
+                                "{section}.diagnostics: symbols = {:?} must be an absolute path (a System.map, a copy \
+                                 of the guest's /proc/kallsyms, or a vmlinux)",
+                                p.display().to_string()
+                            ),
+                        );
+                        None
+                    }
+                    Some((_, p)) => Some(p),
+                    None => base.bundle.symbols.clone(),
+                };
+                BundleSettings { deadline, symbols }
+            }
+            None => base.bundle.clone(),
+        };
         let recovery = match raw.recovery {
             Some(r) => {
                 let span = r.span();
@@ -795,6 +860,7 @@ impl Validator<'_> {
             pause: raw.pause.unwrap_or(base.pause),
             scenarios,
             diagnostics,
+            bundle,
             recovery,
             kernel_reports,
         }

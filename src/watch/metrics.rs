@@ -52,6 +52,9 @@ pub struct VmView {
     pub diagnostics_ok: u64,
     pub diagnostics_failed: u64,
     pub last_bundle: Option<String>,
+    /// The last bundle's verdict: why the last incident happened.
+    #[serde(default)]
+    pub last_verdict: Option<crate::verdict::Verdict>,
     pub recoveries: u64,
     pub recoveries_refused: u64,
     pub events: u64,
@@ -92,6 +95,7 @@ impl VmView {
             diagnostics_ok: 0,
             diagnostics_failed: 0,
             last_bundle: None,
+            last_verdict: None,
             recoveries: 0,
             recoveries_refused: 0,
             events: 0,

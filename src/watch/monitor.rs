@@ -125,6 +125,9 @@ pub struct Monitor {
     loop_name: String,
     /// The guest kernel's reports, read from the console ([`Monitor::console_bytes`]).
     sentinel: Sentinel,
+    /// A panic that came while another incident's bundle was being collected: its own bundle,
+    /// with the panic as its trigger, follows that one.
+    queued_panic: Option<Incident>,
 }
 
 /// What the monitor keeps of the guest kernel's reports.
@@ -170,6 +173,7 @@ impl Monitor {
             state_tx,
             loop_name,
             sentinel: Sentinel::default(),
+            queued_panic: None,
         };
         if let Some(p) = problem {
             tracing::warn!("{p}");
@@ -624,6 +628,9 @@ impl Monitor {
     /// previous one's guest counts for the new one. A known relaunch is a `reboot` event of its
     /// own, however fast relaunches come.
     fn new_life(&mut self, relaunch: Option<event::Relaunch>) {
+        // The previous guest's kernel reports and queued panic are not the new guest's.
+        self.sentinel.recent.clear();
+        self.queued_panic = None;
         {
             // The new guest's app has said nothing yet: its first word is news.
             let mut v = lock(&self.view);
@@ -665,6 +672,8 @@ impl Monitor {
         };
         let shown = serde_json::to_string(&evidence).expect("evidence serialises");
         self.log(&format!("the guest rebooted: {shown}"));
+        // A verdict takes the reports of the boot it judges.
+        self.sentinel.recent.clear();
         self.emit(EventKind::Reboot(event::RebootEvent { evidence }));
         if let Some(t) = seen.and_then(|seen| self.machine.rebooted(seen, Instant::now())) {
             self.transition(t, None);
@@ -700,10 +709,7 @@ impl Monitor {
             attached,
             kernel_report: kernel_report.map(Box::new),
         }));
-        if t.to.is_failure()
-            && self.memory.pending_diagnostics.is_none()
-            && !self.settings.diagnostics.is_empty()
-        {
+        if t.to.is_failure() && !self.settings.diagnostics.is_empty() {
             let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "");
             let bundle = self
                 .shared
@@ -712,7 +718,7 @@ impl Monitor {
                 .join("bundles")
                 .join(&self.name)
                 .join(format!("{stamp}-{}", t.to));
-            self.memory.pending_diagnostics = Some(Incident {
+            let incident = Incident {
                 trigger: diagnose::Trigger {
                     kind: t.to.name().into(),
                     time: now_rfc3339(),
@@ -722,8 +728,19 @@ impl Monitor {
                 event: key,
                 bundle,
                 started: None,
-            });
-            self.save();
+            };
+            match &self.memory.pending_diagnostics {
+                None => {
+                    self.memory.pending_diagnostics = Some(incident);
+                    self.save();
+                }
+                // An incident that became a panic: the panic gets its own bundle once the
+                // running one is done (a panicked guest's evidence is another).
+                Some(p) if t.to == State::Panicked && p.trigger.kind != State::Panicked.name() => {
+                    self.queued_panic = Some(incident);
+                }
+                Some(_) => {}
+            }
         }
         // send_replace: the value must change even when no diagnostics task is listening.
         self.state_tx.send_replace(t.to);
@@ -740,6 +757,11 @@ impl Monitor {
         let console = att.console.clone();
         let timeline: Vec<Value> = self.timeline.iter().cloned().collect();
         let bundle = trigger.bundle.clone();
+        let opts = diagnose::Options {
+            deadline: Some(self.settings.bundle.deadline),
+            symbols: self.settings.bundle.symbols.clone(),
+            reports: self.recent_kernel_reports(),
+        };
         let recovery = self.recovery_plan();
         let state = self.state_tx.subscribe();
         // Beside QMP's socket, whose path length `prepare` checked.
@@ -760,13 +782,15 @@ impl Monitor {
                 guest_agent: guest_agent.clone(),
             };
             let manifest =
-                diagnose::collect(&steps, &target, &trigger.trigger, timeline, &bundle).await.map_err(|e| {
-                    let text = e.to_string();
-                    match e {
-                        diagnose::DiagnoseError::NotWritten { manifest, .. } => (text, Some(manifest)),
-                        _ => (text, None),
-                    }
-                });
+                diagnose::collect_with(&steps, &target, &trigger.trigger, timeline, &bundle, &opts)
+                    .await
+                    .map_err(|e| {
+                        let text = e.to_string();
+                        match e {
+                            diagnose::DiagnoseError::NotWritten { manifest, .. } => (text, Some(manifest)),
+                            _ => (text, None),
+                        }
+                    });
             let recovery = match recovery {
                 Ok(RecoveryAction::None) => None,
                 Ok(action) => Some(recover(&action, &qmp, &name, &bundle, &state).await),
@@ -812,6 +836,10 @@ impl Monitor {
             Ok(m) => {
                 lock(&self.view).diagnostics_ok += 1;
                 lock(&self.view).last_bundle = Some(done.bundle.display().to_string());
+                lock(&self.view).last_verdict = m.verdict.clone();
+                if let Some(v) = &m.verdict {
+                    self.log(&format!("verdict {}: {}", v.class, v.headline));
+                }
                 detail.manifest = Some(Box::new(m));
                 self.log(&format!("bundle written: {}", done.bundle.display()));
             }
@@ -830,6 +858,11 @@ impl Monitor {
         // bundle's incident pending, to be diagnosed again on restart.
         self.memory.pending_diagnostics = None;
         self.emit(EventKind::Bundle(detail));
+        // The panic that came meanwhile, unless the guest has left it (a recovery reset it).
+        if let Some(panic) = self.queued_panic.take().filter(|_| self.machine.state == State::Panicked) {
+            self.memory.pending_diagnostics = Some(panic);
+            self.save();
+        }
         let (bundle, keep) = (done.bundle.clone(), self.shared.config.bundles_keep);
         let budget = self.shared.config.bundles_budget;
         // Removing old bundles is disk work: off the VM's loop.

@@ -270,6 +270,35 @@ fn dist_watch_toml_lists_the_built_in_defaults() {
 }
 
 #[test]
+fn diagnostics_deadline_and_symbols() {
+    let c = parse("").unwrap();
+    assert_eq!(c.defaults.bundle, BundleSettings { deadline: Duration::from_secs(8), symbols: None });
+    let text = "[defaults.diagnostics]\ndeadline = \"5s\"\nsymbols = \"/srv/System.map\"\n\
+                [vm.web]\n[vm.web.diagnostics]\ndeadline = \"20s\"\n";
+    let c = parse(text).unwrap();
+    assert_eq!(c.defaults.bundle.deadline, Duration::from_secs(5));
+    // Key by key: web keeps the default symbols.
+    let web = c.settings_for("web");
+    assert_eq!(
+        (web.bundle.deadline, web.bundle.symbols.as_deref()),
+        (Duration::from_secs(20), Some(Path::new("/srv/System.map")))
+    );
+    let v = crate::report::config_json(&c);
+    assert_eq!(
+        v["defaults"]["diagnostics"],
+        serde_json::json!({ "deadline": "5s", "symbols": "/srv/System.map" })
+    );
+    let e = parse("[defaults.diagnostics]\nsymbols = \"System.map\"\ndeadline = \"0s\"\n").unwrap_err();
+    let shown = e.to_string();
+    assert!(
+        shown.contains("defaults.diagnostics: symbols = \"System.map\" must be an absolute path"),
+        "{shown}"
+    );
+    assert!(shown.contains("defaults.diagnostics: deadline must be more than zero"), "{shown}");
+    assert!(parse("[defaults.diagnostics]\nsymbol = \"/x\"\n").is_err());
+}
+
+#[test]
 fn watch_reads_the_system_file_when_given_none() {
     let dir = tempfile::tempdir().unwrap();
     let system = dir.path().join("watch.toml");
