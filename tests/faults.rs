@@ -12,7 +12,9 @@ mod common;
 
 use std::time::Duration;
 
+use acpimon::watch::state::State;
 use common::guest::{manifest_value, Fault, FaultKind, Guest, GuestSpec};
+use common::service::watch_guest;
 
 /// Long enough for the slowest report (a soft lockup: the watchdog's threshold is 2 x
 /// watchdog_thresh = 20 s of the guest's clock, seen here after about 48 s under TCG) on a
@@ -120,4 +122,113 @@ async fn panic_prints_the_kernels_panic_line() {
         .wait_console("Kernel panic - not syncing: sysrq triggered crash", mark, Duration::from_secs(60))
         .await;
     assert!(seen.contains("sysrq: Trigger a crash"), "SysRq c's line first:\n{seen}");
+}
+
+// --- per-vCPU liveness: the vcpu-progress scenario (src/watch/vcpus.rs) ---------------------
+
+fn work() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("acpimon-faults").tempdir_in("/tmp").unwrap()
+}
+
+/// A watched 2-vCPU guest (created paused, left to the service), with `fault` and `append`.
+async fn watched(fault: Option<Fault>, append: &[&str]) -> Guest {
+    Guest::boot(GuestSpec {
+        watched: true,
+        smp: 2,
+        fault,
+        append: append.iter().map(|s| s.to_string()).collect(),
+        extra: vec!["-S".into(), "-no-shutdown".into()],
+        ..GuestSpec::new("q35")
+    })
+    .await
+}
+
+const VCPU_CONFIG: &str = r#"
+[defaults]
+startup_grace = "90s"
+[[defaults.scenario]]
+kind = "acpi-heartbeat"
+[[defaults.scenario]]
+kind = "vcpu-progress"
+"#;
+
+/// CPU 1 hard-locked, CPU 0 (which takes the heartbeat's interrupt) fine: the heartbeat keeps
+/// answering, the vcpu-progress scenario names the vCPU within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vcpu_progress_finds_the_hard_locked_cpu_the_heartbeat_does_not() {
+    let work = work();
+    let g = watched(Some(Fault { kind: FaultKind::HardLockup, cpu: 1, delay: 15 }), &[]).await;
+    let svc = watch_guest(&g, work.path(), VCPU_CONFIG).await;
+    let (_, to_healthy) = svc.wait_state("guest", State::Healthy, Duration::from_secs(120)).await;
+    let (view, took) = svc.wait_state("guest", State::Unresponsive, Duration::from_secs(120)).await;
+    eprintln!("healthy after {to_healthy:?}, then unresponsive after {took:?}: {}", view.reason);
+    assert!(
+        view.reason.contains("vCPU 1 has run kernel code with interrupts disabled in "),
+        "{}",
+        view.reason
+    );
+    assert!(view.reason.contains("a hard lockup"), "{}", view.reason);
+}
+
+/// No false alarm on a guest whose CPUs are busy: one spinning in userspace per CPU, or one
+/// `dd if=/dev/zero of=/dev/null bs=1M` per CPU (mostly in the kernel, interrupts on).
+async fn no_miss_under(load: &str) {
+    let work = work();
+    let g = watched(None, &[&format!("acpimon.load={load}")]).await;
+    let svc = watch_guest(&g, work.path(), VCPU_CONFIG).await;
+    svc.wait_state("guest", State::Healthy, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    let v = svc.vm("guest").await.unwrap();
+    let s = v.scenarios.iter().find(|s| s.kind == "vcpu-progress").unwrap();
+    assert!(s.answers_total >= 30, "{s:?}");
+    assert_eq!(s.misses_total, 0, "{s:?}");
+    assert_eq!(v.state, State::Healthy, "{}", v.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vcpu_progress_does_not_miss_on_a_userspace_busy_guest() {
+    no_miss_under("user").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vcpu_progress_does_not_miss_on_a_kernel_busy_guest() {
+    no_miss_under("kernel").await;
+}
+
+/// What sampling costs: the time of one sample of 2 vCPUs, and the heartbeat's latency without
+/// and with a sampler running at once (1 Hz, and back to back). Figures go to stderr (README
+/// "Per-vCPU liveness"); the assertions are loose bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vcpu_sampling_costs_little_heartbeat_latency() {
+    let g = Guest::boot(GuestSpec { smp: 2, ..GuestSpec::new("q35") }).await;
+    let mut hb = g.heartbeat();
+    g.until_first_ack(&mut hb, Duration::from_secs(60)).await;
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        (v[v.len() / 2], v[v.len() * 9 / 10])
+    };
+    let alone = median(g.beats_acked(&mut hb, 40).await);
+    let qmp = g.vm.qmp.clone();
+    let times = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut with = Vec::new();
+    for pause in [Duration::from_secs(1), Duration::ZERO] {
+        let (qmp, times) = (qmp.clone(), times.clone());
+        let sampler = tokio::spawn(async move {
+            loop {
+                let start = std::time::Instant::now();
+                let s = acpimon::watch::vcpus::sample(&qmp, Duration::from_secs(2)).await.unwrap();
+                assert_eq!(s.len(), 2, "{s:?}");
+                times.lock().unwrap().push(start.elapsed());
+                tokio::time::sleep(pause).await;
+            }
+        });
+        with.push(median(g.beats_acked(&mut hb, 40).await));
+        sampler.abort();
+    }
+    let sample = median(times.lock().unwrap().clone());
+    eprintln!(
+        "one sample (median, p90): {sample:?}; heartbeat latency (median, p90) alone {alone:?}, with 1 Hz sampling {:?}, with back-to-back sampling {:?}",
+        with[0], with[1]
+    );
+    assert!(sample.0 < Duration::from_millis(200), "a sample takes {sample:?}");
 }
