@@ -23,11 +23,18 @@
 #                                         load acpimon_faults.ko (qemu-fixtures/faults) with
 #                                         cpu=acpimon.fault_cpu (default 1) -- a kthread bound
 #                                         there spins with preemption (and for hardlockup
-#                                         interrupts) off; hung loads it for a kthread blocked
+#                                         interrupts) off; with hardlockup another CPU runs a
+#                                         command every second (RCU then has grace periods to
+#                                         report the stall by); hung loads it for a kthread blocked
 #                                         in D state; oom starts a memory hog (busybox tail
 #                                         /dev/zero, oom_score_adj 1000) that the OOM killer
 #                                         kills; panic: SysRq c. Marker: "ACPIMON-GUEST: fault
 #                                         F cpu=N now uptime=U" (then the module's own line)
+#   acpimon.load=user|kernel              a load, not a fault: just before "ready", one busy
+#                                         process per CPU (taskset), spinning in userspace (a
+#                                         shell loop) or mostly in the kernel (dd if=/dev/zero
+#                                         of=/dev/null bs=1M); marker "ACPIMON-GUEST: load L
+#                                         started on N cpus"
 #   acpimon.hung_task_timeout=N           kernel.hung_task_timeout_secs (default 10 with
 #                                         fault=hung, else the kernel's)
 #
@@ -73,7 +80,7 @@ uptime_s() { read -r up _ </proc/uptime; echo "$up"; }
 scenario=healthy
 delay=3
 app=none app_mailbox=0 qga=0 app_stop_after='' app_degrade_after='' app_garbage=''
-fault='' fault_cpu=1 fault_delay=5 hung_task_timeout=''
+fault='' fault_cpu=1 fault_delay=5 hung_task_timeout='' load=''
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     acpimon.scenario=*) scenario=${arg#acpimon.scenario=} ;;
@@ -88,6 +95,7 @@ for arg in $(cat /proc/cmdline); do
     acpimon.fault_cpu=*) fault_cpu=${arg#acpimon.fault_cpu=} ;;
     acpimon.fault_delay=*) fault_delay=${arg#acpimon.fault_delay=} ;;
     acpimon.hung_task_timeout=*) hung_task_timeout=${arg#acpimon.hung_task_timeout=} ;;
+    acpimon.load=*) load=${arg#acpimon.load=} ;;
   esac
 done
 # Start on a fresh line: firmware text (SeaBIOS's "Booting from ROM..") may end without one.
@@ -291,6 +299,13 @@ start_fault() {
     softlockup | hardlockup | hung)
       modprobe acpimon_faults fault="$fault" cpu="${fault_cpu:-1}" 2>/tmp/fault.err ||
         bg_say "fault $fault failed: modprobe acpimon_faults: $(cat /tmp/fault.err)"
+      # A quiet guest needs no RCU grace period, so nothing would report a CPU that has its
+      # interrupts off (no perf NMI watchdog under TCG): keep another CPU doing a little work.
+      if [ "$fault" = hardlockup ]; then
+        other=0
+        [ "${fault_cpu:-1}" != 0 ] || other=1
+        taskset -c "$other" sh -c 'while :; do ls -l /proc/self/ >/dev/null; sleep 1; done' &
+      fi
       ;;
     oom)
       # tail keeps the last line of an endless one in memory: it grows until killed
@@ -301,6 +316,23 @@ start_fault() {
   esac
 }
 [ -z "$fault" ] || start_fault &
+start_load() {
+  n=$(grep -c '^processor' /proc/cpuinfo)
+  c=0
+  while [ "$c" -lt "$n" ]; do
+    case "$load" in
+      user) taskset -c "$c" sh -c 'while :; do :; done' & ;;
+      kernel) taskset -c "$c" dd if=/dev/zero of=/dev/null bs=1M 2>/dev/null & ;;
+    esac
+    c=$((c + 1))
+  done
+  bg_say "load $load started on $n cpus"
+}
+case "$load" in
+  '') ;;
+  user | kernel) start_load ;;
+  *) say "error: unknown acpimon.load='$load' (want user or kernel), none" ;;
+esac
 
 # An interactive shell on the console tty; cttyhack finds that tty (ttyS0) and makes it
 # the controlling terminal, setsid gives it its own session. Respawned if it exits.

@@ -6,8 +6,9 @@
  *
  *   fault=softlockup cpu=N   a kthread bound to CPU N spins with preemption disabled
  *                            (interrupts on): the soft-lockup watchdog and RCU report it
- *   fault=hardlockup cpu=N   the same with interrupts disabled too (a hard LOCKUP report
- *                            needs the perf NMI watchdog; RCU's stall report comes anyway)
+ *   fault=hardlockup cpu=N   the same with interrupts disabled too, 2 s after loading (a
+ *                            hard LOCKUP report needs the perf NMI watchdog; RCU's stall
+ *                            report comes anyway)
  *   fault=hung               a kthread blocks in D state (uninterruptible) forever: the
  *                            hung-task detector reports it
  *
@@ -15,6 +16,7 @@
  */
 #include <linux/completion.h>
 #include <linux/cpumask.h>
+#include <linux/delay.h>
 #include <linux/err.h>
 #include <linux/kthread.h>
 #include <linux/module.h>
@@ -46,6 +48,11 @@ static noinline int acpimon_soft_lockup(void *unused)
 
 static noinline int acpimon_hard_lockup(void *unused)
 {
+	/*
+	 * Let modprobe finish first: freeing the module's init memory flushes every CPU's TLB by
+	 * IPI, which a CPU with interrupts off never answers (CPU 0 would soft-lock in modprobe).
+	 */
+	msleep(2000);
 	pr_emerg("acpimon_faults: hard-locking CPU %d (interrupts off)\n", smp_processor_id());
 	local_irq_disable();
 	for (;;)
