@@ -43,10 +43,12 @@ async fn boot_with(kind: FaultKind, kernel: Option<&'static str>) -> (Guest, u64
 /// answers, which is why acpimon needs the kernel's own words for this case.
 async fn soft_lockup(kernel: Option<&'static str>) {
     let (g, mark) = boot_with(FaultKind::SoftLockup, kernel).await;
-    g.wait_console("acpimon_faults: soft-locking CPU 1", mark, Duration::from_secs(30)).await;
+    // (The module's own line is not waited for: under load the 8250 console driver gives up
+    // waiting for the UART now and then and characters are lost; the reports repeat.)
     let seen = g.wait_console("watchdog: BUG: soft lockup - CPU#1 stuck for ", mark, REPORT_TIMEOUT).await;
     assert!(seen.contains("acpimon_soft_lockup"), "the report names the spinning function:\n{seen}");
-    assert!(seen.contains("rcu_preempt self-detected stall on CPU"), "RCU reported first:\n{seen}");
+    // rcu_preempt, or rcu_sched on 5.10 (its Debian kernel is not preemptible)
+    assert!(seen.contains("self-detected stall on CPU"), "RCU reported first:\n{seen}");
     let mut hb = g.heartbeat();
     g.beats_acked(&mut hb, 3).await;
 }
@@ -69,8 +71,6 @@ async fn soft_lockup_on_6_12() {
 #[tokio::test]
 async fn hard_lockup_on_cpu_1_is_reported_as_an_rcu_stall_with_its_backtrace() {
     let (g, mark) = boot_with(FaultKind::HardLockup, None).await;
-    g.wait_console("acpimon_faults: hard-locking CPU 1 (interrupts off)", mark, Duration::from_secs(30))
-        .await;
     let seen =
         g.wait_console("rcu: INFO: rcu_preempt detected stalls on CPUs/tasks", mark, REPORT_TIMEOUT).await;
     // CPU 0 detects it and has CPU 1 print its backtrace by NMI (which interrupts-off spinning
@@ -98,7 +98,8 @@ async fn hung_task_is_reported() {
     } else {
         g.wait_console("blocked for more than 10 seconds", mark, Duration::from_secs(30)).await
     };
-    assert!(seen.contains("acpimon_faults: task acpimon-hung:"), "the module's own line:\n{seen}");
+    let seen = g.wait_console("acpimon_hung_task", mark, Duration::from_secs(30)).await;
+    assert!(seen.contains("state:D"), "the task's state in the report:\n{seen}");
     // The guest is otherwise fine: the heartbeat answers.
     let mut hb = g.heartbeat();
     g.beats_acked(&mut hb, 3).await;
@@ -121,7 +122,8 @@ async fn panic_prints_the_kernels_panic_line() {
     let seen = g
         .wait_console("Kernel panic - not syncing: sysrq triggered crash", mark, Duration::from_secs(60))
         .await;
-    assert!(seen.contains("sysrq: Trigger a crash"), "SysRq c's line first:\n{seen}");
+    let seen = g.wait_console("sysrq_handle_crash", mark, Duration::from_secs(30)).await;
+    assert!(seen.contains("Call Trace:"), "the panic's trace:\n{seen}");
 }
 
 // --- per-vCPU liveness: the vcpu-progress scenario (src/watch/vcpus.rs) ---------------------
