@@ -22,7 +22,7 @@ use crate::trigger::qmp::Qmp;
 pub const WINDOW: u64 = 4096;
 /// At most this many vCPUs are read from one reply (QEMU's own limit on x86 is lower).
 const MAX_VCPUS: usize = 4096;
-/// Bytes of `info registers -a` read at most (about 1.5 KiB per vCPU).
+/// Bytes of `info registers -a` read at most (about 2 KiB per vCPU).
 const MAX_REPLY: usize = 8 << 20;
 /// The first kernel-space address of x86-64 (canonical upper half).
 const KERNEL_SPACE: u64 = 0xffff_8000_0000_0000;
