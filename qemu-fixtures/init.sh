@@ -17,6 +17,26 @@
 #   acpimon.app_degrade_after=N           write "degraded disk nearly full" to /run/app-status
 #                                         N s after the app started ("... app status degraded")
 #   acpimon.app_garbage=N                 acpimon-responder --garbage N (N junk lines first)
+#   acpimon.fault=softlockup|hardlockup|hung|oom|panic
+#                                         a fault acpimon.fault_delay s (default 5) after
+#                                         "ready", with any scenario: softlockup/hardlockup
+#                                         load acpimon_faults.ko (qemu-fixtures/faults) with
+#                                         cpu=acpimon.fault_cpu (default 1) -- a kthread bound
+#                                         there spins with preemption (and for hardlockup
+#                                         interrupts) off; with hardlockup another CPU runs a
+#                                         command every second (RCU then has grace periods to
+#                                         report the stall by); hung loads it for a kthread blocked
+#                                         in D state; oom starts a memory hog (busybox tail
+#                                         /dev/zero, oom_score_adj 1000) that the OOM killer
+#                                         kills; panic: SysRq c. Marker: "ACPIMON-GUEST: fault
+#                                         F cpu=N now uptime=U" (then the module's own line)
+#   acpimon.load=user|kernel              a load, not a fault: just before "ready", one busy
+#                                         process per CPU (taskset), spinning in userspace (a
+#                                         shell loop) or mostly in the kernel (dd if=/dev/zero
+#                                         of=/dev/null bs=1M); marker "ACPIMON-GUEST: load L
+#                                         started on N cpus"
+#   acpimon.hung_task_timeout=N           kernel.hung_task_timeout_secs (default 10 with
+#                                         fault=hung, else the kernel's)
 #
 # The app and qemu-ga start in the background, each once its port shows up (at most 10 s),
 # so they never delay "ready"; their markers ("ACPIMON-GUEST: app responder started pid=P",
@@ -60,6 +80,7 @@ uptime_s() { read -r up _ </proc/uptime; echo "$up"; }
 scenario=healthy
 delay=3
 app=none app_mailbox=0 qga=0 app_stop_after='' app_degrade_after='' app_garbage=''
+fault='' fault_cpu=1 fault_delay=5 hung_task_timeout='' load=''
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     acpimon.scenario=*) scenario=${arg#acpimon.scenario=} ;;
@@ -70,6 +91,11 @@ for arg in $(cat /proc/cmdline); do
     acpimon.app_stop_after=*) app_stop_after=${arg#acpimon.app_stop_after=} ;;
     acpimon.app_degrade_after=*) app_degrade_after=${arg#acpimon.app_degrade_after=} ;;
     acpimon.app_garbage=*) app_garbage=${arg#acpimon.app_garbage=} ;;
+    acpimon.fault=*) fault=${arg#acpimon.fault=} ;;
+    acpimon.fault_cpu=*) fault_cpu=${arg#acpimon.fault_cpu=} ;;
+    acpimon.fault_delay=*) fault_delay=${arg#acpimon.fault_delay=} ;;
+    acpimon.hung_task_timeout=*) hung_task_timeout=${arg#acpimon.hung_task_timeout=} ;;
+    acpimon.load=*) load=${arg#acpimon.load=} ;;
   esac
 done
 # Start on a fresh line: firmware text (SeaBIOS's "Booting from ROM..") may end without one.
@@ -252,6 +278,61 @@ start_qga() {
 
 [ "$app" = none ] && [ "$app_mailbox" = 0 ] || start_app &
 [ "$qga" = 0 ] || start_qga &
+
+# --- a fault on demand ----------------------------------------------------------------------
+fault_cpu=$(whole_seconds fault_cpu "$fault_cpu")
+fault_delay=$(whole_seconds fault_delay "$fault_delay")
+hung_task_timeout=$(whole_seconds hung_task_timeout "$hung_task_timeout")
+case "$fault" in
+  '' | softlockup | hardlockup | hung | oom | panic) ;;
+  *) say "error: unknown acpimon.fault='$fault' (want softlockup, hardlockup, hung, oom or panic), none"; fault='' ;;
+esac
+[ -n "$hung_task_timeout" ] || [ "$fault" != hung ] || hung_task_timeout=10
+if [ -n "$hung_task_timeout" ]; then
+  echo "$hung_task_timeout" >/proc/sys/kernel/hung_task_timeout_secs ||
+    say "error: cannot set kernel.hung_task_timeout_secs (no CONFIG_DETECT_HUNG_TASK?)"
+fi
+start_fault() {
+  sleep "${fault_delay:-5}"
+  bg_say "fault $fault cpu=${fault_cpu:-1} now uptime=$(uptime_s)"
+  case "$fault" in
+    softlockup | hardlockup | hung)
+      modprobe acpimon_faults fault="$fault" cpu="${fault_cpu:-1}" 2>/tmp/fault.err ||
+        bg_say "fault $fault failed: modprobe acpimon_faults: $(cat /tmp/fault.err)"
+      # A quiet guest needs no RCU grace period, so nothing would report a CPU that has its
+      # interrupts off (no perf NMI watchdog under TCG): keep another CPU doing a little work.
+      if [ "$fault" = hardlockup ]; then
+        other=0
+        [ "${fault_cpu:-1}" != 0 ] || other=1
+        taskset -c "$other" sh -c 'while :; do ls -l /proc/self/ >/dev/null; sleep 1; done' &
+      fi
+      ;;
+    oom)
+      # tail keeps the last line of an endless one in memory: it grows until killed
+      (echo 1000 >/proc/self/oom_score_adj && exec tail /dev/zero >/dev/null) &
+      bg_say "fault oom hog pid=$!"
+      ;;
+    panic) echo c >/proc/sysrq-trigger ;;
+  esac
+}
+[ -z "$fault" ] || start_fault &
+start_load() {
+  n=$(grep -c '^processor' /proc/cpuinfo)
+  c=0
+  while [ "$c" -lt "$n" ]; do
+    case "$load" in
+      user) taskset -c "$c" sh -c 'while :; do :; done' & ;;
+      kernel) taskset -c "$c" dd if=/dev/zero of=/dev/null bs=1M 2>/dev/null & ;;
+    esac
+    c=$((c + 1))
+  done
+  bg_say "load $load started on $n cpus"
+}
+case "$load" in
+  '') ;;
+  user | kernel) start_load ;;
+  *) say "error: unknown acpimon.load='$load' (want user or kernel), none" ;;
+esac
 
 # An interactive shell on the console tty; cttyhack finds that tty (ttyS0) and makes it
 # the controlling terminal, setsid gives it its own session. Respawned if it exits.

@@ -165,6 +165,9 @@ pub enum ScenarioSpec {
     GuestAgent {},
     /// The app mailbox's beat counter in the region.
     AppMailbox {},
+    /// Every vCPU's registers through QMP: one running kernel code with interrupts disabled
+    /// across samples is hard-locked (src/watch/vcpus.rs).
+    VcpuProgress {},
 }
 
 fn default_command() -> String {
@@ -229,6 +232,7 @@ impl ScenarioSpec {
             ScenarioSpec::AppHeartbeat { .. } => "app-heartbeat",
             ScenarioSpec::GuestAgent {} => "guest-agent",
             ScenarioSpec::AppMailbox {} => "app-mailbox",
+            ScenarioSpec::VcpuProgress {} => "vcpu-progress",
         }
     }
 
@@ -243,6 +247,7 @@ impl ScenarioSpec {
             ScenarioSpec::AppHeartbeat { .. } => (s(5), s(2), 3),
             ScenarioSpec::GuestAgent {} => (s(10), s(3), 3),
             ScenarioSpec::AppMailbox {} => (s(2), s(2), 3),
+            ScenarioSpec::VcpuProgress {} => (s(1), s(2), 3),
         }
     }
 

@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod persist;
 pub mod probe;
 pub mod state;
+pub mod vcpus;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

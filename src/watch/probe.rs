@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use super::config::{Scenario, ScenarioSpec};
 use super::state::Outcome;
+use super::vcpus;
 use crate::abi::AppStatus;
 use crate::app::{qga, AppChannel};
 use crate::console::Console;
@@ -103,6 +104,7 @@ enum Prober {
     App { last_health: Option<Instant> },
     GuestAgent,
     Mailbox(Counter),
+    Vcpus(vcpus::Tracker),
 }
 
 impl Prober {
@@ -120,6 +122,7 @@ impl Prober {
             ScenarioSpec::AppHeartbeat { .. } => Prober::App { last_health: None },
             ScenarioSpec::GuestAgent {} => Prober::GuestAgent,
             ScenarioSpec::AppMailbox {} => Prober::Mailbox(Counter::default()),
+            ScenarioSpec::VcpuProgress {} => Prober::Vcpus(vcpus::Tracker::default()),
         })
     }
 
@@ -158,6 +161,16 @@ impl Prober {
                 None => (miss("no serial console"), None),
             },
             (Prober::Tcp, ScenarioSpec::Tcp { address }) => (tcp(address, timeout).await, None),
+            (Prober::Vcpus(tracker), _) => {
+                let start = Instant::now();
+                match vcpus::sample(&ch.qmp, timeout).await {
+                    Ok(samples) if samples.is_empty() => {
+                        (miss("QEMU's info registers named no vCPU with RIP, RFLAGS, CPL and HLT"), None)
+                    }
+                    Ok(samples) => (tracker.observe(&samples, Instant::now(), start.elapsed()), None),
+                    Err(e) => (miss(e), None),
+                }
+            }
             _ => unreachable!("a prober is made for its own probe"),
         };
         (outcome, record, None)

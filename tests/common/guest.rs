@@ -69,6 +69,53 @@ impl Edk2 {
     }
 }
 
+/// A fault the fixture's /init injects (`acpimon.fault=`; qemu-fixtures/faults/faults.c for the
+/// lockups and the hung task).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// A kthread bound to the CPU spins with preemption disabled (interrupts on).
+    SoftLockup,
+    /// The same with interrupts disabled.
+    HardLockup,
+    /// A kthread blocked in D state; /init sets `kernel.hung_task_timeout_secs` to 10.
+    Hung,
+    /// A userspace memory hog the OOM killer kills.
+    Oom,
+    /// SysRq c.
+    Panic,
+}
+
+impl FaultKind {
+    /// The word of `acpimon.fault=`.
+    pub fn word(self) -> &'static str {
+        match self {
+            FaultKind::SoftLockup => "softlockup",
+            FaultKind::HardLockup => "hardlockup",
+            FaultKind::Hung => "hung",
+            FaultKind::Oom => "oom",
+            FaultKind::Panic => "panic",
+        }
+    }
+}
+
+/// [`GuestSpec::fault`]: what, on which CPU (lockups), how long after the ready marker.
+#[derive(Clone, Copy, Debug)]
+pub struct Fault {
+    pub kind: FaultKind,
+    pub cpu: u32,
+    pub delay: u32,
+}
+
+impl Fault {
+    /// `kind` on CPU 1, 3 s after the ready marker.
+    pub fn new(kind: FaultKind) -> Fault {
+        Fault { kind, cpu: 1, delay: 3 }
+    }
+
+    /// The console line /init prints when it injects the fault.
+    pub const MARKER: &'static str = "ACPIMON-GUEST: fault ";
+}
+
 #[derive(Clone, Debug)]
 pub struct GuestSpec {
     pub machine: &'static str,
@@ -105,6 +152,10 @@ pub struct GuestSpec {
     /// Prepare the VM in this state directory (e.g. one a service already watches) instead of
     /// a temporary one of its own.
     pub state_dir: Option<PathBuf>,
+    /// vCPUs (`-smp`); 1 adds nothing.
+    pub smp: u32,
+    /// A fault for /init to inject after the ready marker (any scenario).
+    pub fault: Option<Fault>,
 }
 
 impl GuestSpec {
@@ -125,6 +176,8 @@ impl GuestSpec {
             eve_console: false,
             eve_config: false,
             state_dir: None,
+            smp: 1,
+            fault: None,
         }
     }
 
@@ -151,6 +204,14 @@ impl GuestSpec {
         let fx = self.fixture();
         let mut cmdline =
             format!("console=ttyS0 acpimon.scenario={} acpimon.delay={}", self.scenario, self.delay);
+        if let Some(f) = self.fault {
+            cmdline.push_str(&format!(
+                " acpimon.fault={} acpimon.fault_cpu={} acpimon.fault_delay={}",
+                f.kind.word(),
+                f.cpu,
+                f.delay
+            ));
+        }
         for word in &self.append {
             cmdline.push(' ');
             cmdline.push_str(word);
@@ -208,6 +269,9 @@ impl GuestSpec {
                 let v: Vec<String> = props.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 args.extend([format!("-{group}"), v.join(",")]);
             }
+        }
+        if self.smp > 1 {
+            args.extend(["-smp".into(), self.smp.to_string()]);
         }
         args.extend(self.extra.iter().cloned());
         args.extend([
