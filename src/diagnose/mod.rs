@@ -81,6 +81,7 @@
 
 mod gdb;
 mod qemu;
+pub use qemu::all_registers;
 mod script;
 mod serial;
 

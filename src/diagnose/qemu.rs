@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use regex::Regex;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::{Ctx, Done, Keep, StepResult};
-use crate::trigger::qmp::{EventKind, Qmp};
+use crate::trigger::qmp::{EventKind, Qmp, QmpError};
+use crate::verdict::registers;
 use qapi::qmp::DumpStatus;
 
 /// Runs `command` and writes QEMU's reply as it came (every field, whether or not qapi's
@@ -35,29 +35,46 @@ async fn hmp(qmp: &Qmp, line: &str, cpu: Option<i64>, timeout: Duration) -> Resu
 /// The time between the two register samples.
 const SAMPLE_GAP: Duration = Duration::from_millis(300);
 
-/// `registers`: HMP `info registers -a` twice, [`SAMPLE_GAP`] apart; where QEMU does not know `-a`, `info registers` on
-/// each vCPU that `query-cpus-fast` lists.
-pub(super) async fn registers(ctx: &Ctx<'_>, qmp: &Qmp) -> StepResult {
-    let all = hmp(qmp, "info registers -a", None, ctx.remaining()).await?;
-    let (method, text) = if all.contains("CPU#") {
-        ("info registers -a", all)
-    } else {
-        // Only the indexes are needed: read them from the raw reply, so a CpuInfoFast field
-        // newer than the schema cannot cost the registers.
-        let cpus = qmp
-            .execute_json(qapi::qmp::query_cpus_fast {}, ctx.remaining())
-            .await
-            .map_err(|e| Done::qmp("query-cpus-fast", e))?;
-        let mut text = format!("[acpimon: 'info registers -a' gave no CPU#: {}]\n", all.trim());
-        for idx in cpus.as_array().into_iter().flatten().filter_map(|c| c["cpu-index"].as_i64()) {
-            let one = hmp(qmp, "info registers", Some(idx), ctx.remaining()).await?;
-            if !one.contains("CPU#") {
-                text.push_str(&format!("\nCPU#{idx}\n"));
-            }
-            text.push_str(&one);
-        }
-        ("per-cpu", text)
+/// Every vCPU's `info registers`: HMP `info registers -a`, or where QEMU does not know `-a`,
+/// `info registers` on each vCPU that `query-cpus-fast` lists, each under its `CPU#N` line.
+/// Returns the method and the text (control characters neutralised); on failure, what failed.
+/// The `registers` step and the `vcpu-progress` scenario both read registers through it.
+pub async fn all_registers(
+    qmp: &Qmp,
+    timeout: Duration,
+) -> Result<(&'static str, String), (String, QmpError)> {
+    let start = Instant::now();
+    let left = || timeout.saturating_sub(start.elapsed());
+    let hmp = |line: &'static str, cpu: Option<i64>, t: Duration| async move {
+        let out = qmp.hmp_within(line, cpu, t).await.map_err(|e| (format!("HMP {line}"), e))?;
+        Ok::<_, (String, QmpError)>(crate::console::sanitize(out.as_bytes()))
     };
+    let all = hmp("info registers -a", None, left()).await?;
+    if all.contains("CPU#") {
+        return Ok(("info registers -a", all));
+    }
+    // Only the indexes are needed: read them from the raw reply, so a CpuInfoFast field newer
+    // than the schema cannot cost the registers.
+    let cpus = qmp
+        .execute_json(qapi::qmp::query_cpus_fast {}, left())
+        .await
+        .map_err(|e| ("query-cpus-fast".to_string(), e))?;
+    let mut text = format!("[acpimon: 'info registers -a' gave no CPU#: {}]\n", all.trim());
+    let indexes = cpus.as_array().into_iter().flatten().filter_map(|c| c["cpu-index"].as_i64());
+    for idx in indexes.take(registers::MAX_CPUS) {
+        let one = hmp("info registers", Some(idx), left()).await?;
+        if !one.contains("CPU#") {
+            text.push_str(&format!("\nCPU#{idx}\n"));
+        }
+        text.push_str(&one);
+    }
+    Ok(("per-cpu", text))
+}
+
+/// `registers`: every vCPU's registers ([`all_registers`]) twice, [`SAMPLE_GAP`] apart.
+pub(super) async fn registers(ctx: &Ctx<'_>, qmp: &Qmp) -> StepResult {
+    let (method, text) =
+        all_registers(qmp, ctx.remaining()).await.map_err(|(what, e)| Done::qmp(&what, e))?;
     let mut summary = json!({ "method": method, "cpus": summarize_registers(&text), "samples": 1 });
     // A second sample tells a vCPU spinning in one place from one making progress or stopped.
     let mut text = text;
@@ -83,23 +100,15 @@ pub(super) async fn registers(ctx: &Ctx<'_>, qmp: &Qmp) -> StepResult {
 
 /// Per `CPU#N` section of `info registers` output: RIP, CPL and whether it is halted.
 pub(super) fn summarize_registers(text: &str) -> Vec<Value> {
-    let cpu = Regex::new(r"(?m)^CPU#(\d+)").unwrap();
-    let field = |section: &str, name: &str| {
-        Regex::new(&format!(r"\b{name}=([0-9a-fA-F]+)")).unwrap().captures(section).map(|c| c[1].to_string())
-    };
-    let starts: Vec<(usize, u64)> =
-        cpu.captures_iter(text).map(|c| (c.get(0).unwrap().start(), c[1].parse().unwrap_or(0))).collect();
-    starts
+    registers::parse(text)
         .iter()
-        .enumerate()
-        .map(|(i, &(start, n))| {
-            let end = starts.get(i + 1).map_or(text.len(), |s| s.0);
-            let section = &text[start..end];
+        .filter(|r| r.rip.is_some() || r.cpl.is_some() || r.halted.is_some())
+        .map(|r| {
             json!({
-                "cpu": n,
-                "rip": field(section, "RIP"),
-                "cpl": field(section, "CPL").and_then(|v| v.parse::<u8>().ok()),
-                "halted": field(section, "HLT").map(|v| v == "1"),
+                "cpu": r.cpu,
+                "rip": r.rip.map(|v| format!("{v:016x}")),
+                "cpl": r.cpl,
+                "halted": r.halted,
             })
         })
         .collect()

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::state::Outcome;
 use crate::trigger::qmp::Qmp;
+use crate::verdict::registers;
 
 /// The span of code a stuck vCPU's samples must stay within (a spin loop, a lock's slow path).
 pub const WINDOW: u64 = 4096;
@@ -56,51 +57,28 @@ impl VcpuSample {
     }
 }
 
-/// The vCPUs of an `info registers` reply: each `CPU#N` section's RIP (EIP outside long mode),
-/// RFLAGS (EFL), CPL and HLT. A section without them is left out; so is a reply with no
-/// `CPU#` header (`cpu` names it then: one vCPU's `info registers`).
+/// The vCPUs of an `info registers` reply, read by the one register parser
+/// ([`crate::verdict::registers::parse`]): each `CPU#N` section's RIP (EIP outside long mode),
+/// RFLAGS (EFL), CPL and HLT. A section without them is left out; so is a reply with no `CPU#`
+/// header unless `cpu` names it (one vCPU's `info registers`).
 pub fn parse_registers(text: &str, cpu: Option<u32>) -> Vec<VcpuSample> {
-    let text = &text[..text.len().min(MAX_REPLY)];
-    let mut out = Vec::new();
-    let mut sections: Vec<(Option<u32>, &str)> = Vec::new();
-    let mut rest = text;
-    if !rest.starts_with("CPU#") {
-        match rest.find("\nCPU#") {
-            Some(i) => rest = &rest[i + 1..],
-            None => sections.push((cpu, rest)),
-        }
+    let mut end = text.len().min(MAX_REPLY);
+    while !text.is_char_boundary(end) {
+        end -= 1;
     }
-    if sections.is_empty() {
-        for part in rest.split("\nCPU#").filter(|p| !p.is_empty()) {
-            let part = part.strip_prefix("CPU#").unwrap_or(part);
-            let digits: String = part.chars().take_while(|c| c.is_ascii_digit()).take(9).collect();
-            sections.push((digits.parse().ok(), part));
-            if sections.len() >= MAX_VCPUS {
-                break;
-            }
-        }
+    let text = &text[..end];
+    let headed = text.starts_with("CPU#") || text.contains("\nCPU#");
+    if !headed && cpu.is_none() {
+        return Vec::new();
     }
-    for (cpu, section) in sections {
-        let Some(cpu) = cpu else { continue };
-        let hex = |names: &[&str]| {
-            names.iter().find_map(|name| {
-                let at = section.find(&format!("{name}="))?;
-                let value: String = section[at + name.len() + 1..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_hexdigit())
-                    .take(16)
-                    .collect();
-                u64::from_str_radix(&value, 16).ok()
-            })
-        };
-        let (Some(rip), Some(rflags), Some(cpl), Some(hlt)) =
-            (hex(&["RIP", "EIP"]), hex(&["RFL", "EFL"]), hex(&["CPL"]), hex(&["HLT"]))
-        else {
-            continue;
-        };
-        out.push(VcpuSample { cpu, rip, rflags, cpl: cpl.min(3) as u8, halted: hlt != 0 });
-    }
-    out
+    registers::parse(text)
+        .into_iter()
+        .filter_map(|r| {
+            let cpu = if headed { r.cpu } else { cpu? };
+            Some(VcpuSample { cpu, rip: r.rip?, rflags: r.rflags?, cpl: r.cpl?.min(3), halted: r.halted? })
+        })
+        .take(MAX_VCPUS)
+        .collect()
 }
 
 /// A vCPU's current run of stuck samples.
@@ -168,27 +146,9 @@ impl Tracker {
 /// One sample of every vCPU: `info registers -a`, or where this QEMU does not know `-a`,
 /// `info registers` on each vCPU `query-cpus-fast` lists.
 pub async fn sample(qmp: &Qmp, timeout: Duration) -> Result<Vec<VcpuSample>, String> {
-    let start = Instant::now();
-    let all = qmp
-        .hmp_within("info registers -a", None, timeout)
-        .await
-        .map_err(|e| format!("HMP info registers -a: {e}"))?;
-    if all.contains("CPU#") {
-        return Ok(parse_registers(&all, None));
-    }
-    let cpus = qmp
-        .execute_raw("query-cpus-fast", serde_json::json!({}), timeout.saturating_sub(start.elapsed()))
-        .await
-        .map_err(|e| format!("query-cpus-fast: {e}"))?;
-    let mut out = Vec::new();
-    for idx in cpus.as_array().into_iter().flatten().filter_map(|c| c["cpu-index"].as_i64()).take(MAX_VCPUS) {
-        let one = qmp
-            .hmp_within("info registers", Some(idx), timeout.saturating_sub(start.elapsed()))
-            .await
-            .map_err(|e| format!("HMP info registers on vCPU {idx}: {e}"))?;
-        out.extend(parse_registers(&one, u32::try_from(idx).ok()));
-    }
-    Ok(out)
+    let (_, text) =
+        crate::diagnose::all_registers(qmp, timeout).await.map_err(|(what, e)| format!("{what}: {e}"))?;
+    Ok(parse_registers(&text, None))
 }
 
 #[cfg(test)]
