@@ -251,6 +251,13 @@ pub fn status_table(s: &crate::watch::metrics::StatusView) -> String {
             let why = sc.unavailable.as_deref().or(sc.last_detail.as_deref()).unwrap_or("");
             let _ = writeln!(o, "{:<20}   {}: {}", "", sc.name, crate::console::sanitize(why.as_bytes()));
         }
+        if let Some(c) = v.console.filter(|c| c.dropped > 0) {
+            let _ = writeln!(
+                o,
+                "{:<20}   console: {} of {} bytes dropped (over the console budget)",
+                "", c.dropped, c.received
+            );
+        }
     }
     o
 }

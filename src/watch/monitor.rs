@@ -104,6 +104,8 @@ pub struct Monitor {
     poll_status: bool,
     state_tx: watch::Sender<State>,
     loop_name: String,
+    /// The console counts of the VM's earlier QEMU lives (each attach has a new console).
+    console_before: crate::console::ConsoleCounts,
 }
 
 impl Monitor {
@@ -132,6 +134,7 @@ impl Monitor {
             poll_status: false,
             state_tx,
             loop_name,
+            console_before: Default::default(),
         };
         if let Some(p) = problem {
             tracing::warn!("{p}");
@@ -352,6 +355,9 @@ impl Monitor {
                     if let Ok(app) = &att.channels.app {
                         lock(&self.view).app_lines = Some(app.counts());
                     }
+                    if let Some(c) = &att.console {
+                        lock(&self.view).console = Some(self.console_before + c.counts());
+                    }
                     if let Some(t) = self.machine.tick(Instant::now()) {
                         self.transition(t, None);
                     }
@@ -374,6 +380,10 @@ impl Monitor {
         }
         if let Some(d) = diag {
             d.abort();
+        }
+        if let Some(c) = &att.console {
+            self.console_before = self.console_before + c.counts();
+            lock(&self.view).console = Some(self.console_before);
         }
     }
 
