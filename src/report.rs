@@ -141,6 +141,8 @@ pub fn config_json(c: &crate::watch::Config) -> serde_json::Value {
         "node": c.node,
         "discover_interval": d(c.discover_interval),
         "console_keep": c.console_keep,
+        "console_rate": c.console_budget.rate,
+        "console_burst": c.console_budget.burst,
         "event_log": c.event_log,
         "touch_file": c.touch_file,
         "metrics": c.metrics,

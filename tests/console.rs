@@ -190,7 +190,8 @@ async fn a_flooding_guests_console_is_budgeted_and_its_heartbeat_still_answers()
     };
     let g = Guest::boot(spec).await;
     let dir = g.vm.prepared.dir.clone();
-    let config = "[defaults]\nstartup_grace = \"90s\"\n";
+    // A small budget, so that even a guest slowed by a loaded host floods past it.
+    let config = "console_rate = \"4KiB\"\nconsole_burst = \"16KiB\"\n[defaults]\nstartup_grace = \"90s\"\n";
     let svc = Service::start(dir.parent().unwrap(), work.path(), config).await;
     svc.wait_state("guest", State::Paused, Duration::from_secs(30)).await;
     let other = Client::connect(&dir.join(CONSOLE_SHARE));
@@ -199,7 +200,7 @@ async fn a_flooding_guests_console_is_budgeted_and_its_heartbeat_still_answers()
     svc.wait_state("guest", State::Healthy, BOOT).await;
     other.wait_for("ACPIMON-GUEST: flooding the console now", Duration::from_secs(60)).await;
 
-    // The budget runs out within seconds of the flood (256 KiB of burst at a few hundred KB/s).
+    // The budget runs out within seconds of the flood.
     let start = Instant::now();
     let first = loop {
         let v = svc.vm("guest").await.expect("the VM in /status");
@@ -225,8 +226,8 @@ async fn a_flooding_guests_console_is_budgeted_and_its_heartbeat_still_answers()
     let received = (c.received - first.0.received) as f64 / secs;
     let kept = (c.kept - first.0.kept) as f64 / secs;
     let reads = (c.reads - first.0.reads) as f64 / secs;
-    assert!(received > 50e3, "the guest floods: {received:.0} B/s ({c:?})");
-    assert!(kept < 40e3, "at most the budget's rate (32 KiB/s) and a line is kept: {kept:.0} B/s ({c:?})");
+    assert!(received > 8e3, "the guest floods: {received:.0} B/s ({c:?})");
+    assert!(kept < 5e3, "at most the budget's rate (4 KiB/s) and a line is kept: {kept:.0} B/s ({c:?})");
     assert!(reads < 60.0, "read in large chunks, about one read per 20 ms at most: {reads:.1}/s ({c:?})");
     assert_eq!(c.received, c.kept + c.dropped, "{c:?}");
     let metrics = metrics(&svc).await;

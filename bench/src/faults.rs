@@ -41,7 +41,8 @@ pub const MAX_RSS_MIB: f64 = 64.0;
 /// Four flooding guests may cost the service at most this share of a core (the bench's bound).
 pub const MAX_FLOOD_CPU_PCT: f64 = 10.0;
 /// The checks, in the order they run.
-pub const CHECKS: [&str; 5] = ["flood", "sigkill-diagnostics", "qemu-kill-loop", "full-disk", "sigkill-full-disk"];
+pub const CHECKS: [&str; 5] =
+    ["flood", "sigkill-diagnostics", "qemu-kill-loop", "full-disk", "sigkill-full-disk"];
 /// How long the controller may take to receive everything once it is up.
 const DELIVERY_WAIT: Duration = Duration::from_secs(60);
 /// The tmpfs the full-disk checks put the data directory on.
@@ -158,7 +159,17 @@ pub fn table(results: &[CheckResult]) -> String {
     let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
     let mut o = format!(
         "{:<22} {:<6} {:>7} {:>9} {:>8} {:>12} {:>6} {:>5} {:>8} {:>9} {:>8}\n",
-        "CHECK", "RESULT", "LOGGED", "DELIVERED", "MISSING", "LOST(ALERT)", "TORN", "DUP", "CPU %", "RSS MiB", "p99 ms"
+        "CHECK",
+        "RESULT",
+        "LOGGED",
+        "DELIVERED",
+        "MISSING",
+        "LOST(ALERT)",
+        "TORN",
+        "DUP",
+        "CPU %",
+        "RSS MiB",
+        "p99 ms"
     );
     for r in results {
         o.push_str(&format!(
@@ -277,7 +288,8 @@ impl Rig {
     }
 
     async fn launch(&mut self, name: &str, scenario: &str) -> Result<(), String> {
-        let spec = guest_spec(&self.guest, "pc", &self.state_dir, name, scenario).map_err(|e| e.to_string())?;
+        let spec =
+            guest_spec(&self.guest, "pc", &self.state_dir, name, scenario).map_err(|e| e.to_string())?;
         let vm = Vm::launch(spec.clone()).await.map_err(|e| format!("launching {name}: {e}"))?;
         self.vms.push((spec, vm));
         Ok(())
@@ -320,7 +332,12 @@ impl Rig {
         (events, torn)
     }
 
-    async fn wait_event(&self, what: &str, timeout: Duration, pred: impl Fn(&RawEvent) -> bool) -> Result<(), String> {
+    async fn wait_event(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&RawEvent) -> bool,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.events().0.iter().any(&pred) {
@@ -332,7 +349,9 @@ impl Rig {
     }
 
     fn stored_keys(&self) -> BTreeSet<String> {
-        let Ok(dir) = std::fs::read_dir(self.dir.join("store").join("events")) else { return BTreeSet::new() };
+        let Ok(dir) = std::fs::read_dir(self.dir.join("store").join("events")) else {
+            return BTreeSet::new();
+        };
         dir.flatten()
             .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
             .filter_map(|e| serde_json::from_slice::<RawEvent>(&std::fs::read(e.path()).ok()?).ok())
@@ -470,11 +489,16 @@ async fn audit(rig: &mut Rig, r: &mut CheckResult, service_expected: bool) {
     }
     let undelivered = seen.len() - r.delivered;
     if undelivered > 0 {
-        r.fail(format!("{undelivered} logged events never reached the controller within {} s", DELIVERY_WAIT.as_secs()));
+        r.fail(format!(
+            "{undelivered} logged events never reached the controller within {} s",
+            DELIVERY_WAIT.as_secs()
+        ));
     }
     let unknown = stored.iter().filter(|k| !seen.contains(*k)).count();
     if unknown > 0 {
-        r.fail(format!("the controller holds {unknown} events the log does not (not durable before delivery)"));
+        r.fail(format!(
+            "the controller holds {unknown} events the log does not (not durable before delivery)"
+        ));
     }
     // Loss: gaps in each VM's sequence of keys (epoch + sequence, 16 hex digits each).
     let mut seqs: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
@@ -503,7 +527,12 @@ async fn audit(rig: &mut Rig, r: &mut CheckResult, service_expected: bool) {
 }
 
 /// Four guests flooding their consoles beside a healthy one.
-async fn flood(opts: &FaultOptions, rig: &mut Rig, r: &mut CheckResult, progress: &impl Fn(&str)) -> Result<(), String> {
+async fn flood(
+    opts: &FaultOptions,
+    rig: &mut Rig,
+    r: &mut CheckResult,
+    progress: &impl Fn(&str),
+) -> Result<(), String> {
     rig.configure("250ms")?;
     rig.start_controller()?;
     rig.launch(HEALTHY, "healthy").await?;
@@ -527,7 +556,10 @@ async fn flood(opts: &FaultOptions, rig: &mut Rig, r: &mut CheckResult, progress
         w.heartbeats
     ));
     if w.cpu_pct > MAX_FLOOD_CPU_PCT {
-        r.fail(format!("the service used {:.1} % of a core under the flood (bound {MAX_FLOOD_CPU_PCT} %)", w.cpu_pct));
+        r.fail(format!(
+            "the service used {:.1} % of a core under the flood (bound {MAX_FLOOD_CPU_PCT} %)",
+            w.cpu_pct
+        ));
     }
     if w.misses > 0 {
         r.fail(format!("the healthy VM missed {} heartbeats under the flood", w.misses));
@@ -547,7 +579,11 @@ async fn flood(opts: &FaultOptions, rig: &mut Rig, r: &mut CheckResult, progress
 
 /// A hang whose diagnostics the SIGKILLed service must finish after its restart: one alert, one
 /// bundle, nothing lost or duplicated.
-async fn sigkill_diagnostics(rig: &mut Rig, r: &mut CheckResult, progress: &impl Fn(&str)) -> Result<(), String> {
+async fn sigkill_diagnostics(
+    rig: &mut Rig,
+    r: &mut CheckResult,
+    progress: &impl Fn(&str),
+) -> Result<(), String> {
     rig.configure("1s")?;
     rig.start_controller()?;
     rig.launch("guest", "healthy").await?;
@@ -563,7 +599,9 @@ async fn sigkill_diagnostics(rig: &mut Rig, r: &mut CheckResult, progress: &impl
     let bundles_before = rig.events().0.iter().filter(|e| e.kind == "bundle").count();
     rig.kill_service();
     if bundles_before > 0 {
-        r.notes.push("the bundle was finished before the SIGKILL (the kill came too late to test the resume)".into());
+        r.notes.push(
+            "the bundle was finished before the SIGKILL (the kill came too late to test the resume)".into(),
+        );
     }
     progress("sigkill-diagnostics: service SIGKILLed, restarting");
     rig.start_service().await?;
@@ -574,7 +612,9 @@ async fn sigkill_diagnostics(rig: &mut Rig, r: &mut CheckResult, progress: &impl
     let bundles = events.iter().filter(|e| e.kind == "bundle").count();
     let alerts = events
         .iter()
-        .filter(|e| e.kind == "transition" && e.detail.get("to").and_then(|v| v.as_str()) == Some("unresponsive"))
+        .filter(|e| {
+            e.kind == "transition" && e.detail.get("to").and_then(|v| v.as_str()) == Some("unresponsive")
+        })
         .count();
     if bundles != 1 {
         r.fail(format!("{bundles} bundle events for one incident (want 1)"));
@@ -588,7 +628,12 @@ async fn sigkill_diagnostics(rig: &mut Rig, r: &mut CheckResult, progress: &impl
 
 /// QEMU SIGKILLed and relaunched in the same directory a second apart: every relaunch is a new
 /// life (a reboot event each), the VM ends healthy on the new guest's answers, nothing lost.
-async fn qemu_kill_loop(opts: &FaultOptions, rig: &mut Rig, r: &mut CheckResult, progress: &impl Fn(&str)) -> Result<(), String> {
+async fn qemu_kill_loop(
+    opts: &FaultOptions,
+    rig: &mut Rig,
+    r: &mut CheckResult,
+    progress: &impl Fn(&str),
+) -> Result<(), String> {
     rig.configure("1s")?;
     rig.start_controller()?;
     rig.launch("guest", "healthy").await?;
@@ -601,7 +646,8 @@ async fn qemu_kill_loop(opts: &FaultOptions, rig: &mut Rig, r: &mut CheckResult,
         let (spec, vm) = rig.vms.pop().ok_or("no guest")?;
         let pid = vm.qmp.pid.ok_or("QEMU's pid is unknown")?;
         let pid = rustix::process::Pid::from_raw(pid as i32).ok_or("bad pid")?;
-        rustix::process::kill_process(pid, rustix::process::Signal::KILL).map_err(|e| format!("kill: {e}"))?;
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+            .map_err(|e| format!("kill: {e}"))?;
         let _ = tokio::time::timeout(Duration::from_secs(10), vm.qmp.closed()).await;
         drop(vm);
         let vm = Vm::launch(spec.clone()).await.map_err(|e| format!("relaunch: {e}"))?;
@@ -637,14 +683,18 @@ async fn full_disk(
     let hangs = opts.hangs();
     progress(&format!("{}: disk full, {hangs} hangs", r.name));
     for i in 0..hangs {
-        qmp.execute_within(qapi::qmp::stop {}, Duration::from_secs(5)).await.map_err(|e| format!("stop: {e}"))?;
+        qmp.execute_within(qapi::qmp::stop {}, Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("stop: {e}"))?;
         rig.wait_state("guest", State::Unresponsive, Duration::from_secs(30)).await?;
         tokio::time::sleep(Duration::from_secs(3)).await;
         if sigkill && i == hangs - 1 {
             progress(&format!("{}: SIGKILL while the disk is full", r.name));
             rig.kill_service();
         }
-        qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.map_err(|e| format!("cont: {e}"))?;
+        qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("cont: {e}"))?;
         if rig.service.is_some() {
             rig.wait_state("guest", State::Healthy, Duration::from_secs(60)).await?;
         }

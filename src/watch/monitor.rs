@@ -203,7 +203,10 @@ impl Monitor {
         let keep = self.shared.config.console_keep;
         // The launcher's console (vm.json's console_chardev) is re-exported for its tools.
         let (console, console_why) = match self.connect_console(&d, keep).await {
-            Ok(c) => (Some(Arc::new(c)), String::new()),
+            Ok(c) => {
+                c.set_budget(self.shared.config.console_budget);
+                (Some(Arc::new(c)), String::new())
+            }
             Err(e) => (None, format!("cannot connect: {e}")),
         };
         let (region, region_why) = match Region::open(&d.region, Access::ReadWrite) {
