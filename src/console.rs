@@ -69,13 +69,26 @@ pub struct Budget {
     /// gathers in the socket: one read per `gather` instead of one per piece QEMU writes.
     /// It delays output by at most this much.
     pub gather: Duration,
+    /// Bytes a second read from the socket, sustained (after `burst`): beyond, acpimon stops
+    /// reading for a while, QEMU's socket fills and the guest's serial port waits, as a real
+    /// UART's line would make it (115200 baud carry 11.5 KB/s). This is what bounds the CPU:
+    /// QEMU writes a guest's output to the socket a byte or a few at a time, and the kernel's
+    /// cost of each such write (measured ~1.7 µs per byte of a flood) is paid by whoever reads.
+    pub read_rate: u64,
 }
 
 impl Default for Budget {
     fn default() -> Self {
-        // Measured (README, Performance): 20 ms keeps a flooding guest to ~50 reads/s of
-        // ~8 KB; a whole Linux boot log is < 100 KiB; SysRq t of a small guest < 256 KiB.
-        Budget { rate: 32 << 10, burst: 256 << 10, line_cap: 4 << 10, gather: Duration::from_millis(20) }
+        // Measured (README, Benchmark): 20 ms keeps a flooding guest to ~50 reads/s; a whole
+        // Linux boot log is < 100 KiB; SysRq t of a small guest < 256 KiB; 12 KiB/s read keeps
+        // four flooding guests under 10 % of a core.
+        Budget {
+            rate: 8 << 10,
+            burst: 256 << 10,
+            line_cap: 4 << 10,
+            gather: Duration::from_millis(20),
+            read_rate: 12 << 10,
+        }
     }
 }
 
@@ -323,6 +336,9 @@ impl Console {
         let s = shared.clone();
         tokio::spawn(async move {
             let mut chunk = vec![0u8; READ_CHUNK];
+            // The read budget (bytes; negative: owed), refilled at `read_rate` up to `burst`.
+            let mut can_read = lock(&s.gate).budget.burst as f64;
+            let mut refilled = std::time::Instant::now();
             loop {
                 let n = read.read(&mut chunk).await.unwrap_or(0);
                 if n == 0 {
@@ -330,12 +346,19 @@ impl Console {
                     s.notify.notify_waiters();
                     return;
                 }
-                s.accept(&chunk[..n], std::time::Instant::now());
-                if n < chunk.len() {
-                    // Let the output gather: a guest writing in small pieces would otherwise
-                    // cost a wake-up and a read per piece (QEMU writes ~30 bytes at a time).
-                    let gather = lock(&s.gate).budget.gather;
-                    tokio::time::sleep(gather).await;
+                let now = std::time::Instant::now();
+                s.accept(&chunk[..n], now);
+                let b = lock(&s.gate).budget;
+                let earned = now.saturating_duration_since(refilled).as_secs_f64() * b.read_rate as f64;
+                can_read = (can_read + earned).min(b.burst as f64) - n as f64;
+                refilled = now;
+                // Let the output gather: a guest writing in small pieces would otherwise cost a
+                // wake-up and a read per piece (QEMU writes ~30 bytes at a time); past the read
+                // budget, wait until it is earned back (the guest waits meanwhile).
+                let owed = Duration::from_secs_f64((-can_read).max(0.0) / b.read_rate.max(1) as f64);
+                let pause = if n < chunk.len() { b.gather.max(owed) } else { owed };
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause.min(Duration::from_secs(5))).await;
                 }
             }
         });
@@ -544,7 +567,7 @@ mod tests {
     }
 
     fn budget(rate: u64, burst: u64, line_cap: usize) -> Budget {
-        Budget { rate, burst, line_cap, gather: Duration::ZERO }
+        Budget { rate, burst, line_cap, gather: Duration::ZERO, read_rate: u64::MAX >> 8 }
     }
 
     /// The kept bytes of `data` and the drops before them.
@@ -595,7 +618,13 @@ mod tests {
         let path = dir.path().join("c.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let (client, peer) = tokio::join!(UnixStream::connect(&path), listener.accept());
-        let b = Budget { rate: 1000, burst: 4000, line_cap: 100, gather: Duration::from_millis(20) };
+        let b = Budget {
+            rate: 1000,
+            burst: 4000,
+            line_cap: 100,
+            gather: Duration::from_millis(20),
+            read_rate: 1 << 30,
+        };
         let console = Console::over_with(client.unwrap(), 64 << 10, b);
         let (mut peer, _) = peer.unwrap();
         let got = Arc::new(Mutex::new(Vec::<ConsoleChunk>::new()));
@@ -626,6 +655,31 @@ mod tests {
         assert!(chunks.iter().skip(1).all(|c| c.dropped_before == 0 || c.bytes.starts_with(b"flood")));
         let tail = console.tail();
         assert!(tail.contains("bytes of console output dropped (over the console budget)]"), "{tail}");
+    }
+
+    #[tokio::test]
+    async fn past_the_read_budget_the_guest_is_made_to_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (client, peer) = tokio::join!(UnixStream::connect(&path), listener.accept());
+        let b = Budget { rate: 1000, burst: 8000, line_cap: 100, gather: Duration::ZERO, read_rate: 8000 };
+        let console = Console::over_with(client.unwrap(), 64 << 10, b);
+        let (mut peer, _) = peer.unwrap();
+        let writer = tokio::spawn(async move {
+            let line = [b'x'; 1023].iter().chain(b"\n").copied().collect::<Vec<u8>>();
+            loop {
+                if peer.write_all(&line).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let c = console.counts();
+        writer.abort();
+        // The burst, 1.5 s at the rate, and at most one read's buffer beyond: not what the
+        // writer would push through unhindered (hundreds of MB/s).
+        assert!(c.received > 8000 && c.received <= 8000 + 12000 + READ_CHUNK as u64, "{c:?}");
     }
 
     #[tokio::test]

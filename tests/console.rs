@@ -226,7 +226,7 @@ async fn a_flooding_guests_console_is_budgeted_and_its_heartbeat_still_answers()
     let received = (c.received - first.0.received) as f64 / secs;
     let kept = (c.kept - first.0.kept) as f64 / secs;
     let reads = (c.reads - first.0.reads) as f64 / secs;
-    assert!(received > 8e3, "the guest floods: {received:.0} B/s ({c:?})");
+    assert!(received > 6e3, "the guest floods: {received:.0} B/s ({c:?})");
     assert!(kept < 5e3, "at most the budget's rate (4 KiB/s) and a line is kept: {kept:.0} B/s ({c:?})");
     assert!(reads < 60.0, "read in large chunks, about one read per 20 ms at most: {reads:.1}/s ({c:?})");
     assert_eq!(c.received, c.kept + c.dropped, "{c:?}");
