@@ -16,7 +16,8 @@
 //! is discarded by whole lines and counted ([`Console::counts`], the `/metrics` counter
 //! `acpimon_console_bytes_total{what="dropped"}`); where bytes went missing, the ring and the
 //! shared socket show a line `[acpimon: N bytes of console output dropped ...]` and consumers
-//! of [`Console::subscribe`] get the count in [`ConsoleChunk::dropped_before`].
+//! of [`Console::on_kept`] and [`Console::kept_chunks`] get the count in
+//! [`ConsoleChunk::dropped_before`].
 
 use std::collections::VecDeque;
 use std::os::unix::fs::MetadataExt;
@@ -48,7 +49,7 @@ struct Shared {
     /// The output, for the clients of the shared socket.
     out: broadcast::Sender<Arc<[u8]>>,
     /// The budget, the counters and the subscribers: taken by the reading task for each read
-    /// (before the ring), and by [`Console::subscribe`], so a subscriber misses nothing.
+    /// (before the ring), and by [`Console::on_kept`], so a subscriber misses nothing.
     gate: Mutex<Gate>,
 }
 
@@ -117,7 +118,7 @@ impl std::ops::Add for ConsoleCounts {
     }
 }
 
-/// One piece of a console's kept output, as [`Console::subscribe`] delivers it.
+/// One piece of a console's kept output, as [`Console::on_kept`] delivers it.
 #[derive(Clone, Debug)]
 pub struct ConsoleChunk {
     /// Bytes the budget discarded just before these (0 when the output is continuous). After
@@ -397,15 +398,28 @@ impl Console {
     /// partial line (bounded by `line_cap`, for example).
     ///
     /// `sink` runs on the console's reading task, holding its lock: it must be quick and never
-    /// block (scan, then hand anything slow to a channel). Subscriptions last as long as the
-    /// console (a relaunched QEMU gets a new console, to subscribe to again).
-    pub fn subscribe(&self, mut sink: impl FnMut(&ConsoleChunk) + Send + 'static) {
+    /// block (scan, then hand anything slow to a channel; [`Console::kept_chunks`] does that).
+    /// Subscriptions last as long as the console (a relaunched QEMU gets a new console, to
+    /// subscribe to again). A consumer that sees `dropped_before > 0` should forget its partial
+    /// line (the sentinel's `Scanner::resync`).
+    pub fn on_kept(&self, mut sink: impl FnMut(&ConsoleChunk) + Send + 'static) {
         let mut gate = lock(&self.shared.gate);
         let held: Vec<u8> = lock(&self.shared.ring).buf.iter().copied().collect();
         if !held.is_empty() {
             sink(&ConsoleChunk { dropped_before: 0, bytes: Arc::from(held) });
         }
         gate.sinks.push(Box::new(sink));
+    }
+
+    /// [`Console::on_kept`] as a channel, for a consumer in an async loop (`select!`): every
+    /// kept chunk in order, none lost. Unbounded, but fed at most at the budget's `rate` (plus
+    /// a `burst`), and the sending stops when the receiver is dropped.
+    pub fn kept_chunks(&self) -> tokio::sync::mpsc::UnboundedReceiver<ConsoleChunk> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.on_kept(move |c| {
+            let _ = tx.send(c.clone());
+        });
+        rx
     }
 
     /// Names the QEMU chardev this console is.
@@ -629,7 +643,8 @@ mod tests {
         let (mut peer, _) = peer.unwrap();
         let got = Arc::new(Mutex::new(Vec::<ConsoleChunk>::new()));
         let g = got.clone();
-        console.subscribe(move |c| lock(&g).push(c.clone()));
+        console.on_kept(move |c| lock(&g).push(c.clone()));
+        let mut rx = console.kept_chunks();
         // 30-byte pieces as fast as they go, for half a second.
         let line = b"flood flood flood flood flood\n";
         let start = std::time::Instant::now();
@@ -652,6 +667,11 @@ mod tests {
         let chunks = lock(&got).clone();
         let kept: u64 = chunks.iter().map(|c| c.bytes.len() as u64).sum();
         assert_eq!(kept, c.kept, "the subscriber gets every kept byte");
+        let mut through_channel = 0;
+        while let Ok(chunk) = rx.try_recv() {
+            through_channel += chunk.bytes.len() as u64;
+        }
+        assert_eq!(through_channel, c.kept, "and so does the channel");
         assert!(chunks.iter().skip(1).all(|c| c.dropped_before == 0 || c.bytes.starts_with(b"flood")));
         let tail = console.tail();
         assert!(tail.contains("bytes of console output dropped (over the console budget)]"), "{tail}");
