@@ -162,9 +162,10 @@ pub async fn run(opts: &FaultOptions, progress: impl Fn(&str)) -> Vec<CheckResul
 pub fn table(results: &[CheckResult]) -> String {
     let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
     let mut o = format!(
-        "{:<22} {:<6} {:>7} {:>9} {:>8} {:>12} {:>6} {:>5} {:>8} {:>9} {:>8}\n",
+        "{:<22} {:<6} {:>8} {:>7} {:>9} {:>8} {:>12} {:>6} {:>5} {:>8} {:>9} {:>8}\n",
         "CHECK",
         "RESULT",
+        "ACCEPTED",
         "LOGGED",
         "DELIVERED",
         "MISSING",
