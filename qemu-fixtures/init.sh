@@ -2,8 +2,8 @@
 # /init of the acpimon test guest (busybox initramfs built by qemu-fixtures/build-guest).
 #
 # Kernel command line (everything optional):
-#   acpimon.scenario=healthy|userspace-stop|panic|starve   what the guest does (default healthy)
-#   acpimon.delay=N                       seconds before stop/panic/starve (default 3)
+#   acpimon.scenario=healthy|userspace-stop|panic|starve|flood   what the guest does (default healthy)
+#   acpimon.delay=N                       seconds before stop/panic/starve/flood (default 3)
 #   acpimon.app=responder|sh|none         app-protocol responder on the port org.acpimon.app.0
 #                                         (default none): /bin/acpimon-responder (status file
 #                                         /run/app-status, audits disk = df /run, fail = false,
@@ -49,6 +49,10 @@
 # priority runs again: no userspace, no workqueue, no threaded IRQ handler (FIFO 50; ACPI
 # GED's _EVT runs in one, so the heartbeat stops). Hard IRQs still run: the serial port's,
 # so SysRq over the console answers, and NMIs.
+#
+# flood: after "flooding the console now", the guest writes lines to its serial console as
+# fast as QEMU takes them, for ever ("ACPIMON-FLOOD " and filler, 64 bytes a line), from a
+# process of its own: the shell, the kernel and the heartbeat go on answering.
 #
 # Every line meant for tests starts with "ACPIMON-GUEST: " and goes to /dev/console
 # (ttyS0 with console=ttyS0). The line "ACPIMON-GUEST: ready" means the shell is being
@@ -397,9 +401,9 @@ make_spinner() {
 }
 
 case "$scenario" in
-  healthy | userspace-stop | panic | starve) ;;
+  healthy | userspace-stop | panic | starve | flood) ;;
   *)
-    say "error: unknown scenario '$scenario' (want healthy, userspace-stop, panic or starve), behaving as healthy"
+    say "error: unknown scenario '$scenario' (want healthy, userspace-stop, panic, starve or flood), behaving as healthy"
     scenario=healthy ;;
 esac
 
@@ -456,6 +460,14 @@ case "$scenario" in
       cpu=$((cpu + 1))
     done
     taskset -c "$last" /bin/rt-spin &
+    block_forever
+    ;;
+  flood)
+    say "will flood the console in $delay s"
+    sleep "$delay"
+    say "flooding the console now uptime=$(uptime_s)"
+    # busybox yes: one write per line, as fast as the serial port drains.
+    yes 'ACPIMON-FLOOD 0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEF' >/dev/console 2>/dev/null &
     block_forever
     ;;
 esac

@@ -141,6 +141,8 @@ pub fn config_json(c: &crate::watch::Config) -> serde_json::Value {
         "node": c.node,
         "discover_interval": d(c.discover_interval),
         "console_keep": c.console_keep,
+        "console_rate": c.console_budget.rate,
+        "console_burst": c.console_budget.burst,
         "event_log": c.event_log,
         "event_hold_max": c.event_hold.max_bytes,
         "event_hold_max_events": c.event_hold.max_events,
@@ -268,6 +270,13 @@ pub fn status_table(s: &crate::watch::metrics::StatusView) -> String {
         for sc in v.scenarios.iter().filter(|sc| sc.unavailable.is_some() || sc.consecutive_misses > 0) {
             let why = sc.unavailable.as_deref().or(sc.last_detail.as_deref()).unwrap_or("");
             let _ = writeln!(o, "{:<20}   {}: {}", "", sc.name, crate::console::sanitize(why.as_bytes()));
+        }
+        if let Some(c) = v.console.filter(|c| c.dropped > 0) {
+            let _ = writeln!(
+                o,
+                "{:<20}   console: {} of {} bytes dropped (over the console budget)",
+                "", c.dropped, c.received
+            );
         }
     }
     o

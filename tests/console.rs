@@ -173,6 +173,98 @@ threshold = 2
     assert!(text.contains("sysrq: Show Blocked State"), "{text}");
 }
 
+/// A guest that writes its console as fast as QEMU lets it (`acpimon.scenario=flood`): the
+/// service reads it in large chunks (a bounded number of reads a second), keeps what the budget
+/// allows and counts the rest, the re-export and the ring (the bundle's console tail) still have
+/// recent output with the drop marked, and the VM's heartbeat keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_guests_console_is_budgeted_and_its_heartbeat_still_answers() {
+    let work = tempfile::Builder::new().prefix("acpimon-console").tempdir_in("/tmp").unwrap();
+    let spec = GuestSpec {
+        watched: true,
+        eve_console: true,
+        scenario: "flood",
+        delay: 2,
+        extra: vec!["-S".into(), "-no-shutdown".into()],
+        ..GuestSpec::new("q35")
+    };
+    let g = Guest::boot(spec).await;
+    let dir = g.vm.prepared.dir.clone();
+    // A small budget, so that even a guest slowed by a loaded host floods past it.
+    let config = "console_rate = \"4KiB\"\nconsole_burst = \"16KiB\"\n[defaults]\nstartup_grace = \"90s\"\n";
+    let svc = Service::start(dir.parent().unwrap(), work.path(), config).await;
+    svc.wait_state("guest", State::Paused, Duration::from_secs(30)).await;
+    let other = Client::connect(&dir.join(CONSOLE_SHARE));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    other.wait_for("ACPIMON-GUEST: flooding the console now", Duration::from_secs(60)).await;
+
+    // The budget runs out within seconds of the flood.
+    let start = Instant::now();
+    let first = loop {
+        let v = svc.vm("guest").await.expect("the VM in /status");
+        match v.console {
+            Some(c) if c.dropped > 0 => break (c, Instant::now()),
+            _ => {}
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "nothing dropped after 60 s of flood: {v:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let hb = |v: &acpimon::watch::metrics::VmView| {
+        let s = v.scenarios.iter().find(|s| s.kind == "acpi-heartbeat").expect("heartbeat");
+        (s.answers_total, s.misses_total)
+    };
+    let before = hb(&svc.vm("guest").await.unwrap());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let v = svc.vm("guest").await.unwrap();
+    let (c, secs) = (v.console.expect("console counts"), first.1.elapsed().as_secs_f64());
+    let after = hb(&v);
+    assert_eq!(v.state, State::Healthy, "{v:#?}");
+    assert!(after.0 >= before.0 + 5, "the heartbeat answers under the flood: {before:?} -> {after:?}");
+    assert_eq!(after.1, before.1, "no heartbeat missed under the flood");
+    let received = (c.received - first.0.received) as f64 / secs;
+    let kept = (c.kept - first.0.kept) as f64 / secs;
+    let reads = (c.reads - first.0.reads) as f64 / secs;
+    assert!(received > 6e3, "the guest floods: {received:.0} B/s ({c:?})");
+    assert!(kept < 5e3, "at most the budget's rate (4 KiB/s) and a line is kept: {kept:.0} B/s ({c:?})");
+    assert!(reads < 60.0, "read in large chunks, about one read per 20 ms at most: {reads:.1}/s ({c:?})");
+    assert_eq!(c.received, c.kept + c.dropped, "{c:?}");
+    let metrics = metrics(&svc).await;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("acpimon_console_bytes_total{vm=\"guest\",what=\"dropped\"} ")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    let text = other.text();
+    let marker =
+        text.rfind("bytes of console output dropped (over the console budget)]").expect("the drop is marked");
+    assert!(text[marker..].contains("ACPIMON-FLOOD"), "the re-export has recent output after the drop");
+
+    // The ring has recent output too: the bundle of a hang (the VM stopped) shows it.
+    g.vm.qmp.execute_within(qapi::qmp::stop {}, Duration::from_secs(5)).await.unwrap();
+    svc.wait_state("guest", State::Unresponsive, Duration::from_secs(30)).await;
+    let bundle = svc.wait_event("bundle", Duration::from_secs(90), |e| e.kind == "bundle").await;
+    let tail = step_file(&bundle, "console-tail");
+    let marker =
+        tail.rfind("bytes of console output dropped (over the console budget)]").expect("the drop is marked");
+    assert!(
+        tail[marker..].contains("ACPIMON-FLOOD"),
+        "the ring has output kept after the last drop:\n{}",
+        &tail[marker..]
+    );
+}
+
+/// The service's `/metrics` text (with the response's head).
+async fn metrics(svc: &Service) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(svc.addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 /// `acpimon run`'s path (`launch::Vm`, no service): the console found in the launcher's
 /// `-readconfig` file is the handle's console, re-exported, and SysRq breaks on `cons`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

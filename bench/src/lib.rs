@@ -1,8 +1,11 @@
 //! acpimon's benchmarks and the simulated VM they run on, kept out of the product binary:
 //! [`latency`] measures trigger-to-record latency on the real test guest (`acpimon-bench
 //! latency`), [`scale`] one `acpimon watch` over hundreds of [`simvm`] VMs (`acpimon-bench
-//! scale`).
+//! scale`), [`flood`] what guests flooding their consoles cost it (`acpimon-bench flood`),
+//! [`faults`] the fault suite (`acpimon-bench faults`).
 
+pub mod faults;
+pub mod flood;
 pub mod latency;
 pub mod scale;
 pub mod simvm;

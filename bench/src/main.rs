@@ -11,13 +11,13 @@ use clap::{Parser, Subcommand};
 use acpimon::generate::SsdtConfig;
 use acpimon::launch::{self, Vm, VmSpec};
 use acpimon::watch::config::default_state_dir;
-use acpimon_bench::{latency, scale};
+use acpimon_bench::{faults, flood, latency, scale};
 
 #[derive(Parser)]
 #[command(
     name = "acpimon-bench",
     version,
-    about = "acpimon's benchmarks: trigger-to-record latency and scale"
+    about = "acpimon's benchmarks: trigger-to-record latency, scale and console floods"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -74,6 +74,60 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Console flood: guests writing their serial console as fast as QEMU lets them
+    /// (`acpimon.scenario=flood`) beside one healthy VM, all watched by one `acpimon watch`
+    /// child; the service's CPU and memory and the healthy VM's heartbeat p50/p99, without and
+    /// then with the flood in the same run. Fails when the flood costs more than 10 % of a core
+    /// or the p99 grows by more than 10 %.
+    Flood {
+        /// The test guest's directory (`qemu-fixtures/build-guest` prints it as its last line).
+        #[arg(long, env = "ACPIMON_GUEST", value_name = "DIR")]
+        guest: Option<PathBuf>,
+        /// Flooding guests.
+        #[arg(long, default_value_t = 4)]
+        floods: usize,
+        /// Each measurement window (baseline, then flood).
+        #[arg(long, default_value = "30s", value_parser = acpimon::units::parse_duration)]
+        window: Duration,
+        #[arg(long, default_value = "pc", value_parser = ["pc", "q35"])]
+        machine: String,
+        /// The acpimon binary to run as the service [default: `acpimon` beside this program].
+        #[arg(long, value_name = "PATH")]
+        acpimon: Option<PathBuf>,
+        /// Scratch directory; each run keeps a fresh subdirectory there.
+        #[arg(long, value_name = "DIR")]
+        work: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The fault suite: faults injected into a running service watching real test guests
+    /// (console floods, the service SIGKILLed during diagnostics and on a full disk, QEMU
+    /// SIGKILLed and relaunched, a full data disk with the controller down), each a named check
+    /// with a PASS or FAIL line, then a summary table. Needs root (the full-disk checks mount
+    /// a tmpfs). Exit status 1 when a check failed.
+    Faults {
+        /// The test guest's directory (`qemu-fixtures/build-guest` prints it as its last line).
+        #[arg(long, env = "ACPIMON_GUEST", value_name = "DIR")]
+        guest: Option<PathBuf>,
+        /// The CI form: shorter windows and fewer repetitions (a few minutes in all).
+        #[arg(long)]
+        reduced: bool,
+        /// Run only these checks (comma-separated): flood, sigkill-diagnostics, qemu-kill-loop,
+        /// full-disk, sigkill-full-disk.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// The acpimon binary to run as the service and controller [default: `acpimon` beside
+        /// this program].
+        #[arg(long, value_name = "PATH")]
+        acpimon: Option<PathBuf>,
+        /// Scratch directory; each check keeps a fresh subdirectory there.
+        #[arg(long, value_name = "DIR")]
+        work: Option<PathBuf>,
+        /// Print the results as JSON after the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +142,8 @@ enum Error {
     Latency(#[from] latency::BenchError),
     #[error(transparent)]
     Scale(#[from] scale::ScaleError),
+    #[error(transparent)]
+    Flood(#[from] flood::FloodError),
     #[error("{0}")]
     Problems(String),
 }
@@ -146,6 +202,65 @@ fn run(command: Command) -> Result<(), Error> {
                 Ok(())
             } else {
                 Err(Error::Problems(problems.join("; ")))
+            }
+        }
+        Command::Flood { guest, floods, window, machine, acpimon, work, json } => {
+            let guest = guest.ok_or_else(|| {
+                Error::Input(
+                    "no test guest given: pass --guest DIR or set ACPIMON_GUEST to the directory \
+                     qemu-fixtures/build-guest prints (tools/bench-flood does both)"
+                        .into(),
+                )
+            })?;
+            let service = match acpimon {
+                Some(p) => p,
+                None => beside_this_program("acpimon")?,
+            };
+            let work = work.unwrap_or_else(|| std::env::temp_dir().join("acpimon-flood"));
+            let opts = flood::FloodOptions { service, guest, floods, window, machine, work };
+            let report = runtime().block_on(flood::run(&opts, |m| eprintln!("bench-flood: {m}")))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            } else {
+                print!("{report}");
+            }
+            let problems = report.problems();
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Problems(problems.join("; ")))
+            }
+        }
+        Command::Faults { guest, reduced, only, acpimon, work, json } => {
+            let guest = guest.ok_or_else(|| {
+                Error::Input(
+                    "no test guest given: pass --guest DIR or set ACPIMON_GUEST to the directory \
+                     qemu-fixtures/build-guest prints (tools/faults does both)"
+                        .into(),
+                )
+            })?;
+            if let Some(bad) = only.iter().find(|o| !faults::CHECKS.contains(&o.as_str())) {
+                return Err(Error::Input(format!(
+                    "no check '{bad}': pick from {}",
+                    faults::CHECKS.join(", ")
+                )));
+            }
+            let service = match acpimon {
+                Some(p) => p,
+                None => beside_this_program("acpimon")?,
+            };
+            let work = work.unwrap_or_else(|| std::env::temp_dir().join("acpimon-faults"));
+            let opts = faults::FaultOptions { service, guest, reduced, only, work };
+            let results = runtime().block_on(faults::run(&opts, |m| eprintln!("faults: {m}")));
+            print!("{}", faults::table(&results));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results).expect("results serialise"));
+            }
+            let failed: Vec<&str> = results.iter().filter(|r| !r.pass).map(|r| r.name.as_str()).collect();
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Problems(format!("checks failed: {}", failed.join(", "))))
             }
         }
     }

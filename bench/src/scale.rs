@@ -514,15 +514,15 @@ fn config_text(state_dir: &Path, data_dir: &Path) -> String {
 }
 
 /// The service as a child process.
-struct Service {
-    child: Child,
+pub(crate) struct Service {
+    pub(crate) child: Child,
     log: PathBuf,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     started: Instant,
 }
 
 impl Service {
-    async fn start(program: &Path, config: &Path, log: &Path) -> Result<Service, ScaleError> {
+    pub(crate) async fn start(program: &Path, config: &Path, log: &Path) -> Result<Service, ScaleError> {
         let out =
             std::fs::File::create(log).map_err(|source| ScaleError::Work { path: log.into(), source })?;
         let err = out.try_clone().map_err(|source| ScaleError::Work { path: log.into(), source })?;
@@ -569,13 +569,13 @@ impl Service {
         }
     }
 
-    async fn status(&mut self) -> Result<StatusView, ScaleError> {
+    pub(crate) async fn status(&mut self) -> Result<StatusView, ScaleError> {
         self.exited("while being measured")?;
         fetch_status(self.addr, Duration::from_secs(10)).await.map_err(ScaleError::Status)
     }
 
     /// SIGTERM, then SIGKILL if it does not stop in time.
-    async fn stop(mut self) -> Result<(), ScaleError> {
+    pub(crate) async fn stop(mut self) -> Result<(), ScaleError> {
         self.exited("before the end of the measurement")?;
         acpimon::util::process::terminate(self.child.id());
         let deadline = Instant::now() + SERVICE_STOP_WAIT;
@@ -708,12 +708,12 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
 
 // ---- /proc ----
 
-fn read_proc(path: &Path) -> Result<String, ScaleError> {
+pub(crate) fn read_proc(path: &Path) -> Result<String, ScaleError> {
     std::fs::read_to_string(path).map_err(|source| ScaleError::Proc { path: path.into(), source })
 }
 
 /// utime + stime of `/proc/PID/stat`, in clock ticks.
-fn proc_cpu(path: &Path) -> Result<u64, ScaleError> {
+pub(crate) fn proc_cpu(path: &Path) -> Result<u64, ScaleError> {
     let text = read_proc(path)?;
     stat_cpu_ticks(&text).ok_or_else(|| ScaleError::Proc {
         path: path.into(),
@@ -734,7 +734,7 @@ fn stat_cpu_ticks(stat: &str) -> Option<u64> {
 }
 
 /// A number from `/proc/PID/status`: "VmRSS: 1234 kB" gives 1234 (kB for the Vm* keys).
-fn status_kib(status: &str, key: &str) -> Option<u64> {
+pub(crate) fn status_kib(status: &str, key: &str) -> Option<u64> {
     status.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         if k != key {
@@ -780,7 +780,7 @@ fn count_dir(path: &str) -> usize {
 }
 
 /// `getconf CLK_TCK` (from the kernel's auxiliary vector), else Linux's usual 100.
-fn clock_ticks() -> u64 {
+pub(crate) fn clock_ticks() -> u64 {
     Some(rustix::param::clock_ticks_per_second()).filter(|&t| t > 0).unwrap_or(100)
 }
 

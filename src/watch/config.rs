@@ -33,6 +33,8 @@ pub struct Config {
     pub node: String,
     pub discover_interval: Duration,
     pub console_keep: usize,
+    /// What each VM's console may cost (`console_rate`, `console_burst`).
+    pub console_budget: crate::console::Budget,
     pub event_log: Option<PathBuf>,
     /// `event_hold_max` / `event_hold_max_events`: what the event writer holds in memory
     /// while the disk refuses writes; beyond it events are dropped, counted and reported.
@@ -366,6 +368,8 @@ struct RawConfig {
     node: Option<String>,
     discover_interval: Option<Spanned<Dur>>,
     console_keep: Option<Spanned<Size>>,
+    console_rate: Option<Spanned<Size>>,
+    console_burst: Option<Spanned<Size>>,
     event_log: Option<PathBuf>,
     event_hold_max: Option<Spanned<Size>>,
     event_hold_max_events: Option<Spanned<usize>>,
@@ -603,6 +607,19 @@ impl Validator<'_> {
             Some(s) => s.into_inner().0 as usize,
             None => crate::console::DEFAULT_KEEP,
         };
+        let mut console_budget = crate::console::Budget::default();
+        for (raw, key, min, field) in [
+            (raw.console_rate, "console_rate", 1u64 << 10, &mut console_budget.rate),
+            (raw.console_burst, "console_burst", 4 << 10, &mut console_budget.burst),
+        ] {
+            match raw {
+                Some(s) if !(min..=64 << 20).contains(&s.get_ref().0) => {
+                    self.problem(s.span(), format!("{key} must be between {}KiB and 64MiB", min >> 10))
+                }
+                Some(s) => *field = s.into_inner().0,
+                None => {}
+            }
+        }
         let metrics = match raw.metrics {
             None => Some(DEFAULT_METRICS.parse().expect("valid address")),
             Some(m) if m.listen.get_ref().is_empty() => None,
@@ -719,6 +736,7 @@ impl Validator<'_> {
             node: raw.node.unwrap_or_else(host_name),
             discover_interval,
             console_keep,
+            console_budget,
             event_log,
             event_hold,
             touch_file: raw.touch_file,

@@ -71,6 +71,10 @@ pub struct VmView {
     /// The guest kernel's reports read on the console, by class.
     #[serde(default)]
     pub kernel_reports: BTreeMap<crate::sentinel::ReportClass, u64>,
+    /// The console's bytes, by what became of them (over all of the VM's QEMU lives since the
+    /// service started); `None` before a console was connected.
+    #[serde(default)]
+    pub console: Option<crate::console::ConsoleCounts>,
     #[serde(skip)]
     pub latency_buckets: [u64; LATENCY_BUCKETS.len()],
     #[serde(skip)]
@@ -106,6 +110,7 @@ impl VmView {
             app_info: None,
             app_lines: None,
             kernel_reports: BTreeMap::new(),
+            console: None,
             latency_buckets: [0; LATENCY_BUCKETS.len()],
             latency_count: 0,
             latency_sum: 0.0,
@@ -385,6 +390,26 @@ fn render(status: &StatusView) -> String {
         for class in crate::sentinel::ReportClass::ALL {
             let n = v.kernel_reports.get(&class).copied().unwrap_or(0);
             let _ = writeln!(o, "acpimon_kernel_reports_total{{vm=\"{vm}\",class=\"{class}\"}} {n}");
+        }
+    }
+    header(
+        &mut o,
+        "acpimon_console_bytes_total",
+        "counter",
+        "Bytes the guest printed on its console, by what became of them (dropped: over the console budget).",
+    );
+    for v in full {
+        if let Some(c) = &v.console {
+            let vm = esc(&v.name);
+            for (what, n) in [("received", c.received), ("kept", c.kept), ("dropped", c.dropped)] {
+                let _ = writeln!(o, "acpimon_console_bytes_total{{vm=\"{vm}\",what=\"{what}\"}} {n}");
+            }
+        }
+    }
+    header(&mut o, "acpimon_console_reads_total", "counter", "Reads of the console's socket.");
+    for v in full {
+        if let Some(c) = &v.console {
+            let _ = writeln!(o, "acpimon_console_reads_total{{vm=\"{}\"}} {}", esc(&v.name), c.reads);
         }
     }
     header(&mut o, "acpimon_stalled_loops", "gauge", "Internal loops that are late.");

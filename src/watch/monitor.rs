@@ -128,6 +128,8 @@ pub struct Monitor {
     /// A panic that came while another incident's bundle was being collected: its own bundle,
     /// with the panic as its trigger, follows that one.
     queued_panic: Option<Incident>,
+    /// The console counts of the VM's earlier QEMU lives (each attach has a new console).
+    console_before: crate::console::ConsoleCounts,
 }
 
 /// What the monitor keeps of the guest kernel's reports.
@@ -174,6 +176,7 @@ impl Monitor {
             loop_name,
             sentinel: Sentinel::default(),
             queued_panic: None,
+            console_before: Default::default(),
         };
         if let Some(p) = problem {
             tracing::warn!("{p}");
@@ -252,7 +255,10 @@ impl Monitor {
         let keep = self.shared.config.console_keep;
         // The launcher's console (vm.json's console_chardev) is re-exported for its tools.
         let (console, console_why) = match self.connect_console(&d, keep).await {
-            Ok(c) => (Some(Arc::new(c)), String::new()),
+            Ok(c) => {
+                c.set_budget(self.shared.config.console_budget);
+                (Some(Arc::new(c)), String::new())
+            }
             Err(e) => (None, format!("cannot connect: {e}")),
         };
         let (region, region_why) = match Region::open(&d.region, Access::ReadWrite) {
@@ -375,9 +381,10 @@ impl Monitor {
         lock(&self.view).degraded = degraded;
         self.refresh_view("");
         let mut events = att.qmp.events();
-        // The sentinel reads the console's output in order. This is the one place it
-        // subscribes: a receiver that falls behind loses chunks (and resyncs on a line).
-        let mut console_out = att.console.as_ref().map(|c| c.subscribe());
+        // The sentinel reads every chunk the console keeps, in order (none lost between here
+        // and the console; what the console's budget dropped is marked, and the scanner
+        // resyncs on the next line).
+        let mut console_out = att.console.as_ref().map(|c| c.kept_chunks());
         self.sentinel.scanner = Scanner::new();
         self.sentinel.pending_panic = None;
         let mut diag: Option<JoinHandle<DiagDone>> = None;
@@ -395,12 +402,13 @@ impl Monitor {
                 Some(report) = rx.recv() => self.report(report),
                 out = async { console_out.as_mut().expect("guarded").recv().await }, if console_out.is_some() => {
                     match out {
-                        Ok(bytes) => self.console_bytes(&bytes),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::warn!("the kernel-report sentinel missed {n} console chunks");
-                            self.sentinel.scanner.resync();
+                        Some(chunk) => {
+                            if chunk.dropped_before > 0 {
+                                self.sentinel.scanner.resync();
+                            }
+                            self.console_bytes(&chunk.bytes);
                         }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => console_out = None,
+                        None => console_out = None,
                     }
                 }
                 _ = async { tokio::time::sleep_until(panic_wait.expect("guarded")).await }, if panic_wait.is_some() => {
@@ -438,6 +446,9 @@ impl Monitor {
                     if let Ok(app) = &att.channels.app {
                         lock(&self.view).app_lines = Some(app.counts());
                     }
+                    if let Some(c) = &att.console {
+                        lock(&self.view).console = Some(self.console_before + c.counts());
+                    }
                     if let Some(t) = self.machine.tick(Instant::now()) {
                         self.transition(t, None);
                     }
@@ -464,6 +475,10 @@ impl Monitor {
         }
         if let Some(d) = diag {
             d.abort();
+        }
+        if let Some(c) = &att.console {
+            self.console_before = self.console_before + c.counts();
+            lock(&self.view).console = Some(self.console_before);
         }
     }
 

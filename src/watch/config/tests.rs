@@ -20,6 +20,7 @@ data_dir = "/var/lib/acpimon"
 node = "edge-17"
 discover_interval = "500ms"
 console_keep = "64KiB"
+console_rate = "8KiB"
 touch_file = "/run/acpimon/alive"
 
 [metrics]
@@ -65,6 +66,7 @@ fn a_full_file_resolves_with_per_vm_overrides() {
     assert_eq!(c.node, "edge-17");
     assert_eq!(c.discover_interval, Duration::from_millis(500));
     assert_eq!(c.console_keep, 64 << 10);
+    assert_eq!((c.console_budget.rate, c.console_budget.burst), (8 << 10, 256 << 10));
     assert_eq!(c.controller.as_ref().unwrap().url, "http://10.0.0.1:8080");
     assert_eq!(c.controller.as_ref().unwrap().spool_max_bytes, 1 << 20);
     let d = &c.defaults;
@@ -251,6 +253,7 @@ fn dist_watch_toml_lists_the_built_in_defaults() {
             &builtin.node
         )
     );
+    assert_eq!(dist.console_budget, builtin.console_budget);
     assert_eq!(dist.event_log, Some(dist.data_dir.join("events.jsonl")));
     assert_eq!((dist.event_hold, dist.bundles_budget), (builtin.event_hold, builtin.bundles_budget));
     assert!(dist.controller.is_none() && dist.hook.is_none() && dist.vms.is_empty());
