@@ -421,9 +421,12 @@ impl Forwarder {
                 }
             },
         };
-        if let Err(e) =
-            self.shared.writer.send(Job::Event { json: json.clone(), spool_seq, time: ev.time.clone() })
-        {
+        if let Err(e) = self.shared.writer.send(Job::Event {
+            json: json.clone(),
+            spool_seq,
+            time: ev.time.clone(),
+            logged: false,
+        }) {
             if let (Some(spool), Some(seq)) = (&self.shared.spool, spool_seq) {
                 spool.finish(seq, false);
             }
@@ -437,6 +440,28 @@ impl Forwarder {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// The keys of the events waiting in the spool (none without a controller). Reads the
+    /// spool directory: for the start, before events flow.
+    pub fn spooled_keys(&self) -> std::collections::HashSet<String> {
+        self.shared.spool.as_ref().map(|s| spool::entry_keys(s.dir())).unwrap_or_default()
+    }
+
+    /// Puts an event that is in the log but may never have reached the spool (the service
+    /// died, or the disk refused the spool entry, between the two) back in the spool, so it is
+    /// delivered; the controller keeps each key once, so one delivered before is not doubled.
+    /// For the start, before any new event: the writer keeps it ahead of them.
+    pub fn respool(&self, json: Vec<u8>, time: String) -> Result<(), ForwardError> {
+        let Some(spool) = &self.shared.spool else { return Ok(()) };
+        let seq = spool.reserve(json.len() as u64)?;
+        let job = Job::Event { json: json.into(), spool_seq: Some(seq), time, logged: true };
+        if let Err(e) = self.shared.writer.send(job) {
+            spool.finish(seq, false);
+            return Err(e);
+        }
+        lock(&self.shared.stats).events_accepted += 1;
+        Ok(())
     }
 
     /// Queues `bytes` to replace the state file `path` (atomically and durably, see

@@ -67,6 +67,15 @@ pub(crate) fn count_entries(dir: &Path) -> usize {
         .count()
 }
 
+/// The idempotency keys of the entries `dir` holds (unreadable entries are left out).
+pub(crate) fn entry_keys(dir: &Path) -> std::collections::HashSet<String> {
+    let Ok(rd) = fs::read_dir(dir) else { return Default::default() };
+    rd.flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| matches!(classify(n), Name::Entry(_))))
+        .filter_map(|e| decode(&fs::read(e.path()).ok()?).ok())
+        .collect()
+}
+
 /// The leading sequence number of a name in `rejected/` or `corrupt/`, which keep the entry's.
 fn leading_seq(name: &str) -> Option<u64> {
     let name = name.strip_prefix('.').unwrap_or(name);

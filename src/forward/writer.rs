@@ -53,7 +53,9 @@ pub(super) const RETRY_MAX: Duration = Duration::from_secs(5);
 pub(super) enum Job {
     /// An event's JSON (without the newline), its reserved spool slot and its time (for the
     /// record of a loss).
-    Event { json: Arc<[u8]>, spool_seq: Option<u64>, time: String },
+    /// `logged`: the event is in the log already (re-spooled at start, see
+    /// [`super::Forwarder::respool`]).
+    Event { json: Arc<[u8]>, spool_seq: Option<u64>, time: String, logged: bool },
     /// Replace a state file with these bytes, or (`None`) remove it.
     Save { path: PathBuf, bytes: Option<Vec<u8>> },
     /// Answered once everything queued before it is written (held events included).
@@ -194,7 +196,7 @@ impl Writer {
     fn take(&mut self, p: &mut Pending, batch: Vec<Job>) {
         for job in batch {
             match job {
-                Job::Event { json, spool_seq, time } => {
+                Job::Event { json, spool_seq, time, logged } => {
                     let size = json.len() as u64 + 1;
                     let full = p.events.len() >= self.limits.max_events
                         || p.bytes.saturating_add(size) > self.limits.max_bytes;
@@ -203,7 +205,7 @@ impl Writer {
                         continue;
                     }
                     p.bytes += size;
-                    p.events.push_back(Held { json, spool_seq, logged: false, spooled: spool_seq.is_none() });
+                    p.events.push_back(Held { json, spool_seq, logged, spooled: spool_seq.is_none() });
                 }
                 // A later version of the same file replaces an earlier one.
                 Job::Save { path, bytes } => {
@@ -253,7 +255,7 @@ impl Writer {
                 None => p.events.iter_mut().for_each(|h| h.logged = true),
                 Some((path, file)) => {
                     let mut lines = Vec::new();
-                    for h in p.events.range(unlogged..) {
+                    for h in p.events.range(unlogged..).filter(|h| !h.logged) {
                         lines.extend_from_slice(&h.json);
                         lines.push(b'\n');
                     }

@@ -58,6 +58,39 @@ struct Running {
     dir: PathBuf,
 }
 
+/// Reads the end of the event log before any VM is watched: the highest key sequence per VM
+/// epoch (so no logged key is given to another event), and puts back in the spool the events
+/// the log holds but the spool may not (the service died, or a full disk refused the spool
+/// entry, in between).
+async fn recover_log(config: &Config, forwarder: &Forwarder) -> std::collections::HashMap<u64, u64> {
+    let Some(log) = config.event_log.clone() else { return Default::default() };
+    let vms = config.data_dir.join("vms");
+    let fw = forwarder.clone();
+    let scan = tokio::task::spawn_blocking(move || {
+        let tail = persist::log_tail(&log)?;
+        let spooled = fw.spooled_keys();
+        let mut respooled = 0;
+        for l in persist::unacknowledged(&tail, &vms).into_iter().filter(|l| !spooled.contains(&l.key)) {
+            match fw.respool(l.line.clone(), l.time.clone()) {
+                Ok(()) => respooled += 1,
+                Err(e) => {
+                    tracing::error!("event {} is in the log but cannot be put in the spool: {e}", l.key)
+                }
+            }
+        }
+        if respooled > 0 {
+            tracing::warn!("{respooled} events of the log were not in the spool (the service stopped between the two); spooled again");
+        }
+        Ok::<_, std::io::Error>(persist::logged_sequences(&tail))
+    });
+    scan.await.expect("the log scan does not panic").unwrap_or_else(|e| {
+        tracing::warn!(
+            "cannot read the event log's end ({e}): a VM whose state file lags behind it may reuse a key"
+        );
+        Default::default()
+    })
+}
+
 /// Runs the service until `shutdown` turns true. `ready` receives the metrics address once
 /// the service is up (tests bind port 0).
 pub async fn serve(
@@ -94,7 +127,9 @@ pub async fn serve(
         }
         None => None,
     };
-    let shared = Arc::new(Shared { config: config.clone(), forward: forwarder.clone(), registry, liveness });
+    let logged = recover_log(&config, &forwarder).await;
+    let shared =
+        Arc::new(Shared { config: config.clone(), forward: forwarder.clone(), registry, liveness, logged });
     service_event(
         &shared,
         EventKind::ServiceStarted(event::ServiceStarted {

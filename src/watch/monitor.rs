@@ -76,6 +76,9 @@ pub struct Shared {
     pub forward: Forwarder,
     pub registry: Arc<Registry>,
     pub liveness: Arc<Liveness>,
+    /// The highest sequence per VM epoch in the event log when the service started
+    /// ([`persist::logged_sequences`]).
+    pub logged: std::collections::HashMap<u64, u64>,
 }
 
 /// A VM's channels while attached.
@@ -151,7 +154,19 @@ struct Sentinel {
 impl Monitor {
     pub fn new(name: String, dir: PathBuf, settings: VmSettings, shared: Arc<Shared>) -> Monitor {
         let memory_path = persist::path(&shared.config.data_dir, &name);
-        let (memory, problem) = persist::load(&memory_path);
+        let (mut memory, problem) = persist::load(&memory_path);
+        if let Some(&logged) = shared.logged.get(&memory.epoch).filter(|&&l| l >= memory.next_seq) {
+            // The state file lags behind the log (a crash or a full disk between them): never
+            // give a logged key to another event.
+            tracing::warn!(
+                "{}: the event log has used keys up to sequence {logged}, beyond the state file's {}; \
+                 going on from {}",
+                name,
+                memory.next_seq,
+                logged + 1
+            );
+            memory.next_seq = logged + 1;
+        }
         let tracks =
             settings.scenarios.iter().map(|s| Track::new(&s.name, s.probe.kind(), s.threshold)).collect();
         let restored = (memory.next_seq > 0).then_some((memory.state, memory.incident));

@@ -81,6 +81,89 @@ pub fn load(path: &Path) -> (Memory, Option<String>) {
     }
 }
 
+/// How much of the event log's end [`logged_sequences`] reads: more than the writer holds in
+/// memory on a full disk (`event_hold_max`, 16 MiB by default), the most the state files can
+/// lag behind the log.
+pub const LOG_SCAN: u64 = 32 << 20;
+
+/// A VM's event as the end of the event log holds it.
+pub struct Logged {
+    pub epoch: u64,
+    pub seq: u64,
+    pub key: String,
+    pub time: String,
+    /// The whole line, without its newline.
+    pub line: Vec<u8>,
+}
+
+/// The VMs' events at the end of the event log (the last [`LOG_SCAN`] bytes), oldest first;
+/// the service's own events and lines that are not events are left out.
+pub fn log_tail(log: &Path) -> std::io::Result<Vec<Logged>> {
+    use std::io::{Read, Seek, SeekFrom};
+    #[derive(Deserialize)]
+    struct Keyed {
+        key: String,
+        #[serde(default)]
+        time: String,
+    }
+    let mut f = match std::fs::File::open(log) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let start = f.metadata()?.len().saturating_sub(LOG_SCAN);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.take(LOG_SCAN).read_to_end(&mut buf)?;
+    // From the middle of the file, the first line is a fragment.
+    let lines = buf.split(|&b| b == b'\n').skip(usize::from(start > 0));
+    Ok(lines
+        .filter_map(|line| {
+            let k = serde_json::from_slice::<Keyed>(line).ok()?;
+            let (epoch, seq) = split_key(&k.key)?;
+            Some(Logged { epoch, seq, key: k.key, time: k.time, line: line.to_vec() })
+        })
+        .collect())
+}
+
+/// The highest event sequence per VM epoch in `tail`. A VM's state file is written after its
+/// events, so after a crash (or while a full disk refused the state file but not the log) it
+/// can name a `next_seq` the log has already used; a key must never be reused for a different
+/// event, or the controller, which keeps the first, would drop the second.
+pub fn logged_sequences(tail: &[Logged]) -> std::collections::HashMap<u64, u64> {
+    let mut out = std::collections::HashMap::new();
+    for l in tail {
+        let max = out.entry(l.epoch).or_insert(l.seq);
+        *max = (*max).max(l.seq);
+    }
+    out
+}
+
+/// The events of `tail` that may be in the log without having reached the spool: those of a
+/// VM (known by its state file in `vms_dir`) at or past the sequence its state file names.
+/// The state file is written only once every event before it is in the log and the spool, so
+/// events before that sequence were spooled (and delivered, or still in the spool).
+pub fn unacknowledged<'a>(tail: &'a [Logged], vms_dir: &Path) -> Vec<&'a Logged> {
+    let mut acked: std::collections::HashMap<u64, u64> = Default::default();
+    for entry in std::fs::read_dir(vms_dir).into_iter().flatten().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "json") {
+            if let Ok(m) = serde_json::from_slice::<Memory>(&std::fs::read(entry.path()).unwrap_or_default())
+            {
+                acked.insert(m.epoch, m.next_seq);
+            }
+        }
+    }
+    tail.iter().filter(|l| acked.get(&l.epoch).is_some_and(|&next| l.seq >= next)).collect()
+}
+
+/// A VM event key's epoch and sequence (see [`Memory::take_key`]).
+fn split_key(key: &str) -> Option<(u64, u64)> {
+    if key.len() != 32 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((u64::from_str_radix(&key[..16], 16).ok()?, u64::from_str_radix(&key[16..], 16).ok()?))
+}
+
 /// What [`save`] writes. The service hands it to the forwarder's writer thread
 /// ([`crate::forward::Forwarder::save_state`]), which writes it the same way, in order with the
 /// VM's events.
@@ -97,6 +180,31 @@ pub fn save(path: &Path, m: &Memory) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_logs_sequences_are_read_from_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("events.jsonl");
+        assert!(log_tail(&log).unwrap().is_empty(), "no log yet");
+        let mut m = Memory::fresh();
+        m.epoch = 0xab;
+        let mut text = String::from("{\"key\": \"torn\"\n");
+        for _ in 0..3 {
+            text.push_str(&format!("{{\"key\":\"{}\",\"kind\":\"reboot\"}}\n", m.take_key()));
+        }
+        text.push_str("{\"key\":\"service-key-not-hex-zz000000000000\"}\nnot json\n");
+        std::fs::write(&log, text).unwrap();
+        let tail = log_tail(&log).unwrap();
+        let seen = logged_sequences(&tail);
+        assert_eq!(seen.get(&0xab), Some(&2));
+        assert_eq!(seen.len(), 1);
+        // The state file says sequence 1 is next: events 1 and 2 may not be in the spool.
+        let vms = dir.path().join("vms");
+        m.next_seq = 1;
+        save(&vms.join("web.json"), &m).unwrap();
+        let seqs: Vec<u64> = unacknowledged(&tail, &vms).iter().map(|l| l.seq).collect();
+        assert_eq!(seqs, vec![1, 2]);
+    }
 
     #[test]
     fn round_trip_and_keys() {
