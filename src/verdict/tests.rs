@@ -271,7 +271,10 @@ fn registers_alone_show_interrupts_off_and_symbols_name_the_function() {
     assert!(v.headline.contains("; the guest kernel reports an RCU stall on CPU#0"), "{}", v.headline);
     // On another CPU, or with interrupts on, it stays an RCU stall.
     rcu.cpu = Some(1);
-    assert_eq!(judge(&t, &m, &files("", &spinning_irqs_off()), &[rcu.clone()], None).class, Class::RcuStall);
+    assert_eq!(
+        judge(&t, &m, &files("", &spinning_irqs_off()), std::slice::from_ref(&rcu), None).class,
+        Class::RcuStall
+    );
     assert_eq!(judge(&t, &m, &files("", QEMU10), &[rcu], None).class, Class::RcuStall);
 
     // The idle guest of QEMU 10's dump: halted, nothing found.
@@ -351,7 +354,7 @@ fn an_rcu_stall_of_a_cpu_spinning_with_interrupts_on_is_a_soft_lockup() {
     let m = manifest(&t, Some("running"));
     let rcu = report(ReportClass::RcuStall, "rcu: INFO: rcu_preempt self-detected stall on CPU");
     let spin = kernel_irqs_on("ffffffffc02a6012", "ffffffffc02a6010");
-    let v = judge(&t, &m, &files("", &spin), &[rcu.clone()], None);
+    let v = judge(&t, &m, &files("", &spin), std::slice::from_ref(&rcu), None);
     assert_eq!(v.class, Class::SoftLockup, "{v:?}");
     assert!(
         v.headline.starts_with(
@@ -363,16 +366,19 @@ fn an_rcu_stall_of_a_cpu_spinning_with_interrupts_on_is_a_soft_lockup() {
     );
     // The RCU report and the registers are the evidence.
     assert!(v.evidence.iter().any(|e| e.source == "kernel-report" && e.line.contains("self-detected stall")));
-    assert!(v.evidence.iter().any(|e| e.source == "05-registers.txt" && e.line.starts_with("vCPU 1 spinning")));
+    assert!(v
+        .evidence
+        .iter()
+        .any(|e| e.source == "05-registers.txt" && e.line.starts_with("vCPU 1 spinning")));
     // Honest otherwise: running all over the kernel, the stall on another CPU, one sample only,
     // or no CPU named: an RCU stall.
     let running = kernel_irqs_on("ffffffff81000010", "ffffffff81900000");
-    assert_eq!(judge(&t, &m, &files("", &running), &[rcu.clone()], None).class, Class::RcuStall);
+    assert_eq!(judge(&t, &m, &files("", &running), std::slice::from_ref(&rcu), None).class, Class::RcuStall);
     let mut other = rcu.clone();
     other.cpu = Some(0);
     assert_eq!(judge(&t, &m, &files("", &spin), &[other], None).class, Class::RcuStall);
     let one = spin.split(registers::SAMPLE_MARK).next().unwrap().to_string();
-    assert_eq!(judge(&t, &m, &files("", &one), &[rcu.clone()], None).class, Class::RcuStall);
+    assert_eq!(judge(&t, &m, &files("", &one), std::slice::from_ref(&rcu), None).class, Class::RcuStall);
     let mut unnamed = rcu;
     unnamed.cpu = None;
     assert_eq!(judge(&t, &m, &files("", &spin), &[unnamed], None).class, Class::RcuStall);
