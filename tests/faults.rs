@@ -123,6 +123,7 @@ impl Watched {
                 e.kind == "bundle" && e.detail["manifest"]["trigger"]["kind"] == kind
             })
             .await;
+        eprintln!("verdict: {:#}", b.detail["manifest"]["verdict"]);
         for e in self.svc.events().iter().filter(|e| e.kind == "bundle") {
             let m = &e.detail["manifest"];
             assert_eq!(
@@ -172,9 +173,13 @@ async fn soft_lockup_on_cpu_1_is_unresponsive_with_the_kernels_report() {
         .wait_event("unresponsive", Duration::from_secs(5), |e| is_transition(e, State::Unresponsive))
         .await;
     assert!(t.detail["reason"].as_str().unwrap().contains("self-detected stall on CPU"), "{:?}", t.detail);
+    // The kernel's report in the event: on the transition, and as its own event.
+    let report = &t.detail["kernel_report"];
+    assert_eq!(report["class"], "rcu-stall", "{:?}", t.detail);
+    assert_eq!(report["cpu"], 1, "{:?}", t.detail);
+    assert!(report["location"].as_str().unwrap().starts_with("acpimon_soft_lockup+"), "{:?}", t.detail);
     let rcu = w.report("rcu-stall", Duration::from_secs(5), |_| true).await;
     assert_eq!(rcu.detail["cpu"], 1, "{:?}", rcu.detail);
-    assert_eq!(rcu.detail["incident"], t.key.as_str(), "{:?}", rcu.detail);
     let b = w.bundle("unresponsive", "soft-lockup").await;
     let v = &b.detail["manifest"]["verdict"];
     let headline = v["headline"].as_str().unwrap();
@@ -226,7 +231,7 @@ async fn hard_lockup_on_cpu_1_has_a_verdict_saying_interrupts_are_off() {
         rcu.detail
     );
     assert_eq!(rcu.detail["cpu"], 1, "{:?}", rcu.detail);
-    assert_eq!(rcu.detail["incident"], t.key.as_str(), "{:?}", rcu.detail);
+    assert_eq!(t.detail["kernel_report"]["class"], "rcu-stall", "{:?}", t.detail);
     let b = w.bundle("unresponsive", "hard-lockup").await;
     let v = &b.detail["manifest"]["verdict"];
     let headline = v["headline"].as_str().unwrap();
@@ -265,6 +270,7 @@ async fn hung_task_is_reported_and_judged_with_sysrq_restricted() {
         view.reason
     );
     let t = w.svc.wait_event("late", Duration::from_secs(5), |e| is_transition(e, State::Late)).await;
+    assert_eq!(t.detail["kernel_report"]["class"], "hung-task", "{:?}", t.detail);
     let r = w.report("hung-task", Duration::from_secs(5), |_| true).await;
     assert_eq!(r.detail["task"], "acpimon-hung", "{:?}", r.detail);
     assert!(
