@@ -105,11 +105,11 @@ async fn watch_fault(fault: Fault, append: &[&str]) -> Watched {
 }
 
 impl Watched {
-    /// The first `kernel-report` event of `class` that satisfies `pred`.
-    async fn report(&self, class: &str, timeout: Duration, pred: impl Fn(&Event) -> bool) -> Event {
+    /// The first `kernel-report` event of `class`.
+    async fn report(&self, class: &str, timeout: Duration) -> Event {
         self.svc
             .wait_event(&format!("kernel-report {class}"), timeout, |e| {
-                e.kind == "kernel-report" && e.detail["class"] == class && pred(e)
+                e.kind == "kernel-report" && e.detail["class"] == class
             })
             .await
     }
@@ -124,6 +124,13 @@ impl Watched {
             })
             .await;
         eprintln!("verdict: {:#}", b.detail["manifest"]["verdict"]);
+        self.every_verdict_is(class);
+        b
+    }
+
+    /// Every bundle taken so far has a verdict of `class`: every incident of the test is the
+    /// fault's (checked again at each test's end, for incidents after the first).
+    fn every_verdict_is(&self, class: &str) {
         for e in self.svc.events().iter().filter(|e| e.kind == "bundle") {
             let m = &e.detail["manifest"];
             assert_eq!(
@@ -132,7 +139,6 @@ impl Watched {
                 m["trigger"]["kind"], m["verdict"]
             );
         }
-        b
     }
 }
 
@@ -178,7 +184,7 @@ async fn soft_lockup_on_cpu_1_is_unresponsive_with_the_kernels_report() {
     assert_eq!(report["class"], "rcu-stall", "{:?}", t.detail);
     assert_eq!(report["cpu"], 1, "{:?}", t.detail);
     assert!(report["location"].as_str().unwrap().starts_with("acpimon_soft_lockup+"), "{:?}", t.detail);
-    let rcu = w.report("rcu-stall", Duration::from_secs(5), |_| true).await;
+    let rcu = w.report("rcu-stall", Duration::from_secs(5)).await;
     assert_eq!(rcu.detail["cpu"], 1, "{:?}", rcu.detail);
     let b = w.bundle("unresponsive", "soft-lockup").await;
     let v = &b.detail["manifest"]["verdict"];
@@ -189,7 +195,7 @@ async fn soft_lockup_on_cpu_1_is_unresponsive_with_the_kernels_report() {
         "{v:#}"
     );
     // The watchdog's own report, later, belongs to the incident and its bundle.
-    let soft = w.report("soft-lockup", REPORT_TIMEOUT, |_| true).await;
+    let soft = w.report("soft-lockup", REPORT_TIMEOUT).await;
     assert_eq!(soft.detail["cpu"], 1, "{:?}", soft.detail);
     assert!(
         soft.detail["line"].as_str().unwrap().starts_with("watchdog: BUG: soft lockup - CPU#1 stuck for "),
@@ -209,6 +215,7 @@ async fn soft_lockup_on_cpu_1_is_unresponsive_with_the_kernels_report() {
     let hb = v.scenarios.iter().find(|s| s.kind == "acpi-heartbeat").unwrap();
     assert_eq!(hb.consecutive_misses, 0, "{hb:?}");
     assert_eq!(w.svc.events().iter().filter(|e| e.kind == "bundle").count(), 1, "one incident, one bundle");
+    w.every_verdict_is("soft-lockup");
 }
 
 /// A hard lockup of CPU 1: RCU's stall report from CPU 0 (with CPU 1's backtrace by NMI, which
@@ -224,7 +231,7 @@ async fn hard_lockup_on_cpu_1_has_a_verdict_saying_interrupts_are_off() {
         .svc
         .wait_event("unresponsive", Duration::from_secs(5), |e| is_transition(e, State::Unresponsive))
         .await;
-    let rcu = w.report("rcu-stall", Duration::from_secs(5), |_| true).await;
+    let rcu = w.report("rcu-stall", Duration::from_secs(5)).await;
     assert!(
         rcu.detail["line"].as_str().unwrap().contains("rcu_preempt detected stalls on CPUs/tasks"),
         "{:?}",
@@ -253,6 +260,7 @@ async fn hard_lockup_on_cpu_1_has_a_verdict_saying_interrupts_are_off() {
         tail.contains("hard LOCKUP") || tail.contains("NMI watchdog: Perf NMI watchdog permanently disabled"),
         "neither a hard LOCKUP report nor the NMI watchdog's absence on the console:\n{tail}"
     );
+    w.every_verdict_is("hard-lockup");
 }
 
 /// A task blocked in D state (`hung_task_timeout_secs` 10): the hung-task report makes the VM
@@ -271,7 +279,7 @@ async fn hung_task_is_reported_and_judged_with_sysrq_restricted() {
     );
     let t = w.svc.wait_event("late", Duration::from_secs(5), |e| is_transition(e, State::Late)).await;
     assert_eq!(t.detail["kernel_report"]["class"], "hung-task", "{:?}", t.detail);
-    let r = w.report("hung-task", Duration::from_secs(5), |_| true).await;
+    let r = w.report("hung-task", Duration::from_secs(5)).await;
     assert_eq!(r.detail["task"], "acpimon-hung", "{:?}", r.detail);
     assert!(
         r.detail["line"].as_str().unwrap().contains("blocked for more than 10 seconds"),
@@ -301,6 +309,7 @@ async fn hung_task_is_reported_and_judged_with_sysrq_restricted() {
     let v = w.svc.vm("guest").await.unwrap();
     let hb = v.scenarios.iter().find(|s| s.kind == "acpi-heartbeat").unwrap();
     assert_eq!(hb.consecutive_misses, 0, "{hb:?}");
+    w.every_verdict_is("hung-task");
 }
 
 /// A memory hog: the OOM killer kills it (`late`, with the kill's line in the event) and the
@@ -312,9 +321,8 @@ async fn oom_kill_is_reported_and_the_guest_lives_on() {
     let (view, took) = w.svc.wait_state("guest", State::Late, REPORT_TIMEOUT).await;
     eprintln!("late {took:?} after healthy: {}", view.reason);
     assert!(view.reason.starts_with("the guest kernel reports an OOM kill"), "{}", view.reason);
-    let r = w.report("oom", Duration::from_secs(30), |_| true).await;
-    // The hog invoked it and was killed (under load the console may lose the end of that long
-    // line, so only its start is asked for).
+    let r = w.report("oom", Duration::from_secs(30)).await;
+    // The hog invoked it (the report's first line, in its trace) and was killed (its line).
     assert!(
         trace_has(&r, "tail invoked oom-killer") && trace_has(&r, "oom_score_adj=1000"),
         "{:?}",
@@ -340,6 +348,7 @@ async fn oom_kill_is_reported_and_the_guest_lives_on() {
     let v = w.svc.vm("guest").await.unwrap();
     let hb = v.scenarios.iter().find(|s| s.kind == "acpi-heartbeat").unwrap();
     assert_eq!(hb.consecutive_misses, 0, "{hb:?}");
+    w.every_verdict_is("oom");
 }
 
 /// SysRq c: the `panicked` event carries the kernel's panic line and its first frames.
@@ -357,20 +366,18 @@ async fn panic_event_carries_the_kernels_panic_text() {
     );
     let report = &t.detail["kernel_report"];
     assert_eq!(report["class"], "panic", "{:?}", t.detail);
-    assert!(
-        report["trace"].as_array().is_some_and(|t| t.iter().any(|l| l
-            .as_str()
-            .unwrap()
-            .contains("Call Trace:")
-            || l.as_str().unwrap().contains("panic+0x"))),
-        "{report:#}"
-    );
+    assert_eq!(report["line"], "Kernel panic - not syncing: sysrq triggered crash", "{report:#}");
+    let frames = |what: &str| {
+        report["trace"].as_array().is_some_and(|t| t.iter().any(|l| l.as_str().unwrap().contains(what)))
+    };
+    assert!(frames("Call Trace:") && frames("sysrq_handle_crash"), "the panic's trace: {report:#}");
     let b = w.bundle("panicked", "panic").await;
     assert_eq!(
         b.detail["manifest"]["verdict"]["headline"],
         "the guest kernel panicked: not syncing: sysrq triggered crash"
     );
     assert!(step_file(&b, "console-tail").contains("sysrq_handle_crash"));
+    w.every_verdict_is("panic");
 }
 
 // --- per-vCPU liveness: the vcpu-progress scenario (src/watch/vcpus.rs) ---------------------
