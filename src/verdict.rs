@@ -367,11 +367,13 @@ pub fn judge(
         });
         // What failed while the kernel answers: the app's own channels say the app stopped;
         // the others (console, TCP, guest agent) that userspace did.
+        // (vcpu-progress watches the kernel's own CPUs, not userspace: judged below.)
         let failed: Vec<_> = p
             .scenarios
             .iter()
             .filter(|s| {
-                s.kind != "acpi-heartbeat" && s.kind != "thermal" && s.consecutive_misses >= s.threshold
+                !matches!(s.kind.as_str(), "acpi-heartbeat" | "thermal" | "vcpu-progress")
+                    && s.consecutive_misses >= s.threshold
             })
             .collect();
         let app = failed.iter().find(|s| matches!(s.kind.as_str(), "app-heartbeat" | "app-mailbox"));
@@ -404,6 +406,16 @@ pub fn judge(
     if let Some(c) = cpus.iter().find(|c| c.stuck_irqs_off) {
         push_cpus(&mut ev, false);
         return ev.verdict(Class::HardLockup, c.text.clone());
+    }
+    // The vcpu-progress scenario fails only on a vCPU it saw in the kernel with interrupts
+    // disabled in several samples in a row: the same reading over seconds, before the bundle.
+    let vcpu = probe.as_ref().and_then(|p| {
+        p.scenarios.iter().find(|s| s.kind == "vcpu-progress" && s.consecutive_misses >= s.threshold)
+    });
+    if let Some(detail) = vcpu.and_then(|s| s.last.as_ref()).filter(|l| !l.ok).map(|l| l.detail.as_str()) {
+        ev.push("trigger", &format!("vcpu-progress: {detail}"));
+        push_cpus(&mut ev, false);
+        return ev.verdict(Class::HardLockup, format!("the vcpu-progress scenario: {detail}"));
     }
     push_cpus(&mut ev, false);
     let busy: Vec<&CpuReading> = cpus.iter().filter(|c| !c.idle).collect();

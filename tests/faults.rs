@@ -425,6 +425,11 @@ async fn vcpu_progress_finds_the_hard_locked_cpu_the_heartbeat_does_not() {
     );
     assert!(view.reason.contains("a hard lockup"), "{}", view.reason);
     assert!(view.reason.ends_with("another is stuck"), "{}", view.reason);
+    // Its bundle's verdict agrees, from the registers.
+    let b = svc.wait_event("bundle", Duration::from_secs(60), |e| e.kind == "bundle").await;
+    let v = &b.detail["manifest"]["verdict"];
+    assert_eq!(v["class"], "hard-lockup", "{v:#}");
+    assert!(v["headline"].as_str().unwrap().contains("vCPU 1 spinning with interrupts disabled"), "{v:#}");
 }
 
 /// No false alarm on a guest whose CPUs are busy: one spinning in userspace per CPU, or one

@@ -383,3 +383,31 @@ fn an_rcu_stall_of_a_cpu_spinning_with_interrupts_on_is_a_soft_lockup() {
     unnamed.cpu = None;
     assert_eq!(judge(&t, &m, &files("", &spin), &[unnamed], None).class, Class::RcuStall);
 }
+
+#[test]
+fn a_failing_vcpu_progress_scenario_is_a_hard_lockup_not_userspace() {
+    let sc = json!([
+        scenario("acpi-heartbeat", "acpi-heartbeat", 0, true),
+        scenario("vcpu-progress", "vcpu-progress", 3, false)
+    ]);
+    let t = trigger("unresponsive", probe(sc, false, None));
+    let m = manifest(&t, Some("running"));
+    // The bundle's registers show it too: they are the headline.
+    let v = judge(&t, &m, &files("", &spinning_irqs_off()), &[], None);
+    assert_eq!(v.class, Class::HardLockup, "{v:?}");
+    assert!(v.headline.starts_with("vCPU 0 spinning with interrupts disabled"), "{}", v.headline);
+    // They do not (idle by then, or not read): the scenario's own samples are.
+    let v = judge(&t, &m, &files("", QEMU10), &[], None);
+    assert_eq!(v.class, Class::HardLockup, "{v:?}");
+    assert_eq!(v.headline, "the vcpu-progress scenario: no match within 5s");
+    // Not failing (below its threshold): nothing from it.
+    let sc = json!([
+        scenario("acpi-heartbeat", "acpi-heartbeat", 0, true),
+        scenario("vcpu-progress", "vcpu-progress", 1, false)
+    ]);
+    let t = trigger("unresponsive", probe(sc, false, None));
+    assert_eq!(
+        judge(&t, &manifest(&t, Some("running")), &files("", QEMU10), &[], None).class,
+        Class::Unknown
+    );
+}
