@@ -37,6 +37,8 @@
 #                                         started on N cpus"
 #   acpimon.hung_task_timeout=N           kernel.hung_task_timeout_secs (default 10 with
 #                                         fault=hung, else the kernel's)
+#   sysctl.kernel.sysrq=N                 (the kernel's own, 5.8+) kept: SysRq is not turned
+#                                         fully on (e.g. 438, Debian's default)
 #
 # The app and qemu-ga start in the background, each once its port shows up (at most 10 s),
 # so they never delay "ready"; their markers ("ACPIMON-GUEST: app responder started pid=P",
@@ -84,7 +86,7 @@ uptime_s() { read -r up _ </proc/uptime; echo "$up"; }
 scenario=healthy
 delay=3
 app=none app_mailbox=0 qga=0 app_stop_after='' app_degrade_after='' app_garbage=''
-fault='' fault_cpu=1 fault_delay=5 hung_task_timeout='' load=''
+fault='' fault_cpu=1 fault_delay=5 hung_task_timeout='' load='' sysrq_set=0
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     acpimon.scenario=*) scenario=${arg#acpimon.scenario=} ;;
@@ -100,6 +102,7 @@ for arg in $(cat /proc/cmdline); do
     acpimon.fault_delay=*) fault_delay=${arg#acpimon.fault_delay=} ;;
     acpimon.hung_task_timeout=*) hung_task_timeout=${arg#acpimon.hung_task_timeout=} ;;
     acpimon.load=*) load=${arg#acpimon.load=} ;;
+    sysctl.kernel.sysrq=*) sysrq_set=1 ;;
   esac
 done
 # Start on a fresh line: firmware text (SeaBIOS's "Booting from ROM..") may end without one.
@@ -110,8 +113,9 @@ case "$delay" in '' | *[!0-9]*)
   delay=3 ;;
 esac
 
-# Magic SysRq fully on, so the panic scenario (and a host sending a serial break) works.
-echo 1 >/proc/sys/kernel/sysrq
+# Magic SysRq fully on, so the panic scenario (and a host sending a serial break) works,
+# unless the kernel command line set it.
+[ "$sysrq_set" = 1 ] || echo 1 >/proc/sys/kernel/sysrq
 
 # Modules: build-guest lists the ones that exist as modules in /etc/acpimon/modules
 # (dependencies come from modules.dep) and the built-in ones in /etc/acpimon/builtin.

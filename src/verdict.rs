@@ -118,6 +118,10 @@ pub struct CpuReading {
     pub text: String,
     /// In the kernel, not halted, interrupts off in every sample (and more than one sample).
     pub stuck_irqs_off: bool,
+    /// In the kernel, not halted, interrupts on in every sample, the RIP within one small window
+    /// (or one function) across more than one sample: busy in one place, as a soft-locked CPU
+    /// is (the timer interrupt still comes, the task never yields).
+    pub spinning_irqs_on: bool,
     /// Halted in every sample.
     pub idle: bool,
 }
@@ -145,6 +149,7 @@ fn describe_cpu(cpu: u32, seen: &[&CpuRegs], running: Option<bool>, symbols: Opt
     let rips: Vec<u64> = seen.iter().filter_map(|c| c.rip).collect();
     let idle = !seen.is_empty() && seen.iter().all(|c| c.halted == Some(true));
     let irqs_off = !seen.is_empty() && seen.iter().all(|c| c.interrupts_enabled() == Some(false));
+    let irqs_on = !seen.is_empty() && seen.iter().all(|c| c.interrupts_enabled() == Some(true));
     let kernel = seen.iter().all(|c| c.cpl == Some(0));
     let sym = |a: u64| symbols.and_then(|s| s.lookup(a));
     let motion = if idle {
@@ -197,7 +202,8 @@ fn describe_cpu(cpu: u32, seen: &[&CpuRegs], running: Option<bool>, symbols: Opt
         None => text.push_str(" (no RIP read)"),
     }
     let stuck_irqs_off = irqs_off && kernel && !idle && seen.len() > 1 && motion != "running";
-    CpuReading { cpu, text, stuck_irqs_off, idle }
+    let spinning_irqs_on = irqs_on && kernel && !idle && seen.len() > 1 && motion == "spinning";
+    CpuReading { cpu, text, stuck_irqs_off, spinning_irqs_on, idle }
 }
 
 /// Why the incident happened, from what is at hand: the trigger (the transition and its
@@ -330,6 +336,20 @@ pub fn judge(
             if let (ReportClass::RcuStall, Some(c)) = (rc, irqs_off) {
                 return ev.verdict(Class::HardLockup, format!("{}; {headline}", c.text));
             }
+            // An RCU stall of a CPU the registers show busy in one place in the kernel with
+            // interrupts on: that CPU does not schedule, a soft lockup (the kernel's own
+            // soft-lockup report comes later, after 2 x watchdog_thresh, and is linked to the
+            // incident). Only with the stalled CPU named: another busy CPU proves nothing.
+            let spinning = cpus.iter().find(|c| c.spinning_irqs_on && r.cpu == Some(c.cpu));
+            if let (ReportClass::RcuStall, Some(c)) = (rc, spinning) {
+                return ev.verdict(
+                    Class::SoftLockup,
+                    format!(
+                        "a soft lockup of CPU#{}: {headline}, and the registers show it in the kernel with interrupts on: {}",
+                        c.cpu, c.text
+                    ),
+                );
+            }
             return ev.verdict(class, headline);
         }
     }
@@ -347,11 +367,13 @@ pub fn judge(
         });
         // What failed while the kernel answers: the app's own channels say the app stopped;
         // the others (console, TCP, guest agent) that userspace did.
+        // (vcpu-progress watches the kernel's own CPUs, not userspace: judged below.)
         let failed: Vec<_> = p
             .scenarios
             .iter()
             .filter(|s| {
-                s.kind != "acpi-heartbeat" && s.kind != "thermal" && s.consecutive_misses >= s.threshold
+                !matches!(s.kind.as_str(), "acpi-heartbeat" | "thermal" | "vcpu-progress")
+                    && s.consecutive_misses >= s.threshold
             })
             .collect();
         let app = failed.iter().find(|s| matches!(s.kind.as_str(), "app-heartbeat" | "app-mailbox"));
@@ -384,6 +406,16 @@ pub fn judge(
     if let Some(c) = cpus.iter().find(|c| c.stuck_irqs_off) {
         push_cpus(&mut ev, false);
         return ev.verdict(Class::HardLockup, c.text.clone());
+    }
+    // The vcpu-progress scenario fails only on a vCPU it saw in the kernel with interrupts
+    // disabled in several samples in a row: the same reading over seconds, before the bundle.
+    let vcpu = probe.as_ref().and_then(|p| {
+        p.scenarios.iter().find(|s| s.kind == "vcpu-progress" && s.consecutive_misses >= s.threshold)
+    });
+    if let Some(detail) = vcpu.and_then(|s| s.last.as_ref()).filter(|l| !l.ok).map(|l| l.detail.as_str()) {
+        ev.push("trigger", &format!("vcpu-progress: {detail}"));
+        push_cpus(&mut ev, false);
+        return ev.verdict(Class::HardLockup, format!("the vcpu-progress scenario: {detail}"));
     }
     push_cpus(&mut ev, false);
     let busy: Vec<&CpuReading> = cpus.iter().filter(|c| !c.idle).collect();

@@ -271,7 +271,10 @@ fn registers_alone_show_interrupts_off_and_symbols_name_the_function() {
     assert!(v.headline.contains("; the guest kernel reports an RCU stall on CPU#0"), "{}", v.headline);
     // On another CPU, or with interrupts on, it stays an RCU stall.
     rcu.cpu = Some(1);
-    assert_eq!(judge(&t, &m, &files("", &spinning_irqs_off()), &[rcu.clone()], None).class, Class::RcuStall);
+    assert_eq!(
+        judge(&t, &m, &files("", &spinning_irqs_off()), std::slice::from_ref(&rcu), None).class,
+        Class::RcuStall
+    );
     assert_eq!(judge(&t, &m, &files("", QEMU10), &[rcu], None).class, Class::RcuStall);
 
     // The idle guest of QEMU 10's dump: halted, nothing found.
@@ -330,4 +333,81 @@ fn a_starved_guest_reads_as_both_vcpus_spinning_in_user_space() {
          vCPU busy)"
     );
     assert_eq!(v.evidence.iter().filter(|e| e.source == "05-registers.txt").count(), 2);
+}
+
+/// Two samples of vCPU 1 in the kernel with interrupts on (IF set in RFLAGS 0x246), at `a` and
+/// `b`; vCPU 0 halted.
+fn kernel_irqs_on(a: &str, b: &str) -> String {
+    let one = |rip: &str| {
+        format!(
+            "CPU#0\nRIP=ffffffff81a3c2e4 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\n\
+             CPU#1\nRIP={rip} RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0\n\
+             CS =0010 0000000000000000 ffffffff 00af9b00 DPL=0 CS64 [-RA]\n"
+        )
+    };
+    format!("{}\n{} 2, 300 ms after the first ===\n{}", one(a), registers::SAMPLE_MARK, one(b))
+}
+
+#[test]
+fn an_rcu_stall_of_a_cpu_spinning_with_interrupts_on_is_a_soft_lockup() {
+    let t = trigger("unresponsive", json!({ "kernel_report": "rcu-stall" }));
+    let m = manifest(&t, Some("running"));
+    let rcu = report(ReportClass::RcuStall, "rcu: INFO: rcu_preempt self-detected stall on CPU");
+    let spin = kernel_irqs_on("ffffffffc02a6012", "ffffffffc02a6010");
+    let v = judge(&t, &m, &files("", &spin), std::slice::from_ref(&rcu), None);
+    assert_eq!(v.class, Class::SoftLockup, "{v:?}");
+    assert!(
+        v.headline.starts_with(
+            "a soft lockup of CPU#1: the guest kernel reports an RCU stall on CPU#1 for 44 s in `spin_fn+0x1c/0x30 [faults]`, \
+             and the registers show it in the kernel with interrupts on: vCPU 1 spinning at RIP 0xffffffffc02a6010 (module space)"
+        ),
+        "{}",
+        v.headline
+    );
+    // The RCU report and the registers are the evidence.
+    assert!(v.evidence.iter().any(|e| e.source == "kernel-report" && e.line.contains("self-detected stall")));
+    assert!(v
+        .evidence
+        .iter()
+        .any(|e| e.source == "05-registers.txt" && e.line.starts_with("vCPU 1 spinning")));
+    // Honest otherwise: running all over the kernel, the stall on another CPU, one sample only,
+    // or no CPU named: an RCU stall.
+    let running = kernel_irqs_on("ffffffff81000010", "ffffffff81900000");
+    assert_eq!(judge(&t, &m, &files("", &running), std::slice::from_ref(&rcu), None).class, Class::RcuStall);
+    let mut other = rcu.clone();
+    other.cpu = Some(0);
+    assert_eq!(judge(&t, &m, &files("", &spin), &[other], None).class, Class::RcuStall);
+    let one = spin.split(registers::SAMPLE_MARK).next().unwrap().to_string();
+    assert_eq!(judge(&t, &m, &files("", &one), std::slice::from_ref(&rcu), None).class, Class::RcuStall);
+    let mut unnamed = rcu;
+    unnamed.cpu = None;
+    assert_eq!(judge(&t, &m, &files("", &spin), &[unnamed], None).class, Class::RcuStall);
+}
+
+#[test]
+fn a_failing_vcpu_progress_scenario_is_a_hard_lockup_not_userspace() {
+    let sc = json!([
+        scenario("acpi-heartbeat", "acpi-heartbeat", 0, true),
+        scenario("vcpu-progress", "vcpu-progress", 3, false)
+    ]);
+    let t = trigger("unresponsive", probe(sc, false, None));
+    let m = manifest(&t, Some("running"));
+    // The bundle's registers show it too: they are the headline.
+    let v = judge(&t, &m, &files("", &spinning_irqs_off()), &[], None);
+    assert_eq!(v.class, Class::HardLockup, "{v:?}");
+    assert!(v.headline.starts_with("vCPU 0 spinning with interrupts disabled"), "{}", v.headline);
+    // They do not (idle by then, or not read): the scenario's own samples are.
+    let v = judge(&t, &m, &files("", QEMU10), &[], None);
+    assert_eq!(v.class, Class::HardLockup, "{v:?}");
+    assert_eq!(v.headline, "the vcpu-progress scenario: no match within 5s");
+    // Not failing (below its threshold): nothing from it.
+    let sc = json!([
+        scenario("acpi-heartbeat", "acpi-heartbeat", 0, true),
+        scenario("vcpu-progress", "vcpu-progress", 1, false)
+    ]);
+    let t = trigger("unresponsive", probe(sc, false, None));
+    assert_eq!(
+        judge(&t, &manifest(&t, Some("running")), &files("", QEMU10), &[], None).class,
+        Class::Unknown
+    );
 }

@@ -725,7 +725,11 @@ impl Monitor {
         if let Some(r) = kernel_report.as_ref().filter(|r| !t.reason.contains(&r.line)) {
             t.reason = format!("{}: {}", t.reason, r.line);
         }
-        if let Some(loc) = kernel_report.as_ref().and_then(|r| r.location.as_ref()) {
+        if let Some(loc) = kernel_report
+            .as_ref()
+            .and_then(|r| r.location.as_ref())
+            .filter(|l| !t.reason.contains(l.as_str()))
+        {
             t.reason.push_str(&format!(", in `{loc}`"));
         }
         self.memory.state = t.to;
@@ -1020,7 +1024,9 @@ impl Monitor {
                 Action::Report => None,
             };
             if let Some(t) = t {
-                self.transition(t, None);
+                // The report itself rides on the transition it caused (its own event, just
+                // before, has no incident to link to yet).
+                self.transition_with(t, None, Some(r.clone()));
             }
             if let (true, Some(key)) = (diagnose, key) {
                 self.kernel_incident(&r, key);

@@ -729,7 +729,13 @@ impl Machine {
                 if answering.iter().any(|t| t.kind == "acpi-heartbeat" || t.kind == "thermal")
                     && failing.iter().all(|t| t.kind != "acpi-heartbeat" && t.kind != "thermal")
                 {
-                    reason.push_str(": the guest kernel is alive but what the failing probes need is not");
+                    // A stuck vCPU is the kernel's own failure: "alive" would read wrong there.
+                    if failing.iter().all(|t| t.kind == "vcpu-progress") {
+                        reason.push_str(": the vCPU that takes its interrupt runs, another is stuck");
+                    } else {
+                        reason
+                            .push_str(": the guest kernel is alive but what the failing probes need is not");
+                    }
                 }
             }
             if let Some(s) = &self.stopped {

@@ -91,6 +91,26 @@ fn console_failing_while_the_heartbeat_answers_says_so() {
 }
 
 #[test]
+fn a_stuck_vcpu_while_the_heartbeat_answers_is_not_called_a_live_kernel() {
+    let now = Instant::now();
+    let tracks = vec![
+        Track::new("acpi-heartbeat", "acpi-heartbeat", 3),
+        Track::new("vcpu-progress", "vcpu-progress", 2),
+    ];
+    let mut m = Machine::new(tracks, None, PausePolicy::Counts, Duration::from_secs(30), now);
+    m.probe(HB, ok(1), now);
+    m.probe(1, ok(1), now);
+    m.probe(1, miss("vCPU 1 has run kernel code with interrupts disabled ...: a hard lockup"), now);
+    let t = m
+        .probe(1, miss("vCPU 1 has run kernel code with interrupts disabled ...: a hard lockup"), now)
+        .unwrap();
+    assert_eq!(t.to, State::Unresponsive);
+    assert!(t.reason.contains("while acpi-heartbeat answers"), "{}", t.reason);
+    assert!(t.reason.ends_with(": the vCPU that takes its interrupt runs, another is stuck"), "{}", t.reason);
+    assert!(!t.reason.contains("alive"), "{}", t.reason);
+}
+
+#[test]
 fn a_pause_that_lasts_past_the_threshold_is_unresponsive_by_default() {
     let (mut m, t0) = machine(PausePolicy::Counts, None);
     healthy_round(&mut m, t0);
