@@ -495,7 +495,8 @@ async fn no_miss_under(load: &str) {
         .events()
         .iter()
         .filter(|e| {
-            e.kind == "transition" && e.detail["reason"].as_str().is_some_and(|r| r.contains("vcpu-progress"))
+            e.kind == "transition"
+                && e.detail["reason"].as_str().is_some_and(|r| r.contains("vcpu-progress missed"))
         })
         .count();
     assert_eq!(alarms, 0, "vcpu-progress raised an alarm under a {load} load");
