@@ -7,15 +7,14 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use acpimon::event::RawEvent as Event;
 use acpimon::launch::prepare::CONSOLE_SHARE;
 use acpimon::watch::state::State;
 use common::guest::{eve_console_socket, Edk2, Firmware, Guest, GuestSpec};
-use common::service::Service;
+use common::service::{step_file, Service};
 
 const BOOT: Duration = Duration::from_secs(120);
 
@@ -54,14 +53,6 @@ impl Client {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
-
-fn step_file(bundle: &Event, name: &str) -> String {
-    let dir = PathBuf::from(bundle.detail["bundle"].as_str().expect("bundle path"));
-    let steps = bundle.detail["manifest"]["steps"].as_array().expect("steps");
-    let s = steps.iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no step {name}"));
-    let file = s["file"].as_str().unwrap_or_else(|| panic!("step {name} has no file: {s:#}"));
-    std::fs::read_to_string(dir.join(file)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,14 +14,12 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use acpimon::event::RawEvent as Event;
 use acpimon::watch::state::State;
 use common::guest::{manifest_value, Fault, FaultKind, Guest, GuestSpec};
-use common::service::{is_transition, watch_guest, Service};
-use serde_json::Value;
+use common::service::{is_transition, step, step_file, watch_guest, Service};
 
 /// The no-false-miss measurements of the vcpu-progress scenario ([`Side::Quiet`]) do not run
 /// beside a watched fault ([`Side::Fault`]); either runs beside its own kind and the rest. A
@@ -181,22 +179,6 @@ impl Watched {
             );
         }
     }
-}
-
-/// The bundle event's manifest step called `name`.
-fn step<'a>(manifest: &'a Value, name: &str) -> &'a Value {
-    manifest["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == name))
-        .unwrap_or_else(|| panic!("no step {name} in {manifest:#}"))
-}
-
-/// The text of a step's file in the bundle.
-fn step_file(bundle: &Event, name: &str) -> String {
-    let dir = PathBuf::from(bundle.detail["bundle"].as_str().expect("bundle path"));
-    let s = step(&bundle.detail["manifest"], name);
-    let file = s["file"].as_str().unwrap_or_else(|| panic!("step {name} has no file: {s:#}"));
-    std::fs::read_to_string(dir.join(file)).unwrap()
 }
 
 fn trace_has(e: &Event, what: &str) -> bool {

@@ -5,13 +5,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use acpimon::event::RawEvent as Event;
 use acpimon::watch::state::State;
 use common::libvirt::Domain;
-use common::service::{is_transition, Service};
+use common::service::{is_transition, step_file, Service};
 
 const BOOT: Duration = Duration::from_secs(120);
 const CONFIG: &str = "[defaults]\nstartup_grace = \"90s\"\n";
@@ -27,15 +25,6 @@ async fn watch(d: &Domain, work: &std::path::Path) -> Service {
     svc.wait_state(&d.name, State::Paused, Duration::from_secs(30)).await;
     d.virsh(&["resume"]);
     svc
-}
-
-/// The text of a bundle step's file.
-fn step_file(bundle: &Event, name: &str) -> String {
-    let dir = PathBuf::from(bundle.detail["bundle"].as_str().expect("bundle path"));
-    let steps = bundle.detail["manifest"]["steps"].as_array().expect("steps");
-    let s = steps.iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no step {name}: {bundle:?}"));
-    let file = s["file"].as_str().unwrap_or_else(|| panic!("step {name} has no file: {s:#}"));
-    std::fs::read_to_string(dir.join(file)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

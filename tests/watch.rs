@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use acpimon::event::RawEvent as Event;
 use acpimon::watch::state::State;
 use common::guest::{Guest, GuestSpec};
-use common::service::{free_port, is_transition, watch_guest, Controller, Service};
+use common::service::{free_port, is_transition, step, step_file, watch_guest, Controller, Service};
 use serde_json::{json, Value};
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -30,22 +29,6 @@ async fn guest(scenario: &'static str, delay: u32) -> Guest {
 
 fn controller_section(ctl_port: u16) -> String {
     format!("[controller]\nurl = \"http://127.0.0.1:{ctl_port}\"\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n")
-}
-
-/// The bundle event's manifest step called `name`.
-fn step<'a>(manifest: &'a Value, name: &str) -> &'a Value {
-    manifest["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == name))
-        .unwrap_or_else(|| panic!("no step {name} in {manifest:#}"))
-}
-
-/// The text of a step's file in the bundle.
-fn step_file(bundle: &Event, name: &str) -> String {
-    let dir = PathBuf::from(bundle.detail["bundle"].as_str().expect("bundle path"));
-    let s = step(&bundle.detail["manifest"], name);
-    let file = s["file"].as_str().unwrap_or_else(|| panic!("step {name} has no file: {s:#}"));
-    std::fs::read_to_string(dir.join(file)).unwrap()
 }
 
 fn transitions(events: &[Event]) -> Vec<(String, String)> {

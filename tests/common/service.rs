@@ -264,3 +264,19 @@ impl Drop for Controller {
         let _ = self.child.wait();
     }
 }
+
+/// The bundle event's manifest step called `name`.
+pub fn step<'a>(manifest: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    manifest["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == name))
+        .unwrap_or_else(|| panic!("no step {name} in {manifest:#}"))
+}
+
+/// The text of a bundle step's file.
+pub fn step_file(bundle: &Event, name: &str) -> String {
+    let dir = PathBuf::from(bundle.detail["bundle"].as_str().expect("bundle path"));
+    let s = step(&bundle.detail["manifest"], name);
+    let file = s["file"].as_str().unwrap_or_else(|| panic!("step {name} has no file: {s:#}"));
+    std::fs::read_to_string(dir.join(file)).unwrap()
+}
