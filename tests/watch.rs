@@ -106,8 +106,9 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
         .unwrap();
     assert!(count >= 1, "{metrics}");
 
+    let seen = svc.transitions_to("guest", State::Recovered);
     g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();
-    svc.wait_state("guest", State::Recovered, Duration::from_secs(20)).await;
+    svc.wait_transition("guest", State::Recovered, seen, Duration::from_secs(20)).await;
     svc.wait_state("guest", State::Healthy, Duration::from_secs(20)).await;
 
     // QEMU exits: gone, and not a failure.
@@ -199,7 +200,8 @@ async fn a_kernel_that_stops_answering_is_unresponsive_sysrq_shows_why_and_recov
     );
     let reboot = svc.wait_event("reboot", Duration::from_secs(30), |e| e.kind == "reboot").await;
     assert_eq!(reboot.detail["evidence"]["qmp_event"]["event"], "RESET");
-    svc.wait_state("guest", State::Recovered, BOOT).await;
+    // The first recovery of this guest's life.
+    svc.wait_transition("guest", State::Recovered, 0, BOOT).await;
     let refused = svc
         .wait_event("refused recovery", Duration::from_secs(120), |e| {
             e.kind == "recovery" && e.detail["outcome"] == "refused"

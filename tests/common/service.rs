@@ -154,6 +154,29 @@ impl Service {
         panic!("{name} not {state} within {timeout:?}; last seen {last:#?}\nlog:\n{}", self.log_text());
     }
 
+    /// How many transitions of VM `name` to `state` the log holds.
+    pub fn transitions_to(&self, name: &str, state: State) -> usize {
+        self.events().iter().filter(|e| e.vm.as_deref() == Some(name) && is_transition(e, state)).count()
+    }
+
+    /// Waits for transition number `seen + 1` of VM `name` to `state` (`seen` from
+    /// `transitions_to` before the action): for states a VM may pass through between two polls
+    /// of `/status` (recovered lasts until the next answer, sometimes 50 ms).
+    pub async fn wait_transition(&self, name: &str, state: State, seen: usize, timeout: Duration) -> Event {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            let mut to = self
+                .events()
+                .into_iter()
+                .filter(|e| e.vm.as_deref() == Some(name) && is_transition(e, state));
+            if let Some(e) = to.nth(seen) {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{name} did not become {state} within {timeout:?}\nlog:\n{}", self.log_text());
+    }
+
     /// Every event in the JSON-lines log, each checked to be a typed event.
     pub fn events(&self) -> Vec<Event> {
         let text = std::fs::read_to_string(self.data_dir.join("events.jsonl")).unwrap_or_default();
