@@ -13,6 +13,7 @@ pub mod diagnose;
 pub mod event;
 pub mod forward;
 pub mod generate;
+pub mod host;
 pub mod judge;
 pub mod launch;
 pub mod logging;
