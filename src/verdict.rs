@@ -14,6 +14,14 @@ pub enum Class {
     HungTask,
     Oom,
     PausedByHost,
+    /// QEMU stopped the VM on a drive's I/O error (`werror=stop`, `rerror=stop`).
+    PausedByIoError,
+    /// The guest waits on a drive the host failed.
+    WaitingOnIo,
+    /// The node did not give the VM's vCPUs the CPU they wanted (throttled, overloaded).
+    Starved,
+    /// A vCPU the host saw busy all the time, with no kernel report to name it.
+    Spinning,
     AppFailed,
     UserspaceStopped,
     Unknown,
@@ -39,6 +47,7 @@ pub struct Verdict {
     pub evidence: Vec<EvidenceLine>,
 }
 
+pub mod host;
 pub mod registers;
 pub mod symbols;
 
@@ -67,6 +76,10 @@ impl Class {
             Class::HungTask => "hung-task",
             Class::Oom => "oom",
             Class::PausedByHost => "paused-by-host",
+            Class::PausedByIoError => "paused-by-io-error",
+            Class::WaitingOnIo => "waiting-on-io",
+            Class::Starved => "starved",
+            Class::Spinning => "spinning",
             Class::AppFailed => "app-failed",
             Class::UserspaceStopped => "userspace-stopped",
             Class::Unknown => "unknown",
@@ -93,7 +106,7 @@ pub struct StepFile {
 /// The text files of a bundle's steps that [`judge`] reads (console tail, SysRq, NMI output,
 /// registers, QMP replies), each at most [`crate::diagnose::MAX_FILE`] bytes. Blocking.
 pub fn read_files(dir: &std::path::Path, manifest: &Manifest) -> Vec<StepFile> {
-    const READ: &[&str] = &["console-tail", "sysrq", "inject-nmi", "registers", "qmp-status"];
+    const READ: &[&str] = &["console-tail", "sysrq", "inject-nmi", "registers", "qmp-status", "host"];
     let mut out = Vec::new();
     for s in &manifest.steps {
         let Some(file) = &s.file else { continue };
@@ -247,6 +260,14 @@ pub fn judge(
             }
         }
     };
+    let host = file("host").and_then(|f| host::HostReading::parse(&f.file, &f.text));
+    let push_host = |ev: &mut Evidence| {
+        if let Some(h) = &host {
+            for l in h.lines() {
+                ev.push(h.file, &l);
+            }
+        }
+    };
     ev.push("trigger", &format!("{}: {}", trigger.kind, trigger.reason));
 
     // A panic settles it: nothing after it is the cause.
@@ -282,7 +303,34 @@ pub fn judge(
         return ev.verdict(Class::Panic, headline);
     }
 
+    // The host stopped the whole QEMU process: nothing in the guest ran, nothing answered.
+    if let Some(text) = host.as_ref().and_then(|h| h.stopped()) {
+        push_host(&mut ev);
+        return ev.verdict(Class::PausedByHost, format!("{text}: the guest did not hang"));
+    }
+    // QEMU stopped the VM on a drive's error (werror=stop): status io-error, or paused with
+    // the last BLOCK_IO_ERROR's action `stop`.
     let paused = probe.as_ref().is_some_and(|p| p.paused) || trigger.kind == "paused";
+    let io_stop = host.as_ref().filter(|h| h.stopped_by_io_error()).and_then(|h| h.failing_drive());
+    if status.as_deref() == Some("io-error")
+        || ((paused || status.as_deref() == Some("paused")) && io_stop.is_some())
+    {
+        if let Some(s) = &status {
+            ev.push(
+                manifest.step("qmp-status").and_then(|s| s.file.as_deref()).unwrap_or("qmp-status"),
+                &format!("QMP status: {s}"),
+            );
+        }
+        push_host(&mut ev);
+        let drive = match &io_stop {
+            Some((_, text)) => format!(" on {text}"),
+            None => String::new(),
+        };
+        return ev.verdict(
+            Class::PausedByIoError,
+            format!("paused by the host after an I/O error{drive}: QEMU stopped the VM (werror/rerror=stop), the guest did not hang"),
+        );
+    }
     if paused || status.as_deref() == Some("paused") {
         let shown = status.as_deref().unwrap_or("paused");
         if let Some(s) = &status {
@@ -329,6 +377,24 @@ pub fn judge(
                 ev.push("kernel-report", t);
             }
             push_cpus(&mut ev, true);
+            push_host(&mut ev);
+            // A hung task while a drive fails on the host: the guest waits on that drive.
+            if let (ReportClass::HungTask, Some((_, drive))) =
+                (rc, host.as_ref().and_then(|h| h.failing_drive()))
+            {
+                return ev.verdict(Class::WaitingOnIo, format!("guest waiting on I/O: {drive}; {headline}"));
+            }
+            // A stall of a VM the node starves is the node's doing: the kernel's report is its
+            // symptom.
+            if let (ReportClass::SoftLockup | ReportClass::RcuStall, Some(why)) =
+                (rc, host.as_ref().and_then(|h| h.starved()))
+            {
+                return ev.verdict(Class::Starved, format!("VM starved: {why}; {headline}"));
+            }
+            // The host saw the reported CPU's thread busy all along: say so.
+            if let Some((_, spin)) = host.as_ref().and_then(|h| h.spinning(r.cpu)) {
+                headline.push_str(&format!("; on the host, {spin}"));
+            }
             // An RCU stall whose CPU the registers show spinning with interrupts off is a hard
             // lockup the kernel could not name (no NMI watchdog, as under TCG): say so first.
             let irqs_off =
@@ -402,10 +468,27 @@ pub fn judge(
         }
     }
 
-    // No report: what the registers show.
+    // No report: what the registers show, and what the host saw.
     if let Some(c) = cpus.iter().find(|c| c.stuck_irqs_off) {
         push_cpus(&mut ev, false);
-        return ev.verdict(Class::HardLockup, c.text.clone());
+        push_host(&mut ev);
+        return match host.as_ref().and_then(|h| h.spinning(Some(c.cpu))) {
+            Some((_, spin)) => ev.verdict(Class::HardLockup, format!("guest spinning: {spin}; {}", c.text)),
+            None => ev.verdict(Class::HardLockup, c.text.clone()),
+        };
+    }
+    let halted = !cpus.is_empty() && cpus.iter().all(|c| c.idle);
+    if let Some(h) = &host {
+        if let Some((_, drive)) = h.failing_drive().filter(|_| h.all_idle() || halted) {
+            push_host(&mut ev);
+            push_cpus(&mut ev, false);
+            return ev.verdict(Class::WaitingOnIo, format!("guest waiting: all vCPUs idle; {drive}"));
+        }
+        if let Some(why) = h.starved() {
+            push_host(&mut ev);
+            push_cpus(&mut ev, true);
+            return ev.verdict(Class::Starved, format!("VM starved: {why}"));
+        }
     }
     // The vcpu-progress scenario fails only on a vCPU it saw in the kernel with interrupts
     // disabled in several samples in a row: the same reading over seconds, before the bundle.
@@ -417,7 +500,17 @@ pub fn judge(
         push_cpus(&mut ev, false);
         return ev.verdict(Class::HardLockup, format!("the vcpu-progress scenario: {detail}"));
     }
+    if let Some((cpu, spin)) = host.as_ref().and_then(|h| h.spinning(None)) {
+        push_cpus(&mut ev, false);
+        push_host(&mut ev);
+        let regs = cpus.iter().find(|c| c.cpu == cpu).map(|c| format!("; {}", c.text)).unwrap_or_default();
+        return ev.verdict(
+            Class::Spinning,
+            format!("guest spinning: {spin}, and the kernel reported nothing{regs}"),
+        );
+    }
     push_cpus(&mut ev, false);
+    push_host(&mut ev);
     let busy: Vec<&CpuReading> = cpus.iter().filter(|c| !c.idle).collect();
     let headline = match (busy.first(), cpus.is_empty()) {
         (_, true) => "no cause found: no kernel report, and no registers were read".to_string(),

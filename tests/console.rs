@@ -274,6 +274,7 @@ async fn runs_own_launch_reads_the_mux_console_and_sysrq_reaches_it() {
         console: Some(console),
         gdb_socket: g.vm.prepared.dir.join("gdb.sock"),
         guest_agent: None,
+        host: Default::default(),
     };
     let trigger = Trigger {
         kind: "test".into(),

@@ -23,6 +23,7 @@ fn target(g: &Guest) -> Target<'_> {
         console: Some(g.vm.console().expect("console connected")),
         gdb_socket: g.vm.prepared.dir.join("gdb.sock"),
         guest_agent: None,
+        host: Default::default(),
     }
 }
 
@@ -293,6 +294,7 @@ async fn scripts_get_the_environment_and_are_killed_at_their_timeout() {
         console: None,
         gdb_socket: dir.path().join("gdb.sock"),
         guest_agent: None,
+        host: Default::default(),
     };
     let sh = |script: &str, timeout: Duration| Step {
         spec: StepSpec::Script { argv: vec!["/bin/sh".into(), "-c".into(), script.into()] },

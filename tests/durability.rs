@@ -356,6 +356,7 @@ mod full_disk_bundles {
             console: None,
             gdb_socket: fs.join("gdb.sock"),
             guest_agent: None,
+            host: Default::default(),
         };
         let script =
             Step::new(StepSpec::Script { argv: vec!["sh".into(), "-c".into(), "echo evidence".into()] });

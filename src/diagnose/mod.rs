@@ -196,6 +196,8 @@ pub enum StepSpec {
     GuestAgent {},
     /// An external program, run without a shell.
     Script { argv: Vec<String> },
+    /// What the host saw of the VM: its vCPU threads, devices and the node (`host.json`).
+    Host {},
 }
 
 fn ms500() -> Duration {
@@ -231,6 +233,7 @@ impl StepSpec {
             StepSpec::Gdbstub {} => "gdbstub",
             StepSpec::GuestAgent {} => "guest-agent",
             StepSpec::Script { .. } => "script",
+            StepSpec::Host {} => "host",
         }
     }
 
@@ -244,6 +247,7 @@ impl StepSpec {
             StepSpec::Gdbstub {} => 15,
             StepSpec::GuestAgent {} => 10,
             StepSpec::Script { .. } => 60,
+            StepSpec::Host {} => 2,
         })
     }
 
@@ -340,10 +344,12 @@ impl Serialize for Step {
     }
 }
 
-/// The steps used when the configuration names none: console-tail, sysrq `wtlm`, qmp-status,
-/// qmp-cpus, registers, guest-agent (skipped without an agent port). None changes the guest or stops the VM.
+/// The steps used when the configuration names none: host (first: it reads the host as the
+/// incident found it, in about 200 ms), console-tail, sysrq `wtlm`, qmp-status, qmp-cpus,
+/// registers, guest-agent (skipped without an agent port). None changes the guest or stops the VM.
 pub fn default_steps() -> Vec<Step> {
     vec![
+        Step::new(StepSpec::Host {}),
         Step::new(StepSpec::ConsoleTail { settle: ms500() }),
         Step::new(StepSpec::Sysrq {
             keys: default_keys(),
@@ -369,6 +375,9 @@ pub struct Target<'a> {
     pub gdb_socket: PathBuf,
     /// The guest agent's socket, when the VM has one.
     pub guest_agent: Option<PathBuf>,
+    /// What the `host` step reads beyond QMP: QEMU's pid, the service's sampler, the VM's
+    /// device history.
+    pub host: crate::host::HostContext,
 }
 
 /// Why diagnostics were started.
@@ -728,8 +737,36 @@ async fn dispatch(spec: &StepSpec, ctx: &Ctx<'_>) -> Done {
             }
         },
         StepSpec::Script { argv } => script::run(ctx, argv).await,
+        StepSpec::Host {} => host(ctx).await,
     };
     r.unwrap_or_else(|e| e)
+}
+
+/// `host`: what the host saw of the VM ([`crate::host::collect`]), as JSON.
+async fn host(ctx: &Ctx<'_>) -> StepResult {
+    let t = ctx.target;
+    let report = crate::host::collect(t.vm, t.qmp, &t.host).await;
+    let mut text = serde_json::to_vec_pretty(&report).expect("the host report serialises");
+    text.push(b'\n');
+    let file = ctx.write("json", &text, Keep::Head).await?;
+    Ok(Done::ok(Some(file), Some(host_summary(&report))))
+}
+
+/// The `host` step's summary: what the verdict and a reader look at first.
+fn host_summary(r: &crate::host::HostReport) -> Value {
+    let cpus = |pred: fn(&crate::host::VcpuActivity) -> bool| -> Vec<u32> {
+        r.vcpus.iter().filter(|v| pred(v)).map(|v| v.cpu).collect()
+    };
+    serde_json::json!({
+        "qemu_state": r.qemu.as_ref().map(|q| q.state.clone()),
+        "qemu_stopped": r.qemu.as_ref().is_some_and(|q| q.all_stopped()),
+        "vcpus_spinning": cpus(crate::host::VcpuActivity::spinning),
+        "vcpus_idle": cpus(crate::host::VcpuActivity::idle),
+        "drives_failed": r.devices.block.iter().filter(|d| d.failed()).map(|d| d.device.clone()).collect::<Vec<_>>(),
+        "throttled": r.qemu.as_ref().and_then(|q| q.cgroup.as_ref()).and_then(|c| c.throttled_periods_10s),
+        "cpu_pressure": r.node.pressure.as_ref().and_then(|p| p.cpu.as_ref()).map(|c| c.some.avg10),
+        "notes": r.notes.len(),
+    })
 }
 
 /// What a step gives back; `Err(Done)` in a step is an early end (failed, timeout).

@@ -82,7 +82,10 @@ fn steps_serialise_back_to_the_same_flat_form() {
 #[test]
 fn default_steps_are_the_non_intrusive_ones() {
     let names: Vec<_> = default_steps().iter().map(|s| s.spec.name()).collect();
-    assert_eq!(names, ["console-tail", "sysrq", "qmp-status", "qmp-cpus", "registers", "guest-agent"]);
+    assert_eq!(
+        names,
+        ["host", "console-tail", "sysrq", "qmp-status", "qmp-cpus", "registers", "guest-agent"]
+    );
     assert!(default_steps().iter().all(|s| s.spec.validate().is_ok()));
 }
 
@@ -166,6 +169,7 @@ async fn without_channels_every_step_is_skipped_and_the_manifest_written() {
         console: None,
         gdb_socket: dir.path().join("gdb.sock"),
         guest_agent: None,
+        host: Default::default(),
     };
     let trigger = Trigger {
         kind: "unresponsive".into(),
@@ -184,7 +188,15 @@ async fn without_channels_every_step_is_skipped_and_the_manifest_written() {
     let m = collect(&steps, &target, &trigger, timeline.clone(), &bundle).await.unwrap();
     assert_eq!(m.schema, SCHEMA);
     assert_eq!(m.steps.len(), steps.len());
-    for s in &m.steps {
+    // The host step reads the node without any channel to the VM, and says what it lacked.
+    let host = m.step("host").unwrap();
+    assert_eq!((host.outcome, host.file.as_deref()), (Outcome::Ok, Some("01-host.json")), "{host:?}");
+    let report: crate::host::HostReport =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("01-host.json")).unwrap()).unwrap();
+    assert!(report.node.cpus >= 1 && report.qemu.is_none(), "{report:?}");
+    assert!(report.notes.iter().any(|n| n.contains("no QMP connection")), "{:?}", report.notes);
+    assert!(report.notes.iter().any(|n| n.contains("pid is not visible")), "{:?}", report.notes);
+    for s in m.steps.iter().filter(|s| s.name != "host") {
         assert_eq!(s.outcome, Outcome::Skipped, "{s:?}");
         assert!(s.reason.as_deref().unwrap().starts_with("no "), "{s:?}");
         assert_eq!((s.file.as_deref(), s.bytes), (None, 0));
@@ -193,8 +205,8 @@ async fn without_channels_every_step_is_skipped_and_the_manifest_written() {
     let back: Manifest = serde_json::from_str(&text).unwrap();
     assert_eq!(back, m);
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["steps"][0]["outcome"], "skipped");
-    assert_eq!(v["steps"][0]["file"], serde_json::Value::Null, "keys are always present");
+    assert_eq!(v["steps"][1]["outcome"], "skipped");
+    assert_eq!(v["steps"][1]["file"], serde_json::Value::Null, "keys are always present");
     assert_eq!(v["timeline"], json!(timeline));
     assert_eq!(v["trigger"]["evidence"]["missed"], 3);
     assert!(!bundle.join(".manifest.json.tmp").exists());
@@ -220,6 +232,7 @@ async fn the_deadline_bounds_the_steps_that_wait_on_the_guest() {
         console: None,
         gdb_socket: dir.path().join("gdb.sock"),
         guest_agent: Some(sock),
+        host: Default::default(),
     };
     let trigger = Trigger {
         kind: "unresponsive".into(),
@@ -263,6 +276,7 @@ async fn an_unwritable_bundle_directory_is_the_only_error() {
         console: None,
         gdb_socket: dir.path().join("gdb.sock"),
         guest_agent: None,
+        host: Default::default(),
     };
     let trigger = Trigger {
         kind: "panicked".into(),

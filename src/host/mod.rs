@@ -286,3 +286,139 @@ pub struct DiskSpace {
     /// For unprivileged users (what the service may write).
     pub available_bytes: u64,
 }
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::trigger::qmp::Qmp;
+use devices::DeviceHistory;
+use sampler::{Sampler, VcpuThread};
+
+/// The `host` step's budget: it reads the host while the incident is on, so it is fast, and
+/// it never waits on a stuck QEMU or device longer than this.
+pub const BUDGET: Duration = Duration::from_millis(200);
+/// Each QMP query of the step.
+const QMP_TIMEOUT: Duration = Duration::from_millis(150);
+/// Without the service's sampler (a one-shot `acpimon diagnose`): two readings this far apart.
+const SNAPSHOT_WINDOW: Duration = Duration::from_millis(100);
+
+/// What the `host` step needs beyond QMP.
+#[derive(Clone, Default)]
+pub struct HostContext {
+    /// QEMU's pid, when visible from here (QMP's socket peer; not through libvirt).
+    pub pid: Option<u32>,
+    /// The service's sampler, which has the seconds before the incident.
+    pub sampler: Option<Arc<Sampler>>,
+    /// The VM's drives' I/O errors and last statistics.
+    pub devices: Arc<Mutex<DeviceHistory>>,
+    /// The data directory, whose free space the node section reports.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Reads everything the `host` step writes, within about [`BUDGET`]: the device queries, the
+/// QEMU process and its vCPU threads, and the node, at once. What could not be read is a note.
+pub async fn collect(vm: &str, qmp: Option<&Qmp>, ctx: &HostContext) -> HostReport {
+    let time = crate::units::now_rfc3339();
+    let devices = async {
+        match qmp {
+            Some(q) => devices::read(q, &ctx.devices, QMP_TIMEOUT).await,
+            None => (Devices::default(), vec!["devices: no QMP connection to the VM".to_string()]),
+        }
+    };
+    let (activity, node, (devices, mut notes)) = tokio::join!(activity(vm, qmp, ctx), node(ctx), devices);
+    let (qemu, vcpus, why) = activity;
+    notes.extend(why);
+    HostReport { schema: SCHEMA.into(), time, qemu, vcpus, devices, node, notes }
+}
+
+/// The QEMU process and its vCPU threads: from the sampler's ring when it watches the VM,
+/// else two readings [`SNAPSHOT_WINDOW`] apart (thread ids from `query-cpus-fast`).
+async fn activity(
+    vm: &str,
+    qmp: Option<&Qmp>,
+    ctx: &HostContext,
+) -> (Option<QemuProcess>, Vec<VcpuActivity>, Vec<String>) {
+    let Some(pid) = ctx.pid else {
+        return (
+            None,
+            Vec::new(),
+            vec!["qemu: its pid is not visible from here (a VM reached through libvirt, or QEMU in \
+                  another pid namespace): no vCPU thread or cgroup readings"
+                .to_string()],
+        );
+    };
+    if let Some(s) = ctx.sampler.clone() {
+        let name = vm.to_string();
+        if let Ok(Some((p, v))) = blocking(move || s.vm_report(&name)).await {
+            return (Some(p), v, Vec::new());
+        }
+    }
+    let mut notes = Vec::new();
+    let vcpus = match qmp {
+        Some(q) => match vcpu_threads(q, QMP_TIMEOUT / 2).await {
+            Ok(v) => v,
+            Err(e) => {
+                notes.push(format!("vcpus: query-cpus-fast: {e}: the QEMU process alone is read"));
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
+    match blocking(move || sampler::snapshot(pid, &vcpus, SNAPSHOT_WINDOW)).await {
+        Ok((p, v)) => (Some(p), v, notes),
+        Err(e) => {
+            notes.push(format!("qemu: reading /proc/{pid}: {e}"));
+            (None, Vec::new(), notes)
+        }
+    }
+}
+
+/// Each vCPU's cpu index and host thread id, from `query-cpus-fast`. Read from the raw reply,
+/// so that a field newer than qapi's schema (a new target name) cannot cost them.
+pub async fn vcpu_threads(
+    qmp: &Qmp,
+    timeout: Duration,
+) -> Result<Vec<VcpuThread>, crate::trigger::qmp::QmpError> {
+    let reply = qmp.execute_json(qapi::qmp::query_cpus_fast {}, timeout).await?;
+    let field = |c: &serde_json::Value, k: &str| c[k].as_u64().and_then(|v| u32::try_from(v).ok());
+    Ok(reply
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(crate::verdict::registers::MAX_CPUS)
+        .filter_map(|c| Some(VcpuThread { cpu: field(c, "cpu-index")?, thread: field(c, "thread-id")? }))
+        .collect())
+}
+
+/// The node, from the sampler (with its ratios) or read now.
+async fn node(ctx: &HostContext) -> Node {
+    let (sampler, dir) = (ctx.sampler.clone(), ctx.data_dir.clone());
+    let read = blocking(move || match sampler {
+        Some(s) => s.node(dir.as_deref()),
+        None => node_now(dir.as_deref()),
+    });
+    read.await.unwrap_or_default()
+}
+
+/// The node now, without ratios (they need a history). Blocking.
+pub fn node_now(data_dir: Option<&std::path::Path>) -> Node {
+    Node {
+        cpus: proc::online_cpus(),
+        load: proc::loadavg(),
+        pressure: proc::pressure(),
+        memory: proc::memory(),
+        cpu_busy_10s: None,
+        steal_10s: None,
+        data_dir: data_dir.and_then(proc::disk_space),
+    }
+}
+
+/// Runs a `/proc` read off the async workers, waiting for it at most [`BUDGET`].
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    match tokio::time::timeout(BUDGET, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("the reader failed ({e})")),
+        Err(_) => Err(format!("no answer within {} ms", BUDGET.as_millis())),
+    }
+}

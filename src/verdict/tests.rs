@@ -411,3 +411,202 @@ fn a_failing_vcpu_progress_scenario_is_a_hard_lockup_not_userspace() {
         Class::Unknown
     );
 }
+
+mod host_side {
+    use super::*;
+    use crate::host::{CgroupCpu, Drive, HostReport, IoError, IoErrors, QemuProcess, VcpuActivity};
+
+    fn vcpu(cpu: u32, busy: f64, wait: f64, busy_for_s: u64) -> VcpuActivity {
+        VcpuActivity {
+            cpu,
+            thread: 100 + cpu,
+            state: if busy > 0.5 { "R".into() } else { "S".into() },
+            busy_10s: Some(busy),
+            wait_10s: Some(wait),
+            busy_for_s,
+            ..Default::default()
+        }
+    }
+
+    fn host(f: impl FnOnce(&mut HostReport)) -> StepFile {
+        let mut r = HostReport {
+            schema: crate::host::SCHEMA.into(),
+            time: "2026-01-01T00:00:30.000Z".into(),
+            qemu: Some(QemuProcess { pid: 42, state: "S".into(), threads: 6, ..Default::default() }),
+            vcpus: vec![vcpu(0, 0.01, 0.0, 0), vcpu(1, 0.02, 0.0, 0)],
+            ..Default::default()
+        };
+        r.node.cpus = 2;
+        f(&mut r);
+        StepFile {
+            step: "host".into(),
+            file: "01-host.json".into(),
+            text: serde_json::to_string(&r).unwrap(),
+        }
+    }
+
+    fn failing_disk(action: &str, io_status: Option<&str>) -> Drive {
+        let e = |time: &str| IoError {
+            time: time.into(),
+            operation: "write".into(),
+            action: action.into(),
+            nospace: false,
+            reason: "Input/output error".into(),
+        };
+        Drive {
+            device: "disk0".into(),
+            io_status: io_status.map(str::to_string),
+            errors: Some(IoErrors {
+                count: 37,
+                first: e("2026-01-01T00:00:07.000Z"),
+                last: e("2026-01-01T00:00:20.000Z"),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn unresponsive() -> Trigger {
+        trigger(
+            "unresponsive",
+            probe(json!([scenario("acpi-heartbeat", "acpi-heartbeat", 3, false)]), false, None),
+        )
+    }
+
+    fn judged(status: &str, files: Vec<StepFile>, reports: &[KernelReport]) -> Verdict {
+        let t = unresponsive();
+        judge(&t, &manifest(&t, Some(status)), &files, reports, None)
+    }
+
+    #[test]
+    fn a_stopped_qemu_process_is_the_hosts_doing() {
+        let h = host(|r| {
+            let q = r.qemu.as_mut().unwrap();
+            (q.state, q.stopped_threads) = ("T".into(), 6);
+        });
+        let v = judged("running", vec![h], &[]);
+        assert_eq!(v.class, Class::PausedByHost, "{v:?}");
+        assert!(
+            v.headline
+                .starts_with("the QEMU process (pid 42) is stopped on the host: all 6 threads in state T"),
+            "{}",
+            v.headline
+        );
+        assert!(
+            v.evidence.iter().any(|e| e.source == "01-host.json" && e.line.contains("6 stopped")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn an_io_error_stop_names_the_drive() {
+        let h = host(|r| r.devices.block.push(failing_disk("stop", Some("failed"))));
+        let v = judged("io-error", vec![h.clone()], &[]);
+        assert_eq!(v.class, Class::PausedByIoError, "{v:?}");
+        assert!(
+            v.headline.starts_with("paused by the host after an I/O error on drive `disk0` io-status failed since 00:00:07 (BLOCK_IO_ERROR: write, Input/output error, action stop; 37 errors)"),
+            "{}",
+            v.headline
+        );
+        // Paused with the last error's action `stop`: the same, whatever QMP's status name.
+        let t = trigger("paused", probe(json!([]), true, None));
+        let v = judge(&t, &manifest(&t, Some("paused")), &[h], &[], None);
+        assert_eq!(v.class, Class::PausedByIoError, "{v:?}");
+        // A pause with no I/O error is still the host's plain pause.
+        let v = judge(&t, &manifest(&t, Some("paused")), &[host(|_| {})], &[], None);
+        assert_eq!(v.class, Class::PausedByHost, "{v:?}");
+    }
+
+    #[test]
+    fn a_guest_waiting_on_a_failed_drive() {
+        let h = host(|r| r.devices.block.push(failing_disk("report", None)));
+        let v = judged("running", vec![h.clone()], &[]);
+        assert_eq!(v.class, Class::WaitingOnIo, "{v:?}");
+        assert!(
+            v.headline.starts_with("guest waiting: all vCPUs idle; drive `disk0` failing since 00:00:07"),
+            "{}",
+            v.headline
+        );
+        let mut hung =
+            report(ReportClass::HungTask, "INFO: task sync:123 blocked for more than 120 seconds.");
+        hung.cpu = None;
+        let v = judged("running", vec![h], &[hung]);
+        assert_eq!(v.class, Class::WaitingOnIo, "{v:?}");
+        assert!(
+            v.headline.contains("guest waiting on I/O: drive `disk0`") && v.headline.contains("a hung task"),
+            "{}",
+            v.headline
+        );
+        // An error long before the report explains nothing.
+        let old = host(|r| {
+            r.time = "2026-01-01T01:00:00.000Z".into();
+            r.devices.block.push(failing_disk("report", None));
+        });
+        assert_eq!(judged("running", vec![old], &[]).class, Class::Unknown);
+    }
+
+    #[test]
+    fn a_throttled_or_outrun_vm_is_starved_and_a_merely_busy_one_is_not() {
+        let throttled = host(|r| {
+            r.qemu.as_mut().unwrap().cgroup = Some(CgroupCpu {
+                version: 1,
+                quota: Some("10000/100000".into()),
+                throttled_periods_10s: Some(0.9),
+                ..Default::default()
+            });
+        });
+        let soft =
+            report(ReportClass::SoftLockup, "watchdog: BUG: soft lockup - CPU#1 stuck for 44s! [faults:99]");
+        let v = judged("running", vec![throttled], &[soft.clone()]);
+        assert_eq!(v.class, Class::Starved, "{v:?}");
+        assert!(v.headline.starts_with("VM starved: QEMU's cgroup throttled in 90 % of the last 10 s's periods (quota 10000/100000 µs); the guest kernel reports a soft lockup"), "{}", v.headline);
+        let outrun = host(|r| r.vcpus[1] = vcpu(1, 0.2, 0.7, 10));
+        let v = judged("running", vec![outrun], &[]);
+        assert_eq!(v.class, Class::Starved, "{v:?}");
+        assert!(
+            v.headline.contains("vCPU 1's thread waited for a host CPU 70 % of the last 10 s and ran 20 %"),
+            "{}",
+            v.headline
+        );
+        // Sharing a loaded host (waited as long as it ran) is not starvation.
+        let shared = host(|r| r.vcpus[1] = vcpu(1, 0.45, 0.5, 10));
+        let v = judged("running", vec![shared], &[soft]);
+        assert_eq!(v.class, Class::SoftLockup, "{v:?}");
+        assert!(
+            v.headline.ends_with("; on the host, vCPU 1 at 95 % of a host CPU for 10 s"),
+            "{}",
+            v.headline
+        );
+    }
+
+    #[test]
+    fn a_vcpu_the_host_sees_busy_is_spinning() {
+        let spin = host(|r| r.vcpus[1] = vcpu(1, 0.99, 0.0, 12));
+        let v = judged("running", vec![spin.clone()], &[]);
+        assert_eq!(v.class, Class::Spinning, "{v:?}");
+        assert_eq!(
+            v.headline,
+            "guest spinning: vCPU 1 at 99 % of a host CPU for 12 s, and the kernel reported nothing"
+        );
+        // With the registers stuck with interrupts off on that vCPU: a hard lockup, spinning.
+        let regs = spinning_irqs_off().replace("CPU#0", "CPU#1");
+        let t = unresponsive();
+        let files =
+            vec![spin, StepFile { step: "registers".into(), file: "05-registers.txt".into(), text: regs }];
+        let v = judge(&t, &manifest(&t, Some("running")), &files, &[], None);
+        assert_eq!(v.class, Class::HardLockup, "{v:?}");
+        assert!(
+            v.headline.starts_with("guest spinning: vCPU 1 at 99 % of a host CPU for 12 s; vCPU 1 spinning with interrupts disabled"),
+            "{}",
+            v.headline
+        );
+        // Every vCPU idle on the host and no drive failing: no cause, as before.
+        assert_eq!(judged("running", vec![host(|_| {})], &[]).class, Class::Unknown);
+    }
+
+    #[test]
+    fn a_host_file_that_is_not_a_host_report_is_ignored() {
+        let junk =
+            StepFile { step: "host".into(), file: "01-host.json".into(), text: "{\"schema\": 3}".into() };
+        assert_eq!(judged("running", vec![junk], &[]).class, Class::Unknown);
+    }
+}

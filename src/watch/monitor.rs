@@ -801,6 +801,12 @@ impl Monitor {
         // Beside QMP's socket, whose path length `prepare` checked.
         let gdb_socket = self.dir.join("gdb.sock");
         let guest_agent = att.channels.guest_agent.clone();
+        let host = crate::host::HostContext {
+            pid: att.qmp.pid,
+            sampler: None,
+            devices: Default::default(),
+            data_dir: Some(self.shared.config.data_dir.clone()),
+        };
         let (keep, budget) = (self.shared.config.bundles_keep, self.shared.config.bundles_budget);
         self.log(&format!("collecting diagnostics into {}", bundle.display()));
         let task = async move {
@@ -814,6 +820,7 @@ impl Monitor {
                 console: console.as_deref(),
                 gdb_socket: gdb_socket.clone(),
                 guest_agent: guest_agent.clone(),
+                host,
             };
             let manifest =
                 diagnose::collect_with(&steps, &target, &trigger.trigger, timeline, &bundle, &opts)
