@@ -556,7 +556,7 @@ mod host_side {
         });
         let soft =
             report(ReportClass::SoftLockup, "watchdog: BUG: soft lockup - CPU#1 stuck for 44s! [faults:99]");
-        let v = judged("running", vec![throttled], &[soft.clone()]);
+        let v = judged("running", vec![throttled], std::slice::from_ref(&soft));
         assert_eq!(v.class, Class::Starved, "{v:?}");
         assert!(v.headline.starts_with("VM starved: QEMU's cgroup throttled in 90 % of the last 10 s's periods (quota 10000/100000 µs); the guest kernel reports a soft lockup"), "{}", v.headline);
         let outrun = host(|r| r.vcpus[1] = vcpu(1, 0.2, 0.7, 10));
