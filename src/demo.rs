@@ -269,6 +269,10 @@ async fn drive(
             say(&format!("bundle: {}", v.last_bundle.unwrap_or_default()));
             if let Some(verdict) = &v.last_verdict {
                 say(&format!("verdict {}: {}", verdict.class, verdict.headline));
+                // What the host saw beside it: the QEMU process, its vCPU threads, the node.
+                for e in verdict.evidence.iter().filter(|e| e.source.ends_with("-host.json")).take(5) {
+                    say(&format!("  evidence ({}): {}", e.source, e.line));
+                }
             }
             cont().await.map_err(VmError::from)?;
             say("resumed the VM (QMP cont)");

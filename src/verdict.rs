@@ -340,6 +340,7 @@ pub fn judge(
             );
         }
         push_cpus(&mut ev, false);
+        push_host(&mut ev);
         return ev.verdict(
             Class::PausedByHost,
             format!("QEMU has the VM paused (status '{shown}'): the host stopped its vCPUs, the guest did not hang"),

@@ -24,6 +24,7 @@
 //! | `memory-dump` | QMP | 120 s | `dump-guest-memory` in kdump-raw-zlib format (the kdump-compressed file `crash` reads; QEMU 8.2 and later), or on older QEMU the flattened kdump-zlib stream (`makedumpfile -R` converts it), detached, polled with `query-dump`; skipped when the guest's RAM exceeds `max_bytes` (default `"1GiB"`), deleted if the file grows past it. QEMU writes the file itself, so the bundle directory must be writable by QEMU. QEMU stops the VM while it dumps (STOP/RESUME events) |
 //! | `gdbstub` | QMP | 15 s | starts QEMU's gdbstub on `Target::gdb_socket` (HMP `gdbserver unix:PATH,server=on,wait=off`), reads every vCPU's registers over the GDB remote protocol (decoded with the target's own register description, and raw), then stops the gdbstub. The gdbstub stops the VM while connected (STOP/RESUME events); the VM is left running or stopped as it was |
 //! | `guest-agent` | the guest agent's port | 10 s | QEMU guest agent `guest-get-osinfo`, `guest-get-host-name` and `guest-info`'s version (JSON); skipped without a guest agent port |
+//! | `host` | — (QMP and QEMU's pid for parts) | 2 s | what the host saw of the VM, as JSON (schema `acpimon.host/1`, [`crate::host::HostReport`]): the QEMU process and each vCPU thread (state, share of a host CPU used and waited for over the last 10 s, how long busy or idle, per-second history, from the service's sampler), its cgroup's CPU throttling, the drives (`query-block`, `query-blockstats`, `BLOCK_IO_ERROR`s), network links, `query-stats`, and the node (load, pressure, memory, steal, the data directory's free space); within about 200 ms, each QMP query bounded, what could not be read a note. Never skipped: without QMP or a pid it reads the node |
 //! | `script` | — | 60 s | runs `argv` (no shell) in the bundle directory with `ACPIMON_VM`, `ACPIMON_BUNDLE` (the directory), `ACPIMON_TRIGGER` (the trigger's kind), `ACPIMON_TRIGGER_TIME`, `ACPIMON_TRIGGER_REASON`; stdout and stderr, interleaved, to the file; killed (its whole process group) at the timeout. A non-zero exit is `failed` |
 //!
 //! # The manifest (`manifest.json`, schema `acpimon.bundle/1`)
@@ -55,7 +56,8 @@
 //!       "reason":      why the outcome is not "ok" (null when ok),
 //!       "summary":     step-specific JSON (below), or null } ],
 //!   "verdict":  { "class": "panic" | "soft-lockup" | "hard-lockup" | "rcu-stall" | "hung-task" |
-//!                 "oom" | "paused-by-host" | "app-failed" | "userspace-stopped" | "unknown",
+//!                 "oom" | "paused-by-host" | "paused-by-io-error" | "waiting-on-io" | "starved" |
+//!                 "spinning" | "app-failed" | "userspace-stopped" | "unknown",
 //!                 "headline": one line, "evidence": [ { "source": file or "trigger",
 //!                 "kernel-report", "symbols", "line": text } ] (at most 16) }
 //! }
@@ -76,6 +78,8 @@
 //! `gdbstub` `{ "status_before", "status_after", "threads": [ { "thread", "rip", "rsp", "eflags" } ],
 //! "notes": [text] }` (statuses as `query-status` names them; values as "0x..." hex);
 //! `guest-agent` the same JSON as the file;
+//! `host` `{ "qemu_state", "qemu_stopped": bool, "vcpus_spinning": [cpu], "vcpus_idle": [cpu],
+//! "drives_failed": [name], "throttled": share | null, "cpu_pressure": avg10 | null, "notes": n }`;
 //! `script` `{ "exit": code | null, "signal": number | null, "dropped_bytes",
 //! "killed_leftovers": bool }` (`killed_leftovers`: processes it left behind were killed).
 
