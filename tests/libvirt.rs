@@ -54,6 +54,11 @@ async fn a_libvirt_domain_is_healthy_and_virsh_suspend_is_paused_then_unresponsi
     let tail = step_file(&bundle, "console-tail");
     assert!(tail.contains("Linux version") && tail.contains(common::guest::READY), "from boot on: {tail}");
     assert!(step_file(&bundle, "qmp-status").contains("paused"));
+    // The host step reads libvirt's QEMU: its pid from libvirt's pid file, and its vCPU threads.
+    let host: acpimon::host::HostReport = serde_json::from_str(&step_file(&bundle, "host")).unwrap();
+    let pid: u32 =
+        std::fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", d.name)).unwrap().trim().parse().unwrap();
+    assert_eq!(host.qemu.as_ref().map(|q| q.pid), Some(pid), "{host:#?}");
 
     d.virsh(&["resume"]);
     svc.wait_state(&d.name, State::Healthy, Duration::from_secs(40)).await;

@@ -59,11 +59,32 @@ pub async fn connect(uri: &str, domain: &str) -> Result<Qmp, QmpError> {
     let peer = format!("libvirt domain {domain}");
     let (client, bridge) = tokio::io::duplex(1 << 20);
     let (read, write) = tokio::io::split(client);
+    let pid = opened.pid;
     tokio::spawn(run_bridge(opened, bridge));
-    Qmp::over(read, write, Path::new(&peer)).await
+    let mut qmp = Qmp::over(read, write, Path::new(&peer)).await?;
+    qmp.pid = pid;
+    Ok(qmp)
+}
+
+/// The QEMU process of a domain of the system instance, from the pid file libvirt keeps for
+/// it, when readable from here and naming that domain's QEMU (`-name guest=NAME,...`): the
+/// host-side evidence reads its threads. None for a session instance or another pid namespace.
+fn domain_pid(uri: &str, name: &str) -> Option<u32> {
+    if !uri.ends_with(":///system") || name.contains('/') {
+        return None;
+    }
+    let text = crate::util::fs::read_capped(Path::new(&format!("/run/libvirt/qemu/{name}.pid")), 64).ok()?;
+    let pid: u32 = String::from_utf8_lossy(&text).trim().parse().ok()?;
+    let cmdline = crate::util::fs::read_capped(Path::new(&format!("/proc/{pid}/cmdline")), 64 << 10).ok()?;
+    let ours = cmdline
+        .split(|&b| b == 0)
+        .any(|arg| String::from_utf8_lossy(arg).split(',').any(|part| part == format!("guest={name}")));
+    ours.then_some(pid)
 }
 
 struct Opened {
+    /// The domain's QEMU process, when visible ([`domain_pid`]).
+    pid: Option<u32>,
     conn: Arc<Connect>,
     dom: Arc<Domain>,
     version: u32,
@@ -103,7 +124,8 @@ fn open(uri: &str, domain: &str) -> Result<Opened, QmpError> {
         unsafe { free_sender(opaque) };
         return Err(failed(format!("libvirt refused QEMU monitor events for {domain}")));
     }
-    Ok(Opened { conn: Arc::new(conn), dom: Arc::new(dom), version, events, callback })
+    let pid = dom.get_name().ok().and_then(|name| domain_pid(uri, &name));
+    Ok(Opened { pid, conn: Arc::new(conn), dom: Arc::new(dom), version, events, callback })
 }
 
 /// Called by libvirt's event loop thread for each QMP event of the domain.
