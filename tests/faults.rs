@@ -181,6 +181,15 @@ impl Watched {
     }
 }
 
+/// The bundle's `host` step saw vCPU 1's thread wanting a host CPU all the time (the spin),
+/// and the headline says so.
+fn assert_host_saw_vcpu_1_spinning(b: &Event, headline: &str) {
+    let host: acpimon::host::HostReport = serde_json::from_str(&step_file(b, "host")).expect("a host report");
+    let v1 = host.vcpus.iter().find(|v| v.cpu == 1).unwrap_or_else(|| panic!("no vCPU 1 thread: {host:#?}"));
+    assert!(v1.spinning() && v1.busy_for_s >= 3, "the host saw vCPU 1's thread spin: {v1:?}");
+    assert!(headline.contains("; on the host, vCPU 1 at "), "{headline}");
+}
+
 fn trace_has(e: &Event, what: &str) -> bool {
     e.detail["trace"]
         .as_array()
@@ -217,6 +226,7 @@ async fn soft_lockup_on_cpu_1_is_unresponsive_with_the_kernels_report() {
             && headline.contains("the registers show it in the kernel with interrupts on: vCPU 1 spinning"),
         "{v:#}"
     );
+    assert_host_saw_vcpu_1_spinning(&b, headline);
     // The watchdog's own report, later, belongs to the incident and its bundle.
     let soft = w.report("soft-lockup", REPORT_TIMEOUT).await;
     assert_eq!(soft.detail["cpu"], 1, "{:?}", soft.detail);
@@ -267,6 +277,7 @@ async fn hard_lockup_on_cpu_1_has_a_verdict_saying_interrupts_are_off() {
     let headline = v["headline"].as_str().unwrap();
     assert!(headline.starts_with("vCPU 1 spinning with interrupts disabled at RIP 0xffffffffc"), "{v:#}");
     assert!(headline.contains("; the guest kernel reports an RCU stall on CPU#1"), "{v:#}");
+    assert_host_saw_vcpu_1_spinning(&b, headline);
     assert!(
         v["evidence"]
             .as_array()
