@@ -575,12 +575,11 @@ async fn within<T>(
     timeout: Duration,
     fut: impl std::future::Future<Output = Result<T, QmpError>>,
 ) -> Result<T, String> {
+    let late = || format!("{what}: no reply within {} ms; QEMU is stuck or stopped", timeout.as_millis());
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(v)) => Ok(v),
+        Ok(Err(QmpError::Timeout { .. })) | Err(_) => Err(late()),
         Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => {
-            Err(format!("{what}: no reply within {} ms; QEMU is stuck or stopped", timeout.as_millis()))
-        }
     }
 }
 

@@ -699,7 +699,11 @@ impl Monitor {
         }
         if e.action == "stop" {
             let what = format!("drive {drive}: {} error ({})", e.operation, e.reason);
-            self.machine.io_error_stop(&what, now);
+            let why = self.machine.io_error_stop(&what, now);
+            if let Some(why) = why.filter(|_| self.machine.state == State::Paused) {
+                // Its STOP came first (a retry's does): the pause is this error's.
+                lock(&self.view).reason = why;
+            }
         }
         for ev in self.io_errors.error(drive, node, &e, now) {
             self.emit_block_io_error(ev);

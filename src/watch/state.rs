@@ -518,15 +518,22 @@ impl Machine {
         self.go(State::Paused, reason, Evidence::QmpEvent { qmp_event: event }, now)
     }
 
-    /// A drive's I/O error made QEMU stop the VM (`BLOCK_IO_ERROR` with action `stop`, which
-    /// QEMU sends just before its `STOP`); `what` names the drive and the error. The pause that
-    /// follows, or the one in force, is said to be that error's.
-    pub fn io_error_stop(&mut self, what: &str, now: Instant) {
+    /// A drive's I/O error made QEMU stop the VM (`BLOCK_IO_ERROR` with action `stop`: QEMU
+    /// sends it just before its `STOP`, or, when a resumed VM retries the request, just after);
+    /// `what` names the drive and the error. The pause that follows, or the one in force, is
+    /// said to be that error's; returns the pause's new reason when one is in force.
+    pub fn io_error_stop(&mut self, what: &str, now: Instant) -> Option<String> {
         let why = format!("{IO_STOP}: {what}");
         match &mut self.stopped {
-            Some(s) if !s.held => s.why = why,
-            Some(_) => {}
-            None => self.io_stop = Some((why, now)),
+            Some(s) if !s.held => {
+                s.why = why.clone();
+                Some(why)
+            }
+            Some(_) => None,
+            None => {
+                self.io_stop = Some((why, now));
+                None
+            }
         }
     }
 

@@ -467,6 +467,14 @@ fn a_stop_after_a_block_io_error_names_the_drive() {
     m.resumed(json!({"event": "RESUME"}), t0);
     let t = m.stopped(stop_event(), t0 + Duration::from_secs(60)).unwrap();
     assert_eq!(t.reason, "QEMU stopped the VM's vCPUs (QMP STOP)");
+    // A retry's STOP comes before its BLOCK_IO_ERROR: the pause in force becomes the error's.
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    assert_eq!(m.stopped(stop_event(), t0).unwrap().reason, "QEMU stopped the VM's vCPUs (QMP STOP)");
+    assert_eq!(
+        m.io_error_stop("drive disk0: write error (Input/output error)", t0).as_deref(),
+        Some("QEMU stopped the VM on a disk I/O error: drive disk0: write error (Input/output error)")
+    );
     // An error whose STOP never came (another request's, while running on): stale later.
     let (mut m, t0) = machine(PausePolicy::Counts, None);
     healthy_round(&mut m, t0);
