@@ -124,6 +124,7 @@ async fn a_drive_failing_on_the_host_is_an_event_a_pause_that_names_it_and_a_fai
     // Only query-stats may be missing (TCG has none; QEMU 5.2 has no such command).
     assert!(notes.iter().all(|n| n.starts_with("query-stats: not provided")), "{notes:?}");
     assert!(took < Duration::from_millis(1000), "{took:?}");
+    eprintln!("read of a paused QEMU: {took:?}");
     // A second reading has the delta.
     let (devs, _) = devices::read(&g.vm.qmp, &history, Duration::from_millis(150)).await;
     let drive = devs.block.iter().find(|d| d.device == "disk0").unwrap();
