@@ -35,6 +35,13 @@
 #                                         shell loop) or mostly in the kernel (dd if=/dev/zero
 #                                         of=/dev/null bs=1M); marker "ACPIMON-GUEST: load L
 #                                         started on N cpus"
+#   acpimon.disk_write=DEV                a write to a disk, not a fault of the guest's: once,
+#                                         acpimon.delay s after "ready", dd writes 4 KiB to
+#                                         /dev/DEV (e.g. vda, a virtio-blk drive; waits up to
+#                                         10 s for it) with O_DIRECT, so the write reaches QEMU at
+#                                         once (a test's drive whose writes fail on the host);
+#                                         markers "ACPIMON-GUEST: disk write DEV now uptime=U",
+#                                         then "... disk write DEV done: STATUS"
 #   acpimon.hung_task_timeout=N           kernel.hung_task_timeout_secs (default 10 with
 #                                         fault=hung, else the kernel's)
 #   sysctl.kernel.sysrq=N                 (the kernel's own, 5.8+) kept: SysRq is not turned
@@ -86,7 +93,7 @@ uptime_s() { read -r up _ </proc/uptime; echo "$up"; }
 scenario=healthy
 delay=3
 app=none app_mailbox=0 qga=0 app_stop_after='' app_degrade_after='' app_garbage=''
-fault='' fault_cpu=1 fault_delay=5 hung_task_timeout='' load='' sysrq_set=0
+fault='' fault_cpu=1 fault_delay=5 hung_task_timeout='' load='' sysrq_set=0 disk_write=''
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     acpimon.scenario=*) scenario=${arg#acpimon.scenario=} ;;
@@ -102,6 +109,7 @@ for arg in $(cat /proc/cmdline); do
     acpimon.fault_delay=*) fault_delay=${arg#acpimon.fault_delay=} ;;
     acpimon.hung_task_timeout=*) hung_task_timeout=${arg#acpimon.hung_task_timeout=} ;;
     acpimon.load=*) load=${arg#acpimon.load=} ;;
+    acpimon.disk_write=*) disk_write=${arg#acpimon.disk_write=} ;;
     sysctl.kernel.sysrq=*) sysrq_set=1 ;;
   esac
 done
@@ -340,6 +348,28 @@ case "$load" in
   '') ;;
   user | kernel) start_load ;;
   *) say "error: unknown acpimon.load='$load' (want user or kernel), none" ;;
+esac
+
+# --- a write to a disk ------------------------------------------------------------------------
+start_disk_write() {
+  i=0
+  while [ ! -b "/dev/$disk_write" ] && [ "$i" -lt 100 ]; do
+    sleep 0.1
+    i=$((i + 1))
+  done
+  sleep "$delay"
+  bg_say "disk write $disk_write now uptime=$(uptime_s)"
+  # With werror=stop the write blocks until QEMU resumes the VM; its status comes after.
+  if dd if=/dev/zero of="/dev/$disk_write" bs=4k count=1 oflag=direct 2>/tmp/disk.err; then
+    bg_say "disk write $disk_write done: ok"
+  else
+    bg_say "disk write $disk_write done: failed: $(tail -n 1 /tmp/disk.err)"
+  fi
+}
+case "$disk_write" in
+  '') ;;
+  *[!a-z0-9]*) say "error: acpimon.disk_write='$disk_write' is not a device name (e.g. vda), none" ;;
+  *) start_disk_write & ;;
 esac
 
 # An interactive shell on the console tty; cttyhack finds that tty (ttyS0) and makes it

@@ -76,6 +76,9 @@ pub enum EventKind {
     EventsLost(EventsLost),
     /// The guest kernel reported a fault on the console (the sentinel read it).
     KernelReport(KernelReportEvent),
+    /// A drive's I/O failed on the host (QMP `BLOCK_IO_ERROR`), coalesced: the first error of
+    /// a stream at once, the ones after it counted into one event every 10 s.
+    BlockIoError(BlockIoError),
 }
 
 impl EventKind {
@@ -94,6 +97,7 @@ impl EventKind {
             EventKind::ServiceStarted(_) => "service-started",
             EventKind::EventsLost(_) => "events-lost",
             EventKind::KernelReport(_) => "kernel-report",
+            EventKind::BlockIoError(_) => "block-io-error",
         }
     }
 }
@@ -317,6 +321,32 @@ pub struct EventsLost {
     pub last: String,
     /// Why: the disk refused writes and the in-memory hold was full.
     pub reason: String,
+}
+
+/// A drive's I/O errors as QEMU reported them (`BLOCK_IO_ERROR`), of one stream: a drive, an
+/// operation, what QEMU did, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockIoError {
+    /// The drive: its `-drive id=` (BlockBackend) name, or its node's name for a `-blockdev`
+    /// attached without one.
+    pub device: String,
+    /// Its block node (`node-name`), when QEMU said.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// `read` or `write`.
+    pub operation: String,
+    /// What QEMU did: `ignore`, `report` (the error to the guest) or `stop` (the VM:
+    /// `werror=stop`/`rerror=stop`).
+    pub action: String,
+    /// The host disk is full (ENOSPC).
+    pub nospace: bool,
+    /// The host's error text ("Input/output error").
+    pub reason: String,
+    /// Errors since the previous event of this stream (1 for the first).
+    pub count: u64,
+    /// QEMU's times (RFC 3339) of the first and last of them.
+    pub first: String,
+    pub last: String,
 }
 
 /// A fresh random idempotency key.

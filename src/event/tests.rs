@@ -102,6 +102,17 @@ fn examples() -> Vec<EventKind> {
             bundle: Some("/b/web/x-unresponsive".into()),
             suppressed: 2,
         }),
+        EventKind::BlockIoError(BlockIoError {
+            device: "disk0".into(),
+            node_name: Some("#block143".into()),
+            operation: "write".into(),
+            action: "stop".into(),
+            nospace: false,
+            reason: "Input/output error".into(),
+            count: 1,
+            first: "2026-01-01T00:00:00.000Z".into(),
+            last: "2026-01-01T00:00:00.000Z".into(),
+        }),
     ]
 }
 
@@ -134,9 +145,10 @@ fn ordinal(k: &EventKind) -> usize {
         EventKind::ServiceStarted(_) => 9,
         EventKind::EventsLost(_) => 10,
         EventKind::KernelReport(_) => 11,
+        EventKind::BlockIoError(_) => 12,
     }
 }
-const KINDS: usize = 12;
+const KINDS: usize = 13;
 
 fn event(kind: EventKind) -> Event {
     Event::new(new_key(), "node1", Some("web"), kind)

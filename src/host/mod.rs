@@ -223,7 +223,13 @@ pub struct NetLink {
     pub name: String,
     /// What it is (`user`, `tap`, `virtio-net-pci`...), from QEMU's description.
     pub kind: String,
+    /// Connected: a NIC with a backend (or a legacy hub), a backend with a NIC. QEMU's
+    /// `info network` does not show a link set down with `set_link` (5.2 to 10.0), so such a
+    /// link still reads as up.
     pub link_up: bool,
+    /// What it is connected to: a NIC's backend, `NAME (TYPE)`, or `hub N`.
+    #[serde(default)]
+    pub peer: Option<String>,
 }
 
 /// The node at incident time.

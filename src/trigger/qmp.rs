@@ -78,6 +78,20 @@ pub struct QmpEvent {
     pub raw: Value,
 }
 
+impl QmpEvent {
+    /// When QEMU sent it: its `timestamp` as RFC 3339 UTC with milliseconds; `None` without a
+    /// timestamp or with one out of range (QEMU sends -1 when its clock failed).
+    pub fn time(&self) -> Option<String> {
+        let ts = &self.raw["timestamp"];
+        let seconds = ts["seconds"].as_u64()?;
+        let micros = ts["microseconds"].as_u64().filter(|&us| us < 1_000_000)?;
+        // Past year 9999 humantime cannot format it; QEMU never sends one.
+        let t = std::time::UNIX_EPOCH
+            .checked_add(Duration::from_secs(seconds.min(253_402_300_799)) + Duration::from_micros(micros))?;
+        Some(crate::units::rfc3339(t))
+    }
+}
+
 /// The events acpimon reacts to, decoded with qapi's schema ([`qapi::qmp::Event`]); every
 /// other event is [`EventKind::Other`] (its name and JSON are in the [`QmpEvent`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +109,20 @@ pub enum EventKind {
     Panicked { action: String, crashloaded: bool },
     /// A detached `dump-guest-memory` ended, with QEMU's error if it failed.
     DumpCompleted { error: Option<String> },
+    /// A drive's request failed on the host (`BLOCK_IO_ERROR`). `device` is the drive's
+    /// BlockBackend name, empty for a `-blockdev` node attached without one (then
+    /// `node_name` names it); `operation` is `read` or `write`; `action` what QEMU did
+    /// (`ignore`, `report` to the guest, `stop` the VM); `nospace`: the host disk is full;
+    /// `reason`: the host's error text. Its time is the event's `timestamp`
+    /// ([`QmpEvent::time`]).
+    BlockIoError {
+        device: String,
+        node_name: Option<String>,
+        operation: String,
+        action: String,
+        nospace: bool,
+        reason: String,
+    },
     /// Any other event, or one of the above whose fields are missing.
     Other,
 }
@@ -120,6 +148,14 @@ impl EventKind {
             Ok(Q::GUEST_PANICKED { data, .. }) => panicked(data.action, false),
             Ok(Q::GUEST_CRASHLOADED { data, .. }) => panicked(data.action, true),
             Ok(Q::DUMP_COMPLETED { data, .. }) => EventKind::DumpCompleted { error: data.error },
+            Ok(Q::BLOCK_IO_ERROR { data, .. }) => EventKind::BlockIoError {
+                device: data.device,
+                node_name: data.node_name,
+                operation: data.operation.name().into(),
+                action: data.action.name().into(),
+                nospace: data.nospace.unwrap_or(false),
+                reason: data.reason,
+            },
             Ok(_) => EventKind::Other,
             Err(_) => EventKind::lenient(raw),
         }
@@ -146,6 +182,17 @@ impl EventKind {
                 None => EventKind::Other,
             },
             "DUMP_COMPLETED" => EventKind::DumpCompleted { error: text("error") },
+            "BLOCK_IO_ERROR" => match (text("device"), text("operation"), text("action")) {
+                (Some(device), Some(operation), Some(action)) => EventKind::BlockIoError {
+                    device,
+                    node_name: text("node-name"),
+                    operation,
+                    action,
+                    nospace: data["nospace"].as_bool().unwrap_or(false),
+                    reason: text("reason").unwrap_or_default(),
+                },
+                _ => EventKind::Other,
+            },
             _ => EventKind::Other,
         }
     }
@@ -536,6 +583,50 @@ mod tests {
             .kind,
             EventKind::DumpCompleted { error: Some("disk full".into()) }
         );
+    }
+
+    #[test]
+    fn block_io_errors_are_typed_with_their_time() {
+        // As QEMU 10 sends it for a -drive id=disk0 whose write failed, with werror=stop.
+        let line = r##"{"timestamp": {"seconds": 1764443000, "microseconds": 123456}, "event": "BLOCK_IO_ERROR", "data": {"device": "disk0", "nospace": false, "node-name": "#block143", "reason": "Input/output error", "operation": "write", "action": "stop"}}"##;
+        let ev = event(line);
+        assert_eq!(
+            ev.kind,
+            EventKind::BlockIoError {
+                device: "disk0".into(),
+                node_name: Some("#block143".into()),
+                operation: "write".into(),
+                action: "stop".into(),
+                nospace: false,
+                reason: "Input/output error".into(),
+            }
+        );
+        assert_eq!(ev.time().as_deref(), Some("2025-11-29T19:03:20.123Z"));
+        // A -blockdev node without a BlockBackend name: device is empty, node-name names it;
+        // QEMU before 5.2's nospace-less events read as nospace false; an action newer than
+        // the schema is read leniently.
+        let ev = event(
+            r#"{"event": "BLOCK_IO_ERROR", "data": {"device": "", "node-name": "n1", "operation": "read", "action": "retry-later", "reason": "No space left on device", "nospace": true}}"#,
+        );
+        assert_eq!(
+            ev.kind,
+            EventKind::BlockIoError {
+                device: "".into(),
+                node_name: Some("n1".into()),
+                operation: "read".into(),
+                action: "retry-later".into(),
+                nospace: true,
+                reason: "No space left on device".into(),
+            }
+        );
+        assert_eq!(ev.time(), None, "no timestamp");
+        let ev = event(
+            r#"{"event": "BLOCK_IO_ERROR", "data": {"device": "d", "operation": "write", "action": "report", "reason": "x"}, "timestamp": {"seconds": -1, "microseconds": -1}}"#,
+        );
+        assert!(matches!(&ev.kind, EventKind::BlockIoError { nospace: false, node_name: None, .. }));
+        assert_eq!(ev.time(), None, "QEMU's -1 when its clock failed");
+        // Fields missing: not guessed at.
+        assert_eq!(event(r#"{"event": "BLOCK_IO_ERROR", "data": {"device": "d"}}"#).kind, EventKind::Other);
     }
 
     #[test]

@@ -75,6 +75,10 @@ pub struct VmView {
     /// service started); `None` before a console was connected.
     #[serde(default)]
     pub console: Option<crate::console::ConsoleCounts>,
+    /// QMP `BLOCK_IO_ERROR`s of the VM's drives since the service started, by drive (at most
+    /// 64 drives).
+    #[serde(default)]
+    pub block_io_errors: BTreeMap<String, u64>,
     #[serde(skip)]
     pub latency_buckets: [u64; LATENCY_BUCKETS.len()],
     #[serde(skip)]
@@ -111,6 +115,7 @@ impl VmView {
             app_lines: None,
             kernel_reports: BTreeMap::new(),
             console: None,
+            block_io_errors: BTreeMap::new(),
             latency_buckets: [0; LATENCY_BUCKETS.len()],
             latency_count: 0,
             latency_sum: 0.0,
@@ -412,6 +417,19 @@ fn render(status: &StatusView) -> String {
             let _ = writeln!(o, "acpimon_console_reads_total{{vm=\"{}\"}} {}", esc(&v.name), c.reads);
         }
     }
+    header(
+        &mut o,
+        "acpimon_block_io_errors_total",
+        "counter",
+        "I/O errors QEMU reported of the VM's drives (QMP BLOCK_IO_ERROR), by drive.",
+    );
+    for v in full {
+        let vm = esc(&v.name);
+        for (device, n) in &v.block_io_errors {
+            let _ =
+                writeln!(o, "acpimon_block_io_errors_total{{vm=\"{vm}\",device=\"{}\"}} {n}", esc(device));
+        }
+    }
     header(&mut o, "acpimon_stalled_loops", "gauge", "Internal loops that are late.");
     let _ = writeln!(o, "acpimon_stalled_loops {}", status.stalled.len());
     o
@@ -532,6 +550,7 @@ mod tests {
     fn kernel_reports_are_counted_per_vm_and_class() {
         let mut vm = VmView::new("web");
         vm.kernel_reports.insert(ReportClass::SoftLockup, 2);
+        vm.block_io_errors.insert("disk\"0".into(), 7);
         let status = StatusView {
             node: "n".into(),
             started: "s".into(),
@@ -546,6 +565,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("acpimon_kernel_reports_total{vm=\"web\",class=\"panic\"} 0\n"), "{text}");
+        assert!(text.contains("# TYPE acpimon_block_io_errors_total counter\n"), "{text}");
+        assert!(
+            text.contains("acpimon_block_io_errors_total{vm=\"web\",device=\"disk\\\"0\"} 7\n"),
+            "{text}"
+        );
         // And /status says the same, by class name.
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["vms"][0]["kernel_reports"]["soft-lockup"], 2);

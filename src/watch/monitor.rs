@@ -26,6 +26,8 @@ use crate::console::Console;
 use crate::diagnose;
 use crate::event::{self, AppSource, Event, EventKind, Incident, RebootEvidence};
 use crate::forward::Forwarder;
+use crate::host::devices::{self, Coalescer, DeviceHistory};
+use crate::host::IoError;
 use crate::judge::{Reboot, Tracker};
 use crate::launch::channel::{self, Channel};
 use crate::launch::Descriptor;
@@ -133,6 +135,10 @@ pub struct Monitor {
     queued_panic: Option<Incident>,
     /// The console counts of the VM's earlier QEMU lives (each attach has a new console).
     console_before: crate::console::ConsoleCounts,
+    /// The VM's drives' I/O errors and statistics, for the `host` step.
+    pub(crate) devices: Arc<Mutex<DeviceHistory>>,
+    /// `BLOCK_IO_ERROR` into `block-io-error` events.
+    io_errors: Coalescer,
 }
 
 /// What the monitor keeps of the guest kernel's reports.
@@ -192,6 +198,8 @@ impl Monitor {
             sentinel: Sentinel::default(),
             queued_panic: None,
             console_before: Default::default(),
+            devices: Default::default(),
+            io_errors: Coalescer::default(),
         };
         if let Some(p) = problem {
             tracing::warn!("{p}");
@@ -467,6 +475,9 @@ impl Monitor {
                     if let Some(t) = self.machine.tick(Instant::now()) {
                         self.transition(t, None);
                     }
+                    for e in self.io_errors.flush(Instant::now()) {
+                        self.emit_block_io_error(e);
+                    }
                     ticks = ticks.wrapping_add(1);
                     let not_running = matches!(self.machine.state, State::Gone | State::Paused);
                     if std::mem::take(&mut self.poll_status) || not_running || ticks % STATUS_EVERY == 0 {
@@ -484,6 +495,9 @@ impl Monitor {
         // A report the console's end cut short is still the kernel's word.
         if let Some(r) = self.sentinel.scanner.flush() {
             self.kernel_reports(vec![r]);
+        }
+        for e in self.io_errors.drain() {
+            self.emit_block_io_error(e);
         }
         for p in probes {
             p.abort();
@@ -646,6 +660,21 @@ impl Monitor {
                 };
                 self.machine.gone(why, Evidence::QmpEvent { qmp_event: ev.raw }, now)
             }
+            QmpEventKind::BlockIoError {
+                ref device,
+                ref node_name,
+                ref operation,
+                ref action,
+                nospace,
+                ref reason,
+            } => {
+                let drive = devices::drive_name(device, node_name.as_deref());
+                let time = ev.time().unwrap_or_else(now_rfc3339);
+                let (operation, action, reason) = (operation.clone(), action.clone(), reason.clone());
+                let e = IoError { time, operation, action, nospace, reason };
+                self.block_io_error(&drive, node_name.as_deref(), e, now);
+                None
+            }
             QmpEventKind::DumpCompleted { .. } | QmpEventKind::Other => None,
         };
         if let Some(t) = t {
@@ -654,12 +683,51 @@ impl Monitor {
         self.refresh_view("");
     }
 
+    /// A `BLOCK_IO_ERROR` of `drive`: into the VM's device history and the metric, a
+    /// `block-io-error` event when it starts a stream (the rest are counted), and the machine
+    /// told when QEMU stops the VM for it.
+    fn block_io_error(&mut self, drive: &str, node: Option<&str>, e: IoError, now: Instant) {
+        lock(&self.devices).io_error(drive, e.clone());
+        {
+            let mut v = lock(&self.view);
+            let n = v.block_io_errors.len();
+            if let Some(c) = v.block_io_errors.get_mut(drive) {
+                *c += 1;
+            } else if n < devices::MAX_DRIVES {
+                v.block_io_errors.insert(drive.into(), 1);
+            }
+        }
+        if e.action == "stop" {
+            let what = format!("drive {drive}: {} error ({})", e.operation, e.reason);
+            let why = self.machine.io_error_stop(&what, now);
+            if let Some(why) = why.filter(|_| self.machine.state == State::Paused) {
+                // Its STOP came first (a retry's does): the pause is this error's.
+                lock(&self.view).reason = why;
+            }
+        }
+        for ev in self.io_errors.error(drive, node, &e, now) {
+            self.emit_block_io_error(ev);
+        }
+    }
+
+    fn emit_block_io_error(&mut self, e: event::BlockIoError) {
+        let more =
+            if e.count > 1 { format!(" ({} errors since {})", e.count, e.first) } else { String::new() };
+        self.log(&format!(
+            "drive {}: {} error ({}), QEMU action {}{more}",
+            e.device, e.operation, e.reason, e.action
+        ));
+        self.emit(EventKind::BlockIoError(e));
+    }
+
     /// Another QEMU process runs the VM (or, its pid unknown, QEMU came back): nothing of the
     /// previous one's guest counts for the new one. A known relaunch is a `reboot` event of its
     /// own, however fast relaunches come.
     fn new_life(&mut self, relaunch: Option<event::Relaunch>) {
-        // The previous guest's kernel reports and queued panic are not the new guest's.
+        // The previous guest's kernel reports and queued panic are not the new guest's, nor
+        // its drives' errors.
         self.sentinel.recent.clear();
+        lock(&self.devices).clear();
         self.queued_panic = None;
         {
             // The new guest's app has said nothing yet: its first word is news.

@@ -316,7 +316,16 @@ pub struct Machine {
     pub incident: bool,
     /// The guest kernel's last report of each effect (unresponsive, late), while in force.
     kernel: Vec<KernelFault>,
+    /// A drive's I/O error that makes QEMU stop the VM, and when: the `STOP` that follows is
+    /// its doing.
+    io_stop: Option<(String, Instant)>,
 }
+
+/// How long after a `BLOCK_IO_ERROR` with action `stop` its `STOP` is expected (QEMU sends it
+/// at once, from its main loop).
+const IO_STOP_WAIT: Duration = Duration::from_secs(2);
+/// The start of the reason of a pause by an I/O error.
+const IO_STOP: &str = "QEMU stopped the VM on a disk I/O error";
 
 /// What the guest kernel reported, to the machine: the state it asks for and until when.
 #[derive(Clone, Debug)]
@@ -358,6 +367,7 @@ impl Machine {
             app: None,
             incident,
             kernel: Vec::new(),
+            io_stop: None,
         };
         if state == State::Panicked {
             m.panicked = Some(serde_json::json!({ "restored": true }));
@@ -383,6 +393,7 @@ impl Machine {
     /// the start-up grace.
     pub fn attached(&mut self, status: &str, new_life: bool, now: Instant) -> Option<Transition> {
         self.stopped = None;
+        self.io_stop = None;
         for t in &mut self.tracks {
             t.last = None;
         }
@@ -435,7 +446,8 @@ impl Machine {
                     // STOP; any other state is the newer word on why.
                     Some(s) => {
                         s.held |= held;
-                        if status != "paused" {
+                        // `io-error` says less than the BLOCK_IO_ERROR that named the drive.
+                        if status != "paused" && !(status == "io-error" && s.why.starts_with(IO_STOP)) {
                             s.why = why.clone();
                         }
                     }
@@ -492,17 +504,37 @@ impl Machine {
         if self.stopped.is_some() {
             return None;
         }
-        let why = "the VM is paused (QMP STOP)".to_string();
-        self.stopped = Some(Stopped { held: false, why: why.clone() });
+        let io = self.io_stop.take().filter(|(_, at)| now.saturating_duration_since(*at) < IO_STOP_WAIT);
+        let (why, reason) = match io {
+            Some((why, _)) => (why.clone(), format!("{why} (QMP STOP)")),
+            None => {
+                ("the VM is paused (QMP STOP)".to_string(), "QEMU stopped the VM's vCPUs (QMP STOP)".into())
+            }
+        };
+        self.stopped = Some(Stopped { held: false, why });
         if self.state.is_failure() || self.state == State::Gone {
             return None;
         }
-        self.go(
-            State::Paused,
-            "QEMU stopped the VM's vCPUs (QMP STOP)".into(),
-            Evidence::QmpEvent { qmp_event: event },
-            now,
-        )
+        self.go(State::Paused, reason, Evidence::QmpEvent { qmp_event: event }, now)
+    }
+
+    /// A drive's I/O error made QEMU stop the VM (`BLOCK_IO_ERROR` with action `stop`: QEMU
+    /// sends it just before its `STOP`, or, when a resumed VM retries the request, just after);
+    /// `what` names the drive and the error. The pause that follows, or the one in force, is
+    /// said to be that error's; returns the pause's new reason when one is in force.
+    pub fn io_error_stop(&mut self, what: &str, now: Instant) -> Option<String> {
+        let why = format!("{IO_STOP}: {what}");
+        match &mut self.stopped {
+            Some(s) if !s.held => {
+                s.why = why.clone();
+                Some(why)
+            }
+            Some(_) => None,
+            None => {
+                self.io_stop = Some((why, now));
+                None
+            }
+        }
     }
 
     /// QMP `RESUME`.
@@ -516,6 +548,7 @@ impl Machine {
     /// The vCPUs run again (QMP `RESUME`, or a status poll says so).
     fn resume(&mut self, reason: String, evidence: Evidence, now: Instant) -> Option<Transition> {
         let stopped = self.stopped.take();
+        self.io_stop = None;
         let held = stopped.as_ref().is_some_and(|s| s.held);
         if self.pause == PausePolicy::Exempt {
             for t in &mut self.tracks {

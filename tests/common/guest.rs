@@ -493,6 +493,28 @@ impl Guest {
     }
 }
 
+/// QEMU arguments for a virtio-blk drive `disk0` (the guest's `/dev/vda`, 4 MiB in `dir`)
+/// whose writes fail on the host: QEMU's `blkdebug` driver returns EIO for every write
+/// (`write_aio`), reads work; with `werror=stop,rerror=stop` QEMU stops the VM on the error
+/// (`BLOCK_IO_ERROR`, then `STOP`; status `io-error`). QEMU 5.2, 7.2 and 10 take it alike.
+/// The guest writes to it with `acpimon.disk_write=vda`.
+pub fn failing_drive(dir: &Path) -> Vec<String> {
+    let conf = dir.join("blkdebug.conf");
+    std::fs::write(&conf, "[inject-error]\nevent = \"write_aio\"\nerrno = \"5\"\n").unwrap();
+    let image = dir.join("disk0.img");
+    std::fs::File::create(&image).unwrap().set_len(4 << 20).unwrap();
+    vec![
+        "-drive".into(),
+        format!(
+            "if=none,id=disk0,format=raw,werror=stop,rerror=stop,file=blkdebug:{}:{}",
+            conf.display(),
+            image.display()
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=disk0,id=vdisk0".into(),
+    ]
+}
+
 /// The next QMP event named `name` on `events` (subscribed before what raises it), within
 /// `timeout`; panics naming the event otherwise.
 pub async fn next_qmp_event(

@@ -434,6 +434,55 @@ fn an_error_stop_says_why_and_counts() {
     );
 }
 
+/// QEMU's order with `werror=stop`: `BLOCK_IO_ERROR` (action stop), `STOP`, then polls saying
+/// `io-error`: the pause names the drive and its error, and keeps naming it.
+#[test]
+fn a_stop_after_a_block_io_error_names_the_drive() {
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    m.io_error_stop("drive disk0: write error (Input/output error)", t0);
+    let t = m.stopped(stop_event(), t0 + Duration::from_millis(5)).unwrap();
+    assert_eq!(t.to, State::Paused);
+    assert_eq!(
+        t.reason,
+        "QEMU stopped the VM on a disk I/O error: drive disk0: write error (Input/output error) (QMP STOP)"
+    );
+    assert_eq!(to(m.status("io-error", t0)), None, "already paused");
+    m.probe(HB, miss("x"), t0);
+    m.probe(HB, miss("x"), t0);
+    let t = m.probe(HB, miss("x"), t0).unwrap();
+    assert_eq!(t.to, State::Unresponsive);
+    assert!(
+        t.reason.starts_with(
+            "QEMU stopped the VM on a disk I/O error: drive disk0: write error (Input/output error) and acpi-heartbeat missed 3"
+        ),
+        "{}",
+        t.reason
+    );
+    // Resumed, then paused by hand much later: not the old error's doing.
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    m.io_error_stop("drive disk0: write error (Input/output error)", t0);
+    m.stopped(stop_event(), t0);
+    m.resumed(json!({"event": "RESUME"}), t0);
+    let t = m.stopped(stop_event(), t0 + Duration::from_secs(60)).unwrap();
+    assert_eq!(t.reason, "QEMU stopped the VM's vCPUs (QMP STOP)");
+    // A retry's STOP comes before its BLOCK_IO_ERROR: the pause in force becomes the error's.
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    assert_eq!(m.stopped(stop_event(), t0).unwrap().reason, "QEMU stopped the VM's vCPUs (QMP STOP)");
+    assert_eq!(
+        m.io_error_stop("drive disk0: write error (Input/output error)", t0).as_deref(),
+        Some("QEMU stopped the VM on a disk I/O error: drive disk0: write error (Input/output error)")
+    );
+    // An error whose STOP never came (another request's, while running on): stale later.
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    m.io_error_stop("drive disk0: write error (Input/output error)", t0);
+    let t = m.stopped(stop_event(), t0 + Duration::from_secs(30)).unwrap();
+    assert_eq!(t.reason, "QEMU stopped the VM's vCPUs (QMP STOP)");
+}
+
 /// Issue 11's case: the heartbeat answered during start-up, then missed 93 times while the
 /// console scenario never answered; the VM stayed `starting` for the whole grace. A scenario
 /// that answered once is judged from then on.
