@@ -187,6 +187,23 @@ async fn a_drive_failing_on_the_host_is_an_event_a_pause_that_names_it_and_a_fai
         )),
         "{metrics}"
     );
+
+    // The incident (paused, the heartbeat unanswered): its bundle's host step has the failed
+    // drive and its errors, and the verdict names the host-side cause.
+    let b = svc.wait_event("bundle", Duration::from_secs(120), |e| e.kind == "bundle").await;
+    let host: acpimon::host::HostReport =
+        serde_json::from_str(&common::service::step_file(&b, "host")).expect("a host report");
+    let disk0 =
+        host.devices.block.iter().find(|d| d.device == "disk0").unwrap_or_else(|| panic!("{host:#?}"));
+    assert!(disk0.errors.as_ref().is_some_and(|e| e.last.action == "stop"), "{disk0:#?}");
+    let v = &b.detail["manifest"]["verdict"];
+    assert_eq!(v["class"], "paused-by-io-error", "{v:#}");
+    let headline = v["headline"].as_str().unwrap();
+    assert!(
+        headline.starts_with("paused by the host after an I/O error on drive `disk0`")
+            && headline.contains("(BLOCK_IO_ERROR: write, Input/output error, action stop;"),
+        "{headline}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -872,7 +872,7 @@ impl Monitor {
         let host = crate::host::HostContext {
             pid: att.qmp.pid,
             sampler: None,
-            devices: Default::default(),
+            devices: Arc::clone(&self.devices),
             data_dir: Some(self.shared.config.data_dir.clone()),
         };
         let (keep, budget) = (self.shared.config.bundles_keep, self.shared.config.bundles_budget);
