@@ -48,6 +48,25 @@ pub struct VcpuThread {
     pub thread: u32,
 }
 
+/// vCPUs read at most from one `query-cpus-fast` reply.
+const MAX_VCPUS: usize = 4096;
+
+/// The vCPUs of a `query-cpus-fast` reply (`cpu-index`, `thread-id`), read from the raw JSON
+/// so that a target or field newer than the bundled QAPI schema cannot cost them. Entries
+/// without a valid thread id (0, negative, beyond u32) are left out.
+pub fn vcpu_threads(reply: &serde_json::Value) -> Vec<VcpuThread> {
+    let id = |v: &serde_json::Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+    reply
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(MAX_VCPUS)
+        .filter_map(|c| {
+            Some(VcpuThread { cpu: id(&c["cpu-index"])?, thread: id(&c["thread-id"]).filter(|&t| t > 0)? })
+        })
+        .collect()
+}
+
 /// What the sampler says of one vCPU thread for `/metrics`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VcpuMetric {

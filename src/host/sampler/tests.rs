@@ -266,3 +266,21 @@ fn the_sampler_samples_this_process_and_stops_when_dropped() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn vcpu_threads_are_read_from_the_raw_reply() {
+    let reply = serde_json::json!([
+        {"cpu-index": 0, "qom-path": "/machine/unattached/device[0]", "thread-id": 4243, "target": "x86_64"},
+        {"cpu-index": 1, "thread-id": 4244, "target": "a-target-from-the-future", "new-field": 1},
+        {"cpu-index": 2, "thread-id": 0},
+        {"cpu-index": 3, "thread-id": -5},
+        {"cpu-index": 4, "thread-id": 99999999999u64},
+        {"cpu-index": "x", "thread-id": 4},
+        "garbage"
+    ]);
+    assert_eq!(
+        vcpu_threads(&reply),
+        [VcpuThread { cpu: 0, thread: 4243 }, VcpuThread { cpu: 1, thread: 4244 }]
+    );
+    assert!(vcpu_threads(&serde_json::json!({"error": 1})).is_empty());
+}
