@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use acpimon::generate::SsdtConfig;
 use acpimon::launch::{self, Vm, VmSpec};
 use acpimon::watch::config::default_state_dir;
-use acpimon_bench::{faults, flood, latency, scale};
+use acpimon_bench::{faults, flood, host, latency, scale};
 
 #[derive(Parser)]
 #[command(
@@ -128,6 +128,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The host sampler's cost per VM per sample (this process with idle threads as its
+    /// vCPUs), beside one read of `/proc/self/stat` measured in the same run.
+    HostSampler {
+        /// Stand-in vCPU threads.
+        #[arg(long, default_value_t = 2)]
+        vcpus: usize,
+        /// Timed rounds of each figure (the median is shown).
+        #[arg(long, default_value_t = 10_000)]
+        rounds: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +243,15 @@ fn run(command: Command) -> Result<(), Error> {
             } else {
                 Err(Error::Problems(problems.join("; ")))
             }
+        }
+        Command::HostSampler { vcpus, rounds, json } => {
+            let report = host::run(vcpus, rounds).map_err(Error::Problems)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            } else {
+                print!("{report}");
+            }
+            Ok(())
         }
         Command::Faults { guest, reduced, only, acpimon, work, json } => {
             let guest = guest.ok_or_else(|| {
