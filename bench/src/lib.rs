@@ -2,12 +2,11 @@
 //! [`latency`] measures trigger-to-record latency on the real test guest (`acpimon-bench
 //! latency`), [`scale`] one `acpimon watch` over hundreds of [`simvm`] VMs (`acpimon-bench
 //! scale`), [`flood`] what guests flooding their consoles cost it (`acpimon-bench flood`),
-//! [`faults`] the fault suite (`acpimon-bench faults`), [`host`] the host sampler's cost per VM
-//! (`acpimon-bench host-sampler`).
+//! [`faults`] the fault suite (`acpimon-bench faults`).
 
 pub mod faults;
 pub mod flood;
-pub mod host;
 pub mod latency;
+pub mod sampler;
 pub mod scale;
 pub mod simvm;

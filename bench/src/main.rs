@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use acpimon::generate::SsdtConfig;
 use acpimon::launch::{self, Vm, VmSpec};
 use acpimon::watch::config::default_state_dir;
-use acpimon_bench::{faults, flood, host, latency, scale};
+use acpimon_bench::{faults, flood, latency, scale};
 
 #[derive(Parser)]
 #[command(
@@ -244,15 +244,6 @@ fn run(command: Command) -> Result<(), Error> {
                 Err(Error::Problems(problems.join("; ")))
             }
         }
-        Command::HostSampler { vcpus, rounds, json } => {
-            let report = host::run(vcpus, rounds).map_err(Error::Problems)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
-            } else {
-                print!("{report}");
-            }
-            Ok(())
-        }
         Command::Faults { guest, reduced, only, acpimon, work, json } => {
             let guest = guest.ok_or_else(|| {
                 Error::Input(
@@ -284,6 +275,15 @@ fn run(command: Command) -> Result<(), Error> {
             } else {
                 Err(Error::Problems(format!("checks failed: {}", failed.join(", "))))
             }
+        }
+        Command::HostSampler { vcpus, rounds, json } => {
+            let report = acpimon_bench::sampler::run(vcpus, rounds).map_err(Error::Problems)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            } else {
+                print!("{report}");
+            }
+            Ok(())
         }
     }
 }

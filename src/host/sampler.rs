@@ -4,10 +4,10 @@
 //!
 //! A VM's ring keeps [`RING`] readings (31 s at the service's 1 s period). One reading is the
 //! process's CPU time, each distinct vCPU thread's CPU, run and wait times (32 bytes), and the
-//! cgroup's throttling counters: about 150 bytes with 2 vCPUs, so 5 KiB per VM, plus 32 × 40
-//! bytes for the node's ring. A sample costs per VM one read of `/proc/PID/stat`, two per vCPU
-//! thread (`stat`, `schedstat`), `/proc/PID/cgroup` and `cpu.stat` (README "Host-side evidence"
-//! has the measured cost).
+//! cgroup's throttling counters: 160 bytes with 2 vCPUs, so about 5 KiB per VM (a test holds
+//! it under 6 KiB), plus 32 × 48 bytes for the node's ring. A sample costs per VM one read of `/proc/PID/stat`, two per vCPU
+//! thread (`stat`, `schedstat`), `/proc/PID/cgroup` and `cpu.stat` (README "Metrics, status
+//! and liveness" has the measured cost).
 //!
 //! The ratios are computed by pure functions over readings ([`activity`]), tested on synthetic
 //! samples. Where both readings of an interval have `schedstat`, a thread's CPU time is its

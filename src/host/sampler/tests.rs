@@ -284,3 +284,10 @@ fn vcpu_threads_are_read_from_the_raw_reply() {
     );
     assert!(vcpu_threads(&serde_json::json!({"error": 1})).is_empty());
 }
+
+#[test]
+fn a_vms_ring_with_two_vcpus_stays_within_6_kib() {
+    let per_reading = std::mem::size_of::<Reading>() + 2 * std::mem::size_of::<Option<ThreadPoint>>();
+    let ring = RING * per_reading + std::mem::size_of::<Vm>();
+    assert!(ring <= 6 * 1024, "{per_reading} bytes per reading, {ring} per VM");
+}
