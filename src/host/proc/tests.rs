@@ -219,3 +219,25 @@ fn current_tid() -> u32 {
     let link = std::fs::read_link("/proc/thread-self").unwrap();
     link.file_name().unwrap().to_str().unwrap().parse().unwrap()
 }
+
+proptest::proptest! {
+    /// No text makes a parser panic.
+    #[test]
+    fn parsers_never_panic(text in "(?s).{0,400}", stat_tail in "[ 0-9a-zA-Z()\\-]{0,300}") {
+        let stat = format!("1 (x{text}) {stat_tail}");
+        let _ = parse_stat(&stat);
+        let _ = parse_stat(&text);
+        let _ = parse_schedstat(&text);
+        let _ = parse_proc_cgroup(&text);
+        let _ = parse_mountinfo_cgroups(&text);
+        let _ = cgroup_cpu_dir(&text, &text);
+        let _ = parse_cpu_max(&text);
+        let _ = parse_cpu_stat(&text, 1);
+        let _ = parse_loadavg(&text);
+        let _ = parse_psi(&text);
+        let _ = parse_meminfo(&text);
+        let _ = parse_cpu_times(&text);
+        let _ = parse_cpu_list(&text);
+        let _ = unescape_mount(&text);
+    }
+}
