@@ -111,20 +111,20 @@ pub fn run(vcpus: usize, rounds: usize) -> Result<Report, String> {
     let pid = std::process::id();
     let threads: Vec<VcpuThread> =
         idle.tids.iter().enumerate().map(|(i, &t)| VcpuThread { cpu: i as u32, thread: t }).collect();
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok();
-    if sampler::sample_once(pid, &threads, mountinfo.as_deref()) != vcpus {
+    let mounts = acpimon::host::proc::CgroupMounts::read();
+    if sampler::sample_once(pid, &threads, mounts.as_ref()) != vcpus {
         return Err("a sample did not read every stand-in vCPU thread".into());
     }
     // Warm the page cache and the dentries first, as a service running for a while has.
     for _ in 0..rounds.min(100) {
         let _ = std::fs::read("/proc/self/stat");
-        sampler::sample_once(pid, &threads, mountinfo.as_deref());
+        sampler::sample_once(pid, &threads, mounts.as_ref());
     }
     let baseline_us = median_us(rounds, || {
         let _ = std::hint::black_box(std::fs::read("/proc/self/stat"));
     });
     let sample_us = median_us(rounds, || {
-        std::hint::black_box(sampler::sample_once(pid, &threads, mountinfo.as_deref()));
+        std::hint::black_box(sampler::sample_once(pid, &threads, mounts.as_ref()));
     });
     // A sampler with a full ring.
     let s = sampler::Sampler::start(Duration::from_millis(5));

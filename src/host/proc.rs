@@ -212,25 +212,55 @@ fn cgroup_dir_under(mount: &CgroupMount, path: &str) -> PathBuf {
     Path::new(&mount.mount_point).join(rel.trim_start_matches('/'))
 }
 
-/// Where the CPU controller of `pid`'s cgroup lives, and in which version: the v1 hierarchy
-/// whose mount options include `cpu` when there is one (a hybrid host has its CPU controller
-/// there), else the v2 hierarchy when its root's `cgroup.controllers` lists `cpu`.
-pub fn cgroup_cpu_dir(proc_cgroup: &str, mountinfo: &str) -> Option<(PathBuf, u8)> {
-    let lines = parse_proc_cgroup(proc_cgroup);
-    let mounts = parse_mountinfo_cgroups(mountinfo);
-    let v1 = mounts.iter().find(|m| m.version == 1 && m.options.iter().any(|o| o == "cpu"));
-    if let Some(m) = v1 {
-        if let Some(l) = lines.iter().find(|l| l.id != "0" && l.controllers.iter().any(|c| c == "cpu")) {
-            return Some((cgroup_dir_under(m, &l.path), 1));
+/// The host's cgroup hierarchies, as the sampler keeps them between re-reads of
+/// `/proc/self/mountinfo`: the mounts, and whether the v2 one has the CPU controller.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CgroupMounts {
+    pub mounts: Vec<CgroupMount>,
+    /// The cgroup2 root's `cgroup.controllers` lists `cpu`.
+    pub v2_cpu: bool,
+}
+
+impl CgroupMounts {
+    /// From `mountinfo`'s text (and the cgroup2 root's `cgroup.controllers`).
+    pub fn parse(mountinfo: &str) -> CgroupMounts {
+        let mounts = parse_mountinfo_cgroups(mountinfo);
+        let v2_cpu = mounts.iter().find(|m| m.version == 2).is_some_and(|m| {
+            read_capped(&Path::new(&m.mount_point).join("cgroup.controllers"))
+                .is_some_and(|c| c.split_whitespace().any(|c| c == "cpu"))
+        });
+        CgroupMounts { mounts, v2_cpu }
+    }
+
+    /// This process's view: `/proc/self/mountinfo`.
+    pub fn read() -> Option<CgroupMounts> {
+        Some(CgroupMounts::parse(&read_capped(Path::new("/proc/self/mountinfo"))?))
+    }
+
+    /// Where the CPU controller of the cgroup `proc_cgroup` (a `/proc/PID/cgroup`) names lives,
+    /// and in which version: the v1 hierarchy whose mount options include `cpu` when there is
+    /// one (a hybrid host has its CPU controller there), else the v2 hierarchy when its root's
+    /// `cgroup.controllers` lists `cpu`.
+    pub fn cpu_dir(&self, proc_cgroup: &str) -> Option<(PathBuf, u8)> {
+        let lines = parse_proc_cgroup(proc_cgroup);
+        let v1 = self.mounts.iter().find(|m| m.version == 1 && m.options.iter().any(|o| o == "cpu"));
+        if let Some(m) = v1 {
+            if let Some(l) = lines.iter().find(|l| l.id != "0" && l.controllers.iter().any(|c| c == "cpu")) {
+                return Some((cgroup_dir_under(m, &l.path), 1));
+            }
         }
+        if !self.v2_cpu {
+            return None;
+        }
+        let m = self.mounts.iter().find(|m| m.version == 2)?;
+        let l = lines.iter().find(|l| l.id == "0" && l.controllers.is_empty())?;
+        Some((cgroup_dir_under(m, &l.path), 2))
     }
-    let m = mounts.iter().find(|m| m.version == 2)?;
-    let controllers = read_capped(&Path::new(&m.mount_point).join("cgroup.controllers"))?;
-    if !controllers.split_whitespace().any(|c| c == "cpu") {
-        return None;
-    }
-    let l = lines.iter().find(|l| l.id == "0" && l.controllers.is_empty())?;
-    Some((cgroup_dir_under(m, &l.path), 2))
+}
+
+/// [`CgroupMounts::cpu_dir`] from the texts of `/proc/PID/cgroup` and `/proc/self/mountinfo`.
+pub fn cgroup_cpu_dir(proc_cgroup: &str, mountinfo: &str) -> Option<(PathBuf, u8)> {
+    CgroupMounts::parse(mountinfo).cpu_dir(proc_cgroup)
 }
 
 /// `key value` lines (`cpu.stat`, `/proc/meminfo` with a `:`): the value of `key`.

@@ -159,12 +159,12 @@ impl Target {
         self.tids.iter().position(|&t| t == tid).unwrap_or(0)
     }
 
-    /// What the sampler thread reads every period (`mountinfo`: the text of
-    /// `/proc/self/mountinfo`, read now and then).
-    fn read(&self, mountinfo: Option<&str>) -> Reading {
-        let cgroup = mountinfo.and_then(|mi| {
+    /// What the sampler thread reads every period (`mounts`: the cgroup hierarchies, read
+    /// now and then).
+    fn read(&self, mounts: Option<&proc::CgroupMounts>) -> Reading {
+        let cgroup = mounts.and_then(|m| {
             let own = proc::read_capped(Path::new(&format!("/proc/{}/cgroup", self.pid)))?;
-            let (dir, version) = proc::cgroup_cpu_dir(&own, mi)?;
+            let (dir, version) = m.cpu_dir(&own)?;
             Some(CgroupPoint { dir: hash_path(&dir), stat: proc::read_cpu_stat(&dir, version)? })
         });
         Reading {
@@ -415,11 +415,11 @@ struct Inner {
 }
 
 impl Inner {
-    fn sample(&self, mountinfo: Option<&str>) {
+    fn sample(&self, mounts: Option<&proc::CgroupMounts>) {
         let targets: Vec<(String, u64, Target)> =
             lock(&self.vms).iter().map(|(n, vm)| (n.clone(), vm.gen, vm.target.clone())).collect();
         for (name, gen, target) in targets {
-            let r = target.read(mountinfo);
+            let r = target.read(mounts);
             if let Some(vm) = lock(&self.vms).get_mut(&name).filter(|vm| vm.gen == gen) {
                 vm.push(r);
             }
@@ -546,7 +546,7 @@ impl Drop for Sampler {
 /// The sampling thread: a reading every `period` (never catching up in a burst after a stall)
 /// until the sampler is dropped.
 fn run(inner: Weak<Inner>, period: Duration) {
-    let mut mountinfo: Option<(Instant, Option<String>)> = None;
+    let mut mounts: Option<(Instant, Option<proc::CgroupMounts>)> = None;
     let mut next = Instant::now();
     loop {
         let Some(inner) = inner.upgrade() else { return };
@@ -564,10 +564,10 @@ fn run(inner: Weak<Inner>, period: Duration) {
             }
         }
         next = (next + period).max(Instant::now());
-        if mountinfo.as_ref().is_none_or(|(at, _)| at.elapsed() >= MOUNTS_EVERY) {
-            mountinfo = Some((Instant::now(), proc::read_capped(Path::new("/proc/self/mountinfo"))));
+        if mounts.as_ref().is_none_or(|(at, _)| at.elapsed() >= MOUNTS_EVERY) {
+            mounts = Some((Instant::now(), proc::CgroupMounts::read()));
         }
-        inner.sample(mountinfo.as_ref().and_then(|m| m.1.as_deref()));
+        inner.sample(mounts.as_ref().and_then(|m| m.1.as_ref()));
     }
 }
 
@@ -581,9 +581,9 @@ pub fn snapshot(pid: u32, vcpus: &[VcpuThread], window: Duration) -> (QemuProces
 }
 
 /// The cost of one sample of a VM (what the sampler thread reads every period), for the
-/// benchmark: `pid` with `vcpus`, reading `mountinfo` as the thread does.
-pub fn sample_once(pid: u32, vcpus: &[VcpuThread], mountinfo: Option<&str>) -> usize {
-    let r = Target::new(pid, vcpus).read(mountinfo);
+/// benchmark: `pid` with `vcpus`, with the cgroup hierarchies as the thread keeps them.
+pub fn sample_once(pid: u32, vcpus: &[VcpuThread], mounts: Option<&proc::CgroupMounts>) -> usize {
+    let r = Target::new(pid, vcpus).read(mounts);
     r.threads.iter().flatten().count()
 }
 

@@ -241,3 +241,23 @@ proptest::proptest! {
         let _ = unescape_mount(&text);
     }
 }
+
+#[test]
+fn a_pure_v2_host_has_its_cpu_controller_in_the_unified_hierarchy() {
+    let mi = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+    let mut mounts = CgroupMounts { mounts: parse_mountinfo_cgroups(mi), v2_cpu: true };
+    let own = "0::/machine.slice/machine-qemu\\x2d1\\x2dweb.scope/libvirt/emulator\n";
+    assert_eq!(
+        mounts.cpu_dir(own),
+        Some((
+            PathBuf::from("/sys/fs/cgroup/machine.slice/machine-qemu\\x2d1\\x2dweb.scope/libvirt/emulator"),
+            2
+        ))
+    );
+    // Its controllers do not list cpu: no directory.
+    mounts.v2_cpu = false;
+    assert_eq!(mounts.cpu_dir(own), None);
+    // A v1 line for another controller does not count.
+    mounts.v2_cpu = true;
+    assert_eq!(mounts.cpu_dir("4:memory:/x\n0::/y\n").unwrap().0, PathBuf::from("/sys/fs/cgroup/y"));
+}
