@@ -291,6 +291,21 @@ fn series<'a>(ring: &'a [Reading], fresh: &'a Reading, min_gap: Duration) -> Vec
     rs
 }
 
+/// How thread `i`'s CPU time moved: its run time (ns precision) where every reading has
+/// schedstat, else utime + stime.
+fn used_steps(rs: &[&Reading], i: usize) -> Vec<Step> {
+    let point = |r: &&Reading| r.threads.get(i).copied().flatten();
+    let sched = rs.iter().all(|r| point(r).is_none_or(|p| p.sched.is_some()));
+    steps(
+        rs,
+        |r| r.at,
+        |r| {
+            let p = point(r)?;
+            Some((0, if sched { p.sched?.0 } else { p.cpu_ns }))
+        },
+    )
+}
+
 /// The report of one VM from its readings: the pure computation [`Sampler::vm_report`] and
 /// [`snapshot`] share. `cpus` bounds the process's ratios.
 pub(crate) fn activity(
@@ -312,12 +327,8 @@ pub(crate) fn activity(
     for v in &target.vcpus {
         let i = target.slot(v.thread);
         let point = |r: &&Reading| r.threads.get(i).copied().flatten();
-        // Run time (ns precision) where schedstat is there on both sides, else utime + stime.
         let sched = rs.iter().all(|r| point(r).is_none_or(|p| p.sched.is_some()));
-        let used = steps(rs, at, |r| {
-            let p = point(r)?;
-            Some((0, if sched { p.sched?.0 } else { p.cpu_ns }))
-        });
+        let used = used_steps(rs, i);
         let waited = steps(rs, at, |r| Some((0, point(r)?.sched?.1)));
         let wanted = steps(rs, at, |r| {
             let p = point(r)?;
@@ -519,11 +530,7 @@ impl Sampler {
                 else {
                     continue;
                 };
-                let used = steps(
-                    &ring[from..],
-                    |r| r.at,
-                    |r| Some((0, r.threads.get(i).copied().flatten()?.cpu_ns)),
-                );
+                let used = used_steps(&ring[from..], i);
                 out.push(VcpuMetric {
                     vm: name.clone(),
                     cpu,
