@@ -105,6 +105,15 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
         .parse()
         .unwrap();
     assert!(count >= 1, "{metrics}");
+    // The host sampler watches the VM's vCPU threads (its QMP pid is visible).
+    let busy: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("acpimon_vcpu_busy_ratio{vm=\"guest\",vcpu=\"0\"} "))
+        .expect("vCPU 0's busy ratio")
+        .parse()
+        .unwrap();
+    assert!((0.0..=1.0).contains(&busy), "{metrics}");
+    assert!(metrics.contains("acpimon_vcpu_cpu_seconds_total{vm=\"guest\",vcpu=\"0\"} "), "{metrics}");
 
     let seen = svc.transitions_to("guest", State::Recovered);
     g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();

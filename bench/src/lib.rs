@@ -9,5 +9,6 @@ pub mod faults;
 pub mod flood;
 pub mod hoststep;
 pub mod latency;
+pub mod sampler;
 pub mod scale;
 pub mod simvm;

@@ -144,6 +144,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The host sampler's cost per VM per sample (this process with idle threads as its
+    /// vCPUs), beside one read of `/proc/self/stat` measured in the same run.
+    HostSampler {
+        /// Stand-in vCPU threads.
+        #[arg(long, default_value_t = 2)]
+        vcpus: usize,
+        /// Timed rounds of each figure (the median is shown).
+        #[arg(long, default_value_t = 10_000)]
+        rounds: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -291,6 +304,15 @@ fn run(command: Command) -> Result<(), Error> {
             } else {
                 Err(Error::Problems(format!("checks failed: {}", failed.join(", "))))
             }
+        }
+        Command::HostSampler { vcpus, rounds, json } => {
+            let report = acpimon_bench::sampler::run(vcpus, rounds).map_err(Error::Problems)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            } else {
+                print!("{report}");
+            }
+            Ok(())
         }
     }
 }

@@ -155,6 +155,8 @@ pub struct Registry {
     started: SystemTime,
     forward: Forwarder,
     liveness: Arc<super::liveness::Liveness>,
+    /// The host sampler, for the vCPU threads' CPU.
+    sampler: Option<Arc<crate::host::sampler::Sampler>>,
 }
 
 impl Registry {
@@ -164,7 +166,21 @@ impl Registry {
         forward: Forwarder,
         liveness: Arc<super::liveness::Liveness>,
     ) -> Registry {
-        Registry { vms: Mutex::default(), node, state_dir, started: SystemTime::now(), forward, liveness }
+        Registry {
+            vms: Mutex::default(),
+            node,
+            state_dir,
+            started: SystemTime::now(),
+            forward,
+            liveness,
+            sampler: None,
+        }
+    }
+
+    /// Exports the vCPU threads' CPU as the host sampler reads it.
+    pub fn with_sampler(mut self, sampler: Arc<crate::host::sampler::Sampler>) -> Registry {
+        self.sampler = Some(sampler);
+        self
     }
 
     /// The view of VM `name`, created on first use.
@@ -198,7 +214,10 @@ impl Registry {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn prometheus(&self) -> String {
-        render(&self.status())
+        let mut text = render(&self.status());
+        let vcpus = self.sampler.as_ref().map(|s| s.vcpu_metrics()).unwrap_or_default();
+        render_vcpus(&mut text, &vcpus);
+        text
     }
 }
 
@@ -435,6 +454,36 @@ fn render(status: &StatusView) -> String {
     o
 }
 
+/// The vCPU threads' CPU, from the host sampler (a thread several vCPUs share is one series).
+fn render_vcpus(o: &mut String, vcpus: &[crate::host::sampler::VcpuMetric]) {
+    header(
+        o,
+        "acpimon_vcpu_cpu_seconds_total",
+        "counter",
+        "CPU time of each vCPU's host thread (utime + stime).",
+    );
+    for m in vcpus {
+        let _ = writeln!(
+            o,
+            "acpimon_vcpu_cpu_seconds_total{{vm=\"{}\",vcpu=\"{}\"}} {:.3}",
+            esc(&m.vm),
+            m.cpu,
+            m.cpu_seconds
+        );
+    }
+    header(
+        o,
+        "acpimon_vcpu_busy_ratio",
+        "gauge",
+        "Share of one host CPU each vCPU's thread used over the last 10 s (1 = always running).",
+    );
+    for m in vcpus {
+        if let Some(b) = m.busy {
+            let _ = writeln!(o, "acpimon_vcpu_busy_ratio{{vm=\"{}\",vcpu=\"{}\"}} {b}", esc(&m.vm), m.cpu);
+        }
+    }
+}
+
 fn scenario_lines(o: &mut String, full: &[VmView], name: &str, get: impl Fn(&ScenarioView) -> f64) {
     for v in full {
         for s in &v.scenarios {
@@ -573,5 +622,27 @@ mod tests {
         // And /status says the same, by class name.
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["vms"][0]["kernel_reports"]["soft-lockup"], 2);
+    }
+
+    #[test]
+    fn vcpu_lines_follow_their_help_and_type() {
+        use crate::host::sampler::VcpuMetric;
+        let mut text = String::new();
+        let m = |vm: &str, cpu, busy| VcpuMetric { vm: vm.into(), cpu, cpu_seconds: 12.3456, busy };
+        render_vcpus(&mut text, &[m("web", 0, Some(0.97)), m("a\"b", 1, None)]);
+        assert_eq!(
+            text,
+            "# HELP acpimon_vcpu_cpu_seconds_total CPU time of each vCPU's host thread (utime + stime).\n\
+             # TYPE acpimon_vcpu_cpu_seconds_total counter\n\
+             acpimon_vcpu_cpu_seconds_total{vm=\"web\",vcpu=\"0\"} 12.346\n\
+             acpimon_vcpu_cpu_seconds_total{vm=\"a\\\"b\",vcpu=\"1\"} 12.346\n\
+             # HELP acpimon_vcpu_busy_ratio Share of one host CPU each vCPU's thread used over the last 10 s (1 = always running).\n\
+             # TYPE acpimon_vcpu_busy_ratio gauge\n\
+             acpimon_vcpu_busy_ratio{vm=\"web\",vcpu=\"0\"} 0.97\n"
+        );
+        // No VM watched: the families are still declared, with no samples.
+        let mut empty = String::new();
+        render_vcpus(&mut empty, &[]);
+        assert_eq!(empty.lines().filter(|l| !l.starts_with('#')).count(), 0);
     }
 }

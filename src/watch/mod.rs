@@ -35,6 +35,8 @@ use crate::event::{self, Event, EventKind};
 use crate::forward::{self, ForwardConfig, Forwarder};
 use crate::launch::prepare::DESCRIPTOR;
 
+/// How often the host sampler reads every VM's vCPU threads ([`crate::host::sampler`]).
+const HOST_SAMPLE_PERIOD: Duration = Duration::from_secs(1);
 /// How long stopping may take before the service says what it is still waiting for.
 const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -112,12 +114,16 @@ pub async fn serve(
     let forward_join = tokio::spawn(forward_task.run(stop_all.clone()));
 
     let liveness = Arc::new(Liveness::default());
-    let registry = Arc::new(Registry::new(
-        config.node.clone(),
-        config.state_dir.display().to_string(),
-        forwarder.clone(),
-        liveness.clone(),
-    ));
+    let sampler = crate::host::sampler::Sampler::start(HOST_SAMPLE_PERIOD);
+    let registry = Arc::new(
+        Registry::new(
+            config.node.clone(),
+            config.state_dir.display().to_string(),
+            forwarder.clone(),
+            liveness.clone(),
+        )
+        .with_sampler(sampler.clone()),
+    );
     let metrics_addr = match config.metrics {
         Some(addr) => {
             let listener = metrics::bind(addr).await.map_err(WatchError::Metrics)?;
@@ -128,8 +134,14 @@ pub async fn serve(
         None => None,
     };
     let logged = recover_log(&config, &forwarder).await;
-    let shared =
-        Arc::new(Shared { config: config.clone(), forward: forwarder.clone(), registry, liveness, logged });
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        sampler,
+        forward: forwarder.clone(),
+        registry,
+        liveness,
+        logged,
+    });
     service_event(
         &shared,
         EventKind::ServiceStarted(event::ServiceStarted {

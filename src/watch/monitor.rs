@@ -75,6 +75,8 @@ pub enum Stop {
 /// What every monitor shares.
 pub struct Shared {
     pub config: Arc<Config>,
+    /// The service's one host sampler: each attached VM's QEMU process and vCPU threads.
+    pub sampler: Arc<crate::host::sampler::Sampler>,
     pub forward: Forwarder,
     pub registry: Arc<Registry>,
     pub liveness: Arc<Liveness>,
@@ -248,6 +250,7 @@ impl Monitor {
         }
         self.shared.liveness.unregister(&self.loop_name);
         if *stop.borrow() == Stop::Removed {
+            self.shared.sampler.forget(&self.name);
             self.emit(EventKind::VmRemoved(event::VmRemoved { dir: self.dir.clone() }));
             // Through the writer, after the save the event above queued.
             self.shared.forward.remove_state(self.memory_path.clone());
@@ -383,6 +386,7 @@ impl Monitor {
         if let Some(t) = self.machine.attached(&att.status, new_life, now) {
             self.transition(t, Some(event::Attached { qemu }));
         }
+        self.watch_host(&att.qmp);
         let (tx, mut rx) = mpsc::channel::<Report>(64);
         let mut probes: Vec<JoinHandle<()>> = Vec::new();
         let scenarios = self.settings.scenarios.clone();
@@ -509,6 +513,24 @@ impl Monitor {
             self.console_before = self.console_before + c.counts();
             lock(&self.view).console = Some(self.console_before);
         }
+    }
+
+    /// Has the host sampler read this QEMU's process and vCPU threads from now on (a new ring
+    /// per QEMU life), from a task of its own so that a slow monitor holds nothing up. Only
+    /// when its pid is visible (not through libvirt's monitor passthrough); without, the host
+    /// step has no history, nothing else changes.
+    fn watch_host(&self, qmp: &Arc<Qmp>) {
+        let Some(pid) = qmp.pid else { return };
+        let (qmp, sampler, name) = (qmp.clone(), self.shared.sampler.clone(), self.name.clone());
+        let ask = async move {
+            match qmp.execute_json(qapi::qmp::query_cpus_fast {}, Duration::from_secs(2)).await {
+                Ok(reply) => sampler.watch(&name, pid, &crate::host::sampler::vcpu_threads(&reply)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "query-cpus-fast failed: the host sampler does not watch the VM")
+                }
+            }
+        };
+        tokio::spawn(ask.in_current_span());
     }
 
     /// Feeds QEMU's run state to the machine. A monitor that does not answer in time is left

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod acpica;
+pub mod cgroup;
 pub mod guest;
 pub mod libvirt;
 pub mod service;
