@@ -469,8 +469,11 @@ pub fn judge(
         }
     }
 
-    // No report: what the registers show, and what the host saw.
-    if let Some(c) = cpus.iter().find(|c| c.stuck_irqs_off) {
+    // No report: what the registers show, and what the host saw. A vCPU whose thread the host
+    // barely ran (throttled, starved) shows the same registers in both samples because it did
+    // not run between them, not because it spins: that reading is not a lockup.
+    let ran = |cpu: u32| host.as_ref().and_then(|h| h.ran(cpu)).unwrap_or(true);
+    if let Some(c) = cpus.iter().find(|c| c.stuck_irqs_off && ran(c.cpu)) {
         push_cpus(&mut ev, false);
         push_host(&mut ev);
         return match host.as_ref().and_then(|h| h.spinning(Some(c.cpu))) {

@@ -357,7 +357,9 @@ async fn activity(
     if let Some(s) = ctx.sampler.clone() {
         let name = vm.to_string();
         if let Ok(Some((p, v))) = blocking(move || s.vm_report(&name)).await {
-            return (Some(p), v, Vec::new());
+            if p.threads > 0 {
+                return (Some(p), v, Vec::new());
+            }
         }
     }
     let mut notes = Vec::new();
@@ -372,6 +374,12 @@ async fn activity(
         None => Vec::new(),
     };
     match blocking(move || sampler::snapshot(pid, &vcpus, SNAPSHOT_WINDOW)).await {
+        Ok((p, _)) if p.threads == 0 => {
+            notes.push(format!(
+                "qemu: /proc/{pid} could not be read (the process is gone, or not visible here)"
+            ));
+            (None, Vec::new(), notes)
+        }
         Ok((p, v)) => (Some(p), v, notes),
         Err(e) => {
             notes.push(format!("qemu: reading /proc/{pid}: {e}"));
@@ -386,15 +394,7 @@ pub async fn vcpu_threads(
     qmp: &Qmp,
     timeout: Duration,
 ) -> Result<Vec<VcpuThread>, crate::trigger::qmp::QmpError> {
-    let reply = qmp.execute_json(qapi::qmp::query_cpus_fast {}, timeout).await?;
-    let field = |c: &serde_json::Value, k: &str| c[k].as_u64().and_then(|v| u32::try_from(v).ok());
-    Ok(reply
-        .as_array()
-        .into_iter()
-        .flatten()
-        .take(crate::verdict::registers::MAX_CPUS)
-        .filter_map(|c| Some(VcpuThread { cpu: field(c, "cpu-index")?, thread: field(c, "thread-id")? }))
-        .collect())
+    Ok(sampler::vcpu_threads(&qmp.execute_json(qapi::qmp::query_cpus_fast {}, timeout).await?))
 }
 
 /// The node, from the sampler (with its ratios) or read now.

@@ -7,7 +7,6 @@
 //! holds.
 
 use super::{CgroupCpu, DiskSpace, Memory, Pressure, Psi, PsiLine};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Bytes read at most from one file: every file read here is far smaller.
@@ -63,8 +62,7 @@ pub struct StatLine {
 
 /// Reads at most [`MAX_READ`] bytes of `path` as text (invalid UTF-8 replaced).
 pub fn read_capped(path: &Path) -> Option<String> {
-    let mut buf = Vec::new();
-    std::fs::File::open(path).ok()?.take(MAX_READ).read_to_end(&mut buf).ok()?;
+    let buf = crate::util::fs::read_capped(path, MAX_READ as usize).ok()?;
     Some(String::from_utf8_lossy(&buf).into_owned())
 }
 

@@ -504,15 +504,7 @@ impl Sampler {
             ring.push((now, t));
         }
         let (cpu_busy_10s, steal_10s) = node_ratios(&ring);
-        Node {
-            cpus: proc::online_cpus(),
-            load: proc::loadavg(),
-            pressure: proc::pressure(),
-            memory: proc::memory(),
-            cpu_busy_10s,
-            steal_10s,
-            data_dir: data_dir.and_then(proc::disk_space),
-        }
+        Node { cpu_busy_10s, steal_10s, ..super::node_now(data_dir) }
     }
 
     /// Every watched vCPU thread, for `/metrics`, from the ring (no reading of its own): a

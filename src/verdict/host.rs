@@ -127,6 +127,13 @@ impl<'a> HostReading<'a> {
         Some((v.cpu, text))
     }
 
+    /// Whether vCPU `cpu`'s thread ran at least 10 % of a CPU over the last window; None when
+    /// the host step does not know.
+    pub fn ran(&self, cpu: u32) -> Option<bool> {
+        let v = self.report.vcpus.iter().find(|v| v.cpu == cpu)?;
+        Some(v.busy_10s? >= 0.1)
+    }
+
     /// Every vCPU thread idle on the host (at most 5 % of a CPU), with at least one known.
     pub fn all_idle(&self) -> bool {
         !self.report.vcpus.is_empty() && self.report.vcpus.iter().all(VcpuActivity::idle)

@@ -610,3 +610,44 @@ mod host_side {
         assert_eq!(judged("running", vec![junk], &[]).class, Class::Unknown);
     }
 }
+
+#[test]
+fn registers_unmoved_on_a_vcpu_the_host_did_not_run_are_starvation_not_a_lockup() {
+    use crate::host::{CgroupCpu, HostReport, QemuProcess, VcpuActivity};
+    let t = trigger(
+        "unresponsive",
+        probe(json!([scenario("acpi-heartbeat", "acpi-heartbeat", 3, false)]), false, None),
+    );
+    let regs = spinning_irqs_off();
+    let mut r = HostReport {
+        schema: crate::host::SCHEMA.into(),
+        time: "2026-01-01T00:00:30.000Z".into(),
+        qemu: Some(QemuProcess {
+            pid: 7,
+            state: "S".into(),
+            threads: 5,
+            cgroup: Some(CgroupCpu { throttled_periods_10s: Some(0.98), ..Default::default() }),
+            ..Default::default()
+        }),
+        vcpus: vec![VcpuActivity { cpu: 0, busy_10s: Some(0.0), wait_10s: Some(0.7), ..Default::default() }],
+        ..Default::default()
+    };
+    let files = |r: &HostReport| {
+        vec![
+            StepFile { step: "registers".into(), file: "05-registers.txt".into(), text: regs.clone() },
+            StepFile {
+                step: "host".into(),
+                file: "01-host.json".into(),
+                text: serde_json::to_string(r).unwrap(),
+            },
+        ]
+    };
+    let v = judge(&t, &manifest(&t, Some("running")), &files(&r), &[], None);
+    assert_eq!(v.class, Class::Starved, "{v:?}");
+    // The same registers on a vCPU the host ran: a hard lockup.
+    r.qemu.as_mut().unwrap().cgroup = None;
+    r.vcpus[0].busy_10s = Some(0.95);
+    r.vcpus[0].wait_10s = Some(0.0);
+    let v = judge(&t, &manifest(&t, Some("running")), &files(&r), &[], None);
+    assert_eq!(v.class, Class::HardLockup, "{v:?}");
+}

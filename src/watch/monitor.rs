@@ -523,8 +523,8 @@ impl Monitor {
         let Some(pid) = qmp.pid else { return };
         let (qmp, sampler, name) = (qmp.clone(), self.shared.sampler.clone(), self.name.clone());
         let ask = async move {
-            match qmp.execute_json(qapi::qmp::query_cpus_fast {}, Duration::from_secs(2)).await {
-                Ok(reply) => sampler.watch(&name, pid, &crate::host::sampler::vcpu_threads(&reply)),
+            match crate::host::vcpu_threads(&qmp, Duration::from_secs(2)).await {
+                Ok(vcpus) => sampler.watch(&name, pid, &vcpus),
                 Err(e) => {
                     tracing::debug!(error = %e, "query-cpus-fast failed: the host sampler does not watch the VM")
                 }
@@ -893,7 +893,7 @@ impl Monitor {
         let guest_agent = att.channels.guest_agent.clone();
         let host = crate::host::HostContext {
             pid: att.qmp.pid,
-            sampler: None,
+            sampler: Some(Arc::clone(&self.shared.sampler)),
             devices: Arc::clone(&self.devices),
             data_dir: Some(self.shared.config.data_dir.clone()),
         };
