@@ -52,6 +52,15 @@ pub fn parent(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
+/// At most `max` bytes of the file at `path`: for files whose size nothing bounds (`/proc`,
+/// pid files, what another program wrote).
+pub fn read_capped(path: &Path, max: usize) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    std::fs::File::open(path)?.take(max as u64).read_to_end(&mut out)?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,13 +83,4 @@ mod tests {
         // A missing directory is an error, not a panic.
         assert!(atomic_write(&dir.path().join("no/such"), b"x").is_err());
     }
-}
-
-/// At most `max` bytes of the file at `path`: for files whose size nothing bounds (`/proc`,
-/// pid files, what another program wrote).
-pub fn read_capped(path: &Path, max: usize) -> io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    std::fs::File::open(path)?.take(max as u64).read_to_end(&mut out)?;
-    Ok(out)
 }
