@@ -286,14 +286,13 @@ async fn hard_lockup_on_cpu_1_has_a_verdict_saying_interrupts_are_off() {
             .any(|e| e["line"].as_str().unwrap().starts_with("vCPU 1 spinning with interrupts disabled")),
         "{v:#}"
     );
-    // The kernel's words on the console: CPU 1's backtrace by NMI in the module's function, and
-    // no hard LOCKUP report because TCG has no perf counters for the NMI watchdog.
+    // The kernel's words on the console: CPU 1's backtrace by NMI in the module's function. (No
+    // hard LOCKUP report: TCG has no perf counters for the NMI watchdog, which says so once at
+    // boot; not asserted, because a serial console under host load loses characters (the
+    // 16550's 10 ms transmit wait runs out while QEMU's main loop waits for a CPU), and a boot
+    // line is as likely as any to be hit.)
     let tail = step_file(&b, "console-tail");
     assert!(tail.contains("NMI backtrace for cpu 1") && tail.contains("acpimon_hard_lockup"), "{tail}");
-    assert!(
-        tail.contains("hard LOCKUP") || tail.contains("NMI watchdog: Perf NMI watchdog permanently disabled"),
-        "neither a hard LOCKUP report nor the NMI watchdog's absence on the console:\n{tail}"
-    );
     w.every_verdict_is("hard-lockup");
 }
 
