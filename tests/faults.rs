@@ -288,9 +288,9 @@ async fn hard_lockup_on_cpu_1_has_a_verdict_saying_interrupts_are_off() {
     );
     // The kernel's words on the console: CPU 1's backtrace by NMI in the module's function. (No
     // hard LOCKUP report: TCG has no perf counters for the NMI watchdog, which says so once at
-    // boot; not asserted, because a serial console under host load loses characters (the
-    // 16550's 10 ms transmit wait runs out while QEMU's main loop waits for a CPU), and a boot
-    // line is as likely as any to be hit.)
+    // boot; not asserted, because a serial console under host load loses characters (seen
+    // against the kernel log read from memory, tests/memory.rs), and one boot line is as likely
+    // as any to be hit.)
     let tail = step_file(&b, "console-tail");
     assert!(tail.contains("NMI backtrace for cpu 1") && tail.contains("acpimon_hard_lockup"), "{tail}");
     w.every_verdict_is("hard-lockup");
