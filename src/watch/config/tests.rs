@@ -363,7 +363,7 @@ fn the_resolved_configuration_serialises_with_the_file_keys() {
     assert_eq!(v["defaults"]["scenario"][1]["expect"], "^\\d+\\.\\d+ ");
     assert_eq!(v["vm"]["web"]["scenario"][0]["address"], "192.168.1.5:80");
     assert_eq!(v["controller"]["spool_max"], 1 << 20);
-    assert_eq!(v["defaults"]["diagnostic"][1]["step"], "sysrq");
+    assert_eq!(v["defaults"]["diagnostic"][2]["step"], "sysrq");
     // Read back as a configuration, its defaults are the same.
     let defaults = serde_json::json!({ "defaults": v["defaults"] });
     let text = toml::to_string(&serde_json::from_value::<toml::Table>(defaults).unwrap()).unwrap();
