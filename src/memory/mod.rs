@@ -10,6 +10,7 @@
 //! byte pattern (the unit tests feed random bytes). No reference into guest memory is ever
 //! held: reads copy bytes out.
 
+pub mod dmesg;
 pub mod printk;
 mod qmp;
 mod translate;

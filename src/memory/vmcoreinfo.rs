@@ -206,6 +206,17 @@ pub async fn discover(
     scan(qmp, &mut mem, scan_max).await
 }
 
+/// Only the scan of [`discover`] (what a guest without the device or the driver costs).
+pub async fn scan_ram(
+    qmp: &Qmp,
+    dir: &Path,
+    time: Duration,
+    scan_max: u64,
+) -> Result<(Vmcoreinfo, Found), MemError> {
+    let mut mem = QmpMemory::new(qmp, dir, Budget::new(scan_max.saturating_add(1 << 20), time));
+    scan(qmp, &mut mem, scan_max).await
+}
+
 /// `dump-guest-memory` of one page as ELF, for the note QEMU adds when the guest published it.
 async fn from_device(qmp: &Qmp, dir: &Path, budget: &Budget) -> Result<Option<Vmcoreinfo>, MemError> {
     let path = dir.join(format!(".vmcoreinfo-{}.elf", std::process::id()));
