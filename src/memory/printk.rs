@@ -164,7 +164,7 @@ pub async fn read_kernel_log<M: PhysRead>(
     };
     let count_bits = field32(l.desc_ring, l.count_bits)?;
     let size_bits = field32(l.text_ring, l.size_bits)?;
-    if count_bits > MAX_COUNT_BITS || size_bits > MAX_SIZE_BITS || size_bits < 3 {
+    if count_bits > MAX_COUNT_BITS || !(3..=MAX_SIZE_BITS).contains(&size_bits) {
         return Err(corrupt(&format!("sizes (2^{count_bits} records, 2^{size_bits} text bytes)")));
     }
     let descs_addr = field64(l.desc_ring, l.descs)?;

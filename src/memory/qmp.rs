@@ -3,7 +3,6 @@
 //! for the operation.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use tokio::io::AsyncReadExt;
@@ -72,8 +71,8 @@ async fn read_at_most(path: &Path, len: u64) -> Result<Vec<u8>, MemError> {
 }
 
 impl PhysRead for QmpMemory<'_> {
-    fn read_phys(&mut self, addr: u64, len: usize) -> impl Future<Output = Result<Vec<u8>, MemError>> + Send {
-        async move {
+    async fn read_phys(&mut self, addr: u64, len: usize) -> Result<Vec<u8>, MemError> {
+        {
             let len64 = len as u64;
             self.budget.check_call(len64)?;
             if len == 0 {

@@ -1,4 +1,3 @@
-use std::future::Future;
 use std::time::Duration;
 
 use rand::{Rng, RngCore, SeedableRng};
@@ -24,8 +23,8 @@ impl VecMemory {
 }
 
 impl PhysRead for VecMemory {
-    fn read_phys(&mut self, addr: u64, len: usize) -> impl Future<Output = Result<Vec<u8>, MemError>> + Send {
-        async move {
+    async fn read_phys(&mut self, addr: u64, len: usize) -> Result<Vec<u8>, MemError> {
+        {
             self.budget.check_call(len as u64)?;
             self.budget.charge(len as u64)?;
             let mut out = vec![0; len];
@@ -45,7 +44,7 @@ impl PhysRead for VecMemory {
     }
 }
 
-fn block_on<F: Future>(f: F) -> F::Output {
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(f)
 }
 
