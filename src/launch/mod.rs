@@ -354,6 +354,20 @@ mod tests {
     }
 
     #[test]
+    fn vmcoreinfo_in_either_form_unless_the_user_has_one() {
+        let p = LaunchPlan { vmcoreinfo: true, ..plan() };
+        assert!(p.argv().unwrap().join(" ").contains("-device vmcoreinfo,id=acpimon-vmcoreinfo"));
+        let (ini, _) = p.readconfig().unwrap();
+        assert!(ini.contains("[device \"acpimon-vmcoreinfo\"]\n  driver = \"vmcoreinfo\"\n"), "{ini}");
+        let mut p = p;
+        let own = QemuConfig::from_args(&["-device".into(), "vmcoreinfo".into()]).unwrap();
+        p.adapt_to(&own);
+        assert!(!p.vmcoreinfo && !p.argv().unwrap().join(" ").contains("vmcoreinfo"));
+        // prepare's full launch has it.
+        assert!(!plan().argv().unwrap().join(" ").contains("vmcoreinfo"));
+    }
+
+    #[test]
     fn commas_are_escaped_and_quotes_refused() {
         let mut p = plan();
         p.region_path = "/run/a,b/region".into();

@@ -244,6 +244,7 @@ mod tests {
         assert!(p.descriptor.region.exists() && p.descriptor.ssdt.exists());
         let plan = p.descriptor.plan().unwrap();
         assert!(plan.argv().unwrap().join(" ").contains("qmp.sock"));
+        assert!(plan.vmcoreinfo, "the full launch publishes VMCOREINFO");
         // Again: the same files, refreshed.
         prepare(dir.path(), "vm-1", &SsdtConfig::default()).unwrap();
     }
