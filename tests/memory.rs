@@ -289,22 +289,39 @@ async fn acpimon_dmesg_prints_the_log() {
     })
     .await;
     let dir = state.path().to_str().unwrap().to_string();
-    // The guest boots unobserved: wait until its kernel has started /init.
-    let start = Instant::now();
-    let text = loop {
-        let out = tokio::task::spawn_blocking({
-            let dir = dir.clone();
-            move || common::acpimon(&["dmesg", "guest", "--state-dir", &dir])
-        })
-        .await
+    // --follow from the start of the boot: the records come as the kernel writes them.
+    let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_acpimon"))
+        .args(["dmesg", "guest", "--state-dir", &dir, "--follow", "-q"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-        let text = common::text(&out.stdout);
-        if out.status.success() && text.contains("Run /init as init process") {
-            break text;
+    let stdout = follow.stdout.take().unwrap();
+    let followed = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let done = line.contains("Run /init as init process");
+            lines.push(line);
+            if done {
+                break;
+            }
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "no log: {}\n{text}", common::text(&out.stderr));
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    };
+        lines
+    });
+    let followed = tokio::time::timeout(Duration::from_secs(120), followed).await;
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let followed = followed.expect("--follow printed /init's start within 120 s").unwrap();
+    assert!(followed[0].starts_with("[    0.000000] Linux version "), "{followed:#?}");
+
+    let out = common::acpimon(&["dmesg", "guest", "--state-dir", &dir]);
+    assert!(out.status.success(), "{}", common::text(&out.stderr));
+    let text = common::text(&out.stdout);
+    assert!(
+        text.starts_with(&followed.join("\n")),
+        "the log is what --follow printed (each record once), and more"
+    );
     let first = text.lines().next().unwrap();
     assert!(first.starts_with("[    0.000000] Linux version "), "{first}");
     assert!(console_kernel_lines(&text).len() == text.lines().count(), "every line is stamped:\n{text}");

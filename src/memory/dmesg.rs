@@ -138,18 +138,27 @@ pub async fn command(c: DmesgCommand) -> Result<(), DmesgError> {
     // sequence numbers go back.
     let mut boot = 0u64;
     let mut last: Option<u64> = None;
+    let mut failed: Option<String> = None;
     loop {
         let read = read_log(&qmp, &c.dir, &mut cache, boot, &c.limits).await;
         let (log, stats) = match read {
             Ok(r) => r,
-            Err(e) if c.follow && last.is_some() && !qmp.is_closed() => {
-                tracing::debug!("reading the kernel log again after: {e}");
+            // Following, a guest still booting or rebooting is read again (its VMCOREINFO anew).
+            Err(e) if c.follow && !qmp.is_closed() => {
+                let text = e.to_string();
+                if failed.as_ref() != Some(&text) {
+                    tracing::warn!(
+                        "cannot read the kernel log yet, trying again every {FOLLOW_EVERY:?}: {text}"
+                    );
+                    failed = Some(text);
+                }
                 boot += 1;
                 tokio::time::sleep(FOLLOW_EVERY).await;
                 continue;
             }
             Err(e) => return Err(e.into()),
         };
+        failed = None;
         tracing::debug!(?stats, skipped = log.skipped, "kernel log read");
         if last.is_some_and(|l| log.records.last().is_some_and(|r| r.seq < l)) {
             boot += 1;

@@ -52,6 +52,11 @@ pub enum MemError {
     NotMapped(u64),
     #[error("the guest's data is inconsistent: {0}")]
     Corrupt(String),
+    #[error(
+        "no VMCOREINFO: the guest did not publish it (launch with `-device vmcoreinfo`, as `acpimon prepare` \
+         does, and load the guest's qemu_fw_cfg module) and none was found in the {scanned_mib} MiB of RAM scanned"
+    )]
+    NoVmcoreinfo { scanned_mib: u64 },
     #[error("VMCOREINFO lacks {0}; this kernel does not describe it (a kernel before 5.10, or without crash support)")]
     Missing(String),
 }

@@ -282,11 +282,7 @@ async fn scan(qmp: &Qmp, mem: &mut QmpMemory<'_>, scan_max: u64) -> Result<(Vmco
             at += n;
         }
     }
-    Err(MemError::Missing(format!(
-        "a VMCOREINFO note in the {} MiB of RAM scanned (no `-device vmcoreinfo` note either: launch with it and load \
-         the guest's qemu_fw_cfg module)",
-        scanned >> 20
-    )))
+    Err(MemError::NoVmcoreinfo { scanned_mib: scanned >> 20 })
 }
 
 /// A note of this boot maps the kernel image, through its own page table, where its
