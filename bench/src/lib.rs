@@ -2,10 +2,12 @@
 //! [`latency`] measures trigger-to-record latency on the real test guest (`acpimon-bench
 //! latency`), [`scale`] one `acpimon watch` over hundreds of [`simvm`] VMs (`acpimon-bench
 //! scale`), [`flood`] what guests flooding their consoles cost it (`acpimon-bench flood`),
-//! [`faults`] the fault suite (`acpimon-bench faults`).
+//! [`faults`] the fault suite (`acpimon-bench faults`), [`kernel_log`] the guest's kernel log
+//! read from its memory beside a full dump (`acpimon-bench kernel-log`).
 
 pub mod faults;
 pub mod flood;
+pub mod kernel_log;
 pub mod latency;
 pub mod scale;
 pub mod simvm;
