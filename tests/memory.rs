@@ -291,6 +291,47 @@ async fn a_ring_allocated_at_boot_is_read_through_the_page_tables() {
     assert_eq!(log.ring_text_bytes, 1 << 20);
 }
 
+/// 5-level paging (`-cpu max` has LA57 under TCG, and Debian's kernel enables it when booted
+/// through its decompressor: the bzImage, here under OVMF; PVH skips it): a ring allocated at
+/// boot is read through the five levels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_level_page_tables_are_walked() {
+    let g = Guest::boot(GuestSpec {
+        firmware: common::guest::Firmware::Ovmf,
+        extra: vec!["-cpu".into(), "max".into()],
+        append: vec!["log_buf_len=1M".into()],
+        ..GuestSpec::new("pc")
+    })
+    .await;
+    let (info, _) =
+        vmcoreinfo::discover(&g.vm.qmp, &g.vm.prepared.dir, Duration::from_secs(30), 0).await.unwrap();
+    assert_eq!(info.number("pgtable_l5_enabled"), Some(1), "the guest did not enable 5-level paging");
+    let console = g.vm.console().unwrap().since(0);
+    let (log, _) = read(&g, &mut VmcoreinfoCache::default(), 1).await;
+    assert_eq!(log.ring_text_bytes, 1 << 20);
+    assert_matches_console("5-level", &log, &console);
+}
+
+/// A panicked guest (SysRq c; pvpanic keeps it as it is) whose console is not read: its log
+/// holds the panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicked_guests_log_holds_the_panic() {
+    let g = Guest::boot(GuestSpec { scenario: "panic", delay: 1, ..GuestSpec::new("pc") }).await;
+    let mut events = g.vm.qmp.events();
+    common::guest::next_qmp_event(&mut events, "GUEST_PANICKED", Duration::from_secs(60)).await;
+    let (log, stats) = read(&g, &mut VmcoreinfoCache::default(), 1).await;
+    println!("panicked guest: {stats:?}");
+    let panic = log.records.iter().find(|r| r.text.starts_with("Kernel panic - not syncing"));
+    let panic =
+        panic.unwrap_or_else(|| panic!("no panic in the log: {:#?}", &log.records[log.records.len() - 20..]));
+    assert_eq!(panic.level, 0, "the panic is logged as KERN_EMERG: {panic:?}");
+    assert!(
+        log.records.iter().any(|r| r.text.contains("sysrq: Trigger a crash")),
+        "{:#?}",
+        log.records.last()
+    );
+}
+
 /// `acpimon dmesg NAME --state-dir DIR` beside a running guest (the test's own handle on a
 /// second monitor): dmesg's lines, and `--json`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

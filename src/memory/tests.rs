@@ -276,3 +276,15 @@ fn the_budget_refuses_big_reads_and_overspending() {
     let mut late = Budget::new(100, Duration::ZERO);
     assert!(matches!(late.charge(1), Err(MemError::Deadline(_))));
 }
+
+#[test]
+fn the_image_range_is_a_gib_under_kaslr_and_512_mib_without() {
+    let v = START_KERNEL_MAP + (900 << 20);
+    let kaslr = KernelMap { phys_base: 0x100_0000, pgd: 0, five_level: false, kernel_offset: 0x3900_0000 };
+    assert_eq!(kaslr.image_phys(v), Some((900 << 20) + 0x100_0000));
+    assert_eq!(kaslr.image_phys(START_KERNEL_MAP + (1 << 30)), None, "modules are walked");
+    let fixed = KernelMap { kernel_offset: 0, ..kaslr };
+    assert_eq!(fixed.image_phys(v), None);
+    assert_eq!(fixed.image_phys(START_KERNEL_MAP + 0x1000), Some(0x100_1000));
+    assert_eq!(fixed.image_phys(0xffff_8880_0000_0000), None);
+}

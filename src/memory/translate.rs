@@ -8,9 +8,12 @@ use super::{le_u64, MemError, PhysRead};
 
 /// `__START_KERNEL_map`: where the kernel image is mapped, at physical `phys_base`.
 pub const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
-/// How far past [`START_KERNEL_MAP`] addresses are taken as the image's (the smallest
-/// `KERNEL_IMAGE_SIZE`; modules live above it and are walked).
+/// How far past [`START_KERNEL_MAP`] addresses are the image's (`KERNEL_IMAGE_SIZE`; modules
+/// live above it and are walked): 1 GiB in a kernel built for KASLR, which may put the image
+/// anywhere in it, else 512 MiB. A nonzero `KERNELOFFSET` says KASLR is built and on; with it
+/// off the image sits at the start, inside the smaller size either way.
 const KERNEL_IMAGE_SIZE: u64 = 512 << 20;
+const KERNEL_IMAGE_SIZE_KASLR: u64 = 1 << 30;
 const PAGE: u64 = 4096;
 /// Bits 12..51 of a table entry: the next table's (or the page's) physical address.
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
@@ -50,7 +53,8 @@ impl KernelMap {
     /// The physical address of a kernel-image address, `None` outside the image.
     pub fn image_phys(&self, v: u64) -> Option<u64> {
         let off = v.checked_sub(START_KERNEL_MAP)?;
-        (off < KERNEL_IMAGE_SIZE).then(|| off.wrapping_add(self.phys_base))
+        let size = if self.kernel_offset != 0 { KERNEL_IMAGE_SIZE_KASLR } else { KERNEL_IMAGE_SIZE };
+        (off < size).then(|| off.wrapping_add(self.phys_base))
     }
 
     /// The physical address of kernel virtual address `v`.
