@@ -288,3 +288,19 @@ fn the_image_range_is_a_gib_under_kaslr_and_512_mib_without() {
     assert_eq!(fixed.image_phys(START_KERNEL_MAP + 0x1000), Some(0x100_1000));
     assert_eq!(fixed.image_phys(0xffff_8880_0000_0000), None);
 }
+
+#[test]
+fn ram_ranges_come_from_the_system_flat_view_only() {
+    let mtree = "FlatView #0\n AS \"memory\", root: system\n AS \"cpu-memory-0\", root: system\n Root memory region: system\n\
+  0000000000000000-00000000000c2fff (prio 0, ram): pc.ram\n\
+  00000000000c3000-00000000000e3fff (prio 0, rom): pc.ram @00000000000c3000\n\
+  0000000000100000-000000007fffffff (prio 0, ram): pc.ram @0000000000100000\n\
+  00000000b0000000-00000000bfffffff (prio 0, i/o): pcie-mmcfg-mmio\n\
+  0000000100000000-000000013fffffff (prio 0, ram): pc.ram @0000000080000000\n\
+\nFlatView #1\n AS \"I/O\", root: io\n  0000000000000000-0000000000000007 (prio 0, ram): not-memory\n";
+    assert_eq!(
+        vmcoreinfo::ram_ranges(mtree),
+        [(0, 0xc3000), (0x10_0000, 0x8000_0000), (0x1_0000_0000, 0x1_4000_0000)]
+    );
+    assert!(vmcoreinfo::ram_ranges("garbage\n  x-y (prio 0, ram): z").is_empty());
+}

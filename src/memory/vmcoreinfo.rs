@@ -8,9 +8,9 @@
 //!    ELF notes of any dump. QMP does not expose the address itself, so acpimon asks for an ELF
 //!    dump of one page (`begin`=0, `length`=4096), a few KiB written in milliseconds, and reads
 //!    the note from it.
-//! 2. Without the device or the driver: a scan of guest RAM for the note, which the kernel keeps
-//!    page-aligned (`alloc_pages_exact`): each page's first bytes are checked for the note
-//!    header. It reads RAM in 4 MiB `pmemsave` pieces up to [`SCAN_MAX`] and costs about what a
+//! 2. Without the device or the driver: a scan of guest RAM (only RAM, as QEMU's `info mtree -f`
+//!    lists it: never a device's MMIO) for the note, which the kernel keeps page-aligned
+//!    (`alloc_pages_exact`): each page's first bytes are checked for the note header. It reads RAM in 4 MiB `pmemsave` pieces up to [`SCAN_MAX`] and costs about what a
 //!    raw dump of the scanned RAM costs (figures in tests/memory.rs's output). A candidate is
 //!    kept only if its page table maps the kernel image where its `phys_base` says (a stale note
 //!    of an earlier boot fails that).
@@ -250,20 +250,50 @@ fn note_at(b: &[u8]) -> bool {
         && b.get(24..34) == Some(b"OSRELEASE=")
 }
 
-/// Scans guest RAM (below 3 GiB, then from 4 GiB: the PC memory map) page by page.
+/// Guest RAM's ranges `[start, end)`, from QEMU's flat view of the system address space (HMP
+/// `info mtree -f`: its `ram` regions). Only RAM is scanned: reading a device's MMIO could
+/// disturb it. At most 256 ranges.
+pub fn ram_ranges(mtree: &str) -> Vec<(u64, u64)> {
+    let mut ranges = Vec::new();
+    let mut in_memory = false;
+    for line in mtree.lines() {
+        if line.starts_with("FlatView") {
+            if !ranges.is_empty() {
+                break;
+            }
+            in_memory = false;
+        } else if line.trim_start().starts_with("AS \"memory\"") {
+            in_memory = true;
+        } else if in_memory {
+            // "  0000000000100000-000000000fffffff (prio 0, ram): pc.ram @0000000000100000"
+            let Some((span, rest)) = line.trim_start().split_once(' ') else { continue };
+            if !rest.starts_with("(prio ") || !rest.contains(", ram):") {
+                continue;
+            }
+            let Some((a, b)) = span.split_once('-') else { continue };
+            let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else { continue };
+            if a <= b && ranges.len() < 256 {
+                ranges.push((a, b.saturating_add(1)));
+            }
+        }
+    }
+    ranges
+}
+
+/// Scans guest RAM page by page, range by range, at most `scan_max` bytes.
 async fn scan(qmp: &Qmp, mem: &mut QmpMemory<'_>, scan_max: u64) -> Result<(Vmcoreinfo, Found), MemError> {
-    let ram = qmp
-        .execute_within(qapi::qmp::query_memory_size_summary {}, super::PhysRead::budget(mem).remaining())
+    let remaining = super::PhysRead::budget(mem).remaining();
+    let mtree = qmp
+        .hmp_within("info mtree -f", None, remaining)
         .await
-        .map_err(|error| MemError::Qmp { command: "query-memory-size-summary", error })?;
-    let ram = ram.base_memory.saturating_add(ram.plugged_memory.unwrap_or(0)).min(scan_max);
-    let low = ram.min(3 << 30);
-    let ranges = [(0, low), (4 << 30, (4u64 << 30) + (ram - low))];
+        .map_err(|error| MemError::Qmp { command: "human-monitor-command info mtree -f", error })?;
+    let ranges = ram_ranges(&mtree);
     let mut scanned = 0u64;
     for (start, end) in ranges {
-        let mut at = start;
-        while at < end {
-            let n = SCAN_PIECE.min(end - at);
+        // Page-aligned: the note starts a page.
+        let mut at = start.next_multiple_of(4096);
+        while at < end && scanned < scan_max {
+            let n = SCAN_PIECE.min(end - at).min(scan_max - scanned);
             let piece = mem.fetch(at, n).await?;
             scanned += n;
             for off in (0..piece.len()).step_by(4096) {
