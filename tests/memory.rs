@@ -332,6 +332,43 @@ async fn a_panicked_guests_log_holds_the_panic() {
     );
 }
 
+/// Guest RAM in a shared file (`memory-backend-file,share=on`): `acpimon dmesg --ram-file`
+/// reads the same log as through QMP, without QMP, here while the test's own client holds the
+/// VM's monitor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_ram_file_gives_the_same_log_without_qmp() {
+    let state = tempfile::Builder::new().prefix("acpimon-ramfile").tempdir_in("/tmp").unwrap();
+    let ram = state.path().join("guest-ram");
+    let g = Guest::boot(GuestSpec {
+        state_dir: Some(state.path().into()),
+        extra: vec![
+            "-object".into(),
+            format!("memory-backend-file,id=test-ram,size=256M,mem-path={},share=on", ram.display()),
+            "-machine".into(),
+            "memory-backend=test-ram".into(),
+        ],
+        ..GuestSpec::new("pc")
+    })
+    .await;
+    let (log, _) = read(&g, &mut VmcoreinfoCache::default(), 1).await;
+    let dir = state.path().to_str().unwrap();
+    let out = common::acpimon(&["dmesg", "guest", "--state-dir", dir, "--ram-file", ram.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", common::text(&out.stderr));
+    let text = common::text(&out.stdout);
+    let through_qmp: Vec<String> = log
+        .records
+        .iter()
+        .flat_map(|r| r.console_lines())
+        .map(|l| acpimon::console::sanitize(l.as_bytes()))
+        .collect();
+    assert!(through_qmp.len() > 100);
+    assert!(
+        text.starts_with(&through_qmp.join("\n")),
+        "the file's log is not the QMP one:\n{text}\n---\n{}",
+        through_qmp.join("\n")
+    );
+}
+
 /// `acpimon dmesg NAME --state-dir DIR` beside a running guest (the test's own handle on a
 /// second monitor): dmesg's lines, and `--json`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

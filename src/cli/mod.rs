@@ -219,6 +219,11 @@ pub enum Command {
         /// Seconds one read of the log may take.
         #[arg(long, default_value_t = 30, value_name = "SECS")]
         timeout: u64,
+        /// Read guest RAM from this file instead of through QMP: the mem-path of a
+        /// `-object memory-backend-file,...,share=on` backing all of the guest's RAM (up to
+        /// 2.75 GiB); works beside a client holding QMP.
+        #[arg(long, value_name = "FILE")]
+        ram_file: Option<PathBuf>,
     },
     /// Print the decoded contents of a region file.
     Snapshot {

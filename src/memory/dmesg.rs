@@ -10,7 +10,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::vmcoreinfo::{self, Found};
-use super::{read_kernel_log, Budget, KernelLog, KernelMap, MemError, QmpMemory, VmcoreinfoCache};
+use super::{
+    read_kernel_log, Budget, FileMemory, KernelLog, KernelMap, MemError, QmpMemory, VmcoreinfoCache,
+};
 use crate::launch::prepare::Descriptor;
 use crate::trigger::qmp::{Qmp, QmpError};
 
@@ -92,6 +94,44 @@ pub async fn read_log(
     Ok((log, stats))
 }
 
+/// [`read_log`] from the file backing guest RAM ([`FileMemory`]), without QMP: VMCOREINFO by a
+/// scan of the file (the device's note needs QMP).
+pub async fn read_log_file(
+    ram: &Path,
+    cache: &mut VmcoreinfoCache,
+    boot: u64,
+    limits: &LogLimits,
+) -> Result<(KernelLog, LogStats), MemError> {
+    let start = Instant::now();
+    let (info, how, scanned) = match cache.get(boot) {
+        Some(info) => (info, "cache", 0),
+        None => {
+            let mut mem =
+                FileMemory::open(ram, Budget::new(limits.scan_max.saturating_add(1 << 20), limits.time))?;
+            let ranges = mem.ranges();
+            let (info, found) = vmcoreinfo::scan_ranges(&mut mem, &ranges, limits.scan_max).await?;
+            let scanned = match found {
+                Found::Scan { scanned } => scanned,
+                Found::Device => 0,
+            };
+            (cache.insert(boot, info), "scan", scanned)
+        }
+    };
+    let map = KernelMap::from_vmcoreinfo(&info)?;
+    let left = limits.time.saturating_sub(start.elapsed());
+    let mut mem = FileMemory::open(ram, Budget::new(limits.max_bytes, left))?;
+    let log = read_kernel_log(&mut mem, &info, &map, limits.max_records).await?;
+    let stats = LogStats {
+        vmcoreinfo: how,
+        scanned_bytes: scanned,
+        bytes: super::PhysRead::budget(&mem).used(),
+        pmemsave_calls: 0,
+        elapsed_ms: start.elapsed().as_millis() as u64,
+        osrelease: info.osrelease().map(str::to_string),
+    };
+    Ok((log, stats))
+}
+
 /// `acpimon dmesg`'s failures.
 #[derive(Debug, thiserror::Error)]
 pub enum DmesgError {
@@ -118,6 +158,8 @@ pub struct DmesgCommand {
     pub json: bool,
     pub follow: bool,
     pub limits: LogLimits,
+    /// Read guest RAM from this shared file instead of through QMP.
+    pub ram_file: Option<PathBuf>,
 }
 
 /// How often `--follow` reads the ring again.
@@ -127,12 +169,18 @@ pub const FOLLOW_EVERY: Duration = Duration::from_secs(2);
 /// with `follow`, then the new records every [`FOLLOW_EVERY`] until the VM goes away.
 pub async fn command(c: DmesgCommand) -> Result<(), DmesgError> {
     let d = Descriptor::load(&c.dir)?;
-    let connect = Qmp::connect(&d.qmp, Duration::ZERO);
-    let qmp = match tokio::time::timeout(Duration::from_secs(5), connect).await {
-        Ok(Ok(q)) => q,
-        Ok(Err(source)) => return Err(DmesgError::Qmp { path: d.qmp.clone(), source }),
-        Err(_) => return Err(DmesgError::Busy(d.qmp.clone())),
+    let qmp = match &c.ram_file {
+        Some(_) => None,
+        None => {
+            let connect = Qmp::connect(&d.qmp, Duration::ZERO);
+            match tokio::time::timeout(Duration::from_secs(5), connect).await {
+                Ok(Ok(q)) => Some(q),
+                Ok(Err(source)) => return Err(DmesgError::Qmp { path: d.qmp.clone(), source }),
+                Err(_) => return Err(DmesgError::Busy(d.qmp.clone())),
+            }
+        }
     };
+    let gone = || qmp.as_ref().is_some_and(Qmp::is_closed);
     let mut cache = VmcoreinfoCache::default();
     // A reboot changes the layout (KASLR): the boot key moves on when a read fails or the
     // sequence numbers go back.
@@ -140,11 +188,15 @@ pub async fn command(c: DmesgCommand) -> Result<(), DmesgError> {
     let mut last: Option<u64> = None;
     let mut failed: Option<String> = None;
     loop {
-        let read = read_log(&qmp, &c.dir, &mut cache, boot, &c.limits).await;
+        let read = match (&qmp, &c.ram_file) {
+            (Some(qmp), _) => read_log(qmp, &c.dir, &mut cache, boot, &c.limits).await,
+            (None, Some(ram)) => read_log_file(ram, &mut cache, boot, &c.limits).await,
+            (None, None) => unreachable!("QMP is connected unless a RAM file is given"),
+        };
         let (log, stats) = match read {
             Ok(r) => r,
             // Following, a guest still booting or rebooting is read again (its VMCOREINFO anew).
-            Err(e) if c.follow && !qmp.is_closed() => {
+            Err(e) if c.follow && !gone() => {
                 let text = e.to_string();
                 if failed.as_ref() != Some(&text) {
                     tracing::warn!(
@@ -169,9 +221,12 @@ pub async fn command(c: DmesgCommand) -> Result<(), DmesgError> {
         if !c.follow {
             return Ok(());
         }
-        tokio::select! {
-            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
-            _ = qmp.closed() => return Ok(()),
+        match &qmp {
+            Some(qmp) => tokio::select! {
+                _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+                _ = qmp.closed() => return Ok(()),
+            },
+            None => tokio::time::sleep(FOLLOW_EVERY).await,
         }
     }
 }

@@ -11,6 +11,7 @@
 //! held: reads copy bytes out.
 
 pub mod dmesg;
+mod file;
 pub mod printk;
 mod qmp;
 mod translate;
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub use self::file::{FileMemory, MAX_IDENTITY};
 pub use self::printk::{read_kernel_log, KernelLog, LogRecord};
 pub use self::qmp::{QmpMemory, CHUNK};
 pub use self::translate::KernelMap;
@@ -124,6 +126,11 @@ pub trait PhysRead: Send {
 
     /// The budget this reader charges.
     fn budget(&self) -> &Budget;
+
+    /// [`PhysRead::read_phys`] for data read once (a scan), which need not be cached.
+    fn read_once(&mut self, addr: u64, len: usize) -> impl Future<Output = Result<Vec<u8>, MemError>> + Send {
+        self.read_phys(addr, len)
+    }
 }
 
 /// Little-endian integers out of a byte slice, `None` past its end.

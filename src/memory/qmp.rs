@@ -111,4 +111,8 @@ impl PhysRead for QmpMemory<'_> {
     fn budget(&self) -> &Budget {
         &self.budget
     }
+
+    async fn read_once(&mut self, addr: u64, len: usize) -> Result<Vec<u8>, MemError> {
+        self.fetch(addr, len as u64).await
+    }
 }

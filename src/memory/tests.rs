@@ -304,3 +304,19 @@ fn ram_ranges_come_from_the_system_flat_view_only() {
     );
     assert!(vmcoreinfo::ram_ranges("garbage\n  x-y (prio 0, ram): z").is_empty());
 }
+
+#[test]
+fn a_ram_file_reads_as_memory_from_address_zero_and_zeros_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ram");
+    std::fs::write(&path, b"0123456789").unwrap();
+    let mut m = FileMemory::open(&path, Budget::new(100, Duration::from_secs(5))).unwrap();
+    assert_eq!(block_on(m.read_phys(2, 4)).unwrap(), b"2345");
+    assert_eq!(block_on(m.read_phys(8, 4)).unwrap(), b"89\0\0");
+    assert_eq!(block_on(m.read_phys(u64::MAX - 1, 1)).unwrap(), b"\0");
+    assert!(matches!(block_on(m.read_phys(0, 200)), Err(MemError::BudgetSpent { .. })));
+    // A guest whose RAM is split around the PCI hole is refused.
+    std::fs::File::options().write(true).open(&path).unwrap().set_len(MAX_IDENTITY + 4096).unwrap();
+    let e = FileMemory::open(&path, Budget::new(100, Duration::from_secs(5))).err().unwrap().to_string();
+    assert!(e.contains("read this guest through QMP"), "{e}");
+}

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::translate::KernelMap;
-use super::{le_u32, le_u64, Budget, MemError, QmpMemory};
+use super::{le_u32, le_u64, Budget, MemError, PhysRead, QmpMemory};
 use crate::trigger::qmp::Qmp;
 
 /// The most VMCOREINFO text read (the kernel's is at most a page, `VMCOREINFO_BYTES`).
@@ -282,19 +282,27 @@ pub fn ram_ranges(mtree: &str) -> Vec<(u64, u64)> {
 
 /// Scans guest RAM page by page, range by range, at most `scan_max` bytes.
 async fn scan(qmp: &Qmp, mem: &mut QmpMemory<'_>, scan_max: u64) -> Result<(Vmcoreinfo, Found), MemError> {
-    let remaining = super::PhysRead::budget(mem).remaining();
+    let remaining = PhysRead::budget(mem).remaining();
     let mtree = qmp
         .hmp_within("info mtree -f", None, remaining)
         .await
         .map_err(|error| MemError::Qmp { command: "human-monitor-command info mtree -f", error })?;
-    let ranges = ram_ranges(&mtree);
+    scan_ranges(mem, &ram_ranges(&mtree), scan_max).await
+}
+
+/// Scans `ranges` of guest-physical memory for the note, page by page, at most `scan_max` bytes.
+pub async fn scan_ranges<M: PhysRead>(
+    mem: &mut M,
+    ranges: &[(u64, u64)],
+    scan_max: u64,
+) -> Result<(Vmcoreinfo, Found), MemError> {
     let mut scanned = 0u64;
-    for (start, end) in ranges {
+    for &(start, end) in ranges {
         // Page-aligned: the note starts a page.
         let mut at = start.next_multiple_of(4096);
         while at < end && scanned < scan_max {
             let n = SCAN_PIECE.min(end - at).min(scan_max - scanned);
-            let piece = mem.fetch(at, n).await?;
+            let piece = mem.read_once(at, n as usize).await?;
             scanned += n;
             for off in (0..piece.len()).step_by(4096) {
                 if !note_at(&piece[off..]) {
@@ -303,7 +311,7 @@ async fn scan(qmp: &Qmp, mem: &mut QmpMemory<'_>, scan_max: u64) -> Result<(Vmco
                 let Some(descsz) = le_u32(&piece, off + 4) else { continue };
                 let desc_len = (descsz as usize).min(MAX_TEXT);
                 let desc_at = at + off as u64 + 24;
-                let Ok(text) = super::PhysRead::read_phys(mem, desc_at, desc_len).await else { continue };
+                let Ok(text) = mem.read_phys(desc_at, desc_len).await else { continue };
                 let info = Vmcoreinfo::parse(&text);
                 if verified(mem, &info).await {
                     return Ok((info, Found::Scan { scanned }));
@@ -317,7 +325,7 @@ async fn scan(qmp: &Qmp, mem: &mut QmpMemory<'_>, scan_max: u64) -> Result<(Vmco
 
 /// A note of this boot maps the kernel image, through its own page table, where its
 /// `phys_base` puts it.
-async fn verified(mem: &mut QmpMemory<'_>, info: &Vmcoreinfo) -> bool {
+async fn verified<M: PhysRead>(mem: &mut M, info: &Vmcoreinfo) -> bool {
     let Ok(map) = KernelMap::from_vmcoreinfo(info) else { return false };
     let Some(top) = info.symbol("init_top_pgt") else { return false };
     matches!(map.walk(mem, top).await, Ok(p) if Some(p) == map.image_phys(top))
