@@ -45,6 +45,8 @@ impl<'q> QmpMemory<'q> {
         self.calls += 1;
         let path = self.dir.join(format!(".pmem-{}-{}", std::process::id(), self.calls));
         let Some(name) = path.to_str() else { return Err(MemError::NotUtf8(self.dir.clone())) };
+        // Whatever has the name (a stale file, a planted link) goes: QEMU follows links.
+        let _ = tokio::fs::remove_file(&path).await;
         let cmd = qapi::qmp::pmemsave { val: addr, size: len, filename: name.to_string() };
         let saved = self.qmp.execute_within(cmd, self.budget.remaining()).await;
         let read = match saved {

@@ -199,8 +199,11 @@ pub async fn discover(
     scan_max: u64,
 ) -> Result<(Vmcoreinfo, Found), MemError> {
     let budget = Budget::new(scan_max.saturating_add(1 << 20), time);
-    if let Some(v) = from_device(qmp, dir, &budget).await? {
-        return Ok((v, Found::Device));
+    match from_device(qmp, dir, &budget).await {
+        Ok(Some(v)) => return Ok((v, Found::Device)),
+        Ok(None) => {}
+        // E.g. another dump in progress: the scan does not need the dump.
+        Err(e) => tracing::debug!("no VMCOREINFO from a one-page dump, scanning RAM: {e}"),
     }
     let mut mem = QmpMemory::new(qmp, dir, budget);
     scan(qmp, &mut mem, scan_max).await
@@ -221,6 +224,8 @@ pub async fn scan_ram(
 async fn from_device(qmp: &Qmp, dir: &Path, budget: &Budget) -> Result<Option<Vmcoreinfo>, MemError> {
     let path = dir.join(format!(".vmcoreinfo-{}.elf", std::process::id()));
     let Some(name) = path.to_str() else { return Err(MemError::NotUtf8(dir.into())) };
+    // Whatever has the name (a stale file, a planted link) goes: QEMU follows links.
+    let _ = tokio::fs::remove_file(&path).await;
     let dump = qapi::qmp::dump_guest_memory {
         paging: false,
         protocol: format!("file:{name}"),
