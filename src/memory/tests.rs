@@ -320,3 +320,34 @@ fn a_ram_file_reads_as_memory_from_address_zero_and_zeros_past_it() {
     let e = FileMemory::open(&path, Budget::new(100, Duration::from_secs(5))).err().unwrap().to_string();
     assert!(e.contains("read this guest through QMP"), "{e}");
 }
+
+/// Hostile VMCOREINFO: every number of the printk layout replaced by a random one (small,
+/// huge, or at the edges); the reader fails or decodes, never panics or overspends.
+#[test]
+fn hostile_layouts_never_panic_or_overspend() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xbad);
+    let (base_mem, _) = guest(&["one", "two"]);
+    let text = vmcoreinfo_text(image(0x20_0000), image(0x30_0000));
+    for round in 0..400 {
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        for _ in 0..rng.random_range(1..6) {
+            let i = rng.random_range(0..lines.len());
+            let Some((k, _)) = lines[i].split_once('=') else { continue };
+            let v: u64 = match rng.random_range(0..4) {
+                0 => rng.random_range(0..64),
+                1 => rng.random_range(0..1 << 20),
+                2 => u64::MAX - rng.random_range(0..16),
+                _ => rng.random(),
+            };
+            let v =
+                if k.starts_with("SYMBOL") || k == "KERNELOFFSET" { format!("{v:x}") } else { v.to_string() };
+            lines[i] = format!("{k}={v}");
+        }
+        let info = Vmcoreinfo::parse(lines.join("\n").as_bytes());
+        let mut m =
+            VecMemory { ram: base_mem.ram.clone(), budget: Budget::new(1 << 22, Duration::from_secs(30)) };
+        let Ok(map) = KernelMap::from_vmcoreinfo(&info) else { continue };
+        let _ = block_on(read_kernel_log(&mut m, &info, &map, 100));
+        assert!(m.budget.used() <= 1 << 22, "round {round}");
+    }
+}
