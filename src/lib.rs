@@ -17,6 +17,7 @@ pub mod host;
 pub mod judge;
 pub mod launch;
 pub mod logging;
+pub mod memory;
 pub mod read;
 pub mod report;
 pub mod run;

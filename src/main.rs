@@ -69,6 +69,18 @@ fn run(command: Command) -> Result<(), Error> {
             runtime().block_on(async { acpimon::watch::serve(config, shutdown_on_signal(), None).await })?;
             Ok(())
         }
+        Command::Dmesg { name, state_dir, json, follow, timeout, ram_file } => {
+            let limits = acpimon::memory::dmesg::LogLimits {
+                time: Duration::from_secs(timeout),
+                ..Default::default()
+            };
+            if !acpimon::launch::prepare::valid_name(&name) {
+                return Err(acpimon::launch::PrepareError::BadName(name).into());
+            }
+            let dir = state_dir.unwrap_or_else(default_state_dir).join(name);
+            let c = acpimon::memory::dmesg::DmesgCommand { dir, json, follow, limits, ram_file };
+            Ok(runtime().block_on(acpimon::memory::dmesg::command(c))?)
+        }
         Command::Status { config, addr, json } => {
             let addr = cli::status_addr(addr, config.as_deref())?;
             let status = runtime()

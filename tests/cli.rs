@@ -200,7 +200,7 @@ fn status_without_a_service_says_how_to_find_one() {
 
 /// The operator commands, as `acpimon --help` lists them (and nothing else: the benchmarks
 /// are `acpimon-bench`).
-const COMMANDS: [&str; 11] = [
+const COMMANDS: [&str; 12] = [
     "ssdt",
     "qemu-args",
     "prepare",
@@ -209,6 +209,7 @@ const COMMANDS: [&str; 11] = [
     "watch",
     "status",
     "controller",
+    "dmesg",
     "snapshot",
     "completions",
     "man",

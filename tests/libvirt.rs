@@ -142,8 +142,10 @@ fn the_fragment_merges_as_the_readme_says() {
     let state = dir.path().to_str().unwrap();
     let frag = common::acpimon(&["prepare", "x", "--state-dir", state, "--format", "libvirt"]);
     assert!(frag.status.success());
-    let base = "<domain type='qemu'>\n  <devices>\n  </devices>\n</domain>\n";
+    let base = "<domain type='qemu'>\n  <features>\n    <acpi/>\n  </features>\n  <devices>\n  </devices>\n</domain>\n";
     let xml = common::libvirt::merge(base, &common::text(&frag.stdout));
+    assert!(xml.contains("<acpi/>\n  \n    <vmcoreinfo state='on'/>\n  </features>"), "{xml}");
+    assert_eq!(xml.matches("<features>").count(), 1, "{xml}");
     assert!(xml.starts_with("<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"));
     assert!(xml.contains("<panic model='isa'/>\n  </devices>"), "{xml}");
     assert!(xml.contains("</qemu:commandline>\n</domain>"), "{xml}");

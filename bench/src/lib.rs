@@ -3,11 +3,13 @@
 //! latency`), [`scale`] one `acpimon watch` over hundreds of [`simvm`] VMs (`acpimon-bench
 //! scale`), [`flood`] what guests flooding their consoles cost it (`acpimon-bench flood`),
 //! [`faults`] the fault suite (`acpimon-bench faults`), [`hoststep`] the `host` diagnostic
-//! step's time (`acpimon-bench host-step`).
+//! step's time (`acpimon-bench host-step`), [`kernel_log`] the guest's kernel log read from
+//! its memory beside a full dump (`acpimon-bench kernel-log`).
 
 pub mod faults;
 pub mod flood;
 pub mod hoststep;
+pub mod kernel_log;
 pub mod latency;
 pub mod sampler;
 pub mod scale;

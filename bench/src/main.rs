@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use acpimon::generate::SsdtConfig;
 use acpimon::launch::{self, Vm, VmSpec};
 use acpimon::watch::config::default_state_dir;
-use acpimon_bench::{faults, flood, hoststep, latency, scale};
+use acpimon_bench::{faults, flood, hoststep, kernel_log, latency, scale};
 
 #[derive(Parser)]
 #[command(
@@ -117,6 +117,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The guest's kernel log read from its memory (`acpimon dmesg`'s path): time, bytes and
+    /// pmemsave round trips, live, cached and paused, and VMCOREINFO by a RAM scan, beside full
+    /// `dump-guest-memory` dumps (raw ELF, kdump-zlib) of the same guest in the same run.
+    KernelLog {
+        /// The test guest's directory (`qemu-fixtures/build-guest` prints it as its last line).
+        #[arg(long, env = "ACPIMON_GUEST", value_name = "DIR")]
+        guest: Option<PathBuf>,
+        /// Guest RAM sizes, MiB; one guest each.
+        #[arg(long, value_delimiter = ',', default_values_t = [256, 2048])]
+        memory: Vec<u64>,
+        /// Reads per figure (the median is shown).
+        #[arg(long, default_value_t = 5)]
+        reads: usize,
+        /// Where the VMs' directories go [default: $XDG_RUNTIME_DIR/acpimon or $TMPDIR/acpimon-UID].
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The fault suite: faults injected into a running service watching real test guests
     /// (console floods, the service SIGKILLed during diagnostics and on a full disk, QEMU
     /// SIGKILLed and relaunched, a full data disk with the controller down), each a named check
@@ -175,6 +195,8 @@ enum Error {
     Flood(#[from] flood::FloodError),
     #[error(transparent)]
     HostStep(#[from] hoststep::HostStepError),
+    #[error(transparent)]
+    KernelLog(#[from] kernel_log::KernelLogError),
     #[error("{0}")]
     Problems(String),
 }
@@ -201,13 +223,7 @@ fn main() -> ExitCode {
 fn run(command: Command) -> Result<(), Error> {
     match command {
         Command::Latency { guest, count, seconds, machine, state_dir, json } => {
-            let guest = guest.ok_or_else(|| {
-                Error::Input(
-                    "no test guest given: pass --guest DIR or set ACPIMON_GUEST to the directory \
-                     qemu-fixtures/build-guest prints (tools/bench does both)"
-                        .into(),
-                )
-            })?;
+            let guest = need_guest(guest, " (tools/bench does both)")?;
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
             runtime().block_on(bench_latency(&guest, count.max(1), seconds, &machine, &state_dir, json))
         }
@@ -236,13 +252,7 @@ fn run(command: Command) -> Result<(), Error> {
             }
         }
         Command::Flood { guest, floods, window, machine, acpimon, work, json } => {
-            let guest = guest.ok_or_else(|| {
-                Error::Input(
-                    "no test guest given: pass --guest DIR or set ACPIMON_GUEST to the directory \
-                     qemu-fixtures/build-guest prints (tools/bench-flood does both)"
-                        .into(),
-                )
-            })?;
+            let guest = need_guest(guest, " (tools/bench-flood does both)")?;
             let service = match acpimon {
                 Some(p) => p,
                 None => beside_this_program("acpimon")?,
@@ -263,24 +273,25 @@ fn run(command: Command) -> Result<(), Error> {
             }
         }
         Command::HostStep { guest, count, state_dir, json } => {
-            let guest = guest.ok_or_else(|| {
-                Error::Input(
-                    "no test guest given: pass --guest DIR or set ACPIMON_GUEST to the directory \
-                     qemu-fixtures/build-guest prints (tools/bench does both)"
-                        .into(),
-                )
-            })?;
+            let guest = need_guest(guest, " (tools/bench does both)")?;
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
             runtime().block_on(bench_host_step(&guest, count.max(1), &state_dir, json))
         }
+        Command::KernelLog { guest, memory, reads, state_dir, json } => {
+            let guest = need_guest(guest, "")?;
+            let state_dir = state_dir.unwrap_or_else(default_state_dir);
+            let report = runtime().block_on(kernel_log::run(&guest, &memory, reads, &state_dir, |m| {
+                eprintln!("bench-kernel-log: {m}")
+            }))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            } else {
+                print!("{report}");
+            }
+            Ok(())
+        }
         Command::Faults { guest, reduced, only, acpimon, work, json } => {
-            let guest = guest.ok_or_else(|| {
-                Error::Input(
-                    "no test guest given: pass --guest DIR or set ACPIMON_GUEST to the directory \
-                     qemu-fixtures/build-guest prints (tools/faults does both)"
-                        .into(),
-                )
-            })?;
+            let guest = need_guest(guest, " (tools/faults does both)")?;
             if let Some(bad) = only.iter().find(|o| !faults::CHECKS.contains(&o.as_str())) {
                 return Err(Error::Input(format!(
                     "no check '{bad}': pick from {}",
@@ -315,6 +326,16 @@ fn run(command: Command) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+/// The test guest's directory, or the error naming how to give it (`hint`: which tool does it).
+fn need_guest(guest: Option<PathBuf>, hint: &str) -> Result<PathBuf, Error> {
+    guest.ok_or_else(|| {
+        Error::Input(format!(
+            "no test guest given: pass --guest DIR or set ACPIMON_GUEST to the directory \
+             qemu-fixtures/build-guest prints{hint}"
+        ))
+    })
 }
 
 /// `name` in the directory of this executable, where cargo and installers put both binaries.

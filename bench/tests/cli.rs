@@ -63,3 +63,35 @@ fn latency_reports_json() {
     assert!(v["bare"]["p50_ms"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["heartbeats_per_sec"].as_f64().unwrap() > 0.0, "{v}");
 }
+
+#[test]
+fn kernel_log_reports_json_beside_a_full_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = guest();
+    let out = bench(&[
+        "kernel-log",
+        "--guest",
+        guest.to_str().unwrap(),
+        "--memory",
+        "256",
+        "--reads",
+        "1",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+        "--json",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let g = &v["guests"][0];
+    assert_eq!(g["ram_mib"], 256, "{v}");
+    for read in ["live", "live_cached", "paused"] {
+        assert!(g[read]["records"].as_u64().unwrap() > 100, "{read}: {v}");
+        // The ring and its descriptors, not the guest's RAM.
+        assert!(g[read]["bytes"].as_u64().unwrap() < 4 << 20, "{read}: {v}");
+    }
+    assert!(g["scan_bytes"].as_u64().unwrap() > 0, "{v}");
+    let dumps = g["dumps"].as_array().unwrap();
+    assert_eq!(dumps[0]["format"], "elf");
+    assert!(dumps[0]["bytes"].as_u64().unwrap() >= 256 << 20, "{v}");
+}

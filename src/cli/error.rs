@@ -76,6 +76,8 @@ pub enum Error {
     NoFreeSlot,
     #[error("--console libvirt is for a libvirt domain: add --format libvirt")]
     ConsoleNeedsLibvirt,
+    #[error(transparent)]
+    Dmesg(#[from] crate::memory::dmesg::DmesgError),
 }
 
 impl Error {
@@ -91,6 +93,7 @@ impl Error {
             | Error::ConsoleNeedsLibvirt => BAD_INPUT,
             Error::NoQemu | Error::NoGuest | Error::Demo(crate::demo::DemoError::Fixture(_)) => BAD_INPUT,
             Error::Region(e) if is_bad_input(e) => BAD_INPUT,
+            Error::Dmesg(crate::memory::dmesg::DmesgError::Descriptor(_)) => BAD_INPUT,
             Error::Run(e) => match e {
                 RunError::Prepare(_)
                 | RunError::Vm(

@@ -198,6 +198,33 @@ pub enum Command {
         #[arg(last = true, value_name = "ANALYZER")]
         analyzer: Vec<String>,
     },
+    /// Print a VM's kernel log, read from its memory through QMP (no console, nothing in the
+    /// guest): `[    1.234567] text` per line, as dmesg prints it.
+    ///
+    /// Needs the kernel's VMCOREINFO: published through `-device vmcoreinfo` (which `prepare`
+    /// adds) by the guest's qemu_fw_cfg driver, else found by scanning guest RAM. Linux 5.10 or
+    /// later. QEMU serves one client per QMP monitor: not while `acpimon watch` holds it.
+    Dmesg {
+        /// The VM's name (its directory under --state-dir).
+        name: String,
+        /// The state directory [default: $XDG_RUNTIME_DIR/acpimon or $TMPDIR/acpimon-UID].
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// One JSON object per record (seq, ts_nsec, level, facility, flags, caller_id, text).
+        #[arg(long)]
+        json: bool,
+        /// Keep reading: print new records every 2 s until the VM exits.
+        #[arg(long)]
+        follow: bool,
+        /// Seconds one read of the log may take.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        timeout: u64,
+        /// Read guest RAM from this file instead of through QMP: the mem-path of a
+        /// `-object memory-backend-file,...,share=on` backing all of the guest's RAM (up to
+        /// 2.75 GiB); works beside a client holding QMP.
+        #[arg(long, value_name = "FILE")]
+        ram_file: Option<PathBuf>,
+    },
     /// Print the decoded contents of a region file.
     Snapshot {
         /// The region file.

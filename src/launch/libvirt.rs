@@ -4,6 +4,9 @@
 //!
 //! - pvpanic is `<panic model='isa'/>` (libvirt adds `-device pvpanic` on port 0x505), and the
 //!   guest is kept after a panic with `<on_crash>preserve</on_crash>`;
+//! - vmcoreinfo is `<features><vmcoreinfo state='on'/></features>` (virt-install turns it on by
+//!   default, and QEMU allows one such device: a second through `<qemu:commandline>` would stop
+//!   the domain from starting);
 //! - the region cannot be libvirt's `<shmem>`: libvirt always backs an ivshmem-plain device with
 //!   `/dev/shm/NAME`, never with a file elsewhere, while acpimon's region lives in the VM's
 //!   state directory (with its ABI header written before QEMU starts); and the ACPI table is
@@ -17,7 +20,7 @@
 
 use std::fmt::Write as _;
 
-use super::{LaunchError, LaunchPlan, PVPANIC_ID};
+use super::{LaunchError, LaunchPlan, PVPANIC_ID, VMCOREINFO_ID};
 
 /// The namespace `<qemu:commandline>` lives in.
 pub const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
@@ -25,11 +28,15 @@ pub const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 /// The fragment for `plan`, with comments saying where each part goes.
 pub fn domain_xml(plan: &LaunchPlan) -> Result<String, LaunchError> {
     let mut args = Vec::new();
-    let mut panic = false;
+    let (mut panic, mut vmcoreinfo) = (false, false);
     for item in plan.items()? {
         if item.option == "device" && item.id == Some(PVPANIC_ID) {
             // libvirt's own element; it also tells libvirt the guest has a panic notifier.
             panic = true;
+            continue;
+        }
+        if item.option == "device" && item.id == Some(VMCOREINFO_ID) {
+            vmcoreinfo = true;
             continue;
         }
         args.extend(item.argv());
@@ -38,7 +45,7 @@ pub fn domain_xml(plan: &LaunchPlan) -> Result<String, LaunchError> {
     out.push_str(
         "<!-- acpimon: merge the children of this <domain> into your domain's XML (virsh edit):\n     \
          add the xmlns:qemu attribute to your <domain> element, put <on_crash> beside\n     \
-         <on_poweroff>, the <devices> children into your <devices>, and <qemu:commandline>\n     \
+         <on_poweroff>, the <features> and <devices> children into yours, and <qemu:commandline>\n     \
          last in <domain>. PCI slot of the ivshmem device: keep it free of libvirt's devices. -->\n",
     );
     writeln!(out, "<domain xmlns:qemu='{QEMU_NS}'>").unwrap();
@@ -46,6 +53,12 @@ pub fn domain_xml(plan: &LaunchPlan) -> Result<String, LaunchError> {
         out.push_str(
             "  <!-- keep a panicked guest (its memory and console) for acpimon's diagnostics -->\n  \
              <on_crash>preserve</on_crash>\n  <devices>\n    <panic model='isa'/>\n  </devices>\n",
+        );
+    }
+    if vmcoreinfo {
+        out.push_str(
+            "  <!-- lets `acpimon dmesg` find the guest kernel's log (the guest loads qemu_fw_cfg) -->\n  \
+             <features>\n    <vmcoreinfo state='on'/>\n  </features>\n",
         );
     }
     out.push_str("  <qemu:commandline>\n");
@@ -103,6 +116,14 @@ mod tests {
         assert_eq!(args, want);
         assert_eq!(args.last(), Some(&"panic=none"));
         assert!(xml.trim_end().ends_with("</qemu:commandline>\n</domain>"), "{xml}");
+    }
+
+    #[test]
+    fn vmcoreinfo_is_libvirts_feature_not_an_argument() {
+        let xml = domain_xml(&LaunchPlan { vmcoreinfo: true, ..plan() }).unwrap();
+        assert!(xml.contains("  <features>\n    <vmcoreinfo state='on'/>\n  </features>\n"), "{xml}");
+        assert!(!xml.contains("<qemu:arg value='vmcoreinfo"), "{xml}");
+        assert!(!domain_xml(&plan()).unwrap().contains("vmcoreinfo"));
     }
 
     #[test]

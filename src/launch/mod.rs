@@ -38,6 +38,8 @@ pub const CONSOLE_ID: &str = "acpimon-console";
 pub const SERIAL_ID: &str = "acpimon-serial";
 /// Device id of pvpanic.
 pub const PVPANIC_ID: &str = "acpimon-pvpanic";
+/// Device id of vmcoreinfo.
+pub const VMCOREINFO_ID: &str = "acpimon-vmcoreinfo";
 /// The virtio-serial controller carrying the app channel and the guest agent.
 pub const VSERIAL_ID: &str = "acpimon-vser";
 /// The app channel's chardev, and its port.
@@ -76,6 +78,11 @@ pub struct LaunchPlan {
     /// console survive for diagnostics; QEMU's default powers it off. QEMU before 6.0 has no
     /// `-action`: there the guest pauses on a panic (and powers off without `-no-shutdown`).
     pub pvpanic: bool,
+    /// Add `-device vmcoreinfo` (QEMU 2.11+, needs fw_cfg DMA: pc and q35 have it): the guest's
+    /// `qemu_fw_cfg` driver then tells QEMU where its VMCOREINFO note is, which
+    /// `acpimon dmesg` reads the kernel log with ([`crate::memory::vmcoreinfo`]). QEMU allows
+    /// one: [`LaunchPlan::adapt_to`] drops it when the user's configuration has its own.
+    pub vmcoreinfo: bool,
     /// Ask OVMF for no 64-bit PCI window, so the ivshmem BAR lands below 4 GiB (see
     /// [`channel`]): `-fw_cfg`, or a `[fw_cfg]` section in the -readconfig form.
     pub ovmf_low_bar: bool,
@@ -164,6 +171,7 @@ impl LaunchPlan {
             qmp_socket: None,
             console_socket: None,
             pvpanic: false,
+            vmcoreinfo: false,
             ovmf_low_bar: false,
             app_socket: None,
             guest_agent_socket: None,
@@ -176,6 +184,10 @@ impl LaunchPlan {
     /// operator.
     pub fn adapt_to(&mut self, user: &QemuConfig) -> Vec<String> {
         let mut notes = Vec::new();
+        if self.vmcoreinfo && user.sections("device").any(|d| d.driver() == Some("vmcoreinfo")) {
+            // The user's own device serves acpimon as well.
+            self.vmcoreinfo = false;
+        }
         let Some(firmware) = user.uefi_firmware() else { return notes };
         if user.fw_cfg(channel::OVMF_MMIO64_KNOB).is_some() {
             return notes;
@@ -230,6 +242,9 @@ impl LaunchPlan {
             if self.qemu_version.is_none_or(QemuVersion::has_action) {
                 items.push(QemuItem::new("action", None, None).prop("panic", "none"));
             }
+        }
+        if self.vmcoreinfo {
+            items.push(QemuItem::new("device", Some(("driver", "vmcoreinfo")), Some(VMCOREINFO_ID)));
         }
         let ports = [
             (&self.app_socket, APP_ID, APP_PORT_ID, APP_PORT_NAME),
@@ -336,6 +351,20 @@ mod tests {
             "{ini}"
         );
         assert!(ini.contains("[action]\n  panic = \"none\""), "{ini}");
+    }
+
+    #[test]
+    fn vmcoreinfo_in_either_form_unless_the_user_has_one() {
+        let p = LaunchPlan { vmcoreinfo: true, ..plan() };
+        assert!(p.argv().unwrap().join(" ").contains("-device vmcoreinfo,id=acpimon-vmcoreinfo"));
+        let (ini, _) = p.readconfig().unwrap();
+        assert!(ini.contains("[device \"acpimon-vmcoreinfo\"]\n  driver = \"vmcoreinfo\"\n"), "{ini}");
+        let mut p = p;
+        let own = QemuConfig::from_args(&["-device".into(), "vmcoreinfo".into()]).unwrap();
+        p.adapt_to(&own);
+        assert!(!p.vmcoreinfo && !p.argv().unwrap().join(" ").contains("vmcoreinfo"));
+        // prepare's full launch has it.
+        assert!(!plan().argv().unwrap().join(" ").contains("vmcoreinfo"));
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl Descriptor {
         Ok(cfg)
     }
 
-    /// The full launch: table, region, QMP, console, pvpanic.
+    /// The full launch: table, region, QMP, console, pvpanic, vmcoreinfo.
     pub fn plan(&self) -> Result<LaunchPlan, ConfigError> {
         Ok(LaunchPlan {
             ssdt: self.ssdt_config()?,
@@ -90,6 +90,7 @@ impl Descriptor {
             qmp_socket: Some(self.qmp.clone()),
             console_socket: self.console_chardev.is_none().then(|| self.console.clone()),
             pvpanic: true,
+            vmcoreinfo: true,
             ovmf_low_bar: false,
             app_socket: self.app.clone(),
             guest_agent_socket: self.guest_agent.clone(),
@@ -243,6 +244,7 @@ mod tests {
         assert!(p.descriptor.region.exists() && p.descriptor.ssdt.exists());
         let plan = p.descriptor.plan().unwrap();
         assert!(plan.argv().unwrap().join(" ").contains("qmp.sock"));
+        assert!(plan.vmcoreinfo, "the full launch publishes VMCOREINFO");
         // Again: the same files, refreshed.
         prepare(dir.path(), "vm-1", &SsdtConfig::default()).unwrap();
     }

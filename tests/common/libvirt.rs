@@ -42,21 +42,30 @@ pub fn virsh_ok(args: &[&str]) -> String {
     text(&out.stdout)
 }
 
-/// The fragment's children merged into `base` (a whole `<domain>`): `<devices>` children into
-/// its `<devices>`, everything else last in `<domain>`, and the `xmlns:qemu` namespace on it.
+/// The fragment's children merged into `base` (a whole `<domain>`): `<devices>` and
+/// `<features>` children into its own, everything else last in `<domain>`, and the
+/// `xmlns:qemu` namespace on it.
 pub fn merge(base: &str, fragment: &str) -> String {
     let open = fragment.find("<domain ").expect("the fragment has a <domain>");
     let body_at = open + fragment[open..].find('>').expect("<domain ...>") + 1;
     let end = fragment.rfind("</domain>").expect("</domain>");
     let mut body = fragment[body_at..end].to_string();
-    let mut devices = String::new();
-    if let (Some(a), Some(b)) = (body.find("<devices>"), body.find("</devices>")) {
-        devices = body[a + "<devices>".len()..b].to_string();
-        body.replace_range(a..b + "</devices>".len(), "");
-    }
+    let mut take = |tag: &str| {
+        let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+        match (body.find(&open), body.find(&close)) {
+            (Some(a), Some(b)) => {
+                let inner = body[a + open.len()..b].to_string();
+                body.replace_range(a..b + close.len(), "");
+                inner
+            }
+            _ => String::new(),
+        }
+    };
+    let (devices, features) = (take("devices"), take("features"));
     let ns = acpimon::launch::libvirt::QEMU_NS;
     base.replacen("<domain type='qemu'>", &format!("<domain type='qemu' xmlns:qemu='{ns}'>"), 1)
         .replacen("</devices>", &format!("{devices}</devices>"), 1)
+        .replacen("</features>", &format!("{features}</features>"), 1)
         .replacen("</domain>", &format!("{body}</domain>"), 1)
 }
 

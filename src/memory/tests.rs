@@ -1,0 +1,353 @@
+use std::time::Duration;
+
+use rand::{Rng, RngCore, SeedableRng};
+
+use super::translate::START_KERNEL_MAP;
+use super::*;
+
+/// Guest-physical memory in a vector; reads past it are zeros, as QEMU gives unassigned memory.
+struct VecMemory {
+    ram: Vec<u8>,
+    budget: Budget,
+}
+
+impl VecMemory {
+    fn new(ram: Vec<u8>, max_bytes: u64) -> VecMemory {
+        VecMemory { ram, budget: Budget::new(max_bytes, Duration::from_secs(30)) }
+    }
+
+    fn put(&mut self, at: u64, bytes: &[u8]) {
+        let at = at as usize;
+        self.ram[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+}
+
+impl PhysRead for VecMemory {
+    async fn read_phys(&mut self, addr: u64, len: usize) -> Result<Vec<u8>, MemError> {
+        {
+            self.budget.check_call(len as u64)?;
+            self.budget.charge(len as u64)?;
+            let mut out = vec![0; len];
+            for (i, b) in out.iter_mut().enumerate() {
+                if let Some(&v) =
+                    usize::try_from(addr.wrapping_add(i as u64)).ok().and_then(|a| self.ram.get(a))
+                {
+                    *b = v;
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    fn budget(&self) -> &Budget {
+        &self.budget
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(f)
+}
+
+const PHYS_BASE: u64 = 0x10_0000;
+
+/// Kernel-image address of physical `p`.
+fn image(p: u64) -> u64 {
+    p - PHYS_BASE + START_KERNEL_MAP
+}
+
+/// A VMCOREINFO with 6.1's printk layout (its numbers, as the bookworm kernel prints them).
+fn vmcoreinfo_text(prb: u64, pgt: u64) -> String {
+    format!(
+        "OSRELEASE=6.1.0-test\nPAGESIZE=4096\nSYMBOL(init_top_pgt)={pgt:x}\nNUMBER(phys_base)={PHYS_BASE}\n\
+         NUMBER(pgtable_l5_enabled)=0\nKERNELOFFSET=0\nSYMBOL(prb)={prb:x}\nSIZE(printk_ringbuffer)=80\n\
+         OFFSET(printk_ringbuffer.desc_ring)=0\nOFFSET(printk_ringbuffer.text_data_ring)=48\n\
+         OFFSET(printk_ringbuffer.fail)=72\nSIZE(prb_desc_ring)=48\nOFFSET(prb_desc_ring.count_bits)=0\n\
+         OFFSET(prb_desc_ring.descs)=8\nOFFSET(prb_desc_ring.infos)=16\nOFFSET(prb_desc_ring.head_id)=24\n\
+         OFFSET(prb_desc_ring.tail_id)=32\nSIZE(prb_desc)=24\nOFFSET(prb_desc.state_var)=0\n\
+         OFFSET(prb_desc.text_blk_lpos)=8\nSIZE(prb_data_blk_lpos)=16\nOFFSET(prb_data_blk_lpos.begin)=0\n\
+         OFFSET(prb_data_blk_lpos.next)=8\nSIZE(printk_info)=88\nOFFSET(printk_info.seq)=0\n\
+         OFFSET(printk_info.ts_nsec)=8\nOFFSET(printk_info.text_len)=16\nOFFSET(printk_info.caller_id)=20\n\
+         OFFSET(printk_info.dev_info)=24\nSIZE(prb_data_ring)=24\nOFFSET(prb_data_ring.size_bits)=0\n\
+         OFFSET(prb_data_ring.data)=8\nOFFSET(prb_data_ring.head_lpos)=16\nOFFSET(prb_data_ring.tail_lpos)=24\n\
+         SIZE(atomic_long_t)=8\nOFFSET(atomic_long_t.counter)=0\n"
+    )
+}
+
+/// A guest whose ring holds `texts` (16 descriptors, a 512-byte text ring, wrapped once), laid
+/// out in the kernel image; returns the memory and its VMCOREINFO.
+fn guest(texts: &[&str]) -> (VecMemory, Vmcoreinfo) {
+    let mut m = VecMemory::new(vec![0; 4 << 20], 1 << 30);
+    let (prb_ptr, rb, descs, infos, data) =
+        (0x20_0000u64, 0x20_0100u64, 0x20_1000u64, 0x20_2000u64, 0x20_4000u64);
+    let (count_bits, size_bits) = (4u32, 9u32);
+    m.put(prb_ptr, &image(rb).to_le_bytes());
+    let mut ring = vec![0u8; 80];
+    ring[0..4].copy_from_slice(&count_bits.to_le_bytes());
+    ring[8..16].copy_from_slice(&image(descs).to_le_bytes());
+    ring[16..24].copy_from_slice(&image(infos).to_le_bytes());
+    ring[48..52].copy_from_slice(&size_bits.to_le_bytes());
+    ring[56..64].copy_from_slice(&image(data).to_le_bytes());
+    // Ids start past one wrap of the descriptors, and the text position past one of the ring.
+    let first_id = 16u64 + 3;
+    let mut lpos = 512u64 + 440;
+    for (i, t) in texts.iter().enumerate() {
+        let id = first_id + i as u64;
+        let idx = id & 15;
+        let len = (8 + t.len() as u64 + 7) & !7;
+        // A block that would reach the ring's end starts at the next wrap's beginning.
+        let begin = lpos;
+        let (start, next) =
+            if (lpos & 511) + len >= 512 { (0, (lpos | 511) + 1 + len) } else { (lpos & 511, lpos + len) };
+        let d = descs + idx * 24;
+        m.put(d, &(id | (2 << 62)).to_le_bytes());
+        m.put(d + 8, &begin.to_le_bytes());
+        m.put(d + 16, &next.to_le_bytes());
+        let inf = infos + idx * 88;
+        m.put(inf, &(100 + i as u64).to_le_bytes());
+        m.put(inf + 8, &(1_234_567_890 * (i as u64 + 1)).to_le_bytes());
+        m.put(inf + 16, &(t.len() as u16).to_le_bytes());
+        m.put(inf + 18, &[0, 6 << 5]);
+        m.put(inf + 20, &7u32.to_le_bytes());
+        m.put(data + start, &id.to_le_bytes());
+        m.put(data + start + 8, t.as_bytes());
+        lpos = next;
+    }
+    ring[24..32].copy_from_slice(&(first_id + texts.len() as u64 - 1).to_le_bytes());
+    ring[32..40].copy_from_slice(&first_id.to_le_bytes());
+    m.put(rb, &ring);
+    let info = Vmcoreinfo::parse(vmcoreinfo_text(image(prb_ptr), image(0x30_0000)).as_bytes());
+    (m, info)
+}
+
+#[test]
+fn a_ring_decodes_in_order_with_wrapped_blocks() {
+    let texts =
+        ["Linux version 6.1.0", "second line\nand its continuation", "", "x".repeat(200).leak(), "last"];
+    let (mut m, info) = guest(&texts);
+    let map = KernelMap::from_vmcoreinfo(&info).unwrap();
+    assert_eq!(map.pgd, 0x30_0000);
+    let log = block_on(read_kernel_log(&mut m, &info, &map, 1000)).unwrap();
+    assert_eq!(log.skipped, 0);
+    let got: Vec<&str> = log.records.iter().map(|r| r.text.as_str()).collect();
+    assert_eq!(got, texts);
+    let r = &log.records[1];
+    assert_eq!((r.seq, r.ts_nsec, r.level, r.facility, r.caller_id), (101, 2_469_135_780, 6, 0, 7));
+    assert_eq!(r.console_lines(), ["[    2.469135] second line", "[    2.469135] and its continuation"]);
+    // The newest N only.
+    let log = block_on(read_kernel_log(&mut m, &info, &map, 2)).unwrap();
+    assert_eq!((log.records.len(), log.dropped, log.records[1].text.as_str()), (2, 3, "last"));
+}
+
+#[test]
+fn a_descriptor_being_written_or_overwritten_is_skipped() {
+    let (mut m, info) = guest(&["one", "two", "three"]);
+    // "two" (id 20, index 4): reserved, not committed.
+    m.put(0x20_1000 + 4 * 24, &20u64.to_le_bytes());
+    // "three" (text at 472): its text block now carries another id.
+    m.put(0x20_4000 + 472, &99u64.to_le_bytes());
+    let map = KernelMap::from_vmcoreinfo(&info).unwrap();
+    let log = block_on(read_kernel_log(&mut m, &info, &map, 100)).unwrap();
+    assert_eq!(log.records.iter().map(|r| r.text.as_str()).collect::<Vec<_>>(), ["one"]);
+    assert_eq!(log.skipped, 2);
+}
+
+#[test]
+fn page_walks_follow_4k_2m_and_1g_pages_and_stop_at_holes() {
+    let mut m = VecMemory::new(vec![0; 1 << 20], 1 << 30);
+    let pgd = 0x1000u64;
+    let map = KernelMap { phys_base: 0, pgd, five_level: false, kernel_offset: 0 };
+    let v4k = 0xffff_8880_0012_3456u64;
+    let idx = |v: u64, s: u32| (v >> s) & 0x1ff;
+    m.put(pgd + idx(v4k, 39) * 8, &(0x2000u64 | 0x63).to_le_bytes());
+    m.put(0x2000 + idx(v4k, 30) * 8, &(0x3000u64 | 0x63).to_le_bytes());
+    m.put(0x3000 + idx(v4k, 21) * 8, &(0x4000u64 | 0x63).to_le_bytes());
+    m.put(0x4000 + idx(v4k, 12) * 8, &(0x8000_0000_0007_7000u64 | 0x63).to_le_bytes());
+    assert_eq!(block_on(map.walk(&mut m, v4k)).unwrap(), 0x7_7456);
+    // A 2 MiB page (PAT bit 12 set, which is not address).
+    let v2m = 0xffff_8880_4012_3456u64;
+    m.put(0x2000 + idx(v2m, 30) * 8, &(0x5000u64 | 0x63).to_le_bytes());
+    m.put(0x5000 + idx(v2m, 21) * 8, &(0x4020_1000u64 | 0xe3).to_le_bytes());
+    assert_eq!(block_on(map.walk(&mut m, v2m)).unwrap(), 0x4032_3456);
+    // A 1 GiB page.
+    let v1g = 0xffff_8881_0012_3456u64;
+    m.put(0x2000 + idx(v1g, 30) * 8, &(0x1_4000_0000u64 | 0xe3).to_le_bytes());
+    assert_eq!(block_on(map.walk(&mut m, v1g)).unwrap(), 0x1_4012_3456);
+    // Not present.
+    assert!(matches!(block_on(map.walk(&mut m, 0xffff_c900_0000_0000)), Err(MemError::NotMapped(_))));
+    // Reading across pages maps each one.
+    m.put(0x4000 + (idx(v4k, 12) + 1) * 8, &(0x9000u64 | 0x63).to_le_bytes());
+    m.put(0x7_7ffe, b"ab");
+    m.put(0x9000, b"cd");
+    let page_end = (v4k | 0xfff) - 1;
+    assert_eq!(block_on(map.read_virt(&mut m, page_end, 4)).unwrap(), b"abcd");
+}
+
+#[test]
+fn vmcoreinfo_parses_and_survives_hostile_text() {
+    let v = Vmcoreinfo::parse(b"OSRELEASE=6.1.0-28-amd64\nPAGESIZE=4096\nSYMBOL(prb)=ffffffff82a1b2c0\nNUMBER(phys_base)=-2\n\0junk=1");
+    assert_eq!(v.osrelease(), Some("6.1.0-28-amd64"));
+    assert_eq!(v.page_size(), Some(4096));
+    assert_eq!(v.symbol("prb"), Some(0xffffffff82a1b2c0));
+    assert_eq!(v.number("phys_base"), Some(-2));
+    assert_eq!(v.get("junk"), None, "text after the NUL is not the note's");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    for _ in 0..500 {
+        let n = rng.random_range(0..40_000);
+        let mut b = vec![0u8; n];
+        rng.fill_bytes(&mut b);
+        for x in b.iter_mut() {
+            // mostly printable, with the separators
+            if *x % 5 == 0 {
+                *x = b"=\n()"[usize::from(*x) % 4];
+            }
+        }
+        let v = Vmcoreinfo::parse(&b);
+        assert!(v.len() <= 4096);
+        let _ = (v.symbol("prb"), v.offset("x.y"), v.number("phys_base"), v.kernel_offset());
+        let _ = vmcoreinfo::from_elf(&b);
+    }
+}
+
+#[test]
+fn elf_notes_yield_the_vmcoreinfo_note() {
+    // An ELF64 header, one PT_NOTE program header, a CORE note then VMCOREINFO.
+    let mut f = vec![0u8; 64 + 56];
+    f[..5].copy_from_slice(b"\x7fELF\x02");
+    f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+    f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+    f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+    let note = |name: &[u8], desc: &[u8]| {
+        let mut n = Vec::new();
+        n.extend((name.len() as u32).to_le_bytes());
+        n.extend((desc.len() as u32).to_le_bytes());
+        n.extend(0u32.to_le_bytes());
+        n.extend(name);
+        n.resize(n.len().next_multiple_of(4), 0);
+        n.extend(desc);
+        n.resize(n.len().next_multiple_of(4), 0);
+        n
+    };
+    let mut notes = note(b"CORE\0", &[1; 7]);
+    notes.extend(note(b"VMCOREINFO\0", b"OSRELEASE=6.12.9\nPAGESIZE=4096\n"));
+    f[64..68].copy_from_slice(&4u32.to_le_bytes());
+    f[64 + 8..64 + 16].copy_from_slice(&(120u64).to_le_bytes());
+    f[64 + 0x20..64 + 0x28].copy_from_slice(&(notes.len() as u64).to_le_bytes());
+    f.extend(&notes);
+    assert_eq!(vmcoreinfo::from_elf(&f).unwrap().osrelease(), Some("6.12.9"));
+    // Truncated anywhere: no note, no panic.
+    for cut in 0..f.len() - 1 {
+        let _ = vmcoreinfo::from_elf(&f[..cut]);
+    }
+}
+
+/// Random bytes over the ring's arrays (and, half the time, over its header): the reader ends,
+/// never panics, and stays within its budget.
+#[test]
+fn corrupt_rings_never_panic_loop_or_overspend() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    for round in 0..300 {
+        let (mut m, info) = guest(&["a", "bb", "ccc", "dddd"]);
+        let from = if round % 2 == 0 { 0x20_0100 } else { 0x20_1000 };
+        for _ in 0..rng.random_range(1..200) {
+            let at = rng.random_range(from..0x20_4200u64);
+            let len = rng.random_range(1..16);
+            let mut b = vec![0u8; len];
+            rng.fill_bytes(&mut b);
+            m.put(at, &b);
+        }
+        let max = rng.random_range(64..(1u64 << 22));
+        m.budget = Budget::new(max, Duration::from_secs(30));
+        let map = KernelMap::from_vmcoreinfo(&info).unwrap();
+        let r = block_on(read_kernel_log(&mut m, &info, &map, 100));
+        assert!(m.budget.used() <= max, "round {round}: read {} of {max}", m.budget.used());
+        if let Ok(log) = r {
+            assert!(log.records.len() as u64 + log.skipped <= log.ring_records);
+        }
+    }
+}
+
+#[test]
+fn the_budget_refuses_big_reads_and_overspending() {
+    let mut b = Budget::new(100, Duration::from_secs(5));
+    b.charge(60).unwrap();
+    assert!(matches!(b.charge(41), Err(MemError::BudgetSpent { used: 60, max: 100 })));
+    b.charge(40).unwrap();
+    assert!(matches!(b.check_call(64 << 20), Err(MemError::TooLarge { .. })));
+    let mut late = Budget::new(100, Duration::ZERO);
+    assert!(matches!(late.charge(1), Err(MemError::Deadline(_))));
+}
+
+#[test]
+fn the_image_range_is_a_gib_under_kaslr_and_512_mib_without() {
+    let v = START_KERNEL_MAP + (900 << 20);
+    let kaslr = KernelMap { phys_base: 0x100_0000, pgd: 0, five_level: false, kernel_offset: 0x3900_0000 };
+    assert_eq!(kaslr.image_phys(v), Some((900 << 20) + 0x100_0000));
+    assert_eq!(kaslr.image_phys(START_KERNEL_MAP + (1 << 30)), None, "modules are walked");
+    let fixed = KernelMap { kernel_offset: 0, ..kaslr };
+    assert_eq!(fixed.image_phys(v), None);
+    assert_eq!(fixed.image_phys(START_KERNEL_MAP + 0x1000), Some(0x100_1000));
+    assert_eq!(fixed.image_phys(0xffff_8880_0000_0000), None);
+}
+
+#[test]
+fn ram_ranges_come_from_the_system_flat_view_only() {
+    let mtree = "FlatView #0\n AS \"memory\", root: system\n AS \"cpu-memory-0\", root: system\n Root memory region: system\n\
+  0000000000000000-00000000000c2fff (prio 0, ram): pc.ram\n\
+  00000000000c3000-00000000000e3fff (prio 0, rom): pc.ram @00000000000c3000\n\
+  0000000000100000-000000007fffffff (prio 0, ram): pc.ram @0000000000100000\n\
+  00000000b0000000-00000000bfffffff (prio 0, i/o): pcie-mmcfg-mmio\n\
+  0000000100000000-000000013fffffff (prio 0, ram): pc.ram @0000000080000000\n\
+\nFlatView #1\n AS \"I/O\", root: io\n  0000000000000000-0000000000000007 (prio 0, ram): not-memory\n";
+    assert_eq!(
+        vmcoreinfo::ram_ranges(mtree),
+        [(0, 0xc3000), (0x10_0000, 0x8000_0000), (0x1_0000_0000, 0x1_4000_0000)]
+    );
+    assert!(vmcoreinfo::ram_ranges("garbage\n  x-y (prio 0, ram): z").is_empty());
+}
+
+#[test]
+fn a_ram_file_reads_as_memory_from_address_zero_and_zeros_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ram");
+    std::fs::write(&path, b"0123456789").unwrap();
+    let mut m = FileMemory::open(&path, Budget::new(100, Duration::from_secs(5))).unwrap();
+    assert_eq!(block_on(m.read_phys(2, 4)).unwrap(), b"2345");
+    assert_eq!(block_on(m.read_phys(8, 4)).unwrap(), b"89\0\0");
+    assert_eq!(block_on(m.read_phys(u64::MAX - 1, 1)).unwrap(), b"\0");
+    assert!(matches!(block_on(m.read_phys(0, 200)), Err(MemError::BudgetSpent { .. })));
+    // A guest whose RAM is split around the PCI hole is refused.
+    std::fs::File::options().write(true).open(&path).unwrap().set_len(MAX_IDENTITY + 4096).unwrap();
+    let e = FileMemory::open(&path, Budget::new(100, Duration::from_secs(5))).err().unwrap().to_string();
+    assert!(e.contains("read this guest through QMP"), "{e}");
+}
+
+/// Hostile VMCOREINFO: every number of the printk layout replaced by a random one (small,
+/// huge, or at the edges); the reader fails or decodes, never panics or overspends.
+#[test]
+fn hostile_layouts_never_panic_or_overspend() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xbad);
+    let (base_mem, _) = guest(&["one", "two"]);
+    let text = vmcoreinfo_text(image(0x20_0000), image(0x30_0000));
+    for round in 0..400 {
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        for _ in 0..rng.random_range(1..6) {
+            let i = rng.random_range(0..lines.len());
+            let Some((k, _)) = lines[i].split_once('=') else { continue };
+            let v: u64 = match rng.random_range(0..4) {
+                0 => rng.random_range(0..64),
+                1 => rng.random_range(0..1 << 20),
+                2 => u64::MAX - rng.random_range(0..16),
+                _ => rng.random(),
+            };
+            let v =
+                if k.starts_with("SYMBOL") || k == "KERNELOFFSET" { format!("{v:x}") } else { v.to_string() };
+            lines[i] = format!("{k}={v}");
+        }
+        let info = Vmcoreinfo::parse(lines.join("\n").as_bytes());
+        let mut m =
+            VecMemory { ram: base_mem.ram.clone(), budget: Budget::new(1 << 22, Duration::from_secs(30)) };
+        let Ok(map) = KernelMap::from_vmcoreinfo(&info) else { continue };
+        let _ = block_on(read_kernel_log(&mut m, &info, &map, 100));
+        assert!(m.budget.used() <= 1 << 22, "round {round}");
+    }
+}
