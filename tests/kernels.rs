@@ -46,12 +46,12 @@ impl Kernel {
 }
 
 const MODULES_5_10: &str =
-    "modules loaded: pvpanic virtio_pci virtio_console qemu_fw_cfg failed: none builtin: thermal";
+    "modules loaded: pvpanic virtio_pci virtio_console virtio_blk qemu_fw_cfg failed: none builtin: thermal";
 const MODULES_6_1: &str =
-    "modules loaded: pvpanic pvpanic-mmio pvpanic-pci virtio_pci virtio_console qemu_fw_cfg \
+    "modules loaded: pvpanic pvpanic-mmio pvpanic-pci virtio_pci virtio_console virtio_blk qemu_fw_cfg \
                            failed: none builtin: thermal";
 const MODULES_6_12: &str =
-    "modules loaded: pvpanic pvpanic-mmio pvpanic-pci qemu_fw_cfg failed: none builtin: virtio_pci virtio_console thermal";
+    "modules loaded: pvpanic pvpanic-mmio pvpanic-pci virtio_blk qemu_fw_cfg failed: none builtin: virtio_pci virtio_console thermal";
 
 /// Boots `k` with the app responder and the panic scenario, and checks everything in that boot.
 async fn boot_beat_answer_and_panic(k: Kernel) {
