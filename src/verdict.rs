@@ -106,7 +106,8 @@ pub struct StepFile {
 /// The text files of a bundle's steps that [`judge`] reads (console tail, SysRq, NMI output,
 /// registers, QMP replies), each at most [`crate::diagnose::MAX_FILE`] bytes. Blocking.
 pub fn read_files(dir: &std::path::Path, manifest: &Manifest) -> Vec<StepFile> {
-    const READ: &[&str] = &["console-tail", "sysrq", "inject-nmi", "registers", "qmp-status", "host"];
+    const READ: &[&str] =
+        &["console-tail", "sysrq", "inject-nmi", "kernel-log", "registers", "qmp-status", "host"];
     let mut out = Vec::new();
     for s in &manifest.steps {
         let Some(file) = &s.file else { continue };
@@ -250,9 +251,10 @@ pub fn judge(
         .map(str::to_string);
     let probe: Option<ProbeEvidence> = serde_json::from_value(trigger.evidence.clone()).ok();
     let panic_report = reports.iter().rev().find(|r| r.class == ReportClass::Panic);
-    let panic_console = console.and_then(|f| {
-        this_boot(&f.text).lines().rev().find(|l| is_panic_line(l)).map(|l| (f.file.as_str(), l))
-    });
+    // The kernel's own text: the console's, or, when the console has no panic (elsewhere,
+    // quiet, characters lost), the log read from guest memory.
+    let panic_text = console.and_then(panic_in).or_else(|| file("kernel-log").and_then(panic_in));
+    let panic_console = panic_text.map(|(f, l)| (f.file.as_str(), l));
     let push_cpus = |ev: &mut Evidence, only_busy: bool| {
         for c in &cpus {
             if !only_busy || !c.idle {
@@ -294,7 +296,7 @@ pub fn judge(
             for t in r.trace.iter().take(FRAMES) {
                 ev.push("kernel-report", t);
             }
-        } else if let Some(f) = console {
+        } else if let Some((f, _)) = panic_text.or_else(|| console.map(|f| (f, ""))) {
             for l in panic_frames(this_boot(&f.text)) {
                 ev.push(&f.file, &l);
             }
@@ -573,6 +575,11 @@ fn this_boot(text: &str) -> &str {
 }
 
 /// `Kernel panic - not syncing: ...`, not its `---[ end Kernel panic ...` echo.
+/// The last panic line of `f`'s text since the kernel last booted.
+fn panic_in(f: &StepFile) -> Option<(&StepFile, &str)> {
+    this_boot(&f.text).lines().rev().find(|l| is_panic_line(l)).map(|l| (f, l))
+}
+
 fn is_panic_line(l: &str) -> bool {
     l.contains("Kernel panic - not syncing") && !l.contains("---[ end Kernel panic")
 }

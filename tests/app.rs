@@ -167,6 +167,7 @@ async fn the_guest_agent_answers_pings_and_describes_the_guest_in_bundles() {
         gdb_socket: g.vm.prepared.dir.join("gdb.sock"),
         guest_agent: Some(qga),
         host: Default::default(),
+        kernel_log: None,
     };
     let trigger = Trigger {
         kind: "test".into(),

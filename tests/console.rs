@@ -275,6 +275,7 @@ async fn runs_own_launch_reads_the_mux_console_and_sysrq_reaches_it() {
         gdb_socket: g.vm.prepared.dir.join("gdb.sock"),
         guest_agent: None,
         host: Default::default(),
+        kernel_log: None,
     };
     let trigger = Trigger {
         kind: "test".into(),

@@ -24,6 +24,7 @@ fn target(g: &Guest) -> Target<'_> {
         gdb_socket: g.vm.prepared.dir.join("gdb.sock"),
         guest_agent: None,
         host: Default::default(),
+        kernel_log: None,
     }
 }
 
@@ -295,6 +296,7 @@ async fn scripts_get_the_environment_and_are_killed_at_their_timeout() {
         gdb_socket: dir.path().join("gdb.sock"),
         guest_agent: None,
         host: Default::default(),
+        kernel_log: None,
     };
     let sh = |script: &str, timeout: Duration| Step {
         spec: StepSpec::Script { argv: vec!["/bin/sh".into(), "-c".into(), script.into()] },

@@ -357,6 +357,7 @@ mod full_disk_bundles {
             gdb_socket: fs.join("gdb.sock"),
             guest_agent: None,
             host: Default::default(),
+            kernel_log: None,
         };
         let script =
             Step::new(StepSpec::Script { argv: vec!["sh".into(), "-c".into(), "echo evidence".into()] });

@@ -334,6 +334,45 @@ async fn a_panicked_guests_log_holds_the_panic() {
     );
 }
 
+/// A watched guest whose kernel prints on `tty0`, not on acpimon's serial port, panics: the
+/// console says nothing, but the bundle's `kernel-log` step read the log from memory, with the
+/// panic, and the verdict quotes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_with_the_console_elsewhere_is_in_the_bundles_kernel_log_and_verdict() {
+    let work = tempfile::Builder::new().prefix("acpimon-memory").tempdir_in("/tmp").unwrap();
+    let spec = GuestSpec {
+        watched: true,
+        scenario: "panic",
+        delay: 8,
+        kernel_console: "tty0",
+        extra: vec!["-S".into()],
+        ..GuestSpec::new("pc")
+    };
+    let g = Guest::boot(spec).await;
+    let svc = common::service::watch_guest(&g, work.path(), "[defaults]\nstartup_grace = \"90s\"\n").await;
+    let b = svc
+        .wait_event("panicked bundle", Duration::from_secs(120), |e| {
+            e.kind == "bundle" && e.detail["manifest"]["trigger"]["kind"] == "panicked"
+        })
+        .await;
+    let tail = common::service::step_file(&b, "console-tail");
+    assert!(!tail.contains("Kernel panic"), "the console should not have the kernel's log: {tail}");
+    let step = common::service::step(&b.detail["manifest"], "kernel-log");
+    assert_eq!(step["outcome"], "ok", "{step:#}");
+    assert!(step["summary"]["records"].as_u64().unwrap() > 50, "{step:#}");
+    let log = common::service::step_file(&b, "kernel-log");
+    assert!(log.contains("] Kernel panic - not syncing: sysrq triggered crash"), "{log}");
+    let v = &b.detail["manifest"]["verdict"];
+    assert_eq!(v["class"], "panic", "{v:#}");
+    assert!(
+        v["headline"]
+            .as_str()
+            .unwrap()
+            .starts_with("the guest kernel panicked: not syncing: sysrq triggered crash"),
+        "{v:#}"
+    );
+}
+
 /// Guest RAM in a shared file (`memory-backend-file,share=on`): `acpimon dmesg --ram-file`
 /// reads the same log as through QMP, without QMP, here while the test's own client holds the
 /// VM's monitor.

@@ -25,6 +25,7 @@
 //! | `gdbstub` | QMP | 15 s | starts QEMU's gdbstub on `Target::gdb_socket` (HMP `gdbserver unix:PATH,server=on,wait=off`), reads every vCPU's registers over the GDB remote protocol (decoded with the target's own register description, and raw), then stops the gdbstub. The gdbstub stops the VM while connected (STOP/RESUME events); the VM is left running or stopped as it was |
 //! | `guest-agent` | the guest agent's port | 10 s | QEMU guest agent `guest-get-osinfo`, `guest-get-host-name` and `guest-info`'s version (JSON); skipped without a guest agent port |
 //! | `host` | — (QMP and QEMU's pid for parts) | 2 s | what the host saw of the VM, as JSON (schema `acpimon.host/1`, [`crate::host::HostReport`]): the QEMU process and each vCPU thread (state, share of a host CPU used and waited for over the last 10 s, how long busy or idle, per-second history, from the service's sampler), its cgroup's CPU throttling, the drives (`query-block`, `query-blockstats`, `BLOCK_IO_ERROR`s), network links, `query-stats`, and the node (load, pressure, memory, steal, the data directory's free space); within about 200 ms, each QMP query bounded, what could not be read a note. Never skipped: without QMP or a pid it reads the node |
+//! | `kernel-log` | QMP (and the VM's directory, which QEMU writes its memory reads into) | 10 s | the guest kernel's log read from its memory ([`crate::memory::dmesg`]): VMCOREINFO (the `vmcoreinfo` device's note, else a bounded RAM scan; cached per boot), then the printk ring, one `[    1.234567] text` line per record line, as `dmesg` prints it (an oversized log keeps its newest 1 MiB). For a guest whose console is elsewhere, quiet, or lost characters. Not skipped on a panicked or paused guest: memory is read whatever the vCPUs do |
 //! | `script` | — | 60 s | runs `argv` (no shell) in the bundle directory with `ACPIMON_VM`, `ACPIMON_BUNDLE` (the directory), `ACPIMON_TRIGGER` (the trigger's kind), `ACPIMON_TRIGGER_TIME`, `ACPIMON_TRIGGER_REASON`; stdout and stderr, interleaved, to the file; killed (its whole process group) at the timeout. A non-zero exit is `failed` |
 //!
 //! # The manifest (`manifest.json`, schema `acpimon.bundle/1`)
@@ -78,12 +79,16 @@
 //! `gdbstub` `{ "status_before", "status_after", "threads": [ { "thread", "rip", "rsp", "eflags" } ],
 //! "notes": [text] }` (statuses as `query-status` names them; values as "0x..." hex);
 //! `guest-agent` the same JSON as the file;
+//! `kernel-log` `{ "records", "first_seq", "last_seq", "skipped", "dropped", "vmcoreinfo":
+//! "device" | "scan" | "cache", "bytes_read", "elapsed_ms", "osrelease" }`;
 //! `host` `{ "qemu_state", "qemu_stopped": bool, "vcpus_spinning": [cpu], "vcpus_idle": [cpu],
 //! "drives_failed": [name], "throttled": share | null, "cpu_pressure": avg10 | null, "notes": n }`;
 //! `script` `{ "exit": code | null, "signal": number | null, "dropped_bytes",
 //! "killed_leftovers": bool }` (`killed_leftovers`: processes it left behind were killed).
 
 mod gdb;
+mod kernel_log;
+pub use kernel_log::KernelLogContext;
 mod qemu;
 pub use qemu::all_registers;
 mod script;
@@ -202,6 +207,8 @@ pub enum StepSpec {
     Script { argv: Vec<String> },
     /// What the host saw of the VM: its vCPU threads, devices and the node (`host.json`).
     Host {},
+    /// The guest kernel's log, read from its memory (the printk ring, as `dmesg` prints it).
+    KernelLog {},
 }
 
 fn ms500() -> Duration {
@@ -238,6 +245,7 @@ impl StepSpec {
             StepSpec::GuestAgent {} => "guest-agent",
             StepSpec::Script { .. } => "script",
             StepSpec::Host {} => "host",
+            StepSpec::KernelLog {} => "kernel-log",
         }
     }
 
@@ -252,6 +260,7 @@ impl StepSpec {
             StepSpec::GuestAgent {} => 10,
             StepSpec::Script { .. } => 60,
             StepSpec::Host {} => 2,
+            StepSpec::KernelLog {} => 10,
         })
     }
 
@@ -349,8 +358,9 @@ impl Serialize for Step {
 }
 
 /// The steps used when the configuration names none: host (first: it reads the host as the
-/// incident found it, in about 200 ms), console-tail, sysrq `wtlm`, qmp-status, qmp-cpus,
-/// registers, guest-agent (skipped without an agent port). None changes the guest or stops the VM.
+/// incident found it, in about 200 ms), console-tail, sysrq `wtlm`, kernel-log (after SysRq:
+/// its output is in the log too, for a guest whose console is elsewhere), qmp-status,
+/// qmp-cpus, registers, guest-agent (skipped without an agent port). None changes the guest or stops the VM.
 pub fn default_steps() -> Vec<Step> {
     vec![
         Step::new(StepSpec::Host {}),
@@ -362,6 +372,7 @@ pub fn default_steps() -> Vec<Step> {
             quiet: ms500(),
             chardev: default_chardev(),
         }),
+        Step::new(StepSpec::KernelLog {}),
         Step::new(StepSpec::QmpStatus {}),
         Step::new(StepSpec::QmpCpus {}),
         Step::new(StepSpec::Registers {}),
@@ -382,6 +393,8 @@ pub struct Target<'a> {
     /// What the `host` step reads beyond QMP: QEMU's pid, the service's sampler, the VM's
     /// device history.
     pub host: crate::host::HostContext,
+    /// What the `kernel-log` step needs beyond QMP; without it the step is skipped.
+    pub kernel_log: Option<KernelLogContext>,
 }
 
 /// Why diagnostics were started.
@@ -584,6 +597,11 @@ async fn judge(manifest: &Manifest, dir: &Path, opts: &Options) -> Verdict {
         (manifest.clone(), dir.to_path_buf(), opts.symbols.clone(), opts.reports.clone());
     let judged = tokio::task::spawn_blocking(move || {
         let files = crate::verdict::read_files(&dir, &m);
+        // No report from the console (elsewhere, quiet): the kernel's reports in its own log.
+        let reports = match files.iter().find(|f| f.step == "kernel-log") {
+            Some(f) if reports.is_empty() => crate::sentinel::scan_text(&f.text),
+            _ => reports,
+        };
         let symbols = path.as_deref().map(Symbols::load);
         let mut v = crate::verdict::judge(
             &m.trigger,
@@ -742,6 +760,16 @@ async fn dispatch(spec: &StepSpec, ctx: &Ctx<'_>) -> Done {
         },
         StepSpec::Script { argv } => script::run(ctx, argv).await,
         StepSpec::Host {} => host(ctx).await,
+        StepSpec::KernelLog {} => match (need_qmp(), &t.kernel_log) {
+            (Ok(q), Some(k)) => kernel_log::step(ctx, q, k).await,
+            (Err(d), _) => return d,
+            (_, None) => {
+                return Done::skipped(
+                    "no VM directory for QEMU's memory reads (a VM not under acpimon's state directory)"
+                        .into(),
+                )
+            }
+        },
     };
     r.unwrap_or_else(|e| e)
 }

@@ -84,7 +84,7 @@ fn default_steps_are_the_non_intrusive_ones() {
     let names: Vec<_> = default_steps().iter().map(|s| s.spec.name()).collect();
     assert_eq!(
         names,
-        ["host", "console-tail", "sysrq", "qmp-status", "qmp-cpus", "registers", "guest-agent"]
+        ["host", "console-tail", "sysrq", "kernel-log", "qmp-status", "qmp-cpus", "registers", "guest-agent"]
     );
     assert!(default_steps().iter().all(|s| s.spec.validate().is_ok()));
 }
@@ -170,6 +170,7 @@ async fn without_channels_every_step_is_skipped_and_the_manifest_written() {
         gdb_socket: dir.path().join("gdb.sock"),
         guest_agent: None,
         host: Default::default(),
+        kernel_log: None,
     };
     let trigger = Trigger {
         kind: "unresponsive".into(),
@@ -233,6 +234,7 @@ async fn the_deadline_bounds_the_steps_that_wait_on_the_guest() {
         gdb_socket: dir.path().join("gdb.sock"),
         guest_agent: Some(sock),
         host: Default::default(),
+        kernel_log: None,
     };
     let trigger = Trigger {
         kind: "unresponsive".into(),
@@ -277,6 +279,7 @@ async fn an_unwritable_bundle_directory_is_the_only_error() {
         gdb_socket: dir.path().join("gdb.sock"),
         guest_agent: None,
         host: Default::default(),
+        kernel_log: None,
     };
     let trigger = Trigger {
         kind: "panicked".into(),

@@ -651,3 +651,23 @@ fn registers_unmoved_on_a_vcpu_the_host_did_not_run_are_starvation_not_a_lockup(
     let v = judge(&t, &manifest(&t, Some("running")), &files(&r), &[], None);
     assert_eq!(v.class, Class::HardLockup, "{v:?}");
 }
+
+#[test]
+fn a_panic_the_console_missed_is_read_from_the_kernel_log() {
+    let t = trigger("panicked", json!({ "event": "GUEST_PANICKED" }));
+    let log = "[    0.000000] Linux version 6.1.0-57-amd64\n[    9.1] sysrq: Trigger a crash\n\
+               [    9.1] Kernel panic - not syncing: sysrq triggered crash\n[    9.1] CPU: 0 PID: 1 Comm: sh\n\
+               [    9.1] Call Trace:\n[    9.1]  <TASK>\n[    9.1]  dump_stack_lvl+0x44/0x5c\n\
+               [    9.1]  panic+0x118/0x2f4\n[    9.1]  sysrq_handle_crash+0x16/0x20\n[    9.1]  </TASK>\n";
+    let files = vec![
+        StepFile { step: "console-tail".into(), file: "02-console-tail.txt".into(), text: "login: ".into() },
+        StepFile { step: "kernel-log".into(), file: "04-kernel-log.txt".into(), text: log.into() },
+    ];
+    let v = judge(&t, &manifest(&t, Some("guest-panicked")), &files, &[], None);
+    assert_eq!(v.class, Class::Panic, "{v:?}");
+    assert_eq!(v.headline, "the guest kernel panicked: not syncing: sysrq triggered crash");
+    assert!(
+        v.evidence.iter().any(|e| e.source == "04-kernel-log.txt" && e.line.contains("sysrq_handle_crash")),
+        "{v:?}"
+    );
+}

@@ -141,6 +141,8 @@ pub struct Monitor {
     pub(crate) devices: Arc<Mutex<DeviceHistory>>,
     /// `BLOCK_IO_ERROR` into `block-io-error` events.
     io_errors: Coalescer,
+    /// The guest's VMCOREINFO, found once per boot, for the `kernel-log` step.
+    vmcoreinfo: Arc<Mutex<crate::memory::VmcoreinfoCache>>,
 }
 
 /// What the monitor keeps of the guest kernel's reports.
@@ -201,6 +203,7 @@ impl Monitor {
             queued_panic: None,
             console_before: Default::default(),
             devices: Default::default(),
+            vmcoreinfo: Default::default(),
             io_errors: Coalescer::default(),
         };
         if let Some(p) = problem {
@@ -782,6 +785,14 @@ impl Monitor {
         self.reboot(RebootEvidence::Relaunch(relaunch));
     }
 
+    /// One key per boot of the guest: its QEMU process and how many reboots were seen.
+    fn boot_key(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&self.memory.qemu, lock(&self.view).reboots).hash(&mut h);
+        h.finish()
+    }
+
     fn reboot(&mut self, evidence: RebootEvidence) {
         lock(&self.view).reboots += 1;
         let seen = match &evidence {
@@ -897,6 +908,11 @@ impl Monitor {
             devices: Arc::clone(&self.devices),
             data_dir: Some(self.shared.config.data_dir.clone()),
         };
+        let kernel_log = diagnose::KernelLogContext {
+            dir: self.dir.clone(),
+            cache: Arc::clone(&self.vmcoreinfo),
+            boot: self.boot_key(),
+        };
         let (keep, budget) = (self.shared.config.bundles_keep, self.shared.config.bundles_budget);
         self.log(&format!("collecting diagnostics into {}", bundle.display()));
         let task = async move {
@@ -911,6 +927,7 @@ impl Monitor {
                 gdb_socket: gdb_socket.clone(),
                 guest_agent: guest_agent.clone(),
                 host,
+                kernel_log: Some(kernel_log),
             };
             let manifest =
                 diagnose::collect_with(&steps, &target, &trigger.trigger, timeline, &bundle, &opts)

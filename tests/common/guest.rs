@@ -156,6 +156,9 @@ pub struct GuestSpec {
     pub smp: u32,
     /// A fault for /init to inject after the ready marker (any scenario).
     pub fault: Option<Fault>,
+    /// The kernel's console (`console=`): `ttyS0`, acpimon's serial port, or e.g. `tty0` for a
+    /// guest whose kernel log is not on the port acpimon reads (as many cloud images).
+    pub kernel_console: &'static str,
 }
 
 impl GuestSpec {
@@ -178,6 +181,7 @@ impl GuestSpec {
             state_dir: None,
             smp: 1,
             fault: None,
+            kernel_console: "ttyS0",
         }
     }
 
@@ -202,8 +206,10 @@ impl GuestSpec {
     /// -readconfig file, OVMF's variable store, the EVE console socket) go in `dir`.
     pub fn qemu_args_in(&self, dir: &Path) -> Vec<String> {
         let fx = self.fixture();
-        let mut cmdline =
-            format!("console=ttyS0 acpimon.scenario={} acpimon.delay={}", self.scenario, self.delay);
+        let mut cmdline = format!(
+            "console={} acpimon.scenario={} acpimon.delay={}",
+            self.kernel_console, self.scenario, self.delay
+        );
         if let Some(f) = self.fault {
             cmdline.push_str(&format!(
                 " acpimon.fault={} acpimon.fault_cpu={} acpimon.fault_delay={}",

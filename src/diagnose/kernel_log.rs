@@ -1,0 +1,61 @@
+//! `kernel-log`: the guest kernel's log read from its memory ([`crate::memory::dmesg`]), for
+//! guests whose console is elsewhere, quiet or lost characters: the printk ring as `dmesg`
+//! prints it, whatever the guest's state (running, hung, panicked, paused).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+
+use super::{Ctx, Done, Keep, StepResult};
+use crate::memory::dmesg::{read_log, LogLimits};
+use crate::memory::VmcoreinfoCache;
+use crate::trigger::qmp::Qmp;
+
+/// What the step needs beyond QMP: where QEMU may write its read files (the VM's directory),
+/// and the VM's VMCOREINFO from earlier bundles of the same boot.
+#[derive(Clone, Debug)]
+pub struct KernelLogContext {
+    pub dir: PathBuf,
+    pub cache: Arc<Mutex<VmcoreinfoCache>>,
+    /// The caller's key for the guest's current boot: VMCOREINFO cached under another key is
+    /// found anew.
+    pub boot: u64,
+}
+
+/// Reads the log within the step's time, once from the cached VMCOREINFO and, when that fails
+/// (a reboot the key did not see moves KASLR's offsets), once more from a fresh discovery.
+pub(super) async fn step(ctx: &Ctx<'_>, qmp: &Qmp, k: &KernelLogContext) -> StepResult {
+    let mut cache = crate::util::lock(&k.cache).clone();
+    let limits = |ctx: &Ctx<'_>| LogLimits { time: ctx.remaining(), ..LogLimits::default() };
+    let mut read = read_log(qmp, &k.dir, &mut cache, k.boot, &limits(ctx)).await;
+    if read.is_err() && cache.get(k.boot).is_some() {
+        cache = VmcoreinfoCache::default();
+        read = read_log(qmp, &k.dir, &mut cache, k.boot, &limits(ctx)).await;
+    }
+    *crate::util::lock(&k.cache) = cache;
+    let (log, stats) =
+        read.map_err(|e| Done::failed(format!("reading the kernel log from guest memory: {e}")))?;
+    let mut text = String::new();
+    for r in &log.records {
+        for line in r.console_lines() {
+            // Guest text: control characters neutralised, as the console's.
+            text.push_str(&crate::console::sanitize(line.as_bytes()));
+            text.push('\n');
+        }
+    }
+    // The newest records matter most: an oversized log keeps its tail.
+    let file = ctx.write("txt", text.as_bytes(), Keep::Tail).await?;
+    let summary = json!({
+        "records": log.records.len(),
+        "first_seq": log.records.first().map(|r| r.seq),
+        "last_seq": log.records.last().map(|r| r.seq),
+        "skipped": log.skipped,
+        "dropped": log.dropped,
+        "vmcoreinfo": stats.vmcoreinfo,
+        "bytes_read": stats.bytes,
+        "elapsed_ms": stats.elapsed_ms,
+        "osrelease": stats.osrelease,
+    });
+    Ok(Done::ok(Some(file), Some(summary)))
+}
