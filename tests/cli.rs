@@ -143,7 +143,10 @@ fn watch_checks_its_configuration_and_reports_every_problem_with_its_line() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let summary = text(&out.stdout);
     assert!(summary.contains("scenario acpi-heartbeat"), "{summary}");
-    assert!(summary.contains("diagnostics \"console-tail\", \"sysrq\""), "{summary}");
+    assert!(
+        summary.contains("diagnostics \"host\", \"console-tail\", \"sysrq\", \"kernel-log\""),
+        "{summary}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("watch.toml");
@@ -180,7 +183,10 @@ fn watch_check_prints_words_or_json_never_debug() {
     assert_eq!(v["defaults"]["scenario"][0]["kind"], "acpi-heartbeat");
     let steps: Vec<&str> =
         v["defaults"]["diagnostic"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
-    assert_eq!(steps, ["console-tail", "sysrq", "qmp-status", "qmp-cpus", "registers", "guest-agent"]);
+    assert_eq!(
+        steps,
+        ["host", "console-tail", "sysrq", "kernel-log", "qmp-status", "qmp-cpus", "registers", "guest-agent"]
+    );
     assert_eq!(v["state_dir"], "/run/acpimon");
 
     let out = acpimon(&["watch", "--config", shipped, "--json"]);
