@@ -23,8 +23,12 @@ fn target(g: &Guest) -> Target<'_> {
         console: Some(g.vm.console().expect("console connected")),
         gdb_socket: g.vm.prepared.dir.join("gdb.sock"),
         guest_agent: None,
-        host: Default::default(),
-        kernel_log: None,
+        host: acpimon::host::HostContext { pid: g.vm.qmp.pid, ..Default::default() },
+        kernel_log: Some(acpimon::diagnose::KernelLogContext {
+            dir: g.vm.prepared.dir.clone(),
+            cache: Default::default(),
+            boot: 0,
+        }),
     }
 }
 
@@ -78,9 +82,12 @@ async fn a_healthy_guest_gives_every_step_and_keeps_running() {
     g.until_first_ack(&mut hb, Duration::from_secs(30)).await;
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
-    // The guest-agent step has its own test (tests/app.rs): this guest has no agent port.
+    // The guest-agent step has its own test (tests/app.rs): this guest has no agent port. The
+    // host and kernel-log steps come last here, so the positions below stay those of the
+    // steps this test was written for.
+    let later = ["guest-agent", "host", "kernel-log"];
     let mut steps: Vec<Step> =
-        default_steps().into_iter().filter(|s| s.spec.name() != "guest-agent").collect();
+        default_steps().into_iter().filter(|s| !later.contains(&s.spec.name())).collect();
     steps.extend([
         Step::new(StepSpec::InjectNmi { capture: Duration::from_secs(3), quiet: Duration::from_millis(500) }),
         Step::new(StepSpec::Gdbstub {}),
@@ -96,6 +103,8 @@ async fn a_healthy_guest_gives_every_step_and_keeps_running() {
             quiet: Duration::from_millis(300),
             chardev: "no-such-chardev".into(),
         }),
+        Step::new(StepSpec::Host {}),
+        Step::new(StepSpec::KernelLog {}),
     ]);
     let m =
         collect(&steps, &target(&g), &trigger("unresponsive"), vec![json!({"state": "healthy"})], &bundle)
@@ -115,7 +124,9 @@ async fn a_healthy_guest_gives_every_step_and_keeps_running() {
             "gdbstub",
             "memory-dump",
             "memory-dump",
-            "sysrq"
+            "sysrq",
+            "host",
+            "kernel-log"
         ]
     );
     for s in &m.steps[..8] {
@@ -180,6 +191,17 @@ async fn a_healthy_guest_gives_every_step_and_keeps_running() {
         fallback.reason.as_deref().unwrap().contains("telnet break did not reach the kernel"),
         "{fallback:?}"
     );
+
+    // What the host saw (two readings 100 ms apart: no sampler here): the QEMU process and both
+    // vCPU threads.
+    assert_eq!(m.steps[10].outcome, Outcome::Ok, "{:?}", m.steps[10]);
+    let host: acpimon::host::HostReport = serde_json::from_str(&file(&bundle, &m, 10)).unwrap();
+    assert_eq!(host.qemu.as_ref().map(|q| q.pid), g.vm.qmp.pid, "{host:#?}");
+    assert_eq!(host.vcpus.iter().map(|v| v.cpu).collect::<Vec<_>>(), [0, 1], "{host:#?}");
+    // The kernel's log from its memory, with what SysRq made it print.
+    assert_eq!(m.steps[11].outcome, Outcome::Ok, "{:?}", m.steps[11]);
+    let log = file(&bundle, &m, 11);
+    assert!(log.contains("] Linux version ") && log.contains("sysrq: Show Blocked State"), "{log}");
 
     // The VM was left as it was: running, and its kernel still answers.
     let status = g.vm.qmp.status(Duration::from_secs(5)).await.unwrap();
