@@ -1,6 +1,8 @@
 //! A symbol source for the guest kernel: a `System.map`, a copy of `/proc/kallsyms` (both
 //! `ADDRESS TYPE NAME [MODULE]` lines) or a `vmlinux` ELF with its symbol table, which the user
-//! names with `[diagnostics] symbols = PATH`. Turns an address into `func+0x1c/0x30 [module]`.
+//! names with `[diagnostics] symbols = PATH`, or the guest's own kallsyms read from its memory
+//! ([`crate::memory::kallsyms`], [`Symbols::from_entries`]). Turns an address into
+//! `func+0x1c/0x30 [module]`.
 //!
 //! A `System.map` or `vmlinux` has link-time addresses: a guest with KASLR runs its kernel
 //! elsewhere. When the map's `_text` is at the link-time base and the console printed the
@@ -96,6 +98,21 @@ impl Symbols {
     /// hold the text.
     pub fn from_map(text: &str, source: &str) -> Symbols {
         let mut syms = parse_map(text);
+        sort(&mut syms);
+        Symbols { syms, offset: 0, source: source.into() }
+    }
+
+    /// Symbols from `(address, type, name)` entries (e.g. the guest's kallsyms read from its
+    /// memory): text symbols only (`t`/`T`/`w`/`W`), as from a map.
+    pub fn from_entries(entries: impl IntoIterator<Item = (u64, char, String)>, source: &str) -> Symbols {
+        let mut syms: Vec<Sym> = entries
+            .into_iter()
+            .filter(|(addr, kind, name)| {
+                *addr != 0 && matches!(kind, 't' | 'T' | 'w' | 'W') && !name.is_empty() && name.len() <= 512
+            })
+            .take(MAX_SYMBOLS)
+            .map(|(addr, _, name)| Sym { addr, size: 0, name, module: None })
+            .collect();
         sort(&mut syms);
         Symbols { syms, offset: 0, source: source.into() }
     }
