@@ -2,8 +2,9 @@
 //! wrote: the kernel's own console (booted with `console=ttyS0` on acpimon's serial port) and
 //! `makedumpfile --dump-dmesg` on an ELF `dump-guest-memory` of the same paused guest; on the
 //! kernels of the matrix (5.10, 6.1, 6.12); and the kernel's symbols read from its kallsyms
-//! against its own /proc/kallsyms, read over the console. Prints the costs (pmemsave round trips, the log's
-//! read, a RAM scan for VMCOREINFO, a full dump): run with `--nocapture` to see them.
+//! against its own /proc/kallsyms, read over the console. Prints the costs (pmemsave round
+//! trips, the log's read, the symbols' read, a RAM scan for VMCOREINFO, a full dump): run with
+//! `--nocapture` to see them.
 
 mod common;
 
