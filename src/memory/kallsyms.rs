@@ -17,8 +17,8 @@
 //!   negative offset means the absolute rule; the result is checked against VMCOREINFO's own
 //!   `SYMBOL(_stext)`.
 //!
-//! Only the kernel image's symbols are here: modules keep theirs in `struct module`, whose
-//! layout VMCOREINFO does not describe.
+//! Modules keep theirs in `struct module`, whose layout VMCOREINFO does not describe: they
+//! are read by [`super::modules`] with the layout from the kernel's BTF.
 //!
 //! Everything is guest-written: every table is read whole within the reader's budget, at most
 //! the size VMCOREINFO's addresses leave room for, the symbol count is capped, every index is
@@ -32,7 +32,7 @@ use super::translate::KernelMap;
 use super::vmcoreinfo::Vmcoreinfo;
 use super::{le_u16, le_u32, le_u64, Budget, MemError, PhysRead, QmpMemory};
 use crate::trigger::qmp::Qmp;
-use crate::verdict::symbols::Symbols;
+use crate::verdict::symbols::{SymbolEntry, Symbols};
 
 /// The most symbols read (a Debian kernel with `CONFIG_KALLSYMS_ALL` has about 200,000).
 pub const MAX_SYMBOLS: u32 = 1 << 21;
@@ -251,14 +251,25 @@ pub fn decode(t: &Tables) -> Result<Vec<KernelSymbol>, MemError> {
 /// What reading the symbols cost.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct KallsymsStats {
+    /// The kernel image's symbols, all types.
     pub symbols: usize,
+    /// Modules whose symbols were read, and their function symbols.
+    pub modules: usize,
+    pub module_symbols: usize,
+    /// Why modules' symbols are missing, when they are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modules_error: Option<String>,
     pub bytes: u64,
     pub pmemsave_calls: u64,
     pub elapsed_ms: u64,
 }
 
-/// The guest's kernel symbols as a [`Symbols`] (text symbols), read through `qmp` with at
-/// most `max_bytes` read within `time`; QEMU's temporary files go to `dir`.
+/// The default cost limit of one read: a Debian kernel's tables are about 3 MiB, its BTF 5 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 48 << 20;
+
+/// The guest's kernel symbols as a [`Symbols`] (text symbols), the kernel image's and its
+/// loaded modules' (those when its BTF says where they are), read through `qmp` with at most
+/// `max_bytes` read within `time`; QEMU's temporary files go to `dir`.
 pub async fn read_symbols(
     qmp: &Qmp,
     dir: &std::path::Path,
@@ -270,20 +281,31 @@ pub async fn read_symbols(
     let map = KernelMap::from_vmcoreinfo(info)?;
     let mut mem = QmpMemory::new(qmp, dir, Budget::new(max_bytes, time));
     let syms = read_kallsyms(&mut mem, info, &map, MAX_SYMBOLS).await?;
+    let (modules, modules_error) = match super::modules::read_module_symbols(&mut mem, &map, &syms).await {
+        Ok(m) => (m, None),
+        Err(e) => ((Vec::new(), 0), Some(e)),
+    };
     let stats = KallsymsStats {
         symbols: syms.len(),
+        modules: modules.1,
+        module_symbols: modules.0.len(),
+        modules_error,
         bytes: PhysRead::budget(&mem).used(),
         pmemsave_calls: mem.calls(),
         elapsed_ms: start.elapsed().as_millis() as u64,
     };
-    Ok((into_symbols(syms, info), stats))
+    Ok((into_symbols(syms, modules.0, info), stats))
 }
 
-/// `syms` as the project's symbol lookup, its source naming the kernel.
-pub fn into_symbols(syms: Vec<KernelSymbol>, info: &Vmcoreinfo) -> Symbols {
+/// `syms` (and modules' `extra`) as the project's symbol lookup, its source naming the kernel.
+pub fn into_symbols(syms: Vec<KernelSymbol>, extra: Vec<SymbolEntry>, info: &Vmcoreinfo) -> Symbols {
     let source = format!("the guest's kallsyms ({})", info.osrelease().unwrap_or("unknown kernel"));
-    Symbols::from_entries(syms.into_iter().map(|s| (s.addr, s.kind, s.name)), &source)
+    let image = syms.into_iter().map(|s| SymbolEntry {
+        addr: s.addr,
+        size: 0,
+        kind: s.kind,
+        name: s.name,
+        module: None,
+    });
+    Symbols::from_entries(image.chain(extra), &source)
 }
-
-/// The default cost limits of one read: a Debian kernel's tables are about 4 MiB.
-pub const DEFAULT_MAX_BYTES: u64 = 48 << 20;

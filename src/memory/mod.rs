@@ -14,6 +14,7 @@
 pub mod dmesg;
 mod file;
 pub mod kallsyms;
+pub mod modules;
 pub mod printk;
 mod qmp;
 mod translate;

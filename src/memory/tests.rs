@@ -488,6 +488,7 @@ fn kallsyms_decode_with_both_address_rules() {
         assert!(m.budget.used() < 256 << 10, "read {}", m.budget.used());
         let s = kallsyms::into_symbols(
             ks_read(&mut ks_guest(&syms, percpu).0, &info).unwrap(),
+            Vec::new(),
             &Vmcoreinfo::parse(info.as_bytes()),
         );
         assert_eq!(s.source, "the guest's kallsyms (6.12.0-test)");

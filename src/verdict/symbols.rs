@@ -39,6 +39,18 @@ pub struct Symbols {
     pub source: String,
 }
 
+/// One symbol for [`Symbols::from_entries`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymbolEntry {
+    pub addr: u64,
+    /// 0 when the source gives none: the next symbol's address ends it.
+    pub size: u64,
+    /// `T`, `t`, `D`, ... as /proc/kallsyms shows it.
+    pub kind: char,
+    pub name: String,
+    pub module: Option<String>,
+}
+
 /// An address resolved: `name+0xoff/0xsize [module]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {
@@ -102,16 +114,19 @@ impl Symbols {
         Symbols { syms, offset: 0, source: source.into() }
     }
 
-    /// Symbols from `(address, type, name)` entries (e.g. the guest's kallsyms read from its
-    /// memory): text symbols only (`t`/`T`/`w`/`W`), as from a map.
-    pub fn from_entries(entries: impl IntoIterator<Item = (u64, char, String)>, source: &str) -> Symbols {
+    /// Symbols from entries (e.g. the guest's kallsyms and its modules' symbol tables, read
+    /// from its memory): text symbols only (`t`/`T`/`w`/`W`), as from a map.
+    pub fn from_entries(entries: impl IntoIterator<Item = SymbolEntry>, source: &str) -> Symbols {
         let mut syms: Vec<Sym> = entries
             .into_iter()
-            .filter(|(addr, kind, name)| {
-                *addr != 0 && matches!(kind, 't' | 'T' | 'w' | 'W') && !name.is_empty() && name.len() <= 512
+            .filter(|e| {
+                e.addr != 0
+                    && matches!(e.kind, 't' | 'T' | 'w' | 'W')
+                    && !e.name.is_empty()
+                    && e.name.len() <= 512
             })
             .take(MAX_SYMBOLS)
-            .map(|(addr, _, name)| Sym { addr, size: 0, name, module: None })
+            .map(|e| Sym { addr: e.addr, size: e.size, name: e.name, module: e.module })
             .collect();
         sort(&mut syms);
         Symbols { syms, offset: 0, source: source.into() }
