@@ -97,6 +97,9 @@ async fn read_symbols(
         Ok((s, stats)) => {
             let summary = json!({
                 "count": s.len(),
+                "modules": stats.modules,
+                "module_symbols": stats.module_symbols,
+                "modules_error": stats.modules_error,
                 "bytes_read": stats.bytes,
                 "pmemsave_calls": stats.pmemsave_calls,
                 "elapsed_ms": stats.elapsed_ms,

@@ -572,3 +572,184 @@ fn hostile_kallsyms_addresses_never_panic_or_overspend() {
         assert!(m.budget.used() <= 1 << 24, "round {round}");
     }
 }
+
+// --- modules' symbols ------------------------------------------------------------------------
+
+/// A BTF blob with an int, `struct module { ... list@8, name@24, kallsyms@888 }` and
+/// `struct mod_kallsyms { symtab@0, num_symtab@8, strtab@16 }` (its offsets as bitfield-style
+/// members, kind_flag set).
+fn btf_blob() -> Vec<u8> {
+    let mut strs = vec![0u8];
+    let mut name = |n: &str| {
+        let at = strs.len() as u32;
+        strs.extend(n.as_bytes());
+        strs.push(0);
+        at
+    };
+    let (int, module, list, mname, kallsyms) =
+        (name("int"), name("module"), name("list"), name("name"), name("kallsyms"));
+    let (mk, symtab, num, strtab) =
+        (name("mod_kallsyms"), name("symtab"), name("num_symtab"), name("strtab"));
+    let mut types = Vec::new();
+    let mut put = |words: &[u32]| words.iter().for_each(|w| types.extend(w.to_le_bytes()));
+    put(&[int, 1 << 24, 4, 32]);
+    put(&[module, (4 << 24) | 3, 1024, list, 1, 64, mname, 1, 192, kallsyms, 1, 888 * 8]);
+    put(&[mk, (1 << 31) | (4 << 24) | 3, 32, symtab, 1, 0, num, 1, 64, strtab, 1, 128]);
+    let mut b = Vec::new();
+    for w in [0xeb9f_u16 as u32 | (1 << 16), 24, 0, types.len() as u32, types.len() as u32, strs.len() as u32]
+    {
+        b.extend(w.to_le_bytes());
+    }
+    b.extend(types);
+    b.extend(strs);
+    b
+}
+
+#[test]
+fn btf_gives_struct_modules_layout_and_survives_garbage() {
+    let b = btf_blob();
+    let want =
+        modules::ModuleLayout { list: 8, name: 24, kallsyms: 888, symtab: 0, num_symtab: 8, strtab: 16 };
+    assert_eq!(modules::btf_layout(&b), Ok(want));
+    for cut in 0..b.len() {
+        assert!(modules::btf_layout(&b[..cut]).is_err(), "cut {cut}");
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xb7f);
+    for _ in 0..2000 {
+        let mut c = b.clone();
+        for _ in 0..rng.random_range(1..8) {
+            let at = rng.random_range(0..c.len());
+            c[at] = rng.random();
+        }
+        let _ = modules::btf_layout(&c);
+    }
+}
+
+/// Physical places of the module test: the BTF, the list head, two modules with their
+/// mod_kallsyms, symbol and string tables.
+const MOD_BTF: u64 = 0x21_0000;
+const MOD_HEAD: u64 = 0x22_0000;
+const MOD_A: u64 = 0x23_0000;
+const MOD_B: u64 = 0x24_0000;
+
+/// A guest with modules `a` (functions a_probe, a_exit; a data symbol) and `b` (b_fn) on its
+/// list; returns it and the kernel symbols the walk starts from.
+fn mod_guest() -> (VecMemory, Vec<kallsyms::KernelSymbol>) {
+    let mut m = VecMemory::new(vec![0; 4 << 20], 1 << 30);
+    let btf = btf_blob();
+    m.put(MOD_BTF, &btf);
+    let sym = |name: &str, addr: u64| kallsyms::KernelSymbol { addr, kind: 'd', name: name.into() };
+    let kernel = vec![
+        sym("__start_BTF", image(MOD_BTF)),
+        sym("__stop_BTF", image(MOD_BTF) + btf.len() as u64),
+        sym("modules", image(MOD_HEAD)),
+    ];
+    m.put(MOD_HEAD, &image(MOD_A + 8).to_le_bytes());
+    for (at, next, name, funcs) in [
+        (
+            MOD_A,
+            MOD_B + 8,
+            "a",
+            &[
+                ("a_probe", 0x12u8, 0xffff_ffff_c000_0000u64, 0x40u64),
+                ("a_exit", 0x02, 0xffff_ffff_c000_0040, 0x10),
+                ("a_data", 0x11, 0xffff_ffff_c000_2000, 8),
+            ][..],
+        ),
+        (MOD_B, MOD_HEAD, "b", &[("b_fn", 0x12, 0xffff_ffff_c001_0000, 0x80)][..]),
+    ] {
+        m.put(at + 8, &image(next).to_le_bytes());
+        m.put(at + 24, name.as_bytes());
+        let (ks, symtab, strtab) = (at + 0x1000, at + 0x2000, at + 0x3000);
+        m.put(at + 888, &image(ks).to_le_bytes());
+        m.put(ks, &image(symtab).to_le_bytes());
+        m.put(ks + 8, &(funcs.len() as u32 + 1).to_le_bytes());
+        m.put(ks + 16, &image(strtab).to_le_bytes());
+        // Symbol 0 is ELF's null symbol.
+        let mut strs = vec![0u8];
+        for (i, (n, info, value, size)) in funcs.iter().enumerate() {
+            let s = symtab + 24 * (i as u64 + 1);
+            m.put(s, &(strs.len() as u32).to_le_bytes());
+            m.put(s + 4, &[*info, 0]);
+            m.put(s + 6, &1u16.to_le_bytes());
+            m.put(s + 8, &value.to_le_bytes());
+            m.put(s + 16, &size.to_le_bytes());
+            strs.extend(n.as_bytes());
+            strs.push(0);
+        }
+        m.put(strtab, &strs);
+    }
+    (m, kernel)
+}
+
+fn mod_read(
+    m: &mut VecMemory,
+    kernel: &[kallsyms::KernelSymbol],
+) -> Result<(Vec<SymbolEntry>, usize), String> {
+    let info = Vmcoreinfo::parse(
+        format!(
+            "SYMBOL(init_top_pgt)={:x}\nNUMBER(phys_base)={PHYS_BASE}\nKERNELOFFSET=0\n",
+            image(0x30_0000)
+        )
+        .as_bytes(),
+    );
+    let map = KernelMap::from_vmcoreinfo(&info).unwrap();
+    block_on(modules::read_module_symbols(m, &map, kernel))
+}
+
+use crate::verdict::symbols::SymbolEntry;
+
+#[test]
+fn modules_symbols_come_from_their_symbol_tables() {
+    let (mut m, kernel) = mod_guest();
+    let (syms, n) = mod_read(&mut m, &kernel).unwrap();
+    assert_eq!(n, 2);
+    let got: Vec<_> = syms.iter().map(|s| (s.name.as_str(), s.kind, s.size, s.module.as_deref())).collect();
+    assert_eq!(
+        got,
+        [("a_probe", 'T', 0x40, Some("a")), ("a_exit", 't', 0x10, Some("a")), ("b_fn", 'T', 0x80, Some("b"))]
+    );
+    let s = crate::verdict::symbols::Symbols::from_entries(syms, "t");
+    assert_eq!(s.lookup(0xffff_ffff_c000_0044).unwrap().to_string(), "a_exit+0x4/0x10 [a]");
+    // A list that loops without coming back to its head (b -> a) ends too.
+    m.put(MOD_B + 8, &image(MOD_A + 8).to_le_bytes());
+    assert_eq!(mod_read(&mut m, &kernel).unwrap().1, 2);
+    // No BTF: a message, not a guess.
+    let e = mod_read(&mut m, &kernel[2..]).unwrap_err();
+    assert!(e.contains("BTF"), "{e}");
+}
+
+/// Random bytes over the list, the modules, their tables and the BTF: the walk ends, never
+/// panics and stays within its budget.
+#[test]
+fn corrupt_modules_never_panic_loop_or_overspend() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x40d);
+    let (base, kernel) = mod_guest();
+    let spans = [
+        (MOD_BTF, 300u64),
+        (MOD_HEAD, 8),
+        (MOD_A, 1024),
+        (MOD_A + 0x1000, 24),
+        (MOD_A + 0x2000, 96),
+        (MOD_B, 1024),
+        (MOD_B + 0x3000, 16),
+    ];
+    for round in 0..400 {
+        let mut m =
+            VecMemory { ram: base.ram.clone(), budget: Budget::new(1 << 30, Duration::from_secs(30)) };
+        for _ in 0..rng.random_range(1..12) {
+            let (from, len) = spans[rng.random_range(0..spans.len())];
+            let at = from + rng.random_range(0..len);
+            let mut b = vec![0u8; rng.random_range(1..9)];
+            rng.fill_bytes(&mut b);
+            m.put(at, &b);
+        }
+        let max = rng.random_range(64..(1u64 << 24));
+        m.budget = Budget::new(max, Duration::from_secs(30));
+        if let Ok((syms, n)) = mod_read(&mut m, &kernel) {
+            assert!(n <= modules::MAX_MODULES);
+            assert!(syms.iter().all(|s| s.name.len() <= 512), "round {round}");
+        }
+        assert!(m.budget.used() <= max, "round {round}: read {} of {max}", m.budget.used());
+    }
+}
