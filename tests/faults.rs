@@ -227,6 +227,17 @@ async fn soft_lockup_on_cpu_1_is_unresponsive_with_the_kernels_report() {
         "{v:#}"
     );
     assert_host_saw_vcpu_1_spinning(&b, headline);
+    // No [diagnostics] symbols: the guest's own kallsyms, with its modules', name the function
+    // vCPU 1 spins in, in the fault's module.
+    let lines: Vec<&str> =
+        v["evidence"].as_array().unwrap().iter().filter_map(|e| e["line"].as_str()).collect();
+    assert!(lines.iter().any(|l| l.contains(" symbols from the guest's kallsyms (")), "{v:#}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("vCPU 1 spinning")
+            && l.contains("acpimon_soft_lockup+0x")
+            && l.contains(" [acpimon_faults]")),
+        "{v:#}"
+    );
     // The watchdog's own report, later, belongs to the incident and its bundle.
     let soft = w.report("soft-lockup", REPORT_TIMEOUT).await;
     assert_eq!(soft.detail["cpu"], 1, "{:?}", soft.detail);

@@ -557,7 +557,12 @@ pub async fn collect_with(
         steps: outcomes,
         verdict: None,
     };
-    manifest.verdict = Some(judge(&manifest, &dir, opts).await);
+    // Without a symbol file: the guest's own, if the kernel-log step read them.
+    let guest_symbols = match (&opts.symbols, &target.kernel_log) {
+        (None, Some(k)) => k.symbols(),
+        _ => None,
+    };
+    manifest.verdict = Some(judge(&manifest, &dir, opts, guest_symbols).await);
     let step_failure = crate::util::lock(&write_failure).take();
     let failure = match step_failure {
         Some(reason) => Some(reason),
@@ -592,7 +597,12 @@ fn past_deadline(step: &Step, deadline: Duration) -> StepOutcome {
 
 /// The verdict on the finished steps; reading files and symbols is disk work, off the async
 /// workers.
-async fn judge(manifest: &Manifest, dir: &Path, opts: &Options) -> Verdict {
+async fn judge(
+    manifest: &Manifest,
+    dir: &Path,
+    opts: &Options,
+    guest_symbols: Option<crate::memory::vmcoreinfo::GuestSymbols>,
+) -> Verdict {
     let (m, dir, path, reports) =
         (manifest.clone(), dir.to_path_buf(), opts.symbols.clone(), opts.reports.clone());
     let judged = tokio::task::spawn_blocking(move || {
@@ -602,13 +612,16 @@ async fn judge(manifest: &Manifest, dir: &Path, opts: &Options) -> Verdict {
             Some(f) if reports.is_empty() => crate::sentinel::scan_text(&f.text),
             _ => reports,
         };
-        let symbols = path.as_deref().map(Symbols::load);
+        let symbols = match path.as_deref() {
+            Some(p) => Some(Symbols::load(p).map(std::sync::Arc::new)),
+            None => guest_symbols,
+        };
         let mut v = crate::verdict::judge(
             &m.trigger,
             &m,
             &files,
             &reports,
-            symbols.as_ref().and_then(|s| s.as_ref().ok()),
+            symbols.as_ref().and_then(|s| s.as_deref().ok()),
         );
         match symbols {
             Some(Ok(s)) => v.evidence.push(crate::verdict::EvidenceLine {

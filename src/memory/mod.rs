@@ -1,7 +1,8 @@
 //! Guest memory, read from the host without anything in the guest: guest-physical reads
 //! ([`PhysRead`]; through QMP's `pmemsave` in [`QmpMemory`]), kernel virtual addresses
 //! translated by walking the kernel's own page tables ([`KernelMap`]), the kernel's
-//! VMCOREINFO note ([`vmcoreinfo`]) and its printk ring buffer ([`printk`]).
+//! VMCOREINFO note ([`vmcoreinfo`]), its printk ring buffer ([`printk`]) and its symbol
+//! table ([`kallsyms`]).
 //!
 //! Rules: everything read is untrusted input written by a guest that may be corrupt or
 //! hostile. Every read goes through a [`Budget`] (bytes per call, bytes and time per whole
@@ -12,6 +13,8 @@
 
 pub mod dmesg;
 mod file;
+pub mod kallsyms;
+pub mod modules;
 pub mod printk;
 mod qmp;
 mod translate;
@@ -61,6 +64,12 @@ pub enum MemError {
     NoVmcoreinfo { scanned_mib: u64 },
     #[error("VMCOREINFO lacks {0}; this kernel does not describe it (a kernel before 5.10, or without crash support)")]
     Missing(String),
+    #[error(
+        "the guest's kernel ({osrelease}) does not publish its symbol table: VMCOREINFO lacks {missing}, which \
+         kallsyms needs (Linux 6.0 and later publish it); give the kernel's System.map, a copy of its \
+         /proc/kallsyms or its vmlinux as `[diagnostics] symbols`"
+    )]
+    NoKallsyms { osrelease: String, missing: String },
 }
 
 /// What one operation (e.g. fetching the kernel log once) may cost: bytes read from the guest

@@ -351,3 +351,405 @@ fn hostile_layouts_never_panic_or_overspend() {
         assert!(m.budget.used() <= 1 << 22, "round {round}");
     }
 }
+
+// --- kallsyms -------------------------------------------------------------------------------
+
+/// Where the kernel's text starts in the kallsyms tests.
+const TEXT: u64 = 0xffff_ffff_8100_0000;
+/// Where the tables are, in physical memory.
+const KS_NUM: u64 = 0x20_0000;
+const KS_NAMES: u64 = 0x20_0100;
+const KS_TOKENS: u64 = 0x24_0000;
+const KS_INDEX: u64 = 0x24_8000;
+const KS_OFFSETS: u64 = 0x25_0000;
+const KS_BASE: u64 = 0x28_0000;
+
+/// The multi-character tokens of the test tables (the rest are single ASCII characters).
+const KS_TOKENS_MULTI: &[&str] = &["sched", "ule", "do_", "_sys_", "native_", "halt"];
+
+/// `(address, type, name)` of the test kernel: with `percpu`, two absolute per-CPU symbols first.
+fn ks_symbols(percpu: bool) -> Vec<(u64, char, String)> {
+    let mut s = Vec::new();
+    if percpu {
+        s.push((0, 'A', "fixed_percpu_data".to_string()));
+        s.push((0x8000, 'A', "irq_stack_backing_store".to_string()));
+    }
+    s.push((TEXT, 'T', "_text".to_string()));
+    s.push((TEXT, 'T', "_stext".to_string()));
+    for (i, n) in ["schedule", "do_sys_open", "native_safe_halt"].iter().enumerate() {
+        s.push((TEXT + 0x100 + 0x40 * i as u64, 't', n.to_string()));
+    }
+    // Past the 256 of one marker, and one name longer than 127 tokens (a two-byte length).
+    for i in 0..300u64 {
+        s.push((TEXT + 0x1000 + 0x10 * i, 'T', format!("f_{i}")));
+    }
+    s.push((TEXT + 0x4000, 'T', format!("long_{}", "x".repeat(200))));
+    s.push((TEXT + 0x4100, 'D', "some_data".to_string()));
+    s
+}
+
+/// Token number of every token: ASCII characters are their own, multi ones from 0x80.
+fn ks_encode(name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = name;
+    'outer: while !rest.is_empty() {
+        for (i, t) in KS_TOKENS_MULTI.iter().enumerate() {
+            if let Some(r) = rest.strip_prefix(t) {
+                out.push(0x80 + i as u8);
+                rest = r;
+                continue 'outer;
+            }
+        }
+        out.push(rest.as_bytes()[0]);
+        rest = &rest[1..];
+    }
+    out
+}
+
+/// A guest whose kernel image holds kallsyms tables of `syms` (relative offsets, with the
+/// absolute per-CPU rule when `percpu`), and its VMCOREINFO.
+fn ks_guest(syms: &[(u64, char, String)], percpu: bool) -> (VecMemory, String) {
+    let mut m = VecMemory::new(vec![0; 4 << 20], 1 << 30);
+    m.put(KS_NUM, &(syms.len() as u32).to_le_bytes());
+    let mut names = Vec::new();
+    for (_, kind, name) in syms {
+        let codes = ks_encode(&format!("{kind}{name}"));
+        if codes.len() > 127 {
+            names.push(0x80 | (codes.len() & 0x7f) as u8);
+            names.push((codes.len() >> 7) as u8);
+        } else {
+            names.push(codes.len() as u8);
+        }
+        names.extend(codes);
+    }
+    m.put(KS_NAMES, &names);
+    let (mut table, mut index) = (Vec::new(), vec![0u8; 512]);
+    for i in 0..256usize {
+        let token = match i {
+            0x20..=0x7e => Some(vec![i as u8]),
+            0x80.. => KS_TOKENS_MULTI.get(i - 0x80).map(|t| t.as_bytes().to_vec()),
+            _ => None,
+        };
+        if let Some(t) = token {
+            index[i * 2..i * 2 + 2].copy_from_slice(&(table.len() as u16).to_le_bytes());
+            table.extend(t);
+            table.push(0);
+        }
+    }
+    m.put(KS_TOKENS, &table);
+    m.put(KS_INDEX, &index);
+    let base = syms.iter().find(|s| s.1 != 'A').unwrap().0;
+    let offsets: Vec<u8> = syms
+        .iter()
+        .flat_map(|&(addr, kind, _)| {
+            let o = if percpu && kind == 'A' {
+                addr as i32
+            } else if percpu {
+                -1 - (addr - base) as i32
+            } else {
+                (addr - base) as u32 as i32
+            };
+            o.to_le_bytes()
+        })
+        .collect();
+    m.put(KS_OFFSETS, &offsets);
+    m.put(KS_BASE, &base.to_le_bytes());
+    let info = format!(
+        "OSRELEASE=6.12.0-test\nPAGESIZE=4096\nSYMBOL(init_top_pgt)={:x}\nNUMBER(phys_base)={PHYS_BASE}\n\
+         KERNELOFFSET=0\nSYMBOL(_stext)={TEXT:x}\nSYMBOL(kallsyms_names)={:x}\nSYMBOL(kallsyms_num_syms)={:x}\n\
+         SYMBOL(kallsyms_token_table)={:x}\nSYMBOL(kallsyms_token_index)={:x}\nSYMBOL(kallsyms_offsets)={:x}\n\
+         SYMBOL(kallsyms_relative_base)={:x}\n",
+        image(0x30_0000),
+        image(KS_NAMES),
+        image(KS_NUM),
+        image(KS_TOKENS),
+        image(KS_INDEX),
+        image(KS_OFFSETS),
+        image(KS_BASE)
+    );
+    (m, info)
+}
+
+fn ks_read(m: &mut VecMemory, info: &str) -> Result<Vec<kallsyms::KernelSymbol>, MemError> {
+    let info = Vmcoreinfo::parse(info.as_bytes());
+    let map = KernelMap::from_vmcoreinfo(&info)?;
+    block_on(kallsyms::read_kallsyms(m, &info, &map, kallsyms::MAX_SYMBOLS))
+}
+
+#[test]
+fn kallsyms_decode_with_both_address_rules() {
+    for percpu in [false, true] {
+        let syms = ks_symbols(percpu);
+        let (mut m, info) = ks_guest(&syms, percpu);
+        let got = ks_read(&mut m, &info).unwrap_or_else(|e| panic!("percpu {percpu}: {e}"));
+        let got: Vec<_> = got.into_iter().map(|s| (s.addr, s.kind, s.name)).collect();
+        assert_eq!(got, syms, "percpu {percpu}");
+        // The tables, names up to the next table: not the 32 MiB cap.
+        assert!(m.budget.used() < 256 << 10, "read {}", m.budget.used());
+        let s = kallsyms::into_symbols(
+            ks_read(&mut ks_guest(&syms, percpu).0, &info).unwrap(),
+            Vec::new(),
+            &Vmcoreinfo::parse(info.as_bytes()),
+        );
+        assert_eq!(s.source, "the guest's kallsyms (6.12.0-test)");
+        assert_eq!(s.lookup(TEXT + 0x184).unwrap().to_string(), "native_safe_halt+0x4/0xe80");
+        assert_eq!(s.lookup(TEXT + 0x100).unwrap().to_string(), "schedule+0x0/0x40");
+        assert_eq!(s.lookup(TEXT + 0x1054).unwrap().to_string(), "f_5+0x4/0x10");
+        // Data symbols are not functions.
+        assert_eq!(s.lookup(0x8004), None);
+    }
+}
+
+#[test]
+fn kallsyms_of_an_older_kernel_name_what_is_missing() {
+    let (mut m, info) = ks_guest(&ks_symbols(true), true);
+    let info =
+        info.replace("SYMBOL(kallsyms_names)", "SYMBOL(other)").replace("6.12.0-test", "6.1.0-57-amd64");
+    let e = ks_read(&mut m, &info).unwrap_err().to_string();
+    for want in ["6.1.0-57-amd64", "SYMBOL(kallsyms_names)", "Linux 6.0", "[diagnostics] symbols"] {
+        assert!(e.contains(want), "{want} not in {e}");
+    }
+    // Tables of another boot (a stale VMCOREINFO, another KASLR offset): _stext disagrees.
+    let (mut m, info) = ks_guest(&ks_symbols(true), true);
+    let info =
+        info.replace(&format!("SYMBOL(_stext)={TEXT:x}"), &format!("SYMBOL(_stext)={:x}", TEXT + 0x20_0000));
+    let e = ks_read(&mut m, &info).unwrap_err().to_string();
+    assert!(e.contains("_stext decodes to 0xffffffff81000000"), "{e}");
+}
+
+/// Random bytes over the tables (names, tokens, index, offsets, count): the decoder ends,
+/// never panics, never reads past its budget, and its names stay within the kernel's limit.
+#[test]
+fn corrupt_kallsyms_never_panic_loop_or_overspend() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6a11);
+    let syms = ks_symbols(true);
+    let (base, info) = ks_guest(&syms, true);
+    let spans = [(KS_NUM, 4u64), (KS_NAMES, 4096), (KS_TOKENS, 512), (KS_INDEX, 512), (KS_OFFSETS, 1300)];
+    let mut decoded = 0;
+    for round in 0..400 {
+        let mut m =
+            VecMemory { ram: base.ram.clone(), budget: Budget::new(1 << 30, Duration::from_secs(30)) };
+        for _ in 0..rng.random_range(1..40) {
+            let (from, len) = spans[rng.random_range(0..spans.len())];
+            let at = from + rng.random_range(0..len);
+            let mut b = vec![0u8; rng.random_range(1..8)];
+            rng.fill_bytes(&mut b);
+            m.put(at, &b);
+        }
+        let max = rng.random_range(64..(1u64 << 26));
+        m.budget = Budget::new(max, Duration::from_secs(30));
+        if let Ok(got) = ks_read(&mut m, &info) {
+            decoded += 1;
+            assert!(got.len() as u32 <= kallsyms::MAX_SYMBOLS);
+            assert!(got.iter().all(|s| s.name.len() < 512), "round {round}");
+        }
+        assert!(m.budget.used() <= max, "round {round}: read {} of {max}", m.budget.used());
+    }
+    // Some rounds hit only bytes the decode does not check (a name's letters): they decode.
+    assert!(decoded > 0);
+}
+
+/// Hostile VMCOREINFO: the tables' addresses moved anywhere; never a panic or an overspend.
+#[test]
+fn hostile_kallsyms_addresses_never_panic_or_overspend() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6a12);
+    let (base, info) = ks_guest(&ks_symbols(false), false);
+    for round in 0..300 {
+        let mut lines: Vec<String> = info.lines().map(str::to_string).collect();
+        for _ in 0..rng.random_range(1..4) {
+            let i = rng.random_range(5..lines.len());
+            let k = lines[i].split_once('=').unwrap().0.to_string();
+            let v: u64 = match rng.random_range(0..3) {
+                0 => image(rng.random_range(PHYS_BASE..4 << 20)),
+                1 => u64::MAX - rng.random_range(0..16),
+                _ => rng.random(),
+            };
+            lines[i] = format!("{k}={v:x}");
+        }
+        let mut m =
+            VecMemory { ram: base.ram.clone(), budget: Budget::new(1 << 24, Duration::from_secs(30)) };
+        let _ = ks_read(&mut m, &lines.join("\n"));
+        assert!(m.budget.used() <= 1 << 24, "round {round}");
+    }
+}
+
+// --- modules' symbols ------------------------------------------------------------------------
+
+/// A BTF blob with an int, `struct module { ... list@8, name@24, kallsyms@888 }` and
+/// `struct mod_kallsyms { symtab@0, num_symtab@8, strtab@16 }` (its offsets as bitfield-style
+/// members, kind_flag set).
+fn btf_blob() -> Vec<u8> {
+    let mut strs = vec![0u8];
+    let mut name = |n: &str| {
+        let at = strs.len() as u32;
+        strs.extend(n.as_bytes());
+        strs.push(0);
+        at
+    };
+    let (int, module, list, mname, kallsyms) =
+        (name("int"), name("module"), name("list"), name("name"), name("kallsyms"));
+    let (mk, symtab, num, strtab) =
+        (name("mod_kallsyms"), name("symtab"), name("num_symtab"), name("strtab"));
+    let mut types = Vec::new();
+    let mut put = |words: &[u32]| words.iter().for_each(|w| types.extend(w.to_le_bytes()));
+    put(&[int, 1 << 24, 4, 32]);
+    put(&[module, (4 << 24) | 3, 1024, list, 1, 64, mname, 1, 192, kallsyms, 1, 888 * 8]);
+    put(&[mk, (1 << 31) | (4 << 24) | 3, 32, symtab, 1, 0, num, 1, 64, strtab, 1, 128]);
+    let mut b = Vec::new();
+    for w in [0xeb9f_u16 as u32 | (1 << 16), 24, 0, types.len() as u32, types.len() as u32, strs.len() as u32]
+    {
+        b.extend(w.to_le_bytes());
+    }
+    b.extend(types);
+    b.extend(strs);
+    b
+}
+
+#[test]
+fn btf_gives_struct_modules_layout_and_survives_garbage() {
+    let b = btf_blob();
+    let want =
+        modules::ModuleLayout { list: 8, name: 24, kallsyms: 888, symtab: 0, num_symtab: 8, strtab: 16 };
+    assert_eq!(modules::btf_layout(&b), Ok(want));
+    for cut in 0..b.len() {
+        assert!(modules::btf_layout(&b[..cut]).is_err(), "cut {cut}");
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xb7f);
+    for _ in 0..2000 {
+        let mut c = b.clone();
+        for _ in 0..rng.random_range(1..8) {
+            let at = rng.random_range(0..c.len());
+            c[at] = rng.random();
+        }
+        let _ = modules::btf_layout(&c);
+    }
+}
+
+/// Physical places of the module test: the BTF, the list head, two modules with their
+/// mod_kallsyms, symbol and string tables.
+const MOD_BTF: u64 = 0x21_0000;
+const MOD_HEAD: u64 = 0x22_0000;
+const MOD_A: u64 = 0x23_0000;
+const MOD_B: u64 = 0x24_0000;
+
+/// A guest with modules `a` (functions a_probe, a_exit; a data symbol) and `b` (b_fn) on its
+/// list; returns it and the kernel symbols the walk starts from.
+fn mod_guest() -> (VecMemory, Vec<kallsyms::KernelSymbol>) {
+    let mut m = VecMemory::new(vec![0; 4 << 20], 1 << 30);
+    let btf = btf_blob();
+    m.put(MOD_BTF, &btf);
+    let sym = |name: &str, addr: u64| kallsyms::KernelSymbol { addr, kind: 'd', name: name.into() };
+    let kernel = vec![
+        sym("__start_BTF", image(MOD_BTF)),
+        sym("__stop_BTF", image(MOD_BTF) + btf.len() as u64),
+        sym("modules", image(MOD_HEAD)),
+    ];
+    m.put(MOD_HEAD, &image(MOD_A + 8).to_le_bytes());
+    for (at, next, name, funcs) in [
+        (
+            MOD_A,
+            MOD_B + 8,
+            "a",
+            &[
+                ("a_probe", 0x12u8, 0xffff_ffff_c000_0000u64, 0x40u64),
+                ("a_exit", 0x02, 0xffff_ffff_c000_0040, 0x10),
+                ("a_data", 0x11, 0xffff_ffff_c000_2000, 8),
+            ][..],
+        ),
+        (MOD_B, MOD_HEAD, "b", &[("b_fn", 0x12, 0xffff_ffff_c001_0000, 0x80)][..]),
+    ] {
+        m.put(at + 8, &image(next).to_le_bytes());
+        m.put(at + 24, name.as_bytes());
+        let (ks, symtab, strtab) = (at + 0x1000, at + 0x2000, at + 0x3000);
+        m.put(at + 888, &image(ks).to_le_bytes());
+        m.put(ks, &image(symtab).to_le_bytes());
+        m.put(ks + 8, &(funcs.len() as u32 + 1).to_le_bytes());
+        m.put(ks + 16, &image(strtab).to_le_bytes());
+        // Symbol 0 is ELF's null symbol.
+        let mut strs = vec![0u8];
+        for (i, (n, info, value, size)) in funcs.iter().enumerate() {
+            let s = symtab + 24 * (i as u64 + 1);
+            m.put(s, &(strs.len() as u32).to_le_bytes());
+            m.put(s + 4, &[*info, 0]);
+            m.put(s + 6, &1u16.to_le_bytes());
+            m.put(s + 8, &value.to_le_bytes());
+            m.put(s + 16, &size.to_le_bytes());
+            strs.extend(n.as_bytes());
+            strs.push(0);
+        }
+        m.put(strtab, &strs);
+    }
+    (m, kernel)
+}
+
+fn mod_read(
+    m: &mut VecMemory,
+    kernel: &[kallsyms::KernelSymbol],
+) -> Result<(Vec<SymbolEntry>, usize), String> {
+    let info = Vmcoreinfo::parse(
+        format!(
+            "SYMBOL(init_top_pgt)={:x}\nNUMBER(phys_base)={PHYS_BASE}\nKERNELOFFSET=0\n",
+            image(0x30_0000)
+        )
+        .as_bytes(),
+    );
+    let map = KernelMap::from_vmcoreinfo(&info).unwrap();
+    block_on(modules::read_module_symbols(m, &map, kernel))
+}
+
+use crate::verdict::symbols::SymbolEntry;
+
+#[test]
+fn modules_symbols_come_from_their_symbol_tables() {
+    let (mut m, kernel) = mod_guest();
+    let (syms, n) = mod_read(&mut m, &kernel).unwrap();
+    assert_eq!(n, 2);
+    let got: Vec<_> = syms.iter().map(|s| (s.name.as_str(), s.kind, s.size, s.module.as_deref())).collect();
+    assert_eq!(
+        got,
+        [("a_probe", 'T', 0x40, Some("a")), ("a_exit", 't', 0x10, Some("a")), ("b_fn", 'T', 0x80, Some("b"))]
+    );
+    let s = crate::verdict::symbols::Symbols::from_entries(syms, "t");
+    assert_eq!(s.lookup(0xffff_ffff_c000_0044).unwrap().to_string(), "a_exit+0x4/0x10 [a]");
+    // A list that loops without coming back to its head (b -> a) ends too.
+    m.put(MOD_B + 8, &image(MOD_A + 8).to_le_bytes());
+    assert_eq!(mod_read(&mut m, &kernel).unwrap().1, 2);
+    // No BTF: a message, not a guess.
+    let e = mod_read(&mut m, &kernel[2..]).unwrap_err();
+    assert!(e.contains("BTF"), "{e}");
+}
+
+/// Random bytes over the list, the modules, their tables and the BTF: the walk ends, never
+/// panics and stays within its budget.
+#[test]
+fn corrupt_modules_never_panic_loop_or_overspend() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x40d);
+    let (base, kernel) = mod_guest();
+    let spans = [
+        (MOD_BTF, 300u64),
+        (MOD_HEAD, 8),
+        (MOD_A, 1024),
+        (MOD_A + 0x1000, 24),
+        (MOD_A + 0x2000, 96),
+        (MOD_B, 1024),
+        (MOD_B + 0x3000, 16),
+    ];
+    for round in 0..400 {
+        let mut m =
+            VecMemory { ram: base.ram.clone(), budget: Budget::new(1 << 30, Duration::from_secs(30)) };
+        for _ in 0..rng.random_range(1..12) {
+            let (from, len) = spans[rng.random_range(0..spans.len())];
+            let at = from + rng.random_range(0..len);
+            let mut b = vec![0u8; rng.random_range(1..9)];
+            rng.fill_bytes(&mut b);
+            m.put(at, &b);
+        }
+        let max = rng.random_range(64..(1u64 << 24));
+        m.budget = Budget::new(max, Duration::from_secs(30));
+        if let Ok((syms, n)) = mod_read(&mut m, &kernel) {
+            assert!(n <= modules::MAX_MODULES);
+            assert!(syms.iter().all(|s| s.name.len() <= 512), "round {round}");
+        }
+        assert!(m.budget.used() <= max, "round {round}: read {} of {max}", m.budget.used());
+    }
+}

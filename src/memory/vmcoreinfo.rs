@@ -26,6 +26,7 @@ use std::time::Duration;
 use super::translate::KernelMap;
 use super::{le_u32, le_u64, Budget, MemError, PhysRead, QmpMemory};
 use crate::trigger::qmp::Qmp;
+use crate::verdict::symbols::Symbols;
 
 /// The most VMCOREINFO text read (the kernel's is at most a page, `VMCOREINFO_BYTES`).
 pub const MAX_TEXT: usize = 16 << 10;
@@ -117,11 +118,16 @@ fn hex(s: &str) -> Option<u64> {
 
 /// The VMCOREINFO of one boot, kept by the caller: [`VmcoreinfoCache::get`] answers only for
 /// the same boot key (e.g. QEMU's pid with the region's boot count), so a reboot, whose KASLR
-/// offsets differ, reads it again.
+/// offsets differ, reads it again. Beside it, the kernel's symbols read from its kallsyms
+/// ([`super::kallsyms`]) for the same boot, or why they cannot be.
 #[derive(Clone, Debug, Default)]
 pub struct VmcoreinfoCache {
     entry: Option<(u64, Arc<Vmcoreinfo>)>,
+    symbols: Option<(u64, GuestSymbols)>,
 }
+
+/// The guest kernel's symbols, or why there are none (an older kernel: the message says what to do).
+pub type GuestSymbols = Result<Arc<Symbols>, String>;
 
 impl VmcoreinfoCache {
     pub fn get(&self, boot: u64) -> Option<Arc<Vmcoreinfo>> {
@@ -131,7 +137,18 @@ impl VmcoreinfoCache {
     pub fn insert(&mut self, boot: u64, info: Vmcoreinfo) -> Arc<Vmcoreinfo> {
         let info = Arc::new(info);
         self.entry = Some((boot, info.clone()));
+        // Symbols of another boot, or of a VMCOREINFO found again, are not this one's.
+        self.symbols = None;
         info
+    }
+
+    /// The symbols of `boot`, when read.
+    pub fn symbols(&self, boot: u64) -> Option<GuestSymbols> {
+        self.symbols.as_ref().filter(|(k, _)| *k == boot).map(|(_, s)| s.clone())
+    }
+
+    pub fn insert_symbols(&mut self, boot: u64, symbols: GuestSymbols) {
+        self.symbols = Some((boot, symbols));
     }
 }
 

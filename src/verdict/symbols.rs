@@ -1,6 +1,8 @@
 //! A symbol source for the guest kernel: a `System.map`, a copy of `/proc/kallsyms` (both
 //! `ADDRESS TYPE NAME [MODULE]` lines) or a `vmlinux` ELF with its symbol table, which the user
-//! names with `[diagnostics] symbols = PATH`. Turns an address into `func+0x1c/0x30 [module]`.
+//! names with `[diagnostics] symbols = PATH`, or the guest's own kallsyms read from its memory
+//! ([`crate::memory::kallsyms`], [`Symbols::from_entries`]). Turns an address into
+//! `func+0x1c/0x30 [module]`.
 //!
 //! A `System.map` or `vmlinux` has link-time addresses: a guest with KASLR runs its kernel
 //! elsewhere. When the map's `_text` is at the link-time base and the console printed the
@@ -35,6 +37,18 @@ pub struct Symbols {
     offset: u64,
     /// Where they came from, for evidence lines.
     pub source: String,
+}
+
+/// One symbol for [`Symbols::from_entries`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymbolEntry {
+    pub addr: u64,
+    /// 0 when the source gives none: the next symbol's address ends it.
+    pub size: u64,
+    /// `T`, `t`, `D`, ... as /proc/kallsyms shows it.
+    pub kind: char,
+    pub name: String,
+    pub module: Option<String>,
 }
 
 /// An address resolved: `name+0xoff/0xsize [module]`.
@@ -96,6 +110,24 @@ impl Symbols {
     /// hold the text.
     pub fn from_map(text: &str, source: &str) -> Symbols {
         let mut syms = parse_map(text);
+        sort(&mut syms);
+        Symbols { syms, offset: 0, source: source.into() }
+    }
+
+    /// Symbols from entries (e.g. the guest's kallsyms and its modules' symbol tables, read
+    /// from its memory): text symbols only (`t`/`T`/`w`/`W`), as from a map.
+    pub fn from_entries(entries: impl IntoIterator<Item = SymbolEntry>, source: &str) -> Symbols {
+        let mut syms: Vec<Sym> = entries
+            .into_iter()
+            .filter(|e| {
+                e.addr != 0
+                    && matches!(e.kind, 't' | 'T' | 'w' | 'W')
+                    && !e.name.is_empty()
+                    && e.name.len() <= 512
+            })
+            .take(MAX_SYMBOLS)
+            .map(|e| Sym { addr: e.addr, size: e.size, name: e.name, module: e.module })
+            .collect();
         sort(&mut syms);
         Symbols { syms, offset: 0, source: source.into() }
     }

@@ -912,6 +912,7 @@ impl Monitor {
             dir: self.dir.clone(),
             cache: Arc::clone(&self.vmcoreinfo),
             boot: self.boot_key(),
+            guest_symbols: self.settings.bundle.symbols.is_none(),
         };
         let (keep, budget) = (self.shared.config.bundles_keep, self.shared.config.bundles_budget);
         self.log(&format!("collecting diagnostics into {}", bundle.display()));
