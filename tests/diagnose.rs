@@ -28,6 +28,7 @@ fn target(g: &Guest) -> Target<'_> {
             dir: g.vm.prepared.dir.clone(),
             cache: Default::default(),
             boot: 0,
+            guest_symbols: true,
         }),
     }
 }
