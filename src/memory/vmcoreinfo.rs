@@ -216,11 +216,14 @@ pub async fn discover(
     scan_max: u64,
 ) -> Result<(Vmcoreinfo, Found), MemError> {
     let budget = Budget::new(scan_max.saturating_add(1 << 20), time);
-    match from_device(qmp, dir, &budget).await {
-        Ok(Some(v)) => return Ok((v, Found::Device)),
-        Ok(None) => {}
-        // E.g. another dump in progress: the scan does not need the dump.
-        Err(e) => tracing::debug!("no VMCOREINFO from a one-page dump, scanning RAM: {e}"),
+    // Through libvirt no dump may be sent (Qmp::behind_libvirt): the scan finds the note.
+    if !qmp.behind_libvirt {
+        match from_device(qmp, dir, &budget).await {
+            Ok(Some(v)) => return Ok((v, Found::Device)),
+            Ok(None) => {}
+            // E.g. another dump in progress: the scan does not need the dump.
+            Err(e) => tracing::debug!("no VMCOREINFO from a one-page dump, scanning RAM: {e}"),
+        }
     }
     let mut mem = QmpMemory::new(qmp, dir, budget);
     scan(qmp, &mut mem, scan_max).await

@@ -270,6 +270,10 @@ pub struct Qmp {
     pub version: (u64, u64, u64),
     /// QEMU's process id (the socket's peer), when visible from this pid namespace.
     pub pid: Option<u32>,
+    /// This session runs through libvirt's monitor passthrough: libvirt owns the VM's jobs, and
+    /// a `dump-guest-memory` it did not start crashed libvirtd (Debian bookworm's 9.0, a
+    /// segfault on the `DUMP_COMPLETED` event it had no job for): never send one.
+    pub behind_libvirt: bool,
 }
 
 impl Qmp {
@@ -329,6 +333,7 @@ impl Qmp {
             closed,
             version,
             pid: None,
+            behind_libvirt: false,
         };
         qmp.execute(qapi::qmp::qmp_capabilities { enable: None }).await?;
         Ok(qmp)
