@@ -608,8 +608,10 @@ async fn judge(
     let judged = tokio::task::spawn_blocking(move || {
         let files = crate::verdict::read_files(&dir, &m);
         // No report from the console (elsewhere, quiet): the kernel's reports in its own log.
-        let reports = match files.iter().find(|f| f.step == "kernel-log") {
-            Some(f) if reports.is_empty() => crate::sentinel::scan_text(&f.text),
+        let text = |step: &str| files.iter().find(|f| f.step == step).map(|f| f.text.as_str());
+        let console_quiet = || text("console-tail").is_none_or(|t| crate::sentinel::scan_text(t).is_empty());
+        let reports = match text("kernel-log") {
+            Some(log) if reports.is_empty() && console_quiet() => crate::sentinel::scan_text(log),
             _ => reports,
         };
         let symbols = match path.as_deref() {

@@ -121,7 +121,7 @@ fn mib(n: u64) -> String {
 /// `memory-dump`: `dump-guest-memory` in kdump-raw-zlib format (kdump-zlib before QEMU 8.2)
 /// into the bundle, detached and polled; skipped when the guest's RAM exceeds `max_bytes`, deleted if the file grows past it.
 pub(super) async fn memory_dump(ctx: &Ctx<'_>, qmp: &Qmp, max_bytes: u64) -> StepResult {
-    if qmp.behind_libvirt {
+    if qmp.libvirt_managed {
         return Err(Done::skipped(
             "a VM reached through libvirt: libvirt owns its dumps (one started behind it crashed libvirtd 9.0); \
              take one with `virsh dump --memory-only --format kdump-zlib`"

@@ -216,8 +216,8 @@ pub async fn discover(
     scan_max: u64,
 ) -> Result<(Vmcoreinfo, Found), MemError> {
     let budget = Budget::new(scan_max.saturating_add(1 << 20), time);
-    // Through libvirt no dump may be sent (Qmp::behind_libvirt): the scan finds the note.
-    if !qmp.behind_libvirt {
+    // Through libvirt no dump may be sent (Qmp::libvirt_managed): the scan finds the note.
+    if !qmp.libvirt_managed {
         match from_device(qmp, dir, &budget).await {
             Ok(Some(v)) => return Ok((v, Found::Device)),
             Ok(None) => {}

@@ -63,7 +63,7 @@ pub async fn connect(uri: &str, domain: &str) -> Result<Qmp, QmpError> {
     tokio::spawn(run_bridge(opened, bridge));
     let mut qmp = Qmp::over(read, write, Path::new(&peer)).await?;
     qmp.pid = pid;
-    qmp.behind_libvirt = true;
+    qmp.libvirt_managed = true;
     Ok(qmp)
 }
 

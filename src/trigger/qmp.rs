@@ -270,10 +270,12 @@ pub struct Qmp {
     pub version: (u64, u64, u64),
     /// QEMU's process id (the socket's peer), when visible from this pid namespace.
     pub pid: Option<u32>,
-    /// This session runs through libvirt's monitor passthrough: libvirt owns the VM's jobs, and
-    /// a `dump-guest-memory` it did not start crashed libvirtd (Debian bookworm's 9.0, a
-    /// segfault on the `DUMP_COMPLETED` event it had no job for): never send one.
-    pub behind_libvirt: bool,
+    /// libvirt manages this QEMU (it has libvirt's own monitor, chardev `charmonitor`, or this
+    /// session runs through libvirt's passthrough): libvirt owns the VM's jobs, and a
+    /// `dump-guest-memory` it did not start crashed libvirtd (Debian bookworm's 9.0, a segfault
+    /// on the `DUMP_COMPLETED` event, which QEMU sends to every monitor, that it had no job
+    /// for): never send one.
+    pub libvirt_managed: bool,
 }
 
 impl Qmp {
@@ -299,6 +301,7 @@ impl Qmp {
         let (read, write) = stream.into_split();
         let mut qmp = Qmp::over(read, write, path).await?;
         qmp.pid = pid;
+        qmp.libvirt_managed = qmp.has_libvirt_monitor().await;
         Ok(qmp)
     }
 
@@ -333,7 +336,7 @@ impl Qmp {
             closed,
             version,
             pid: None,
-            behind_libvirt: false,
+            libvirt_managed: false,
         };
         qmp.execute(qapi::qmp::qmp_capabilities { enable: None }).await?;
         Ok(qmp)
@@ -356,6 +359,13 @@ impl Qmp {
     }
 
     /// Runs a typed command, waiting [`DEFAULT_TIMEOUT`] for its reply.
+    /// Whether QEMU has libvirt's own monitor (chardev `charmonitor`, libvirt's name for it).
+    /// A QEMU that does not answer in time is taken as not managed.
+    async fn has_libvirt_monitor(&self) -> bool {
+        let reply = self.execute_json(qapi::qmp::query_chardev {}, Duration::from_secs(2)).await;
+        reply.is_ok_and(|v| v.as_array().is_some_and(|a| a.iter().any(|c| c["label"] == "charmonitor")))
+    }
+
     pub async fn execute<C: qapi::Command>(&self, cmd: C) -> Result<C::Ok, QmpError> {
         self.execute_within(cmd, DEFAULT_TIMEOUT).await
     }
