@@ -59,6 +59,15 @@ async fn a_libvirt_domain_is_healthy_and_virsh_suspend_is_paused_then_unresponsi
     let pid: u32 =
         std::fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", d.name)).unwrap().trim().parse().unwrap();
     assert_eq!(host.qemu.as_ref().map(|q| q.pid), Some(pid), "{host:#?}");
+    // The kernel's log from memory: its VMCOREINFO found by a scan, not by a one-page dump,
+    // whose DUMP_COMPLETED libvirtd (9.0) crashes on; libvirtd is still there.
+    let klog = common::service::step(&bundle.detail["manifest"], "kernel-log");
+    assert_eq!(
+        (klog["outcome"].as_str(), klog["summary"]["vmcoreinfo"].as_str()),
+        (Some("ok"), Some("scan")),
+        "{klog:#}"
+    );
+    assert!(step_file(&bundle, "kernel-log").contains("] Linux version "));
 
     d.virsh(&["resume"]);
     svc.wait_state(&d.name, State::Healthy, Duration::from_secs(40)).await;
