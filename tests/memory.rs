@@ -589,6 +589,39 @@ async fn kallsyms_equal_proc_kallsyms(kernel: &'static str) {
     println!("{release}: {image} image and {modules} module functions agree with /proc/kallsyms");
     assert!(image >= 5, "{release}: too few sample lines from /proc/kallsyms: {oracle:?}");
     assert!(modules >= 1, "{release}: no module function in /proc/kallsyms: {oracle:?}");
+
+    // A bundle's registers are named with them: the kernel-log step reads them, the registers
+    // step after it puts each vCPU's function beside its RIP.
+    use acpimon::diagnose::{collect, KernelLogContext, Step, StepSpec, Target, Trigger};
+    let target = Target {
+        vm: "guest",
+        qmp: Some(&g.vm.qmp),
+        console: None,
+        gdb_socket: g.vm.prepared.dir.join("gdb.sock"),
+        guest_agent: None,
+        host: Default::default(),
+        kernel_log: Some(KernelLogContext {
+            dir: g.vm.prepared.dir.clone(),
+            cache: Default::default(),
+            boot: 1,
+            guest_symbols: true,
+        }),
+    };
+    let trigger = Trigger {
+        kind: "unresponsive".into(),
+        time: acpimon::units::now_rfc3339(),
+        reason: "test".into(),
+        evidence: serde_json::Value::Null,
+    };
+    let steps = [Step::new(StepSpec::KernelLog {}), Step::new(StepSpec::Registers {})];
+    let dir = tempfile::tempdir().unwrap();
+    let m = collect(&steps, &target, &trigger, vec![], &dir.path().join("b")).await.unwrap();
+    let cpus = m.step("registers").and_then(|s| s.summary.as_ref()).map(|s| s["cpus"].clone()).unwrap();
+    let cpu0 = &cpus[0];
+    let rip = u64::from_str_radix(cpu0["rip"].as_str().unwrap(), 16).unwrap();
+    let want = syms.lookup(rip).map(|r| r.to_string());
+    assert!(want.is_some(), "{release}: an idle guest's vCPU 0 is in the kernel: {cpus}");
+    assert_eq!(cpu0["symbol"].as_str().map(str::to_string), want, "{release}: {cpus}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

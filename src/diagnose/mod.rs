@@ -749,7 +749,7 @@ async fn dispatch(spec: &StepSpec, ctx: &Ctx<'_>) -> Done {
             Err(d) => return d,
         },
         StepSpec::Registers {} => match need_qmp() {
-            Ok(q) => qemu::registers(ctx, q).await,
+            Ok(q) => qemu::registers(ctx, q).await.map(|d| symbolised(d, "cpus", t)),
             Err(d) => return d,
         },
         StepSpec::MemoryDump { max_bytes } => match need_qmp() {
@@ -757,7 +757,7 @@ async fn dispatch(spec: &StepSpec, ctx: &Ctx<'_>) -> Done {
             Err(d) => return d,
         },
         StepSpec::Gdbstub {} => match need_qmp() {
-            Ok(q) => gdb::gdbstub(ctx, q).await,
+            Ok(q) => gdb::gdbstub(ctx, q).await.map(|d| symbolised(d, "threads", t)),
             Err(d) => return d,
         },
         StepSpec::GuestAgent {} => match &t.guest_agent {
@@ -814,6 +814,26 @@ fn host_summary(r: &crate::host::HostReport) -> Value {
         "cpu_pressure": r.node.pressure.as_ref().and_then(|p| p.cpu.as_ref()).map(|c| c.some.avg10),
         "notes": r.notes.len(),
     })
+}
+
+/// The guest's own symbols, when the `kernel-log` step read them for this boot.
+fn guest_symbols(t: &Target<'_>) -> Option<std::sync::Arc<Symbols>> {
+    let k = t.kernel_log.as_ref()?;
+    crate::util::lock(&k.cache).symbols(k.boot)?.ok()
+}
+
+/// A step's summary with `"symbol": "native_safe_halt+0xb/0x10"` beside each RIP of its `list`
+/// (`registers`' cpus, `gdbstub`'s threads), from the guest's own symbols when there are.
+fn symbolised(mut done: Done, list: &str, t: &Target<'_>) -> Done {
+    let Some(symbols) = guest_symbols(t) else { return done };
+    let Some(items) = done.summary.as_mut().and_then(|s| s[list].as_array_mut()) else { return done };
+    for item in items {
+        let rip = item["rip"].as_str().map(|r| r.trim_start_matches("0x"));
+        if let Some(r) = rip.and_then(|r| u64::from_str_radix(r, 16).ok()).and_then(|a| symbols.lookup(a)) {
+            item["symbol"] = Value::String(r.to_string());
+        }
+    }
+    done
 }
 
 /// What a step gives back; `Err(Done)` in a step is an early end (failed, timeout).
