@@ -72,11 +72,13 @@
 //! "sysrq: ..." line or null, `disabled` whether the kernel refused the key, `quiet` whether the
 //! output ended before `per_key`);
 //! `qmp-status` the `query-status` reply; `qmp-cpus` `{ "count" }`;
-//! `registers` `{ "method": "info registers -a" | "per-cpu", "cpus": [ { "cpu", "rip", "cpl", "halted" } ],
-//! "samples": 1 | 2 }` (`cpus` from the first sample);
+//! `registers` `{ "method": "info registers -a" | "per-cpu", "cpus": [ { "cpu", "rip", "cpl", "halted",
+//! "symbol"? } ], "samples": 1 | 2 }` (`cpus` from the first sample; `symbol`, e.g.
+//! `"native_safe_halt+0xb/0x10"`, from the guest's own kallsyms when the `kernel-log` step
+//! before it read them);
 //! `inject-nmi` `{ "console": bool, "printed": bytes }`;
 //! `memory-dump` `{ "format": "kdump-raw-zlib" | "kdump-zlib", "ram_bytes", "max_bytes", "note"? }`;
-//! `gdbstub` `{ "status_before", "status_after", "threads": [ { "thread", "rip", "rsp", "eflags" } ],
+//! `gdbstub` `{ "status_before", "status_after", "threads": [ { "thread", "rip", "rsp", "eflags", "symbol"? } ],
 //! "notes": [text] }` (statuses as `query-status` names them; values as "0x..." hex);
 //! `guest-agent` the same JSON as the file;
 //! `kernel-log` `{ "records", "first_seq", "last_seq", "skipped", "dropped", "vmcoreinfo":
