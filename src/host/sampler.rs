@@ -270,14 +270,23 @@ fn round(v: f64, scale: f64) -> f64 {
 /// Seconds of the latest intervals (newest first, since the last restart) whose ratio passes
 /// `keep`: how long a spin or an idle spell has lasted.
 fn trailing(steps: &[Step], keep: impl Fn(f64) -> bool) -> u64 {
-    let mut secs = 0.0;
+    // The longest run of recent steps whose average passes, not the steps one by one: a
+    // thread's run-queue wait is only accounted when it next runs, so on a loaded host one
+    // interval may show little of a wait that the next shows twice.
+    let (mut d_sum, mut t_sum, mut best) = (0.0, 0.0, 0.0);
     for s in steps.iter().rev() {
         match *s {
-            Step::Delta(d, t) if t > 0.0 && keep(d as f64 / 1e9 / t) => secs += t,
+            Step::Delta(d, t) if t > 0.0 => {
+                d_sum += d as f64 / 1e9;
+                t_sum += t;
+                if keep(d_sum / t_sum) {
+                    best = t_sum;
+                }
+            }
             _ => break,
         }
     }
-    secs.round() as u64
+    (best as f64).round() as u64
 }
 
 /// The ring's readings (the last dropped when `fresh` came less than `min_gap` after it: a
