@@ -286,7 +286,7 @@ fn trailing(steps: &[Step], keep: impl Fn(f64) -> bool) -> u64 {
             _ => break,
         }
     }
-    (best as f64).round() as u64
+    best.round() as u64
 }
 
 /// The ring's readings (the last dropped when `fresh` came less than `min_gap` after it: a
