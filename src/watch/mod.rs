@@ -60,11 +60,18 @@ struct Running {
     dir: PathBuf,
 }
 
+/// What the end of the event log says that the state files may not.
+#[derive(Default)]
+struct Recovered {
+    logged: std::collections::HashMap<u64, u64>,
+    bundled: std::collections::HashSet<String>,
+}
+
 /// Reads the end of the event log before any VM is watched: the highest key sequence per VM
 /// epoch (so no logged key is given to another event), and puts back in the spool the events
 /// the log holds but the spool may not (the service died, or a full disk refused the spool
 /// entry, in between).
-async fn recover_log(config: &Config, forwarder: &Forwarder) -> std::collections::HashMap<u64, u64> {
+async fn recover_log(config: &Config, forwarder: &Forwarder) -> Recovered {
     let Some(log) = config.event_log.clone() else { return Default::default() };
     let vms = config.data_dir.join("vms");
     let fw = forwarder.clone();
@@ -83,7 +90,10 @@ async fn recover_log(config: &Config, forwarder: &Forwarder) -> std::collections
         if respooled > 0 {
             tracing::warn!("{respooled} events of the log were not in the spool (the service stopped between the two); spooled again");
         }
-        Ok::<_, std::io::Error>(persist::logged_sequences(&tail))
+        Ok::<_, std::io::Error>(Recovered {
+            logged: persist::logged_sequences(&tail),
+            bundled: persist::bundled_incidents(&tail),
+        })
     });
     scan.await.expect("the log scan does not panic").unwrap_or_else(|e| {
         tracing::warn!(
@@ -133,7 +143,7 @@ pub async fn serve(
         }
         None => None,
     };
-    let logged = recover_log(&config, &forwarder).await;
+    let Recovered { logged, bundled } = recover_log(&config, &forwarder).await;
     let shared = Arc::new(Shared {
         config: config.clone(),
         sampler,
@@ -141,6 +151,7 @@ pub async fn serve(
         registry,
         liveness,
         logged,
+        bundled,
     });
     service_event(
         &shared,

@@ -83,6 +83,8 @@ pub struct Shared {
     /// The highest sequence per VM epoch in the event log when the service started
     /// ([`persist::logged_sequences`]).
     pub logged: std::collections::HashMap<u64, u64>,
+    /// The incidents whose `bundle` event the log holds ([`persist::bundled_incidents`]).
+    pub bundled: std::collections::HashSet<String>,
 }
 
 /// A VM's channels while attached.
@@ -419,8 +421,14 @@ impl Monitor {
         self.sentinel.pending_panic = None;
         let mut diag: Option<JoinHandle<DiagDone>> = None;
         if let Some(trigger) = self.memory.pending_diagnostics.clone() {
-            // The service stopped before this incident's bundle was finished.
-            diag = Some(self.start_diagnostics(trigger, &att));
+            if self.shared.bundled.contains(&trigger.event) {
+                // Its bundle event was logged; the service died before the state file said so.
+                self.memory.pending_diagnostics = None;
+                self.save();
+            } else {
+                // The service stopped before this incident's bundle was finished.
+                diag = Some(self.start_diagnostics(trigger, &att));
+            }
         }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

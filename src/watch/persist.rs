@@ -126,6 +126,23 @@ pub fn log_tail(log: &Path) -> std::io::Result<Vec<Logged>> {
         .collect())
 }
 
+/// The incidents (their transition events' keys) whose `bundle` event `tail` holds: a state
+/// file written before the bundle event but killed before its own update still names the
+/// incident pending, and its bundle must not be taken twice.
+pub fn bundled_incidents(tail: &[Logged]) -> std::collections::HashSet<String> {
+    #[derive(Deserialize)]
+    struct Line {
+        kind: String,
+        #[serde(default)]
+        detail: serde_json::Value,
+    }
+    tail.iter()
+        .filter_map(|l| serde_json::from_slice::<Line>(&l.line).ok())
+        .filter(|l| l.kind == "bundle")
+        .filter_map(|l| l.detail["trigger"]["event"].as_str().map(str::to_string))
+        .collect()
+}
+
 /// The highest event sequence per VM epoch in `tail`. A VM's state file is written after its
 /// events, so after a crash (or while a full disk refused the state file but not the log) it
 /// can name a `next_seq` the log has already used; a key must never be reused for a different
@@ -180,6 +197,23 @@ pub fn save(path: &Path, m: &Memory) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bundled_incidents_are_those_with_a_bundle_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("events.jsonl");
+        let mut m = Memory::fresh();
+        m.epoch = 0xcd;
+        let (a, b, c) = (m.take_key(), m.take_key(), m.take_key());
+        let text = format!(
+            "{{\"key\":\"{a}\",\"kind\":\"transition\",\"detail\":{{}}}}\n\
+             {{\"key\":\"{b}\",\"kind\":\"bundle\",\"detail\":{{\"trigger\":{{\"event\":\"{a}\"}}}}}}\n\
+             {{\"key\":\"{c}\",\"kind\":\"reboot\",\"detail\":{{\"trigger\":{{\"event\":\"x\"}}}}}}\n"
+        );
+        std::fs::write(&log, text).unwrap();
+        let got = bundled_incidents(&log_tail(&log).unwrap());
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), [a]);
+    }
 
     #[test]
     fn the_logs_sequences_are_read_from_its_end() {
