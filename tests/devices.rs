@@ -13,28 +13,12 @@ use acpimon::host::IoError;
 use acpimon::trigger::qmp::EventKind;
 use acpimon::watch::state::State;
 use common::guest::{failing_drive, next_qmp_event, Guest, GuestSpec};
-use common::service::{is_transition, watch_guest};
+use common::service::{http_get, is_transition, signal, watch_guest};
 
 const BOOT: Duration = Duration::from_secs(120);
 
 fn work() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("acpimon-devices").tempdir_in("/tmp").unwrap()
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-fn signal(pid: u32, sig: rustix::process::Signal) {
-    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
-    rustix::process::kill_process(pid, sig).expect("signal sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

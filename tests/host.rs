@@ -17,7 +17,7 @@ use acpimon::host::{proc, HostReport};
 use acpimon::watch::state::State;
 use common::cgroup::CpuCgroup;
 use common::guest::{Guest, GuestSpec};
-use common::service::{step, step_file, watch_guest, Service};
+use common::service::{signal, step, step_file, watch_guest, Service};
 
 /// This thread's id, from `/proc/thread-self` (a link to `PID/task/TID`).
 fn current_tid() -> u32 {
@@ -257,11 +257,6 @@ async fn healthy_guest(work: &std::path::Path) -> (Guest, Service) {
     let svc = watch_guest(&g, work, WATCH_CONFIG).await;
     svc.wait_state("guest", State::Healthy, Duration::from_secs(120)).await;
     (g, svc)
-}
-
-fn signal(pid: u32, sig: rustix::process::Signal) {
-    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
-    rustix::process::kill_process(pid, sig).expect("signal sent");
 }
 
 /// The bundle's `host` step: ok, quick, and its report.

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 use acpimon::event::RawEvent as Event;
 use acpimon::watch::state::State;
 use common::guest::{Guest, GuestSpec};
-use common::service::{free_port, is_transition, step, step_file, watch_guest, Controller, Service};
+use common::service::{
+    free_port, http_get, is_transition, step, step_file, watch_guest, Controller, Service,
+};
 use serde_json::{json, Value};
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -39,17 +41,6 @@ fn transitions(events: &[Event]) -> Vec<(String, String)> {
             (e.detail["from"].as_str().unwrap().to_string(), e.detail["to"].as_str().unwrap().to_string())
         })
         .collect()
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

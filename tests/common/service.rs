@@ -303,3 +303,21 @@ pub fn step_file(bundle: &Event, name: &str) -> String {
     let file = s["file"].as_str().unwrap_or_else(|| panic!("step {name} has no file: {s:#}"));
     std::fs::read_to_string(dir.join(file)).unwrap()
 }
+
+/// A plain HTTP GET of `path` on `addr`: the whole response, head and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// Sends `sig` to process `pid` (QEMU, to stop or continue it as a host would).
+pub fn signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+    rustix::process::kill_process(pid, sig).expect("signal sent");
+}
