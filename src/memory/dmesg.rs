@@ -11,7 +11,8 @@ use tokio::time::Instant;
 
 use super::vmcoreinfo::{self, Found};
 use super::{
-    read_kernel_log, Budget, FileMemory, KernelLog, KernelMap, MemError, QmpMemory, VmcoreinfoCache,
+    read_kernel_log, Budget, FileMemory, KernelLog, KernelMap, MemError, QmpMemory, Vmcoreinfo,
+    VmcoreinfoCache,
 };
 use crate::launch::prepare::Descriptor;
 use crate::trigger::qmp::{Qmp, QmpError};
@@ -57,6 +58,26 @@ pub struct LogStats {
     pub osrelease: Option<String>,
 }
 
+impl LogStats {
+    fn of(
+        vmcoreinfo: &'static str,
+        scanned: u64,
+        bytes: u64,
+        calls: u64,
+        start: Instant,
+        info: &Vmcoreinfo,
+    ) -> LogStats {
+        LogStats {
+            vmcoreinfo,
+            scanned_bytes: scanned,
+            bytes,
+            pmemsave_calls: calls,
+            elapsed_ms: start.elapsed().as_millis() as u64,
+            osrelease: info.osrelease().map(str::to_string),
+        }
+    }
+}
+
 /// Reads the kernel log through `qmp`; QEMU's temporary files go to `dir` (the VM's directory).
 /// VMCOREINFO comes from `cache` when it holds this `boot`'s (the caller's key for one boot of
 /// the guest), else is discovered and stored there.
@@ -83,14 +104,7 @@ pub async fn read_log(
     let left = limits.time.saturating_sub(start.elapsed());
     let mut mem = QmpMemory::new(qmp, dir, Budget::new(limits.max_bytes, left));
     let log = read_kernel_log(&mut mem, &info, &map, limits.max_records).await?;
-    let stats = LogStats {
-        vmcoreinfo: how,
-        scanned_bytes: scanned,
-        bytes: super::PhysRead::budget(&mem).used(),
-        pmemsave_calls: mem.calls(),
-        elapsed_ms: start.elapsed().as_millis() as u64,
-        osrelease: info.osrelease().map(str::to_string),
-    };
+    let stats = LogStats::of(how, scanned, super::PhysRead::budget(&mem).used(), mem.calls(), start, &info);
     Ok((log, stats))
 }
 
@@ -121,14 +135,7 @@ pub async fn read_log_file(
     let left = limits.time.saturating_sub(start.elapsed());
     let mut mem = FileMemory::open(ram, Budget::new(limits.max_bytes, left))?;
     let log = read_kernel_log(&mut mem, &info, &map, limits.max_records).await?;
-    let stats = LogStats {
-        vmcoreinfo: how,
-        scanned_bytes: scanned,
-        bytes: super::PhysRead::budget(&mem).used(),
-        pmemsave_calls: 0,
-        elapsed_ms: start.elapsed().as_millis() as u64,
-        osrelease: info.osrelease().map(str::to_string),
-    };
+    let stats = LogStats::of(how, scanned, super::PhysRead::budget(&mem).used(), 0, start, &info);
     Ok((log, stats))
 }
 
