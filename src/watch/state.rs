@@ -482,7 +482,15 @@ impl Machine {
             t.misses = t.misses.saturating_add(1);
             t.total_misses += 1;
         }
+        let runs = outcome.ok && t.kind != "tcp";
         t.last = Some(outcome);
+        if runs && self.stopped.as_ref().is_some_and(|s| !s.held) {
+            // Only a running guest answers (a TCP connect may be QEMU's user-mode network
+            // accepting it): the RESUME that `cont` sends is on its way. Judging the answer as a
+            // paused VM's would leave the incident for `paused`, and the RESUME would open it
+            // again as a second alert.
+            self.stopped = None;
+        }
         if self.panicked.is_some() && self.all_answering() {
             // A panicked kernel answers nothing: answering again means it was reset.
             self.panicked = None;

@@ -126,6 +126,21 @@ fn a_pause_that_lasts_past_the_threshold_is_unresponsive_by_default() {
 }
 
 #[test]
+fn an_answer_before_the_resume_event_ends_the_pause_without_a_second_alert() {
+    let (mut m, t0) = machine(PausePolicy::Counts, None);
+    healthy_round(&mut m, t0);
+    m.stopped(json!({"event": "STOP"}), t0);
+    for _ in 0..3 {
+        m.probe(HB, miss("x"), t0);
+    }
+    assert_eq!(m.state, State::Unresponsive);
+    // `cont`: the guest serves the pending beat before the service reads QMP's RESUME.
+    assert_eq!(to(m.probe(HB, ok(1), t0)), Some(State::Recovered));
+    assert_eq!(to(m.resumed(json!({"event": "RESUME"}), t0)), None);
+    assert_eq!(to(m.status("running", t0)), None);
+}
+
+#[test]
 fn exempt_pauses_do_not_count() {
     let (mut m, t0) = machine(PausePolicy::Exempt, None);
     healthy_round(&mut m, t0);
