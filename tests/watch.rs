@@ -254,11 +254,15 @@ async fn a_panic_is_reported_within_a_second_with_its_text_in_the_bundle() {
         })
         .await;
     assert_eq!(k.detail["incident"], t.key.as_str(), "{:?}", k.detail);
-    assert!(k.detail["trace"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|l| l.as_str().unwrap().starts_with("---[ end Kernel panic")));
+    let trace: Vec<&str> =
+        k.detail["trace"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    assert!(trace.iter().any(|l| l.contains("panic+0x")), "{trace:#?}");
+    // Without `-action` (QEMU 5.2) QEMU pauses the guest on pvpanic's notifier, which the
+    // kernel calls before it prints its end line: that line may never come.
+    let qemu = acpimon::launch::qemu_version::probe(&common::guest::qemu()).unwrap();
+    if qemu.has_action() {
+        assert!(trace.iter().any(|l| l.starts_with("---[ end Kernel panic")), "{trace:#?}");
+    }
     let view = svc.vm("guest").await.unwrap();
     assert_eq!(view.kernel_reports.get(&acpimon::sentinel::ReportClass::Panic), Some(&1));
     // The panicked bundle (under load, a heartbeat missed before the panic may have taken one
