@@ -4,10 +4,12 @@
 //! scale`), [`flood`] what guests flooding their consoles cost it (`acpimon-bench flood`),
 //! [`faults`] the fault suite (`acpimon-bench faults`), [`hoststep`] the `host` diagnostic
 //! step's time (`acpimon-bench host-step`), [`kernel_log`] the guest's kernel log read from
-//! its memory beside a full dump (`acpimon-bench kernel-log`).
+//! its memory beside a full dump (`acpimon-bench kernel-log`), [`guestcost`] what a heartbeat
+//! costs the guest (`acpimon-bench guest-cost`).
 
 pub mod faults;
 pub mod flood;
+pub mod guestcost;
 pub mod hoststep;
 pub mod kernel_log;
 pub mod latency;

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use acpimon::generate::SsdtConfig;
 use acpimon::launch::{self, Vm, VmSpec};
 use acpimon::watch::config::default_state_dir;
-use acpimon_bench::{faults, flood, hoststep, kernel_log, latency, scale};
+use acpimon_bench::{faults, flood, guestcost, hoststep, kernel_log, latency, scale};
 
 #[derive(Parser)]
 #[command(
@@ -137,6 +137,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What a heartbeat costs the guest: a 1-vCPU test guest running a CPU-bound task while
+    /// the host beats at each rate, after a window without beats in the same run; figures from
+    /// the guest kernel's scheduler accounting (the GED IRQ thread's CPU time per beat and
+    /// longest run, the busy task's longest and total wait).
+    GuestCost {
+        /// The test guest's directory (`qemu-fixtures/build-guest` prints it as its last line).
+        #[arg(long, env = "ACPIMON_GUEST", value_name = "DIR")]
+        guest: Option<PathBuf>,
+        /// Heartbeat rates, Hz.
+        #[arg(long, value_delimiter = ',', default_values_t = [1.0, 10.0, 100.0])]
+        rates: Vec<f64>,
+        /// Each window (the baseline and each rate).
+        #[arg(long, default_value = "20s", value_parser = acpimon::units::parse_duration)]
+        window: Duration,
+        /// Where the VM's directory goes [default: $XDG_RUNTIME_DIR/acpimon or $TMPDIR/acpimon-UID].
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The fault suite: faults injected into a running service watching real test guests
     /// (console floods, the service SIGKILLed during diagnostics and on a full disk, QEMU
     /// SIGKILLed and relaunched, a full data disk with the controller down), each a named check
@@ -197,6 +218,8 @@ enum Error {
     HostStep(#[from] hoststep::HostStepError),
     #[error(transparent)]
     KernelLog(#[from] kernel_log::KernelLogError),
+    #[error(transparent)]
+    GuestCost(#[from] guestcost::GuestCostError),
     #[error("{0}")]
     Problems(String),
 }
@@ -282,6 +305,24 @@ fn run(command: Command) -> Result<(), Error> {
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
             let report = runtime().block_on(kernel_log::run(&guest, &memory, reads, &state_dir, |m| {
                 eprintln!("bench-kernel-log: {m}")
+            }))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            } else {
+                print!("{report}");
+            }
+            Ok(())
+        }
+        Command::GuestCost { guest, rates, window, state_dir, json } => {
+            let guest = need_guest(guest, "")?;
+            if let Some(bad) = rates.iter().find(|r| !(r.is_finite() && **r > 0.0 && **r <= 1000.0)) {
+                return Err(Error::Input(format!(
+                    "--rates {bad}: give rates in Hz, above 0 and at most 1000"
+                )));
+            }
+            let state_dir = state_dir.unwrap_or_else(default_state_dir);
+            let report = runtime().block_on(guestcost::run(&guest, &rates, window, &state_dir, |m| {
+                eprintln!("bench-guest-cost: {m}")
             }))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));

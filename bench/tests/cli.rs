@@ -95,3 +95,41 @@ fn kernel_log_reports_json_beside_a_full_dump() {
     assert_eq!(dumps[0]["format"], "elf");
     assert!(dumps[0]["bytes"].as_u64().unwrap() >= 256 << 20, "{v}");
 }
+
+#[test]
+fn guest_cost_reports_the_ged_threads_time_per_beat_beside_a_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = guest();
+    let out = bench(&[
+        "guest-cost",
+        "--guest",
+        guest.to_str().unwrap(),
+        "--rates",
+        "10",
+        "--window",
+        "2s",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+        "--json",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let w = v["windows"].as_array().unwrap();
+    assert_eq!((w[0]["rate_hz"].as_f64(), w[0]["beats"].as_u64()), (Some(0.0), Some(0)), "the baseline: {v}");
+    assert_eq!(w[1]["rate_hz"], 10.0);
+    assert!(w[1]["acked"].as_u64().unwrap() >= 15, "{v}");
+    // The guest kernel accounted the GED thread's runs: some CPU per beat, less than a beat's period.
+    let per_beat = w[1]["ged_us_per_beat"].as_f64().unwrap();
+    assert!(0.0 < per_beat && per_beat < 100_000.0, "{v}");
+    assert!(w[1]["ged_exec_max_us"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["kernel"].as_str().unwrap().contains('.'), "{v}");
+}
+
+#[test]
+fn guest_cost_refuses_a_rate_it_cannot_keep() {
+    let out = bench(&["guest-cost", "--guest", "/nonexistent", "--rates", "0"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--rates 0"), "{err}");
+}
