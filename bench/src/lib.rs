@@ -5,7 +5,8 @@
 //! [`faults`] the fault suite (`acpimon-bench faults`), [`hoststep`] the `host` diagnostic
 //! step's time (`acpimon-bench host-step`), [`kernel_log`] the guest's kernel log read from
 //! its memory beside a full dump (`acpimon-bench kernel-log`), [`guestcost`] what a heartbeat
-//! costs the guest (`acpimon-bench guest-cost`).
+//! costs the guest (`acpimon-bench guest-cost`), [`soak`] a heartbeat profile against a loaded
+//! guest with staged hangs (`acpimon-bench soak`).
 
 pub mod faults;
 pub mod flood;
@@ -16,3 +17,4 @@ pub mod latency;
 pub mod sampler;
 pub mod scale;
 pub mod simvm;
+pub mod soak;

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use acpimon::generate::SsdtConfig;
 use acpimon::launch::{self, Vm, VmSpec};
 use acpimon::watch::config::default_state_dir;
-use acpimon_bench::{faults, flood, guestcost, hoststep, kernel_log, latency, scale};
+use acpimon_bench::{faults, flood, guestcost, hoststep, kernel_log, latency, scale, soak};
 
 #[derive(Parser)]
 #[command(
@@ -158,6 +158,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A heartbeat profile soaked against a real guest whose vCPUs are saturated by userspace
+    /// load and whose disk is rewritten with fsync, watched by one `acpimon watch` child:
+    /// staged hangs (QMP stop) every `spacing`, each one's detection time against the profile's
+    /// bound, and false alarms (late or unresponsive outside a staged hang). Fails on a false
+    /// alarm, a hang not called, or one called after its bound.
+    Soak {
+        /// The test guest's directory (`qemu-fixtures/build-guest` prints it as its last line).
+        #[arg(long, env = "ACPIMON_GUEST", value_name = "DIR")]
+        guest: Option<PathBuf>,
+        #[arg(long, default_value = "30m", value_parser = acpimon::units::parse_duration)]
+        duration: Duration,
+        /// Between staged hangs.
+        #[arg(long, default_value = "60s", value_parser = acpimon::units::parse_duration)]
+        spacing: Duration,
+        /// The profile: heartbeat interval, timeout and threshold (the fast profile's by default).
+        #[arg(long, default_value = "250ms", value_parser = acpimon::units::parse_duration)]
+        interval: Duration,
+        #[arg(long, default_value = "250ms", value_parser = acpimon::units::parse_duration)]
+        timeout: Duration,
+        #[arg(long, default_value_t = 4)]
+        threshold: u32,
+        /// The acpimon binary to run as the service [default: `acpimon` beside this program].
+        #[arg(long, value_name = "PATH")]
+        acpimon: Option<PathBuf>,
+        /// Scratch directory; each run keeps a fresh subdirectory there.
+        #[arg(long, value_name = "DIR")]
+        work: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The fault suite: faults injected into a running service watching real test guests
     /// (console floods, the service SIGKILLed during diagnostics and on a full disk, QEMU
     /// SIGKILLed and relaunched, a full data disk with the controller down), each a named check
@@ -262,17 +293,7 @@ fn run(command: Command) -> Result<(), Error> {
             opts.hangs = hangs;
             opts.latency = Duration::from_secs_f64(sim_latency_ms.max(0.0) / 1e3);
             let report = runtime().block_on(scale::run(&opts, |m| eprintln!("bench-scale: {m}")))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
-            } else {
-                print!("{report}");
-            }
-            let problems = report.problems();
-            if problems.is_empty() {
-                Ok(())
-            } else {
-                Err(Error::Problems(problems.join("; ")))
-            }
+            show(&report, json, report.problems())
         }
         Command::Flood { guest, floods, window, machine, acpimon, work, json } => {
             let guest = need_guest(guest, " (tools/bench-flood does both)")?;
@@ -283,17 +304,7 @@ fn run(command: Command) -> Result<(), Error> {
             let work = work.unwrap_or_else(|| std::env::temp_dir().join("acpimon-flood"));
             let opts = flood::FloodOptions { service, guest, floods, window, machine, work };
             let report = runtime().block_on(flood::run(&opts, |m| eprintln!("bench-flood: {m}")))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
-            } else {
-                print!("{report}");
-            }
-            let problems = report.problems();
-            if problems.is_empty() {
-                Ok(())
-            } else {
-                Err(Error::Problems(problems.join("; ")))
-            }
+            show(&report, json, report.problems())
         }
         Command::HostStep { guest, count, state_dir, json } => {
             let guest = need_guest(guest, " (tools/bench does both)")?;
@@ -306,12 +317,7 @@ fn run(command: Command) -> Result<(), Error> {
             let report = runtime().block_on(kernel_log::run(&guest, &memory, reads, &state_dir, |m| {
                 eprintln!("bench-kernel-log: {m}")
             }))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
-            } else {
-                print!("{report}");
-            }
-            Ok(())
+            show(&report, json, Vec::new())
         }
         Command::GuestCost { guest, rates, window, state_dir, json } => {
             let guest = need_guest(guest, "")?;
@@ -324,12 +330,31 @@ fn run(command: Command) -> Result<(), Error> {
             let report = runtime().block_on(guestcost::run(&guest, &rates, window, &state_dir, |m| {
                 eprintln!("bench-guest-cost: {m}")
             }))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
-            } else {
-                print!("{report}");
+            show(&report, json, Vec::new())
+        }
+        Command::Soak { guest, duration, spacing, interval, timeout, threshold, acpimon, work, json } => {
+            let guest = need_guest(guest, "")?;
+            if spacing < Duration::from_secs(10) || duration < spacing || threshold == 0 {
+                return Err(Error::Input(format!(
+                    "--spacing {} --duration {} --threshold {threshold}: give a spacing of at least 10s                      (a hang and its recovery), a duration of at least one spacing and a threshold above 0",
+                    acpimon::units::format_duration(spacing),
+                    acpimon::units::format_duration(duration)
+                )));
             }
-            Ok(())
+            let service = match acpimon {
+                Some(p) => p,
+                None => beside_this_program("acpimon")?,
+            };
+            let opts = soak::SoakOptions {
+                service,
+                guest,
+                profile: soak::Profile { interval, timeout, threshold },
+                duration,
+                spacing,
+                work: work.unwrap_or_else(|| std::env::temp_dir().join("acpimon-soak")),
+            };
+            let report = runtime().block_on(soak::run(&opts, |m| eprintln!("bench-soak: {m}")))?;
+            show(&report, json, report.problems())
         }
         Command::Faults { guest, reduced, only, acpimon, work, json } => {
             let guest = need_guest(guest, " (tools/faults does both)")?;
@@ -359,12 +384,7 @@ fn run(command: Command) -> Result<(), Error> {
         }
         Command::HostSampler { vcpus, rounds, json } => {
             let report = acpimon_bench::sampler::run(vcpus, rounds).map_err(Error::Problems)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
-            } else {
-                print!("{report}");
-            }
-            Ok(())
+            show(&report, json, Vec::new())
         }
     }
 }
@@ -392,6 +412,24 @@ fn beside_this_program(name: &str) -> Result<PathBuf, Error> {
              or pass --acpimon PATH",
             exe.display()
         )))
+    }
+}
+
+/// Prints `report` (JSON or text); fails with `problems` when there are any.
+fn show<R: serde::Serialize + std::fmt::Display>(
+    report: &R,
+    json: bool,
+    problems: Vec<String>,
+) -> Result<(), Error> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report).expect("report serialises"));
+    } else {
+        print!("{report}");
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Problems(problems.join("; ")))
     }
 }
 

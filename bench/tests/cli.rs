@@ -133,3 +133,11 @@ fn guest_cost_refuses_a_rate_it_cannot_keep() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--rates 0"), "{err}");
 }
+
+#[test]
+fn soak_refuses_a_spacing_too_short_for_a_hang_and_its_recovery() {
+    let out = bench(&["soak", "--guest", "/nonexistent", "--spacing", "2s"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--spacing 2s") && err.contains("at least 10s"), "{err}");
+}
