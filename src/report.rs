@@ -278,6 +278,13 @@ pub fn status_table(s: &crate::watch::metrics::StatusView) -> String {
                 "", c.dropped, c.received
             );
         }
+        // Where the kernel's reports come from, when its log in memory is part of it.
+        if let Some(k) = v.kernel_log.as_deref().filter(|k| k.contains("memory")) {
+            let _ = writeln!(o, "{:<20}   kernel log: {k}", "");
+        }
+        for d in v.degraded.iter().filter(|d| d.starts_with("kernel log: ")) {
+            let _ = writeln!(o, "{:<20}   {}", "", crate::console::sanitize(d.as_bytes()));
+        }
     }
     o
 }

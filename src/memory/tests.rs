@@ -778,7 +778,7 @@ impl LiveRing {
         // An empty ring, as the kernel starts it: head and tail at one reusable descriptor.
         m.put(LR_RB + 24, &18u64.to_le_bytes());
         m.put(LR_RB + 32, &18u64.to_le_bytes());
-        m.put(LR_DESCS + 2 * 24, &(18 | (3 << 62)).to_le_bytes());
+        m.put(LR_DESCS + 2 * 24, &(18u64 | (3 << 62)).to_le_bytes());
         LiveRing { m, info, next_id: 19, lpos: 512 + 440, seq: first_seq }
     }
 
