@@ -64,9 +64,10 @@ pub struct KernelReport {
     /// The lines that followed it (registers, call trace), bounded.
     #[serde(default)]
     pub trace: Vec<String>,
-    /// The first line's console timestamp, in microseconds since boot, when it had one: with
-    /// `line`, what identifies the report when the console and the memory log both carry it.
-    #[serde(skip)]
+    /// The kernel's timestamp of the first line (`[   40.123456]`), in microseconds since
+    /// boot, when it had one: with `line`, what identifies the report when the console and the
+    /// memory log both carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stamp_us: Option<u64>,
 }
 

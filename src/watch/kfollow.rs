@@ -17,8 +17,9 @@
 //! The memory log has its own [`Scanner`] (the console's stream never interleaves with it).
 //! Its reports are held for [`HOLD`] so that the console's, if it carries the same report,
 //! wins: a memory report whose first line (timestamp and text) the console reported is
-//! dropped. The first poll of a QEMU life only sets where to start: what the log held before
-//! the service watched is not reported again.
+//! dropped. The first poll of a QEMU life the service watched before (the service restarted)
+//! only sets where to start: what the log held then was reported by the earlier watch; a life
+//! it has not watched (a new QEMU, or a VM seen for the first time) is read from its start.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -79,6 +80,8 @@ pub struct KernelFollow {
     pub polls: u64,
     pub records: u64,
     pub lost: u64,
+    /// Memory reports dropped because the console reported them.
+    pub twins: u64,
 }
 
 impl KernelFollow {
@@ -100,22 +103,27 @@ impl KernelFollow {
             polls: 0,
             records: 0,
             lost: 0,
+            twins: 0,
         }
     }
 
-    /// A new QEMU life (or the service's first attach to it): everything starts over, but the
-    /// VM's VMCOREINFO cache, shared with the `kernel-log` step.
-    pub fn attach(&mut self, cache: Arc<Mutex<VmcoreinfoCache>>, boot: u64, console: bool) {
+    /// An attach to QEMU: everything starts over, but the VM's VMCOREINFO cache, shared with
+    /// the `kernel-log` step. `fresh`: a QEMU life the service has not watched before, whose
+    /// whole log is new (else the first poll's records were the earlier watch's to report).
+    pub fn attach(&mut self, cache: Arc<Mutex<VmcoreinfoCache>>, boot: u64, console: bool, fresh: bool) {
         let limits = FollowLimits {
             // A poll never takes longer than its interval (nor 10 s): a wedged QMP is a skipped poll.
             time: self.every.min(Duration::from_secs(10)),
-            retry_min: Duration::from_secs(10),
-            retry_max: Duration::from_secs(300),
+            // A booting guest publishes VMCOREINFO within seconds; one without (an old kernel)
+            // is looked for less and less often.
+            retry_min: self.every,
+            retry_max: Duration::from_secs(60),
             ..FollowLimits::default()
         };
         *self = KernelFollow::new(self.mode, self.every);
         self.follower = Some(LogFollower::new(cache, boot, limits));
         self.console = console;
+        self.baselined = fresh;
     }
 
     /// Console output: does it show the kernel's log?
@@ -146,7 +154,9 @@ impl KernelFollow {
             (_, Decision::Hold) => {
                 "console; the log in memory is watched until the console shows a kernel line".into()
             }
-            (FollowMode::Always, Decision::Scan) => "console and followed from memory".into(),
+            (FollowMode::Always, Decision::Scan) => {
+                format!("console and followed from memory ({} reports read on both, sent once)", self.twins)
+            }
             (_, Decision::Scan) if !self.console => "followed from memory (no console)".into(),
             (_, Decision::Scan) => "followed from memory (the console shows no kernel line)".into(),
         }
@@ -267,6 +277,7 @@ impl KernelFollow {
             let (_, r) = self.pending.pop_front().expect("a front");
             if self.console_reports.iter().any(|(stamp, line)| *stamp == r.stamp_us && *line == r.line) {
                 tracing::debug!(line = %r.line, "a kernel report in memory the console reported too");
+                self.twins += 1;
                 continue;
             }
             out.push(r);
@@ -319,7 +330,7 @@ mod tests {
 
     fn follow(mode: FollowMode, console: bool) -> KernelFollow {
         let mut k = KernelFollow::new(mode, Duration::from_secs(5));
-        k.attach(Default::default(), 1, console);
+        k.attach(Default::default(), 1, console, false);
         k
     }
 
@@ -371,7 +382,7 @@ mod tests {
     }
 
     #[test]
-    fn the_first_poll_is_history_and_a_console_twin_wins() {
+    fn the_first_poll_of_a_watched_life_is_history_and_a_console_twin_wins() {
         let t0 = Instant::now();
         let mut k = follow(FollowMode::Always, true);
         done(&mut k, vec![record(1, 0, LOCKUP)], t0);
@@ -383,12 +394,23 @@ mod tests {
         done(&mut k, vec![record(2, 0, LOCKUP)], t0);
         done(&mut k, vec![], t0);
         assert!(k.release(t0 + HOLD, false).is_empty());
+        assert_eq!(k.twins, 1);
         // Another of the same text, later: the console did not have it.
         done(&mut k, vec![record(9, 0, LOCKUP)], t0);
         done(&mut k, vec![], t0);
         let out = k.release(t0 + HOLD, false);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].stamp_us, Some(40_000_009));
+    }
+
+    #[test]
+    fn a_new_life_is_read_from_its_start() {
+        let t0 = Instant::now();
+        let mut k = KernelFollow::new(FollowMode::Auto, Duration::from_secs(5));
+        k.attach(Default::default(), 1, false, true);
+        done(&mut k, vec![record(1, 0, LOCKUP)], t0);
+        done(&mut k, vec![], t0);
+        assert_eq!(k.release(t0 + HOLD, false).len(), 1);
     }
 
     #[test]

@@ -387,6 +387,8 @@ impl Monitor {
             (Some(_), Some(_)) => relaunch.is_some(),
             _ => self.machine.state == State::Gone,
         };
+        // A QEMU life no earlier watch saw: its kernel log is all new.
+        let unseen = self.memory.qemu.is_none() || relaunch.is_some();
         if att.qemu_id.is_some() && self.memory.qemu != att.qemu_id {
             self.memory.qemu = att.qemu_id.clone();
             self.save();
@@ -416,7 +418,7 @@ impl Monitor {
         if att.console.is_none() {
             degraded.push(format!("console: {}", att.console_why));
         }
-        self.kfollow.attach(Arc::clone(&self.vmcoreinfo), self.boot_key(), att.console.is_some());
+        self.kfollow.attach(Arc::clone(&self.vmcoreinfo), self.boot_key(), att.console.is_some(), unseen);
         let mut follow: Option<JoinHandle<super::kfollow::PollDone>> = None;
         lock(&self.view).degraded = degraded;
         self.kernel_log_view();
