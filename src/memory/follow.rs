@@ -131,12 +131,16 @@ impl LogFollower {
         LogFollower { cache, boot, limits, ring: None, at: None, stalled: None, retry: None }
     }
 
-    /// The guest booted again (the caller's key moved on): the next poll reads the new boot's
-    /// ring whole, with its VMCOREINFO.
+    /// The guest booted again (the caller's key moved on): the next poll finds the new boot's
+    /// VMCOREINFO. Where it was in the log stays: a follower that already read the new boot's
+    /// records (it saw the sequence numbers go back before the caller saw the reboot) does not
+    /// read them again, and one that did not sees them go back.
     pub fn set_boot(&mut self, boot: u64) {
         if boot != self.boot {
             self.boot = boot;
-            self.reset();
+            self.ring = None;
+            self.stalled = None;
+            self.retry = None;
         }
     }
 
@@ -458,7 +462,7 @@ impl LogFollower {
                 // Sequence numbers grow with ids: one that does not is corrupt, or, first of a
                 // poll that follows on, a log that started over.
                 Some(s) if r.seq <= s => {
-                    if new.records.is_empty() && !new.full && self.at.is_some() {
+                    if new.records.is_empty() && self.at.is_some() {
                         self.at = None;
                         let mut again = Box::pin(self.read_new(mem)).await?;
                         again.restarted = true;

@@ -947,9 +947,22 @@ fn a_log_that_starts_over_is_read_from_its_start() {
     let new = again.poll(&mut f);
     assert!(new.restarted, "{new:?}");
     assert_eq!(seqs(&new), [0, 1, 2, 3]);
-    // A new boot key: read whole again.
+    // The caller sees the reboot later (a new boot key): nothing is read twice.
     f.set_boot(2);
-    assert!(again.poll(&mut f).full);
+    assert!(again.poll(&mut f).records.is_empty());
+    again.push(2);
+    assert_eq!(seqs(&again.poll(&mut f)), [4]);
+    // A reboot whose ids land past the old ones (more than the ring ahead): still the new log.
+    let mut later = LiveRing::new(0);
+    later.next_id += 1000;
+    later.m.put(LR_RB + 24, &(later.next_id - 1).to_le_bytes());
+    later.m.put(LR_RB + 32, &(later.next_id - 1).to_le_bytes());
+    for _ in 0..3 {
+        later.push(2);
+    }
+    let new = later.poll(&mut f);
+    assert!(new.restarted, "{new:?}");
+    assert_eq!(seqs(&new), [0, 1, 2]);
 }
 
 /// Random bytes over the ring between polls: every poll ends, never panics, stays within its
