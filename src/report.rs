@@ -191,12 +191,14 @@ pub fn config_summary(c: &crate::watch::Config) -> String {
     for (name, s) in vms {
         let _ = writeln!(
             o,
-            "{name}: {}grace {}, pauses {}, recovery {} (at most {}/h)",
+            "{name}: {}grace {}, pauses {}, recovery {} (at most {}/h), kernel log {} every {}",
             if s.enabled { "" } else { "DISABLED, " },
             d(s.startup_grace),
             s.pause,
             s.recovery.action.name(),
-            s.recovery.max_per_hour
+            s.recovery.max_per_hour,
+            s.kernel_log_follow.name(),
+            d(s.kernel_log_every)
         );
         for sc in &s.scenarios {
             let _ = writeln!(
