@@ -310,6 +310,9 @@ impl LogFollower {
                         | MemError::TooLarge { .. }
                 ) {
                     self.forget_layout();
+                    // Found anew after the backoff: a guest whose ring stays unreadable is not
+                    // searched for every poll.
+                    return Err(self.discovery_failed(e));
                 }
                 Err(e)
             }

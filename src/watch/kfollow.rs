@@ -114,10 +114,11 @@ impl KernelFollow {
         let limits = FollowLimits {
             // A poll never takes longer than its interval (nor 10 s): a wedged QMP is a skipped poll.
             time: self.every.min(Duration::from_secs(10)),
-            // A booting guest publishes VMCOREINFO within seconds; one without (an old kernel)
-            // is looked for less and less often.
+            // A booting guest publishes VMCOREINFO within seconds; one without (an old kernel,
+            // no vmcoreinfo device: each search is a RAM scan, up to this poll's time) is
+            // looked for less and less often.
             retry_min: self.every,
-            retry_max: Duration::from_secs(60),
+            retry_max: Duration::from_secs(300),
             ..FollowLimits::default()
         };
         *self = KernelFollow::new(self.mode, self.every);
