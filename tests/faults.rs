@@ -340,6 +340,7 @@ async fn a_report_on_the_console_and_in_memory_is_sent_once() {
     assert!(reports.iter().any(|e| e.detail["source"] == "console" && e.detail["class"] == "rcu-stall"));
     let view = svc.vm("guest").await.unwrap();
     let shown = view.kernel_log.unwrap_or_default();
+    eprintln!("kernel log: {shown}; {} kernel-report events", reports.len());
     let twins: u64 = shown
         .split("from memory (")
         .nth(1)
