@@ -151,7 +151,7 @@ pub struct Transition {
 }
 
 /// A report of the guest kernel's: its fields (`class`, `cpu`, `task`, `pid`, `stuck_s`,
-/// `location`, `line`, `trace`), and the incident it belongs to.
+/// `location`, `line`, `trace`), where it was read (`source`), and the incident it belongs to.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KernelReportEvent {
     #[serde(flatten)]
@@ -165,6 +165,29 @@ pub struct KernelReportEvent {
     /// Reports of this class left out since the last event of the class (rate limit).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub suppressed: u64,
+    /// Where it was read: the console, or the kernel log followed in guest memory.
+    #[serde(default)]
+    pub source: ReportSource,
+}
+
+/// Where a kernel report was read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReportSource {
+    /// The VM's console (its serial port, as acpimon reads it).
+    #[default]
+    Console,
+    /// The kernel's log read from guest memory (`kernel_log_follow`).
+    Memory,
+}
+
+impl ReportSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReportSource::Console => "console",
+            ReportSource::Memory => "memory",
+        }
+    }
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -191,12 +191,14 @@ pub fn config_summary(c: &crate::watch::Config) -> String {
     for (name, s) in vms {
         let _ = writeln!(
             o,
-            "{name}: {}grace {}, pauses {}, recovery {} (at most {}/h)",
+            "{name}: {}grace {}, pauses {}, recovery {} (at most {}/h), kernel log {} every {}",
             if s.enabled { "" } else { "DISABLED, " },
             d(s.startup_grace),
             s.pause,
             s.recovery.action.name(),
-            s.recovery.max_per_hour
+            s.recovery.max_per_hour,
+            s.kernel_log_follow.name(),
+            d(s.kernel_log_every)
         );
         for sc in &s.scenarios {
             let _ = writeln!(
@@ -277,6 +279,13 @@ pub fn status_table(s: &crate::watch::metrics::StatusView) -> String {
                 "{:<20}   console: {} of {} bytes dropped (over the console budget)",
                 "", c.dropped, c.received
             );
+        }
+        // Where the kernel's reports come from, when its log in memory is part of it.
+        if let Some(k) = v.kernel_log.as_deref().filter(|k| k.contains("memory")) {
+            let _ = writeln!(o, "{:<20}   kernel log: {k}", "");
+        }
+        for d in v.degraded.iter().filter(|d| d.starts_with("kernel log: ")) {
+            let _ = writeln!(o, "{:<20}   {}", "", crate::console::sanitize(d.as_bytes()));
         }
     }
     o

@@ -174,12 +174,17 @@ fn watch_check_prints_words_or_json_never_debug() {
     let out = acpimon(&["watch", "--config", shipped, "--check"]);
     let summary = text(&out.stdout);
     assert!(summary.contains("(defaults): grace 2m, pauses counts, recovery none"), "{summary}");
+    assert!(summary.contains(", kernel log auto every 5s"), "{summary}");
     assert!(!summary.contains("Counts"), "{summary}");
 
     let out = acpimon(&["watch", "--config", shipped, "--check", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
     assert_eq!(v["defaults"]["pause"], "counts");
+    assert_eq!(
+        (&v["defaults"]["kernel_log_follow"], &v["defaults"]["kernel_log_every"]),
+        (&"auto".into(), &"5s".into())
+    );
     assert_eq!(v["defaults"]["scenario"][0]["kind"], "acpi-heartbeat");
     let steps: Vec<&str> =
         v["defaults"]["diagnostic"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();

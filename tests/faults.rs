@@ -262,6 +262,94 @@ async fn soft_lockup_on_cpu_1_is_unresponsive_with_the_kernels_report() {
     w.every_verdict_is("soft-lockup");
 }
 
+/// The guest kernel's console is not acpimon's port (`console=tty0`, as many cloud images):
+/// with the default settings (`kernel_log_follow = "auto"`) the service follows the kernel's
+/// log in guest memory, and the soft lockup's reports (RCU's stall at about 21 s, the
+/// watchdog's at about 48 s) are `kernel-report` events from `memory`, within the bound of
+/// the console's own (REPORT_TIMEOUT) plus a poll and the hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_lockup_with_the_console_elsewhere_is_read_from_memory() {
+    let _side = Pass::enter(Side::Fault).await;
+    let work = work();
+    let g = watched_console(Some(Fault::new(FaultKind::SoftLockup)), &[], "tty0").await;
+    let svc = watch_guest(&g, work.path(), FAULT_CONFIG).await;
+    svc.wait_state("guest", State::Healthy, Duration::from_secs(120)).await;
+    let from_memory = |class: &'static str| {
+        move |e: &Event| {
+            e.kind == "kernel-report" && e.detail["class"] == class && e.detail["source"] == "memory"
+        }
+    };
+    let rcu = svc.wait_event("rcu-stall from memory", REPORT_TIMEOUT, from_memory("rcu-stall")).await;
+    assert_eq!(rcu.detail["cpu"], 1, "{:?}", rcu.detail);
+    let view = svc.vm("guest").await.unwrap();
+    assert_eq!(
+        view.kernel_log.as_deref(),
+        Some("followed from memory (the console shows no kernel line)"),
+        "{view:?}"
+    );
+    let soft = svc.wait_event("soft-lockup from memory", REPORT_TIMEOUT, from_memory("soft-lockup")).await;
+    assert_eq!(soft.detail["cpu"], 1, "{:?}", soft.detail);
+    assert!(
+        soft.detail["line"].as_str().unwrap().starts_with("watchdog: BUG: soft lockup - CPU#1 stuck for "),
+        "{:?}",
+        soft.detail
+    );
+    assert!(soft.detail["stamp_us"].as_u64().is_some(), "{:?}", soft.detail);
+    // Nothing came from the console: the kernel's log is not on it.
+    let events = svc.events();
+    assert!(
+        !events.iter().any(|e| e.kind == "kernel-report" && e.detail["source"] == "console"),
+        "a report from the console: {:?}",
+        events.iter().filter(|e| e.kind == "kernel-report").map(|e| &e.detail).collect::<Vec<_>>()
+    );
+    // The RCU stall made the VM unresponsive, as on a console.
+    assert!(
+        events
+            .iter()
+            .any(|e| is_transition(e, State::Unresponsive)
+                && e.detail["kernel_report"]["class"] == "rcu-stall"),
+        "no unresponsive transition by the memory report"
+    );
+}
+
+/// The kernel's console on acpimon's port and `kernel_log_follow = "always"`: both read the
+/// soft lockup's reports, and each is sent once (the console's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_on_the_console_and_in_memory_is_sent_once() {
+    let _side = Pass::enter(Side::Fault).await;
+    let work = work();
+    let g = watched_console(Some(Fault::new(FaultKind::SoftLockup)), &[], "ttyS0").await;
+    let config =
+        format!("{FAULT_CONFIG}\n[vm.guest]\nkernel_log_follow = \"always\"\nkernel_log_every = \"2s\"\n");
+    let svc = watch_guest(&g, work.path(), &config).await;
+    svc.wait_state("guest", State::Healthy, Duration::from_secs(120)).await;
+    svc.wait_event("soft-lockup", REPORT_TIMEOUT, |e| {
+        e.kind == "kernel-report" && e.detail["class"] == "soft-lockup"
+    })
+    .await;
+    // Past the memory reports' hold and a poll.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let reports: Vec<_> = svc.events().into_iter().filter(|e| e.kind == "kernel-report").collect();
+    let key = |e: &Event| {
+        (e.detail["class"].to_string(), e.detail["stamp_us"].to_string(), e.detail["line"].to_string())
+    };
+    for r in &reports {
+        let same = reports.iter().filter(|o| key(o) == key(r)).count();
+        assert_eq!(same, 1, "sent {same} times: {:?}", r.detail);
+    }
+    assert!(reports.iter().any(|e| e.detail["source"] == "console" && e.detail["class"] == "rcu-stall"));
+    let view = svc.vm("guest").await.unwrap();
+    let shown = view.kernel_log.unwrap_or_default();
+    eprintln!("kernel log: {shown}; {} kernel-report events", reports.len());
+    let twins: u64 = shown
+        .split("from memory (")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert!(twins >= 1, "the memory log had the console's reports too: {shown}");
+}
+
 /// A hard lockup of CPU 1: RCU's stall report from CPU 0 (with CPU 1's backtrace by NMI, which
 /// interrupts-off spinning does not block) makes the VM `unresponsive`, and the verdict says
 /// CPU 1 spins with interrupts disabled.
@@ -432,12 +520,18 @@ fn work() -> tempfile::TempDir {
 
 /// A watched 2-vCPU guest (created paused, left to the service), with `fault` and `append`.
 async fn watched(fault: Option<Fault>, append: &[&str]) -> Guest {
+    watched_console(fault, append, "ttyS0").await
+}
+
+/// [`watched`] with the kernel's console on `kernel_console`.
+async fn watched_console(fault: Option<Fault>, append: &[&str], kernel_console: &'static str) -> Guest {
     Guest::boot(GuestSpec {
         watched: true,
         smp: 2,
         fault,
         append: append.iter().map(|s| s.to_string()).collect(),
         extra: vec!["-S".into(), "-no-shutdown".into()],
+        kernel_console,
         ..GuestSpec::new("q35")
     })
     .await

@@ -2,7 +2,12 @@
 //! (`acpimon::memory`), beside a full `dump-guest-memory` of the same guest in the same run:
 //! per RAM size, the test guest booted, then the log read live (VMCOREINFO from the
 //! `vmcoreinfo` device each time, and from the cache), paused, VMCOREINFO found by a RAM scan,
-//! and two full dumps (raw ELF, and the compressed kdump the `memory-dump` step writes).
+//! and two full dumps (raw ELF, and the compressed kdump the `memory-dump` step writes); then
+//! the log followed ([`acpimon::memory::LogFollower`], what `acpimon dmesg --follow` and the
+//! service's `kernel_log_follow` do): per poll, idle (no new records) and busy (the guest
+//! printing: a SysRq key sent as keystrokes before each poll), the wall and host CPU time (this
+//! process's, and QEMU's main thread's, which serves QMP and copies the memory while holding
+//! QEMU's big lock, so it is also how long the vCPUs can be held), bytes and `pmemsave` calls.
 
 use std::fmt;
 use std::path::Path;
@@ -72,6 +77,30 @@ pub struct Figures {
     pub scan_ms: f64,
     pub scan_bytes: u64,
     pub dumps: Vec<Dump>,
+    /// The log followed: the first poll (the whole ring), then idle and busy polls.
+    pub follow: Follow,
+}
+
+/// One kind of poll (medians, and the 99th percentile of the wall time).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Poll {
+    pub polls: usize,
+    pub wall_us: f64,
+    pub wall_p99_us: f64,
+    /// This process's CPU time (user + system) per poll.
+    pub cpu_us: f64,
+    /// QEMU's main thread's run time per poll (its QMP and the memory copies).
+    pub qemu_main_us: f64,
+    pub bytes: u64,
+    pub pmemsave_calls: u64,
+    pub records: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Follow {
+    pub first: Poll,
+    pub idle: Poll,
+    pub busy: Poll,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -173,7 +202,10 @@ async fn measure(vm: &Vm, mib: u64, reads: usize, say: &impl Fn(&str)) -> Result
     for (format, name) in [(F::elf, "elf"), (F::kdump_zlib, "kdump-zlib")] {
         dumps.push(full_dump(qmp, &dir.join("bench-full.dump"), format, name).await?);
     }
+    say(&format!("{mib} MiB guest: following the log"));
+    let follow = follow(vm, reads.max(5) * 4).await?;
     Ok(Figures {
+        follow,
         ram_mib: mib,
         kernel,
         live: median(live),
@@ -183,6 +215,103 @@ async fn measure(vm: &Vm, mib: u64, reads: usize, say: &impl Fn(&str)) -> Result
         scan_bytes,
         dumps,
     })
+}
+
+/// Run time of QEMU's main thread (its pid's thread), ns, from the scheduler's statistics.
+fn qemu_main_ns(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// This process's CPU time, µs: the run time of all its threads (the scheduler's statistics).
+fn own_cpu_us() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+        .sum();
+    ns / 1000
+}
+
+/// One poll of the follower, measured.
+struct Sample {
+    wall_us: f64,
+    cpu_us: f64,
+    qemu_us: f64,
+    bytes: u64,
+    calls: u64,
+    records: usize,
+}
+
+async fn sample(
+    f: &mut acpimon::memory::LogFollower,
+    qmp: &acpimon::trigger::qmp::Qmp,
+    dir: &Path,
+) -> Result<Sample, KernelLogError> {
+    let (q0, c0, t) = (qemu_main_ns(qmp.pid), own_cpu_us(), Instant::now());
+    let new = f.poll(qmp, dir).await?;
+    let wall = t.elapsed();
+    let (c1, q1) = (own_cpu_us(), qemu_main_ns(qmp.pid));
+    Ok(Sample {
+        wall_us: wall.as_secs_f64() * 1e6,
+        cpu_us: c1.saturating_sub(c0) as f64,
+        qemu_us: q1.saturating_sub(q0) as f64 / 1e3,
+        bytes: new.bytes,
+        calls: new.pmemsave_calls,
+        records: new.records.len(),
+    })
+}
+
+fn summarise(v: &[Sample]) -> Poll {
+    let pick = |mut x: Vec<f64>, q: f64| {
+        x.sort_by(f64::total_cmp);
+        x.get(((x.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0)
+    };
+    let med = |g: &dyn Fn(&Sample) -> f64| pick(v.iter().map(g).collect(), 0.5);
+    Poll {
+        polls: v.len(),
+        wall_us: med(&|s| s.wall_us),
+        wall_p99_us: pick(v.iter().map(|s| s.wall_us).collect(), 0.99),
+        cpu_us: med(&|s| s.cpu_us),
+        qemu_main_us: med(&|s| s.qemu_us),
+        bytes: med(&|s| s.bytes as f64) as u64,
+        pmemsave_calls: med(&|s| s.calls as f64) as u64,
+        records: med(&|s| s.records as f64) as usize,
+    }
+}
+
+/// Alt+SysRq+`key` as keystrokes (the guest's keyboard): the kernel prints its answer.
+async fn sysrq(qmp: &acpimon::trigger::qmp::Qmp, key: qapi::qmp::QKeyCode) -> Result<(), KernelLogError> {
+    use qapi::qmp::{KeyValue, QKeyCode, QKeyCodeWrapper};
+    let keys =
+        [QKeyCode::alt, QKeyCode::sysrq, key].map(|data| KeyValue::qcode(QKeyCodeWrapper { data })).to_vec();
+    qmp.execute(qapi::qmp::send_key { keys, hold_time: None }).await?;
+    Ok(())
+}
+
+/// The follower's polls: the first (the whole ring), `n` idle ones, and `n` after the guest
+/// printed (SysRq h, its help: one long record, and `m`, memory: dozens).
+async fn follow(vm: &Vm, n: usize) -> Result<Follow, KernelLogError> {
+    let (qmp, dir) = (&vm.qmp, vm.prepared.dir.clone());
+    let mut f = acpimon::memory::LogFollower::new(Default::default(), 0, Default::default());
+    let first = summarise(&[sample(&mut f, qmp, &dir).await?]);
+    let mut idle = Vec::new();
+    for _ in 0..n {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        idle.push(sample(&mut f, qmp, &dir).await?);
+    }
+    let mut busy = Vec::new();
+    for i in 0..n {
+        let key = if i % 2 == 0 { qapi::qmp::QKeyCode::h } else { qapi::qmp::QKeyCode::m };
+        sysrq(qmp, key).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        busy.push(sample(&mut f, qmp, &dir).await?);
+    }
+    Ok(Follow { first, idle: summarise(&idle), busy: summarise(&busy) })
 }
 
 /// One read of the log, timed.
@@ -253,6 +382,28 @@ impl fmt::Display for Report {
             for d in &g.dumps {
                 let what = format!("full dump-guest-memory, {}", d.format);
                 writeln!(f, "    {what:<44} {:>8.1} ms  {:>9} written", d.ms, kib(d.bytes))?;
+            }
+            writeln!(
+                f,
+                "    following (per poll, median; wall p99; CPU: this process, QEMU's main thread):"
+            )?;
+            for (what, p) in [
+                ("first poll (whole ring)", &g.follow.first),
+                ("idle (no new record)", &g.follow.idle),
+                ("busy (after a SysRq key)", &g.follow.busy),
+            ] {
+                writeln!(
+                    f,
+                    "    {what:<28} {:>8.2} ms (p99 {:>6.2})  cpu {:>6.2} ms  qemu {:>6.2} ms  {:>8} B  {:>2} pmemsave  {:>4} records  ({} polls)",
+                    p.wall_us / 1e3,
+                    p.wall_p99_us / 1e3,
+                    p.cpu_us / 1e3,
+                    p.qemu_main_us / 1e3,
+                    p.bytes,
+                    p.pmemsave_calls,
+                    p.records,
+                    p.polls
+                )?;
             }
         }
         Ok(())

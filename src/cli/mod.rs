@@ -213,7 +213,7 @@ pub enum Command {
         /// One JSON object per record (seq, ts_nsec, level, facility, flags, caller_id, text).
         #[arg(long)]
         json: bool,
-        /// Keep reading: print new records every 2 s until the VM exits.
+        /// Keep reading: every 2 s, the records written since (only those are read), until the VM exits.
         #[arg(long)]
         follow: bool,
         /// Seconds one read of the log may take.

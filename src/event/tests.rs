@@ -101,6 +101,7 @@ fn examples() -> Vec<EventKind> {
             incident: Some("00".repeat(16)),
             bundle: Some("/b/web/x-unresponsive".into()),
             suppressed: 2,
+            source: crate::event::ReportSource::Memory,
         }),
         EventKind::BlockIoError(BlockIoError {
             device: "disk0".into(),
@@ -126,6 +127,7 @@ fn kernel_report() -> crate::sentinel::KernelReport {
         location: Some("spin_fn+0x10/0x20 [faults]".into()),
         line: "watchdog: BUG: soft lockup - CPU#1 stuck for 44s! [insmod:93]".into(),
         trace: vec!["RIP: 0010:spin_fn+0x10/0x20 [faults]".into()],
+        stamp_us: Some(40_123_456),
     }
 }
 

@@ -11,8 +11,8 @@ use tokio::time::Instant;
 
 use super::vmcoreinfo::{self, Found};
 use super::{
-    read_kernel_log, Budget, FileMemory, KernelLog, KernelMap, MemError, QmpMemory, Vmcoreinfo,
-    VmcoreinfoCache,
+    read_kernel_log, Budget, FileMemory, FollowLimits, KernelLog, KernelMap, LogFollower, LogRecord,
+    MemError, QmpMemory, Vmcoreinfo, VmcoreinfoCache,
 };
 use crate::launch::prepare::Descriptor;
 use crate::trigger::qmp::{Qmp, QmpError};
@@ -169,7 +169,8 @@ pub struct DmesgCommand {
     pub ram_file: Option<PathBuf>,
 }
 
-/// How often `--follow` reads the ring again.
+/// How often `--follow` reads the new records (an idle poll is one small `pmemsave`; see the
+/// README's figures).
 pub const FOLLOW_EVERY: Duration = Duration::from_secs(2);
 
 /// Prints the VM's kernel log (`[    1.234567] text` per line, or one JSON object per record);
@@ -187,48 +188,73 @@ pub async fn command(c: DmesgCommand) -> Result<(), DmesgError> {
             }
         }
     };
-    let gone = || qmp.as_ref().is_some_and(Qmp::is_closed);
+    if c.follow {
+        return follow(&c, qmp.as_ref()).await;
+    }
     let mut cache = VmcoreinfoCache::default();
-    // A reboot changes the layout (KASLR): the boot key moves on when a read fails or the
-    // sequence numbers go back.
-    let mut boot = 0u64;
-    let mut last: Option<u64> = None;
+    let (log, stats) = match (&qmp, &c.ram_file) {
+        (Some(qmp), _) => read_log(qmp, &c.dir, &mut cache, 0, &c.limits).await?,
+        (None, Some(ram)) => read_log_file(ram, &mut cache, 0, &c.limits).await?,
+        (None, None) => unreachable!("QMP is connected unless a RAM file is given"),
+    };
+    tracing::debug!(?stats, skipped = log.skipped, "kernel log read");
+    print(&log.records, c.json).map_err(DmesgError::Stdout)
+}
+
+/// `--follow`: the whole log once, then every [`FOLLOW_EVERY`] only the records written since
+/// ([`LogFollower`]), until the VM goes away. A guest still booting or rebooting is read again
+/// (its VMCOREINFO anew, after a backoff).
+async fn follow(c: &DmesgCommand, qmp: Option<&Qmp>) -> Result<(), DmesgError> {
+    let gone = || qmp.is_some_and(Qmp::is_closed);
+    let limits = FollowLimits {
+        time: c.limits.time,
+        max_bytes: c.limits.max_bytes,
+        scan_max: c.limits.scan_max,
+        retry_min: FOLLOW_EVERY,
+        retry_max: Duration::from_secs(30),
+    };
+    let mut f = LogFollower::new(Default::default(), 0, limits);
     let mut failed: Option<String> = None;
     loop {
-        let read = match (&qmp, &c.ram_file) {
-            (Some(qmp), _) => read_log(qmp, &c.dir, &mut cache, boot, &c.limits).await,
-            (None, Some(ram)) => read_log_file(ram, &mut cache, boot, &c.limits).await,
+        let read = match (qmp, &c.ram_file) {
+            _ if f.backing_off() => None,
+            (Some(qmp), _) => Some(f.poll(qmp, &c.dir).await),
+            (None, Some(ram)) => Some(f.poll_file(ram).await),
             (None, None) => unreachable!("QMP is connected unless a RAM file is given"),
         };
-        let (log, stats) = match read {
-            Ok(r) => r,
-            // Following, a guest still booting or rebooting is read again (its VMCOREINFO anew).
-            Err(e) if c.follow && !gone() => {
+        match read {
+            Some(Ok(mut new)) => {
+                failed = None;
+                tracing::debug!(
+                    records = new.records.len(),
+                    lost = new.lost,
+                    bytes = new.bytes,
+                    calls = new.pmemsave_calls,
+                    elapsed_us = new.elapsed_us,
+                    "kernel log polled"
+                );
+                if new.restarted {
+                    tracing::info!("the guest's kernel log started over (a reboot)");
+                }
+                if new.lost > 0 && !new.full {
+                    tracing::warn!("{} records were overwritten before they could be read", new.lost);
+                }
+                if new.records.len() > c.limits.max_records {
+                    new.records.drain(..new.records.len() - c.limits.max_records);
+                }
+                print(&new.records, c.json).map_err(DmesgError::Stdout)?;
+            }
+            Some(Err(e)) if !gone() => {
                 let text = e.to_string();
                 if failed.as_ref() != Some(&text) {
-                    tracing::warn!(
-                        "cannot read the kernel log yet, trying again every {FOLLOW_EVERY:?}: {text}"
-                    );
+                    tracing::warn!("cannot read the kernel log yet, trying again: {text}");
                     failed = Some(text);
                 }
-                boot += 1;
-                tokio::time::sleep(FOLLOW_EVERY).await;
-                continue;
             }
-            Err(e) => return Err(e.into()),
-        };
-        failed = None;
-        tracing::debug!(?stats, skipped = log.skipped, "kernel log read");
-        if last.is_some_and(|l| log.records.last().is_some_and(|r| r.seq < l)) {
-            boot += 1;
-            last = None;
+            Some(Err(_)) => return Ok(()),
+            None => {}
         }
-        print(&log, last, c.json).map_err(DmesgError::Stdout)?;
-        last = log.records.last().map(|r| r.seq).or(last);
-        if !c.follow {
-            return Ok(());
-        }
-        match &qmp {
+        match qmp {
             Some(qmp) => tokio::select! {
                 _ = tokio::time::sleep(FOLLOW_EVERY) => {}
                 _ = qmp.closed() => return Ok(()),
@@ -238,10 +264,10 @@ pub async fn command(c: DmesgCommand) -> Result<(), DmesgError> {
     }
 }
 
-/// Prints the records after `after`.
-fn print(log: &KernelLog, after: Option<u64>, json: bool) -> std::io::Result<()> {
+/// Prints `records`.
+fn print(records: &[LogRecord], json: bool) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
-    for r in log.records.iter().filter(|r| after.is_none_or(|a| r.seq > a)) {
+    for r in records {
         if json {
             serde_json::to_writer(&mut out, r)?;
             out.write_all(b"\n")?;

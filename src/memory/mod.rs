@@ -13,6 +13,7 @@
 
 pub mod dmesg;
 mod file;
+pub mod follow;
 pub mod kallsyms;
 pub mod modules;
 pub mod printk;
@@ -29,6 +30,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use self::file::{FileMemory, MAX_IDENTITY};
+pub use self::follow::{FollowLimits, LogFollower, NewRecords};
 pub use self::printk::{read_kernel_log, KernelLog, LogRecord};
 pub use self::qmp::{QmpMemory, CHUNK};
 pub use self::translate::KernelMap;

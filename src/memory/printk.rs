@@ -21,9 +21,9 @@ const MAX_COUNT_BITS: u32 = 20;
 /// The largest text ring read (`log_buf_len` up to 32 MiB).
 const MAX_SIZE_BITS: u32 = 25;
 /// The id part of a descriptor's `state_var`; the top two bits are its state.
-const ID_MASK: u64 = (1 << 62) - 1;
-const STATE_COMMITTED: u64 = 1;
-const STATE_FINALIZED: u64 = 2;
+pub(super) const ID_MASK: u64 = (1 << 62) - 1;
+pub(super) const STATE_COMMITTED: u64 = 1;
+pub(super) const STATE_FINALIZED: u64 = 2;
 
 /// One record of the kernel log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -73,7 +73,7 @@ pub struct KernelLog {
 
 /// Where the ring's fields are, from VMCOREINFO.
 #[derive(Clone, Copy, Debug)]
-struct Layout {
+pub(super) struct Layout {
     prb: u64,
     rb_size: u64,
     desc_ring: u64,
@@ -83,12 +83,12 @@ struct Layout {
     infos: u64,
     head_id: u64,
     tail_id: u64,
-    desc_size: u64,
-    state_var: u64,
-    text_blk_lpos: u64,
-    lpos_begin: u64,
-    lpos_next: u64,
-    info_size: u64,
+    pub(super) desc_size: u64,
+    pub(super) state_var: u64,
+    pub(super) text_blk_lpos: u64,
+    pub(super) lpos_begin: u64,
+    pub(super) lpos_next: u64,
+    pub(super) info_size: u64,
     info_seq: u64,
     info_ts: u64,
     info_text_len: u64,
@@ -99,7 +99,7 @@ struct Layout {
 }
 
 impl Layout {
-    fn from(v: &Vmcoreinfo) -> Result<Layout, MemError> {
+    pub(super) fn from(v: &Vmcoreinfo) -> Result<Layout, MemError> {
         let need = |key: &str, got: Option<u64>| got.ok_or_else(|| MemError::Missing(key.into()));
         let off = |name: &str| need(&format!("OFFSET({name})"), v.offset(name));
         let size = |name: &str| need(&format!("SIZE({name})"), v.size(name));
@@ -138,6 +138,79 @@ impl Layout {
     }
 }
 
+/// The ring's header: where its arrays are, how big, and its newest and oldest descriptor ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Header {
+    /// Kernel virtual address of the `printk_ringbuffer`.
+    pub rb_addr: u64,
+    pub descs_addr: u64,
+    pub infos_addr: u64,
+    pub data_addr: u64,
+    /// Descriptors, and text bytes (both powers of two, within the maxima).
+    pub count: u64,
+    pub size: u64,
+    pub head: u64,
+    pub tail: u64,
+}
+
+impl Header {
+    /// Reads the `printk_ringbuffer` at `rb_addr` (the value of `prb`), `rb_size` bytes.
+    pub(super) async fn read<M: PhysRead>(
+        mem: &mut M,
+        l: &Layout,
+        map: &KernelMap,
+        rb_addr: u64,
+    ) -> Result<Header, MemError> {
+        let rb = map.read_virt(mem, rb_addr, l.rb_size as usize).await?;
+        Header::parse(l, rb_addr, &rb)
+    }
+
+    /// Where `prb` points.
+    pub(super) async fn rb_addr<M: PhysRead>(
+        mem: &mut M,
+        l: &Layout,
+        map: &KernelMap,
+    ) -> Result<u64, MemError> {
+        map.read_u64(mem, l.prb).await
+    }
+
+    /// How many bytes of header [`Header::parse`] wants.
+    pub(super) fn len(l: &Layout) -> usize {
+        l.rb_size as usize
+    }
+
+    pub(super) fn parse(l: &Layout, rb_addr: u64, rb: &[u8]) -> Result<Header, MemError> {
+        let corrupt = |what: &str| MemError::Corrupt(format!("the printk ring buffer's {what}"));
+        let field64 = |base: u64, off: u64| {
+            usize::try_from(base.saturating_add(off))
+                .ok()
+                .and_then(|at| le_u64(rb, at))
+                .ok_or_else(|| corrupt("layout"))
+        };
+        let field32 = |base: u64, off: u64| {
+            usize::try_from(base.saturating_add(off))
+                .ok()
+                .and_then(|at| le_u32(rb, at))
+                .ok_or_else(|| corrupt("layout"))
+        };
+        let count_bits = field32(l.desc_ring, l.count_bits)?;
+        let size_bits = field32(l.text_ring, l.size_bits)?;
+        if count_bits > MAX_COUNT_BITS || !(3..=MAX_SIZE_BITS).contains(&size_bits) {
+            return Err(corrupt(&format!("sizes (2^{count_bits} records, 2^{size_bits} text bytes)")));
+        }
+        Ok(Header {
+            rb_addr,
+            descs_addr: field64(l.desc_ring, l.descs)?,
+            infos_addr: field64(l.desc_ring, l.infos)?,
+            head: field64(l.desc_ring, l.head_id.saturating_add(l.counter))? & ID_MASK,
+            tail: field64(l.desc_ring, l.tail_id.saturating_add(l.counter))? & ID_MASK,
+            data_addr: field64(l.text_ring, l.data)?,
+            count: 1u64 << count_bits,
+            size: 1u64 << size_bits,
+        })
+    }
+}
+
 /// Reads the kernel log: at most the ring's size, the last `max_records` records, within the
 /// budget of `mem`.
 pub async fn read_kernel_log<M: PhysRead>(
@@ -147,38 +220,14 @@ pub async fn read_kernel_log<M: PhysRead>(
     max_records: usize,
 ) -> Result<KernelLog, MemError> {
     let l = Layout::from(info)?;
-    let rb_addr = map.read_u64(mem, l.prb).await?;
-    let rb = map.read_virt(mem, rb_addr, l.rb_size as usize).await?;
-    let corrupt = |what: &str| MemError::Corrupt(format!("the printk ring buffer's {what}"));
-    let field64 = |base: u64, off: u64| {
-        usize::try_from(base.saturating_add(off))
-            .ok()
-            .and_then(|at| le_u64(&rb, at))
-            .ok_or_else(|| corrupt("layout"))
-    };
-    let field32 = |base: u64, off: u64| {
-        usize::try_from(base.saturating_add(off))
-            .ok()
-            .and_then(|at| le_u32(&rb, at))
-            .ok_or_else(|| corrupt("layout"))
-    };
-    let count_bits = field32(l.desc_ring, l.count_bits)?;
-    let size_bits = field32(l.text_ring, l.size_bits)?;
-    if count_bits > MAX_COUNT_BITS || !(3..=MAX_SIZE_BITS).contains(&size_bits) {
-        return Err(corrupt(&format!("sizes (2^{count_bits} records, 2^{size_bits} text bytes)")));
-    }
-    let descs_addr = field64(l.desc_ring, l.descs)?;
-    let infos_addr = field64(l.desc_ring, l.infos)?;
-    let head = field64(l.desc_ring, l.head_id.saturating_add(l.counter))? & ID_MASK;
-    let tail = field64(l.desc_ring, l.tail_id.saturating_add(l.counter))? & ID_MASK;
-    let data_addr = field64(l.text_ring, l.data)?;
-    let count = 1u64 << count_bits;
-    let size = 1u64 << size_bits;
+    let rb_addr = Header::rb_addr(mem, &l, map).await?;
+    let h = Header::read(mem, &l, map, rb_addr).await?;
+    let (count, size, head, tail) = (h.count, h.size, h.head, h.tail);
 
     // The three arrays, whole (the budget refuses them if they are too big for it).
-    let descs = map.read_virt(mem, descs_addr, (count * l.desc_size) as usize).await?;
-    let infos = map.read_virt(mem, infos_addr, (count * l.info_size) as usize).await?;
-    let data = map.read_virt(mem, data_addr, size as usize).await?;
+    let descs = map.read_virt(mem, h.descs_addr, (count * l.desc_size) as usize).await?;
+    let infos = map.read_virt(mem, h.infos_addr, (count * l.info_size) as usize).await?;
+    let data = map.read_virt(mem, h.data_addr, size as usize).await?;
 
     let mut log = KernelLog { ring_records: count, ring_text_bytes: size, ..KernelLog::default() };
     // From the oldest live id to the newest, at most `count` of them.
@@ -201,7 +250,7 @@ pub async fn read_kernel_log<M: PhysRead>(
 }
 
 /// The record of descriptor `id`, `None` if it is not a complete record with its text.
-fn record(
+pub(super) fn record(
     l: &Layout,
     id: u64,
     count: u64,

@@ -43,7 +43,11 @@ impl<'q> QmpMemory<'q> {
         self.budget.check_call(len)?;
         self.budget.charge(len)?;
         self.calls += 1;
-        let path = self.dir.join(format!(".pmem-{}-{}", std::process::id(), self.calls));
+        // Unique in the process: two readers (the log's follower and a bundle's step) may
+        // read the same VM at once.
+        static FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.join(format!(".pmem-{}-{n}", std::process::id()));
         let Some(name) = path.to_str() else { return Err(MemError::NotUtf8(self.dir.clone())) };
         // Whatever has the name (a stale file, a planted link) goes: QEMU follows links.
         let _ = tokio::fs::remove_file(&path).await;

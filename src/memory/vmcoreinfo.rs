@@ -242,7 +242,10 @@ pub async fn scan_ram(
 
 /// `dump-guest-memory` of one page as ELF, for the note QEMU adds when the guest published it.
 async fn from_device(qmp: &Qmp, dir: &Path, budget: &Budget) -> Result<Option<Vmcoreinfo>, MemError> {
-    let path = dir.join(format!(".vmcoreinfo-{}.elf", std::process::id()));
+    // Unique in the process: the log's follower and a bundle's step may look at once.
+    static FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!(".vmcoreinfo-{}-{n}.elf", std::process::id()));
     let Some(name) = path.to_str() else { return Err(MemError::NotUtf8(dir.into())) };
     // Whatever has the name (a stale file, a planted link) goes: QEMU follows links.
     let _ = tokio::fs::remove_file(&path).await;

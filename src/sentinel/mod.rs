@@ -64,6 +64,11 @@ pub struct KernelReport {
     /// The lines that followed it (registers, call trace), bounded.
     #[serde(default)]
     pub trace: Vec<String>,
+    /// The kernel's timestamp of the first line (`[   40.123456]`), in microseconds since
+    /// boot, when it had one: with `line`, what identifies the report when the console and the
+    /// memory log both carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp_us: Option<u64>,
 }
 
 impl ReportClass {
@@ -418,6 +423,7 @@ impl Scanner {
                     location: None,
                     line: body.clone(),
                     trace: Vec::new(),
+                    stamp_us: ts.map(|t| (t * 1e6).round() as u64),
                 };
                 fill(&mut report, &caps, false);
                 self.open = Some(Open { report, last_ts: ts, trace_bytes: 0, lines: 1, from_rip: false });
@@ -511,6 +517,16 @@ fn fill(r: &mut KernelReport, caps: &regex::Captures<'_>, overwrite: bool) {
             r.location = Some(format!("dev {}", dev.as_str()));
         }
     }
+}
+
+/// Whether `bytes` (console output) hold a line stamped as the kernel stamps its log
+/// (`[    1.234567] `): the console is the kernel's. The guest could print such a line from
+/// user space too; it is a hint for choosing a source, never evidence of a fault.
+pub fn has_kernel_line(bytes: &[u8]) -> bool {
+    static STAMP: LazyLock<regex::bytes::Regex> = LazyLock::new(|| {
+        regex::bytes::Regex::new(r"\[\s*\d{1,10}\.\d{6}\] ").expect("the stamp pattern compiles")
+    });
+    STAMP.is_match(bytes)
 }
 
 /// Every report in a whole text (a bundle's console file).

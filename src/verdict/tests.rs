@@ -64,6 +64,7 @@ fn report(class: ReportClass, line: &str) -> KernelReport {
         location: Some("spin_fn+0x1c/0x30 [faults]".into()),
         line: line.into(),
         trace: vec!["Call Trace:".into(), " <TASK>".into(), " faults_thread+0x40/0x60 [faults]".into()],
+        stamp_us: None,
     }
 }
 
@@ -134,6 +135,7 @@ fn a_panic_is_the_verdict_whatever_else() {
     let t = trigger("unresponsive", json!({}));
     let r = KernelReport {
         trace: vec![],
+        stamp_us: None,
         location: None,
         ..report(ReportClass::Panic, "Kernel panic - not syncing: hung")
     };

@@ -98,7 +98,38 @@ pub struct VmSettings {
     pub recovery: Recovery,
     /// What the guest kernel's own reports do to the VM's state.
     pub kernel_reports: super::kernel::KernelPolicy,
+    /// Whether the guest kernel's log is followed in its memory for the kernel-report
+    /// sentinel (README "Kernel reports"), and how often it is read.
+    pub kernel_log_follow: FollowMode,
+    #[serde(serialize_with = "crate::units::duration::serialize")]
+    pub kernel_log_every: Duration,
 }
+
+/// `kernel_log_follow`: when the kernel log is read from guest memory for the sentinel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FollowMode {
+    /// When the VM has no usable console: none connected, or one that showed no kernel line
+    /// while the memory log gained records the kernel prints even on a quiet console.
+    Auto,
+    /// Always, beside the console (a report both carry is sent once, the console's).
+    Always,
+    Off,
+}
+
+impl FollowMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            FollowMode::Auto => "auto",
+            FollowMode::Always => "always",
+            FollowMode::Off => "off",
+        }
+    }
+}
+
+/// How often the kernel log is followed by default: an idle poll costs about a millisecond
+/// of host time and one small `pmemsave` (README's figures).
+pub const KERNEL_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// `[diagnostics]` of a VM (or `[defaults]`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -443,6 +474,8 @@ struct RawVm {
     diagnostics: Option<RawDiagnostics>,
     recovery: Option<Spanned<RawRecovery>>,
     kernel_reports: Option<toml::Table>,
+    kernel_log_follow: Option<FollowMode>,
+    kernel_log_every: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -479,6 +512,8 @@ impl Default for VmSettings {
             bundle: BundleSettings::default(),
             recovery: Recovery { action: RecoveryAction::None, max_per_hour: 3 },
             kernel_reports: super::kernel::KernelPolicy::default(),
+            kernel_log_follow: FollowMode::Auto,
+            kernel_log_every: KERNEL_LOG_EVERY,
         }
     }
 }
@@ -877,6 +912,19 @@ impl Validator<'_> {
             ),
             None => base.kernel_reports.clone(),
         };
+        let kernel_log_every = match raw.kernel_log_every {
+            Some(e) if e.get_ref().0 < Duration::from_secs(1) => {
+                self.problem(
+                    e.span(),
+                    format!(
+                        "{section}: kernel_log_every must be at least 1s, e.g. kernel_log_every = \"5s\""
+                    ),
+                );
+                base.kernel_log_every
+            }
+            Some(e) => e.into_inner().0,
+            None => base.kernel_log_every,
+        };
         VmSettings {
             enabled: raw.enabled.unwrap_or(base.enabled),
             startup_grace: raw.startup_grace.map_or(base.startup_grace, |d| d.0),
@@ -886,6 +934,8 @@ impl Validator<'_> {
             bundle,
             recovery,
             kernel_reports,
+            kernel_log_follow: raw.kernel_log_follow.unwrap_or(base.kernel_log_follow),
+            kernel_log_every,
         }
     }
 

@@ -71,6 +71,10 @@ pub struct VmView {
     /// The guest kernel's reports read on the console, by class.
     #[serde(default)]
     pub kernel_reports: BTreeMap<crate::sentinel::ReportClass, u64>,
+    /// Where the guest kernel's reports are read (the console, the kernel log followed in
+    /// guest memory, or both); `None` before the VM was attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_log: Option<String>,
     /// The console's bytes, by what became of them (over all of the VM's QEMU lives since the
     /// service started); `None` before a console was connected.
     #[serde(default)]
@@ -114,6 +118,7 @@ impl VmView {
             app_info: None,
             app_lines: None,
             kernel_reports: BTreeMap::new(),
+            kernel_log: None,
             console: None,
             block_io_errors: BTreeMap::new(),
             latency_buckets: [0; LATENCY_BUCKETS.len()],

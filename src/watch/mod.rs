@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod kernel;
+pub mod kfollow;
 pub mod liveness;
 pub mod lock;
 pub mod metrics;

@@ -24,7 +24,7 @@ use crate::abi::AppStatus;
 use crate::app::{self, AppChannel};
 use crate::console::Console;
 use crate::diagnose;
-use crate::event::{self, AppSource, Event, EventKind, Incident, RebootEvidence};
+use crate::event::{self, AppSource, Event, EventKind, Incident, RebootEvidence, ReportSource};
 use crate::forward::Forwarder;
 use crate::host::devices::{self, Coalescer, DeviceHistory};
 use crate::host::IoError;
@@ -143,8 +143,11 @@ pub struct Monitor {
     pub(crate) devices: Arc<Mutex<DeviceHistory>>,
     /// `BLOCK_IO_ERROR` into `block-io-error` events.
     io_errors: Coalescer,
-    /// The guest's VMCOREINFO, found once per boot, for the `kernel-log` step.
+    /// The guest's VMCOREINFO, found once per boot, for the `kernel-log` step and the log's
+    /// following.
     vmcoreinfo: Arc<Mutex<crate::memory::VmcoreinfoCache>>,
+    /// The kernel log followed in guest memory for the sentinel (`kernel_log_follow`).
+    kfollow: super::kfollow::KernelFollow,
 }
 
 /// What the monitor keeps of the guest kernel's reports.
@@ -186,7 +189,10 @@ impl Monitor {
         let view = shared.registry.vm(&name);
         let loop_name = format!("vm {name}");
         let (state_tx, _) = watch::channel(machine.state);
+        let kfollow =
+            super::kfollow::KernelFollow::new(settings.kernel_log_follow, settings.kernel_log_every);
         let m = Monitor {
+            kfollow,
             name,
             dir,
             settings,
@@ -381,6 +387,8 @@ impl Monitor {
             (Some(_), Some(_)) => relaunch.is_some(),
             _ => self.machine.state == State::Gone,
         };
+        // A QEMU life no earlier watch saw: its kernel log is all new.
+        let unseen = self.memory.qemu.is_none() || relaunch.is_some();
         if att.qemu_id.is_some() && self.memory.qemu != att.qemu_id {
             self.memory.qemu = att.qemu_id.clone();
             self.save();
@@ -410,7 +418,10 @@ impl Monitor {
         if att.console.is_none() {
             degraded.push(format!("console: {}", att.console_why));
         }
+        self.kfollow.attach(Arc::clone(&self.vmcoreinfo), self.boot_key(), att.console.is_some(), unseen);
+        let mut follow: Option<JoinHandle<super::kfollow::PollDone>> = None;
         lock(&self.view).degraded = degraded;
+        self.kernel_log_view();
         self.refresh_view("");
         let mut events = att.qmp.events();
         // The sentinel reads every chunk the console keeps, in order (none lost between here
@@ -467,6 +478,16 @@ impl Monitor {
                     }
                     break;
                 }
+                done = async { follow.as_mut().expect("guarded").await }, if follow.is_some() => {
+                    follow = None;
+                    match done {
+                        Ok(done) => {
+                            self.kfollow.polled(done, Instant::now());
+                            self.kernel_log_view();
+                        }
+                        Err(e) => tracing::error!(error = %e, "the kernel log's poll failed"),
+                    }
+                }
                 done = async { diag.as_mut().expect("guarded").await }, if diag.is_some() => {
                     diag = None;
                     match done {
@@ -478,7 +499,7 @@ impl Monitor {
                     self.shared.liveness.beat(&self.loop_name);
                     if self.sentinel.fed.is_some_and(|t| t.elapsed() >= REPORT_QUIET) {
                         if let Some(r) = self.sentinel.scanner.flush() {
-                            self.kernel_reports(vec![r]);
+                            self.kernel_reports(vec![r], ReportSource::Console);
                         }
                     }
                     if let Ok(app) = &att.channels.app {
@@ -493,6 +514,17 @@ impl Monitor {
                     for e in self.io_errors.flush(Instant::now()) {
                         self.emit_block_io_error(e);
                     }
+                    if follow.is_none() {
+                        if let Some((f, bound)) = self.kfollow.due(Instant::now(), self.boot_key()) {
+                            let task = super::kfollow::poll(f, att.qmp.clone(), self.dir.clone(), bound);
+                            follow = Some(tokio::spawn(task.in_current_span()));
+                        }
+                    }
+                    let released = self.kfollow.release(Instant::now(), false);
+                    if !released.is_empty() {
+                        self.kernel_reports(released, ReportSource::Memory);
+                    }
+                    self.kernel_log_view();
                     ticks = ticks.wrapping_add(1);
                     let not_running = matches!(self.machine.state, State::Gone | State::Paused);
                     if std::mem::take(&mut self.poll_status) || not_running || ticks % STATUS_EVERY == 0 {
@@ -509,7 +541,16 @@ impl Monitor {
         }
         // A report the console's end cut short is still the kernel's word.
         if let Some(r) = self.sentinel.scanner.flush() {
-            self.kernel_reports(vec![r]);
+            self.kernel_reports(vec![r], ReportSource::Console);
+        }
+        // The memory log's too (QEMU went away: no poll is waited for).
+        if let Some(f) = follow {
+            f.abort();
+        }
+        self.kfollow.finish();
+        let released = self.kfollow.release(Instant::now(), true);
+        if !released.is_empty() {
+            self.kernel_reports(released, ReportSource::Memory);
         }
         for e in self.io_errors.drain() {
             self.emit_block_io_error(e);
@@ -1040,9 +1081,10 @@ impl Monitor {
     /// Console output, for the sentinel.
     fn console_bytes(&mut self, bytes: &[u8]) {
         self.sentinel.fed = Some(Instant::now());
+        self.kfollow.console_bytes(bytes);
         let reports = self.sentinel.scanner.feed(bytes);
         if !reports.is_empty() {
-            self.kernel_reports(reports);
+            self.kernel_reports(reports, ReportSource::Console);
         }
         if self.sentinel.pending_panic.is_some() && self.panic_report().is_some() {
             self.panic_wait_over();
@@ -1091,10 +1133,24 @@ impl Monitor {
         }
     }
 
-    /// Reports the sentinel read: counted, kept, sent as `kernel-report` events (at most
-    /// [`REPORTS_PER_MINUTE`] a class), and into the state machine by the VM's policy.
-    fn kernel_reports(&mut self, reports: Vec<KernelReport>) {
+    /// Where the VM's kernel reports come from, and why the log in memory cannot be read.
+    fn kernel_log_view(&self) {
+        let mut v = lock(&self.view);
+        v.kernel_log = Some(self.kfollow.describe());
+        v.degraded.retain(|d| !d.starts_with("kernel log: "));
+        if let Some(e) = &self.kfollow.error {
+            v.degraded.push(format!("kernel log: {e}"));
+        }
+    }
+
+    /// Reports the sentinel read (on the console or in the memory log): counted, kept, sent as
+    /// `kernel-report` events (at most [`REPORTS_PER_MINUTE`] a class), and into the state
+    /// machine by the VM's policy.
+    fn kernel_reports(&mut self, reports: Vec<KernelReport>, source: ReportSource) {
         for r in reports {
+            if source == ReportSource::Console {
+                self.kfollow.console_report(&r);
+            }
             let now = Instant::now();
             *lock(&self.view).kernel_reports.entry(r.class).or_default() += 1;
             if self.sentinel.recent.len() == RECENT_REPORTS {
@@ -1121,6 +1177,7 @@ impl Monitor {
                     incident,
                     bundle,
                     suppressed,
+                    source,
                 })))
             } else {
                 rate.2 += 1;

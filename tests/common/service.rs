@@ -177,9 +177,12 @@ impl Service {
         panic!("{name} did not become {state} within {timeout:?}\nlog:\n{}", self.log_text());
     }
 
-    /// Every event in the JSON-lines log, each checked to be a typed event.
+    /// Every event in the JSON-lines log, each checked to be a typed event. A last line without
+    /// its newline is one the service is still writing (a long event, e.g. a kernel report with
+    /// its trace, may take more than one write): it is left for the next read.
     pub fn events(&self) -> Vec<Event> {
-        let text = std::fs::read_to_string(self.data_dir.join("events.jsonl")).unwrap_or_default();
+        let mut text = std::fs::read_to_string(self.data_dir.join("events.jsonl")).unwrap_or_default();
+        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
         text.lines()
             .map(|l| {
                 if let Err(e) = serde_json::from_str::<acpimon::event::Event>(l) {

@@ -403,3 +403,23 @@ fn kernel_report_policies_are_per_vm_and_their_problems_name_the_line() {
         .to_string();
     assert!(e.contains("watch.toml:4: vm.db.kernel_reports.soft-lockup: unknown action 'ignore'"), "{e}");
 }
+
+#[test]
+fn the_kernel_log_is_followed_per_vm_and_not_too_often() {
+    use crate::watch::config::FollowMode;
+    let c = parse(
+        "[defaults]\nkernel_log_every = \"10s\"\n\n[vm.db]\nkernel_log_follow = \"always\"\n\n[vm.web]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        (c.defaults.kernel_log_follow, c.defaults.kernel_log_every),
+        (FollowMode::Auto, Duration::from_secs(10))
+    );
+    let db = c.settings_for("db");
+    assert_eq!((db.kernel_log_follow, db.kernel_log_every), (FollowMode::Always, Duration::from_secs(10)));
+    assert_eq!(c.settings_for("web").kernel_log_follow, FollowMode::Auto);
+    let e = parse("[vm.db]\nkernel_log_every = \"200ms\"\n").unwrap_err().to_string();
+    assert!(e.contains("watch.toml:2: vm.db: kernel_log_every must be at least 1s"), "{e}");
+    let e = parse("[vm.db]\nkernel_log_follow = \"sometimes\"\n").unwrap_err().to_string();
+    assert!(e.contains("unknown variant `sometimes`, expected one of `auto`, `always`, `off`"), "{e}");
+}

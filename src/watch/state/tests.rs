@@ -586,6 +586,7 @@ fn kernel(class: crate::sentinel::ReportClass, line: &str) -> KernelReport {
         location: Some("spin_fn+0x10/0x20 [faults]".into()),
         line: line.into(),
         trace: vec![],
+        stamp_us: None,
     }
 }
 
