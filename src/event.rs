@@ -413,7 +413,33 @@ impl Event {
     pub fn hook_env(&self) -> Vec<(&'static str, String)> {
         hook_env(&self.key, self.kind.name(), self.vm.as_deref())
     }
+
+    /// The event as a bundle's timeline holds it, at most [`TIMELINE_ENTRY_MAX`] bytes of JSON.
+    /// A bundle event leaves out its manifest (it is in the bundle's directory): a manifest
+    /// holds a timeline, which would hold the previous bundle's manifest, each bundle doubling
+    /// the next. Anything still larger keeps only what names it.
+    pub fn timeline_entry(&self) -> Value {
+        let mut v = serde_json::to_value(self).expect("events serialise");
+        if let (EventKind::Bundle(_), Some(map)) = (&self.kind, v.as_object_mut()) {
+            map.remove("manifest");
+        }
+        let size = serde_json::to_vec(&v).map_or(0, |b| b.len());
+        if size <= TIMELINE_ENTRY_MAX {
+            return v;
+        }
+        serde_json::json!({
+            "key": self.key,
+            "time": self.time,
+            "node": self.node,
+            "vm": self.vm,
+            "kind": self.kind.name(),
+            "omitted": format!("{size} bytes of JSON; the event log holds the event"),
+        })
+    }
 }
+
+/// The largest event a bundle's timeline holds whole.
+pub const TIMELINE_ENTRY_MAX: usize = 16 << 10;
 
 /// Any event as received, its kind not checked against [`EventKind`]: what the reference
 /// controller stores, so events of kinds this build does not know are kept as sent.

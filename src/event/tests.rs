@@ -340,3 +340,30 @@ fn old_transition_evidence_reads_as_its_variant() {
         assert_eq!(again, serde_json::from_str::<Value>(&line).unwrap());
     }
 }
+
+#[test]
+fn a_timeline_entry_is_bounded_and_a_bundle_leaves_its_manifest_out() {
+    for kind in examples() {
+        let ev = Event::new("00".repeat(16), "n", Some("web"), kind);
+        let entry = ev.timeline_entry();
+        assert_eq!(entry["kind"], ev.kind.name());
+        assert!(entry.get("manifest").is_none(), "{entry}");
+        assert!(serde_json::to_vec(&entry).unwrap().len() <= TIMELINE_ENTRY_MAX);
+    }
+    // A bundle whose manifest's timeline holds earlier events: the next timeline does not
+    // grow with it (it doubled with each bundle of a VM before).
+    let mut kind = examples().into_iter().find(|k| k.name() == "bundle").unwrap();
+    if let EventKind::Bundle(b) = &mut kind {
+        let m = b.manifest.as_mut().unwrap();
+        m.timeline = vec![json!({ "kind": "transition", "reason": "x".repeat(100_000) })];
+    }
+    let ev = Event::new("00".repeat(16), "n", Some("web"), kind);
+    let entry = ev.timeline_entry();
+    assert!(serde_json::to_vec(&entry).unwrap().len() < 4096, "{entry}");
+    assert_eq!(entry["bundle"], "/b/web/x-unresponsive");
+    // Any other event too large keeps what names it.
+    let big = EventKind::AppInfo(AppInfo { info: json!({ "blob": "y".repeat(TIMELINE_ENTRY_MAX) }) });
+    let entry = Event::new("00".repeat(16), "n", Some("web"), big).timeline_entry();
+    assert_eq!(entry["kind"], "app-info");
+    assert!(entry["omitted"].as_str().unwrap().contains("bytes of JSON"), "{entry}");
+}

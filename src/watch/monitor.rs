@@ -1253,7 +1253,7 @@ impl Monitor {
         if self.timeline.len() == TIMELINE {
             self.timeline.pop_front();
         }
-        self.timeline.push_back(serde_json::to_value(&ev).expect("events serialise"));
+        self.timeline.push_back(ev.timeline_entry());
         // The key is used before the sequence is saved: a crash in between re-emits the same
         // event with the same key, which the controller deduplicates.
         self.save();
