@@ -50,7 +50,7 @@ pub enum BenchError {
 /// Runs the benchmark on a booted `vm`.
 pub async fn run(vm: &Vm, count: usize, sustained: Duration) -> Result<BenchResult, BenchError> {
     let irq = vm.prepared.descriptor.irq;
-    let mut hb = Heartbeat::new(vm.region.clone(), irq)?;
+    let mut hb = Heartbeat::new(vm.region.clone(), irq)?.with_completion(vm.completion.clone());
     // Wait for the guest's GED driver: the first acknowledged beat.
     let start = Instant::now();
     loop {

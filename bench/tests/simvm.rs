@@ -13,7 +13,7 @@ use acpimon::launch::channel::{self, Channel};
 use acpimon::launch::prepare;
 use acpimon::read::{Access, GuestRecord, Region};
 use acpimon::trigger::qmp::{EventKind, Qmp, QmpError, QmpEvent};
-use acpimon::trigger::{Beat, Heartbeat};
+use acpimon::trigger::{Beat, Completion, Heartbeat, Via};
 use acpimon_bench::simvm::{spawn_fleet, PanicAction, SimState, SimVm, SimVmOptions};
 use tokio::sync::broadcast;
 
@@ -97,6 +97,71 @@ async fn a_hundred_heartbeats_are_acknowledged_with_their_records() {
         assert!(snap.anomalies.is_empty(), "{:?}", snap.anomalies);
     }
     assert_eq!(s.vm.triggers(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_complete_through_the_doorbell_and_without_it_by_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let latency = Duration::from_millis(5);
+    for (name, doorbell_port) in [("rung", Some(0x403)), ("polled", None)] {
+        let cfg = SsdtConfig { doorbell_port, ..SsdtConfig::default() };
+        let p = prepare(dir.path(), name, &cfg).unwrap();
+        let vm = SimVm::start(SimVmOptions { latency, ..SimVmOptions::new(&p.dir) }).await.unwrap();
+        let qmp = Qmp::connect(&p.descriptor.qmp, WAIT).await.unwrap();
+        let region = Arc::new(Region::open(&p.descriptor.region, Access::ReadWrite).unwrap());
+        let socket = p.descriptor.doorbell.as_ref().map(|b| b.socket.as_path());
+        let completion = Completion::connect(socket).await;
+        let mut hb = Heartbeat::new(region, p.descriptor.irq).unwrap().with_completion(completion);
+        let want = if doorbell_port.is_some() { Via::Doorbell } else { Via::Poll };
+        assert_eq!(hb.completion().starts_with("doorbell ("), doorbell_port.is_some(), "{}", hb.completion());
+        for _ in 0..20 {
+            match hb.beat(&qmp, Duration::from_secs(1)).await.unwrap() {
+                Beat::Acked { latency: l, via, .. } => {
+                    assert_eq!(via, want, "{name}");
+                    assert!(l >= latency && l < Duration::from_millis(500), "{name}: {l:?}");
+                }
+                beat => panic!("{name}: {beat:?}"),
+            }
+        }
+        // A hung guest: the beat misses, doorbell or not.
+        vm.set_state(SimState::Hung);
+        assert!(missed(&hb.beat(&qmp, Duration::from_millis(100)).await.unwrap()));
+        vm.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_doorbell_that_never_rings_gives_way_to_polling() {
+    // A table without the doorbell, and a doorbell connected to nothing that writes.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SsdtConfig { doorbell_port: None, ..SsdtConfig::default() };
+    let p = prepare(dir.path(), "vm", &cfg).unwrap();
+    // Answering after the first look, as a real guest does.
+    let latency = Duration::from_millis(5);
+    let vm = SimVm::start(SimVmOptions { latency, ..SimVmOptions::new(&p.dir) }).await.unwrap();
+    let qmp = Qmp::connect(&p.descriptor.qmp, WAIT).await.unwrap();
+    let region = Arc::new(Region::open(&p.descriptor.region, Access::ReadWrite).unwrap());
+    let (_quiet, host) = tokio::net::UnixStream::pair().unwrap();
+    let bell = Arc::new(acpimon::trigger::Doorbell::from_stream(Path::new("/quiet"), host));
+    let mut hb =
+        Heartbeat::new(region, p.descriptor.irq).unwrap().with_completion(Completion::Doorbell(bell));
+    for i in 0..acpimon::trigger::SILENT_DOORBELL_LIMIT {
+        match hb.beat(&qmp, Duration::from_secs(2)).await.unwrap() {
+            // Answered by the safety poll, late but not missed.
+            Beat::Acked { latency, via: Via::Poll, .. } => {
+                assert!(latency >= acpimon::trigger::DOORBELL_SAFETY_POLL, "{latency:?}")
+            }
+            beat => panic!("beat {i}: {beat:?}"),
+        }
+    }
+    assert!(hb.completion().contains("did not ring for 3 answered heartbeats"), "{}", hb.completion());
+    match hb.beat(&qmp, Duration::from_secs(2)).await.unwrap() {
+        Beat::Acked { latency, via: Via::Poll, .. } => {
+            assert!(latency < Duration::from_millis(100), "{latency:?}")
+        }
+        beat => panic!("{beat:?}"),
+    }
+    vm.stop().await;
 }
 
 #[tokio::test]
