@@ -64,9 +64,10 @@ const SERVICE_STOP_WAIT: Duration = Duration::from_secs(10);
 const DETECTION_SLACK: Duration = Duration::from_millis(250);
 /// Descriptors this process and the service need besides those per VM.
 const FD_BASE: u64 = 256;
-/// Descriptors this process holds per simulated VM once the service is attached (two
-/// listeners, a QMP and a console connection; see [`crate::simvm`]). The service holds two.
-const FDS_PER_VM: u64 = 4;
+/// Descriptors this process holds per simulated VM once the service is attached (three
+/// listeners, a QMP, a console and a doorbell connection; see [`crate::simvm`]). The service
+/// holds three.
+const FDS_PER_VM: u64 = 6;
 
 /// The worst-case time from a hang to `unresponsive`: the next probe starts within an
 /// interval, and each of the `threshold` probes that miss takes its timeout, the next one

@@ -436,6 +436,71 @@ async fn fleet(root: &Path, n: usize) {
     eprintln!("{n} simulated VMs stopped in {:.2?}", t.elapsed());
 }
 
+/// The process's threads, from /proc.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// The guard of issue 13: a beat in flight is a future, not a thread. 1,000 simulated VMs,
+/// all hung, a beat in flight to each (half woken by their doorbell, half polling): the
+/// process has as many threads as before. (Waiting on a blocking thread per beat, as before,
+/// took 512, the blocking pool's cap.) Not timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_hung_beats_in_flight_hold_no_thread() {
+    const N: usize = 1000;
+    // This process holds both ends: 3 listeners, 2 x 2 connection ends and a region per VM.
+    let need = 8 * N as u64 + 256;
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3).map(|v| v.parse::<u64>().unwrap_or(u64::MAX)));
+    assert!(
+        soft.is_some_and(|s| s >= need),
+        "this test needs an open-file limit of {need} (ulimit -n {need}); it is {soft:?}"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let vms = spawn_fleet(root.path(), N, SimVmOptions::new("")).await.unwrap();
+    let mut beats = Vec::with_capacity(N);
+    for (i, vm) in vms.iter().enumerate() {
+        let d = vm.descriptor();
+        let qmp = Qmp::connect(&d.qmp, WAIT).await.unwrap();
+        let region = Arc::new(Region::open(&d.region, Access::ReadWrite).unwrap());
+        let socket = d.doorbell.as_ref().map(|b| b.socket.as_path()).filter(|_| i % 2 == 0);
+        let completion = Completion::connect(socket).await;
+        assert_eq!(matches!(completion, Completion::Doorbell(_)), i % 2 == 0, "{}", completion.describe());
+        let hb = Heartbeat::new(region, d.irq).unwrap().with_completion(completion);
+        vm.set_state(SimState::Hung);
+        beats.push((qmp, hb));
+    }
+    // Idle threads of the blocking pool (spawn_fleet prepared the directories on one) are
+    // part of the baseline.
+    let before = threads();
+    let tasks: Vec<_> = beats
+        .into_iter()
+        .map(|(qmp, mut hb)| {
+            tokio::spawn(async move { hb.beat(&qmp, Duration::from_secs(3)).await.unwrap() })
+        })
+        .collect();
+    // Every beat is in flight (triggered, waiting) well before its 3 s timeout.
+    let t = Instant::now();
+    while vms.iter().any(|vm| vm.triggers() == 0) {
+        assert!(t.elapsed() < Duration::from_secs(3), "not every beat was triggered within 3 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let during = threads();
+    let mut missed_all = true;
+    for task in tasks {
+        missed_all &= missed(&task.await.unwrap());
+    }
+    eprintln!("{N} hung beats in flight: {before} threads before, {during} during");
+    assert!(missed_all, "a hung VM answered");
+    assert!(during <= before + 2, "{N} beats in flight took {} threads", during.saturating_sub(before));
+    for vm in vms {
+        vm.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_sims_each_answer_a_beat() {
     let root = tempfile::tempdir().unwrap();
