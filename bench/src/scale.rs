@@ -977,16 +977,16 @@ mod tests {
         assert_eq!(nofile_limits(limits), Some((Some(1024), Some(524288))));
         let unlimited = "Max open files            unlimited            unlimited            files\n";
         assert_eq!(nofile_limits(unlimited), Some((None, None)));
-        assert_eq!(fds_needed(500), 2256);
-        assert!(fd_limit(500, Some(2256), Some(2256)).is_ok());
+        assert_eq!(fds_needed(500), 3256);
+        assert!(fd_limit(500, Some(3256), Some(3256)).is_ok());
         assert!(fd_limit(500, None, None).is_ok());
         let low_soft = fd_limit(500, Some(1024), Some(524288)).unwrap_err().to_string();
         assert!(low_soft.ends_with(
-            "need about 2256; run `ulimit -n 2256` first, or use tools/bench-scale, which raises it"
+            "need about 3256; run `ulimit -n 3256` first, or use tools/bench-scale, which raises it"
         ));
         let low_hard = fd_limit(500, Some(1024), Some(1024)).unwrap_err().to_string();
         assert!(
-            low_hard.contains("; the hard limit is 1024: raise it as root (`ulimit -Hn 2256`"),
+            low_hard.contains("; the hard limit is 1024: raise it as root (`ulimit -Hn 3256`"),
             "{low_hard}"
         );
     }
