@@ -1,5 +1,6 @@
 /*
- * The SSDT that `acpimon ssdt --thermal-period-ds 10` generates (default slot 0f.0, IRQ 7),
+ * The SSDT that `acpimon ssdt --thermal-period-ds 10` generates (default slot 0f.0, IRQ 7,
+ * doorbell port 0x403),
  * written as ASL for people to read. `tests/asl_equivalence.rs` compiles this file with iasl
  * and checks that its AML is byte-identical to the generator's (src/generate/), so edit both.
  *
@@ -156,10 +157,18 @@ DefinitionBlock ("", "SSDT", 1, "ACPIMN", "ACPIMON", 0x00000001)
                 TIRQ,   8
             }
 
+            /* The doorbell: an isa-debugcon whose chardev the host reads (0x403 by default). */
+            OperationRegion (DBEL, SystemIO, 0x0403, One)
+            Field (DBEL, ByteAcc, NoLock, Preserve)
+            {
+                DBEB,   8
+            }
+
             Method (_EVT, 1, NotSerialized)
             {
                 TIRQ = Zero             /* level-triggered: drop the line first */
                 \_SB.PCI0.AMSH.WREC (0x02)
+                DBEB = 0xC0             /* the record is complete: ring (a SLIP END byte) */
             }
         }
     }

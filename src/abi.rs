@@ -42,6 +42,12 @@ pub const MAILBOX_OFFSET: usize = 0x100;
 /// Bytes of the fixed areas (header, request, record, reserved) that a snapshot copies.
 pub const FIXED_SIZE: usize = MAILBOX_OFFSET;
 
+/// The doorbell byte the AML writes to the doorbell I/O port once a record is complete: a SLIP
+/// END (RFC 1055), i.e. an empty frame, so a later channel that sends whole records as SLIP
+/// frames on the same port rings the same doorbell with each frame's end. To the host it only
+/// means "look now": the record itself is validated as ever.
+pub const DOORBELL_BYTE: u8 = 0xc0;
+
 /// Smallest region: one page, which also keeps the mailbox usefully large.
 pub const MIN_REGION_SIZE: u64 = 4096;
 /// Largest region. Firmware places large BARs above 4 GiB, where 32-bit AML cannot reach.

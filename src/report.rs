@@ -87,7 +87,7 @@ pub fn snapshot_table(region: &Path, snap: &Snapshot, obs: Option<&Observation>)
 /// One line of `acpimon run`'s live view.
 pub fn run_event_line(ev: &RunEvent) -> String {
     match ev {
-        RunEvent::Beat { beat: Beat::Acked { request_no, latency, record }, observation } => {
+        RunEvent::Beat { beat: Beat::Acked { request_no, latency, record, .. }, observation } => {
             let uptime = match observation.guest_uptime {
                 Some(u) => format!("{:.1} s", u.as_secs_f64()),
                 None => "?".into(),
@@ -268,6 +268,15 @@ pub fn status_table(s: &crate::watch::metrics::StatusView) -> String {
         {
             let headline = crate::console::sanitize(verdict.headline.as_bytes());
             let _ = writeln!(o, "{:<20}   verdict {}: {headline}", "", verdict.class);
+        }
+        // The slower path, and why, is worth a line; the doorbell is the norm.
+        if let Some(polling) = v.completion.as_deref().filter(|c| c.starts_with("polling")) {
+            let _ = writeln!(
+                o,
+                "{:<20}   heartbeat completion: {}",
+                "",
+                crate::console::sanitize(polling.as_bytes())
+            );
         }
         for sc in v.scenarios.iter().filter(|sc| sc.unavailable.is_some() || sc.consecutive_misses > 0) {
             let why = sc.unavailable.as_deref().or(sc.last_detail.as_deref()).unwrap_or("");

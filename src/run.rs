@@ -231,7 +231,8 @@ pub async fn run(
     opts: RunOptions,
     mut report: impl FnMut(&RunEvent),
 ) -> Result<Summary, TriggerError> {
-    let mut hb = Heartbeat::new(vm.region.clone(), vm.prepared.descriptor.irq)?;
+    let mut hb =
+        Heartbeat::new(vm.region.clone(), vm.prepared.descriptor.irq)?.with_completion(vm.completion.clone());
     let mut events = vm.qmp.events();
     let mut tracker = Tracker::new();
     // Beats before the guest's GED driver is bound would only count as misses.

@@ -171,6 +171,38 @@ fn a_new_boot_counts_on_and_recovers_an_interrupted_record() {
     assert_eq!(rec.seq, 12, "odd 9 -> writing 11 -> complete 12");
 }
 
+/// With the doorbell (the default table), `_EVT` writes the doorbell byte to port 0x403 once
+/// the record is complete: the I/O access comes after the write of the even sequence number.
+#[test]
+fn the_doorbell_rings_after_the_record_is_complete() {
+    let c = case(&SsdtConfig::default());
+    let evt = run(&format!("{}._EVT 7", paths::EVENT_DEVICE));
+    let setup = [pci(IVSHMEM, BAR_LOW | BAR_TYPE, 0), host(BAR_LOW, 3, 0xabcd), cmd("execute \\TDBC")];
+    let mut commands = setup.to_vec();
+    commands.extend([cmd("execute \\TDBL"), evt.clone(), dump(BAR_LOW), cmd("execute \\TDBL")]);
+    let r = c.machine.exec_with(&["-vr"], &c.ssdt, &commands);
+    assert_eq!(r.integers, [0, u64::from(acpimon::abi::DOORBELL_BYTE)], "{}", r.log);
+    let rec = record(&r.buffers[0]).expect("_EVT wrote a record");
+    assert!(rec.answers(3, 0xabcd));
+    // acpiexec -vr logs every access in order; the last of _EVT is the doorbell's (SystemIO,
+    // space 1), and the write before it completes the record (the even seq at 0x80).
+    let evt_log =
+        r.log.split(&format!("Evaluating {}._EVT", paths::EVENT_DEVICE)).nth(1).expect("_EVT's log");
+    let evt_log = evt_log.split("Evaluating").next().unwrap();
+    let accesses: Vec<&str> = evt_log.lines().filter(|l| l.starts_with("AcpiExec:")).collect();
+    let last = accesses.len() - 1;
+    assert!(accesses[last].contains("SpaceId 01"), "{accesses:#?}");
+    let seq_write = format!("SystemMemory Write: Val {:08X} Addr {:08X}", rec.seq, BAR_LOW + 0x80);
+    assert!(rec.seq % 2 == 0 && accesses[last - 1].contains(&seq_write), "{accesses:#?}");
+
+    // Without a doorbell port nothing is written there.
+    let c = case(&SsdtConfig { doorbell_port: None, ..SsdtConfig::default() });
+    let mut commands = setup.to_vec();
+    commands.extend([evt, cmd("execute \\TDBL")]);
+    let r = c.machine.exec(&c.ssdt, &commands);
+    assert_eq!(r.integers, [0], "{}", r.log);
+}
+
 /// The simulated guest used by benchmarks writes the same record as the real AML.
 #[test]
 fn the_simulated_aml_matches_acpica() {

@@ -53,6 +53,17 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
     svc.wait_state("guest", State::Healthy, BOOT).await;
     // The heartbeat answers before userspace starts: give the guest time to reach its shell.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    // The default launch has the doorbell: the service's beats complete on it (the view says
+    // so, and their latency is recorded).
+    let view = svc.vm("guest").await.unwrap();
+    let completion = view.completion.clone().unwrap_or_default();
+    assert!(completion.starts_with("doorbell (") && completion.ends_with("doorbell.sock)"), "{completion}");
+    let hb = view.scenarios.iter().find(|s| s.kind == "acpi-heartbeat").unwrap();
+    let detail = hb.last_detail.clone().unwrap_or_default();
+    assert!(detail.contains("answered in") && detail.contains("doorbell"), "{detail}");
+    assert!(hb.last_latency_ms.is_some_and(|ms| ms > 0.0 && ms < 1000.0), "{:?}", hb.last_latency_ms);
+    let table = acpimon::report::status_table(&svc.status().await);
+    assert!(!table.contains("heartbeat completion: polling"), "{table}");
 
     assert_a_hang_is_detected_in_time(&g, &svc).await;
     let t = transitions(&svc.events());

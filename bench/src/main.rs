@@ -49,7 +49,7 @@ enum Command {
     },
     /// Scale benchmark: one `acpimon watch` child watching N simulated VMs (no QEMU) at 1 s
     /// heartbeats, beside a 0-VM baseline of the same run: CPU per VM-heartbeat, memory per
-    /// VM, detection latency, false alarms. Needs ~256 + 4×N open files (tools/bench-scale
+    /// VM, detection latency, false alarms. Needs ~256 + 6×N open files (tools/bench-scale
     /// raises the limit).
     Scale {
         /// VM counts to measure.
@@ -64,6 +64,10 @@ enum Command {
         /// Simulated guest delay from the raised IRQ to its record, in ms (real guest p50 ≈ 1).
         #[arg(long, default_value_t = 1.0)]
         sim_latency_ms: f64,
+        /// Prepare the VMs without the doorbell: the service polls each region for its record
+        /// (the path before issue 13, and that of VMs prepared before it).
+        #[arg(long)]
+        no_doorbell: bool,
         /// The acpimon binary to run as the service [default: `acpimon` beside this program].
         #[arg(long, value_name = "PATH")]
         acpimon: Option<PathBuf>,
@@ -281,7 +285,7 @@ fn run(command: Command) -> Result<(), Error> {
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
             runtime().block_on(bench_latency(&guest, count.max(1), seconds, &machine, &state_dir, json))
         }
-        Command::Scale { vms, window, hangs, sim_latency_ms, acpimon, work, json } => {
+        Command::Scale { vms, window, hangs, sim_latency_ms, no_doorbell, acpimon, work, json } => {
             let service = match acpimon {
                 Some(p) => p,
                 None => beside_this_program("acpimon")?,
@@ -292,6 +296,7 @@ fn run(command: Command) -> Result<(), Error> {
             opts.window = window;
             opts.hangs = hangs;
             opts.latency = Duration::from_secs_f64(sim_latency_ms.max(0.0) / 1e3);
+            opts.doorbell = !no_doorbell;
             let report = runtime().block_on(scale::run(&opts, |m| eprintln!("bench-scale: {m}")))?;
             show(&report, json, report.problems())
         }

@@ -39,8 +39,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::simvm::{spawn_fleet, SimError, SimState, SimVm, SimVmOptions};
+use crate::simvm::{spawn_fleet_with, SimError, SimState, SimVm, SimVmOptions};
 use acpimon::event::{Event, EventKind};
+use acpimon::generate::{SsdtConfig, DEFAULT_DOORBELL_PORT};
 use acpimon::watch::metrics::{fetch_status, StatusView};
 use acpimon::watch::state::State;
 
@@ -64,9 +65,10 @@ const SERVICE_STOP_WAIT: Duration = Duration::from_secs(10);
 const DETECTION_SLACK: Duration = Duration::from_millis(250);
 /// Descriptors this process and the service need besides those per VM.
 const FD_BASE: u64 = 256;
-/// Descriptors this process holds per simulated VM once the service is attached (two
-/// listeners, a QMP and a console connection; see [`crate::simvm`]). The service holds two.
-const FDS_PER_VM: u64 = 4;
+/// Descriptors this process holds per simulated VM once the service is attached (three
+/// listeners, a QMP, a console and a doorbell connection; see [`crate::simvm`]). The service
+/// holds three.
+const FDS_PER_VM: u64 = 6;
 
 /// The worst-case time from a hang to `unresponsive`: the next probe starts within an
 /// interval, and each of the `threshold` probes that miss takes its timeout, the next one
@@ -99,6 +101,8 @@ pub struct ScaleOptions {
     pub work: PathBuf,
     /// The simulated guest's delay between the raised IRQ and its record.
     pub latency: Duration,
+    /// The VMs have the doorbell (the default); without it the service polls their regions.
+    pub doorbell: bool,
 }
 
 impl ScaleOptions {
@@ -111,6 +115,7 @@ impl ScaleOptions {
             service: service.into(),
             work: work.into(),
             latency: Duration::from_millis(1),
+            doorbell: true,
         }
     }
 }
@@ -348,8 +353,16 @@ async fn measure(
     let config = dir.join("watch.toml");
     std::fs::write(&config, config_text(&state_dir, &data_dir))
         .map_err(|source| ScaleError::Work { path: config.clone(), source })?;
-    let fleet =
-        spawn_fleet(&state_dir, n, SimVmOptions { dir: PathBuf::new(), latency: opts.latency }).await?;
+    let fleet = spawn_fleet_with(
+        &state_dir,
+        n,
+        SimVmOptions { dir: PathBuf::new(), latency: opts.latency },
+        &SsdtConfig {
+            doorbell_port: opts.doorbell.then_some(DEFAULT_DOORBELL_PORT),
+            ..SsdtConfig::default()
+        },
+    )
+    .await?;
     if n > 0 {
         progress(&format!("{n} VMs: simulated VMs started"));
     }
@@ -396,9 +409,16 @@ async fn measure_with(
     }
     row.healthy_after_s = service.started.elapsed().as_secs_f64();
     let healthy_at = SystemTime::now();
+    let status = service.status().await?;
+    let rung = status
+        .vms
+        .iter()
+        .filter(|v| v.completion.as_deref().is_some_and(|c| c.starts_with("doorbell")))
+        .count();
     progress(&format!(
-        "{n} VMs: all healthy after {:.2} s; measuring {}",
+        "{n} VMs: all healthy after {:.2} s ({rung} completing on the doorbell, {} polling); measuring {}",
         row.healthy_after_s,
+        n - rung.min(n),
         acpimon::units::format_duration(opts.window)
     ));
     tokio::time::sleep(SETTLE).await;
@@ -976,16 +996,16 @@ mod tests {
         assert_eq!(nofile_limits(limits), Some((Some(1024), Some(524288))));
         let unlimited = "Max open files            unlimited            unlimited            files\n";
         assert_eq!(nofile_limits(unlimited), Some((None, None)));
-        assert_eq!(fds_needed(500), 2256);
-        assert!(fd_limit(500, Some(2256), Some(2256)).is_ok());
+        assert_eq!(fds_needed(500), 3256);
+        assert!(fd_limit(500, Some(3256), Some(3256)).is_ok());
         assert!(fd_limit(500, None, None).is_ok());
         let low_soft = fd_limit(500, Some(1024), Some(524288)).unwrap_err().to_string();
         assert!(low_soft.ends_with(
-            "need about 2256; run `ulimit -n 2256` first, or use tools/bench-scale, which raises it"
+            "need about 3256; run `ulimit -n 3256` first, or use tools/bench-scale, which raises it"
         ));
         let low_hard = fd_limit(500, Some(1024), Some(1024)).unwrap_err().to_string();
         assert!(
-            low_hard.contains("; the hard limit is 1024: raise it as root (`ulimit -Hn 2256`"),
+            low_hard.contains("; the hard limit is 1024: raise it as root (`ulimit -Hn 3256`"),
             "{low_hard}"
         );
     }

@@ -13,7 +13,7 @@ use acpimon::launch::channel::{self, Channel};
 use acpimon::launch::prepare;
 use acpimon::read::{Access, GuestRecord, Region};
 use acpimon::trigger::qmp::{EventKind, Qmp, QmpError, QmpEvent};
-use acpimon::trigger::{Beat, Heartbeat};
+use acpimon::trigger::{Beat, Completion, Heartbeat, Via};
 use acpimon_bench::simvm::{spawn_fleet, PanicAction, SimState, SimVm, SimVmOptions};
 use tokio::sync::broadcast;
 
@@ -97,6 +97,71 @@ async fn a_hundred_heartbeats_are_acknowledged_with_their_records() {
         assert!(snap.anomalies.is_empty(), "{:?}", snap.anomalies);
     }
     assert_eq!(s.vm.triggers(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_complete_through_the_doorbell_and_without_it_by_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let latency = Duration::from_millis(5);
+    for (name, doorbell_port) in [("rung", Some(0x403)), ("polled", None)] {
+        let cfg = SsdtConfig { doorbell_port, ..SsdtConfig::default() };
+        let p = prepare(dir.path(), name, &cfg).unwrap();
+        let vm = SimVm::start(SimVmOptions { latency, ..SimVmOptions::new(&p.dir) }).await.unwrap();
+        let qmp = Qmp::connect(&p.descriptor.qmp, WAIT).await.unwrap();
+        let region = Arc::new(Region::open(&p.descriptor.region, Access::ReadWrite).unwrap());
+        let socket = p.descriptor.doorbell.as_ref().map(|b| b.socket.as_path());
+        let completion = Completion::connect(socket).await;
+        let mut hb = Heartbeat::new(region, p.descriptor.irq).unwrap().with_completion(completion);
+        let want = if doorbell_port.is_some() { Via::Doorbell } else { Via::Poll };
+        assert_eq!(hb.completion().starts_with("doorbell ("), doorbell_port.is_some(), "{}", hb.completion());
+        for _ in 0..20 {
+            match hb.beat(&qmp, Duration::from_secs(1)).await.unwrap() {
+                Beat::Acked { latency: l, via, .. } => {
+                    assert_eq!(via, want, "{name}");
+                    assert!(l >= latency && l < Duration::from_millis(500), "{name}: {l:?}");
+                }
+                beat => panic!("{name}: {beat:?}"),
+            }
+        }
+        // A hung guest: the beat misses, doorbell or not.
+        vm.set_state(SimState::Hung);
+        assert!(missed(&hb.beat(&qmp, Duration::from_millis(100)).await.unwrap()));
+        vm.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_doorbell_that_never_rings_gives_way_to_polling() {
+    // A table without the doorbell, and a doorbell connected to nothing that writes.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SsdtConfig { doorbell_port: None, ..SsdtConfig::default() };
+    let p = prepare(dir.path(), "vm", &cfg).unwrap();
+    // Answering after the first look, as a real guest does.
+    let latency = Duration::from_millis(5);
+    let vm = SimVm::start(SimVmOptions { latency, ..SimVmOptions::new(&p.dir) }).await.unwrap();
+    let qmp = Qmp::connect(&p.descriptor.qmp, WAIT).await.unwrap();
+    let region = Arc::new(Region::open(&p.descriptor.region, Access::ReadWrite).unwrap());
+    let (_quiet, host) = tokio::net::UnixStream::pair().unwrap();
+    let bell = Arc::new(acpimon::trigger::Doorbell::from_stream(Path::new("/quiet"), host));
+    let mut hb =
+        Heartbeat::new(region, p.descriptor.irq).unwrap().with_completion(Completion::Doorbell(bell));
+    for i in 0..acpimon::trigger::SILENT_DOORBELL_LIMIT {
+        match hb.beat(&qmp, Duration::from_secs(2)).await.unwrap() {
+            // Answered by the safety poll, late but not missed.
+            Beat::Acked { latency, via: Via::Poll, .. } => {
+                assert!(latency >= acpimon::trigger::DOORBELL_SAFETY_POLL, "{latency:?}")
+            }
+            beat => panic!("beat {i}: {beat:?}"),
+        }
+    }
+    assert!(hb.completion().contains("did not ring for 3 answered heartbeats"), "{}", hb.completion());
+    match hb.beat(&qmp, Duration::from_secs(2)).await.unwrap() {
+        Beat::Acked { latency, via: Via::Poll, .. } => {
+            assert!(latency < Duration::from_millis(100), "{latency:?}")
+        }
+        beat => panic!("{beat:?}"),
+    }
+    vm.stop().await;
 }
 
 #[tokio::test]
@@ -369,6 +434,71 @@ async fn fleet(root: &Path, n: usize) {
         vm.stop().await;
     }
     eprintln!("{n} simulated VMs stopped in {:.2?}", t.elapsed());
+}
+
+/// The process's threads, from /proc.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// The guard of issue 13: a beat in flight is a future, not a thread. 1,000 simulated VMs,
+/// all hung, a beat in flight to each (half woken by their doorbell, half polling): the
+/// process has as many threads as before. (Waiting on a blocking thread per beat, as before,
+/// took 512, the blocking pool's cap.) Not timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_hung_beats_in_flight_hold_no_thread() {
+    const N: usize = 1000;
+    // This process holds both ends: 3 listeners, 2 x 2 connection ends and a region per VM.
+    let need = 8 * N as u64 + 256;
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3).map(|v| v.parse::<u64>().unwrap_or(u64::MAX)));
+    assert!(
+        soft.is_some_and(|s| s >= need),
+        "this test needs an open-file limit of {need} (ulimit -n {need}); it is {soft:?}"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let vms = spawn_fleet(root.path(), N, SimVmOptions::new("")).await.unwrap();
+    let mut beats = Vec::with_capacity(N);
+    for (i, vm) in vms.iter().enumerate() {
+        let d = vm.descriptor();
+        let qmp = Qmp::connect(&d.qmp, WAIT).await.unwrap();
+        let region = Arc::new(Region::open(&d.region, Access::ReadWrite).unwrap());
+        let socket = d.doorbell.as_ref().map(|b| b.socket.as_path()).filter(|_| i % 2 == 0);
+        let completion = Completion::connect(socket).await;
+        assert_eq!(matches!(completion, Completion::Doorbell(_)), i % 2 == 0, "{}", completion.describe());
+        let hb = Heartbeat::new(region, d.irq).unwrap().with_completion(completion);
+        vm.set_state(SimState::Hung);
+        beats.push((qmp, hb));
+    }
+    // Idle threads of the blocking pool (spawn_fleet prepared the directories on one) are
+    // part of the baseline.
+    let before = threads();
+    let tasks: Vec<_> = beats
+        .into_iter()
+        .map(|(qmp, mut hb)| {
+            tokio::spawn(async move { hb.beat(&qmp, Duration::from_secs(3)).await.unwrap() })
+        })
+        .collect();
+    // Every beat is in flight (triggered, waiting) well before its 3 s timeout.
+    let t = Instant::now();
+    while vms.iter().any(|vm| vm.triggers() == 0) {
+        assert!(t.elapsed() < Duration::from_secs(3), "not every beat was triggered within 3 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let during = threads();
+    let mut missed_all = true;
+    for task in tasks {
+        missed_all &= missed(&task.await.unwrap());
+    }
+    eprintln!("{N} hung beats in flight: {before} threads before, {during} during");
+    assert!(missed_all, "a hung VM answered");
+    assert!(during <= before + 2, "{N} beats in flight took {} threads", during.saturating_sub(before));
+    for vm in vms {
+        vm.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -395,6 +395,7 @@ pub fn prepare(r: PrepareRequest) -> Result<(String, Vec<String>), Error> {
         pvpanic: true,
         app_socket: r.extras.app_channel.then(any).flatten(),
         guest_agent_socket: r.extras.guest_agent.then(any).flatten(),
+        doorbell_socket: cfg.doorbell_port.and(any()),
         ..LaunchPlan::minimal(cfg.clone(), "/".into(), "/".into())
     };
     r.launch.adapt(&mut plan, &user)?;
@@ -568,6 +569,23 @@ pub struct TableArgs {
     /// OEM table ID written in the table header (1-8 characters).
     #[arg(long, default_value = generate::DEFAULT_OEM_TABLE_ID, value_name = "ID")]
     pub oem_table_id: String,
+    /// The I/O port the table rings when a heartbeat's record is complete (an isa-debugcon
+    /// whose socket the host reads, so it wakes instead of polling the region).
+    #[arg(long, default_value = "0x403", value_name = "PORT", value_parser = parse_port)]
+    pub doorbell_port: u16,
+    /// No doorbell: the host polls the region for each heartbeat's record.
+    #[arg(long)]
+    pub no_doorbell: bool,
+}
+
+/// An I/O port, in hex (`0x403`) or decimal.
+fn parse_port(s: &str) -> Result<u16, String> {
+    let t = s.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u16::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|_| format!("'{s}' is not an I/O port; write e.g. 0x403"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -607,6 +625,11 @@ impl TableArgs {
             region_size: generate::parse_region_size(&self.region_size)?,
             oem_table_id: self.oem_table_id.clone(),
             thermal_period_ds,
+            doorbell_port: if self.no_doorbell {
+                None
+            } else {
+                Some(generate::validate_doorbell_port(self.doorbell_port)?)
+            },
         };
         cfg.validate()?;
         Ok(cfg)

@@ -10,6 +10,9 @@
 //! - [`EventDevice`]: a Generic Event Device (`ACPI0013`) on a level, active-high ISA IRQ.
 //!   The host raises the IRQ with pc-testdev (I/O port `0x2000 + irq`); `_EVT` drops the line
 //!   itself (so one host command makes one event) and writes a record.
+//!   With a doorbell port (the default, [`DEFAULT_DOORBELL_PORT`]), `_EVT` then writes
+//!   [`abi::DOORBELL_BYTE`] to that I/O port (an `isa-debugcon` whose chardev the host reads),
+//!   so the host wakes when the record is complete instead of polling the region.
 //! - [`ThermalPoll`] (optional): a ThermalZone whose `_TZP` makes Linux call `_TMP`
 //!   periodically; `_TMP` writes a record and returns a constant far below `_CRT`.
 //!
@@ -44,6 +47,13 @@ pub const DEFAULT_SLOT: PciSlot = PciSlot { device: 0x0f, function: 0 };
 pub const DEFAULT_REGION_SIZE: u32 = 4096;
 /// pc-testdev's ISA IRQ ports start here: a write of `v` to `0x2000 + n` sets IRQ `n` to `v`.
 pub const TESTDEV_IRQ_PORT_BASE: u16 = 0x2000;
+/// Default doorbell I/O port. Free on QEMU's pc and q35 boards (`info mtree`: unassigned from
+/// 0x3f8's serial port to the ELCR at 0x4d0), and not 0x402, where SeaBIOS and OVMF write their
+/// debug logs.
+pub const DEFAULT_DOORBELL_PORT: u16 = 0x403;
+/// The doorbell's OperationRegion and field.
+const DOORBELL_REGION: &str = "DBEL";
+const DOORBELL_FIELD: &str = "DBEB";
 /// The constant temperature `_TMP` returns: 25.0 °C in tenths of a kelvin.
 pub const THERMAL_TMP_DK: u16 = 2982;
 /// The critical trip point: 120.0 °C, far above `_TMP`, so Linux never acts on it.
@@ -88,6 +98,8 @@ pub enum ConfigError {
     BadOemTableId(String),
     #[error("thermal period {0} ds is out of range; use 1-36000 tenths of a second (0.1 s to 1 h)")]
     ThermalPeriod(u32),
+    #[error("doorbell port {0:#x} is taken by the platform or pc-testdev (0, 0x402, 0xcf8-0xcff; pc-testdev's 0xe0-0xeb and 0x2000-0x2017); use the default 0x403 or another free I/O port")]
+    DoorbellPort(u16),
 }
 
 /// A PCI device and function on bus 0, as QEMU's `addr=` property writes it.
@@ -160,6 +172,9 @@ pub struct SsdtConfig {
     pub oem_table_id: String,
     /// Thermal fallback poll period in tenths of a second; `None` leaves the zone out.
     pub thermal_period_ds: Option<u16>,
+    /// The I/O port `_EVT` rings when its record is complete; `None` leaves the doorbell out
+    /// (the host then polls the region).
+    pub doorbell_port: Option<u16>,
 }
 
 impl Default for SsdtConfig {
@@ -170,6 +185,7 @@ impl Default for SsdtConfig {
             region_size: DEFAULT_REGION_SIZE,
             oem_table_id: DEFAULT_OEM_TABLE_ID.to_string(),
             thermal_period_ds: None,
+            doorbell_port: Some(DEFAULT_DOORBELL_PORT),
         }
     }
 }
@@ -184,6 +200,17 @@ pub fn validate_irq(irq: u32) -> Result<u8, ConfigError> {
         return Err(ConfigError::IrqReserved(irq));
     }
     Ok(irq)
+}
+
+/// Checks a doorbell port: not one the board, its firmware's debug log or pc-testdev uses.
+pub fn validate_doorbell_port(port: u16) -> Result<u16, ConfigError> {
+    let taken =
+        port == 0 || port == 0x402 || (0xe0..=0xeb).contains(&port) || (0xcf8..=0xcff).contains(&port);
+    let testdev_irq = (TESTDEV_IRQ_PORT_BASE..TESTDEV_IRQ_PORT_BASE + 0x18).contains(&port);
+    if taken || testdev_irq {
+        return Err(ConfigError::DoorbellPort(port));
+    }
+    Ok(port)
 }
 
 /// Checks a region size against the ABI.
@@ -221,6 +248,9 @@ impl SsdtConfig {
                 return Err(ConfigError::ThermalPeriod(u32::from(p)));
             }
         }
+        if let Some(port) = self.doorbell_port {
+            validate_doorbell_port(port)?;
+        }
         Ok(())
     }
 
@@ -239,7 +269,8 @@ pub fn build(cfg: &SsdtConfig) -> Result<Vec<u8>, ConfigError> {
     let pci0 = External { path: "\\_SB_.PCI0".into(), object_type: DEVICE_OBJ };
     If::new(&ZERO, vec![&pci0]).to_aml_bytes(&mut body);
     Scope::new("\\_SB_.PCI0".into(), vec![&SharedRegionDevice { slot: cfg.slot }]).to_aml_bytes(&mut body);
-    Scope::new("\\_SB_".into(), vec![&EventDevice { irq: cfg.irq }]).to_aml_bytes(&mut body);
+    Scope::new("\\_SB_".into(), vec![&EventDevice { irq: cfg.irq, doorbell_port: cfg.doorbell_port }])
+        .to_aml_bytes(&mut body);
     if let Some(period_ds) = cfg.thermal_period_ds {
         Scope::new("\\_TZ_".into(), vec![&ThermalPoll { period_ds }]).to_aml_bytes(&mut body);
     }
@@ -424,11 +455,32 @@ impl Aml for SharedRegionDevice {
 /// The Generic Event Device the host raises through pc-testdev.
 pub struct EventDevice {
     pub irq: u8,
+    /// The I/O port `_EVT` rings once its record is complete.
+    pub doorbell_port: Option<u16>,
 }
 
 impl Aml for EventDevice {
     fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
         let port = TESTDEV_IRQ_PORT_BASE + u16::from(self.irq);
+        let doorbell = Block(|s: &mut dyn AmlSink| {
+            if let Some(port) = self.doorbell_port {
+                OpRegion::new(DOORBELL_REGION.into(), OpRegionSpace::SystemIO, &port, &ONE).to_aml_bytes(s);
+                Field::new(
+                    DOORBELL_REGION.into(),
+                    FieldAccessType::Byte,
+                    FieldLockRule::NoLock,
+                    FieldUpdateRule::Preserve,
+                    field_list(&[(DOORBELL_FIELD, 0, 8)]),
+                )
+                .to_aml_bytes(s);
+            }
+        });
+        // After WREC returns, whatever it wrote: the host only takes the ring as "look now".
+        let ring = Block(|s: &mut dyn AmlSink| {
+            if self.doorbell_port.is_some() {
+                Store::new(&Path::new(DOORBELL_FIELD), &abi::DOORBELL_BYTE).to_aml_bytes(s);
+            }
+        });
         Device::new(
             "AMGE".into(),
             vec![
@@ -452,6 +504,7 @@ impl Aml for EventDevice {
                     FieldUpdateRule::Preserve,
                     field_list(&[("TIRQ", 0, 8)]),
                 ),
+                &doorbell,
                 &Method::new(
                     "_EVT".into(),
                     1,
@@ -460,6 +513,7 @@ impl Aml for EventDevice {
                         // Level-triggered: drop the line first, or the IRQ fires again.
                         &Store::new(&Path::new("TIRQ"), &ZERO),
                         &MethodCall::new(paths::WRITE_RECORD.into(), vec![&Source::Ged.code()]),
+                        &ring,
                     ],
                 ),
             ],

@@ -43,7 +43,34 @@ fn event_device_golden_bytes() {
             0x5c, 0x2f, 0x04, b'_', b'S', b'B', b'_', b'P', b'C', b'I', b'0',
                 b'A', b'M', b'S', b'H', b'W', b'R', b'E', b'C', 0x0a, 0x02,
     ];
-    assert_eq!(aml_bytes(&EventDevice { irq: 7 }), expected);
+    assert_eq!(aml_bytes(&EventDevice { irq: 7, doorbell_port: None }), expected);
+}
+
+#[test]
+fn the_doorbell_rings_after_the_record() {
+    //     OperationRegion (DBEL, SystemIO, 0x0403, One)
+    //     Field (DBEL, ByteAcc, NoLock, Preserve) { DBEB, 8 }
+    //     Method (_EVT, 1, NotSerialized)
+    //     {
+    //         TIRQ = Zero
+    //         \_SB.PCI0.AMSH.WREC (0x02)
+    //         DBEB = 0xC0
+    //     }
+    let plain = aml_bytes(&EventDevice { irq: 7, doorbell_port: None });
+    let rung = aml_bytes(&EventDevice { irq: 7, doorbell_port: Some(0x403) });
+    #[rustfmt::skip]
+    let region: Vec<u8> = vec![
+        0x5b, 0x80, b'D', b'B', b'E', b'L', 0x01, 0x0b, 0x03, 0x04, 0x01,
+        0x5b, 0x81, 0x0b, b'D', b'B', b'E', b'L', 0x01, b'D', b'B', b'E', b'B', 0x08,
+    ];
+    let ring = [0x70, 0x0a, 0xc0, b'D', b'B', b'E', b'B'];
+    let at = rung.windows(region.len()).position(|w| w == region).expect("the doorbell's region");
+    let evt = rung.windows(4).position(|w| w == b"_EVT").unwrap();
+    assert!(at < evt, "declared before _EVT");
+    assert!(rung.ends_with(&ring), "the ring is _EVT's last statement, after WREC");
+    // Everything else is the plain device, with the lengths grown.
+    assert_eq!(rung.len(), plain.len() + region.len() + ring.len());
+    assert!(!plain.windows(4).any(|w| w == b"DBEL"));
 }
 
 #[test]
@@ -139,4 +166,11 @@ fn bad_parameters_name_the_problem_and_the_fix() {
     let slow = SsdtConfig { thermal_period_ds: Some(0), ..SsdtConfig::default() };
     let e = build(&slow).unwrap_err().to_string();
     assert!(e.contains("thermal period 0 ds is out of range"), "{e}");
+    for taken in [0, 0x402, 0xe9, 0xcf8, 0x2007] {
+        let e = validate_doorbell_port(taken).unwrap_err().to_string();
+        assert!(e.contains("is taken") && e.contains("0x403"), "{taken:#x}: {e}");
+    }
+    assert_eq!(validate_doorbell_port(0x403), Ok(0x403));
+    let off = SsdtConfig { doorbell_port: None, ..SsdtConfig::default() };
+    assert!(build(&off).unwrap().len() < build(&SsdtConfig::default()).unwrap().len());
 }

@@ -155,6 +155,21 @@ pub fn check(cfg: &QemuConfig, plan: &LaunchPlan) -> Vec<Conflict> {
                 });
             }
         }
+        // An I/O port holds one device: the user's own debug console on the doorbell's port.
+        let doorbell = items.iter().any(|i| i.id == Some(launch::DOORBELL_ID) && i.option == "device");
+        if let (true, Some(port)) = (doorbell, plan.ssdt.doorbell_port) {
+            for s in cfg.sections("device").filter(|s| s.driver() == Some("isa-debugcon")) {
+                // QEMU's default iobase is 0xe9.
+                let iobase = s.get("iobase").map_or(Some(0xe9), parse_port);
+                if iobase == Some(port) && !s.id.as_deref().is_some_and(|id| id.starts_with("acpimon-")) {
+                    out.push(Conflict {
+                        what: format!("I/O port {port:#x}, acpimon's doorbell, is taken by {}", s.describe()),
+                        fix: "choose another with --doorbell-port, or leave the doorbell out with --no-doorbell"
+                            .into(),
+                    });
+                }
+            }
+        }
         // Devices QEMU allows once per machine (their I/O ports are fixed).
         for (driver, what) in [("pc-testdev", "pc-testdev"), ("pvpanic", "pvpanic")] {
             let ours = items.iter().any(|i| i.head.as_ref().is_some_and(|(_, d)| d == driver));
@@ -173,6 +188,15 @@ pub fn check(cfg: &QemuConfig, plan: &LaunchPlan) -> Vec<Conflict> {
         }
     }
     out
+}
+
+/// An `iobase=` value: hex with `0x`, or decimal, as QEMU's integer properties take it.
+fn parse_port(v: &str) -> Option<u16> {
+    let t = v.trim();
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u16::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +232,19 @@ mod tests {
         // No -M: QEMU's default machine is pc, with its floppy controller on 6.
         assert!(check(&argv("-m 256"), &plan(6, "0f"))[0].what.contains("floppy"));
         assert!(check(&argv("-m 256"), &plan(7, "0f"))[0].what.contains("parallel"));
+    }
+
+    #[test]
+    fn a_debug_console_on_the_doorbell_port_is_reported() {
+        let p = LaunchPlan { doorbell_socket: Some("/d".into()), ..plan(7, "0f") };
+        let c = check(&argv("-M q35 -nodefaults -device isa-debugcon,iobase=0x403,chardev=x"), &p);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert!(c[0].what.contains("I/O port 0x403") && c[0].fix.contains("--doorbell-port"), "{c:?}");
+        // QEMU's default port 0xe9, SeaBIOS's 0x402: no collision; nor without the doorbell.
+        assert_eq!(check(&argv("-M q35 -nodefaults -device isa-debugcon,chardev=x"), &p), []);
+        assert_eq!(check(&argv("-M q35 -nodefaults -device isa-debugcon,iobase=0x402,chardev=x"), &p), []);
+        let c = check(&argv("-M q35 -nodefaults -device isa-debugcon,iobase=1027,chardev=x"), &plan(7, "0f"));
+        assert_eq!(c, []);
     }
 
     #[test]

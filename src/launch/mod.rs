@@ -18,7 +18,7 @@ pub mod vm;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-pub use self::prepare::{prepare, prepare_with, Descriptor, Extras, PrepareError, Prepared};
+pub use self::prepare::{prepare, prepare_with, Descriptor, DoorbellDesc, Extras, PrepareError, Prepared};
 use self::qemu_config::QemuConfig;
 use self::qemu_version::QemuVersion;
 pub use self::vm::{Vm, VmError, VmSpec};
@@ -40,6 +40,8 @@ pub const SERIAL_ID: &str = "acpimon-serial";
 pub const PVPANIC_ID: &str = "acpimon-pvpanic";
 /// Device id of vmcoreinfo.
 pub const VMCOREINFO_ID: &str = "acpimon-vmcoreinfo";
+/// Chardev (and device) id of the doorbell's `isa-debugcon`.
+pub const DOORBELL_ID: &str = "acpimon-doorbell";
 /// The virtio-serial controller carrying the app channel and the guest agent.
 pub const VSERIAL_ID: &str = "acpimon-vser";
 /// The app channel's chardev, and its port.
@@ -90,6 +92,9 @@ pub struct LaunchPlan {
     pub app_socket: Option<PathBuf>,
     /// The QEMU guest agent's virtio-serial port on this Unix socket.
     pub guest_agent_socket: Option<PathBuf>,
+    /// The doorbell (an `isa-debugcon` at the table's doorbell port) on this Unix socket; none
+    /// without one, or when the table has no doorbell port.
+    pub doorbell_socket: Option<PathBuf>,
     /// The QEMU the options are for; `None` means a current one (6.0 or later).
     pub qemu_version: Option<QemuVersion>,
 }
@@ -175,6 +180,7 @@ impl LaunchPlan {
             ovmf_low_bar: false,
             app_socket: None,
             guest_agent_socket: None,
+            doorbell_socket: None,
             qemu_version: None,
         }
     }
@@ -235,6 +241,15 @@ impl LaunchPlan {
             items.push(
                 QemuItem::new("device", Some(("driver", "isa-serial")), Some(SERIAL_ID))
                     .prop("chardev", CONSOLE_ID),
+            );
+        }
+        if let (Some(path), Some(port)) = (&self.doorbell_socket, self.ssdt.doorbell_port) {
+            // The same id for chardev and device, as for the QMP monitor: distinct namespaces.
+            items.push(socket_chardev(DOORBELL_ID, path)?);
+            items.push(
+                QemuItem::new("device", Some(("driver", "isa-debugcon")), Some(DOORBELL_ID))
+                    .prop("iobase", format!("{port:#x}"))
+                    .prop("chardev", DOORBELL_ID),
             );
         }
         if self.pvpanic {
@@ -351,6 +366,27 @@ mod tests {
             "{ini}"
         );
         assert!(ini.contains("[action]\n  panic = \"none\""), "{ini}");
+    }
+
+    #[test]
+    fn the_doorbell_in_either_form() {
+        let p = LaunchPlan { doorbell_socket: Some("/run/vm1/doorbell.sock".into()), ..plan() };
+        let argv = p.argv().unwrap().join(" ");
+        assert!(
+            argv.contains(
+                "-chardev socket,id=acpimon-doorbell,path=/run/vm1/doorbell.sock,server=on,wait=off \
+             -device isa-debugcon,id=acpimon-doorbell,iobase=0x403,chardev=acpimon-doorbell"
+            ),
+            "{argv}"
+        );
+        let (ini, _) = p.readconfig().unwrap();
+        assert!(ini.contains(
+            "[device \"acpimon-doorbell\"]\n  driver = \"isa-debugcon\"\n  iobase = \"0x403\"\n  chardev = \"acpimon-doorbell\"\n"
+        ), "{ini}");
+        // A table without a doorbell port gets no device, whatever the socket.
+        let mut p = p;
+        p.ssdt.doorbell_port = None;
+        assert!(!p.argv().unwrap().join(" ").contains("debugcon"));
     }
 
     #[test]

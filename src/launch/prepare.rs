@@ -12,6 +12,8 @@ use crate::read::{Region, RegionError};
 
 /// File name of the descriptor inside a VM's directory.
 pub const DESCRIPTOR: &str = "vm.json";
+/// File name of the doorbell's socket inside a VM's directory.
+pub const DOORBELL_SOCKET: &str = "doorbell.sock";
 /// Unix socket paths are limited to 107 bytes.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -66,6 +68,17 @@ pub struct Descriptor {
     /// The guest agent's socket, when the VM has one (`prepare --guest-agent`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_agent: Option<PathBuf>,
+    /// The doorbell the table rings when a heartbeat's record is complete; absent (a VM
+    /// prepared before it existed, or with `--no-doorbell`), the host polls the region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doorbell: Option<DoorbellDesc>,
+}
+
+/// The doorbell: an `isa-debugcon` at `port` whose chardev QEMU serves on `socket`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoorbellDesc {
+    pub port: u16,
+    pub socket: PathBuf,
 }
 
 impl Descriptor {
@@ -76,6 +89,7 @@ impl Descriptor {
             region_size: self.region_size,
             oem_table_id: self.oem_table_id.clone(),
             thermal_period_ds: self.thermal_period_ds,
+            doorbell_port: self.doorbell.as_ref().map(|d| d.port),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -94,6 +108,7 @@ impl Descriptor {
             ovmf_low_bar: false,
             app_socket: self.app.clone(),
             guest_agent_socket: self.guest_agent.clone(),
+            doorbell_socket: self.doorbell.as_ref().map(|d| d.socket.clone()),
             qemu_version: None,
         })
     }
@@ -214,8 +229,10 @@ pub fn prepare_with(
         console_libvirt: false,
         app: extras.app_channel.then(|| dir.join("app.sock")),
         guest_agent: extras.guest_agent.then(|| dir.join("qga.sock")),
+        doorbell: cfg.doorbell_port.map(|port| DoorbellDesc { port, socket: dir.join(DOORBELL_SOCKET) }),
     };
-    for sock in [&d.qmp, &d.console].into_iter().chain(&d.app).chain(&d.guest_agent) {
+    let doorbell = d.doorbell.as_ref().map(|b| &b.socket);
+    for sock in [&d.qmp, &d.console].into_iter().chain(&d.app).chain(&d.guest_agent).chain(doorbell) {
         if sock.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(PrepareError::SocketPathTooLong(sock.clone()));
         }
@@ -245,6 +262,20 @@ mod tests {
         let plan = p.descriptor.plan().unwrap();
         assert!(plan.argv().unwrap().join(" ").contains("qmp.sock"));
         assert!(plan.vmcoreinfo, "the full launch publishes VMCOREINFO");
+        // The doorbell, by default: in vm.json, and its device and socket in the launch.
+        let bell = p.descriptor.doorbell.as_ref().expect("a doorbell by default");
+        assert_eq!((bell.port, bell.socket.clone()), (0x403, p.dir.join(DOORBELL_SOCKET)));
+        assert!(plan
+            .argv()
+            .unwrap()
+            .join(" ")
+            .contains("-device isa-debugcon,id=acpimon-doorbell,iobase=0x403"));
+        // Without: none, and a descriptor from before the doorbell (no field) loads without.
+        let off = SsdtConfig { doorbell_port: None, ..SsdtConfig::default() };
+        let q = prepare(dir.path(), "vm-2", &off).unwrap();
+        assert!(q.descriptor.doorbell.is_none());
+        assert!(!std::fs::read_to_string(q.dir.join(DESCRIPTOR)).unwrap().contains("doorbell"));
+        assert_eq!(Descriptor::load(&q.dir).unwrap().ssdt_config().unwrap().doorbell_port, None);
         // Again: the same files, refreshed.
         prepare(dir.path(), "vm-1", &SsdtConfig::default()).unwrap();
     }

@@ -19,6 +19,7 @@ use crate::console::{self, Console};
 use crate::generate::ConfigError;
 use crate::read::{Access, Region, RegionError};
 use crate::trigger::qmp::{Qmp, QmpError};
+use crate::trigger::Completion;
 
 /// The second monitor of a VM left to `acpimon watch`.
 pub const CONTROL_QMP: &str = "control-qmp.sock";
@@ -78,6 +79,8 @@ pub struct Vm {
     /// `Err` says why the console is not available; monitoring goes on without it.
     pub console: Result<Console, String>,
     pub region: Arc<Region>,
+    /// How heartbeats learn of their records: the doorbell, or polling and why.
+    pub completion: Completion,
     pub prepared: Prepared,
     /// Where ivshmem sits, from the plan validated at launch.
     slot: crate::generate::PciSlot,
@@ -140,7 +143,14 @@ impl Vm {
         let control = dir.join(CONTROL_QMP);
         // The launcher's console socket is QEMU's to replace, not acpimon's to remove.
         let own_console = d.console_chardev.is_none().then_some(&d.console);
-        for sock in [&d.qmp, &control].into_iter().chain(own_console).chain(&d.app).chain(&d.guest_agent) {
+        let doorbell = d.doorbell.as_ref().map(|b| &b.socket);
+        for sock in [&d.qmp, &control]
+            .into_iter()
+            .chain(own_console)
+            .chain(&d.app)
+            .chain(&d.guest_agent)
+            .chain(doorbell)
+        {
             let _ = std::fs::remove_file(sock);
         }
         let mut ours = if spec.readconfig {
@@ -191,9 +201,15 @@ impl Vm {
         } else {
             connect_console(d).await
         };
+        // QEMU serves one client per chardev socket: left to watch, the doorbell is its.
+        let completion = if spec.leave_to_watch {
+            Completion::Polling("the doorbell is left to acpimon watch".into())
+        } else {
+            Completion::connect(d.doorbell.as_ref().map(|b| b.socket.as_path())).await
+        };
         let region = Arc::new(Region::open(&d.region, Access::ReadWrite)?);
         let slot = plan.ssdt.slot;
-        Ok(Vm { child, qmp, console, region, prepared: spec.prepared, slot, notes, stderr_path })
+        Ok(Vm { child, qmp, console, region, completion, prepared: spec.prepared, slot, notes, stderr_path })
     }
 
     /// Which channel carries this VM's records, from where the firmware put BAR2.

@@ -61,6 +61,9 @@ pub struct VmView {
     pub events_not_spooled: u64,
     /// Channels that are not available and why.
     pub degraded: Vec<String>,
+    /// How heartbeats learn of their records: `doorbell (SOCKET)` or `polling: WHY`.
+    #[serde(default)]
+    pub completion: Option<String>,
     /// The app's own word on its health (app channel or mailbox), and its details.
     pub app_status: Option<crate::abi::AppStatus>,
     pub app_details: Option<String>,
@@ -113,6 +116,7 @@ impl VmView {
             events: 0,
             events_not_spooled: 0,
             degraded: Vec::new(),
+            completion: None,
             app_status: None,
             app_details: None,
             app_info: None,

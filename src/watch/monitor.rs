@@ -34,6 +34,7 @@ use crate::launch::Descriptor;
 use crate::read::{Access, Region};
 use crate::sentinel::{KernelReport, ReportClass, Scanner};
 use crate::trigger::qmp::{EventKind as QmpEventKind, Qmp, QmpEvent};
+use crate::trigger::Completion;
 use crate::units::now_rfc3339;
 use crate::util::lock;
 
@@ -320,7 +321,9 @@ impl Monitor {
                 Err("the VM has no app channel; prepare it with --app-channel to use this scenario".into())
             }
         };
+        let completion = Completion::connect(d.doorbell.as_ref().map(|b| b.socket.as_path())).await;
         let channels = Channels {
+            completion,
             qmp: qmp.clone(),
             region,
             region_why,
@@ -420,7 +423,11 @@ impl Monitor {
         }
         self.kfollow.attach(Arc::clone(&self.vmcoreinfo), self.boot_key(), att.console.is_some(), unseen);
         let mut follow: Option<JoinHandle<super::kfollow::PollDone>> = None;
-        lock(&self.view).degraded = degraded;
+        {
+            let mut view = lock(&self.view);
+            view.degraded = degraded;
+            view.completion = Some(att.channels.completion.describe());
+        }
         self.kernel_log_view();
         self.refresh_view("");
         let mut events = att.qmp.events();

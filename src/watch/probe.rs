@@ -17,7 +17,7 @@ use crate::console::Console;
 use crate::read::Mailbox;
 use crate::read::{GuestRecord, Region};
 use crate::trigger::qmp::Qmp;
-use crate::trigger::{Beat, Heartbeat};
+use crate::trigger::{Beat, Completion, Heartbeat, Via};
 
 /// What a probe task sends its VM's monitor.
 #[derive(Debug)]
@@ -45,6 +45,8 @@ pub struct Channels {
     pub app: Result<Arc<AppChannel>, String>,
     /// The guest agent's socket, when the VM has one.
     pub guest_agent: Option<std::path::PathBuf>,
+    /// How heartbeats learn of their records (the doorbell, or polling and why).
+    pub completion: Completion,
 }
 
 /// Why `scenario` cannot run with these channels, if it cannot.
@@ -113,7 +115,9 @@ impl Prober {
             ScenarioSpec::AcpiHeartbeat {} => {
                 let region = ch.region.clone().ok_or_else(|| ch.region_why.clone())?;
                 Prober::Heartbeat(
-                    Heartbeat::new(region, ch.irq).map_err(|e| format!("cannot use the region: {e}"))?,
+                    Heartbeat::new(region, ch.irq)
+                        .map_err(|e| format!("cannot use the region: {e}"))?
+                        .with_completion(ch.completion.clone()),
                 )
             }
             ScenarioSpec::Thermal {} => Prober::Thermal(Counter::default()),
@@ -316,8 +320,15 @@ fn ms(d: Duration) -> String {
 async fn heartbeat(hb: &mut Heartbeat, qmp: &Qmp, timeout: Duration) -> (Outcome, Option<GuestRecord>) {
     // The QMP command itself is bounded too: a wedged QEMU is a miss, not a stuck task.
     match tokio::time::timeout(timeout + Duration::from_secs(1), hb.beat(qmp, timeout)).await {
-        Ok(Ok(Beat::Acked { request_no, latency, record })) => {
-            (answered(latency, format!("request {request_no} answered in {}", ms(latency))), Some(record))
+        Ok(Ok(Beat::Acked { request_no, latency, record, via })) => {
+            let how = match via {
+                Via::Doorbell => "the doorbell rang".to_string(),
+                Via::Poll => hb.completion(),
+            };
+            (
+                answered(latency, format!("request {request_no} answered in {} ({how})", ms(latency))),
+                Some(record),
+            )
         }
         Ok(Ok(Beat::Missed { request_no, waited, last })) => {
             let last_seen = match &last {

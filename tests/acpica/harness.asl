@@ -80,6 +80,24 @@ DefinitionBlock ("", "SSDT", 1, "ACPIMN", "HARNESS", 1)
         Return (TALL)
     }
 
+    /* The doorbell port (0x403): acpiexec simulates I/O ports as it does memory, so this
+     * region shares the byte the generated table writes. TDBC clears it, TDBL reads it. */
+    OperationRegion (TDBR, SystemIO, 0x0403, One)
+    Field (TDBR, ByteAcc, NoLock, Preserve)
+    {
+        TDBB,   8
+    }
+
+    Method (\TDBC, 0, NotSerialized)
+    {
+        TDBB = Zero
+    }
+
+    Method (\TDBL, 0, NotSerialized)
+    {
+        Return (TDBB)
+    }
+
     /* The generated table's last status. */
     Method (\TSTA, 0, NotSerialized)
     {

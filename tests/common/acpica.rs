@@ -53,10 +53,21 @@ impl Machine {
 
     /// Loads the stub, `ssdt`, then the harness, and runs `commands` in order.
     pub fn exec(&self, ssdt: &Path, commands: &[String]) -> Results {
+        self.exec_with(&[], ssdt, commands)
+    }
+
+    /// [`Machine::exec`] with acpiexec's `flags` (e.g. `-vr`: every region access, in order,
+    /// in the log).
+    pub fn exec_with(&self, flags: &[&str], ssdt: &Path, commands: &[String]) -> Results {
         require("acpiexec");
         let batch = commands.join("; ");
-        let out =
-            run(Command::new("acpiexec").arg("-b").arg(&batch).arg(&self.dsdt).arg(ssdt).arg(&self.harness));
+        let out = run(Command::new("acpiexec")
+            .args(flags)
+            .arg("-b")
+            .arg(&batch)
+            .arg(&self.dsdt)
+            .arg(ssdt)
+            .arg(&self.harness));
         let log = text(&out.stdout) + &text(&out.stderr);
         assert!(out.status.success(), "acpiexec failed:\n{log}");
         for bad in ["AE_ERROR", "AE_AML_", "AE_NOT_FOUND", "AE_ALREADY_EXISTS", "Exception"] {

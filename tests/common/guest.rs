@@ -468,7 +468,9 @@ impl Guest {
 
     /// A heartbeat source for this guest.
     pub fn heartbeat(&self) -> Heartbeat {
-        Heartbeat::new(self.vm.region.clone(), self.vm.prepared.descriptor.irq).unwrap()
+        Heartbeat::new(self.vm.region.clone(), self.vm.prepared.descriptor.irq)
+            .unwrap()
+            .with_completion(self.vm.completion.clone())
     }
 
     /// Beats until the first acknowledged one (the GED driver binds after the ready marker
@@ -488,7 +490,7 @@ impl Guest {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             match hb.beat(&self.vm.qmp, Duration::from_secs(2)).await.unwrap() {
-                Beat::Acked { latency, record, request_no } => {
+                Beat::Acked { latency, record, request_no, .. } => {
                     assert_eq!(record.echo_request_no, request_no);
                     out.push(latency);
                 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use tokio::runtime::Handle;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, watch, Notify};
 
 use super::{PanicAction, SimState};
 use acpimon::abi::Source;
@@ -101,6 +101,9 @@ pub(super) struct Shared {
     runtime: Handle,
     /// The socket files this VM bound, with their inodes.
     sockets: Vec<(PathBuf, u64)>,
+    /// Rings of the doorbell (when the descriptor has one) not yet sent, and their wake-up.
+    pub(super) doorbell_pending: AtomicU64,
+    pub(super) doorbell: Notify,
 }
 
 impl Shared {
@@ -135,6 +138,8 @@ impl Shared {
             triggers: AtomicU64::new(0),
             runtime: Handle::current(),
             sockets,
+            doorbell_pending: AtomicU64::new(0),
+            doorbell: Notify::new(),
             descriptor,
         })
     }
@@ -398,10 +403,14 @@ impl Shared {
         }
     }
 
-    /// `_EVT`: drop the line, write the record.
+    /// `_EVT`: drop the line, write the record, ring the doorbell when the table has one.
     fn run_evt(&self, m: &mut Machine) {
         m.irq_high = false;
         m.aml.write_record(&self.region, Source::Ged, m.timer_ticks());
+        if self.descriptor.doorbell.is_some() {
+            self.doorbell_pending.fetch_add(1, Ordering::Relaxed);
+            self.doorbell.notify_one();
+        }
     }
 
     /// `_TMP`, when the thermal zone polls.

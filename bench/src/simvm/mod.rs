@@ -25,6 +25,9 @@
 //!   busybox-style uptime line and a prompt while the guest is alive and running. The guest
 //!   prints a few kernel lines at boot, on a panic and on an NMI; like QEMU with `wait=off`,
 //!   output is dropped while no client is connected.
+//! - **The doorbell** on the descriptor's doorbell socket, when it has one: one client at a
+//!   time, [`acpimon::abi::DOORBELL_BYTE`] written after each GED record, as the table's
+//!   `_EVT` rings its `isa-debugcon`; dropped while no client is connected.
 //! - **Timing**: a GED record is written [`SimVmOptions::latency`] after the IRQ is raised
 //!   (immediately, inside the QMP command, when it is zero). The IRQ is level-triggered as
 //!   with pc-testdev: raising it again before the guest ran `_EVT` makes no second event, and
@@ -46,6 +49,7 @@
 //! needs an open-file limit above 3000 (`ulimit -n`).
 
 mod console;
+mod doorbell;
 mod machine;
 mod qmp;
 
@@ -151,7 +155,15 @@ impl SimVm {
         region.snapshot()?;
         let (qmp_listener, qmp_ino) = listen(&descriptor.qmp)?;
         let (console_listener, console_ino) = listen(&descriptor.console)?;
-        let sockets = vec![(descriptor.qmp.clone(), qmp_ino), (descriptor.console.clone(), console_ino)];
+        let mut sockets = vec![(descriptor.qmp.clone(), qmp_ino), (descriptor.console.clone(), console_ino)];
+        let doorbell = match &descriptor.doorbell {
+            Some(bell) => {
+                let (listener, ino) = listen(&bell.socket)?;
+                sockets.push((bell.socket.clone(), ino));
+                Some(listener)
+            }
+            None => None,
+        };
         let thermal = descriptor.thermal_period_ds.map(|ds| Duration::from_millis(u64::from(ds) * 100));
         let shared = Shared::new(descriptor, cfg.slot, region, opts.latency, sockets);
         shared.power_on();
@@ -159,6 +171,9 @@ impl SimVm {
             tokio::spawn(qmp::serve(qmp_listener, shared.clone())),
             tokio::spawn(console::serve(console_listener, shared.clone())),
         ];
+        if let Some(listener) = doorbell {
+            tasks.push(tokio::spawn(doorbell::serve(listener, shared.clone())));
+        }
         if let Some(period) = thermal {
             tasks.push(tokio::spawn(machine::thermal_zone(shared.clone(), period)));
         }
@@ -219,13 +234,24 @@ impl Drop for SimVm {
     }
 }
 
-/// Prepares `n` VMs named `sim-0000`, `sim-0001`, ... under `root` (default table options;
-/// existing directories are refreshed, their regions kept) and starts them with `template`'s
-/// latency (its `dir` is ignored). On an error the VMs already started are stopped.
+/// Prepares `n` VMs named `sim-0000`, `sim-0001`, ... under `root` (default table options,
+/// with the doorbell; existing directories are refreshed, their regions kept) and starts them
+/// with `template`'s latency (its `dir` is ignored). On an error the VMs already started are
+/// stopped.
 pub async fn spawn_fleet(root: &Path, n: usize, template: SimVmOptions) -> Result<Vec<SimVm>, SimError> {
+    spawn_fleet_with(root, n, template, &SsdtConfig::default()).await
+}
+
+/// [`spawn_fleet`] with the table options `cfg` (e.g. without the doorbell).
+pub async fn spawn_fleet_with(
+    root: &Path,
+    n: usize,
+    template: SimVmOptions,
+    cfg: &SsdtConfig,
+) -> Result<Vec<SimVm>, SimError> {
     let root = root.to_path_buf();
+    let cfg = cfg.clone();
     let dirs = tokio::task::spawn_blocking(move || {
-        let cfg = SsdtConfig::default();
         (0..n).map(|i| prepare(&root, &fleet_name(i), &cfg).map(|p| p.dir)).collect::<Result<Vec<_>, _>>()
     })
     .await

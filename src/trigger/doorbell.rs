@@ -1,0 +1,188 @@
+//! The doorbell: the host's end of the byte the table's `_EVT` writes to the doorbell I/O port
+//! (an `isa-debugcon` whose chardev QEMU serves on a Unix socket) once a record is complete.
+//!
+//! One tokio task per VM reads the socket; each read holding [`abi::DOORBELL_BYTE`] wakes the
+//! heartbeat in flight, which then reads the region once. The byte is untrusted: it only says
+//! "look now". A ring with no beat in flight wakes nobody; a stale ring costs one region read;
+//! a flood costs at most one wake per read of up to [`READ_CHUNK`] bytes, and a beat stops
+//! listening after [`MAX_WAKES_PER_BEAT`] of them (see [`super::Heartbeat`]). Other bytes are
+//! counted and dropped (a later channel will frame whole records on the same port).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+use tokio::sync::futures::Notified;
+use tokio::sync::Notify;
+
+use crate::abi;
+
+/// The most bytes one read takes; one read is one wake at most.
+pub const READ_CHUNK: usize = 256;
+/// A beat reads the region at most this many times on rings; past that it waits for its
+/// timers only (a guest ringing without answering cannot keep the host busy).
+pub const MAX_WAKES_PER_BEAT: u32 = 64;
+
+/// A connected doorbell. Dropping it stops its reader.
+pub struct Doorbell {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Shared {
+    notify: Notify,
+    rings: AtomicU64,
+    other_bytes: AtomicU64,
+    /// Why the reader stopped, once it has.
+    closed: Mutex<Option<String>>,
+}
+
+impl Doorbell {
+    /// Connects to the doorbell socket QEMU serves and starts its reader.
+    pub async fn connect(path: &Path) -> std::io::Result<Doorbell> {
+        let stream = UnixStream::connect(path).await?;
+        Ok(Doorbell::from_stream(path, stream))
+    }
+
+    /// A doorbell reading `stream` (QEMU's, or a simulated VM's).
+    pub fn from_stream(path: &Path, stream: UnixStream) -> Doorbell {
+        let shared = Arc::new(Shared::default());
+        let reader = tokio::spawn(read(stream, shared.clone(), path.to_path_buf()));
+        Doorbell { path: path.to_path_buf(), shared, reader }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A wake-up for the next ring. Call `enable()` on it before reading the region, so a
+    /// ring between the read and the wait is not lost.
+    pub fn notified(&self) -> Notified<'_> {
+        self.shared.notify.notified()
+    }
+
+    /// Why the doorbell no longer rings (QEMU closed the socket, a read failed), if so.
+    pub fn closed(&self) -> Option<String> {
+        self.shared.closed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Doorbell bytes received so far.
+    pub fn rings(&self) -> u64 {
+        self.shared.rings.load(Ordering::Relaxed)
+    }
+
+    /// Other bytes received (and dropped) so far.
+    pub fn other_bytes(&self) -> u64 {
+        self.shared.other_bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Doorbell {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+async fn read(mut stream: UnixStream, shared: Arc<Shared>, path: PathBuf) {
+    let mut buf = [0u8; READ_CHUNK];
+    let why = loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => break format!("QEMU closed the doorbell socket {}", path.display()),
+            Ok(n) => {
+                let rings = buf[..n].iter().filter(|b| **b == abi::DOORBELL_BYTE).count();
+                shared.other_bytes.fetch_add((n - rings) as u64, Ordering::Relaxed);
+                if rings > 0 {
+                    shared.rings.fetch_add(rings as u64, Ordering::Relaxed);
+                    shared.notify.notify_waiters();
+                }
+            }
+            Err(e) => break format!("cannot read the doorbell socket {}: {e}", path.display()),
+        }
+    };
+    tracing::debug!(%why, "doorbell reader stopped");
+    *shared.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    // Beats waiting on it fall back to their timers.
+    shared.notify.notify_waiters();
+}
+
+/// How a VM's heartbeats learn that the record is written.
+#[derive(Clone)]
+pub enum Completion {
+    /// Woken by the doorbell.
+    Doorbell(Arc<Doorbell>),
+    /// Polling the region on timers, and why there is no doorbell.
+    Polling(String),
+}
+
+impl Completion {
+    /// The doorbell of the VM descriptor `socket` names: connected, or why not.
+    pub async fn connect(socket: Option<&Path>) -> Completion {
+        match socket {
+            None => Completion::Polling(
+                "no doorbell in vm.json (prepared before it existed, or with --no-doorbell)".into(),
+            ),
+            Some(path) => match Doorbell::connect(path).await {
+                Ok(d) => Completion::Doorbell(Arc::new(d)),
+                Err(e) => Completion::Polling(format!(
+                    "cannot connect to the doorbell {}: {e}; is QEMU running with acpimon's isa-debugcon?",
+                    path.display()
+                )),
+            },
+        }
+    }
+
+    /// For people: `doorbell (PATH)` or `polling: WHY`.
+    pub fn describe(&self) -> String {
+        match self {
+            Completion::Doorbell(d) => match d.closed() {
+                None => format!("doorbell ({})", d.path().display()),
+                Some(why) => format!("polling: {why}"),
+            },
+            Completion::Polling(why) => format!("polling: {why}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_ring_wakes_a_waiter_and_other_bytes_do_not() {
+        let (mut guest, host) = UnixStream::pair().unwrap();
+        let bell = Doorbell::from_stream(Path::new("/test"), host);
+        {
+            let notified = bell.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            guest.write_all(b"xyz").await.unwrap();
+            let quiet = tokio::time::timeout(std::time::Duration::from_millis(50), notified.as_mut()).await;
+            assert!(quiet.is_err(), "bytes other than the doorbell's wake nobody");
+            guest.write_all(&[abi::DOORBELL_BYTE]).await.unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(5), notified).await.expect("the ring wakes");
+        }
+        assert_eq!((bell.rings(), bell.other_bytes()), (1, 3));
+        assert_eq!(bell.closed(), None);
+        drop(guest);
+        for _ in 0..500 {
+            if bell.closed().is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(bell.closed().unwrap().contains("closed the doorbell socket"), "{:?}", bell.closed());
+        assert!(Completion::Doorbell(Arc::new(bell)).describe().starts_with("polling: QEMU closed"));
+    }
+
+    #[tokio::test]
+    async fn no_socket_or_none_listening_is_polling_with_the_reason() {
+        assert!(Completion::connect(None).await.describe().contains("no doorbell in vm.json"));
+        let c = Completion::connect(Some(Path::new("/nonexistent/doorbell.sock"))).await;
+        assert!(c.describe().contains("cannot connect to the doorbell /nonexistent"), "{}", c.describe());
+    }
+}
