@@ -87,12 +87,27 @@ impl Drop for Doorbell {
     }
 }
 
+/// A healthy guest rings once a beat; past this many bytes in a second the reader pauses
+/// [`FLOOD_PAUSE`] after each read, so a guest writing the port in a loop costs the host a few
+/// reads a second (each read of a socket QEMU writes byte by byte costs about as much as the
+/// bytes in it) and waits on its own port beyond that, as with the console's budget.
+pub const FLOOD_BYTES_PER_S: u64 = 1024;
+pub const FLOOD_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 async fn read(mut stream: UnixStream, shared: Arc<Shared>, path: PathBuf) {
     let mut buf = [0u8; READ_CHUNK];
+    let mut second = (tokio::time::Instant::now(), 0u64);
     let why = loop {
+        if second.0.elapsed() >= std::time::Duration::from_secs(1) {
+            second = (tokio::time::Instant::now(), 0);
+        }
+        if second.1 > FLOOD_BYTES_PER_S {
+            tokio::time::sleep(FLOOD_PAUSE).await;
+        }
         match stream.read(&mut buf).await {
             Ok(0) => break format!("QEMU closed the doorbell socket {}", path.display()),
             Ok(n) => {
+                second.1 += n as u64;
                 let rings = buf[..n].iter().filter(|b| **b == abi::DOORBELL_BYTE).count();
                 shared.other_bytes.fetch_add((n - rings) as u64, Ordering::Relaxed);
                 if rings > 0 {
@@ -177,6 +192,28 @@ mod tests {
         }
         assert!(bell.closed().unwrap().contains("closed the doorbell socket"), "{:?}", bell.closed());
         assert!(Completion::Doorbell(Arc::new(bell)).describe().starts_with("polling: QEMU closed"));
+    }
+
+    #[tokio::test]
+    async fn a_guest_flooding_the_port_is_read_a_few_times_a_second() {
+        let (guest, host) = UnixStream::pair().unwrap();
+        let bell = Doorbell::from_stream(Path::new("/test"), host);
+        let writer = tokio::spawn(async move {
+            let mut guest = guest;
+            // Byte by byte, as QEMU's debugcon writes the guest's port writes.
+            for _ in 0..200_000 {
+                if guest.write_all(&[abi::DOORBELL_BYTE]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let read = bell.rings() + bell.other_bytes();
+        // Two seconds: a second's allowance, then a read of at most READ_CHUNK per pause.
+        let most = 2 * (FLOOD_BYTES_PER_S + READ_CHUNK as u64)
+            + 2 * 1000 / FLOOD_PAUSE.as_millis() as u64 * READ_CHUNK as u64;
+        assert!(read > 0 && read <= most, "read {read} bytes in 2 s, at most {most}");
+        writer.abort();
     }
 
     #[tokio::test]
