@@ -257,7 +257,10 @@ async fn from_device(qmp: &Qmp, dir: &Path, budget: &Budget) -> Result<Option<Vm
         begin: Some(0),
         length: Some(4096),
     };
+    // QEMU stops the vCPUs for the dump and resumes them before it answers: not the VM's news.
+    let own = qmp.own_pause();
     let done = qmp.execute_within(dump, budget.remaining()).await;
+    drop(own);
     let file = match done {
         Ok(_) => crate::util::fs::read_capped(&path, 1 << 20).map_err(|source| MemError::Io {
             what: "cannot read QEMU's dump",

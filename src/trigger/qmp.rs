@@ -76,6 +76,9 @@ pub struct QmpEvent {
     pub kind: EventKind,
     /// The whole event as QEMU sent it (evidence in events and bundles keeps every field).
     pub raw: Value,
+    /// A `STOP` or `RESUME` of acpimon's own command on this connection (a
+    /// `dump-guest-memory` stops the vCPUs while it copies): not the VM's news.
+    pub own: bool,
 }
 
 impl QmpEvent {
@@ -230,7 +233,7 @@ pub fn parse_message(line: &[u8]) -> Result<Message, QmpError> {
         let name = name.to_string();
         let raw = Value::Object(obj);
         let kind = EventKind::of(&raw);
-        return Ok(Message::Event(QmpEvent { name, kind, raw }));
+        return Ok(Message::Event(QmpEvent { name, kind, raw, own: false }));
     }
     let id = obj.get("id").and_then(Value::as_u64);
     if let Some(err) = obj.get("error") {
@@ -276,9 +279,28 @@ pub struct Qmp {
     /// on the `DUMP_COMPLETED` event, which QEMU sends to every monitor, that it had no job
     /// for): never send one.
     pub libvirt_managed: bool,
+    /// acpimon's own commands in flight that stop and resume the vCPUs ([`Qmp::own_pause`]).
+    own_pauses: Arc<AtomicU64>,
+}
+
+/// Held around a command of acpimon's that stops the vCPUs and resumes them before it returns:
+/// the `STOP` and `RESUME` received meanwhile are marked [`QmpEvent::own`]. The reader marks them
+/// as they arrive, in the order QEMU sent them, so the reply that ends the command is after them.
+pub struct OwnPause(Arc<AtomicU64>);
+
+impl Drop for OwnPause {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Qmp {
+    /// Marks the vCPUs' `STOP`/`RESUME` as acpimon's own until the guard is dropped.
+    pub fn own_pause(&self) -> OwnPause {
+        self.own_pauses.fetch_add(1, Ordering::SeqCst);
+        OwnPause(self.own_pauses.clone())
+    }
+
     /// Connects to `path`, retrying until `wait` has passed (QEMU creates the socket shortly
     /// after it starts), and negotiates capabilities.
     pub async fn connect(path: &Path, wait: Duration) -> Result<Qmp, QmpError> {
@@ -323,9 +345,11 @@ impl Qmp {
         let (events, _) = broadcast::channel(32);
         let pending: Pending = Arc::default();
         let (pending_for_route, events_for_route) = (pending.clone(), events.clone());
+        let own_pauses = Arc::new(AtomicU64::new(0));
+        let own_for_route = own_pauses.clone();
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            route(reader, pending_for_route, events_for_route).await;
+            route(reader, pending_for_route, events_for_route, own_for_route).await;
             let _ = closed_tx.send(true);
         });
         let qmp = Qmp {
@@ -337,6 +361,7 @@ impl Qmp {
             version,
             pid: None,
             libvirt_managed: false,
+            own_pauses,
         };
         qmp.execute(qapi::qmp::qmp_capabilities { enable: None }).await?;
         Ok(qmp)
@@ -448,6 +473,7 @@ async fn route<R: AsyncBufRead + Unpin>(
     mut reader: R,
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
+    own_pauses: Arc<AtomicU64>,
 ) {
     let reply = |id: Option<u64>, outcome: Outcome| match id.and_then(|id| lock(&pending).remove(&id)) {
         Some(tx) => {
@@ -461,7 +487,9 @@ async fn route<R: AsyncBufRead + Unpin>(
             Ok(None) | Err(_) => break,
         };
         match parse_message(&line) {
-            Ok(Message::Event(ev)) => {
+            Ok(Message::Event(mut ev)) => {
+                ev.own = matches!(ev.kind, EventKind::Stop | EventKind::Resume)
+                    && own_pauses.load(Ordering::SeqCst) > 0;
                 if ev.kind == EventKind::Other {
                     log_raw("event acpimon does not react to, kept raw", &ev.raw);
                 }
@@ -670,6 +698,38 @@ mod tests {
         assert_eq!(event(r#"{"event": "GUEST_PANICKED"}"#).kind, EventKind::Other);
         // An `event` that is not a string is no event.
         assert!(matches!(parse(r#"{"event": 3}"#), Message::Other(_)));
+    }
+
+    #[tokio::test]
+    async fn the_pause_of_an_own_command_is_marked_and_others_are_not() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (client, server) = tokio::io::duplex(4096);
+        let (server_read, mut server_write) = tokio::io::split(server);
+        let greeting = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}"#;
+        server_write.write_all(format!("{greeting}\n").as_bytes()).await.unwrap();
+        // QEMU's side: answers each command, and for "stop" sends its STOP first.
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(server_read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let cmd: Value = serde_json::from_str(&line).unwrap();
+                if cmd["execute"] == "stop" {
+                    server_write.write_all(b"{\"event\": \"STOP\"}\n").await.unwrap();
+                }
+                let reply = json!({ "return": {}, "id": cmd["id"] });
+                server_write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
+            }
+        });
+        let (read, write) = tokio::io::split(client);
+        let qmp = Qmp::over(read, write, Path::new("/test")).await.unwrap();
+        let mut events = qmp.events();
+        {
+            let _own = qmp.own_pause();
+            qmp.execute(qapi::qmp::stop {}).await.unwrap();
+        }
+        assert!(events.recv().await.unwrap().own, "during acpimon's own command");
+        qmp.execute(qapi::qmp::stop {}).await.unwrap();
+        let ev = events.recv().await.unwrap();
+        assert_eq!((ev.kind, ev.own), (EventKind::Stop, false), "anyone else's");
     }
 
     #[test]

@@ -706,6 +706,11 @@ impl Monitor {
     }
 
     fn qmp_event(&mut self, ev: QmpEvent) {
+        if ev.own {
+            // acpimon's own dump of a page (VMCOREINFO) stopped the vCPUs for a moment.
+            tracing::debug!(event = %ev.name, "a pause of acpimon's own command");
+            return;
+        }
         let now = Instant::now();
         let t = match ev.kind {
             QmpEventKind::Stop => self.machine.stopped(ev.raw, now),
