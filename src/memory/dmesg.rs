@@ -212,6 +212,8 @@ async fn follow(c: &DmesgCommand, qmp: Option<&Qmp>) -> Result<(), DmesgError> {
         scan_max: c.limits.scan_max,
         retry_min: FOLLOW_EVERY,
         retry_max: Duration::from_secs(30),
+        // One VM, asked for by a person: scan at once when the device has no note.
+        scan_after: Duration::ZERO,
     };
     let mut f = LogFollower::new(Default::default(), 0, limits);
     let mut failed: Option<String> = None;

@@ -56,6 +56,11 @@ pub struct FollowLimits {
     /// After a failed discovery, the first wait before the next; it doubles up to `retry_max`.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// Only this long after following a boot began is RAM scanned for VMCOREINFO; before, only
+    /// the vmcoreinfo device's one-page dump is tried. A booting guest publishes it through the
+    /// device within seconds, and a scan reads up to `scan_max` of RAM: the service must not
+    /// scan every VM it attaches to while their guests boot.
+    pub scan_after: Duration,
 }
 
 impl Default for FollowLimits {
@@ -66,6 +71,7 @@ impl Default for FollowLimits {
             scan_max: vmcoreinfo::SCAN_MAX,
             retry_min: Duration::from_secs(2),
             retry_max: Duration::from_secs(60),
+            scan_after: Duration::ZERO,
         }
     }
 }
@@ -123,12 +129,23 @@ pub struct LogFollower {
     stalled: Option<(u64, u32)>,
     /// After a failed discovery: when to try again, and the wait after that.
     retry: Option<(Instant, Duration)>,
+    /// When following this boot began (for [`FollowLimits::scan_after`]).
+    since: Instant,
 }
 
 impl LogFollower {
     /// Follows the guest of `boot` (the caller's key for one boot), its VMCOREINFO kept in `cache`.
     pub fn new(cache: Arc<Mutex<VmcoreinfoCache>>, boot: u64, limits: FollowLimits) -> LogFollower {
-        LogFollower { cache, boot, limits, ring: None, at: None, stalled: None, retry: None }
+        LogFollower {
+            cache,
+            boot,
+            limits,
+            ring: None,
+            at: None,
+            stalled: None,
+            retry: None,
+            since: Instant::now(),
+        }
     }
 
     /// The guest booted again (the caller's key moved on): the next poll finds the new boot's
@@ -141,6 +158,7 @@ impl LogFollower {
             self.ring = None;
             self.stalled = None;
             self.retry = None;
+            self.since = Instant::now();
         }
     }
 
@@ -161,6 +179,15 @@ impl LogFollower {
         self.at.and_then(|p| p.seq)
     }
 
+    /// What a discovery may scan now: nothing until `scan_after` has passed.
+    fn scan_max(&self, now: Instant) -> u64 {
+        if now.saturating_duration_since(self.since) >= self.limits.scan_after {
+            self.limits.scan_max
+        } else {
+            0
+        }
+    }
+
     /// Whether a failed discovery is still waiting for its retry (a poll now would read nothing).
     pub fn backing_off(&self) -> bool {
         self.ring.is_none() && self.retry.is_some_and(|(at, _)| Instant::now() < at)
@@ -178,7 +205,7 @@ impl LogFollower {
                 let cached = lock(&self.cache).get(self.boot);
                 let (info, how) = match cached {
                     Some(info) => (info, "cache"),
-                    None => match vmcoreinfo::discover(qmp, dir, time, self.limits.scan_max).await {
+                    None => match vmcoreinfo::discover(qmp, dir, time, self.scan_max(start)).await {
                         Ok((info, found)) => {
                             let how = if matches!(found, Found::Device) { "device" } else { "scan" };
                             (lock(&self.cache).insert(self.boot, info), how)

@@ -119,6 +119,9 @@ impl KernelFollow {
             // looked for less and less often.
             retry_min: self.every,
             retry_max: Duration::from_secs(300),
+            // Attaching to many booting VMs at once must not scan all their RAM: the device's
+            // note comes within seconds of boot; a guest without it is scanned after this.
+            scan_after: Duration::from_secs(120),
             ..FollowLimits::default()
         };
         *self = KernelFollow::new(self.mode, self.every);
