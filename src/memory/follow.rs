@@ -38,11 +38,8 @@ use crate::util::lock;
 
 /// Polls a descriptor may stay reserved (or committed, not finalized) before it is passed over.
 pub const STALL_POLLS: u32 = 3;
-/// The most page translations kept (a 32 MiB ring's three arrays need about 16 000).
-const MAX_PAGES: usize = 1 << 16;
 /// Ids further ahead of the last one read than this are a head that went back (a reboot).
 const BACKWARDS: u64 = 1 << 40;
-const PAGE: u64 = 4096;
 
 /// What one poll may cost, and how discovery is retried.
 #[derive(Clone, Debug)]
@@ -557,39 +554,5 @@ async fn read_virt<M: PhysRead>(
     v: u64,
     len: usize,
 ) -> Result<Vec<u8>, MemError> {
-    mem.budget().check_call(len as u64)?;
-    let end = v.checked_add(len as u64).ok_or(MemError::Overflow(v))?;
-    let mut out = Vec::with_capacity(len);
-    let mut run: Option<(u64, u64)> = None;
-    let mut at = v;
-    while at < end {
-        let page = at & !(PAGE - 1);
-        let page_end = page.saturating_add(PAGE).min(end);
-        let n = page_end - at;
-        let phys_page = match ring.pages.get(&page) {
-            Some(&p) => p,
-            None => {
-                let p = ring.map.translate(mem, page).await?;
-                if ring.pages.len() >= MAX_PAGES {
-                    ring.pages.clear();
-                }
-                ring.pages.insert(page, p);
-                p
-            }
-        };
-        let p = phys_page.checked_add(at - page).ok_or(MemError::Overflow(phys_page))?;
-        run = match run {
-            Some((start, l)) if start.checked_add(l) == Some(p) => Some((start, l + n)),
-            Some((start, l)) => {
-                out.extend(mem.read_once(start, l as usize).await?);
-                Some((p, n))
-            }
-            None => Some((p, n)),
-        };
-        at = page_end;
-    }
-    if let Some((start, l)) = run {
-        out.extend(mem.read_once(start, l as usize).await?);
-    }
-    Ok(out)
+    ring.map.read_virt_with(mem, v, len, Some(&mut ring.pages)).await
 }

@@ -5,6 +5,19 @@
 
 use super::vmcoreinfo::Vmcoreinfo;
 use super::{le_u64, MemError, PhysRead};
+use std::collections::HashMap;
+
+/// The most page translations a caller's cache keeps (a 32 MiB ring's three arrays need about
+/// 16 000).
+pub const MAX_CACHED_PAGES: usize = 1 << 16;
+
+async fn read_run<M: PhysRead>(mem: &mut M, start: u64, len: u64, once: bool) -> Result<Vec<u8>, MemError> {
+    if once {
+        mem.read_once(start, len as usize).await
+    } else {
+        mem.read_phys(start, len as usize).await
+    }
+}
 
 /// `__START_KERNEL_map`: where the kernel image is mapped, at physical `phys_base`.
 pub const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
@@ -89,20 +102,50 @@ impl KernelMap {
     /// `len` bytes at kernel virtual address `v`, page by page, physically contiguous pages
     /// read together.
     pub async fn read_virt<M: PhysRead>(&self, mem: &mut M, v: u64, len: usize) -> Result<Vec<u8>, MemError> {
+        self.read_virt_with(mem, v, len, None).await
+    }
+
+    /// [`KernelMap::read_virt`], with translations looked up in (and added to) `pages` (a
+    /// virtual page's physical page, at most [`MAX_CACHED_PAGES`] kept) and each run read once
+    /// ([`PhysRead::read_once`]): for a reader that comes back to the same pages, such as the
+    /// log's follower.
+    pub async fn read_virt_with<M: PhysRead>(
+        &self,
+        mem: &mut M,
+        v: u64,
+        len: usize,
+        mut pages: Option<&mut HashMap<u64, u64>>,
+    ) -> Result<Vec<u8>, MemError> {
         mem.budget().check_call(len as u64)?;
         let end = v.checked_add(len as u64).ok_or(MemError::Overflow(v))?;
+        let once = pages.is_some();
         let mut out = Vec::with_capacity(len);
         // (physical start, length) of the run not yet read
         let mut run: Option<(u64, u64)> = None;
         let mut at = v;
         while at < end {
-            let page_end = (at / PAGE + 1).saturating_mul(PAGE).min(end);
+            let page = at & !(PAGE - 1);
+            let page_end = page.saturating_add(PAGE).min(end);
             let n = page_end - at;
-            let p = self.translate(mem, at).await?;
+            let phys_page = match pages.as_deref_mut() {
+                Some(cache) => match cache.get(&page) {
+                    Some(&p) => p,
+                    None => {
+                        let p = self.translate(mem, page).await?;
+                        if cache.len() >= MAX_CACHED_PAGES {
+                            cache.clear();
+                        }
+                        cache.insert(page, p);
+                        p
+                    }
+                },
+                None => self.translate(mem, page).await?,
+            };
+            let p = phys_page.checked_add(at - page).ok_or(MemError::Overflow(phys_page))?;
             run = match run {
                 Some((start, l)) if start.checked_add(l) == Some(p) => Some((start, l + n)),
                 Some((start, l)) => {
-                    out.extend(mem.read_phys(start, l as usize).await?);
+                    out.extend(read_run(mem, start, l, once).await?);
                     Some((p, n))
                 }
                 None => Some((p, n)),
@@ -110,7 +153,7 @@ impl KernelMap {
             at = page_end;
         }
         if let Some((start, l)) = run {
-            out.extend(mem.read_phys(start, l as usize).await?);
+            out.extend(read_run(mem, start, l, once).await?);
         }
         Ok(out)
     }
