@@ -171,6 +171,11 @@ async fn a_drive_failing_on_the_host_is_an_event_a_pause_that_names_it_and_a_fai
         )),
         "{metrics}"
     );
+    // The dashboard's per-drive panel groups by labels this metric has.
+    let body = metrics.split_once("\r\n\r\n").expect("an HTTP response").1;
+    common::metrics::promtool_check(body);
+    let dash = common::metrics::check_dashboard(body);
+    assert!(dash.unchecked.is_empty(), "{:?}", dash.unchecked);
 
     // The incident (paused, the heartbeat unanswered): its bundle's host step has the failed
     // drive and its errors, and the verdict names the host-side cause.

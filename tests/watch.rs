@@ -116,6 +116,23 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
         .unwrap();
     assert!((0.0..=1.0).contains(&busy), "{metrics}");
     assert!(metrics.contains("acpimon_vcpu_cpu_seconds_total{vm=\"guest\",vcpu=\"0\"} "), "{metrics}");
+    // Prometheus's linter accepts the output, and the shipped Grafana dashboard asks only for
+    // metrics and labels it has.
+    let body = metrics.split_once("\r\n\r\n").expect("an HTTP response").1;
+    common::metrics::promtool_check(body);
+    let dash = common::metrics::check_dashboard(body);
+    // Only a failing drive (tests/devices.rs checks the dashboard on one) has no sample here.
+    assert_eq!(dash.unchecked, ["acpimon_block_io_errors_total".to_string()].into(), "{body}");
+    for family in [
+        "acpimon_vm_state",
+        "acpimon_heartbeat_latency_seconds",
+        "acpimon_scenario_misses_total",
+        "acpimon_diagnostics_total",
+        "acpimon_kernel_reports_total",
+        "acpimon_forward_delivered_total",
+    ] {
+        assert!(dash.used.contains(family), "the dashboard shows no {family}: {:?}", dash.used);
+    }
 
     let seen = svc.transitions_to("guest", State::Recovered);
     g.vm.qmp.execute_within(qapi::qmp::cont {}, Duration::from_secs(5)).await.unwrap();

@@ -71,9 +71,13 @@ pub struct VmView {
     pub app_info: Option<serde_json::Value>,
     /// Lines received on the app channel, by what became of them.
     pub app_lines: Option<crate::app::LineCounts>,
-    /// The guest kernel's reports read on the console, by class.
+    /// The guest kernel's reports, by class, wherever they were read.
     #[serde(default)]
     pub kernel_reports: BTreeMap<crate::sentinel::ReportClass, u64>,
+    /// Of those, the ones read in the kernel log followed in guest memory (the rest were read
+    /// on the console).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kernel_reports_from_memory: BTreeMap<crate::sentinel::ReportClass, u64>,
     /// Where the guest kernel's reports are read (the console, the kernel log followed in
     /// guest memory, or both); `None` before the VM was attached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,6 +126,7 @@ impl VmView {
             app_info: None,
             app_lines: None,
             kernel_reports: BTreeMap::new(),
+            kernel_reports_from_memory: BTreeMap::new(),
             kernel_log: None,
             console: None,
             block_io_errors: BTreeMap::new(),
@@ -416,13 +421,19 @@ fn render(status: &StatusView) -> String {
         &mut o,
         "acpimon_kernel_reports_total",
         "counter",
-        "The guest kernel's own fault reports read on the console, by class.",
+        "The guest kernel's own fault reports, by class and where they were read (console, or the kernel log in guest memory).",
     );
     for v in full {
         let vm = esc(&v.name);
         for class in crate::sentinel::ReportClass::ALL {
-            let n = v.kernel_reports.get(&class).copied().unwrap_or(0);
-            let _ = writeln!(o, "acpimon_kernel_reports_total{{vm=\"{vm}\",class=\"{class}\"}} {n}");
+            let all = v.kernel_reports.get(&class).copied().unwrap_or(0);
+            let memory = v.kernel_reports_from_memory.get(&class).copied().unwrap_or(0).min(all);
+            for (source, n) in [("console", all - memory), ("memory", memory)] {
+                let _ = writeln!(
+                    o,
+                    "acpimon_kernel_reports_total{{vm=\"{vm}\",class=\"{class}\",source=\"{source}\"}} {n}"
+                );
+            }
         }
     }
     header(
@@ -607,7 +618,8 @@ mod tests {
     #[test]
     fn kernel_reports_are_counted_per_vm_and_class() {
         let mut vm = VmView::new("web");
-        vm.kernel_reports.insert(ReportClass::SoftLockup, 2);
+        vm.kernel_reports.insert(ReportClass::SoftLockup, 3);
+        vm.kernel_reports_from_memory.insert(ReportClass::SoftLockup, 1);
         vm.block_io_errors.insert("disk\"0".into(), 7);
         let status = StatusView {
             node: "n".into(),
@@ -619,10 +631,16 @@ mod tests {
         };
         let text = render(&status);
         assert!(
-            text.contains("acpimon_kernel_reports_total{vm=\"web\",class=\"soft-lockup\"} 2\n"),
+            text.contains(
+                "acpimon_kernel_reports_total{vm=\"web\",class=\"soft-lockup\",source=\"console\"} 2\n\
+                 acpimon_kernel_reports_total{vm=\"web\",class=\"soft-lockup\",source=\"memory\"} 1\n"
+            ),
             "{text}"
         );
-        assert!(text.contains("acpimon_kernel_reports_total{vm=\"web\",class=\"panic\"} 0\n"), "{text}");
+        assert!(
+            text.contains("acpimon_kernel_reports_total{vm=\"web\",class=\"panic\",source=\"console\"} 0\n"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE acpimon_block_io_errors_total counter\n"), "{text}");
         assert!(
             text.contains("acpimon_block_io_errors_total{vm=\"web\",device=\"disk\\\"0\"} 7\n"),
@@ -630,7 +648,8 @@ mod tests {
         );
         // And /status says the same, by class name.
         let json = serde_json::to_value(&status).unwrap();
-        assert_eq!(json["vms"][0]["kernel_reports"]["soft-lockup"], 2);
+        assert_eq!(json["vms"][0]["kernel_reports"]["soft-lockup"], 3);
+        assert_eq!(json["vms"][0]["kernel_reports_from_memory"]["soft-lockup"], 1);
     }
 
     #[test]

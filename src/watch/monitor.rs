@@ -1164,7 +1164,13 @@ impl Monitor {
                 self.kfollow.console_report(&r);
             }
             let now = Instant::now();
-            *lock(&self.view).kernel_reports.entry(r.class).or_default() += 1;
+            {
+                let mut view = lock(&self.view);
+                *view.kernel_reports.entry(r.class).or_default() += 1;
+                if source == ReportSource::Memory {
+                    *view.kernel_reports_from_memory.entry(r.class).or_default() += 1;
+                }
+            }
             if self.sentinel.recent.len() == RECENT_REPORTS {
                 self.sentinel.recent.pop_front();
             }
