@@ -161,7 +161,30 @@ pub fn check_dashboard(text: &str) -> DashboardCheck {
             unchecked.extend(metrics.iter().filter(|m| exported[*m].samples == 0).cloned());
         }
     }
+    promql_check(queries.iter().map(|(e, _)| e.as_str()).filter(|e| !e.starts_with("label_values(")));
     DashboardCheck { used, unchecked }
+}
+
+/// Parses each PromQL expression with Prometheus's own parser: `promtool check rules` on a rule
+/// file holding them, Grafana's variables replaced by what Grafana would put there.
+fn promql_check<'a>(exprs: impl Iterator<Item = &'a str>) {
+    super::require("promtool");
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.enumerate() {
+        let e = e.replace("$__rate_interval", "1m").replace("$__range", "1h").replace('$', "");
+        let quoted = serde_json::to_string(&e).unwrap(); // a JSON string is a YAML string
+        rules.push_str(&format!("      - record: acpimon:dashboard_{i}\n        expr: {quoted}\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dashboard.rules.yml");
+    super::write(&path, rules.as_bytes());
+    let out = super::run(Command::new("promtool").args(["check", "rules"]).arg(&path));
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}\n{rules}",
+        super::text(&out.stdout),
+        super::text(&out.stderr)
+    );
 }
 
 /// What [`check_dashboard`] covered.
