@@ -105,6 +105,8 @@ pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Resu
         store: store.clone(),
         analyzer: None,
         analyzer_timeout: Duration::from_secs(10),
+        tls: None,
+        tokens: None,
     };
     let ctl = tokio::spawn(controller::serve(ctl_opts, stop.clone(), Some(ready_tx)));
     let ctl_addr = ready.await.map_err(|_| DemoError::Expectation("the controller did not start".into()))?;
@@ -133,6 +135,10 @@ pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Resu
         spool_max_events: 100_000,
         backoff_min: Duration::from_millis(200),
         backoff_max: Duration::from_secs(2),
+        ca_file: None,
+        client_cert: None,
+        client_key: None,
+        token_file: None,
     });
     let (svc_ready_tx, svc_ready) = tokio::sync::oneshot::channel();
     let service = tokio::spawn(crate::watch::serve(config, stop.clone(), Some(svc_ready_tx)));

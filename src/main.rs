@@ -89,24 +89,42 @@ fn run(command: Command) -> Result<(), Error> {
             acpimon::report::print_status(&status, json);
             Ok(())
         }
-        Command::Controller { listen, store, analyzer_timeout, analyzer } => {
+        Command::Controller {
+            listen,
+            store,
+            analyzer_timeout,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            tokens,
+            analyzer,
+        } => {
+            let tls = tls_cert.zip(tls_key).map(|(cert, key)| acpimon::util::tls::ServerTls {
+                cert,
+                key,
+                client_ca: tls_client_ca,
+            });
+            let scheme = if tls.is_some() { "https" } else { "http" };
             let opts = acpimon::forward::controller::ControllerOptions {
                 listen,
                 store,
                 analyzer: (!analyzer.is_empty()).then_some(analyzer),
                 analyzer_timeout: Duration::from_secs(analyzer_timeout),
+                tls,
+                tokens,
             };
             runtime().block_on(async {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 tokio::spawn(async move {
                     if let Ok(addr) = rx.await {
-                        println!("acpimon controller: listening on http://{addr}");
+                        println!("acpimon controller: listening on {scheme}://{addr}");
                     }
                 });
                 acpimon::forward::controller::serve(opts, shutdown_on_signal(), Some(tx)).await
             })?;
             Ok(())
         }
+        Command::Token { action } => Ok(acpimon::forward::auth::run(action)?),
         Command::Snapshot { region, json, watch, interval_ms, count } => {
             let region = Region::open(&region, Access::ReadOnly)?;
             if watch {

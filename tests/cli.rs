@@ -209,9 +209,44 @@ fn status_without_a_service_says_how_to_find_one() {
     assert!(err.contains("--addr"), "{err}");
 }
 
+#[test]
+fn tokens_are_made_listed_and_revoked_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.toml");
+    let f = file.to_str().unwrap();
+    let out = acpimon(&["token", "add", "edge-1", "--tokens", f]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_string();
+    assert_eq!(token.len(), 64, "{token}");
+    assert!(text(&out.stderr).contains("the one time it is shown"));
+    assert!(!std::fs::read_to_string(&file).unwrap().contains(&token), "only the hash is stored");
+    let out = acpimon(&["token", "add", "alice", "--role", "operator", "--tokens", f]);
+    assert!(out.status.success());
+    let out = acpimon(&["token", "list", "--tokens", f]);
+    let list = text(&out.stdout);
+    assert!(
+        list.contains("edge-1")
+            && list.contains("node")
+            && list.contains("alice")
+            && list.contains("operator"),
+        "{list}"
+    );
+    let out = acpimon(&["token", "add", "edge-1", "--tokens", f]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("already has a node token"), "{}", text(&out.stderr));
+    assert!(acpimon(&["token", "remove", "edge-1", "--tokens", f]).status.success());
+    let out = acpimon(&["token", "remove", "edge-1", "--tokens", f]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("has no token for 'edge-1'"), "{}", text(&out.stderr));
+    // The controller refuses plain HTTP beyond loopback, with the fix, as bad input.
+    let out = acpimon(&["controller", "--listen", "0.0.0.0:0", "--store", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--tls-cert"), "{}", text(&out.stderr));
+}
+
 /// The operator commands, as `acpimon --help` lists them (and nothing else: the benchmarks
 /// are `acpimon-bench`).
-const COMMANDS: [&str; 12] = [
+const COMMANDS: [&str; 13] = [
     "ssdt",
     "qemu-args",
     "prepare",
@@ -220,6 +255,7 @@ const COMMANDS: [&str; 12] = [
     "watch",
     "status",
     "controller",
+    "token",
     "dmesg",
     "snapshot",
     "completions",

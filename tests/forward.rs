@@ -44,6 +44,8 @@ impl Controller {
             store: store.into(),
             analyzer,
             analyzer_timeout: Duration::from_secs(5),
+            tls: None,
+            tokens: None,
         };
         let task = tokio::spawn(controller::serve(opts, rx, Some(ready_tx)));
         let addr = ready.await.expect("the controller starts");
@@ -121,6 +123,10 @@ fn controller_cfg(addr: SocketAddr) -> ControllerConfig {
         spool_max_events: 1000,
         backoff_min: Duration::from_millis(10),
         backoff_max: Duration::from_millis(100),
+        ca_file: None,
+        client_cert: None,
+        client_key: None,
+        token_file: None,
     }
 }
 
@@ -557,6 +563,8 @@ async fn controller_refuses_bad_input_and_survives_garbage() {
         store: dir.path().join("store2"),
         analyzer: None,
         analyzer_timeout: Duration::from_secs(1),
+        tls: None,
+        tokens: None,
     };
     let msg = controller::serve(opts, rx, None).await.unwrap_err().to_string();
     assert!(msg.contains(&a.to_string()) && msg.contains("--listen"), "{msg}");

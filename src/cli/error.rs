@@ -78,6 +78,8 @@ pub enum Error {
     ConsoleNeedsLibvirt,
     #[error(transparent)]
     Dmesg(#[from] crate::memory::dmesg::DmesgError),
+    #[error(transparent)]
+    Token(#[from] crate::forward::auth::AuthError),
 }
 
 impl Error {
@@ -94,6 +96,17 @@ impl Error {
             Error::NoQemu | Error::NoGuest | Error::Demo(crate::demo::DemoError::Fixture(_)) => BAD_INPUT,
             Error::Region(e) if is_bad_input(e) => BAD_INPUT,
             Error::Dmesg(crate::memory::dmesg::DmesgError::Descriptor(_)) => BAD_INPUT,
+            Error::Token(e) => match e {
+                crate::forward::auth::AuthError::Write { .. } => RUNTIME,
+                _ => BAD_INPUT,
+            },
+            Error::Controller(
+                crate::forward::controller::ControllerError::PlainBeyondLoopback(_)
+                | crate::forward::controller::ControllerError::OpenBeyondLoopback(_)
+                | crate::forward::controller::ControllerError::Tls(_)
+                | crate::forward::controller::ControllerError::Tokens(_)
+                | crate::forward::controller::ControllerError::EmptyAnalyzer,
+            ) => BAD_INPUT,
             Error::Run(e) => match e {
                 RunError::Prepare(_)
                 | RunError::Vm(

@@ -193,10 +193,29 @@ pub enum Command {
         /// Seconds an analyzer run may take.
         #[arg(long, default_value_t = 30, value_name = "SECS")]
         analyzer_timeout: u64,
+        /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+        #[arg(long, value_name = "PEM", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM).
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Require client certificates signed by this CA (PEM).
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
+        /// The token file (`acpimon token add`): every request but /healthz then needs a
+        /// bearer token, a node's to post its own events, an operator's to read.
+        #[arg(long, value_name = "FILE")]
+        tokens: Option<PathBuf>,
         /// The analyzer program and its arguments, after `--`: run once per new event, with the
         /// event's JSON on stdin.
         #[arg(last = true, value_name = "ANALYZER")]
         analyzer: Vec<String>,
+    },
+    /// Manage the controller's bearer tokens: one per node (it may post only its own
+    /// events) and per operator (may read). The file keeps only their SHA-256.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
     },
     /// Print a VM's kernel log, read from its memory through QMP (no console, nothing in the
     /// guest): `[    1.234567] text` per line, as dmesg prints it.
@@ -787,4 +806,31 @@ mod tests {
         };
         assert_eq!(table.config().unwrap().slot.to_string(), "1e.0", "no configuration: the board alone");
     }
+}
+
+/// `acpimon token ...`.
+#[derive(Subcommand)]
+pub enum TokenAction {
+    /// Make a token for NAME, print it once, and store its hash.
+    Add {
+        /// The node's name (acpimon watch's `node` setting), or an operator's.
+        name: String,
+        /// What the token allows.
+        #[arg(long, value_enum, default_value = "node")]
+        role: crate::forward::auth::Role,
+        /// The controller's token file.
+        #[arg(long, value_name = "FILE")]
+        tokens: PathBuf,
+    },
+    /// List the tokens' names, roles and dates.
+    List {
+        #[arg(long, value_name = "FILE")]
+        tokens: PathBuf,
+    },
+    /// Revoke NAME's tokens (the controller stops taking them at once).
+    Remove {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        tokens: PathBuf,
+    },
 }

@@ -11,7 +11,15 @@
 //!   on either, so a duplicate is the normal outcome of a crash or a lost reply.
 //! - 4xx (but 408 and 429) means "never send this again"; 5xx, 408 and 429 mean "later".
 //! - `GET /v1/events` lists the stored events in arrival order, `GET /v1/stats` gives
-//!   `{"stored": N, "duplicates": M}`, `GET /healthz` answers `ok`.
+//!   `{"stored": N, "duplicates": M, "unauthorized": U, "forbidden": F}`, `GET /healthz`
+//!   answers `ok`.
+//!
+//! With `--tokens FILE` ([`super::auth`]) every request but `/healthz` needs a bearer token:
+//! a node's to post (and only events whose `node` is its name: else 403), an operator's to
+//! read. A missing or unknown token is 401. Both are counted. With `--tls-cert` and
+//! `--tls-key` the controller speaks only TLS (`--tls-client-ca` also requires client
+//! certificates). Listening beyond loopback needs both TLS and tokens: plain HTTP is for the
+//! demo and tests on 127.0.0.1. A request body must arrive within [`BODY_TIMEOUT`] (408).
 //!
 //! The store: `events/<key>.json` (written tmp, fsync, rename, fsync dir: the source of truth
 //! and the deduplication state), `events.jsonl` (arrival order; rebuilt at start-up from
@@ -25,6 +33,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -37,6 +46,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
 
+use super::auth::{Refusal, Role, Tokens};
 use super::{valid_key, RawEvent, MAX_KEY_LEN};
 use crate::util::fs::atomic_write;
 use crate::util::lock;
@@ -46,6 +56,8 @@ use crate::util::process::{Output, Program};
 pub const MAX_BODY: usize = 1 << 20;
 /// Analyzers running at once; more wait their turn.
 const MAX_ANALYZERS: usize = 4;
+/// A request body must have arrived within this (a client trickling it is cut with 408).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct ControllerOptions {
@@ -56,10 +68,22 @@ pub struct ControllerOptions {
     /// `ACPIMON_EVENT_KIND`, `ACPIMON_VM` in the environment); output to `analysis/<key>.txt`.
     pub analyzer: Option<Vec<String>>,
     pub analyzer_timeout: Duration,
+    /// Serve TLS with this certificate and key.
+    pub tls: Option<crate::util::tls::ServerTls>,
+    /// The token file; without one, anyone who can connect may post and read.
+    pub tokens: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
+    #[error("{0} is not a loopback address, and the controller would speak plain HTTP there; give --tls-cert and --tls-key, or listen on 127.0.0.1")]
+    PlainBeyondLoopback(SocketAddr),
+    #[error("{0} is not a loopback address, and the controller would take events from anyone who can connect; give --tokens FILE (`acpimon token add NODE --tokens FILE`), or listen on 127.0.0.1")]
+    OpenBeyondLoopback(SocketAddr),
+    #[error("controller TLS: {0}")]
+    Tls(#[from] crate::util::tls::TlsError),
+    #[error(transparent)]
+    Tokens(#[from] super::auth::AuthError),
     #[error("cannot listen on {addr}: {source}; pick a free port or an address of this host with --listen")]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("cannot use store {path}: {source}; check that the directory is writable")]
@@ -78,6 +102,16 @@ pub async fn serve(
     if opts.analyzer.as_ref().is_some_and(|a| a.first().is_none_or(|p| p.is_empty())) {
         return Err(ControllerError::EmptyAnalyzer);
     }
+    if !opts.listen.ip().is_loopback() {
+        if opts.tls.is_none() {
+            return Err(ControllerError::PlainBeyondLoopback(opts.listen));
+        }
+        if opts.tokens.is_none() {
+            return Err(ControllerError::OpenBeyondLoopback(opts.listen));
+        }
+    }
+    let tls = opts.tls.as_ref().map(|t| t.config()).transpose()?.map(tokio_rustls::TlsAcceptor::from);
+    let tokens = opts.tokens.as_deref().map(Tokens::open).transpose()?;
     let root = opts.store.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&root))
         .await
@@ -92,12 +126,15 @@ pub async fn serve(
         analyzer: opts.analyzer,
         analyzer_timeout: opts.analyzer_timeout,
         analyzers: Arc::new(Semaphore::new(MAX_ANALYZERS)),
+        tokens,
+        unauthorized: AtomicU64::new(0),
+        forbidden: AtomicU64::new(0),
     });
     if let Some(tx) = ready {
         let _ = tx.send(addr);
     }
     let handler = move |req| handle(ctx.clone(), req);
-    crate::util::http::serve(listener, "controller", handler, shutdown).await;
+    crate::util::http::serve_tls(listener, "controller", handler, shutdown, tls).await;
     Ok(())
 }
 
@@ -106,6 +143,38 @@ struct Ctx {
     analyzer: Option<Vec<String>>,
     analyzer_timeout: Duration,
     analyzers: Arc<Semaphore>,
+    tokens: Option<Tokens>,
+    unauthorized: AtomicU64,
+    forbidden: AtomicU64,
+}
+
+impl Ctx {
+    /// Who sent `req`, if a token file is in force: `Ok(None)` without one, else the token's
+    /// entry, or the refusal as a response (counted).
+    fn authorize<B>(
+        &self,
+        req: &Request<B>,
+        role: Role,
+    ) -> Result<Option<super::auth::TokenEntry>, Box<Resp>> {
+        let Some(tokens) = &self.tokens else { return Ok(None) };
+        let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        tokens.check(header, role).map(Some).map_err(|r| Box::new(self.refuse(r)))
+    }
+
+    fn refuse(&self, refusal: Refusal) -> Resp {
+        match refusal {
+            Refusal::Unauthorized(why) => {
+                self.unauthorized.fetch_add(1, Ordering::Relaxed);
+                let mut r = error(StatusCode::UNAUTHORIZED, why);
+                r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                r
+            }
+            Refusal::Forbidden(why) => {
+                self.forbidden.fetch_add(1, Ordering::Relaxed);
+                error(StatusCode::FORBIDDEN, why)
+            }
+        }
+    }
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -134,7 +203,13 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let get = req.method() == Method::GET;
-    Ok(match req.uri().path() {
+    let path = req.uri().path();
+    if get && matches!(path, "/v1/events" | "/v1/stats") {
+        if let Err(refused) = ctx.authorize(&req, Role::Operator) {
+            return Ok(*refused);
+        }
+    }
+    Ok(match path {
         "/v1/events" if req.method() == Method::POST => post_event(&ctx, req).await,
         "/v1/events" if get => {
             let store = ctx.store.clone();
@@ -147,7 +222,15 @@ where
         "/v1/events" => not_allowed("GET, POST"),
         "/v1/stats" if get => {
             let (stored, duplicates) = ctx.store.counts();
-            respond(StatusCode::OK, json!({ "stored": stored, "duplicates": duplicates }))
+            respond(
+                StatusCode::OK,
+                json!({
+                    "stored": stored,
+                    "duplicates": duplicates,
+                    "unauthorized": ctx.unauthorized.load(Ordering::Relaxed),
+                    "forbidden": ctx.forbidden.load(Ordering::Relaxed),
+                }),
+            )
         }
         "/healthz" if get => {
             let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
@@ -164,6 +247,10 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let sender = match ctx.authorize(&req, Role::Node) {
+        Ok(sender) => sender,
+        Err(refused) => return *refused,
+    };
     let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {MAX_BODY} bytes"));
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
@@ -179,11 +266,18 @@ where
             )
         }
     };
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}")),
-    };
+    let body =
+        match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), MAX_BODY).collect()).await {
+            Err(_) => {
+                return error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the body did not arrive within {}", crate::units::format_duration(BODY_TIMEOUT)),
+                )
+            }
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
+            Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}")),
+        };
     let event: RawEvent = match serde_json::from_slice(&body) {
         Ok(ev) => ev,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not an event: {e}")),
@@ -196,6 +290,12 @@ where
     }
     if header_key.as_ref().is_some_and(|k| *k != event.key) {
         return error(StatusCode::BAD_REQUEST, "Idempotency-Key differs from the event's key");
+    }
+    if let Some(sender) = sender.filter(|s| s.name != event.node) {
+        return ctx.refuse(Refusal::Forbidden(format!(
+            "the token is {}'s, and this event is node {}'s; a node posts only its own events",
+            sender.name, event.node
+        )));
     }
     let json = match serde_json::to_vec(&event) {
         Ok(j) => j,
@@ -369,6 +469,9 @@ mod tests {
             analyzer: None,
             analyzer_timeout: Duration::from_secs(1),
             analyzers: Arc::new(Semaphore::new(1)),
+            tokens: None,
+            unauthorized: AtomicU64::new(0),
+            forbidden: AtomicU64::new(0),
         })
     }
 
@@ -422,7 +525,7 @@ mod tests {
         assert_eq!(status, 413);
         assert_eq!(
             call(&c, "GET", "/v1/stats", None, vec![]).await,
-            (200, r#"{"duplicates":1,"stored":2}"#.into())
+            (200, r#"{"duplicates":1,"forbidden":0,"stored":2,"unauthorized":0}"#.into())
         );
         assert_eq!(call(&c, "GET", "/nope", None, vec![]).await.0, 404);
         assert_eq!(call(&c, "DELETE", "/v1/events", None, vec![]).await.0, 405);
@@ -454,7 +557,7 @@ mod tests {
         assert!(!root.join("events/.d.json.tmp").exists());
         assert_eq!(call(&c, "POST", "/v1/events", None, event("b")).await.0, 200);
         let stats: Value = serde_json::from_str(&call(&c, "GET", "/v1/stats", None, vec![]).await.1).unwrap();
-        assert_eq!(stats, json!({"stored": 3, "duplicates": 2}));
+        assert_eq!(stats, json!({"stored": 3, "duplicates": 2, "unauthorized": 0, "forbidden": 0}));
         assert!(fs::read_to_string(&jsonl).unwrap().ends_with('\n'));
     }
 }

@@ -1,19 +1,23 @@
 //! The HTTP side of the sender: the controller URL and one POST per event.
 //!
-//! Plain HTTP/1.1 over hyper's connection API, one connection per request: events are rare
-//! (a handful a minute per node) and a fresh connection never meets a half-closed keep-alive
-//! one. No TLS here on purpose: it would pull in a TLS stack for a path a local proxy
-//! (stunnel, a sidecar) covers.
+//! HTTP/1.1 over hyper's connection API, one connection per request: events are rare (a
+//! handful a minute per node) and a fresh connection never meets a half-closed keep-alive one.
+//! `https://` URLs speak TLS (rustls: the system's roots or `controller.ca_file`, and
+//! optionally a client certificate), and a node's bearer token goes in `Authorization`.
 
 use std::net::Ipv6Addr;
 use std::time::Duration;
+use std::{fmt, io};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::header::{CONNECTION, CONTENT_TYPE, HOST};
+use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use super::ForwardError;
 
@@ -30,18 +34,40 @@ pub struct Endpoint {
     pub authority: String,
     /// The path events are POSTed to: the URL's path without trailing '/', then `/v1/events`.
     pub events_path: String,
+    /// `https://`: the exchange is TLS.
+    pub tls: bool,
 }
 
-/// Parses `http://HOST[:PORT][/PREFIX]` (HOST a name, an IPv4 address or a bracketed IPv6
-/// one; PORT 80 when absent).
+/// Everything one POST needs: where, over what, and as whom.
+#[derive(Clone)]
+pub struct Link {
+    pub endpoint: Endpoint,
+    /// Set for an `https://` endpoint.
+    pub tls: Option<TlsConnector>,
+    /// The node's bearer token, sent as `Authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Link")
+            .field("endpoint", &self.endpoint)
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .finish()
+    }
+}
+
+/// Parses `http[s]://HOST[:PORT][/PREFIX]` (HOST a name, an IPv4 address or a bracketed IPv6
+/// one; PORT 80, or 443 for https, when absent).
 pub fn parse_url(url: &str) -> Result<Endpoint, ForwardError> {
     let bad = |reason: &str| ForwardError::BadUrl { url: url.into(), reason: reason.into() };
-    let scheme_end = url.find("://").ok_or_else(|| bad("no http:// at the start"))?;
-    match url[..scheme_end].to_ascii_lowercase().as_str() {
-        "http" => {}
-        "https" => return Err(ForwardError::Https(url.into())),
-        _ => return Err(bad("the scheme must be http")),
-    }
+    let scheme_end = url.find("://").ok_or_else(|| bad("no http:// or https:// at the start"))?;
+    let tls = match url[..scheme_end].to_ascii_lowercase().as_str() {
+        "http" => false,
+        "https" => true,
+        _ => return Err(bad("the scheme must be http or https")),
+    };
     let rest = &url[scheme_end + 3..];
     if let Some(c) = rest.chars().find(|c| c.is_whitespace() || c.is_control()) {
         return Err(bad(&format!("it contains {c:?}")));
@@ -73,6 +99,7 @@ pub fn parse_url(url: &str) -> Result<Endpoint, ForwardError> {
         return Err(bad("the host is missing or not a name or an address"));
     }
     let port = match port {
+        None if tls => 443,
         None => 80,
         Some(p) => match p.parse::<u16>() {
             Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
@@ -85,7 +112,7 @@ pub fn parse_url(url: &str) -> Result<Endpoint, ForwardError> {
     if events_path.parse::<hyper::Uri>().is_err() {
         return Err(bad(&format!("path '{prefix}' is not a valid URL path")));
     }
-    Ok(Endpoint { host: host.into(), port, authority, events_path })
+    Ok(Endpoint { host: host.into(), port, authority, events_path, tls })
 }
 
 /// How one POST ended.
@@ -95,7 +122,7 @@ pub(crate) enum Delivery {
     Stored,
     /// 200: the controller already had it.
     Duplicate,
-    /// 4xx other than 408 and 429: this event will never be accepted.
+    /// 4xx other than 401, 403, 408 and 429: this event will never be accepted.
     Rejected { status: u16, body: String },
     /// Anything else: try again later.
     Retry(String),
@@ -106,40 +133,109 @@ pub(crate) fn classify(status: StatusCode) -> Option<Delivery> {
     match status.as_u16() {
         200 => Some(Delivery::Duplicate),
         201..=299 => Some(Delivery::Stored),
-        408 | 429 => None,
+        // A wrong token or a node name the token does not cover: the operator fixes the
+        // node's configuration, and the events are still in the spool.
+        401 | 403 | 408 | 429 => None,
         400..=499 => Some(Delivery::Rejected { status: status.as_u16(), body: String::new() }),
         _ => None,
     }
 }
 
 /// POSTs one event, the whole exchange (resolution and connection included) within `timeout`.
-pub(crate) async fn post_event(ep: &Endpoint, key: &str, body: Bytes, timeout: Duration) -> Delivery {
-    match tokio::time::timeout(timeout, post(ep, key, body)).await {
+pub(crate) async fn post_event(link: &Link, key: &str, body: Bytes, timeout: Duration) -> Delivery {
+    match tokio::time::timeout(timeout, post(link, key, body)).await {
         Err(_) => Delivery::Retry(format!("no answer within {}", crate::units::format_duration(timeout))),
         Ok(Err(e)) => Delivery::Retry(e),
         Ok(Ok((status, text))) => match classify(status) {
             Some(Delivery::Rejected { status, .. }) => Delivery::Rejected { status, body: text },
             Some(d) => d,
+            None if matches!(status.as_u16(), 401 | 403) => Delivery::Retry(format!(
+                "controller answered {status}: {}; check controller.token_file (the token `acpimon token add` printed for this node's name)",
+                text.trim()
+            )),
             None => Delivery::Retry(format!("controller answered {status}: {}", text.trim())),
         },
     }
 }
 
-async fn post(ep: &Endpoint, key: &str, body: Bytes) -> Result<(StatusCode, String), String> {
+async fn post(link: &Link, key: &str, body: Bytes) -> Result<(StatusCode, String), String> {
+    let ep = &link.endpoint;
     let stream = connect(ep).await?;
+    match &link.tls {
+        None => exchange(link, stream, key, body).await,
+        Some(tls) => {
+            let name = ServerName::try_from(ep.host.clone())
+                .map_err(|e| format!("'{}' cannot be a TLS server name: {e}", ep.host))?;
+            let stream = tls.connect(name, stream).await.map_err(|e| tls_error(ep, &e))?;
+            exchange(link, stream, key, body).await
+        }
+    }
+}
+
+/// Names a failed handshake's cause and its fix.
+fn tls_error(ep: &Endpoint, e: &io::Error) -> String {
+    format!("TLS handshake with {}: {e}{}", ep.authority, tls_fix(e))
+}
+
+/// What to do about the TLS error somewhere in `e`'s chain of causes ("" if none is).
+fn tls_fix(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    use rustls::{AlertDescription, CertificateError, Error as TlsError};
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let found = c.downcast_ref::<TlsError>().or_else(|| {
+            c.downcast_ref::<io::Error>().and_then(|io| io.get_ref()?.downcast_ref::<TlsError>())
+        });
+        if let Some(tls) = found {
+            return match tls {
+                TlsError::InvalidCertificate(CertificateError::UnknownIssuer) => {
+                    "; the controller's certificate is not signed by a CA this node trusts: set controller.ca_file to its CA"
+                }
+                TlsError::InvalidCertificate(
+                    CertificateError::Expired
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYet
+                    | CertificateError::NotValidYetContext { .. },
+                ) => "; the controller's certificate is outside its validity period: renew it (or check the clocks)",
+                TlsError::InvalidCertificate(
+                    CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+                ) => "; the controller's certificate does not name this host: use the name it was issued for in controller.url",
+                TlsError::AlertReceived(AlertDescription::CertificateRequired | AlertDescription::BadCertificate)
+                | TlsError::AlertReceived(AlertDescription::UnknownCA) => {
+                    "; the controller wants a client certificate it trusts: set controller.client_cert and client_key"
+                }
+                _ => "",
+            };
+        }
+        cause = c.source();
+    }
+    ""
+}
+
+async fn exchange<S>(link: &Link, stream: S, key: &str, body: Bytes) -> Result<(StatusCode, String), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ep = &link.endpoint;
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake with {}: {e}", ep.authority))?;
     let conn = tokio::spawn(conn);
     let result = async {
-        let req = Request::post(ep.events_path.as_str())
+        let mut req = Request::post(ep.events_path.as_str());
+        if let Some(token) = &link.token {
+            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req
             .header(HOST, ep.authority.as_str())
             .header(CONTENT_TYPE, "application/json")
             .header("idempotency-key", key)
             .header(CONNECTION, "close")
             .body(Full::new(body))
-            .map_err(|e| format!("cannot build the request: {e}"))?;
-        let resp = sender.send_request(req).await.map_err(|e| format!("request to {}: {e}", ep.authority))?;
+            .expect("a request of valid parts");
+        let resp = match sender.send_request(req).await {
+            Ok(resp) => resp,
+            Err(e) => return Err(e),
+        };
         let status = resp.status();
         // The body only matters for a refusal's record; a huge or broken one is summarised.
         let text = match Limited::new(resp.into_body(), MAX_RESPONSE).collect().await {
@@ -149,8 +245,23 @@ async fn post(ep: &Endpoint, key: &str, body: Bytes) -> Result<(StatusCode, Stri
         Ok((status, text))
     }
     .await;
-    conn.abort();
-    result
+    match result {
+        Ok(answer) => {
+            conn.abort();
+            Ok(answer)
+        }
+        // A refusal in TLS 1.3 (a client certificate missing or not trusted) arrives as an
+        // alert after the handshake: the connection's own error says which.
+        Err(e) => {
+            let why = match tokio::time::timeout(Duration::from_secs(1), conn).await {
+                Ok(Ok(Err(conn_error))) => {
+                    format!("{conn_error}{}", tls_fix(&conn_error))
+                }
+                _ => format!("{e}{}", tls_fix(&e)),
+            };
+            Err(format!("request to {}: {why}", ep.authority))
+        }
+    }
 }
 
 async fn connect(ep: &Endpoint) -> Result<TcpStream, String> {
@@ -178,6 +289,10 @@ mod tests {
         parse_url(url).unwrap_or_else(|e| panic!("{url}: {e}"))
     }
 
+    fn plain(endpoint: Endpoint) -> Link {
+        Link { endpoint, tls: None, token: None }
+    }
+
     #[test]
     fn parses_hosts_ports_and_prefixes() {
         let e = ep("http://ctl.example:8080");
@@ -198,11 +313,12 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_honour() {
-        assert!(matches!(parse_url("https://ctl:443"), Err(ForwardError::Https(_))));
-        assert!(parse_url("HTTPS://ctl").unwrap_err().to_string().contains("TLS proxy"));
+        let e = ep("HTTPS://ctl");
+        assert!(e.tls && e.port == 443 && e.authority == "ctl:443", "{e:?}");
+        assert!(!ep("http://ctl").tls);
         for (url, why) in [
             ("ctl:8080", "http://"),
-            ("ftp://ctl", "scheme"),
+            ("ftp://ctl", "http or https"),
             ("http://", "host"),
             ("http://:80", "host"),
             ("http://ctl:0", "port"),
@@ -220,7 +336,7 @@ mod tests {
             ("http://ct%l", "host"),
         ] {
             let msg = parse_url(url).expect_err(url).to_string();
-            assert!(msg.contains(why) && msg.contains("http://HOST[:PORT][/PATH]"), "{url}: {msg}");
+            assert!(msg.contains(why) && msg.contains("http[s]://HOST[:PORT][/PATH]"), "{url}: {msg}");
         }
     }
 
@@ -234,7 +350,7 @@ mod tests {
             classify(StatusCode::PAYLOAD_TOO_LARGE),
             Some(Delivery::Rejected { status: 413, .. })
         ));
-        for retry in [408, 429, 500, 502, 503, 301, 100] {
+        for retry in [401, 403, 408, 429, 500, 502, 503, 301, 100] {
             assert_eq!(classify(StatusCode::from_u16(retry).unwrap()), None, "{retry}");
         }
     }
@@ -276,7 +392,13 @@ mod tests {
     #[tokio::test]
     async fn posts_with_the_idempotency_key_to_the_prefixed_path() {
         let (e, server) = capture("HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n").await;
-        let d = post_event(&e, "k-1", Bytes::from_static(b"{\"key\":\"k-1\"}"), Duration::from_secs(5)).await;
+        let d = post_event(
+            &plain(e.clone()),
+            "k-1",
+            Bytes::from_static(b"{\"key\":\"k-1\"}"),
+            Duration::from_secs(5),
+        )
+        .await;
         assert_eq!(d, Delivery::Stored);
         let req = server.await.unwrap();
         let (head, body) = req.split_once("\r\n\r\n").unwrap();
@@ -290,11 +412,11 @@ mod tests {
         assert_eq!(body, "{\"key\":\"k-1\"}");
 
         let (e, server) = capture("HTTP/1.1 422 Unprocessable\r\ncontent-length: 4\r\n\r\nnope").await;
-        let d = post_event(&e, "k", Bytes::from_static(b"{}"), Duration::from_secs(5)).await;
+        let d = post_event(&plain(e.clone()), "k", Bytes::from_static(b"{}"), Duration::from_secs(5)).await;
         assert_eq!(d, Delivery::Rejected { status: 422, body: "nope".into() });
         server.await.unwrap();
         let (e, server) = capture("HTTP/1.1 503 Busy\r\ncontent-length: 5\r\n\r\nlater").await;
-        let d = post_event(&e, "k", Bytes::from_static(b"{}"), Duration::from_secs(5)).await;
+        let d = post_event(&plain(e.clone()), "k", Bytes::from_static(b"{}"), Duration::from_secs(5)).await;
         assert!(matches!(&d, Delivery::Retry(m) if m.contains("503")), "{d:?}");
         server.await.unwrap();
     }
@@ -306,7 +428,7 @@ mod tests {
             l.local_addr().unwrap().port()
         };
         let e = ep(&format!("http://127.0.0.1:{port}"));
-        let d = post_event(&e, "k", Bytes::from_static(b"{}"), Duration::from_secs(2)).await;
+        let d = post_event(&plain(e.clone()), "k", Bytes::from_static(b"{}"), Duration::from_secs(2)).await;
         assert!(matches!(&d, Delivery::Retry(m) if m.contains("cannot connect")), "{d:?}");
     }
 }

@@ -41,6 +41,7 @@
 //! One spool directory belongs to one running service: two processes sharing it would send
 //! every event twice (harmless, deduplicated) and could race on names (not harmless).
 
+pub mod auth;
 pub mod controller;
 mod hook;
 mod http;
@@ -58,7 +59,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use crate::util::{lock, until_true};
 use writer::Job;
 
-pub use http::{parse_url, Endpoint};
+pub use http::{parse_url, Endpoint, Link};
 pub use writer::{HoldLimits, Loss};
 
 pub use crate::event::{new_key, valid_key, Event, RawEvent, MAX_KEY_LEN};
@@ -80,9 +81,15 @@ pub struct ForwardConfig {
 /// The controller events are POSTed to.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
-    /// `http://HOST[:PORT][/PREFIX]`; events go to `{url}/v1/events`. No https: put a local
-    /// TLS proxy in front.
+    /// `http[s]://HOST[:PORT][/PREFIX]`; events go to `{url}/v1/events`.
     pub url: String,
+    /// CA certificates (PEM) to trust for an https controller instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM chain) and its key, for a controller that requires one.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// A file holding this node's bearer token (`acpimon token add` prints it).
+    pub token_file: Option<PathBuf>,
     /// Per request, connection included.
     pub timeout: Duration,
     /// Bounds of the spool; `submit` refuses events beyond either.
@@ -181,10 +188,12 @@ impl ForwardStats {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("controller URL '{url}' is not http://HOST[:PORT][/PATH]: {reason}")]
+    #[error("controller URL '{url}' is not http[s]://HOST[:PORT][/PATH]: {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("controller URL '{0}' is https, which acpimon does not speak; use http:// to a local TLS proxy (e.g. stunnel) in front of the controller")]
-    Https(String),
+    #[error("controller TLS: {0}")]
+    Tls(#[from] crate::util::tls::TlsError),
+    #[error("cannot read controller.token_file {path}: {source}; give the file holding the token `acpimon token add` printed for this node")]
+    TokenFile { path: PathBuf, source: std::io::Error },
     #[error("invalid forwarding setting: {0}")]
     Config(String),
     #[error("cannot create directory {path}: {source}; check that its parent exists and is writable")]
@@ -255,7 +264,7 @@ pub struct Forwarder {
 /// [`ForwardTask::run`] once.
 pub struct ForwardTask {
     spool: Option<Arc<spool::Spool>>,
-    controller: Option<(Endpoint, ControllerConfig)>,
+    controller: Option<(Link, ControllerConfig)>,
     hook: Option<(HookConfig, mpsc::Receiver<HookJob>)>,
     stats: Arc<Mutex<ForwardStats>>,
     wake: Arc<Notify>,
@@ -266,10 +275,46 @@ fn create_dir(path: &Path) -> Result<(), ForwardError> {
 }
 
 impl ControllerConfig {
-    /// Checks the settings and parses the URL. The one rule set for these settings: the
-    /// configuration file reports what this says at the `[controller]` section.
-    pub fn validate(&self) -> Result<Endpoint, ForwardError> {
-        let ep = parse_url(&self.url)?;
+    /// Checks the settings, parses the URL, loads the TLS files and the token. The one rule
+    /// set for these settings: the configuration file reports what this says at the
+    /// `[controller]` section.
+    pub fn validate(&self) -> Result<Link, ForwardError> {
+        let endpoint = parse_url(&self.url)?;
+        if !endpoint.tls && (self.ca_file.is_some() || self.client_cert.is_some()) {
+            return Err(ForwardError::Config(
+                "controller.ca_file and client_cert are for an https:// controller; use https:// in controller.url or remove them".into(),
+            ));
+        }
+        let client_cert = match (&self.client_cert, &self.client_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => {
+                return Err(ForwardError::Config(
+                    "controller.client_cert and client_key go together; give both or neither".into(),
+                ))
+            }
+        };
+        let tls = if endpoint.tls {
+            let tls = crate::util::tls::ClientTls { ca_file: self.ca_file.clone(), client_cert };
+            Some(tokio_rustls::TlsConnector::from(tls.config()?))
+        } else {
+            None
+        };
+        let token = match &self.token_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ForwardError::TokenFile { path: path.clone(), source })?;
+                let token = text.trim();
+                if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(ForwardError::Config(format!(
+                        "controller.token_file {} holds no token (one line of printable characters); put the token `acpimon token add` printed in it",
+                        path.display()
+                    )));
+                }
+                Some(token.to_string())
+            }
+        };
         if self.timeout.is_zero() {
             return Err(ForwardError::Config("controller.timeout must be more than 0; try \"10s\"".into()));
         }
@@ -285,7 +330,7 @@ impl ControllerConfig {
                 crate::units::format_duration(self.backoff_max)
             )));
         }
-        Ok(ep)
+        Ok(Link { endpoint, tls, token })
     }
 }
 
@@ -304,7 +349,7 @@ impl HookConfig {
     }
 }
 
-fn validate(cfg: &ForwardConfig) -> Result<Option<Endpoint>, ForwardError> {
+fn validate(cfg: &ForwardConfig) -> Result<Option<Link>, ForwardError> {
     let endpoint = cfg.controller.as_ref().map(ControllerConfig::validate).transpose()?;
     if let Some(h) = &cfg.hook {
         h.validate()?;
@@ -549,7 +594,7 @@ impl ForwardTask {
 /// The spool drainer.
 struct Sender {
     spool: Arc<spool::Spool>,
-    endpoint: Endpoint,
+    endpoint: Link,
     cfg: ControllerConfig,
     stats: Arc<Mutex<ForwardStats>>,
     wake: Arc<Notify>,
@@ -670,6 +715,10 @@ mod tests {
             spool_max_events: 1000,
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(100),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            token_file: None,
         }
     }
 
@@ -708,8 +757,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err =
             |c: ControllerConfig| Forwarder::open(config(dir.path(), Some(c))).err().unwrap().to_string();
-        assert!(err(controller("https://h/")).contains("TLS proxy"));
-        assert!(err(controller("ftp://h/")).contains("http://HOST"));
+        assert!(err(ControllerConfig { ca_file: Some("/ca.pem".into()), ..controller("http://h/") })
+            .contains("https://"));
+        assert!(err(ControllerConfig { client_key: Some("/k.pem".into()), ..controller("https://h/") })
+            .contains("go together"));
+        assert!(err(controller("ftp://h/")).contains("http[s]://HOST"));
         assert!(err(ControllerConfig { backoff_min: Duration::ZERO, ..controller("http://h") })
             .contains("backoff_min"));
         assert!(err(ControllerConfig { spool_max_events: 0, ..controller("http://h") }).contains("spool_max"));

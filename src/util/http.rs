@@ -2,8 +2,8 @@
 //! reference controller, so both treat slow or hostile clients alike: request headers within
 //! [`HEADER_TIMEOUT`] and [`MAX_HEADER_BYTES`] (else 408/431 or a closed connection), the
 //! whole connection within [`CONNECTION_TIMEOUT`] (a client trickling its body cannot hold a
-//! task forever); request bodies are bounded by each handler. HTTP/1.1 only, plain TCP (put a
-//! TLS proxy in front).
+//! task forever); request bodies are bounded by each handler. HTTP/1.1 only, over plain TCP or
+//! TLS ([`serve_tls`]: the handshake, too, within [`HEADER_TIMEOUT`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,9 +15,11 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 /// A client must have sent its request headers within this.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,8 +35,24 @@ pub type Reply = Response<Full<Bytes>>;
 /// Serves `handler` on `listener` until `shutdown` turns true (or its sender is gone); then
 /// stops accepting, drops open connections and returns. `name` says whose server it is in
 /// messages.
-pub async fn serve<H, F>(listener: TcpListener, name: &str, handler: H, mut shutdown: watch::Receiver<bool>)
+pub async fn serve<H, F>(listener: TcpListener, name: &str, handler: H, shutdown: watch::Receiver<bool>)
 where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Reply, Infallible>> + Send + 'static,
+{
+    serve_tls(listener, name, handler, shutdown, None).await
+}
+
+/// [`serve`], with each connection's TLS handshake first when `tls` is given. A client that
+/// fails the handshake (a wrong or expired certificate, plain HTTP on a TLS port, nothing sent)
+/// is logged at debug level and dropped; other connections go on.
+pub async fn serve_tls<H, F>(
+    listener: TcpListener,
+    name: &str,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+    tls: Option<TlsAcceptor>,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Reply, Infallible>> + Send + 'static,
 {
@@ -44,17 +62,18 @@ where
         tokio::select! {
             () = super::until_true(&mut shutdown) => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let handler = handler.clone();
+                    let tls = tls.clone();
+                    let server = name.to_string();
                     conns.spawn(async move {
                         let _ = stream.set_nodelay(true);
-                        let service = hyper::service::service_fn(handler);
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(HEADER_TIMEOUT)
-                            .max_buf_size(MAX_HEADER_BYTES)
-                            .serve_connection(TokioIo::new(stream), service);
-                        let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+                        let Some(tls) = tls else { return connection(stream, handler).await };
+                        match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => connection(stream, handler).await,
+                            Ok(Err(e)) => tracing::debug!(server, %peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(server, %peer, "no TLS handshake in time"),
+                        }
                     });
                 }
                 Err(e) => {
@@ -67,6 +86,22 @@ where
         }
     }
     conns.shutdown().await;
+}
+
+/// One HTTP/1.1 connection, bounded as the module says.
+async fn connection<S, H, F>(stream: S, handler: H)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Reply, Infallible>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(handler);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
 }
 
 #[cfg(test)]

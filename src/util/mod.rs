@@ -1,10 +1,11 @@
 //! One way to do each infrastructure job, used by every stage: durable file writes ([`fs`]),
-//! running a program under a timeout ([`process`]), serving HTTP ([`http`]), taking a lock
+//! running a program under a timeout ([`process`]), serving HTTP ([`http`]), TLS ([`tls`]), taking a lock
 //! ([`lock`]) and waiting for shutdown ([`until_true`]).
 
 pub mod fs;
 pub mod http;
 pub mod process;
+pub mod tls;
 
 use std::sync::{Mutex, MutexGuard};
 

@@ -428,6 +428,10 @@ struct RawMetrics {
 #[serde(deny_unknown_fields)]
 struct RawController {
     url: Spanned<String>,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    token_file: Option<PathBuf>,
     timeout: Option<Dur>,
     spool_max: Option<Size>,
     spool_max_events: Option<usize>,
@@ -792,6 +796,10 @@ impl Validator<'_> {
         let backoff_max = c.backoff_max.map_or(Duration::from_secs(60), |d| d.0);
         let controller = ControllerConfig {
             url: c.url.get_ref().trim_end_matches('/').to_string(),
+            ca_file: c.ca_file,
+            client_cert: c.client_cert,
+            client_key: c.client_key,
+            token_file: c.token_file,
             timeout: c.timeout.map_or(Duration::from_secs(5), |d| d.0),
             spool_max_bytes: c.spool_max.map_or(64 << 20, |s| s.0),
             spool_max_events: c.spool_max_events.unwrap_or(100_000),
@@ -801,11 +809,7 @@ impl Validator<'_> {
         };
         // The forwarder's own rules; a bad URL is reported at its line.
         if let Err(e) = controller.validate() {
-            let at = if matches!(e, ForwardError::BadUrl { .. } | ForwardError::Https(_)) {
-                c.url.span()
-            } else {
-                span
-            };
+            let at = if matches!(e, ForwardError::BadUrl { .. }) { c.url.span() } else { span };
             self.problem(at, e.to_string());
         }
         controller

@@ -136,8 +136,8 @@ fn syntax_and_type_errors_name_the_line() {
     assert!(e.problems[0].message.contains("unknown field `statedir`"), "{e}");
     let e = parse("[metrics]\nlisten = \"0.0.0.0:9464\"\n").unwrap_err();
     assert!(e.problems[0].message.contains("allow_remote"), "{e}");
-    let e = parse("[controller]\nurl = \"https://ctl\"\n").unwrap_err();
-    assert!(e.problems[0].message.contains("TLS proxy"), "{e}");
+    let e = parse("[controller]\nurl = \"https://ctl\"\nca_file = \"/nonexistent/ca.pem\"\n").unwrap_err();
+    assert!(e.problems[0].message.contains("cannot read CA file /nonexistent/ca.pem"), "{e}");
 }
 
 #[test]
@@ -168,7 +168,7 @@ fn forwarding_settings_follow_the_forwarders_rules() {
         parse("[controller]\nurl = \"http://ctl\"\nbackoff_max = \"500ms\"\n").unwrap().controller.unwrap();
     assert_eq!((c.backoff_min, c.backoff_max), (Duration::from_millis(500), Duration::from_millis(500)));
     let e = parse("[controller]\nurl = \"http://\"\n").unwrap_err();
-    assert!(e.problems[0].message.contains("http://HOST"), "{e}");
+    assert!(e.problems[0].message.contains("http[s]://HOST"), "{e}");
     let e = parse("[hook]\nargv = []\n").unwrap_err();
     assert!(e.problems[0].message.contains("hook.argv is empty"), "{e}");
     let e = parse("[hook]\nargv = [\"x\"]\ntimeout = \"0s\"\n").unwrap_err();
