@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::forward::controller::{self, ControllerOptions};
+use crate::controller::{self, ControllerOptions};
 use crate::forward::ControllerConfig;
 use crate::generate::SsdtConfig;
 use crate::launch::{prepare, Vm, VmError, VmSpec};
@@ -103,6 +103,7 @@ pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Resu
     let ctl_opts = ControllerOptions {
         listen: "127.0.0.1:0".parse().expect("valid address"),
         store: store.clone(),
+        database: None,
         analyzer: None,
         analyzer_timeout: Duration::from_secs(10),
     };

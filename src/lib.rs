@@ -8,6 +8,7 @@ pub mod abi;
 pub mod app;
 pub mod cli;
 pub mod console;
+pub mod controller;
 pub mod demo;
 pub mod diagnose;
 pub mod event;

@@ -89,10 +89,11 @@ fn run(command: Command) -> Result<(), Error> {
             acpimon::report::print_status(&status, json);
             Ok(())
         }
-        Command::Controller { listen, store, analyzer_timeout, analyzer } => {
-            let opts = acpimon::forward::controller::ControllerOptions {
+        Command::Controller { listen, store, database, analyzer_timeout, analyzer } => {
+            let opts = acpimon::controller::ControllerOptions {
                 listen,
                 store,
+                database,
                 analyzer: (!analyzer.is_empty()).then_some(analyzer),
                 analyzer_timeout: Duration::from_secs(analyzer_timeout),
             };
@@ -103,7 +104,7 @@ fn run(command: Command) -> Result<(), Error> {
                         println!("acpimon controller: listening on http://{addr}");
                     }
                 });
-                acpimon::forward::controller::serve(opts, shutdown_on_signal(), Some(tx)).await
+                acpimon::controller::serve(opts, shutdown_on_signal(), Some(tx)).await
             })?;
             Ok(())
         }

@@ -61,7 +61,7 @@ pub enum Error {
     #[error(transparent)]
     Watch(#[from] crate::watch::WatchError),
     #[error(transparent)]
-    Controller(#[from] crate::forward::controller::ControllerError),
+    Controller(#[from] crate::controller::ControllerError),
     #[error("{0}")]
     Status(String),
     #[error("the guest's console: {0}")]

@@ -187,9 +187,14 @@ pub enum Command {
         /// Address to listen on, e.g. 127.0.0.1:8080.
         #[arg(long, value_name = "IP:PORT")]
         listen: std::net::SocketAddr,
-        /// Directory for the received events.
+        /// Directory of the store: the SQLite database `controller.db` (unless --database),
+        /// the analyses, and a JSON-file store of an older controller (imported once).
         #[arg(long, value_name = "DIR")]
         store: PathBuf,
+        /// Store events in PostgreSQL instead of SQLite:
+        /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (or ?host=/socket/dir).
+        #[arg(long, value_name = "URL", env = "ACPIMON_DATABASE")]
+        database: Option<String>,
         /// Seconds an analyzer run may take.
         #[arg(long, default_value_t = 30, value_name = "SECS")]
         analyzer_timeout: u64,

@@ -13,20 +13,22 @@
 //! - `GET /v1/events` lists the stored events in arrival order, `GET /v1/stats` gives
 //!   `{"stored": N, "duplicates": M}`, `GET /healthz` answers `ok`.
 //!
-//! The store: `events/<key>.json` (written tmp, fsync, rename, fsync dir: the source of truth
-//! and the deduplication state), `events.jsonl` (arrival order; rebuilt at start-up from
-//! `events/` if a crash left it behind), `duplicates` (the counter), `analysis/<key>.txt` (the
-//! analyzer's output and exit status). Everything a client sends is untrusted: bounded,
-//! validated, answered with a status, never a panic.
+//! The store ([`store`]): SQLite in `--store DIR/controller.db` by default, or PostgreSQL with
+//! `--database postgres://...`; a JSON-file store found in `--store` (what this controller kept
+//! before) is imported once at start. `GET /v1/events/KEY` gives one stored event (404 if
+//! none). The analyzer's output and exit status go to `--store DIR/analysis/<key>.txt`.
+//! Everything a client sends is untrusted: bounded, validated, answered with a status, never a
+//! panic.
 
-use std::collections::HashSet;
+pub mod store;
+
 use std::convert::Infallible;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, Write};
+use std::fs::{self, File};
+use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -37,10 +39,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
 
-use super::{valid_key, RawEvent, MAX_KEY_LEN};
-use crate::util::fs::atomic_write;
-use crate::util::lock;
+use crate::event::{valid_key, RawEvent, MAX_KEY_LEN};
 use crate::util::process::{Output, Program};
+use store::{Backend, Inserted, NewEvent, Store, StoreError};
 
 /// The largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
@@ -50,8 +51,11 @@ const MAX_ANALYZERS: usize = 4;
 #[derive(Clone, Debug)]
 pub struct ControllerOptions {
     pub listen: SocketAddr,
-    /// The store directory (created if missing).
+    /// The store directory (created if missing): the SQLite store, analyses, and a JSON-file
+    /// store to import.
     pub store: PathBuf,
+    /// A PostgreSQL URL (`postgres://...`) to store events in instead of SQLite.
+    pub database: Option<String>,
     /// Program and arguments run for each new event (event JSON on stdin, `ACPIMON_EVENT_KEY`,
     /// `ACPIMON_EVENT_KIND`, `ACPIMON_VM` in the environment); output to `analysis/<key>.txt`.
     pub analyzer: Option<Vec<String>>,
@@ -66,6 +70,8 @@ pub enum ControllerError {
     Store { path: PathBuf, source: io::Error },
     #[error("the analyzer command is empty; give the program and its arguments")]
     EmptyAnalyzer,
+    #[error(transparent)]
+    Backend(#[from] StoreError),
 }
 
 /// Serves until `shutdown` turns true (or its sender is dropped); then stops accepting, drops
@@ -78,17 +84,21 @@ pub async fn serve(
     if opts.analyzer.as_ref().is_some_and(|a| a.first().is_none_or(|p| p.is_empty())) {
         return Err(ControllerError::EmptyAnalyzer);
     }
+    let backend = Backend::from_options(&opts.store, opts.database.as_deref())?;
     let root = opts.store.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&root))
+    tokio::task::spawn_blocking(move || fs::create_dir_all(root.join("analysis")))
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
         .map_err(|source| ControllerError::Store { path: opts.store.clone(), source })?;
+    let store = Store::open(&backend).await?;
+    store.import_json_store(&opts.store).await?;
     let listener = TcpListener::bind(opts.listen)
         .await
         .map_err(|source| ControllerError::Bind { addr: opts.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ControllerError::Bind { addr: opts.listen, source })?;
     let ctx = Arc::new(Ctx {
-        store: Arc::new(store),
+        store,
+        root: opts.store,
         analyzer: opts.analyzer,
         analyzer_timeout: opts.analyzer_timeout,
         analyzers: Arc::new(Semaphore::new(MAX_ANALYZERS)),
@@ -102,7 +112,9 @@ pub async fn serve(
 }
 
 struct Ctx {
-    store: Arc<Store>,
+    store: Store,
+    /// The store directory (analyses).
+    root: PathBuf,
     analyzer: Option<Vec<String>>,
     analyzer_timeout: Duration,
     analyzers: Arc<Semaphore>,
@@ -115,6 +127,20 @@ fn respond(status: StatusCode, body: Value) -> Resp {
     *r.status_mut() = status;
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
+}
+
+/// A body already JSON.
+fn respond_raw(status: StatusCode, body: String) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// The store failed: 503, which senders retry.
+fn unavailable(e: &StoreError) -> Resp {
+    tracing::error!(error = %e, "controller: the store failed");
+    error(StatusCode::SERVICE_UNAVAILABLE, format!("the store failed: {e}"))
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Resp {
@@ -136,19 +162,32 @@ where
     let get = req.method() == Method::GET;
     Ok(match req.uri().path() {
         "/v1/events" if req.method() == Method::POST => post_event(&ctx, req).await,
-        "/v1/events" if get => {
-            let store = ctx.store.clone();
-            match tokio::task::spawn_blocking(move || store.list()).await {
-                Ok(Ok(events)) => respond(StatusCode::OK, Value::Array(events)),
-                Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the store: {e}")),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        "/v1/events" if get => match ctx.store.all_json().await {
+            Ok(events) => respond_raw(StatusCode::OK, format!("[{}]", events.join(","))),
+            Err(e) => unavailable(&e),
+        },
+        "/v1/events" => not_allowed("GET, POST"),
+        path if path.starts_with("/v1/events/") => {
+            let key = &path["/v1/events/".len()..];
+            if !get {
+                not_allowed("GET")
+            } else if !valid_key(key) {
+                error(
+                    StatusCode::NOT_FOUND,
+                    format!("no event '{key}': a key is 1-{MAX_KEY_LEN} characters of [0-9A-Za-z_-]"),
+                )
+            } else {
+                match ctx.store.event(key).await {
+                    Ok(Some(ev)) => respond_raw(StatusCode::OK, ev.body),
+                    Ok(None) => error(StatusCode::NOT_FOUND, format!("no event '{key}' stored")),
+                    Err(e) => unavailable(&e),
+                }
             }
         }
-        "/v1/events" => not_allowed("GET, POST"),
-        "/v1/stats" if get => {
-            let (stored, duplicates) = ctx.store.counts();
-            respond(StatusCode::OK, json!({ "stored": stored, "duplicates": duplicates }))
-        }
+        "/v1/stats" if get => match ctx.store.counts().await {
+            Ok(c) => respond(StatusCode::OK, json!({ "stored": c.stored, "duplicates": c.duplicates })),
+            Err(e) => unavailable(&e),
+        },
         "/healthz" if get => {
             let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -197,24 +236,20 @@ where
     if header_key.as_ref().is_some_and(|k| *k != event.key) {
         return error(StatusCode::BAD_REQUEST, "Idempotency-Key differs from the event's key");
     }
-    let json = match serde_json::to_vec(&event) {
+    let json = match serde_json::to_string(&event) {
         Ok(j) => j,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("event cannot be stored: {e}")),
     };
-    let store = ctx.store.clone();
-    let key = event.key.clone();
-    let stored_json = json.clone();
-    let put = tokio::task::spawn_blocking(move || store.put(&key, &stored_json)).await;
-    match put {
-        Ok(Ok(true)) => {
+    let row = NewEvent::from_raw(&event, json.clone(), store::now_ms());
+    match ctx.store.insert(row, true).await {
+        Ok(Inserted::New) => {
             if let Some(argv) = &ctx.analyzer {
-                tokio::spawn(analyze(ctx.clone(), argv.clone(), event.clone(), json));
+                tokio::spawn(analyze(ctx.clone(), argv.clone(), event.clone(), json.into_bytes()));
             }
             respond(StatusCode::CREATED, json!({ "key": event.key, "stored": true }))
         }
-        Ok(Ok(false)) => respond(StatusCode::OK, json!({ "key": event.key, "duplicate": true })),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the event: {e}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(Inserted::Duplicate) => respond(StatusCode::OK, json!({ "key": event.key, "duplicate": true })),
+        Err(e) => unavailable(&e),
     }
 }
 
@@ -222,7 +257,7 @@ where
 /// status) through a temporary file, so a present file is a finished analysis.
 async fn analyze(ctx: Arc<Ctx>, argv: Vec<String>, event: RawEvent, json: Vec<u8>) {
     let Ok(_permit) = ctx.analyzers.acquire().await else { return };
-    let dir = ctx.store.root.join("analysis");
+    let dir = ctx.root.join("analysis");
     let tmp = dir.join(format!(".{}.txt.tmp", event.key));
     let target = dir.join(format!("{}.txt", event.key));
     let opened = File::create(&tmp).and_then(|f| Ok((f.try_clone()?, f.try_clone()?, f)));
@@ -248,124 +283,14 @@ async fn analyze(ctx: Arc<Ctx>, argv: Vec<String>, event: RawEvent, json: Vec<u8
     }
 }
 
-struct StoreState {
-    keys: HashSet<String>,
-    duplicates: u64,
-    jsonl: File,
-}
-
-struct Store {
-    root: PathBuf,
-    state: Mutex<StoreState>,
-}
-
-impl Store {
-    /// Opens (or creates) the store, rebuilding the deduplication state from `events/` and
-    /// repairing `events.jsonl` after a crash.
-    fn open(root: &Path) -> io::Result<Store> {
-        let events = root.join("events");
-        fs::create_dir_all(&events)?;
-        fs::create_dir_all(root.join("analysis"))?;
-        let mut stored = Vec::new();
-        for entry in fs::read_dir(&events)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if name.starts_with('.') && name.ends_with(".tmp") {
-                // Never acknowledged: the sender will send it again.
-                let _ = fs::remove_file(entry.path());
-            } else if let Some(key) = name.strip_suffix(".json").filter(|k| valid_key(k)) {
-                let mtime = entry.metadata()?.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                stored.push((mtime, key.to_string()));
-            }
-        }
-        let jsonl_path = root.join("events.jsonl");
-        let mut jsonl = OpenOptions::new().create(true).read(true).append(true).open(&jsonl_path)?;
-        // Keys already listed; a torn last line (crash mid-append) is cut off.
-        let mut listed = HashSet::new();
-        let mut good_len = 0u64;
-        let mut reader = io::BufReader::new(File::open(&jsonl_path)?);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let n = reader.read_until(b'\n', &mut line)?;
-            if n == 0 || line.last() != Some(&b'\n') {
-                break;
-            }
-            good_len += n as u64;
-            if let Ok(v) = serde_json::from_slice::<Value>(&line) {
-                if let Some(k) = v.get("key").and_then(Value::as_str) {
-                    listed.insert(k.to_string());
-                }
-            }
-        }
-        if jsonl.metadata()?.len() != good_len {
-            jsonl.set_len(good_len)?;
-        }
-        // Stored but not listed (crash between the two writes): append, oldest first.
-        stored.sort();
-        for (_, key) in stored.iter().filter(|(_, k)| !listed.contains(k)) {
-            let mut bytes = fs::read(events.join(format!("{key}.json")))?;
-            if bytes.contains(&b'\n') {
-                bytes = match serde_json::from_slice::<Value>(&bytes) {
-                    Ok(v) => v.to_string().into_bytes(),
-                    Err(_) => continue,
-                };
-            }
-            bytes.push(b'\n');
-            jsonl.write_all(&bytes)?;
-        }
-        let duplicates =
-            fs::read_to_string(root.join("duplicates")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-        let keys = stored.into_iter().map(|(_, k)| k).collect();
-        Ok(Store { root: root.into(), state: Mutex::new(StoreState { keys, duplicates, jsonl }) })
-    }
-
-    /// Stores a new event (true) or counts a duplicate (false).
-    fn put(&self, key: &str, json: &[u8]) -> io::Result<bool> {
-        let mut st = lock(&self.state);
-        if st.keys.contains(key) {
-            st.duplicates += 1;
-            atomic_write(&self.root.join("duplicates"), format!("{}\n", st.duplicates).as_bytes())?;
-            return Ok(false);
-        }
-        atomic_write(&self.root.join("events").join(format!("{key}.json")), json)?;
-        let mut line = json.to_vec();
-        line.push(b'\n');
-        st.jsonl.write_all(&line)?;
-        st.keys.insert(key.into());
-        Ok(true)
-    }
-
-    /// The stored events in arrival order.
-    fn list(&self) -> io::Result<Vec<Value>> {
-        let _st = lock(&self.state); // no half-appended line
-        let reader = io::BufReader::new(File::open(self.root.join("events.jsonl"))?);
-        let mut seen = HashSet::new();
-        let mut events = Vec::new();
-        for line in reader.split(b'\n') {
-            let Ok(v) = serde_json::from_slice::<Value>(&line?) else { continue };
-            let key = v.get("key").and_then(Value::as_str).map(str::to_string);
-            if key.is_some_and(|k| seen.insert(k)) {
-                events.push(v);
-            }
-        }
-        Ok(events)
-    }
-
-    fn counts(&self) -> (usize, u64) {
-        let st = lock(&self.state);
-        (st.keys.len(), st.duplicates)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ctx(root: &Path) -> Arc<Ctx> {
+    async fn ctx(root: &std::path::Path) -> Arc<Ctx> {
         Arc::new(Ctx {
-            store: Arc::new(Store::open(root).unwrap()),
+            store: Store::open(&Backend::Sqlite(root.into())).await.unwrap(),
+            root: root.into(),
             analyzer: None,
             analyzer_timeout: Duration::from_secs(1),
             analyzers: Arc::new(Semaphore::new(1)),
@@ -398,7 +323,7 @@ mod tests {
     #[tokio::test]
     async fn stores_dedups_and_validates() {
         let dir = tempfile::tempdir().unwrap();
-        let c = ctx(dir.path());
+        let c = ctx(dir.path()).await;
         assert_eq!(call(&c, "POST", "/v1/events", Some("k1"), event("k1")).await.0, 201);
         assert_eq!(call(&c, "POST", "/v1/events", None, event("k1")).await.0, 200);
         assert_eq!(call(&c, "POST", "/v1/events", None, event("k2")).await.0, 201);
@@ -431,30 +356,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn restart_rebuilds_state_and_repairs_the_list() {
+    async fn restart_keeps_events_counts_and_order() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         {
-            let c = ctx(root);
-            for k in ["a", "b", "c"] {
+            let c = ctx(root).await;
+            for k in ["a", "c", "b"] {
                 assert_eq!(call(&c, "POST", "/v1/events", None, event(k)).await.0, 201);
             }
             assert_eq!(call(&c, "POST", "/v1/events", None, event("a")).await.0, 200);
         }
-        // A crash mid-append: the last line ("c") is torn; and a leftover temporary file.
-        let jsonl = root.join("events.jsonl");
-        let text = fs::read_to_string(&jsonl).unwrap();
-        fs::write(&jsonl, &text[..text.len() - 5]).unwrap();
-        fs::write(root.join("events/.d.json.tmp"), b"{").unwrap();
-        let c = ctx(root);
+        let c = ctx(root).await;
         let (_, list) = call(&c, "GET", "/v1/events", None, vec![]).await;
         let keys: Vec<String> =
             serde_json::from_str::<Vec<RawEvent>>(&list).unwrap().into_iter().map(|e| e.key).collect();
-        assert_eq!(keys, ["a", "b", "c"]);
-        assert!(!root.join("events/.d.json.tmp").exists());
+        assert_eq!(keys, ["a", "c", "b"], "arrival order");
         assert_eq!(call(&c, "POST", "/v1/events", None, event("b")).await.0, 200);
         let stats: Value = serde_json::from_str(&call(&c, "GET", "/v1/stats", None, vec![]).await.1).unwrap();
         assert_eq!(stats, json!({"stored": 3, "duplicates": 2}));
-        assert!(fs::read_to_string(&jsonl).unwrap().ends_with('\n'));
+        let (status, one) = call(&c, "GET", "/v1/events/c", None, vec![]).await;
+        assert_eq!(
+            (status, serde_json::from_str::<Value>(&one).unwrap()),
+            (200, serde_json::from_slice(&event("c")).unwrap())
+        );
+        assert_eq!(call(&c, "GET", "/v1/events/zz", None, vec![]).await.0, 404);
+        assert_eq!(call(&c, "GET", "/v1/events/..", None, vec![]).await.0, 404);
+        assert_eq!(call(&c, "POST", "/v1/events/c", None, vec![]).await.0, 405);
     }
 }
