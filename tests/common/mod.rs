@@ -7,6 +7,7 @@ pub mod acpica;
 pub mod cgroup;
 pub mod guest;
 pub mod libvirt;
+pub mod postgres;
 pub mod service;
 pub mod tmpfs;
 

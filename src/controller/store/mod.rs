@@ -126,7 +126,8 @@ pub struct NewEvent {
     pub kind: String,
     /// A transition's new state.
     pub state: Option<String>,
-    /// The heartbeat latency the event carries (a transition's scenario evidence).
+    /// The heartbeat latency the event carries (a transition's evidence: the ACPI heartbeat's
+    /// last outcome, else the app heartbeat's).
     pub latency_ms: Option<f64>,
     /// A bundle's verdict class and headline.
     pub verdict: Option<String>,
@@ -168,14 +169,14 @@ impl NewEvent {
                 ev.state = Some(t.to.name().into());
                 ev.incident = Some(event.key.clone());
                 if let Evidence::Probes(p) = &t.evidence {
-                    // The ACPI heartbeat's latency when there is one, else any scenario's.
-                    let mut samples: Vec<_> = p
-                        .scenarios
-                        .iter()
-                        .filter_map(|s| Some((s.kind != "acpi-heartbeat", s.last.as_ref()?.latency_ms?)))
-                        .collect();
-                    samples.sort_by_key(|s| s.0);
-                    ev.latency_ms = samples.first().map(|s| s.1).filter(|l| l.is_finite());
+                    // A heartbeat's latency: the ACPI heartbeat's, else the app's. Other
+                    // probes (tcp, guest agent) measure something else.
+                    ev.latency_ms = ["acpi-heartbeat", "app-heartbeat"].iter().find_map(|kind| {
+                        p.scenarios
+                            .iter()
+                            .filter(|s| s.kind == *kind)
+                            .find_map(|s| s.last.as_ref()?.latency_ms.filter(|l| l.is_finite()))
+                    });
                 }
             }
             EventKind::Bundle(b) => {
