@@ -17,6 +17,9 @@ use crate::event::{valid_key, RawEvent};
 
 use super::{Inserted, NewEvent, Store, StoreError};
 
+/// Events stored per transaction.
+const IMPORT_BATCH: usize = 500;
+
 /// What an import did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImportReport {
@@ -49,10 +52,11 @@ pub async fn import_json_store(store: &Store, dir: &Path) -> Result<Option<Impor
         .map_err(|e| StoreError::Import { path: dir.into(), reason: e.to_string() })?;
     let mut report =
         ImportReport { source: events_dir.clone(), events: events.len() as u64, new: 0, skipped, duplicates };
-    for (event, json, received_ms) in events {
-        if store.insert(NewEvent::from_raw(&event, json, received_ms), false).await? == Inserted::New {
-            report.new += 1;
-        }
+    let rows: Vec<NewEvent> =
+        events.iter().map(|(ev, json, at)| NewEvent::from_raw(ev, json.clone(), *at)).collect();
+    for chunk in rows.chunks(IMPORT_BATCH) {
+        let outcomes = store.insert_batch(chunk.to_vec(), false).await?;
+        report.new += outcomes.iter().filter(|o| **o == Inserted::New).count() as u64;
     }
     let dups = i64::try_from(duplicates).unwrap_or(i64::MAX);
     if !store.finish_import(&source, report.events as i64, dups).await? {

@@ -308,9 +308,20 @@ impl Store {
     /// Stores `event` once by its key. A duplicate is counted in [`Counts::duplicates`] when
     /// `count_duplicate` (an import re-run passes false: its duplicates are not posts).
     pub async fn insert(&self, event: NewEvent, count_duplicate: bool) -> Result<Inserted, StoreError> {
+        let mut out = self.insert_batch(vec![event], count_duplicate).await?;
+        out.pop().ok_or_else(|| StoreError::Task("an insert returned no outcome".into()))
+    }
+
+    /// Stores each event once, in one transaction (an import, a benchmark's fill): the outcome
+    /// of each, in order.
+    pub async fn insert_batch(
+        &self,
+        events: Vec<NewEvent>,
+        count_duplicate: bool,
+    ) -> Result<Vec<Inserted>, StoreError> {
         match &self.inner {
-            Inner::Sqlite(s) => s.insert(event, count_duplicate).await,
-            Inner::Postgres(s) => s.insert(event, count_duplicate).await,
+            Inner::Sqlite(s) => s.insert_batch(events, count_duplicate).await,
+            Inner::Postgres(s) => s.insert_batch(events, count_duplicate).await,
         }
     }
 

@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{Client, NoTls, Row, Transaction};
 
 use super::schema::{self, Param, Query};
 use super::{
@@ -108,65 +108,20 @@ impl PgStore {
         Ok(c.client().query_one(schema::CURRENT_VERSION, &[]).await?.get(0))
     }
 
-    pub async fn insert(&self, ev: NewEvent, count_duplicate: bool) -> Result<Inserted, StoreError> {
+    /// Stores each event once, all in one transaction.
+    pub async fn insert_batch(
+        &self,
+        events: Vec<NewEvent>,
+        count_duplicate: bool,
+    ) -> Result<Vec<Inserted>, StoreError> {
         let mut c = self.conn().await?;
         let tx = c.client().transaction().await?;
-        let added = tx
-            .execute(
-                schema::INSERT_EVENT,
-                &[
-                    &ev.key,
-                    &ev.time,
-                    &ev.time_ms,
-                    &ev.received_ms,
-                    &ev.node,
-                    &ev.vm,
-                    &ev.kind,
-                    &ev.state,
-                    &ev.latency_ms,
-                    &ev.verdict,
-                    &ev.headline,
-                    &ev.incident,
-                    &ev.body,
-                ],
-            )
-            .await?;
-        let outcome = if added == 1 {
-            let state_ms = ev.state.as_ref().map(|_| ev.time_ms);
-            let state_key = ev.state.as_ref().map(|_| &ev.key);
-            let latency_at = ev.latency_ms.map(|_| ev.time_ms);
-            let verdict_ms = ev.verdict.as_ref().map(|_| ev.time_ms);
-            let verdict_key = ev.verdict.as_ref().map(|_| &ev.key);
-            tx.execute(
-                schema::UPSERT_VM,
-                &[
-                    &ev.node,
-                    &ev.vm,
-                    &ev.time_ms,
-                    &ev.key,
-                    &ev.kind,
-                    &ev.state,
-                    &state_ms,
-                    &state_key,
-                    &ev.latency_ms,
-                    &latency_at,
-                    &ev.verdict,
-                    &ev.headline,
-                    &verdict_key,
-                    &verdict_ms,
-                ],
-            )
-            .await?;
-            tx.execute(schema::BUMP_COUNTER, &[&1i64, &"stored"]).await?;
-            Inserted::New
-        } else {
-            if count_duplicate {
-                tx.execute(schema::BUMP_COUNTER, &[&1i64, &"duplicates"]).await?;
-            }
-            Inserted::Duplicate
-        };
+        let mut out = Vec::with_capacity(events.len());
+        for ev in &events {
+            out.push(insert_one(&tx, ev, count_duplicate).await?);
+        }
         tx.commit().await?;
-        Ok(outcome)
+        Ok(out)
     }
 
     pub async fn counts(&self) -> Result<Counts, StoreError> {
@@ -238,6 +193,68 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(first)
+    }
+}
+
+/// Inserts `ev` unless its key is stored, and brings its fleet row and the counters along.
+async fn insert_one(
+    tx: &Transaction<'_>,
+    ev: &NewEvent,
+    count_duplicate: bool,
+) -> Result<Inserted, StoreError> {
+    let added = tx
+        .execute(
+            schema::INSERT_EVENT,
+            &[
+                &ev.key,
+                &ev.time,
+                &ev.time_ms,
+                &ev.received_ms,
+                &ev.node,
+                &ev.vm,
+                &ev.kind,
+                &ev.state,
+                &ev.latency_ms,
+                &ev.verdict,
+                &ev.headline,
+                &ev.incident,
+                &ev.body,
+            ],
+        )
+        .await?;
+    if added == 1 {
+        let state_ms = ev.state.as_ref().map(|_| ev.time_ms);
+        let state_key = ev.state.as_ref().map(|_| &ev.key);
+        let latency_at = ev.latency_ms.map(|_| ev.time_ms);
+        let verdict_ms = ev.verdict.as_ref().map(|_| ev.time_ms);
+        let verdict_key = ev.verdict.as_ref().map(|_| &ev.key);
+        tx.execute(
+            schema::UPSERT_VM,
+            &[
+                &ev.node,
+                &ev.vm,
+                &ev.time_ms,
+                &ev.key,
+                &ev.kind,
+                &ev.state,
+                &state_ms,
+                &state_key,
+                &ev.latency_ms,
+                &latency_at,
+                &ev.verdict,
+                &ev.headline,
+                &verdict_key,
+                &verdict_ms,
+            ],
+        )
+        .await?;
+        tx.execute(schema::BUMP_COUNTER, &[&1i64, &"stored"]).await?;
+        Ok(Inserted::New)
+    } else {
+        if count_duplicate {
+            tx.execute(schema::BUMP_COUNTER, &[&1i64, &"duplicates"]).await?;
+        }
+        Ok(Inserted::Duplicate)
     }
 }
 

@@ -111,60 +111,18 @@ impl SqliteStore {
         self.read(|c| Ok(c.query_row(schema::CURRENT_VERSION, [], |r| r.get(0))?)).await
     }
 
-    pub async fn insert(&self, ev: NewEvent, count_duplicate: bool) -> Result<Inserted, StoreError> {
+    /// Stores each event once, all in one transaction (one fsync).
+    pub async fn insert_batch(
+        &self,
+        events: Vec<NewEvent>,
+        count_duplicate: bool,
+    ) -> Result<Vec<Inserted>, StoreError> {
         self.write(move |conn| {
             let tx = conn.transaction()?;
-            let added = tx.execute(
-                &q(schema::INSERT_EVENT),
-                params![
-                    ev.key,
-                    ev.time,
-                    ev.time_ms,
-                    ev.received_ms,
-                    ev.node,
-                    ev.vm,
-                    ev.kind,
-                    ev.state,
-                    ev.latency_ms,
-                    ev.verdict,
-                    ev.headline,
-                    ev.incident,
-                    ev.body
-                ],
-            )?;
-            let outcome = if added == 1 {
-                let state_ms = ev.state.as_ref().map(|_| ev.time_ms);
-                let latency_at = ev.latency_ms.map(|_| ev.time_ms);
-                let verdict_ms = ev.verdict.as_ref().map(|_| ev.time_ms);
-                tx.execute(
-                    &q(schema::UPSERT_VM),
-                    params![
-                        ev.node,
-                        ev.vm,
-                        ev.time_ms,
-                        ev.key,
-                        ev.kind,
-                        ev.state,
-                        state_ms,
-                        ev.state.as_ref().map(|_| &ev.key),
-                        ev.latency_ms,
-                        latency_at,
-                        ev.verdict,
-                        ev.headline,
-                        ev.verdict.as_ref().map(|_| &ev.key),
-                        verdict_ms
-                    ],
-                )?;
-                tx.execute(&q(schema::BUMP_COUNTER), params![1, "stored"])?;
-                Inserted::New
-            } else {
-                if count_duplicate {
-                    tx.execute(&q(schema::BUMP_COUNTER), params![1, "duplicates"])?;
-                }
-                Inserted::Duplicate
-            };
+            let out =
+                events.iter().map(|ev| insert_one(&tx, ev, count_duplicate)).collect::<Result<_, _>>()?;
             tx.commit()?;
-            Ok(outcome)
+            Ok(out)
         })
         .await
     }
@@ -253,6 +211,63 @@ impl SqliteStore {
             Ok(first)
         })
         .await
+    }
+}
+
+/// Inserts `ev` unless its key is stored, and brings its fleet row and the counters along.
+fn insert_one(
+    tx: &rusqlite::Transaction<'_>,
+    ev: &NewEvent,
+    count_duplicate: bool,
+) -> Result<Inserted, StoreError> {
+    let added = tx.execute(
+        &q(schema::INSERT_EVENT),
+        params![
+            ev.key,
+            ev.time,
+            ev.time_ms,
+            ev.received_ms,
+            ev.node,
+            ev.vm,
+            ev.kind,
+            ev.state,
+            ev.latency_ms,
+            ev.verdict,
+            ev.headline,
+            ev.incident,
+            ev.body
+        ],
+    )?;
+    if added == 1 {
+        let state_ms = ev.state.as_ref().map(|_| ev.time_ms);
+        let latency_at = ev.latency_ms.map(|_| ev.time_ms);
+        let verdict_ms = ev.verdict.as_ref().map(|_| ev.time_ms);
+        tx.execute(
+            &q(schema::UPSERT_VM),
+            params![
+                ev.node,
+                ev.vm,
+                ev.time_ms,
+                ev.key,
+                ev.kind,
+                ev.state,
+                state_ms,
+                ev.state.as_ref().map(|_| &ev.key),
+                ev.latency_ms,
+                latency_at,
+                ev.verdict,
+                ev.headline,
+                ev.verdict.as_ref().map(|_| &ev.key),
+                verdict_ms
+            ],
+        )?;
+        tx.execute(&q(schema::BUMP_COUNTER), params![1, "stored"])?;
+        Ok(Inserted::New)
+    } else {
+        if count_duplicate {
+            tx.execute(&q(schema::BUMP_COUNTER), params![1, "duplicates"])?;
+        }
+        Ok(Inserted::Duplicate)
     }
 }
 
