@@ -21,6 +21,7 @@
 //! panic.
 
 pub mod store;
+pub mod web;
 
 use std::convert::Infallible;
 use std::fs::{self, File};
@@ -194,8 +195,78 @@ where
             r
         }
         "/v1/stats" | "/healthz" => not_allowed("GET"),
-        _ => error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/events, /v1/stats, /healthz"),
+        path if get && (path == "/" || path.starts_with("/vm/") || path.starts_with("/incident/")) => {
+            pages(&ctx, path, req.uri().query()).await
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint; see /, /v1/events, /v1/stats, /healthz"),
     })
+}
+
+fn html(status: StatusCode, body: String) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    r
+}
+
+/// The operator's pages ([`web`]).
+async fn pages(ctx: &Ctx, path: &str, query: Option<&str>) -> Resp {
+    let now = store::now_ms();
+    let not_found =
+        |what: String| html(StatusCode::NOT_FOUND, format!("<!DOCTYPE html><p>{}</p>", web::esc(&what)));
+    let result = async {
+        if path == "/" {
+            let filter = store::FleetFilter {
+                state: web::query_param(query, "state"),
+                node: web::query_param(query, "node"),
+            };
+            let rows = ctx.store.fleet(&filter).await?;
+            let mut nodes: Vec<String> = if filter.node.is_some() || filter.state.is_some() {
+                ctx.store.fleet(&store::FleetFilter::default()).await?.into_iter().map(|r| r.node).collect()
+            } else {
+                rows.iter().map(|r| r.node.clone()).collect()
+            };
+            nodes.dedup();
+            return Ok(html(StatusCode::OK, web::fleet(&rows, &filter, &nodes, now)));
+        }
+        if let Some(rest) = path.strip_prefix("/vm/") {
+            let Some((node, vm)) =
+                rest.split_once('/').and_then(|(n, v)| Some((web::unseg(n)?, web::unseg(v)?)))
+            else {
+                return Ok(not_found(format!("no VM at {path}: the address is /vm/NODE/VM")));
+            };
+            let vm = if vm == "-" { String::new() } else { vm };
+            let hours = web::query_param(query, "hours")
+                .and_then(|h| h.parse::<u32>().ok())
+                .unwrap_or(web::DEFAULT_HOURS)
+                .clamp(1, web::MAX_HOURS);
+            let from = now - i64::from(hours) * 3_600_000;
+            let events = ctx.store.vm_events(&node, &vm, from, now + 60_000, 2_000).await?;
+            let latency = ctx.store.latency(&node, &vm, from, now + 60_000).await?;
+            if events.is_empty() && latency.is_empty() {
+                let any = ctx.store.vm_events(&node, &vm, 0, i64::MAX, 1).await?;
+                if any.is_empty() {
+                    return Ok(not_found(format!("no events of {node}/{vm} are stored")));
+                }
+            }
+            return Ok(html(StatusCode::OK, web::vm(&node, &vm, &events, &latency, hours, now)));
+        }
+        let key = path.strip_prefix("/incident/").unwrap_or_default();
+        if !valid_key(key) {
+            return Ok(not_found(format!("no incident '{key}'")));
+        }
+        // The incident's own key, or an event's (its bundle's) that names it.
+        let incident = match ctx.store.event(key).await? {
+            Some(e) => e.incident.unwrap_or(e.key),
+            None => return Ok(not_found(format!("no event '{key}' is stored"))),
+        };
+        let events = ctx.store.incident(&incident).await?;
+        Ok(html(StatusCode::OK, web::incident(&incident, &events)))
+    };
+    match result.await {
+        Ok(r) => r,
+        Err(e) => unavailable(&e),
+    }
 }
 
 async fn post_event<B>(ctx: &Arc<Ctx>, req: Request<B>) -> Resp

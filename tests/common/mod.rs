@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod acpica;
+pub mod browser;
 pub mod cgroup;
 pub mod guest;
 pub mod libvirt;
