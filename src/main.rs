@@ -44,6 +44,7 @@ fn run(command: Command) -> Result<(), Error> {
             let command = run.command(&qemu)?;
             Ok(runtime().block_on(acpimon::run::command(command))?)
         }
+        #[cfg(feature = "controller")]
         Command::Demo { guest, state_dir, machine, ovmf, duration, hang_at } => {
             let opts = acpimon::demo::DemoOptions {
                 guest: guest.ok_or(Error::NoGuest)?,
@@ -89,6 +90,7 @@ fn run(command: Command) -> Result<(), Error> {
             acpimon::report::print_status(&status, json);
             Ok(())
         }
+        #[cfg(feature = "controller")]
         Command::Controller { listen, store, database, analyzer_timeout, analyzer } => {
             let opts = acpimon::controller::ControllerOptions {
                 listen,

@@ -469,3 +469,21 @@ async fn postgres_exactly_once_under_concurrent_posts() {
     let store = Store::open(&Backend::Postgres(url)).await.unwrap();
     assert_eq!(store.counts().await.unwrap().stored, (NODES * PER_NODE) as u64);
 }
+
+/// The command line: a database URL that is not PostgreSQL's, and a server that is not there,
+/// are refused at start with what to do.
+#[test]
+fn the_controller_command_names_a_bad_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().to_str().unwrap();
+    for (url, says) in [
+        ("mysql://u:pw@h/db", "is not a PostgreSQL URL"),
+        ("postgres://u:pw@/db?host=/nonexistent-acpimon-socket-dir", "cannot connect to PostgreSQL"),
+    ] {
+        let out =
+            common::acpimon(&["controller", "--listen", "127.0.0.1:0", "--store", store, "--database", url]);
+        let err = common::text(&out.stderr);
+        assert!(!out.status.success(), "{url}: {err}");
+        assert!(err.contains(says) && err.contains("u:***@") && !err.contains("pw@"), "{url}: {err}");
+    }
+}

@@ -49,6 +49,7 @@ pub enum Error {
     Run(#[from] RunError),
     #[error("no QEMU command given: put it after `--`, e.g. `acpimon run -- qemu-system-x86_64 ...`")]
     NoQemu,
+    #[cfg(feature = "controller")]
     #[error(transparent)]
     Demo(#[from] crate::demo::DemoError),
     #[error(
@@ -60,6 +61,7 @@ pub enum Error {
     WatchConfig(#[from] crate::watch::config::ConfigErrors),
     #[error(transparent)]
     Watch(#[from] crate::watch::WatchError),
+    #[cfg(feature = "controller")]
     #[error(transparent)]
     Controller(#[from] crate::controller::ControllerError),
     #[error("{0}")]
@@ -91,7 +93,9 @@ impl Error {
             | Error::Conflicts(_)
             | Error::NoFreeSlot
             | Error::ConsoleNeedsLibvirt => BAD_INPUT,
-            Error::NoQemu | Error::NoGuest | Error::Demo(crate::demo::DemoError::Fixture(_)) => BAD_INPUT,
+            Error::NoQemu | Error::NoGuest => BAD_INPUT,
+            #[cfg(feature = "controller")]
+            Error::Demo(crate::demo::DemoError::Fixture(_)) => BAD_INPUT,
             Error::Region(e) if is_bad_input(e) => BAD_INPUT,
             Error::Dmesg(crate::memory::dmesg::DmesgError::Descriptor(_)) => BAD_INPUT,
             Error::Run(e) => match e {

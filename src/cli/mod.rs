@@ -128,6 +128,7 @@ pub enum Command {
         #[arg(last = true, required = true, value_name = "QEMU ARGS")]
         qemu: Vec<String>,
     },
+    #[cfg(feature = "controller")]
     /// The whole path on the test guest, watched live: a reference controller, the guest, and
     /// `acpimon watch` over it. Runs until Ctrl-C or --duration. tools/demo builds the guest.
     Demo {
@@ -181,6 +182,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[cfg(feature = "controller")]
     /// The reference controller: receives events over HTTP, stores each once by its key, and
     /// optionally runs an analyzer on each new one.
     Controller {

@@ -42,6 +42,7 @@
 //! every event twice (harmless, deduplicated) and could race on names (not harmless).
 
 /// The reference controller moved to [`crate::controller`]; this path stays for callers.
+#[cfg(feature = "controller")]
 pub use crate::controller;
 mod hook;
 mod http;

@@ -39,10 +39,13 @@ type OldEvent = (RawEvent, String, i64);
 
 pub async fn import_json_store(store: &Store, dir: &Path) -> Result<Option<ImportReport>, StoreError> {
     let events_dir = dir.join("events");
-    if !events_dir.is_dir() {
-        return Ok(None);
-    }
-    let source = std::fs::canonicalize(&events_dir).unwrap_or(events_dir.clone()).display().to_string();
+    // The file system is asked off the async workers.
+    let probe = events_dir.clone();
+    let source = tokio::task::spawn_blocking(move || {
+        probe.is_dir().then(|| std::fs::canonicalize(&probe).unwrap_or(probe.clone()).display().to_string())
+    })
+    .await?;
+    let Some(source) = source else { return Ok(None) };
     if store.import_done(&source).await? {
         return Ok(None);
     }

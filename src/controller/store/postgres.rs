@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Transaction};
 
@@ -15,6 +16,9 @@ use super::{
 };
 use crate::util::lock;
 
+/// Connections open at once, at most (more requests wait their turn): a fleet of nodes
+/// posting at once must not exhaust the server's `max_connections` (100 by default).
+const MAX_CONNECTIONS: usize = 16;
 /// Idle connections kept.
 const MAX_IDLE: usize = 8;
 /// The advisory lock migrations take, so controllers starting together migrate once.
@@ -28,6 +32,7 @@ pub struct PgStore {
 struct Shared {
     url: String,
     idle: Mutex<Vec<Client>>,
+    permits: Arc<Semaphore>,
 }
 
 /// A tokio-postgres error with the server's message and code when it has one.
@@ -51,6 +56,7 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 struct Conn {
     client: Option<Client>,
     shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for Conn {
@@ -84,23 +90,30 @@ async fn connect(url: &str) -> Result<Client, StoreError> {
 
 impl PgStore {
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
-        let store = PgStore { shared: Arc::new(Shared { url: url.into(), idle: Mutex::new(Vec::new()) }) };
+        let shared = Shared {
+            url: url.into(),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        };
+        let store = PgStore { shared: Arc::new(shared) };
         let mut conn = store.conn().await?;
         migrate(conn.client()).await?;
         Ok(store)
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
+        let permit =
+            self.shared.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
         loop {
             let pooled = lock(&self.shared.idle).pop();
             match pooled {
                 Some(c) if c.is_closed() => continue,
-                Some(c) => return Ok(Conn { client: Some(c), shared: self.shared.clone() }),
+                Some(c) => return Ok(Conn { client: Some(c), shared: self.shared.clone(), _permit: permit }),
                 None => break,
             }
         }
         let client = connect(&self.shared.url).await?;
-        Ok(Conn { client: Some(client), shared: self.shared.clone() })
+        Ok(Conn { client: Some(client), shared: self.shared.clone(), _permit: permit })
     }
 
     pub async fn schema_version(&self) -> Result<i64, StoreError> {
