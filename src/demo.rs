@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::forward::controller::{self, ControllerOptions};
+use crate::controller::{self, ControllerOptions};
 use crate::forward::ControllerConfig;
 use crate::generate::SsdtConfig;
 use crate::launch::{prepare, Vm, VmError, VmSpec};
@@ -103,6 +103,7 @@ pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Resu
     let ctl_opts = ControllerOptions {
         listen: "127.0.0.1:0".parse().expect("valid address"),
         store: store.clone(),
+        database: None,
         analyzer: None,
         analyzer_timeout: Duration::from_secs(10),
         tls: None,
@@ -157,8 +158,14 @@ pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Resu
     let _ = service.await;
     let _ = ctl.await;
     let _ = vm.shutdown().await;
+    // The controller has stopped: its store is ours to read.
+    let stored =
+        match controller::store::Store::open(&controller::store::Backend::Sqlite(store.clone())).await {
+            Ok(st) => st.counts().await.map(|c| c.stored).unwrap_or(0),
+            Err(_) => 0,
+        };
     if let Some(s) = &status {
-        summary(s, &store, &latencies);
+        summary(s, stored, &latencies);
     }
     outcome
 }
@@ -289,8 +296,7 @@ async fn drive(
     }
 }
 
-fn summary(s: &StatusView, store: &Path, latencies: &Latencies) {
-    let stored = std::fs::read_dir(store.join("events")).map_or(0, |d| d.count());
+fn summary(s: &StatusView, stored: u64, latencies: &Latencies) {
     let f = &s.forward;
     println!(
         "summary: events delivered {} (stored by the controller: {stored}), pending {}; the event log is {}",

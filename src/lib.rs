@@ -8,6 +8,9 @@ pub mod abi;
 pub mod app;
 pub mod cli;
 pub mod console;
+#[cfg(feature = "controller")]
+pub mod controller;
+#[cfg(feature = "controller")]
 pub mod demo;
 pub mod diagnose;
 pub mod event;

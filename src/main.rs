@@ -44,6 +44,7 @@ fn run(command: Command) -> Result<(), Error> {
             let command = run.command(&qemu)?;
             Ok(runtime().block_on(acpimon::run::command(command))?)
         }
+        #[cfg(feature = "controller")]
         Command::Demo { guest, state_dir, machine, ovmf, duration, hang_at } => {
             let opts = acpimon::demo::DemoOptions {
                 guest: guest.ok_or(Error::NoGuest)?,
@@ -89,9 +90,11 @@ fn run(command: Command) -> Result<(), Error> {
             acpimon::report::print_status(&status, json);
             Ok(())
         }
+        #[cfg(feature = "controller")]
         Command::Controller {
             listen,
             store,
+            database,
             analyzer_timeout,
             tls_cert,
             tls_key,
@@ -105,9 +108,10 @@ fn run(command: Command) -> Result<(), Error> {
                 client_ca: tls_client_ca,
             });
             let scheme = if tls.is_some() { "https" } else { "http" };
-            let opts = acpimon::forward::controller::ControllerOptions {
+            let opts = acpimon::controller::ControllerOptions {
                 listen,
                 store,
+                database,
                 analyzer: (!analyzer.is_empty()).then_some(analyzer),
                 analyzer_timeout: Duration::from_secs(analyzer_timeout),
                 tls,
@@ -120,11 +124,12 @@ fn run(command: Command) -> Result<(), Error> {
                         println!("acpimon controller: listening on {scheme}://{addr}");
                     }
                 });
-                acpimon::forward::controller::serve(opts, shutdown_on_signal(), Some(tx)).await
+                acpimon::controller::serve(opts, shutdown_on_signal(), Some(tx)).await
             })?;
             Ok(())
         }
-        Command::Token { action } => Ok(acpimon::forward::auth::run(action)?),
+        #[cfg(feature = "controller")]
+        Command::Token { action } => Ok(acpimon::controller::auth::run(action)?),
         Command::Snapshot { region, json, watch, interval_ms, count } => {
             let region = Region::open(&region, Access::ReadOnly)?;
             if watch {

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use acpimon::controller::{self, ControllerError, ControllerOptions};
 use acpimon::event::{self, EventKind};
-use acpimon::forward::controller::{self, ControllerError, ControllerOptions};
 use acpimon::forward::{
     ControllerConfig, Event, ForwardConfig, ForwardError, ForwardStats, ForwardTask, Forwarder, HookConfig,
 };
@@ -42,6 +42,7 @@ impl Controller {
         let opts = ControllerOptions {
             listen,
             store: store.into(),
+            database: None,
             analyzer,
             analyzer_timeout: Duration::from_secs(5),
             tls: None,
@@ -224,9 +225,9 @@ async fn delivers_in_order_and_runs_the_analyzer() {
     assert!(s.last_delivery.is_some() && s.last_error.is_none(), "{s:?}");
     assert_eq!(ctl.events().await, sent, "stored events, in order, as sent");
     for ev in &sent {
-        let stored: Event =
-            serde_json::from_slice(&std::fs::read(store.join(format!("events/{}.json", ev.key))).unwrap())
-                .unwrap();
+        let (status, body) = get(ctl.addr, &format!("/v1/events/{}", ev.key)).await;
+        assert_eq!(status, 200, "{body}");
+        let stored: Event = serde_json::from_str(&body).unwrap();
         assert_eq!(&stored, ev);
     }
     assert!(spool_files(dir.path()).is_empty());
@@ -561,6 +562,7 @@ async fn controller_refuses_bad_input_and_survives_garbage() {
     let opts = ControllerOptions {
         listen: a,
         store: dir.path().join("store2"),
+        database: None,
         analyzer: None,
         analyzer_timeout: Duration::from_secs(1),
         tls: None,

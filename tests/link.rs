@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use acpimon::controller::auth::{self, Role};
+use acpimon::controller::{self, ControllerError, ControllerOptions};
 use acpimon::event::{self, EventKind};
-use acpimon::forward::auth::{self, Role};
-use acpimon::forward::controller::{self, ControllerError, ControllerOptions};
 use acpimon::forward::{ControllerConfig, Event, ForwardConfig, ForwardTask, Forwarder};
 use acpimon::util::tls::ServerTls;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -81,6 +81,7 @@ impl Controller {
         let opts = ControllerOptions {
             listen,
             store: store.into(),
+            database: None,
             analyzer: None,
             analyzer_timeout: Duration::from_secs(5),
             tls,

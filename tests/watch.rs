@@ -96,6 +96,13 @@ async fn a_stopped_vm_is_unresponsive_in_time_and_its_bundle_reaches_the_control
     ctl.wait_keys(&keys, Duration::from_secs(30)).await;
     let stored = ctl.events().into_iter().find(|e| e.key == bundle.key).unwrap();
     assert_eq!(stored.detail["manifest"], bundle.detail["manifest"]);
+    // An operator finds it in a real browser: the fleet, the VM, the incident and its verdict.
+    let addr = ctl.addr;
+    tokio::task::spawn_blocking(move || {
+        common::browser::walk_to_the_incident(addr, "guest", "paused-by-host", "watch")
+    })
+    .await
+    .unwrap();
 
     let metrics = http_get(svc.addr, "/metrics").await;
     assert!(metrics.contains("acpimon_vm_state{vm=\"guest\",state=\"unresponsive\"} 1"), "{metrics}");

@@ -8,8 +8,8 @@
 //! end ([`audit`]):
 //! - **no torn record**: every line of the event log (`events.jsonl`) parses;
 //! - **no duplicate**: no key twice in the log;
-//! - **no loss**: every key the log holds reaches the controller (its store holds one file per
-//!   key, so at most once), and the controller holds nothing the log lacks; a VM's keys
+//! - **no loss**: every key the log holds reaches the controller (its store holds each key
+//!   once), and the controller holds nothing the log lacks; a VM's keys
 //!   (epoch + sequence) leave no gap in the sequence, or a gap is covered by a counted loss
 //!   (a `/metrics` counter named `*lost*`, i.e. an alerted loss); over a service with one life,
 //!   the events its monitors emitted (`/status`) are all in the log, or counted lost the same way;
@@ -361,15 +361,13 @@ impl Rig {
         Err(format!("no {what} event in the log after {} s", timeout.as_secs()))
     }
 
-    fn stored_keys(&self) -> BTreeSet<String> {
-        let Ok(dir) = std::fs::read_dir(self.dir.join("store").join("events")) else {
-            return BTreeSet::new();
-        };
-        dir.flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-            .filter_map(|e| serde_json::from_slice::<RawEvent>(&std::fs::read(e.path()).ok()?).ok())
-            .map(|e| e.key)
-            .collect()
+    /// The keys the controller holds (`GET /v1/events`); none while it does not answer.
+    async fn stored_keys(&self) -> BTreeSet<String> {
+        let Ok(text) = http_get(self.ctl_addr, "/v1/events").await else { return BTreeSet::new() };
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str::<Vec<RawEvent>>(body)
+            .map(|v| v.into_iter().map(|e| e.key).collect())
+            .unwrap_or_default()
     }
 
     /// The service's peak resident memory (MiB).
@@ -482,13 +480,13 @@ async fn audit(rig: &mut Rig, r: &mut CheckResult, service_expected: bool) {
     let deadline = Instant::now() + DELIVERY_WAIT;
     let (events, torn) = loop {
         let (events, torn) = rig.events();
-        let stored = rig.stored_keys();
+        let stored = rig.stored_keys().await;
         if events.iter().all(|e| stored.contains(&e.key)) || Instant::now() >= deadline {
             break (events, torn);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let stored = rig.stored_keys();
+    let stored = rig.stored_keys().await;
     r.torn_lines = torn;
     r.logged = events.len();
     let mut seen = BTreeSet::new();

@@ -6,7 +6,8 @@
 //! step's time (`acpimon-bench host-step`), [`kernel_log`] the guest's kernel log read from
 //! its memory beside a full dump (`acpimon-bench kernel-log`), [`guestcost`] what a heartbeat
 //! costs the guest (`acpimon-bench guest-cost`), [`soak`] a heartbeat profile against a loaded
-//! guest with staged hangs (`acpimon-bench soak`).
+//! guest with staged hangs (`acpimon-bench soak`), [`store`] the controller store's page
+//! queries with 100,000 events (`acpimon-bench store`).
 
 pub mod faults;
 pub mod flood;
@@ -18,3 +19,4 @@ pub mod sampler;
 pub mod scale;
 pub mod simvm;
 pub mod soak;
+pub mod store;

@@ -222,6 +222,30 @@ enum Command {
     },
     /// The host sampler's cost per VM per sample (this process with idle threads as its
     /// vCPUs), beside one read of `/proc/self/stat` measured in the same run.
+    /// The controller store's page queries with N stored events: fills a fresh store (SQLite,
+    /// or the empty PostgreSQL database given), times each query the web pages make. Fails
+    /// when a query's median is over the 200 ms page budget.
+    Store {
+        /// Events to store.
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        #[arg(long, default_value_t = 20)]
+        nodes: usize,
+        #[arg(long, default_value_t = 25)]
+        vms_per_node: usize,
+        /// Timed rounds per query (the median and the slowest are shown).
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        /// An empty PostgreSQL database (postgres://...) instead of SQLite.
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
+        /// Scratch directory for the SQLite store (a fresh subdirectory, removed after).
+        #[arg(long, value_name = "DIR")]
+        work: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     HostSampler {
         /// Stand-in vCPU threads.
         #[arg(long, default_value_t = 2)]
@@ -386,6 +410,25 @@ fn run(command: Command) -> Result<(), Error> {
             } else {
                 Err(Error::Problems(format!("checks failed: {}", failed.join(", "))))
             }
+        }
+        Command::Store { events, nodes, vms_per_node, rounds, database, work, json } => {
+            let base = work.unwrap_or_else(std::env::temp_dir);
+            let dir = base.join(format!("acpimon-bench-store-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                Error::Input(format!("cannot create {}: {e}; pass --work DIR", dir.display()))
+            })?;
+            let opts = acpimon_bench::store::Options {
+                events,
+                nodes: nodes.max(1),
+                vms_per_node: vms_per_node.max(1),
+                rounds,
+                database,
+                work: dir.clone(),
+            };
+            let report = runtime().block_on(acpimon_bench::store::run(&opts));
+            let _ = std::fs::remove_dir_all(&dir);
+            let report = report.map_err(Error::Problems)?;
+            show(&report, json, report.problems())
         }
         Command::HostSampler { vcpus, rounds, json } => {
             let report = acpimon_bench::sampler::run(vcpus, rounds).map_err(Error::Problems)?;

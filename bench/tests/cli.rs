@@ -141,3 +141,43 @@ fn soak_refuses_a_spacing_too_short_for_a_hang_and_its_recovery() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--spacing 2s") && err.contains("at least 10s"), "{err}");
 }
+
+/// `store --json` on a small SQLite store: every page query ran and returned what the fill
+/// put there (the figures' shape, not their values; the README's come from 100,000 events).
+#[test]
+fn store_times_every_page_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bench(&[
+        "store",
+        "--events",
+        "3000",
+        "--nodes",
+        "3",
+        "--vms-per-node",
+        "4",
+        "--rounds",
+        "3",
+        "--json",
+        "--work",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (report["backend"].as_str(), report["events"].as_u64(), report["vms"].as_u64()),
+        (Some("sqlite"), Some(3000), Some(12))
+    );
+    let rows: std::collections::BTreeMap<String, u64> = report["queries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| (q["query"].as_str().unwrap().to_string(), q["rows"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(rows.len(), 9, "{rows:?}");
+    assert_eq!(rows["fleet (every node and VM)"], 12);
+    assert_eq!(rows["fleet, one node"], 4);
+    assert_eq!(rows["an incident (transition, report, bundle)"], 3);
+    assert_eq!(rows["one event by key"], 1);
+    assert!(rows["latest 50 bundles"] > 0 && rows["a VM's latency, last 24 h"] > 0, "{rows:?}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "the scratch store is removed");
+}

@@ -49,6 +49,7 @@ pub enum Error {
     Run(#[from] RunError),
     #[error("no QEMU command given: put it after `--`, e.g. `acpimon run -- qemu-system-x86_64 ...`")]
     NoQemu,
+    #[cfg(feature = "controller")]
     #[error(transparent)]
     Demo(#[from] crate::demo::DemoError),
     #[error(
@@ -60,8 +61,9 @@ pub enum Error {
     WatchConfig(#[from] crate::watch::config::ConfigErrors),
     #[error(transparent)]
     Watch(#[from] crate::watch::WatchError),
+    #[cfg(feature = "controller")]
     #[error(transparent)]
-    Controller(#[from] crate::forward::controller::ControllerError),
+    Controller(#[from] crate::controller::ControllerError),
     #[error("{0}")]
     Status(String),
     #[error("the guest's console: {0}")]
@@ -78,8 +80,9 @@ pub enum Error {
     ConsoleNeedsLibvirt,
     #[error(transparent)]
     Dmesg(#[from] crate::memory::dmesg::DmesgError),
+    #[cfg(feature = "controller")]
     #[error(transparent)]
-    Token(#[from] crate::forward::auth::AuthError),
+    Token(#[from] crate::controller::auth::AuthError),
 }
 
 impl Error {
@@ -93,19 +96,23 @@ impl Error {
             | Error::Conflicts(_)
             | Error::NoFreeSlot
             | Error::ConsoleNeedsLibvirt => BAD_INPUT,
-            Error::NoQemu | Error::NoGuest | Error::Demo(crate::demo::DemoError::Fixture(_)) => BAD_INPUT,
+            Error::NoQemu | Error::NoGuest => BAD_INPUT,
+            #[cfg(feature = "controller")]
+            Error::Demo(crate::demo::DemoError::Fixture(_)) => BAD_INPUT,
             Error::Region(e) if is_bad_input(e) => BAD_INPUT,
             Error::Dmesg(crate::memory::dmesg::DmesgError::Descriptor(_)) => BAD_INPUT,
+            #[cfg(feature = "controller")]
             Error::Token(e) => match e {
-                crate::forward::auth::AuthError::Write { .. } => RUNTIME,
+                crate::controller::auth::AuthError::Write { .. } => RUNTIME,
                 _ => BAD_INPUT,
             },
+            #[cfg(feature = "controller")]
             Error::Controller(
-                crate::forward::controller::ControllerError::PlainBeyondLoopback(_)
-                | crate::forward::controller::ControllerError::OpenBeyondLoopback(_)
-                | crate::forward::controller::ControllerError::Tls(_)
-                | crate::forward::controller::ControllerError::Tokens(_)
-                | crate::forward::controller::ControllerError::EmptyAnalyzer,
+                crate::controller::ControllerError::PlainBeyondLoopback(_)
+                | crate::controller::ControllerError::OpenBeyondLoopback(_)
+                | crate::controller::ControllerError::Tls(_)
+                | crate::controller::ControllerError::Tokens(_)
+                | crate::controller::ControllerError::EmptyAnalyzer,
             ) => BAD_INPUT,
             Error::Run(e) => match e {
                 RunError::Prepare(_)

@@ -128,6 +128,7 @@ pub enum Command {
         #[arg(last = true, required = true, value_name = "QEMU ARGS")]
         qemu: Vec<String>,
     },
+    #[cfg(feature = "controller")]
     /// The whole path on the test guest, watched live: a reference controller, the guest, and
     /// `acpimon watch` over it. Runs until Ctrl-C or --duration. tools/demo builds the guest.
     Demo {
@@ -181,15 +182,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[cfg(feature = "controller")]
     /// The reference controller: receives events over HTTP, stores each once by its key, and
     /// optionally runs an analyzer on each new one.
     Controller {
         /// Address to listen on, e.g. 127.0.0.1:8080.
         #[arg(long, value_name = "IP:PORT")]
         listen: std::net::SocketAddr,
-        /// Directory for the received events.
+        /// Directory of the store: the SQLite database `controller.db` (unless --database),
+        /// the analyses, and a JSON-file store of an older controller (imported once).
         #[arg(long, value_name = "DIR")]
         store: PathBuf,
+        /// Store events in PostgreSQL instead of SQLite:
+        /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (or ?host=/socket/dir).
+        #[arg(long, value_name = "URL", env = "ACPIMON_DATABASE")]
+        database: Option<String>,
         /// Seconds an analyzer run may take.
         #[arg(long, default_value_t = 30, value_name = "SECS")]
         analyzer_timeout: u64,
@@ -213,6 +220,7 @@ pub enum Command {
     },
     /// Manage the controller's bearer tokens: one per node (it may post only its own
     /// events) and per operator (may read). The file keeps only their SHA-256.
+    #[cfg(feature = "controller")]
     Token {
         #[command(subcommand)]
         action: TokenAction,
@@ -809,6 +817,7 @@ mod tests {
 }
 
 /// `acpimon token ...`.
+#[cfg(feature = "controller")]
 #[derive(Subcommand)]
 pub enum TokenAction {
     /// Make a token for NAME, print it once, and store its hash.
@@ -817,7 +826,7 @@ pub enum TokenAction {
         name: String,
         /// What the token allows.
         #[arg(long, value_enum, default_value = "node")]
-        role: crate::forward::auth::Role,
+        role: crate::controller::auth::Role,
         /// The controller's token file.
         #[arg(long, value_name = "FILE")]
         tokens: PathBuf,

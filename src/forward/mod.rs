@@ -41,8 +41,9 @@
 //! One spool directory belongs to one running service: two processes sharing it would send
 //! every event twice (harmless, deduplicated) and could race on names (not harmless).
 
-pub mod auth;
-pub mod controller;
+/// The reference controller moved to [`crate::controller`]; this path stays for callers.
+#[cfg(feature = "controller")]
+pub use crate::controller;
 mod hook;
 mod http;
 mod spool;

@@ -4,10 +4,12 @@
 #![allow(dead_code)]
 
 pub mod acpica;
+pub mod browser;
 pub mod cgroup;
 pub mod guest;
 pub mod libvirt;
 pub mod metrics;
+pub mod postgres;
 pub mod service;
 pub mod tmpfs;
 

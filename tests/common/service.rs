@@ -256,13 +256,19 @@ impl Controller {
         c
     }
 
-    /// The events stored, one per key.
+    /// The events stored, one per key, in arrival order (`GET /v1/events`; a short blocking
+    /// exchange with the local controller).
     pub fn events(&self) -> Vec<Event> {
-        let Ok(dir) = std::fs::read_dir(self.store.join("events")) else { return Vec::new() };
-        dir.flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-            .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
-            .collect()
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.addr).expect("the controller answers");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        let text = String::from_utf8_lossy(&out);
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+        assert!(head.starts_with("HTTP/1.1 200"), "GET /v1/events: {head}\n{body}");
+        serde_json::from_str(body).expect("a JSON list of events")
     }
 
     /// Waits until the store holds every key in `keys`.

@@ -14,28 +14,32 @@
 //!   `{"stored": N, "duplicates": M, "unauthorized": U, "forbidden": F}`, `GET /healthz`
 //!   answers `ok`.
 //!
-//! With `--tokens FILE` ([`super::auth`]) every request but `/healthz` needs a bearer token:
+//! With `--tokens FILE` ([`auth`]) every request but `/healthz` needs a bearer token:
 //! a node's to post (and only events whose `node` is its name: else 403), an operator's to
 //! read. A missing or unknown token is 401. Both are counted. With `--tls-cert` and
 //! `--tls-key` the controller speaks only TLS (`--tls-client-ca` also requires client
 //! certificates). Listening beyond loopback needs both TLS and tokens: plain HTTP is for the
 //! demo and tests on 127.0.0.1. A request body must arrive within [`BODY_TIMEOUT`] (408).
 //!
-//! The store: `events/<key>.json` (written tmp, fsync, rename, fsync dir: the source of truth
-//! and the deduplication state), `events.jsonl` (arrival order; rebuilt at start-up from
-//! `events/` if a crash left it behind), `duplicates` (the counter), `analysis/<key>.txt` (the
-//! analyzer's output and exit status). Everything a client sends is untrusted: bounded,
-//! validated, answered with a status, never a panic.
+//! The store ([`store`]): SQLite in `--store DIR/controller.db` by default, or PostgreSQL with
+//! `--database postgres://...`; a JSON-file store found in `--store` (what this controller kept
+//! before) is imported once at start. `GET /v1/events/KEY` gives one stored event (404 if
+//! none). The analyzer's output and exit status go to `--store DIR/analysis/<key>.txt`.
+//! Everything a client sends is untrusted: bounded, validated, answered with a status, never a
+//! panic.
 
-use std::collections::HashSet;
+pub mod auth;
+pub mod store;
+pub mod web;
+
 use std::convert::Infallible;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, Write};
+use std::fs::{self, File};
+use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -46,11 +50,10 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
 
-use super::auth::{Refusal, Role, Tokens};
-use super::{valid_key, RawEvent, MAX_KEY_LEN};
-use crate::util::fs::atomic_write;
-use crate::util::lock;
+use crate::event::{valid_key, RawEvent, MAX_KEY_LEN};
 use crate::util::process::{Output, Program};
+use auth::{Refusal, Role, Tokens};
+use store::{Backend, Inserted, NewEvent, Store, StoreError};
 
 /// The largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
@@ -62,8 +65,11 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct ControllerOptions {
     pub listen: SocketAddr,
-    /// The store directory (created if missing).
+    /// The store directory (created if missing): the SQLite store, analyses, and a JSON-file
+    /// store to import.
     pub store: PathBuf,
+    /// A PostgreSQL URL (`postgres://...`) to store events in instead of SQLite.
+    pub database: Option<String>,
     /// Program and arguments run for each new event (event JSON on stdin, `ACPIMON_EVENT_KEY`,
     /// `ACPIMON_EVENT_KIND`, `ACPIMON_VM` in the environment); output to `analysis/<key>.txt`.
     pub analyzer: Option<Vec<String>>,
@@ -83,13 +89,15 @@ pub enum ControllerError {
     #[error("controller TLS: {0}")]
     Tls(#[from] crate::util::tls::TlsError),
     #[error(transparent)]
-    Tokens(#[from] super::auth::AuthError),
+    Tokens(#[from] auth::AuthError),
     #[error("cannot listen on {addr}: {source}; pick a free port or an address of this host with --listen")]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("cannot use store {path}: {source}; check that the directory is writable")]
     Store { path: PathBuf, source: io::Error },
     #[error("the analyzer command is empty; give the program and its arguments")]
     EmptyAnalyzer,
+    #[error(transparent)]
+    Backend(#[from] StoreError),
 }
 
 /// Serves until `shutdown` turns true (or its sender is dropped); then stops accepting, drops
@@ -112,17 +120,21 @@ pub async fn serve(
     }
     let tls = opts.tls.as_ref().map(|t| t.config()).transpose()?.map(tokio_rustls::TlsAcceptor::from);
     let tokens = opts.tokens.as_deref().map(Tokens::open).transpose()?;
+    let backend = Backend::from_options(&opts.store, opts.database.as_deref())?;
     let root = opts.store.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&root))
+    tokio::task::spawn_blocking(move || fs::create_dir_all(root.join("analysis")))
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
         .map_err(|source| ControllerError::Store { path: opts.store.clone(), source })?;
+    let store = Store::open(&backend).await?;
+    store.import_json_store(&opts.store).await?;
     let listener = TcpListener::bind(opts.listen)
         .await
         .map_err(|source| ControllerError::Bind { addr: opts.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ControllerError::Bind { addr: opts.listen, source })?;
     let ctx = Arc::new(Ctx {
-        store: Arc::new(store),
+        store,
+        root: opts.store,
         analyzer: opts.analyzer,
         analyzer_timeout: opts.analyzer_timeout,
         analyzers: Arc::new(Semaphore::new(MAX_ANALYZERS)),
@@ -139,7 +151,9 @@ pub async fn serve(
 }
 
 struct Ctx {
-    store: Arc<Store>,
+    store: Store,
+    /// The store directory (analyses).
+    root: PathBuf,
     analyzer: Option<Vec<String>>,
     analyzer_timeout: Duration,
     analyzers: Arc<Semaphore>,
@@ -151,11 +165,7 @@ struct Ctx {
 impl Ctx {
     /// Who sent `req`, if a token file is in force: `Ok(None)` without one, else the token's
     /// entry, or the refusal as a response (counted).
-    fn authorize<B>(
-        &self,
-        req: &Request<B>,
-        role: Role,
-    ) -> Result<Option<super::auth::TokenEntry>, Box<Resp>> {
+    fn authorize<B>(&self, req: &Request<B>, role: Role) -> Result<Option<auth::TokenEntry>, Box<Resp>> {
         let Some(tokens) = &self.tokens else { return Ok(None) };
         let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         tokens.check(header, role).map(Some).map_err(|r| Box::new(self.refuse(r)))
@@ -186,6 +196,20 @@ fn respond(status: StatusCode, body: Value) -> Resp {
     r
 }
 
+/// A body already JSON.
+fn respond_raw(status: StatusCode, body: String) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// The store failed: 503, which senders retry.
+fn unavailable(e: &StoreError) -> Resp {
+    tracing::error!(error = %e, "controller: the store failed");
+    error(StatusCode::SERVICE_UNAVAILABLE, format!("the store failed: {e}"))
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> Resp {
     respond(status, json!({ "error": message.into() }))
 }
@@ -211,35 +235,118 @@ where
     }
     Ok(match path {
         "/v1/events" if req.method() == Method::POST => post_event(&ctx, req).await,
-        "/v1/events" if get => {
-            let store = ctx.store.clone();
-            match tokio::task::spawn_blocking(move || store.list()).await {
-                Ok(Ok(events)) => respond(StatusCode::OK, Value::Array(events)),
-                Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the store: {e}")),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        "/v1/events" if get => match ctx.store.all_json().await {
+            Ok(events) => respond_raw(StatusCode::OK, format!("[{}]", events.join(","))),
+            Err(e) => unavailable(&e),
+        },
+        "/v1/events" => not_allowed("GET, POST"),
+        path if path.starts_with("/v1/events/") => {
+            let key = &path["/v1/events/".len()..];
+            if !get {
+                not_allowed("GET")
+            } else if !valid_key(key) {
+                error(
+                    StatusCode::NOT_FOUND,
+                    format!("no event '{key}': a key is 1-{MAX_KEY_LEN} characters of [0-9A-Za-z_-]"),
+                )
+            } else {
+                match ctx.store.event(key).await {
+                    Ok(Some(ev)) => respond_raw(StatusCode::OK, ev.body),
+                    Ok(None) => error(StatusCode::NOT_FOUND, format!("no event '{key}' stored")),
+                    Err(e) => unavailable(&e),
+                }
             }
         }
-        "/v1/events" => not_allowed("GET, POST"),
-        "/v1/stats" if get => {
-            let (stored, duplicates) = ctx.store.counts();
-            respond(
+        "/v1/stats" if get => match ctx.store.counts().await {
+            Ok(c) => respond(
                 StatusCode::OK,
                 json!({
-                    "stored": stored,
-                    "duplicates": duplicates,
+                    "stored": c.stored,
+                    "duplicates": c.duplicates,
                     "unauthorized": ctx.unauthorized.load(Ordering::Relaxed),
                     "forbidden": ctx.forbidden.load(Ordering::Relaxed),
                 }),
-            )
-        }
+            ),
+            Err(e) => unavailable(&e),
+        },
         "/healthz" if get => {
             let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             r
         }
         "/v1/stats" | "/healthz" => not_allowed("GET"),
-        _ => error(StatusCode::NOT_FOUND, "no such endpoint; see /v1/events, /v1/stats, /healthz"),
+        path if get && (path == "/" || path.starts_with("/vm/") || path.starts_with("/incident/")) => {
+            pages(&ctx, path, req.uri().query()).await
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint; see /, /v1/events, /v1/stats, /healthz"),
     })
+}
+
+fn html(status: StatusCode, body: String) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    r
+}
+
+/// The operator's pages ([`web`]).
+async fn pages(ctx: &Ctx, path: &str, query: Option<&str>) -> Resp {
+    let now = store::now_ms();
+    let not_found =
+        |what: String| html(StatusCode::NOT_FOUND, format!("<!DOCTYPE html><p>{}</p>", web::esc(&what)));
+    let result = async {
+        if path == "/" {
+            let filter = store::FleetFilter {
+                state: web::query_param(query, "state"),
+                node: web::query_param(query, "node"),
+            };
+            let rows = ctx.store.fleet(&filter).await?;
+            let mut nodes: Vec<String> = if filter.node.is_some() || filter.state.is_some() {
+                ctx.store.fleet(&store::FleetFilter::default()).await?.into_iter().map(|r| r.node).collect()
+            } else {
+                rows.iter().map(|r| r.node.clone()).collect()
+            };
+            nodes.dedup();
+            return Ok(html(StatusCode::OK, web::fleet(&rows, &filter, &nodes, now)));
+        }
+        if let Some(rest) = path.strip_prefix("/vm/") {
+            let Some((node, vm)) =
+                rest.split_once('/').and_then(|(n, v)| Some((web::unseg(n)?, web::unseg(v)?)))
+            else {
+                return Ok(not_found(format!("no VM at {path}: the address is /vm/NODE/VM")));
+            };
+            let vm = if vm == "-" { String::new() } else { vm };
+            let hours = web::query_param(query, "hours")
+                .and_then(|h| h.parse::<u32>().ok())
+                .unwrap_or(web::DEFAULT_HOURS)
+                .clamp(1, web::MAX_HOURS);
+            let from = now - i64::from(hours) * 3_600_000;
+            let events = ctx.store.vm_events(&node, &vm, from, now + 60_000, 2_000).await?;
+            let latency = ctx.store.latency(&node, &vm, from, now + 60_000).await?;
+            if events.is_empty() && latency.is_empty() {
+                let any = ctx.store.vm_events(&node, &vm, 0, i64::MAX, 1).await?;
+                if any.is_empty() {
+                    return Ok(not_found(format!("no events of {node}/{vm} are stored")));
+                }
+            }
+            return Ok(html(StatusCode::OK, web::vm(&node, &vm, &events, &latency, hours, now)));
+        }
+        let key = path.strip_prefix("/incident/").unwrap_or_default();
+        if !valid_key(key) {
+            return Ok(not_found(format!("no incident '{key}'")));
+        }
+        // The incident's own key, or an event's (its bundle's) that names it.
+        let incident = match ctx.store.event(key).await? {
+            Some(e) => e.incident.unwrap_or(e.key),
+            None => return Ok(not_found(format!("no event '{key}' is stored"))),
+        };
+        let events = ctx.store.incident(&incident).await?;
+        Ok(html(StatusCode::OK, web::incident(&incident, &events)))
+    };
+    match result.await {
+        Ok(r) => r,
+        Err(e) => unavailable(&e),
+    }
 }
 
 async fn post_event<B>(ctx: &Arc<Ctx>, req: Request<B>) -> Resp
@@ -297,24 +404,20 @@ where
             sender.name, event.node
         )));
     }
-    let json = match serde_json::to_vec(&event) {
+    let json = match serde_json::to_string(&event) {
         Ok(j) => j,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("event cannot be stored: {e}")),
     };
-    let store = ctx.store.clone();
-    let key = event.key.clone();
-    let stored_json = json.clone();
-    let put = tokio::task::spawn_blocking(move || store.put(&key, &stored_json)).await;
-    match put {
-        Ok(Ok(true)) => {
+    let row = NewEvent::from_raw(&event, json.clone(), store::now_ms());
+    match ctx.store.insert(row, true).await {
+        Ok(Inserted::New) => {
             if let Some(argv) = &ctx.analyzer {
-                tokio::spawn(analyze(ctx.clone(), argv.clone(), event.clone(), json));
+                tokio::spawn(analyze(ctx.clone(), argv.clone(), event.clone(), json.into_bytes()));
             }
             respond(StatusCode::CREATED, json!({ "key": event.key, "stored": true }))
         }
-        Ok(Ok(false)) => respond(StatusCode::OK, json!({ "key": event.key, "duplicate": true })),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot store the event: {e}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(Inserted::Duplicate) => respond(StatusCode::OK, json!({ "key": event.key, "duplicate": true })),
+        Err(e) => unavailable(&e),
     }
 }
 
@@ -322,7 +425,7 @@ where
 /// status) through a temporary file, so a present file is a finished analysis.
 async fn analyze(ctx: Arc<Ctx>, argv: Vec<String>, event: RawEvent, json: Vec<u8>) {
     let Ok(_permit) = ctx.analyzers.acquire().await else { return };
-    let dir = ctx.store.root.join("analysis");
+    let dir = ctx.root.join("analysis");
     let tmp = dir.join(format!(".{}.txt.tmp", event.key));
     let target = dir.join(format!("{}.txt", event.key));
     let opened = File::create(&tmp).and_then(|f| Ok((f.try_clone()?, f.try_clone()?, f)));
@@ -348,124 +451,14 @@ async fn analyze(ctx: Arc<Ctx>, argv: Vec<String>, event: RawEvent, json: Vec<u8
     }
 }
 
-struct StoreState {
-    keys: HashSet<String>,
-    duplicates: u64,
-    jsonl: File,
-}
-
-struct Store {
-    root: PathBuf,
-    state: Mutex<StoreState>,
-}
-
-impl Store {
-    /// Opens (or creates) the store, rebuilding the deduplication state from `events/` and
-    /// repairing `events.jsonl` after a crash.
-    fn open(root: &Path) -> io::Result<Store> {
-        let events = root.join("events");
-        fs::create_dir_all(&events)?;
-        fs::create_dir_all(root.join("analysis"))?;
-        let mut stored = Vec::new();
-        for entry in fs::read_dir(&events)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if name.starts_with('.') && name.ends_with(".tmp") {
-                // Never acknowledged: the sender will send it again.
-                let _ = fs::remove_file(entry.path());
-            } else if let Some(key) = name.strip_suffix(".json").filter(|k| valid_key(k)) {
-                let mtime = entry.metadata()?.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                stored.push((mtime, key.to_string()));
-            }
-        }
-        let jsonl_path = root.join("events.jsonl");
-        let mut jsonl = OpenOptions::new().create(true).read(true).append(true).open(&jsonl_path)?;
-        // Keys already listed; a torn last line (crash mid-append) is cut off.
-        let mut listed = HashSet::new();
-        let mut good_len = 0u64;
-        let mut reader = io::BufReader::new(File::open(&jsonl_path)?);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let n = reader.read_until(b'\n', &mut line)?;
-            if n == 0 || line.last() != Some(&b'\n') {
-                break;
-            }
-            good_len += n as u64;
-            if let Ok(v) = serde_json::from_slice::<Value>(&line) {
-                if let Some(k) = v.get("key").and_then(Value::as_str) {
-                    listed.insert(k.to_string());
-                }
-            }
-        }
-        if jsonl.metadata()?.len() != good_len {
-            jsonl.set_len(good_len)?;
-        }
-        // Stored but not listed (crash between the two writes): append, oldest first.
-        stored.sort();
-        for (_, key) in stored.iter().filter(|(_, k)| !listed.contains(k)) {
-            let mut bytes = fs::read(events.join(format!("{key}.json")))?;
-            if bytes.contains(&b'\n') {
-                bytes = match serde_json::from_slice::<Value>(&bytes) {
-                    Ok(v) => v.to_string().into_bytes(),
-                    Err(_) => continue,
-                };
-            }
-            bytes.push(b'\n');
-            jsonl.write_all(&bytes)?;
-        }
-        let duplicates =
-            fs::read_to_string(root.join("duplicates")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-        let keys = stored.into_iter().map(|(_, k)| k).collect();
-        Ok(Store { root: root.into(), state: Mutex::new(StoreState { keys, duplicates, jsonl }) })
-    }
-
-    /// Stores a new event (true) or counts a duplicate (false).
-    fn put(&self, key: &str, json: &[u8]) -> io::Result<bool> {
-        let mut st = lock(&self.state);
-        if st.keys.contains(key) {
-            st.duplicates += 1;
-            atomic_write(&self.root.join("duplicates"), format!("{}\n", st.duplicates).as_bytes())?;
-            return Ok(false);
-        }
-        atomic_write(&self.root.join("events").join(format!("{key}.json")), json)?;
-        let mut line = json.to_vec();
-        line.push(b'\n');
-        st.jsonl.write_all(&line)?;
-        st.keys.insert(key.into());
-        Ok(true)
-    }
-
-    /// The stored events in arrival order.
-    fn list(&self) -> io::Result<Vec<Value>> {
-        let _st = lock(&self.state); // no half-appended line
-        let reader = io::BufReader::new(File::open(self.root.join("events.jsonl"))?);
-        let mut seen = HashSet::new();
-        let mut events = Vec::new();
-        for line in reader.split(b'\n') {
-            let Ok(v) = serde_json::from_slice::<Value>(&line?) else { continue };
-            let key = v.get("key").and_then(Value::as_str).map(str::to_string);
-            if key.is_some_and(|k| seen.insert(k)) {
-                events.push(v);
-            }
-        }
-        Ok(events)
-    }
-
-    fn counts(&self) -> (usize, u64) {
-        let st = lock(&self.state);
-        (st.keys.len(), st.duplicates)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ctx(root: &Path) -> Arc<Ctx> {
+    async fn ctx(root: &std::path::Path) -> Arc<Ctx> {
         Arc::new(Ctx {
-            store: Arc::new(Store::open(root).unwrap()),
+            store: Store::open(&Backend::Sqlite(root.into())).await.unwrap(),
+            root: root.into(),
             analyzer: None,
             analyzer_timeout: Duration::from_secs(1),
             analyzers: Arc::new(Semaphore::new(1)),
@@ -501,7 +494,7 @@ mod tests {
     #[tokio::test]
     async fn stores_dedups_and_validates() {
         let dir = tempfile::tempdir().unwrap();
-        let c = ctx(dir.path());
+        let c = ctx(dir.path()).await;
         assert_eq!(call(&c, "POST", "/v1/events", Some("k1"), event("k1")).await.0, 201);
         assert_eq!(call(&c, "POST", "/v1/events", None, event("k1")).await.0, 200);
         assert_eq!(call(&c, "POST", "/v1/events", None, event("k2")).await.0, 201);
@@ -534,30 +527,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn restart_rebuilds_state_and_repairs_the_list() {
+    async fn restart_keeps_events_counts_and_order() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         {
-            let c = ctx(root);
-            for k in ["a", "b", "c"] {
+            let c = ctx(root).await;
+            for k in ["a", "c", "b"] {
                 assert_eq!(call(&c, "POST", "/v1/events", None, event(k)).await.0, 201);
             }
             assert_eq!(call(&c, "POST", "/v1/events", None, event("a")).await.0, 200);
         }
-        // A crash mid-append: the last line ("c") is torn; and a leftover temporary file.
-        let jsonl = root.join("events.jsonl");
-        let text = fs::read_to_string(&jsonl).unwrap();
-        fs::write(&jsonl, &text[..text.len() - 5]).unwrap();
-        fs::write(root.join("events/.d.json.tmp"), b"{").unwrap();
-        let c = ctx(root);
+        let c = ctx(root).await;
         let (_, list) = call(&c, "GET", "/v1/events", None, vec![]).await;
         let keys: Vec<String> =
             serde_json::from_str::<Vec<RawEvent>>(&list).unwrap().into_iter().map(|e| e.key).collect();
-        assert_eq!(keys, ["a", "b", "c"]);
-        assert!(!root.join("events/.d.json.tmp").exists());
+        assert_eq!(keys, ["a", "c", "b"], "arrival order");
         assert_eq!(call(&c, "POST", "/v1/events", None, event("b")).await.0, 200);
         let stats: Value = serde_json::from_str(&call(&c, "GET", "/v1/stats", None, vec![]).await.1).unwrap();
         assert_eq!(stats, json!({"stored": 3, "duplicates": 2, "unauthorized": 0, "forbidden": 0}));
-        assert!(fs::read_to_string(&jsonl).unwrap().ends_with('\n'));
+        let (status, one) = call(&c, "GET", "/v1/events/c", None, vec![]).await;
+        assert_eq!(
+            (status, serde_json::from_str::<Value>(&one).unwrap()),
+            (200, serde_json::from_slice(&event("c")).unwrap())
+        );
+        assert_eq!(call(&c, "GET", "/v1/events/zz", None, vec![]).await.0, 404);
+        assert_eq!(call(&c, "GET", "/v1/events/..", None, vec![]).await.0, 404);
+        assert_eq!(call(&c, "POST", "/v1/events/c", None, vec![]).await.0, 405);
     }
 }
