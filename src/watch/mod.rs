@@ -7,6 +7,7 @@
 //! one [`monitor::Monitor`] task per VM. Every task is supervised: one that ends unexpectedly
 //! (a panic) is reported and restarted; none can hold up another.
 
+pub mod bundles;
 pub mod config;
 pub mod kernel;
 pub mod kfollow;
@@ -153,6 +154,7 @@ pub async fn serve(
         liveness,
         logged,
         bundled,
+        bundle_slots: bundles::BundleSlots::new(config.bundles_concurrent),
     });
     service_event(
         &shared,
