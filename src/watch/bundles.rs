@@ -85,7 +85,9 @@ mod tests {
 
     #[test]
     fn at_most_the_limit_run_and_queued_bundles_are_taken_in_order() {
-        rt().block_on(async {
+        // One thread: the order the tasks record is the order their slots were given.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
             let slots = BundleSlots::new(2);
             let running = Arc::new(AtomicUsize::new(0));
             let peak = Arc::new(AtomicUsize::new(0));

@@ -405,7 +405,8 @@ impl Monitor {
             self.transition(t, Some(event::Attached { qemu }));
         }
         self.watch_host(&att.qmp);
-        let (tx, mut rx) = mpsc::channel::<Report>(64);
+        // Boxed: the channel allocates its slots 32 at a time, a Report is over 100 bytes.
+        let (tx, mut rx) = mpsc::channel::<Box<Report>>(64);
         let mut probes: Vec<JoinHandle<()>> = Vec::new();
         let scenarios = self.settings.scenarios.clone();
         for (i, sc) in scenarios.iter().enumerate() {
@@ -457,7 +458,7 @@ impl Monitor {
             let panic_wait =
                 self.sentinel.pending_panic.as_ref().map(|p| tokio::time::Instant::from_std(p.1));
             tokio::select! {
-                Some(report) = rx.recv() => self.report(report),
+                Some(report) = rx.recv() => self.report(*report),
                 out = async { console_out.as_mut().expect("guarded").recv().await }, if console_out.is_some() => {
                     match out {
                         Some(chunk) => {
