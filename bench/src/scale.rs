@@ -567,12 +567,29 @@ async fn wait_detected(
     since: SystemTime,
     hung: &BTreeMap<String, SystemTime>,
 ) -> Result<Findings, ScaleError> {
+    // Detection is the transition's own time; the service's writer may put it in the log
+    // later (thousands of state files after a mass hang), so the log is read until it stops
+    // growing, and a detection later than three bounds counts as none.
+    let bound3 = (detection_bound() * 3).as_secs_f64();
     let give_up = Instant::now() + detection_bound() * 3;
+    let hard_stop = give_up + Duration::from_secs(60);
+    let mut grew = Instant::now();
     loop {
-        events
-            .extend(tail.read_new().map_err(|source| ScaleError::Proc { path: tail.path.clone(), source })?);
-        let found = analyze(events, since, hung);
-        if found.detections.iter().all(Option::is_some) || Instant::now() >= give_up {
+        let new = tail.read_new().map_err(|source| ScaleError::Proc { path: tail.path.clone(), source })?;
+        if !new.is_empty() {
+            grew = Instant::now();
+        }
+        events.extend(new);
+        let mut found = analyze(events, since, hung);
+        let now = Instant::now();
+        let writer_idle = grew.elapsed() >= Duration::from_secs(2);
+        if found.detections.iter().all(Option::is_some) || (now >= give_up && writer_idle) || now >= hard_stop
+        {
+            for d in &mut found.detections {
+                if d.is_some_and(|s| s > bound3) {
+                    *d = None;
+                }
+            }
             return Ok(found);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
