@@ -67,7 +67,7 @@ const DETECTION_SLACK: Duration = Duration::from_millis(250);
 const FD_BASE: u64 = 256;
 /// Descriptors this process holds per simulated VM once the service is attached (three
 /// listeners, a QMP, a console and a doorbell connection; see [`crate::simvm`]). The service
-/// holds three.
+/// holds three, plus the host sampler's open `/proc` files within a quarter of its limit.
 const FDS_PER_VM: u64 = 6;
 
 /// The worst-case time from a hang to `unresponsive`: the next probe starts within an

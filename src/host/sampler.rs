@@ -6,8 +6,11 @@
 //! process's CPU time, each distinct vCPU thread's CPU, run and wait times (32 bytes), and the
 //! cgroup's throttling counters: 160 bytes with 2 vCPUs, so about 5 KiB per VM (a test holds
 //! it under 6 KiB), plus 32 × 48 bytes for the node's ring. A sample costs per VM one read of `/proc/PID/stat`, two per vCPU
-//! thread (`stat`, `schedstat`), `/proc/PID/cgroup` and `cpu.stat` (README "Metrics, status
-//! and liveness" has the measured cost).
+//! thread (`stat`, `schedstat`), each a `pread` of a file the thread keeps open
+//! ([`proc::Kept`], within a quarter of the open-file limit), and its cgroup's `cpu.stat`, read
+//! once per period for all the VMs that share it; `/proc/PID/cgroup` is read again every
+//! 30 s, so a QEMU moved to another cgroup is followed within 30 s (README "Metrics, status
+//! and liveness" and "Scale" have the measured cost).
 //!
 //! The ratios are computed by pure functions over readings ([`activity`]), tested on synthetic
 //! samples. Where both readings of an interval have `schedstat`, a thread's CPU time is its
