@@ -47,7 +47,9 @@ struct Shared {
     ring: Mutex<Ring>,
     notify: Notify,
     /// The output, for the clients of the shared socket.
-    out: broadcast::Sender<Arc<[u8]>>,
+    /// Made when the first shared-socket client connects: a broadcast channel allocates every
+    /// slot up front (10 KiB per VM), and most consoles never have such a client.
+    out: Mutex<Option<broadcast::Sender<Arc<[u8]>>>>,
     /// The budget, the counters and the subscribers: taken by the reading task for each read
     /// (before the ring), and by [`Console::on_kept`], so a subscriber misses nothing.
     gate: Mutex<Gate>,
@@ -219,6 +221,8 @@ impl Gate {
 
 /// The buffer of one read: the most a flooding guest gets per wake-up.
 const READ_CHUNK: usize = 64 << 10;
+/// The console's first read buffer, grown to [`READ_CHUNK`] by the first read that fills it.
+const FIRST_READ_CHUNK: usize = 4 << 10;
 
 /// The text put in the ring and on the shared socket where output was dropped.
 fn drop_marker(n: u64, after_newline: bool) -> String {
@@ -265,8 +269,8 @@ impl Shared {
         }
         drop(gate);
         // No receiver (nobody on the shared socket) is fine.
-        if self.out.receiver_count() > 0 {
-            let _ = self.out.send(Arc::from(shown));
+        if let Some(out) = lock(&self.out).as_ref().filter(|o| o.receiver_count() > 0) {
+            let _ = out.send(Arc::from(shown));
         }
         self.notify.notify_waiters();
     }
@@ -331,12 +335,14 @@ impl Console {
         let shared = Arc::new(Shared {
             ring: Mutex::new(Ring { cap: keep.max(1), ..Ring::default() }),
             notify: Notify::new(),
-            out: broadcast::channel(SHARE_BACKLOG).0,
+            out: Mutex::new(None),
             gate: Mutex::new(Gate::new(budget)),
         });
         let s = shared.clone();
         tokio::spawn(async move {
-            let mut chunk = vec![0u8; READ_CHUNK];
+            // Small until a read fills it (a flood): most consoles print little, and 64 KiB
+            // per VM would be most of a watched VM's memory.
+            let mut chunk = vec![0u8; FIRST_READ_CHUNK];
             // The read budget (bytes; negative: owed), refilled at `read_rate` up to `burst`.
             let mut can_read = lock(&s.gate).budget.burst as f64;
             let mut refilled = std::time::Instant::now();
@@ -358,6 +364,9 @@ impl Console {
                 // budget, wait until it is earned back (the guest waits meanwhile).
                 let owed = Duration::from_secs_f64((-can_read).max(0.0) / b.read_rate.max(1) as f64);
                 let pause = if n < chunk.len() { b.gather.max(owed) } else { owed };
+                if n == chunk.len() && chunk.len() < READ_CHUNK {
+                    chunk.resize(READ_CHUNK, 0);
+                }
                 if !pause.is_zero() {
                     tokio::time::sleep(pause.min(Duration::from_secs(5))).await;
                 }
@@ -446,7 +455,8 @@ impl Console {
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let (mut read, mut write) = stream.into_split();
-                let mut rx = shared.out.subscribe();
+                let mut rx =
+                    lock(&shared.out).get_or_insert_with(|| broadcast::channel(SHARE_BACKLOG).0).subscribe();
                 let writer = writer.clone();
                 tokio::spawn(async move {
                     let mut chunk = vec![0u8; 4096];

@@ -161,6 +161,7 @@ pub fn config_json(c: &crate::watch::Config) -> serde_json::Value {
             "keep_per_vm": c.bundles_keep,
             "max_bytes_per_vm": c.bundles_budget.per_vm,
             "max_bytes": c.bundles_budget.total,
+            "concurrent": c.bundles_concurrent,
         },
         "defaults": c.defaults,
         "vm": c.vms,
@@ -268,6 +269,10 @@ pub fn status_table(s: &crate::watch::metrics::StatusView) -> String {
         {
             let headline = crate::console::sanitize(verdict.headline.as_bytes());
             let _ = writeln!(o, "{:<20}   verdict {}: {headline}", "", verdict.class);
+        }
+        // A bundle under way; `queued` waits for a slot of the node's `[bundles] concurrent`.
+        if let Some(d) = v.diagnosing.as_deref() {
+            let _ = writeln!(o, "{:<20}   diagnostics: {d}", "");
         }
         // The slower path, and why, is worth a line; the doorbell is the norm.
         if let Some(polling) = v.completion.as_deref().filter(|c| c.starts_with("polling")) {

@@ -61,6 +61,10 @@ enum Command {
         /// VMs hung per size to measure detection latency (at most N).
         #[arg(long, default_value_t = 10)]
         hangs: usize,
+        /// Then, once those answer again, hang every VM at once (spread over one interval) and
+        /// time their detection too: the node-wide bundle limit's case.
+        #[arg(long)]
+        all_hung: bool,
         /// Simulated guest delay from the raised IRQ to its record, in ms (real guest p50 ≈ 1).
         #[arg(long, default_value_t = 1.0)]
         sim_latency_ms: f64,
@@ -309,7 +313,7 @@ fn run(command: Command) -> Result<(), Error> {
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
             runtime().block_on(bench_latency(&guest, count.max(1), seconds, &machine, &state_dir, json))
         }
-        Command::Scale { vms, window, hangs, sim_latency_ms, no_doorbell, acpimon, work, json } => {
+        Command::Scale { vms, window, hangs, all_hung, sim_latency_ms, no_doorbell, acpimon, work, json } => {
             let service = match acpimon {
                 Some(p) => p,
                 None => beside_this_program("acpimon")?,
@@ -319,6 +323,7 @@ fn run(command: Command) -> Result<(), Error> {
             opts.vms = vms;
             opts.window = window;
             opts.hangs = hangs;
+            opts.all_hung = all_hung;
             opts.latency = Duration::from_secs_f64(sim_latency_ms.max(0.0) / 1e3);
             opts.doorbell = !no_doorbell;
             let report = runtime().block_on(scale::run(&opts, |m| eprintln!("bench-scale: {m}")))?;

@@ -67,7 +67,7 @@ const DETECTION_SLACK: Duration = Duration::from_millis(250);
 const FD_BASE: u64 = 256;
 /// Descriptors this process holds per simulated VM once the service is attached (three
 /// listeners, a QMP, a console and a doorbell connection; see [`crate::simvm`]). The service
-/// holds three.
+/// holds three, plus the host sampler's open `/proc` files within a quarter of its limit.
 const FDS_PER_VM: u64 = 6;
 
 /// The worst-case time from a hang to `unresponsive`: the next probe starts within an
@@ -94,6 +94,8 @@ pub struct ScaleOptions {
     pub window: Duration,
     /// VMs hung per size to measure detection (at most N).
     pub hangs: usize,
+    /// Then every VM hung at once, and its detection timed.
+    pub all_hung: bool,
     /// The acpimon binary to run as the service (`std::env::current_exe()`).
     pub service: PathBuf,
     /// Scratch directory; each run makes a fresh subdirectory there and keeps it (the
@@ -112,6 +114,7 @@ impl ScaleOptions {
             vms: vec![10, 100, 500],
             window: Duration::from_secs(20),
             hangs: 10,
+            all_hung: false,
             service: service.into(),
             work: work.into(),
             latency: Duration::from_millis(1),
@@ -160,6 +163,12 @@ pub struct Row {
     pub detection_max_s: Option<f64>,
     /// Hung VMs the service did not declare unresponsive within three bounds.
     pub undetected: usize,
+    /// With `all_hung`: every VM hung at once (after the first hangs answered again), and the
+    /// same figures.
+    pub all_hung: usize,
+    pub all_detection_p50_s: Option<f64>,
+    pub all_detection_max_s: Option<f64>,
+    pub all_undetected: usize,
     pub false_alarms: usize,
     /// The first few, for investigation.
     pub false_alarm_samples: Vec<FalseAlarm>,
@@ -186,6 +195,18 @@ impl Row {
         }
         if self.undetected > 0 {
             out.push(format!("{} VMs: {} of {} hung VMs not detected", self.vms, self.undetected, self.hung));
+        }
+        if self.all_undetected > 0 {
+            out.push(format!(
+                "{} VMs: {} of {} VMs hung at once not detected",
+                self.vms, self.all_undetected, self.all_hung
+            ));
+        }
+        if let Some(max) = self.all_detection_max_s.filter(|&m| m > bound_s + DETECTION_SLACK.as_secs_f64()) {
+            out.push(format!(
+                "{} VMs: with every VM hung, a hang took {max:.2} s to detect, beyond the {bound_s} s bound",
+                self.vms
+            ));
         }
         if let Some(max) = self.detection_max_s.filter(|&m| m > bound_s + DETECTION_SLACK.as_secs_f64()) {
             out.push(format!(
@@ -422,6 +443,9 @@ async fn measure_with(
         acpimon::units::format_duration(opts.window)
     ));
     tokio::time::sleep(SETTLE).await;
+    // Start-up work (each VM's first state file and events, written and synced one by one) can
+    // last seconds beyond all healthy at 2,000 VMs: the window starts once it is done.
+    settle_writes(data_dir).await;
 
     // The window: status, then CPU, ..., CPU, then status, so that serving /status stays
     // (almost) outside the CPU window.
@@ -457,27 +481,12 @@ async fn measure_with(
     if h > 0 {
         progress(&format!("{n} VMs: hanging {h} VMs"));
     }
-    for k in 0..h {
-        let vm = &fleet[k * n / h];
-        let name = vm.descriptor().name.clone();
-        hung.insert(name, SystemTime::now());
-        vm.set_state(SimState::Hung);
-        if k + 1 < h {
-            tokio::time::sleep(INTERVAL / h as u32).await;
-        }
-    }
+    let first: Vec<usize> = (0..h).map(|k| k * n / h).collect();
+    hang(fleet, &first, &mut hung).await;
     let log = data_dir.join("events.jsonl");
     let mut tail = EventTail::new(log.clone());
     let mut events = Vec::new();
-    let give_up = Instant::now() + detection_bound() * 3;
-    loop {
-        events.extend(tail.read_new().map_err(|source| ScaleError::Proc { path: log.clone(), source })?);
-        let found = analyze(&events, healthy_at, &hung);
-        if found.detections.iter().all(Option::is_some) || Instant::now() >= give_up {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_detected(&mut tail, &mut events, healthy_at, &hung).await?;
     // One more interval for alarms that the hangs may have caused elsewhere.
     tokio::time::sleep(INTERVAL).await;
     events.extend(tail.read_new().map_err(|source| ScaleError::Proc { path: log.clone(), source })?);
@@ -497,7 +506,116 @@ async fn measure_with(
             row.detection_p50_s.map_or("-".into(), |s| format!("{s:.2} s"))
         ));
     }
+    if opts.all_hung && n > 0 {
+        // The first hangs answer again; once every VM is healthy, all hang at once.
+        for &i in &first {
+            fleet[i].set_state(SimState::Running);
+        }
+        let deadline = Instant::now() + detection_bound() * 5;
+        loop {
+            let status = service.status().await?;
+            if status.vms.iter().all(|v| v.state == State::Healthy) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(ScaleError::Status(format!(
+                    "{n} VMs: the hung VMs did not answer again in time ({})",
+                    state_counts(&status)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        progress(&format!("{n} VMs: hanging all {n} VMs"));
+        let since = SystemTime::now();
+        let mut all = BTreeMap::new();
+        hang(fleet, &(0..n).collect::<Vec<_>>(), &mut all).await;
+        let mut events = Vec::new();
+        let found = wait_detected(&mut tail, &mut events, since, &all).await?;
+        let mut d: Vec<f64> = found.detections.iter().flatten().copied().collect();
+        d.sort_by(f64::total_cmp);
+        row.all_hung = n;
+        row.all_undetected = n - d.len();
+        row.all_detection_p50_s = percentile(&d, 0.5);
+        row.all_detection_max_s = d.last().copied();
+        progress(&format!(
+            "{n} VMs: all hung: {} of {n} detected, p50 {} max {}",
+            d.len(),
+            row.all_detection_p50_s.map_or("-".into(), |s| format!("{s:.2} s")),
+            row.all_detection_max_s.map_or("-".into(), |s| format!("{s:.2} s"))
+        ));
+    }
     Ok(row)
+}
+
+/// Hangs the VMs `which` of `fleet`, spread evenly over one interval so that they fall at
+/// every phase of the probes; records when each hung.
+async fn hang(fleet: &[SimVm], which: &[usize], hung: &mut BTreeMap<String, SystemTime>) {
+    let start = tokio::time::Instant::now();
+    let h = which.len().max(1) as u32;
+    for (k, &i) in which.iter().enumerate() {
+        tokio::time::sleep_until(start + INTERVAL * k as u32 / h).await;
+        let vm = &fleet[i];
+        hung.insert(vm.descriptor().name.clone(), SystemTime::now());
+        vm.set_state(SimState::Hung);
+    }
+}
+
+/// Reads the event log until every hung VM's detection is in it, or three bounds passed.
+async fn wait_detected(
+    tail: &mut EventTail,
+    events: &mut Vec<Event>,
+    since: SystemTime,
+    hung: &BTreeMap<String, SystemTime>,
+) -> Result<Findings, ScaleError> {
+    // Detection is the transition's own time; the service's writer may put it in the log
+    // later (thousands of state files after a mass hang), so the log is read until it stops
+    // growing, and a detection later than three bounds counts as none.
+    let bound3 = (detection_bound() * 3).as_secs_f64();
+    let give_up = Instant::now() + detection_bound() * 3;
+    let hard_stop = give_up + Duration::from_secs(60);
+    let mut grew = Instant::now();
+    loop {
+        let new = tail.read_new().map_err(|source| ScaleError::Proc { path: tail.path.clone(), source })?;
+        if !new.is_empty() {
+            grew = Instant::now();
+        }
+        events.extend(new);
+        let mut found = analyze(events, since, hung);
+        let now = Instant::now();
+        let writer_idle = grew.elapsed() >= Duration::from_secs(2);
+        if found.detections.iter().all(Option::is_some) || (now >= give_up && writer_idle) || now >= hard_stop
+        {
+            for d in &mut found.detections {
+                if d.is_some_and(|s| s > bound3) {
+                    *d = None;
+                }
+            }
+            return Ok(found);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (at most a minute) until the service's event log and per-VM state files have not
+/// changed for a second.
+async fn settle_writes(data_dir: &Path) {
+    let stamp = || {
+        let m = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.len(), m.modified().ok()));
+        (m(&data_dir.join("events.jsonl")), m(&data_dir.join("vms")))
+    };
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut last = stamp();
+    let mut quiet_since = Instant::now();
+    while Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = stamp();
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= Duration::from_secs(1) {
+            return;
+        }
+    }
 }
 
 /// The service's configuration for one size.
@@ -936,6 +1054,29 @@ impl fmt::Display for ScaleReport {
                 r.service_fds,
                 r.sim_fds
             )?;
+        }
+        if self.rows.iter().any(|r| r.all_hung > 0) {
+            writeln!(f)?;
+            writeln!(f, "Every VM hung at once (after the hangs above answered again):")?;
+            writeln!(f)?;
+            writeln!(f, "| VMs | hung at once | detection p50 / max (÷ bound {} s) |", num(self.bound_s))?;
+            writeln!(f, "|---:|---:|---:|")?;
+            for r in self.rows.iter().filter(|r| r.all_hung > 0) {
+                let detection = match (r.all_detection_p50_s, r.all_detection_max_s) {
+                    (Some(p50), Some(max)) => format!(
+                        "{p50:.2} / {max:.2} s ({:.2} / {:.2}){}",
+                        p50 / self.bound_s,
+                        max / self.bound_s,
+                        if r.all_undetected > 0 {
+                            format!(", {} undetected", r.all_undetected)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    _ => format!("none of {} detected", r.all_hung),
+                };
+                writeln!(f, "| {} | {} | {detection} |", r.vms, r.all_hung)?;
+            }
         }
         let problems = self.problems();
         if !problems.is_empty() {

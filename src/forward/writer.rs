@@ -45,6 +45,8 @@ use crate::util::lock;
 
 /// The most jobs handled as one batch (bounds the memory a batch holds).
 const MAX_BATCH: usize = 1024;
+/// State files written at most this long before the writer looks for new events again.
+const SAVE_SLICE: Duration = Duration::from_millis(50);
 /// The first retry after a failed write, doubling up to [`RETRY_MAX`].
 pub(super) const RETRY_MIN: Duration = Duration::from_millis(100);
 /// The longest wait between retries: while the disk stays full, a retry this often.
@@ -141,6 +143,12 @@ impl Writer {
         let mut p = Pending::default();
         loop {
             let first = match p.retry {
+                // State files left from the last slice: new events first, then more of them.
+                None if !p.saves.is_empty() => match jobs.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => break,
+                },
                 None => match jobs.recv() {
                     Ok(job) => Some(job),
                     Err(_) => break,
@@ -165,8 +173,13 @@ impl Writer {
             }
             self.publish(&mut p);
         }
-        if !p.events.is_empty() || !p.saves.is_empty() {
+        while !p.events.is_empty() || !p.saves.is_empty() {
+            let before = (p.events.len(), p.saves.len());
             self.write_pending(&mut p);
+            // The disk refused: what is left is reported below.
+            if p.retry.is_some() || (p.events.len(), p.saves.len()) == before {
+                break;
+            }
         }
         if !p.events.is_empty() {
             let n = p.events.len();
@@ -336,7 +349,16 @@ impl Writer {
         // 4. State files, once no event waits before them.
         if p.events.is_empty() && !p.saves.is_empty() {
             let mut dirs = Vec::new();
-            for (path, bytes) in std::mem::take(&mut p.saves) {
+            // Each file costs an fsync: when thousands of VMs change state at once, they are
+            // written a slice at a time, so that the events that come meanwhile (a VM's
+            // `unresponsive` after its `late`) are not queued behind all of them.
+            let started = Instant::now();
+            let mut all = std::mem::take(&mut p.saves).into_iter();
+            for (path, bytes) in all.by_ref() {
+                if started.elapsed() >= SAVE_SLICE {
+                    p.saves.insert(path, bytes);
+                    break;
+                }
                 let dir = ufs::parent(&path).to_path_buf();
                 let saved = match &bytes {
                     Some(bytes) => {
@@ -359,6 +381,7 @@ impl Writer {
                     Err(e) => failures.push(format!("cannot save {}: {e}", path.display())),
                 }
             }
+            p.saves.extend(all);
             for dir in dirs {
                 if let Err(e) = ufs::sync_dir(&dir) {
                     failures.push(format!("cannot fsync {}: {e}", dir.display()));

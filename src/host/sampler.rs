@@ -6,8 +6,11 @@
 //! process's CPU time, each distinct vCPU thread's CPU, run and wait times (32 bytes), and the
 //! cgroup's throttling counters: 160 bytes with 2 vCPUs, so about 5 KiB per VM (a test holds
 //! it under 6 KiB), plus 32 × 48 bytes for the node's ring. A sample costs per VM one read of `/proc/PID/stat`, two per vCPU
-//! thread (`stat`, `schedstat`), `/proc/PID/cgroup` and `cpu.stat` (README "Metrics, status
-//! and liveness" has the measured cost).
+//! thread (`stat`, `schedstat`), each a `pread` of a file the thread keeps open
+//! ([`proc::Kept`], within a quarter of the open-file limit), and its cgroup's `cpu.stat`, read
+//! once per period for all the VMs that share it; `/proc/PID/cgroup` is read again every
+//! 30 s, so a QEMU moved to another cgroup is followed within 30 s (README "Metrics, status
+//! and liveness" and "Scale" have the measured cost).
 //!
 //! The ratios are computed by pure functions over readings ([`activity`]), tested on synthetic
 //! samples. Where both readings of an interval have `schedstat`, a thread's CPU time is its
@@ -20,9 +23,9 @@
 //! [`Sampler::vcpu_metrics`] exports the thread once, under the lowest cpu index, so sums over
 //! vCPUs do not count it twice.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -171,6 +174,53 @@ impl Target {
             at: Instant::now(),
             process_ns: proc::stat(self.pid).map(|s| proc::ticks_to_ns(s.ticks)),
             threads: self.tids.iter().map(|&t| proc::thread(self.pid, t).map(ThreadPoint::from)).collect(),
+            cgroup,
+        }
+    }
+
+    /// [`Target::read`] through the sampler thread's open files: the process's and threads'
+    /// files are kept open (`pread`), the cgroup's directory is looked up again only every
+    /// [`MOUNTS_EVERY`], and a `cpu.stat` several VMs share is read once per period (`memo`).
+    fn read_kept(
+        &self,
+        files: &mut VmFiles,
+        cpu_stat: &mut HashMap<PathBuf, proc::Kept>,
+        memo: &mut HashMap<PathBuf, Option<proc::CpuStat>>,
+        mounts: Option<&proc::CgroupMounts>,
+        buf: &mut proc::KeptBuf,
+    ) -> Reading {
+        let now = Instant::now();
+        let stale =
+            files.cgroup.as_ref().is_none_or(|(at, _)| now.saturating_duration_since(*at) >= MOUNTS_EVERY);
+        if stale {
+            let dir = mounts.and_then(|m| {
+                let own = proc::read_capped(Path::new(&format!("/proc/{}/cgroup", self.pid)))?;
+                m.cpu_dir(&own)
+            });
+            files.cgroup = Some((now, dir));
+        }
+        let cgroup = files.cgroup.as_ref().and_then(|(_, d)| d.as_ref()).and_then(|(dir, version)| {
+            let stat = match memo.get(dir) {
+                Some(s) => *s,
+                None => {
+                    let kept = cpu_stat.entry(dir.clone()).or_default();
+                    let s =
+                        kept.read(|| dir.join("cpu.stat"), buf).map(|t| proc::parse_cpu_stat(t, *version));
+                    memo.insert(dir.clone(), s);
+                    s
+                }
+            };
+            Some(CgroupPoint { dir: hash_path(dir), stat: stat? })
+        });
+        Reading {
+            at: Instant::now(),
+            process_ns: proc::stat_kept(self.pid, &mut files.stat, buf).map(|s| proc::ticks_to_ns(s.ticks)),
+            threads: self
+                .tids
+                .iter()
+                .zip(files.threads.iter_mut())
+                .map(|(&t, f)| proc::thread_kept(self.pid, t, f, buf).map(ThreadPoint::from))
+                .collect(),
             cgroup,
         }
     }
@@ -425,6 +475,28 @@ impl Vm {
     }
 }
 
+/// What the sampler thread keeps of one VM between readings.
+#[derive(Default)]
+struct VmFiles {
+    /// The [`Vm::gen`] these files are for.
+    gen: u64,
+    stat: proc::Kept,
+    /// One per [`Target::tids`].
+    threads: Vec<proc::KeptThread>,
+    /// The cgroup's CPU directory, and when it was looked up.
+    cgroup: Option<(Instant, Option<(PathBuf, u8)>)>,
+}
+
+/// What the sampler thread keeps for every VM.
+#[derive(Default)]
+struct SharedFiles {
+    vms: HashMap<String, VmFiles>,
+    /// Each cgroup's `cpu.stat`, kept open.
+    cpu_stat: HashMap<PathBuf, proc::Kept>,
+    /// Each cgroup's `cpu.stat` read this period.
+    memo: HashMap<PathBuf, Option<proc::CpuStat>>,
+}
+
 #[derive(Default)]
 struct Inner {
     vms: Mutex<BTreeMap<String, Vm>>,
@@ -435,15 +507,25 @@ struct Inner {
 }
 
 impl Inner {
-    fn sample(&self, mounts: Option<&proc::CgroupMounts>) {
+    fn sample(&self, mounts: Option<&proc::CgroupMounts>, files: &mut SharedFiles) {
         let targets: Vec<(String, u64, Target)> =
             lock(&self.vms).iter().map(|(n, vm)| (n.clone(), vm.gen, vm.target.clone())).collect();
+        files.vms.retain(|name, f| targets.iter().any(|(n, gen, _)| n == name && *gen == f.gen));
+        files.memo.clear();
+        let mut buf: proc::KeptBuf = [0; 4096];
         for (name, gen, target) in targets {
-            let r = target.read(mounts);
+            let f = files.vms.entry(name.clone()).or_default();
+            if f.gen != gen || f.threads.len() != target.tids.len() {
+                *f = VmFiles { gen, ..VmFiles::default() };
+                f.threads.resize_with(target.tids.len(), Default::default);
+            }
+            let r = target.read_kept(f, &mut files.cpu_stat, &mut files.memo, mounts, &mut buf);
             if let Some(vm) = lock(&self.vms).get_mut(&name).filter(|vm| vm.gen == gen) {
                 vm.push(r);
             }
         }
+        let memo = &files.memo;
+        files.cpu_stat.retain(|dir, _| memo.contains_key(dir));
         if let Some(t) = proc::cpu_times() {
             let mut node = lock(&self.node);
             if node.back().is_some_and(|(_, prev)| t.total < prev.total) {
@@ -555,6 +637,7 @@ impl Drop for Sampler {
 /// until the sampler is dropped.
 fn run(inner: Weak<Inner>, period: Duration) {
     let mut mounts: Option<(Instant, Option<proc::CgroupMounts>)> = None;
+    let mut files = SharedFiles::default();
     let mut next = Instant::now();
     loop {
         let Some(inner) = inner.upgrade() else { return };
@@ -575,7 +658,7 @@ fn run(inner: Weak<Inner>, period: Duration) {
         if mounts.as_ref().is_none_or(|(at, _)| at.elapsed() >= MOUNTS_EVERY) {
             mounts = Some((Instant::now(), proc::CgroupMounts::read()));
         }
-        inner.sample(mounts.as_ref().and_then(|m| m.1.as_ref()));
+        inner.sample(mounts.as_ref().and_then(|m| m.1.as_ref()), &mut files);
     }
 }
 

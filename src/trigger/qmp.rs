@@ -334,7 +334,9 @@ impl Qmp {
         write: impl AsyncWrite + Send + Unpin + 'static,
         peer: &Path,
     ) -> Result<Qmp, QmpError> {
-        let mut reader = BufReader::new(read);
+        // QMP's replies and events are mostly under 1 KiB; a longer line is gathered across
+        // reads. The default 8 KiB would be 8 KiB more per VM.
+        let mut reader = BufReader::with_capacity(2048, read);
         let greeting = read_line(&mut reader).await?.ok_or(QmpError::Closed)?;
         let version = match parse_message(&greeting) {
             Ok(Message::Greeting { version }) => version,

@@ -48,6 +48,8 @@ pub struct Config {
     /// `[bundles] max_bytes_per_vm` / `max_bytes`: the size budgets of one VM's bundles and
     /// of every VM's together; the oldest bundles are removed to keep within them.
     pub bundles_budget: BundleBudget,
+    /// `[bundles] concurrent`: bundles collected at once on the node; more wait their turn.
+    pub bundles_concurrent: usize,
     /// `[libvirt]`: VMs whose QMP goes through libvirt (cargo feature `libvirt`).
     pub libvirt: Option<LibvirtConfig>,
     pub defaults: VmSettings,
@@ -461,6 +463,7 @@ struct RawBundles {
     keep_per_vm: usize,
     max_bytes_per_vm: Option<Spanned<Size>>,
     max_bytes: Option<Spanned<Size>>,
+    concurrent: Option<Spanned<usize>>,
 }
 
 fn default_keep() -> usize {
@@ -706,6 +709,14 @@ impl Validator<'_> {
         });
         let bundles_keep = raw.bundles.as_ref().map_or(10, |b| b.keep_per_vm.max(1));
         let mut bundles_budget = BundleBudget::default();
+        let mut bundles_concurrent = super::bundles::default_concurrent();
+        if let Some(c) = raw.bundles.as_ref().and_then(|b| b.concurrent.as_ref()) {
+            if *c.get_ref() == 0 {
+                self.problem(c.span(), "[bundles] concurrent must be at least 1; try 4".to_string());
+            } else {
+                bundles_concurrent = *c.get_ref();
+            }
+        }
         if let Some(b) = raw.bundles {
             for (key, value, slot) in [
                 ("max_bytes_per_vm", b.max_bytes_per_vm, &mut bundles_budget.per_vm),
@@ -784,6 +795,7 @@ impl Validator<'_> {
             hook,
             bundles_keep,
             bundles_budget,
+            bundles_concurrent,
             libvirt,
             defaults,
             vms,

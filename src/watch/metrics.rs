@@ -52,6 +52,10 @@ pub struct VmView {
     pub diagnostics_ok: u64,
     pub diagnostics_failed: u64,
     pub last_bundle: Option<String>,
+    /// The current incident's bundle: `queued` (waiting for one of the node's
+    /// `[bundles] concurrent` slots) or `collecting`; `None` when none is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosing: Option<String>,
     /// The last bundle's verdict: why the last incident happened.
     #[serde(default)]
     pub last_verdict: Option<crate::verdict::Verdict>,
@@ -114,6 +118,7 @@ impl VmView {
             diagnostics_ok: 0,
             diagnostics_failed: 0,
             last_bundle: None,
+            diagnosing: None,
             last_verdict: None,
             recoveries: 0,
             recoveries_refused: 0,

@@ -7,6 +7,7 @@
 //! one [`monitor::Monitor`] task per VM. Every task is supervised: one that ends unexpectedly
 //! (a panic) is reported and restarted; none can hold up another.
 
+pub mod bundles;
 pub mod config;
 pub mod kernel;
 pub mod kfollow;
@@ -125,6 +126,10 @@ pub async fn serve(
     let forward_join = tokio::spawn(forward_task.run(stop_all.clone()));
 
     let liveness = Arc::new(Liveness::default());
+    let open_files = raise_open_files();
+    // The sampler keeps its /proc files open within a quarter of the limit; the VMs' sockets
+    // (about 3 per VM: QMP, console, doorbell) need the rest.
+    crate::host::proc::set_kept_limit(usize::try_from(open_files / 4).unwrap_or(usize::MAX));
     let sampler = crate::host::sampler::Sampler::start(HOST_SAMPLE_PERIOD);
     let registry = Arc::new(
         Registry::new(
@@ -153,6 +158,7 @@ pub async fn serve(
         liveness,
         logged,
         bundled,
+        bundle_slots: bundles::BundleSlots::new(config.bundles_concurrent),
     });
     service_event(
         &shared,
@@ -251,6 +257,36 @@ pub async fn serve(
 }
 
 pub use crate::util::until_true;
+
+/// Raises the open-file soft limit to the hard limit (each watched VM holds about 3
+/// descriptors: its QMP, console and doorbell connections) and returns the soft limit in force.
+/// The hard limit is the administrator's: `LimitNOFILE=` in the systemd unit, `ulimit -Hn` as
+/// root.
+fn raise_open_files() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let now = getrlimit(Resource::Nofile);
+    let soft = now.current.unwrap_or(u64::MAX);
+    match now.maximum {
+        Some(hard) if hard > soft => {
+            let raised = rustix::process::Rlimit { current: Some(hard), maximum: Some(hard) };
+            match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => {
+                    tracing::info!(
+                        "open-file limit raised from {soft} to the hard limit {hard} (about {} VMs)",
+                        hard / 4
+                    );
+                    hard
+                }
+                Err(e) => {
+                    tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}; about {} VMs can be watched", soft / 4);
+                    soft
+                }
+            }
+        }
+        None => u64::MAX,
+        Some(_) => soft,
+    }
+}
 
 fn forward_config(c: &Config) -> ForwardConfig {
     ForwardConfig {

@@ -86,6 +86,8 @@ pub struct Shared {
     pub logged: std::collections::HashMap<u64, u64>,
     /// The incidents whose `bundle` event the log holds ([`persist::bundled_incidents`]).
     pub bundled: std::collections::HashSet<String>,
+    /// The node-wide limit on bundles collected at once (`[bundles] concurrent`).
+    pub bundle_slots: Arc<super::bundles::BundleSlots>,
 }
 
 /// A VM's channels while attached.
@@ -403,7 +405,8 @@ impl Monitor {
             self.transition(t, Some(event::Attached { qemu }));
         }
         self.watch_host(&att.qmp);
-        let (tx, mut rx) = mpsc::channel::<Report>(64);
+        // Boxed: the channel allocates its slots 32 at a time, a Report is over 100 bytes.
+        let (tx, mut rx) = mpsc::channel::<Box<Report>>(64);
         let mut probes: Vec<JoinHandle<()>> = Vec::new();
         let scenarios = self.settings.scenarios.clone();
         for (i, sc) in scenarios.iter().enumerate() {
@@ -455,7 +458,7 @@ impl Monitor {
             let panic_wait =
                 self.sentinel.pending_panic.as_ref().map(|p| tokio::time::Instant::from_std(p.1));
             tokio::select! {
-                Some(report) = rx.recv() => self.report(report),
+                Some(report) = rx.recv() => self.report(*report),
                 out = async { console_out.as_mut().expect("guarded").recv().await }, if console_out.is_some() => {
                     match out {
                         Some(chunk) => {
@@ -499,7 +502,10 @@ impl Monitor {
                     diag = None;
                     match done {
                         Ok(done) => self.diagnostics_done(done),
-                        Err(e) => tracing::error!(error = %e, "the diagnostics task failed"),
+                        Err(e) => {
+                            lock(&self.view).diagnosing = None;
+                            tracing::error!(error = %e, "the diagnostics task failed");
+                        }
                     }
                 }
                 _ = tick.tick() => {
@@ -567,6 +573,8 @@ impl Monitor {
         }
         if let Some(d) = diag {
             d.abort();
+            // Taken up again from the pending incident when the VM is attached next.
+            lock(&self.view).diagnosing = None;
         }
         if let Some(c) = &att.console {
             self.console_before = self.console_before + c.counts();
@@ -976,8 +984,23 @@ impl Monitor {
             guest_symbols: self.settings.bundle.symbols.is_none(),
         };
         let (keep, budget) = (self.shared.config.bundles_keep, self.shared.config.bundles_budget);
-        self.log(&format!("collecting diagnostics into {}", bundle.display()));
+        let slots = Arc::clone(&self.shared.bundle_slots);
+        let view = Arc::clone(&self.view);
+        if slots.running() >= slots.limit() {
+            self.log(&format!(
+                "diagnostics queued: {} bundles being collected on the node, {} waiting ([bundles] concurrent = {})",
+                slots.running(),
+                slots.queued(),
+                slots.limit()
+            ));
+        }
+        lock(&view).diagnosing = Some("queued".into());
         let task = async move {
+            // Behind the bundles queued before on the node; the incident's transition and event
+            // are already out. The slot is held while the bundle is collected, not for recovery.
+            let slot = slots.acquire().await;
+            lock(&view).diagnosing = Some("collecting".into());
+            tracing::info!("collecting diagnostics into {}", bundle.display());
             // Room for the new bundle within the size budgets, before it is written: the oldest
             // bundles go first.
             let b = bundle.clone();
@@ -1001,6 +1024,7 @@ impl Monitor {
                             _ => (text, None),
                         }
                     });
+            drop(slot);
             let recovery = match recovery {
                 Ok(RecoveryAction::None) => None,
                 Ok(action) => Some(recover(&action, &qmp, &name, &bundle, &state).await),
@@ -1035,6 +1059,7 @@ impl Monitor {
     }
 
     fn diagnostics_done(&mut self, done: DiagDone) {
+        lock(&self.view).diagnosing = None;
         let mut detail = event::Bundle {
             trigger: done.trigger,
             bundle: done.bundle.clone(),

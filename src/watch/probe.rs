@@ -73,19 +73,19 @@ pub fn unavailable(scenario: &Scenario, ch: &Channels, console_why: &str) -> Opt
 
 /// Runs scenario `index` until the receiver is gone: the first probe right away, then one
 /// every interval (measured from the start of the previous probe).
-pub async fn run(index: usize, scenario: Scenario, ch: Channels, tx: mpsc::Sender<Report>) {
+pub async fn run(index: usize, scenario: Scenario, ch: Channels, tx: mpsc::Sender<Box<Report>>) {
     let mut prober = match Prober::new(&scenario, &ch) {
         Ok(p) => p,
         Err(why) => {
             let outcome = Outcome { ok: false, latency: None, detail: why };
-            let _ = tx.send(Report { index, outcome, record: None, app_status: None }).await;
+            let _ = tx.send(Box::new(Report { index, outcome, record: None, app_status: None })).await;
             return;
         }
     };
     let mut next = tokio::time::Instant::now();
     loop {
         let (outcome, record, app_status) = prober.probe(&scenario, &ch).await;
-        if tx.send(Report { index, outcome, record, app_status }).await.is_err() {
+        if tx.send(Box::new(Report { index, outcome, record, app_status })).await.is_err() {
             return;
         }
         next += scenario.interval;

@@ -261,3 +261,53 @@ fn a_pure_v2_host_has_its_cpu_controller_in_the_unified_hierarchy() {
     mounts.v2_cpu = true;
     assert_eq!(mounts.cpu_dir("4:memory:/x\n0::/y\n").unwrap().0, PathBuf::from("/sys/fs/cgroup/y"));
 }
+
+#[test]
+fn a_kept_file_is_read_anew_each_time_and_reopened_after_a_failure() {
+    let me = std::process::id();
+    let tid = own_tid();
+    let mut files = KeptThread::default();
+    let mut buf: KeptBuf = [0; 4096];
+    let first = thread_kept(me, tid, &mut files, &mut buf).expect("this thread's stat");
+    assert!(files.stat.file.is_some() && files.schedstat.file.is_some(), "both files stay open");
+    // Burn some CPU: the kept file shows the new counters (read from offset 0, not its end).
+    let start = std::time::Instant::now();
+    let mut run = first.run_ns;
+    while run == first.run_ns && start.elapsed() < std::time::Duration::from_secs(5) {
+        std::hint::black_box((0..100_000u64).sum::<u64>());
+        run = thread_kept(me, tid, &mut files, &mut buf).unwrap().run_ns;
+    }
+    assert!(run > first.run_ns, "{run:?} after {:?}", first.run_ns);
+
+    // A thread that ended: the read fails, the file is closed, and nothing is read.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || tx.send(own_tid()).unwrap());
+    let gone = rx.recv().unwrap();
+    let mut dead = KeptThread::default();
+    let mut stat = Kept::default();
+    let _ = stat_kept(me, &mut stat, &mut buf).unwrap();
+    let opened = thread_kept(me, gone, &mut dead, &mut buf);
+    t.join().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    if opened.is_some() {
+        assert!(thread_kept(me, gone, &mut dead, &mut buf).is_none(), "an ended thread still read");
+    }
+    assert!(dead.stat.file.is_none(), "the ended thread's file is closed");
+}
+
+#[test]
+fn beyond_the_limit_files_are_read_and_closed() {
+    let me = std::process::id();
+    set_kept_limit(0);
+    let mut k = Kept::default();
+    let mut buf: KeptBuf = [0; 4096];
+    let read = stat_kept(me, &mut k, &mut buf);
+    set_kept_limit(4096);
+    assert!(read.is_some());
+    assert!(k.file.is_none(), "kept beyond the limit");
+}
+
+fn own_tid() -> u32 {
+    let link = std::fs::read_link("/proc/thread-self").unwrap();
+    link.file_name().unwrap().to_str().unwrap().parse().unwrap()
+}

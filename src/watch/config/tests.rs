@@ -350,6 +350,16 @@ fn the_event_hold_and_the_bundle_budgets_are_read_and_checked() {
 }
 
 #[test]
+fn the_node_wide_bundle_limit_is_read_and_checked() {
+    assert_eq!(parse("").unwrap().bundles_concurrent, crate::watch::bundles::default_concurrent());
+    let c = parse("[bundles]\nconcurrent = 3\n").unwrap();
+    assert_eq!((c.bundles_concurrent, c.bundles_keep), (3, 10));
+    assert_eq!(crate::report::config_json(&c)["bundles"]["concurrent"].as_u64(), Some(3));
+    let all = parse("[bundles]\nconcurrent = 0\n").unwrap_err().to_string();
+    assert!(all.contains("[bundles] concurrent must be at least 1"), "{all}");
+}
+
+#[test]
 fn the_resolved_configuration_serialises_with_the_file_keys() {
     let c = parse(FULL).unwrap();
     let v = crate::report::config_json(&c);
