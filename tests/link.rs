@@ -254,6 +254,19 @@ async fn tls_and_tokens_admit_each_node_for_itself_only_and_lose_nothing() {
     assert!(s["unauthorized"].as_u64().unwrap() >= 3, "{s}");
     assert!(s["forbidden"].as_u64().unwrap() >= 2, "{s}");
     assert_eq!(s["stored"], 5, "{s}");
+    // The operator's pages: a browser is asked for credentials (Basic, the token as the
+    // password), a node's token is not enough.
+    let (status, body) = get(ctl.addr, "/", None, Some(&ca.pem)).await;
+    assert_eq!(status, 401, "{body}");
+    use base64::Engine;
+    let basic = |t: &str| base64::engine::general_purpose::STANDARD.encode(format!("ops:{t}"));
+    let page = |t: String| {
+        format!("GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Basic {t}\r\n\r\n")
+    };
+    let (status, body) = exchange(ctl.addr, page(basic(&operator)).as_bytes(), Some(&ca.pem)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("<h1>Fleet</h1>") && body.contains("edge-2"), "{body}");
+    assert_eq!(exchange(ctl.addr, page(basic(&edge1)).as_bytes(), Some(&ca.pem)).await.0, 403);
     // /healthz stays open (for probes), and plain HTTP on the TLS port gets no answer.
     assert_eq!(get(ctl.addr, "/healthz", None, Some(&ca.pem)).await.0, 200);
     assert_eq!(get(ctl.addr, "/healthz", None, None).await.0, 0);

@@ -224,11 +224,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The host sampler's cost per VM per sample (this process with idle threads as its
-    /// vCPUs), beside one read of `/proc/self/stat` measured in the same run.
-    /// The controller store's page queries with N stored events: fills a fresh store (SQLite,
-    /// or the empty PostgreSQL database given), times each query the web pages make. Fails
-    /// when a query's median is over the 200 ms page budget.
+    /// The controller store's pages with N stored events: fills a fresh store (SQLite, or the
+    /// empty PostgreSQL database given), times each query the web pages make and each whole
+    /// page (its queries and its HTML). Fails when a median is over the 200 ms page budget.
     Store {
         /// Events to store.
         #[arg(long, default_value_t = 100_000)]
@@ -250,6 +248,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The host sampler's cost per VM per sample (this process with idle threads as its
+    /// vCPUs), beside one read of `/proc/self/stat` measured in the same run.
     HostSampler {
         /// Stand-in vCPU threads.
         #[arg(long, default_value_t = 2)]

@@ -234,6 +234,35 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
         "counts (stored, duplicates)",
         time(r, async || store.counts().await.map(|c| vec![c]).map_err(e)).await?,
     );
+    // Whole pages: their queries and the HTML (what a browser waits for, less the network).
+    use acpimon::controller::web;
+    add(
+        "page / (the fleet: query + HTML)",
+        time(r, async || {
+            let rows = store.fleet(&FleetFilter::default()).await.map_err(e)?;
+            let mut nodes: Vec<String> = rows.iter().map(|r| r.node.clone()).collect();
+            nodes.dedup();
+            Ok(vec![web::fleet(&rows, &FleetFilter::default(), &nodes, END_MS)])
+        })
+        .await?,
+    );
+    add(
+        "page /vm/NODE/VM (6 h: query + chart + HTML)",
+        time(r, async || {
+            let events = store.vm_events(&node, &vm, six_hours.0, six_hours.1, 2_000).await.map_err(e)?;
+            let latency = store.latency(&node, &vm, six_hours.0, six_hours.1).await.map_err(e)?;
+            Ok(vec![web::vm(&node, &vm, &events, &latency, 6, END_MS)])
+        })
+        .await?,
+    );
+    add(
+        "page /incident/KEY (query + HTML)",
+        time(r, async || {
+            let events = store.incident(&incident).await.map_err(e)?;
+            Ok(vec![web::incident(&incident, &events)])
+        })
+        .await?,
+    );
     let sqlite_bytes = opts.database.is_none().then(|| {
         ["controller.db", "controller.db-wal"]
             .iter()

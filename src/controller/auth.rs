@@ -237,14 +237,10 @@ impl Tokens {
     /// The entry of the bearer token in `authorization` (the header's value), if it is one
     /// of `role`.
     pub fn check(&self, authorization: Option<&str>, role: Role) -> Result<TokenEntry, Refusal> {
-        let token = authorization
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                Refusal::Unauthorized("no bearer token: send Authorization: Bearer TOKEN".into())
-            })?;
-        let h = hash(token);
+        let token = authorization.and_then(presented).filter(|t| !t.is_empty()).ok_or_else(|| {
+            Refusal::Unauthorized("no bearer token: send Authorization: Bearer TOKEN".into())
+        })?;
+        let h = hash(&token);
         let entries = self.entries();
         let entry = entries.iter().find(|t| same(&t.sha256, &h)).ok_or_else(|| {
             Refusal::Unauthorized("the bearer token is not one this controller issued".into())
@@ -259,6 +255,22 @@ impl Tokens {
         }
         Ok(entry.clone())
     }
+}
+
+/// The token in an `Authorization` header: `Bearer TOKEN`, or HTTP Basic with the token as the
+/// password (what a browser sends for the operator's pages; the user name is ignored).
+fn presented(header: &str) -> Option<String> {
+    use base64::Engine;
+    let (scheme, value) = header.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(value.trim().to_string());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD.decode(value.trim()).ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        return Some(text.split_once(':')?.1.to_string());
+    }
+    None
 }
 
 /// A file's modification time and size: read again when either changes.
@@ -290,6 +302,12 @@ mod tests {
         assert!(matches!(tokens.check(Some("Bearer nope"), Role::Node), Err(Refusal::Unauthorized(_))));
         assert!(matches!(tokens.check(None, Role::Node), Err(Refusal::Unauthorized(_))));
         assert!(matches!(tokens.check(Some(&node), Role::Node), Err(Refusal::Unauthorized(_))), "no Bearer");
+        // A browser's Basic credentials, the token as the password.
+        use base64::Engine;
+        let basic =
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("anyone:{op}")));
+        assert_eq!(tokens.check(Some(&basic), Role::Operator).unwrap().name, "alice");
+        assert!(matches!(tokens.check(Some("Basic !!"), Role::Operator), Err(Refusal::Unauthorized(_))));
         assert!(add(&path, "edge-1", Role::Node).unwrap_err().to_string().contains("already has"));
         assert!(add(&path, "a b", Role::Node).is_err());
         // Revoked without a restart: the file changed.

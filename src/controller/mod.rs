@@ -228,8 +228,17 @@ where
 {
     let get = req.method() == Method::GET;
     let path = req.uri().path();
-    if get && matches!(path, "/v1/events" | "/v1/stats") {
-        if let Err(refused) = ctx.authorize(&req, Role::Operator) {
+    let page = get && (path == "/" || path.starts_with("/vm/") || path.starts_with("/incident/"));
+    if get && (page || path.starts_with("/v1/events") || path == "/v1/stats") {
+        if let Err(mut refused) = ctx.authorize(&req, Role::Operator) {
+            if page && refused.status() == StatusCode::UNAUTHORIZED {
+                // A browser asks for credentials: any user name, the operator's token as the
+                // password.
+                refused.headers_mut().insert(
+                    hyper::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"acpimon controller\", charset=\"UTF-8\""),
+                );
+            }
             return Ok(*refused);
         }
     }
