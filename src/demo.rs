@@ -20,6 +20,8 @@ use crate::watch::metrics::{fetch_status, ScenarioView, StatusView, VmView};
 use crate::watch::state::State;
 
 const NAME: &str = "demo";
+/// Where the demo's controller serves its pages, when the port is free.
+const CONTROLLER_PORT: u16 = 8080;
 /// The scenario whose latencies the summary reports.
 const HEARTBEAT: &str = "acpi-heartbeat";
 
@@ -100,18 +102,44 @@ pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Resu
     let (stop_tx, stop) = watch::channel(false);
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
     let store = opts.state_dir.join(".controller");
-    let ctl_opts = ControllerOptions {
-        listen: "127.0.0.1:0".parse().expect("valid address"),
-        store: store.clone(),
-        database: None,
-        analyzer: None,
-        analyzer_timeout: Duration::from_secs(10),
-        tls: None,
-        tokens: None,
-    };
-    let ctl = tokio::spawn(controller::serve(ctl_opts, stop.clone(), Some(ready_tx)));
-    let ctl_addr = ready.await.map_err(|_| DemoError::Expectation("the controller did not start".into()))?;
-    say(&format!("reference controller on http://{ctl_addr}, storing into {}", store.display()));
+    // The pages at a port a person can type (8080), else at any free one.
+    let mut ctl = None;
+    let mut ready_tx = Some(ready_tx);
+    let mut ready = Some(ready);
+    for listen in [CONTROLLER_PORT, 0] {
+        let (tx, rx) = match (ready_tx.take(), ready.take()) {
+            (Some(tx), Some(rx)) => (tx, rx),
+            _ => tokio::sync::oneshot::channel(),
+        };
+        let ctl_opts = ControllerOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], listen)),
+            store: store.clone(),
+            database: None,
+            analyzer: None,
+            analyzer_timeout: Duration::from_secs(10),
+            tls: None,
+            tokens: None,
+        };
+        let task = tokio::spawn(controller::serve(ctl_opts, stop.clone(), Some(tx)));
+        match rx.await {
+            Ok(addr) => {
+                ctl = Some((task, addr));
+                break;
+            }
+            Err(_) => {
+                let why = task.await.map(|r| r.err().map(|e| e.to_string())).ok().flatten();
+                say(&format!(
+                    "the controller cannot use port {listen} ({}); trying another",
+                    why.unwrap_or_default()
+                ));
+            }
+        }
+    }
+    let (ctl, ctl_addr) = ctl.ok_or_else(|| DemoError::Expectation("the controller did not start".into()))?;
+    say(&format!(
+        "reference controller on http://{ctl_addr}, storing into {}; open http://{ctl_addr}/ in a browser: the fleet, the VM, its incidents",
+        store.display()
+    ));
 
     let spec = VmSpec {
         program: "qemu-system-x86_64".into(),
@@ -151,7 +179,7 @@ pub async fn run(opts: DemoOptions, mut shutdown: watch::Receiver<bool>) -> Resu
     say(&format!("acpimon watch is up; in another terminal: acpimon status --addr {addr}"));
 
     let sampler = tokio::spawn(sample_latencies(addr, stop.clone()));
-    let outcome = drive(&opts, &vm, addr, &mut shutdown).await;
+    let outcome = drive(&opts, &vm, addr, ctl_addr, &mut shutdown).await;
     let status = fetch_status(addr, Duration::from_secs(5)).await.ok();
     let _ = stop_tx.send(true);
     let latencies = sampler.await.unwrap_or_default();
@@ -234,6 +262,7 @@ async fn drive(
     opts: &DemoOptions,
     vm: &Vm,
     addr: SocketAddr,
+    ctl_addr: SocketAddr,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), DemoError> {
     let fail = |what: &str| Err(DemoError::Expectation(format!("the demo VM {what}")));
@@ -279,13 +308,19 @@ async fn drive(
             else {
                 return fail("hang was not diagnosed within 90 s");
             };
-            say(&format!("bundle: {}", v.last_bundle.unwrap_or_default()));
+            say(&format!("bundle: {}", v.last_bundle.clone().unwrap_or_default()));
             if let Some(verdict) = &v.last_verdict {
                 say(&format!("verdict {}: {}", verdict.class, verdict.headline));
                 // What the host saw beside it: the QEMU process, its vCPU threads, the node.
                 for e in verdict.evidence.iter().filter(|e| e.source.ends_with("-host.json")).take(5) {
                     say(&format!("  evidence ({}): {}", e.source, e.line));
                 }
+            }
+            if let Ok(status) = fetch_status(addr, Duration::from_secs(5)).await {
+                say(&format!(
+                    "the incident in the controller's pages: http://{ctl_addr}/vm/{}/{NAME} (its verdict, evidence, timeline and steps one click further)",
+                    crate::controller::web::seg(&status.node)
+                ));
             }
             cont().await.map_err(VmError::from)?;
             say("resumed the VM (QMP cont)");
