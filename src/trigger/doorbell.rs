@@ -5,8 +5,13 @@
 //! heartbeat in flight, which then reads the region once. The byte is untrusted: it only says
 //! "look now". A ring with no beat in flight wakes nobody; a stale ring costs one region read;
 //! a flood costs at most one wake per read of up to [`READ_CHUNK`] bytes, and a beat stops
-//! listening after [`MAX_WAKES_PER_BEAT`] of them (see [`super::Heartbeat`]). Other bytes are
-//! counted and dropped (a later channel will frame whole records on the same port).
+//! listening after [`MAX_WAKES_PER_BEAT`] of them (see [`super::Heartbeat`]).
+//!
+//! The doorbell byte is a SLIP END, and the same port carries the port channel's frames (the
+//! whole record, when the AML cannot write the region): the reader decodes the stream with
+//! [`FrameDecoder`]. Every END wakes the beat in flight; a valid frame is kept (the latest of
+//! any source, and the latest GED frame, which answers a beat); a bad one is counted, its
+//! reason kept, and dropped. Bytes outside a valid frame count as other bytes.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +22,8 @@ use tokio::net::UnixStream;
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
-use crate::abi;
+use crate::abi::{self, PortFrame, Source};
+use crate::read::frame::{FrameDecoder, FrameError, FrameEvent};
 
 /// The most bytes one read takes; one read is one wake at most.
 pub const READ_CHUNK: usize = 256;
@@ -37,6 +43,9 @@ struct Shared {
     notify: Notify,
     rings: AtomicU64,
     other_bytes: AtomicU64,
+    frames: AtomicU64,
+    bad_frames: AtomicU64,
+    latest: Mutex<Latest>,
     /// Why the reader stopped, once it has.
     closed: Mutex<Option<String>>,
 }
@@ -75,10 +84,42 @@ impl Doorbell {
         self.shared.rings.load(Ordering::Relaxed)
     }
 
-    /// Other bytes received (and dropped) so far.
+    /// Other bytes received (and dropped) so far: everything but ENDs and valid frames.
     pub fn other_bytes(&self) -> u64 {
         self.shared.other_bytes.load(Ordering::Relaxed)
     }
+
+    /// Valid frames decoded so far.
+    pub fn frames(&self) -> u64 {
+        self.shared.frames.load(Ordering::Relaxed)
+    }
+
+    /// Frames dropped so far, and why the last one was.
+    pub fn bad_frames(&self) -> (u64, Option<FrameError>) {
+        (self.shared.bad_frames.load(Ordering::Relaxed), lock(&self.shared.latest).error)
+    }
+
+    /// The latest valid frame of any source.
+    pub fn latest_frame(&self) -> Option<PortFrame> {
+        lock(&self.shared.latest).any
+    }
+
+    /// The latest valid frame a GED event sent (a beat's answer, if it carries its nonce).
+    pub fn latest_ged_frame(&self) -> Option<PortFrame> {
+        lock(&self.shared.latest).ged
+    }
+}
+
+/// The frames the reader keeps.
+#[derive(Default)]
+struct Latest {
+    any: Option<PortFrame>,
+    ged: Option<PortFrame>,
+    error: Option<FrameError>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for Doorbell {
@@ -97,6 +138,7 @@ pub const FLOOD_PAUSE: std::time::Duration = std::time::Duration::from_millis(50
 async fn read(mut stream: UnixStream, shared: Arc<Shared>, path: PathBuf) {
     let mut buf = [0u8; READ_CHUNK];
     let mut second = (tokio::time::Instant::now(), 0u64);
+    let mut decoder = FrameDecoder::new();
     let why = loop {
         if second.0.elapsed() >= std::time::Duration::from_secs(1) {
             second = (tokio::time::Instant::now(), 0);
@@ -108,8 +150,31 @@ async fn read(mut stream: UnixStream, shared: Arc<Shared>, path: PathBuf) {
             Ok(0) => break format!("QEMU closed the doorbell socket {}", path.display()),
             Ok(n) => {
                 second.1 += n as u64;
-                let rings = buf[..n].iter().filter(|b| **b == abi::DOORBELL_BYTE).count();
-                shared.other_bytes.fetch_add((n - rings) as u64, Ordering::Relaxed);
+                let (mut rings, mut framed) = (0usize, 0usize);
+                for b in &buf[..n] {
+                    match decoder.push(*b) {
+                        None => {}
+                        Some(FrameEvent::Ring) => rings += 1,
+                        Some(FrameEvent::Frame(f)) => {
+                            rings += 1;
+                            framed += abi::FRAME_BYTES;
+                            shared.frames.fetch_add(1, Ordering::Relaxed);
+                            let mut latest = lock(&shared.latest);
+                            latest.any = Some(f);
+                            if f.source.get() == Source::Ged.code() {
+                                latest.ged = Some(f);
+                            }
+                        }
+                        Some(FrameEvent::Bad(e)) => {
+                            rings += 1;
+                            shared.bad_frames.fetch_add(1, Ordering::Relaxed);
+                            lock(&shared.latest).error = Some(e);
+                        }
+                    }
+                }
+                // Escapes make a frame longer on the wire than its bytes: count what is left.
+                let other = n.saturating_sub(rings).saturating_sub(framed);
+                shared.other_bytes.fetch_add(other as u64, Ordering::Relaxed);
                 if rings > 0 {
                     shared.rings.fetch_add(rings as u64, Ordering::Relaxed);
                     shared.notify.notify_waiters();
@@ -147,6 +212,14 @@ impl Completion {
                     path.display()
                 )),
             },
+        }
+    }
+
+    /// The doorbell, when there is one.
+    pub fn doorbell(&self) -> Option<&Doorbell> {
+        match self {
+            Completion::Doorbell(d) => Some(d),
+            Completion::Polling(_) => None,
         }
     }
 
