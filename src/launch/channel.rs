@@ -156,7 +156,10 @@ mod tests {
         let port = high.clone().with_port(Some(0x403));
         assert_eq!(port, Channel::Port { port: 0x403, region: Box::new(high.clone()) });
         let text = port.to_string();
-        assert!(text.starts_with("I/O port 0x403 frames: ivshmem BAR2 at 0x8000000000 is above 4 GiB"), "{text}");
+        assert!(
+            text.starts_with("I/O port 0x403 frames: ivshmem BAR2 at 0x8000000000 is above 4 GiB"),
+            "{text}"
+        );
         assert!(text.contains("cheaper") && text.contains("string=0"), "{text}");
         assert!(port.carries_records());
         // Degrade, don't fail: without a port the old explanation stands.

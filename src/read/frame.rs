@@ -221,7 +221,10 @@ mod tests {
         stream.extend(other.sealed().encode());
         let events = feed(&mut d, &stream);
         let expected = frame(1);
-        assert_eq!(events[..3], [FrameEvent::Ring, FrameEvent::Bad(FrameError::BadLength(4)), FrameEvent::Frame(expected)]);
+        assert_eq!(
+            events[..3],
+            [FrameEvent::Ring, FrameEvent::Bad(FrameError::BadLength(4)), FrameEvent::Frame(expected)]
+        );
         assert!(matches!(events[3], FrameEvent::Bad(FrameError::BadChecksum { .. })), "{:?}", events[3]);
         assert_eq!(
             events[4..],

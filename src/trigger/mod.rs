@@ -168,7 +168,9 @@ impl Heartbeat {
                 let rang = bell.rings() > rings;
                 let waited = waited.map(|(r, found)| match found {
                     Found::Frame => (r, Via::Port, false),
-                    Found::Look { safety_poll } => (r, if rang { Via::Doorbell } else { Via::Poll }, safety_poll),
+                    Found::Look { safety_poll } => {
+                        (r, if rang { Via::Doorbell } else { Via::Poll }, safety_poll)
+                    }
                 });
                 // Only an answer the safety poll found counts against the doorbell: one seen
                 // at the first look may have its ring still on the way.
