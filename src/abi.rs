@@ -39,7 +39,7 @@
 //!
 //! Request data travels without shared memory too: before raising the GED, the host writes the
 //! beat's nonce to pc-testdev's 32-bit register at I/O port [`TOKEN_PORT`] (HMP
-//! `o /l 0xe0 VALUE`), and the frame echoes what the AML read there as `token`. The host knows
+//! `o /w 0xe0 VALUE`, 32 bits), and the frame echoes what the AML read there as `token`. The host knows
 //! which request number it gave that nonce, so a frame answers the beat whose nonce it carries
 //! and no other: a stale frame carries an earlier beat's random nonce.
 
