@@ -26,6 +26,11 @@ use crate::trigger::qmp::{Qmp, QmpError};
 /// The fw_cfg file that sets OVMF's 64-bit PCI window, in MiB.
 pub const OVMF_MMIO64_KNOB: &str = "opt/ovmf/X-PciMmio64Mb";
 
+/// How to get BAR2 below 4 GiB under OVMF, for the reports.
+const LOW_BAR_FIX: &str = "-fw_cfg name=opt/ovmf/X-PciMmio64Mb,string=0 (acpimon adds it when it sees OVMF in \
+     the arguments or a -readconfig file; `prepare --ovmf` prints it) and, with OVMF older than edk2-stable202505 \
+     (e.g. Debian bookworm's 2022.11), -cpu ...,phys-bits=37 too";
+
 /// Where the records of a VM can go.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "channel")]
@@ -68,9 +73,7 @@ impl fmt::Display for Channel {
             Channel::AboveFourGib { bar } => write!(
                 f,
                 "none: ivshmem BAR2 is at {bar:#x}, above 4 GiB, where 32-bit AML cannot write; under OVMF pass \
-                 -fw_cfg name={OVMF_MMIO64_KNOB},string=0 (acpimon adds it when it sees OVMF in the arguments or \
-                 a -readconfig file; `prepare --ovmf` prints it) and, with OVMF older than edk2-stable202505 \
-                 (e.g. Debian bookworm's 2022.11), -cpu ...,phys-bits=37 too"
+                 {LOW_BAR_FIX}"
             ),
             Channel::Unassigned => write!(f, "none: the firmware left ivshmem BAR2 unassigned"),
             Channel::NoDevice => write!(f, "none: no ivshmem device at the configured slot"),
@@ -82,8 +85,7 @@ impl fmt::Display for Channel {
                         "ivshmem BAR2 at {bar:#x} is above 4 GiB, where 32-bit AML cannot write, so the AML \
                          sends each record framed on the doorbell port. The shared region is cheaper (one HMP \
                          command per beat, one port write per record) when the firmware puts BAR2 below 4 GiB: \
-                         under OVMF without a large-BAR device, -fw_cfg name={OVMF_MMIO64_KNOB},string=0 (and \
-                         with edk2 older than stable202505, -cpu ...,phys-bits=37)"
+                         under OVMF without a large-BAR device, pass {LOW_BAR_FIX}"
                     ),
                     Channel::Unassigned => {
                         write!(f, "the firmware left ivshmem BAR2 unassigned, so the AML sends each record on the port")
