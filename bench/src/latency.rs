@@ -69,11 +69,8 @@ pub enum BenchError {
 /// Runs the benchmark on a booted `vm`.
 pub async fn run(vm: &Vm, count: usize, sustained: Duration) -> Result<BenchResult, BenchError> {
     let irq = vm.prepared.descriptor.irq;
-    let channel = vm.channel().await?;
-    let port = matches!(channel, acpimon::launch::channel::Channel::Port { .. });
-    let mut hb = Heartbeat::new(vm.region.clone(), irq)?
-        .with_completion(vm.completion.clone())
-        .with_port_channel(port);
+    // The heartbeat turns to the port channel on its own once the doorbell decodes a frame.
+    let mut hb = Heartbeat::new(vm.region.clone(), irq)?.with_completion(vm.completion.clone());
     // Wait for the guest's GED driver: the first acknowledged beat.
     let start = Instant::now();
     loop {
@@ -84,6 +81,9 @@ pub async fn run(vm: &Vm, count: usize, sustained: Duration) -> Result<BenchResu
             return Err(BenchError::NotReady);
         }
     }
+    // Where BAR2 is, now that the firmware and the kernel have placed it.
+    let channel = vm.channel().await?;
+    let port = hb.port_channel();
     let lower = acpimon::trigger::irq_line_command(irq, 0);
     let mut bare = Vec::with_capacity(count);
     for _ in 0..count {

@@ -471,7 +471,11 @@ async fn bench_latency(
     let prepared = launch::prepare(state_dir, "bench", &SsdtConfig::default())?;
     let mut args = acpimon::demo::guest_args(guest, machine, fw.ovmf);
     if fw.ovmf && fw.high_bar {
-        // The user's own window size, which acpimon keeps: BAR2 goes above 4 GiB.
+        // The user's own window size, which acpimon keeps, and the CPU left alone: BAR2 goes
+        // above 4 GiB (with phys-bits=37 a 32 GiB window does not fit and BAR2 stays unassigned).
+        if let Some(i) = args.iter().position(|a| a == "-cpu") {
+            args.drain(i..i + 2);
+        }
         args.extend(["-fw_cfg".into(), "name=opt/ovmf/X-PciMmio64Mb,string=32768".into()]);
     }
     let firmware = if fw.ovmf { "ovmf" } else { "seabios" };

@@ -51,11 +51,21 @@ pub struct FrameDecoder {
     escaped: bool,
     /// The first error of the frame being read; its bytes are skipped until END.
     error: Option<FrameError>,
+    /// Bytes on the wire of the frame being read, and of the last one closed (END excluded).
+    wire: usize,
+    closed_wire: usize,
 }
 
 impl Default for FrameDecoder {
     fn default() -> Self {
-        FrameDecoder { buf: [0; abi::FRAME_BYTES], len: 0, escaped: false, error: None }
+        FrameDecoder {
+            buf: [0; abi::FRAME_BYTES],
+            len: 0,
+            escaped: false,
+            error: None,
+            wire: 0,
+            closed_wire: 0,
+        }
     }
 }
 
@@ -69,8 +79,10 @@ impl FrameDecoder {
         if byte == abi::SLIP_END {
             let event = self.finish();
             (self.len, self.escaped, self.error) = (0, false, None);
+            self.closed_wire = std::mem::take(&mut self.wire);
             return Some(event);
         }
+        self.wire = self.wire.saturating_add(1);
         if self.error.is_some() {
             return None;
         }
@@ -97,6 +109,11 @@ impl FrameDecoder {
             None => self.error = Some(FrameError::TooLong),
         }
         None
+    }
+
+    /// Bytes on the wire of the frame the last END closed, escapes included, END excluded.
+    pub fn closed_len(&self) -> usize {
+        self.closed_wire
     }
 
     fn finish(&self) -> FrameEvent {
@@ -192,6 +209,7 @@ mod tests {
         assert_eq!(bytes.iter().filter(|b| **b == abi::SLIP_END).count(), 1);
         let mut d = FrameDecoder::new();
         assert_eq!(feed(&mut d, &bytes), [FrameEvent::Frame(f)]);
+        assert_eq!(d.closed_len(), bytes.len() - 1);
         let r = frame_record(&f, 9);
         assert!(r.answers(9, 0x11c0_db22));
         assert_eq!((r.seq, r.status, r.bar), (6, Status::BarAbove4Gib, 0));

@@ -110,6 +110,8 @@ pub struct Heartbeat {
     silent: u32,
     /// Whether beats leave their nonce at pc-testdev's register (the port channel).
     port: bool,
+    /// Frames the doorbell had decoded at the last beat.
+    frames_seen: u64,
 }
 
 impl Heartbeat {
@@ -119,7 +121,7 @@ impl Heartbeat {
     pub fn new(region: Arc<Region>, irq: u8) -> Result<Self, RegionError> {
         let next = region.snapshot()?.request.request_no.wrapping_add(1);
         let completion = Completion::Polling("no doorbell given".into());
-        Ok(Heartbeat { region, irq, next, completion, silent: 0, port: false })
+        Ok(Heartbeat { region, irq, next, completion, silent: 0, port: false, frames_seen: 0 })
     }
 
     /// Learns of records through `completion`.
@@ -130,7 +132,8 @@ impl Heartbeat {
 
     /// Sends each beat's nonce for the port channel from the first beat on (the channel report
     /// said the region is out of the AML's reach). Without it the heartbeat starts to once
-    /// its doorbell has decoded a frame.
+    /// its doorbell has decoded a frame; either way it stops once a beat is answered through
+    /// the region.
     pub fn with_port_channel(mut self, port: bool) -> Self {
         self.port = port;
         self
@@ -154,8 +157,12 @@ impl Heartbeat {
         self.region.write_request(request_no, nonce)?;
         let start = Instant::now();
         if let Completion::Doorbell(bell) = &self.completion {
-            // Frames come only when the AML cannot write the region: this VM is on the port.
-            self.port |= bell.frames() > 0;
+            // Frames come only when the AML cannot write the region: this VM is on the port
+            // (until a beat is answered through the region again, e.g. a BAR the kernel
+            // assigned after the boot record).
+            let frames = bell.frames();
+            self.port |= frames > self.frames_seen;
+            self.frames_seen = frames;
         }
         if self.port {
             qmp.hmp(&token_command(nonce)).await?;
@@ -193,6 +200,9 @@ impl Heartbeat {
             }
             _ => wait_polling(&self.region, request_no, nonce, start, timeout).await.map(|r| (r, Via::Poll)),
         };
+        if let Ok((_, Via::Doorbell | Via::Poll)) = &waited {
+            self.port = false;
+        }
         Ok(match waited {
             Ok((record, via)) => Beat::Acked { request_no, latency: start.elapsed(), record, via },
             Err(last) => Beat::Missed { request_no, waited: start.elapsed(), last },

@@ -309,8 +309,14 @@ impl Monitor {
                         located = Some(c);
                         (None, why)
                     }
-                    // The region file still carries each beat's request; the record comes back
-                    // on the port.
+                    // Not assigned yet (the firmware has not run: an EVE launch is paused at
+                    // first): the region as before; the heartbeat turns to the port on its own
+                    // once the doorbell decodes a frame.
+                    Ok(Channel::Port { region, .. }) if *region == Channel::Unassigned => {
+                        (Some(Arc::new(r)), String::new())
+                    }
+                    // The region file still carries each beat's request; on the port channel the
+                    // record comes back on the port.
                     Ok(c) => {
                         located = Some(c);
                         (Some(Arc::new(r)), String::new())
