@@ -1,7 +1,7 @@
 //! The doorbell: the host's end of the byte the table's `_EVT` writes to the doorbell I/O port
 //! (an `isa-debugcon` whose chardev QEMU serves on a Unix socket) once a record is complete.
 //!
-//! One tokio task per VM reads the socket; each read holding [`abi::DOORBELL_BYTE`] wakes the
+//! One tokio task per VM reads the socket; each read holding [`crate::abi::DOORBELL_BYTE`] wakes the
 //! heartbeat in flight, which then reads the region once. The byte is untrusted: it only says
 //! "look now". A ring with no beat in flight wakes nobody; a stale ring costs one region read;
 //! a flood costs at most one wake per read of up to [`READ_CHUNK`] bytes, and a beat stops
@@ -22,7 +22,7 @@ use tokio::net::UnixStream;
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
-use crate::abi::{self, PortFrame, Source};
+use crate::abi::{PortFrame, Source};
 use crate::read::frame::{FrameDecoder, FrameError, FrameEvent};
 
 /// The most bytes one read takes; one read is one wake at most.
@@ -249,6 +249,7 @@ impl Completion {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::abi;
     use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
