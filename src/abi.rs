@@ -413,6 +413,19 @@ impl Status {
         }
     }
 
+    /// Why the region was not written, for people.
+    pub fn describe(self) -> String {
+        match self {
+            Status::Ok => "the record was written".into(),
+            Status::NotIvshmem => "no ivshmem device with a memory BAR2 at the table's slot".into(),
+            Status::BarAbove4Gib => "ivshmem BAR2 is above 4 GiB, where 32-bit AML cannot write".into(),
+            Status::BarUnassigned => "ivshmem BAR2 is not assigned".into(),
+            Status::BadHeader => "the region's header is not acpimon's".into(),
+            Status::NotRun => "the AML has not run".into(),
+            Status::Unknown(v) => format!("status {v:#x}, which this acpimon does not know"),
+        }
+    }
+
     pub const fn from_code(code: u32) -> Self {
         match code {
             0 => Status::Ok,

@@ -645,6 +645,17 @@ impl Monitor {
             lock(&self.view).observe_latency(lat);
         }
         if let Some(record) = r.record {
+            // Only a frame on the port carries a status other than ok: the channel is the port,
+            // whatever the report at attach said (BAR2 unassigned before the firmware ran).
+            if record.status != crate::abi::Status::Ok {
+                let mut view = lock(&self.view);
+                if !view.channel.as_deref().is_some_and(|c| c.starts_with("I/O port")) {
+                    view.channel = Some(format!(
+                        "I/O port frames on the doorbell port: {} (the AML's own word)",
+                        record.status.describe()
+                    ));
+                }
+            }
             let obs = self.tracker.observe(Some(&record), now);
             if obs.fresh {
                 lock(&self.view).last_record_at = Some(now);
