@@ -183,9 +183,15 @@ async fn read(mut stream: UnixStream, shared: Arc<Shared>, path: PathBuf) {
                         }
                     }
                 }
-                second.1 += n.saturating_sub(framed) as u64;
-                let other = n.saturating_sub(ends).saturating_sub(framed);
-                shared.other_bytes.fetch_add(other as u64, Ordering::Relaxed);
+                // A valid frame's bytes came over several reads and were counted as they came:
+                // its end refunds them, so only bytes outside valid frames (and at most one
+                // frame in progress) count against the byte budget.
+                second.1 = (second.1 + n as u64).saturating_sub(framed as u64);
+                shared.other_bytes.fetch_add(n.saturating_sub(ends) as u64, Ordering::Relaxed);
+                if framed > 0 {
+                    let refund = |b: u64| Some(b.saturating_sub(framed as u64));
+                    let _ = shared.other_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, refund);
+                }
                 if rings > 0 {
                     shared.rings.fetch_add(rings as u64, Ordering::Relaxed);
                     shared.notify.notify_waiters();
