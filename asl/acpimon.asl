@@ -46,38 +46,39 @@ DefinitionBlock ("", "SSDT", 1, "ACPIMN", "ACPIMON", 0x00000001)
                 FTKN,   32              /* pc-testdev's register: the host's nonce */
             }
 
-            /* One byte, SLIP-escaped: END 0xC0 as 0xDB 0xDC, ESC 0xDB as 0xDB 0xDD. */
-            Method (FBYT, 1, NotSerialized)
-            {
-                If ((Arg0 == 0xC0))
-                {
-                    FPRB = 0xDB
-                    FPRB = 0xDC
-                }
-                Else
-                {
-                    If ((Arg0 == 0xDB))
-                    {
-                        FPRB = 0xDB
-                        FPRB = 0xDD
-                    }
-                    Else
-                    {
-                        FPRB = Arg0
-                    }
-                }
-            }
-
-            /* One word, little-endian, added to the checksum (only its low 32 bits are sent,
-             * so 64-bit integers give the same frame). */
+            /* One word, little-endian, each byte SLIP-escaped (END 0xC0 as 0xDB 0xDC, ESC 0xDB
+             * as 0xDB 0xDD), added to the checksum (only its low 32 bits are sent, so 64-bit
+             * integers give the same frame). A loop: a method call per byte costs far more. */
             Method (FWRD, 1, NotSerialized)
             {
                 FCKA += Arg0
                 FCKB += FCKA
-                FBYT ((Arg0 & 0xFF))
-                FBYT (((Arg0 >> 0x08) & 0xFF))
-                FBYT (((Arg0 >> 0x10) & 0xFF))
-                FBYT (((Arg0 >> 0x18) & 0xFF))
+                Local0 = Arg0
+                Local1 = 0x04
+                While (Local1)
+                {
+                    Local2 = (Local0 & 0xFF)
+                    If ((Local2 == 0xC0))
+                    {
+                        FPRB = 0xDB
+                        FPRB = 0xDC
+                    }
+                    Else
+                    {
+                        If ((Local2 == 0xDB))
+                        {
+                            FPRB = 0xDB
+                            FPRB = 0xDD
+                        }
+                        Else
+                        {
+                            FPRB = Local2
+                        }
+                    }
+
+                    Local0 >>= 0x08
+                    Local1--
+                }
             }
 
             /* The record from source Arg0 as a frame; LSTA says why the region was not used. */

@@ -30,12 +30,12 @@ use std::str::FromStr;
 use acpi_tables::aml::{
     Add, And, Arg, Device, Else, Equal, Field, FieldAccessType, FieldLockRule, FieldUpdateRule, If,
     Interrupt, Local, Method, MethodCall, Name, NotEqual, OpRegion, OpRegionSpace, Or, Path,
-    ResourceTemplate, Return, Scope, ShiftRight, Store, ONE, ZERO,
+    ResourceTemplate, Return, Scope, ShiftRight, Store, While, ONE, ZERO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
-use self::aml::{field_list, External, Increment, LAnd, LOr, ThermalZone, Timer, DEVICE_OBJ};
+use self::aml::{field_list, Decrement, External, Increment, LAnd, LOr, ThermalZone, Timer, DEVICE_OBJ};
 use crate::abi::{self, offsets, Source, Status};
 
 /// OEM ID in the table header.
@@ -340,9 +340,9 @@ impl SharedRegionDevice {
         .to_aml_bytes(sink);
     }
 
-    /// The port channel's objects: the port and token regions, and `FBYT` (one byte, SLIP
-    /// escaped), `FWRD` (one little-endian word, added to the checksum), `FRAM (source)` (the
-    /// record as an [`abi::PortFrame`], then END).
+    /// The port channel's objects: the port and token regions, `FWRD` (one little-endian
+    /// word, SLIP-escaped byte by byte, added to the checksum) and `FRAM (source)` (the record
+    /// as an [`abi::PortFrame`], then END).
     fn frame_methods(port: u16, sink: &mut dyn AmlSink) {
         let (arg0, local0) = (Arg(0), Local(0));
         let p = |n: &str| Path::new(n);
@@ -363,9 +363,17 @@ impl SharedRegionDevice {
         OpRegion::new("FTOK".into(), OpRegionSpace::SystemIO, &abi::TOKEN_PORT, &4u8).to_aml_bytes(sink);
         byte_field("FTOK", "FTKN", FieldAccessType::DWord, 32).to_aml_bytes(sink);
 
-        let fprb = p("FPRB");
-        let fbyt_body = Block(|s: &mut dyn AmlSink| {
-            let out = |b: u8, s: &mut dyn AmlSink| Store::new(&fprb, &b).to_aml_bytes(s);
+        // FWRD (word): one little-endian word, each byte SLIP-escaped, in a loop rather than a
+        // method call per byte (a call costs the interpreter far more than an iteration).
+        let fwrd_body = Block(|s: &mut dyn AmlSink| {
+            // Only the sums' low 32 bits are sent, and those are the same with 64-bit integers.
+            let (a, b, fprb) = (p("FCKA"), p("FCKB"), p("FPRB"));
+            let (local0, local1, local2) = (Local(0), Local(1), Local(2));
+            Add::new(&a, &a, &arg0).to_aml_bytes(s);
+            Add::new(&b, &b, &a).to_aml_bytes(s);
+            Store::new(&local0, &arg0).to_aml_bytes(s);
+            Store::new(&local1, &4u8).to_aml_bytes(s);
+            let out = |v: u8, s: &mut dyn AmlSink| Store::new(&fprb, &v).to_aml_bytes(s);
             let end = Block(|s: &mut dyn AmlSink| {
                 out(abi::SLIP_ESC, s);
                 out(abi::SLIP_ESC_END, s);
@@ -374,27 +382,17 @@ impl SharedRegionDevice {
                 out(abi::SLIP_ESC, s);
                 out(abi::SLIP_ESC_ESC, s);
             });
-            let plain = Store::new(&fprb, &arg0);
-            If::new(&Equal::new(&arg0, &abi::SLIP_END), vec![&end]).to_aml_bytes(s);
-            Else::new(vec![
-                &If::new(&Equal::new(&arg0, &abi::SLIP_ESC), vec![&esc]),
-                &Else::new(vec![&plain]),
-            ])
-            .to_aml_bytes(s);
-        });
-        Method::new("FBYT".into(), 1, false, vec![&fbyt_body]).to_aml_bytes(sink);
-
-        let fwrd_body = Block(|s: &mut dyn AmlSink| {
-            // Only the sums' low 32 bits are sent, and those are the same with 64-bit integers.
-            let (a, b) = (p("FCKA"), p("FCKB"));
-            Add::new(&a, &a, &arg0).to_aml_bytes(s);
-            Add::new(&b, &b, &a).to_aml_bytes(s);
-            MethodCall::new("FBYT".into(), vec![&And::new(&ZERO, &arg0, &0xffu8)]).to_aml_bytes(s);
-            for n in [8u8, 16, 24] {
-                let shifted = ShiftRight::new(&ZERO, &arg0, &n);
-                let byte = And::new(&ZERO, &shifted, &0xffu8);
-                MethodCall::new("FBYT".into(), vec![&byte]).to_aml_bytes(s);
-            }
+            let plain = Store::new(&fprb, &local2);
+            let byte = And::new(&local2, &local0, &0xffu8);
+            let is_end = Equal::new(&local2, &abi::SLIP_END);
+            let is_esc = Equal::new(&local2, &abi::SLIP_ESC);
+            let if_end = If::new(&is_end, vec![&end]);
+            let if_esc = If::new(&is_esc, vec![&esc]);
+            let else_plain = Else::new(vec![&plain]);
+            let else_esc = Else::new(vec![&if_esc, &else_plain]);
+            let shift = ShiftRight::new(&local0, &local0, &8u8);
+            let count = Decrement(&local1);
+            While::new(&local1, vec![&byte, &if_end, &else_esc, &shift, &count]).to_aml_bytes(s);
         });
         Method::new("FWRD".into(), 1, false, vec![&fwrd_body]).to_aml_bytes(sink);
 
