@@ -1,6 +1,6 @@
 /*
  * The SSDT that `acpimon ssdt --thermal-period-ds 10` generates (default slot 0f.0, IRQ 7,
- * doorbell port 0x403),
+ * doorbell port 0x403, which also carries the record as a frame when the region is out of reach),
  * written as ASL for people to read. `tests/asl_equivalence.rs` compiles this file with iasl
  * and checks that its AML is byte-identical to the generator's (src/generate/), so edit both.
  *
@@ -27,6 +27,92 @@ DefinitionBlock ("", "SSDT", 1, "ACPIMN", "ACPIMON", 0x00000001)
                 Offset (0x18),
                 BAR2,   32,             /* low half of the 64-bit memory BAR2 */
                 BAR3,   32              /* its high half */
+            }
+
+            /* The port channel (only with a doorbell port): when WREC cannot write the region,
+             * FRAM sends the record as a SLIP frame on the port (abi::PortFrame). */
+            Name (FCNT, Zero)           /* frames sent this boot */
+            Name (FCKA, Zero)           /* the frame's checksum: the sum of its words */
+            Name (FCKB, Zero)           /* and the sum of those sums */
+            OperationRegion (FPRT, SystemIO, 0x0403, One)
+            Field (FPRT, ByteAcc, NoLock, Preserve)
+            {
+                FPRB,   8
+            }
+
+            OperationRegion (FTOK, SystemIO, 0xE0, 0x04)
+            Field (FTOK, DWordAcc, NoLock, Preserve)
+            {
+                FTKN,   32              /* pc-testdev's register: the host's nonce */
+            }
+
+            /* One word, little-endian, each byte SLIP-escaped (END 0xC0 as 0xDB 0xDC, ESC 0xDB
+             * as 0xDB 0xDD), added to the checksum (only its low 32 bits are sent, so 64-bit
+             * integers give the same frame). A loop: a method call per byte costs far more. */
+            Method (FWRD, 1, NotSerialized)
+            {
+                FCKA += Arg0
+                FCKB += FCKA
+                Local0 = Arg0
+                Local1 = 0x04
+                While (Local1)
+                {
+                    Local2 = (Local0 & 0xFF)
+                    If ((Local2 == 0xC0))
+                    {
+                        FPRB = 0xDB
+                        FPRB = 0xDC
+                    }
+                    Else
+                    {
+                        If ((Local2 == 0xDB))
+                        {
+                            FPRB = 0xDB
+                            FPRB = 0xDD
+                        }
+                        Else
+                        {
+                            FPRB = Local2
+                        }
+                    }
+
+                    Local0 >>= 0x08
+                    Local1--
+                }
+            }
+
+            /* The record from source Arg0 as a frame; LSTA says why the region was not used. */
+            Method (FRAM, 1, NotSerialized)
+            {
+                FCNT++
+                If ((Arg0 == 0x02))
+                {
+                    CNTG++
+                }
+                Else
+                {
+                    If ((Arg0 == 0x03))
+                    {
+                        CNTT++
+                    }
+                }
+
+                FCKA = Zero
+                FCKB = Zero
+                FWRD (0x01464D41)       /* "AMF", version 1 */
+                FWRD (FCNT)
+                FWRD (LSTA)
+                FWRD (Arg0)
+                FWRD (FTKN)
+                FWRD (Timer)
+                FWRD (VDID)
+                FWRD (BAR2)
+                FWRD (BAR3)
+                FWRD (CNTG)
+                FWRD (CNTT)
+                Local0 = FCKB           /* a copy: FWRD adds its argument to the sums */
+                FWRD (Local0)
+                FPRB = 0xC0             /* END: also the doorbell's ring */
             }
 
             /* BAR2's address, or 0 with LSTA saying why there is none. */
@@ -67,6 +153,7 @@ DefinitionBlock ("", "SSDT", 1, "ACPIMN", "ACPIMON", 0x00000001)
                 Local0 = FIND ()
                 If ((Local0 == Zero))
                 {
+                    FRAM (Arg0)         /* no region: the record goes on the port */
                     Return (LSTA)
                 }
 
@@ -94,6 +181,7 @@ DefinitionBlock ("", "SSDT", 1, "ACPIMN", "ACPIMON", 0x00000001)
                 If (((MAGC != 0x4E4F4D41) || (ABIV != One)))
                 {
                     LSTA = 0x04         /* not our region */
+                    FRAM (Arg0)
                     Return (LSTA)
                 }
 

@@ -20,6 +20,28 @@
 //! record, then stores `s + 1` (even: complete). A record interrupted by a guest reset leaves
 //! `seq` odd; the next writer still lands on an even value. `seq == 0` means no record yet.
 //! 32-bit AML wraps `seq` after 2^31 records; the host compares with wrapping arithmetic.
+//!
+//! ## The port channel (no BAR)
+//!
+//! When `WREC` cannot write the region (every [`Status`] but `Ok`: BAR2 above 4 GiB, where
+//! 32-bit AML cannot address it, e.g. OVMF keeping its 64-bit PCI window or a large-BAR
+//! passthrough device; BAR2 unassigned; no ivshmem at the slot; a region without our header)
+//! and the table has a doorbell port, the AML sends the record through that port instead, as a
+//! [`PortFrame`]: every failure falls back, because the frame is the only way the host learns
+//! that the event ran at all, and its `status` says why the region was not written (the host
+//! reports it). The frame is [`FRAME_WORDS`] little-endian `u32` words, sent byte by byte with
+//! SLIP escaping (RFC 1055: [`SLIP_END`] becomes `SLIP_ESC SLIP_ESC_END`, [`SLIP_ESC`] becomes
+//! `SLIP_ESC SLIP_ESC_ESC`), then one [`SLIP_END`]. The bare [`DOORBELL_BYTE`] the AML writes
+//! after a region record is an empty frame: a plain ring. The first word, [`FRAME_TAG`], is
+//! `"AMF"` and the frame version ([`FRAME_VERSION`]) in its high byte; the last is
+//! [`frame_checksum`] of the others, a position-weighted 32-bit sum the AML computes with
+//! `Add` and `And` alone (its integers are 32-bit: the DSDT is revision 1).
+//!
+//! Request data travels without shared memory too: before raising the GED, the host writes the
+//! beat's nonce to pc-testdev's 32-bit register at I/O port [`TOKEN_PORT`] (HMP
+//! `o /w 0xe0 VALUE`, 32 bits), and the frame echoes what the AML read there as `token`. The host knows
+//! which request number it gave that nonce, so a frame answers the beat whose nonce it carries
+//! and no other: a stale frame carries an earlier beat's random nonce.
 
 use std::mem::offset_of;
 
@@ -47,6 +69,99 @@ pub const FIXED_SIZE: usize = MAILBOX_OFFSET;
 /// frames on the same port rings the same doorbell with each frame's end. To the host it only
 /// means "look now": the record itself is validated as ever.
 pub const DOORBELL_BYTE: u8 = 0xc0;
+
+/// SLIP (RFC 1055) bytes of the port channel's frames.
+pub const SLIP_END: u8 = 0xc0;
+pub const SLIP_ESC: u8 = 0xdb;
+pub const SLIP_ESC_END: u8 = 0xdc;
+pub const SLIP_ESC_ESC: u8 = 0xdd;
+const _: () = assert!(DOORBELL_BYTE == SLIP_END);
+
+/// The port-frame version this build writes and reads.
+pub const FRAME_VERSION: u8 = 1;
+/// First word of a [`PortFrame`]: `"AMF"` and [`FRAME_VERSION`] as a little-endian `u32`.
+pub const FRAME_TAG: u32 = u32::from_le_bytes([b'A', b'M', b'F', FRAME_VERSION]);
+/// Words in a [`PortFrame`], checksum included.
+pub const FRAME_WORDS: usize = 12;
+/// Bytes of a [`PortFrame`] before escaping.
+pub const FRAME_BYTES: usize = FRAME_WORDS * 4;
+/// pc-testdev's 32-bit register, where the host leaves the beat's nonce for the AML.
+pub const TOKEN_PORT: u16 = 0xe0;
+
+/// A record sent through the doorbell port when the region cannot be written (the port
+/// channel of the module docs). Its words go out in this order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct PortFrame {
+    /// [`FRAME_TAG`].
+    pub tag: U32,
+    /// Frames sent this boot, from 1 (the table's memory is lost at reset).
+    pub frame_no: U32,
+    /// [`Status`]: why the region was not written.
+    pub status: U32,
+    /// [`Source`] of the event.
+    pub source: U32,
+    /// What the AML read at [`TOKEN_PORT`]: the nonce of the host's latest request.
+    pub token: U32,
+    /// AML `Timer`, truncated to 32 bits, as [`Record::timer`].
+    pub timer: U32,
+    /// The DWord at config offset 0 of the ivshmem slot (vendor | device << 16).
+    pub vendor_device: U32,
+    /// BAR2 and BAR3 as read from config space: a 64-bit BAR2's low and high halves.
+    pub bar2: U32,
+    pub bar3: U32,
+    /// GED events and thermal polls handled since this boot, as in [`Record`].
+    pub ged_count: U32,
+    pub thermal_count: U32,
+    /// [`frame_checksum`] of the words before it.
+    pub checksum: U32,
+}
+
+const _: () = assert!(size_of::<PortFrame>() == FRAME_BYTES);
+
+/// The frame's checksum over `words` (all but the last): `a += w; b += a` for each word,
+/// modulo 2^32, and `b` is the sum. `b` weighs each word by its distance from the end, so a
+/// swapped or dropped word changes it, unlike a plain sum.
+pub fn frame_checksum(words: &[u32]) -> u32 {
+    let (mut a, mut b) = (0u32, 0u32);
+    for w in words {
+        a = a.wrapping_add(*w);
+        b = b.wrapping_add(a);
+    }
+    b
+}
+
+impl PortFrame {
+    /// The frame's words in sending order.
+    pub fn words(&self) -> [u32; FRAME_WORDS] {
+        let mut out = [0u32; FRAME_WORDS];
+        for (o, c) in out.iter_mut().zip(self.as_bytes().chunks_exact(4)) {
+            *o = u32::from_le_bytes(c.try_into().expect("4 bytes"));
+        }
+        out
+    }
+
+    /// This frame with its checksum set.
+    pub fn sealed(mut self) -> PortFrame {
+        let words = self.words();
+        self.checksum = frame_checksum(&words[..FRAME_WORDS - 1]).into();
+        self
+    }
+
+    /// The bytes the AML writes to the port: escaped words, then [`SLIP_END`].
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(FRAME_BYTES * 2 + 1);
+        for b in self.as_bytes() {
+            match *b {
+                SLIP_END => out.extend([SLIP_ESC, SLIP_ESC_END]),
+                SLIP_ESC => out.extend([SLIP_ESC, SLIP_ESC_ESC]),
+                b => out.push(b),
+            }
+        }
+        out.push(SLIP_END);
+        out
+    }
+}
 
 /// Smallest region: one page, which also keeps the mailbox usefully large.
 pub const MIN_REGION_SIZE: u64 = 4096;
@@ -295,6 +410,19 @@ impl Status {
             Status::BadHeader => 4,
             Status::NotRun => 0xff,
             Status::Unknown(v) => v,
+        }
+    }
+
+    /// Why the region was not written, for people.
+    pub fn describe(self) -> String {
+        match self {
+            Status::Ok => "the record was written".into(),
+            Status::NotIvshmem => "no ivshmem device with a memory BAR2 at the table's slot".into(),
+            Status::BarAbove4Gib => "ivshmem BAR2 is above 4 GiB, where 32-bit AML cannot write".into(),
+            Status::BarUnassigned => "ivshmem BAR2 is not assigned".into(),
+            Status::BadHeader => "the region's header is not acpimon's".into(),
+            Status::NotRun => "the AML has not run".into(),
+            Status::Unknown(v) => format!("status {v:#x}, which this acpimon does not know"),
         }
     }
 

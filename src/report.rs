@@ -283,6 +283,10 @@ pub fn status_table(s: &crate::watch::metrics::StatusView) -> String {
                 crate::console::sanitize(polling.as_bytes())
             );
         }
+        // The port channel is the exception too: say why the region is not used.
+        if let Some(channel) = v.channel.as_deref().filter(|c| c.starts_with("I/O port")) {
+            let _ = writeln!(o, "{:<20}   channel: {}", "", crate::console::sanitize(channel.as_bytes()));
+        }
         for sc in v.scenarios.iter().filter(|sc| sc.unavailable.is_some() || sc.consecutive_misses > 0) {
             let why = sc.unavailable.as_deref().or(sc.last_detail.as_deref()).unwrap_or("");
             let _ = writeln!(o, "{:<20}   {}: {}", "", sc.name, crate::console::sanitize(why.as_bytes()));

@@ -142,6 +142,10 @@ async fn wait_for_boot(vm: &mut Vm, opts: &RunOptions, report: &mut impl FnMut(&
                 return BootWait::Booted(start.elapsed(), r);
             }
         }
+        // On the port channel the boot record comes as a frame.
+        if let Some(f) = vm.completion.doorbell().and_then(|b| b.latest_frame()) {
+            return BootWait::Booted(start.elapsed(), crate::read::frame::frame_record(&f, 0));
+        }
         let now = Instant::now();
         if status == "running" {
             ran += now - last;
@@ -242,6 +246,7 @@ pub async fn run(
             tracker.observe(Some(&record), Instant::now());
             report(&RunEvent::Booted { after, record });
             if let Ok(channel) = vm.channel().await {
+                hb = hb.with_port_channel(matches!(channel, Channel::Port { .. }));
                 report(&RunEvent::Channel { channel });
             }
         }

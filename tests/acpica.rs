@@ -250,3 +250,93 @@ fn generated_tables_disassemble_cleanly() {
         assert_eq!(asl.contains("ThermalZone (AMTZ)"), cfg.thermal_period_ds.is_some());
     }
 }
+
+/// The bytes the AML wrote to I/O `port`, in order, from acpiexec's field-I/O trace (`-x
+/// 0x1800`: each write's merged value, then the region access naming the port).
+fn port_writes(log: &str, port: u16) -> Vec<u8> {
+    let at = format!("[WRITE] Region [SystemIO:1], Width 1, ByteBase 0, Offset 0 at {:016X}", port);
+    let mut value = None;
+    let mut out = Vec::new();
+    for line in log.lines() {
+        if let Some(v) = line.split("MergedValue ").nth(1) {
+            value = u64::from_str_radix(v.trim(), 16).ok();
+        } else if line.contains(&at) {
+            out.push(value.take().expect("a value before each write") as u8);
+        }
+    }
+    out
+}
+
+/// The port channel: with BAR2 above 4 GiB (and the other guards failing), `_EVT` sends the
+/// record as a SLIP frame on the doorbell port, escaped, with the host's nonce read from
+/// pc-testdev's register, and the host's decoder accepts it; a region record sends none.
+#[test]
+fn an_unreachable_region_sends_the_record_as_a_frame() {
+    use acpimon::abi::{PortFrame, DOORBELL_BYTE, SLIP_END, SLIP_ESC};
+    use acpimon::read::frame::{FrameDecoder, FrameEvent};
+    let c = case(&SsdtConfig::default());
+    let port = acpimon::generate::DEFAULT_DOORBELL_PORT;
+    let evt = run(&format!("{}._EVT 7", paths::EVENT_DEVICE));
+    let frames_of = |setup: String, token: u32| {
+        let r = c.machine.exec_with(
+            &["-x", "0x1800"],
+            &c.ssdt,
+            &[setup, host(BAR_LOW, 5, token), format!("execute \\TTOK {token:#x}"), evt.clone(), evt.clone()],
+        );
+        let bytes = port_writes(&r.log, port);
+        let mut d = FrameDecoder::new();
+        let mut events: Vec<FrameEvent> = bytes.iter().filter_map(|b| d.push(*b)).collect();
+        // acpiexec runs _INI at load, before the harness sets up config space: the boot
+        // record, framed (nothing at the slot yet).
+        match events.first() {
+            Some(FrameEvent::Frame(f)) if f.source.get() == Source::Boot.code() => {
+                assert_eq!(Status::from_code(f.status.get()), Status::NotIvshmem);
+                let boot = bytes.iter().position(|b| *b == SLIP_END).unwrap();
+                events.remove(0);
+                (bytes[boot + 1..].to_vec(), events)
+            }
+            _ => panic!("the boot record comes first, framed: {events:?}"),
+        }
+    };
+    // A token whose bytes are END and ESC: both escaped on the wire.
+    let token = 0x11c0_db22;
+    let (bytes, events) = frames_of(pci(IVSHMEM, BAR_TYPE, 0x80), token);
+    assert!(bytes.windows(3).any(|w| w == [0x22, SLIP_ESC, 0xdd]), "ESC escaped: {bytes:02x?}");
+    assert!(bytes.windows(2).any(|w| w == [SLIP_ESC, 0xdc]), "END escaped: {bytes:02x?}");
+    // Each _EVT: its frame, then the plain ring (an empty frame).
+    let frames: Vec<PortFrame> = events
+        .iter()
+        .filter_map(|e| match e {
+            FrameEvent::Frame(f) => Some(*f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert_eq!((events[1], events[3]), (FrameEvent::Ring, FrameEvent::Ring));
+    assert_eq!(frames.len(), 2, "{events:?}");
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(f.frame_no.get(), i as u32 + 2, "the boot record was frame 1");
+        assert_eq!(Status::from_code(f.status.get()), Status::BarAbove4Gib);
+        assert_eq!(Source::from_code(f.source.get()), Source::Ged);
+        assert_eq!((f.token.get(), f.ged_count.get()), (token, i as u32 + 1));
+        assert_eq!((f.vendor_device.get(), f.bar2.get(), f.bar3.get()), (IVSHMEM, BAR_TYPE, 0x80));
+        let rec = acpimon::read::frame::frame_record(f, 5);
+        assert!(rec.answers(5, token));
+    }
+    assert_eq!(bytes.last(), Some(&DOORBELL_BYTE));
+    assert_eq!(bytes.iter().filter(|b| **b == SLIP_END).count(), 4);
+
+    // The other guards fall back too, each frame saying why.
+    for (setup, status) in [
+        (pci(0x1000_8086, BAR_LOW | BAR_TYPE, 0), Status::NotIvshmem),
+        (pci(IVSHMEM, BAR_TYPE, 0), Status::BarUnassigned),
+    ] {
+        let (_, events) = frames_of(setup, 7);
+        let FrameEvent::Frame(f) = events[0] else { panic!("{status:?}: {events:?}") };
+        assert_eq!(Status::from_code(f.status.get()), status);
+    }
+
+    // A reachable region: the record goes there, and the port gets only the rings.
+    let (bytes, _) = frames_of(pci(IVSHMEM, BAR_LOW | BAR_TYPE, 0), 9);
+    assert_eq!(bytes, [DOORBELL_BYTE, DOORBELL_BYTE]);
+}

@@ -861,3 +861,36 @@ async fn a_bundle_unfinished_at_a_relaunch_is_failed_not_taken_from_the_new_gues
     );
     assert_eq!(svc.events().iter().filter(|e| e.kind == "bundle").count(), 1);
 }
+
+/// OVMF keeping its 64-bit window (BAR2 above 4 GiB) under the service: healthy on the port
+/// channel, and the view, the beat's detail and `acpimon status` say so and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ovmf_vm_with_a_high_bar_is_watched_through_the_port() {
+    let work = work();
+    let extra = ["-S", "-no-shutdown", "-fw_cfg", "name=opt/ovmf/X-PciMmio64Mb,string=32768"]
+        .map(String::from)
+        .to_vec();
+    let spec =
+        GuestSpec { watched: true, firmware: common::guest::Firmware::Ovmf, extra, ..GuestSpec::new("q35") };
+    let g = Guest::boot(spec).await;
+    let svc = watch_guest(&g, work.path(), "").await;
+    svc.wait_state("guest", State::Healthy, BOOT).await;
+    let start = Instant::now();
+    let (detail, channel) = loop {
+        let view = svc.vm("guest").await.unwrap();
+        let hb = view.scenarios.iter().find(|s| s.kind == "acpi-heartbeat").unwrap();
+        let detail = hb.last_detail.clone().unwrap_or_default();
+        if detail.contains("a frame on the doorbell port") || start.elapsed() > Duration::from_secs(30) {
+            break (detail, view.channel.clone().unwrap_or_default());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(detail.contains("answered in") && detail.contains("BarAbove4Gib"), "{detail}");
+    assert!(channel.starts_with("I/O port") && channel.contains("above 4 GiB"), "{channel}");
+    let table = acpimon::report::status_table(&svc.status().await);
+    assert!(table.contains("channel: I/O port"), "{table}");
+    assert!(
+        svc.events().iter().all(|e| e.kind != "transition" || e.detail["to"] != "unresponsive"),
+        "no miss"
+    );
+}

@@ -40,6 +40,13 @@ enum Command {
         seconds: f64,
         #[arg(long, default_value = "pc", value_parser = ["pc", "q35"])]
         machine: String,
+        /// The guest firmware: SeaBIOS, or Debian bookworm's OVMF (/usr/share/ovmf/OVMF.fd).
+        #[arg(long, default_value = "seabios", value_parser = ["seabios", "ovmf"])]
+        firmware: String,
+        /// OVMF keeping its 64-bit PCI window (implies `--firmware ovmf`): BAR2 above 4 GiB, so
+        /// the records come on the port channel (frames on the doorbell port), not the region.
+        #[arg(long)]
+        high_bar: bool,
         /// Where the VM's directory goes [default: $XDG_RUNTIME_DIR/acpimon or $TMPDIR/acpimon-UID].
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
@@ -308,10 +315,11 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Error> {
     match command {
-        Command::Latency { guest, count, seconds, machine, state_dir, json } => {
+        Command::Latency { guest, count, seconds, machine, firmware, high_bar, state_dir, json } => {
             let guest = need_guest(guest, " (tools/bench does both)")?;
             let state_dir = state_dir.unwrap_or_else(default_state_dir);
-            runtime().block_on(bench_latency(&guest, count.max(1), seconds, &machine, &state_dir, json))
+            let fw = Firmware { ovmf: firmware == "ovmf" || high_bar, high_bar };
+            runtime().block_on(bench_latency(&guest, count.max(1), seconds, &machine, fw, &state_dir, json))
         }
         Command::Scale { vms, window, hangs, all_hung, sim_latency_ms, no_doorbell, acpimon, work, json } => {
             let service = match acpimon {
@@ -490,19 +498,38 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
 }
 
+/// The latency benchmark's firmware.
+#[derive(Clone, Copy)]
+struct Firmware {
+    ovmf: bool,
+    /// OVMF keeping its 64-bit window: BAR2 above 4 GiB, the port channel.
+    high_bar: bool,
+}
+
 /// `acpimon-bench latency`: boots the test guest, measures, shuts it down.
 async fn bench_latency(
     guest: &std::path::Path,
     count: usize,
     seconds: f64,
     machine: &str,
+    fw: Firmware,
     state_dir: &std::path::Path,
     json: bool,
 ) -> Result<(), Error> {
     let prepared = launch::prepare(state_dir, "bench", &SsdtConfig::default())?;
+    let mut args = acpimon::demo::guest_args(guest, machine, fw.ovmf);
+    if fw.ovmf && fw.high_bar {
+        // The user's own window size, which acpimon keeps, and the CPU left alone: BAR2 goes
+        // above 4 GiB (with phys-bits=37 a 32 GiB window does not fit and BAR2 stays unassigned).
+        if let Some(i) = args.iter().position(|a| a == "-cpu") {
+            args.drain(i..i + 2);
+        }
+        args.extend(["-fw_cfg".into(), "name=opt/ovmf/X-PciMmio64Mb,string=32768".into()]);
+    }
+    let firmware = if fw.ovmf { "ovmf" } else { "seabios" };
     let spec = VmSpec {
         program: "qemu-system-x86_64".into(),
-        args: acpimon::demo::guest_args(guest, machine, false),
+        args,
         prepared,
         readconfig: false,
         leave_to_watch: false,
@@ -517,6 +544,7 @@ async fn bench_latency(
         let report = latency::Report {
             qemu: format!("{}.{}.{}", v.0, v.1, v.2),
             machine: machine.into(),
+            firmware: firmware.into(),
             count,
             seconds,
             result: r,
@@ -524,7 +552,7 @@ async fn bench_latency(
         println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
     } else {
         println!(
-            "bench: QEMU {}.{}.{} {machine} TCG, {count} heartbeats, {seconds} s sustained",
+            "bench: QEMU {}.{}.{} {machine} {firmware} TCG, {count} heartbeats, {seconds} s sustained",
             v.0, v.1, v.2
         );
         print!("{}", latency::table(&r));

@@ -1,5 +1,6 @@
 //! A fuzz harness on stable Rust for the parsers that read what a guest or QEMU writes: the
-//! region decoder, the app-protocol line parser and the QMP message parser.
+//! region decoder, the port channel's frame decoder, the app-protocol line parser and the QMP
+//! message parser.
 //!
 //! cargo-fuzz (libFuzzer) needs a nightly compiler; this harness needs none. Each target has
 //! a structure-aware generator (valid regions, protocol lines and QMP messages, built from the
@@ -78,8 +79,9 @@ pub struct Target {
 }
 
 /// Every target, in the order a run reports them.
-pub const TARGETS: [Target; 3] = [
+pub const TARGETS: [Target; 4] = [
     Target { name: "region", generate: region::generate, check: region::check },
+    Target { name: "port-frames", generate: port_frames::generate, check: port_frames::check },
     Target { name: "app-line", generate: app_line::generate, check: app_line::check },
     Target { name: "qmp-message", generate: qmp_message::generate, check: qmp_message::check },
 ];
@@ -342,6 +344,72 @@ pub mod region {
 }
 
 /// The app protocol: [`acpimon::app::parse`] on one line from the guest.
+/// The port channel's byte stream (doorbell rings and SLIP frames on the doorbell port): valid
+/// frames, rings and garbage, mutated.
+pub mod port_frames {
+    use super::*;
+    use acpimon::abi::PortFrame;
+    use acpimon::read::frame::{FrameDecoder, FrameEvent};
+
+    pub fn generate(rng: &mut Rng) -> Vec<u8> {
+        if rng.one_in(16) {
+            let n = rng.below(512);
+            return rng.bytes(n);
+        }
+        let mut out = Vec::new();
+        for _ in 0..1 + rng.below(6) {
+            match rng.below(4) {
+                0 => out.push(abi::SLIP_END),
+                1 => {
+                    let n = rng.below(64);
+                    out.extend(rng.bytes(n));
+                }
+                _ => {
+                    let w: Vec<u32> = (0..abi::FRAME_WORDS).map(|_| rng.word()).collect();
+                    let mut f = PortFrame::default();
+                    let words = [
+                        &mut f.frame_no,
+                        &mut f.status,
+                        &mut f.source,
+                        &mut f.token,
+                        &mut f.timer,
+                        &mut f.vendor_device,
+                        &mut f.bar2,
+                        &mut f.bar3,
+                        &mut f.ged_count,
+                        &mut f.thermal_count,
+                    ];
+                    for (dst, v) in words.into_iter().zip(w) {
+                        *dst = v.into();
+                    }
+                    f.tag = if rng.one_in(8) { rng.word() } else { abi::FRAME_TAG }.into();
+                    out.extend(f.sealed().encode());
+                }
+            }
+        }
+        if rng.one_in(2) {
+            mutate(rng, &mut out, &[&[abi::SLIP_END], &[abi::SLIP_ESC], &[abi::SLIP_ESC, abi::SLIP_ESC_END]]);
+        }
+        out
+    }
+
+    pub fn check(input: &[u8]) {
+        let mut d = FrameDecoder::new();
+        let mut events = 0;
+        for b in input {
+            if let Some(e) = d.push(*b) {
+                events += 1;
+                if let FrameEvent::Frame(f) = e {
+                    // Only a frame whose checksum holds is accepted.
+                    let w = f.words();
+                    assert_eq!(abi::frame_checksum(&w[..abi::FRAME_WORDS - 1]), f.checksum.get());
+                }
+            }
+        }
+        assert_eq!(events, input.iter().filter(|b| **b == abi::SLIP_END).count(), "one event per END");
+    }
+}
+
 pub mod app_line {
     use super::*;
 

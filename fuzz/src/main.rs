@@ -11,7 +11,7 @@ use acpimon_fuzz::{hex, run, run_one, target, Target, TARGETS};
 
 const USAGE: &str = "usage: acpimon-fuzz [INPUTS] [--target NAME]... [--workers N] [--seed S] [--crashes DIR]
        acpimon-fuzz --reproduce FILE --target NAME
-targets: region, app-line, qmp-message (default: all)";
+targets: region, port-frames, app-line, qmp-message (default: all)";
 
 struct Args {
     inputs: u64,

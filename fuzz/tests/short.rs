@@ -33,6 +33,20 @@ fn the_generators_reach_the_accepting_paths() {
     }
     assert!(records > 1000 && empty > 200, "decoded records {records}, empty regions {empty}");
 
+    let frames = target("port-frames").unwrap();
+    let (mut valid, mut bad) = (0, 0);
+    for _ in 0..10_000 {
+        let mut d = acpimon::read::frame::FrameDecoder::new();
+        for b in (frames.generate)(&mut rng) {
+            match d.push(b) {
+                Some(acpimon::read::frame::FrameEvent::Frame(_)) => valid += 1,
+                Some(acpimon::read::frame::FrameEvent::Bad(_)) => bad += 1,
+                _ => {}
+            }
+        }
+    }
+    assert!(valid > 5000 && bad > 1000, "valid frames {valid}, dropped {bad}");
+
     let app = target("app-line").unwrap();
     let mut kinds = [0; 4];
     for _ in 0..10_000 {

@@ -8,6 +8,7 @@ const EXT_OP_PREFIX: u8 = 0x5b;
 const TIMER_OP: u8 = 0x33;
 const THERMAL_ZONE_OP: u8 = 0x85;
 const INCREMENT_OP: u8 = 0x75;
+const DECREMENT_OP: u8 = 0x76;
 const LAND_OP: u8 = 0x90;
 const LOR_OP: u8 = 0x91;
 const EXTERNAL_OP: u8 = 0x15;
@@ -47,6 +48,16 @@ pub struct Increment<'a>(pub &'a dyn Aml);
 impl Aml for Increment<'_> {
     fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
         sink.byte(INCREMENT_OP);
+        self.0.to_aml_bytes(sink);
+    }
+}
+
+/// `Decrement (target)`.
+pub struct Decrement<'a>(pub &'a dyn Aml);
+
+impl Aml for Decrement<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.byte(DECREMENT_OP);
         self.0.to_aml_bytes(sink);
     }
 }
@@ -146,6 +157,8 @@ mod tests {
         assert_eq!(bytes(&Timer), [0x5b, 0x33]);
         // Local0++
         assert_eq!(bytes(&Increment(&acpi_tables::aml::Local(0))), [0x75, 0x60]);
+        // Local1--
+        assert_eq!(bytes(&Decrement(&acpi_tables::aml::Local(1))), [0x76, 0x61]);
         // (Arg0 && Arg1)
         let (a0, a1) = (acpi_tables::aml::Arg(0), acpi_tables::aml::Arg(1));
         assert_eq!(bytes(&LAnd(&a0, &a1)), [0x90, 0x68, 0x69]);

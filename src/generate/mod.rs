@@ -7,6 +7,10 @@
 //!   `PCI_Config` region finds BAR2; `WREC` guards (ivshmem 1af4:1110, memory BAR2 assigned and
 //!   below 4 GiB, region magic and ABI version) and then writes one record under the sequence
 //!   rule of [`crate::abi`]. `_INI` writes the boot record.
+//!   With a doorbell port, a `WREC` that cannot write the region (any guard failing) sends
+//!   the record as a SLIP frame on that port instead (`FRAM`; the port channel of
+//!   [`crate::abi`]), with the host's nonce read from pc-testdev's register at
+//!   [`abi::TOKEN_PORT`]. Without a port the table has no such path.
 //! - [`EventDevice`]: a Generic Event Device (`ACPI0013`) on a level, active-high ISA IRQ.
 //!   The host raises the IRQ with pc-testdev (I/O port `0x2000 + irq`); `_EVT` drops the line
 //!   itself (so one host command makes one event) and writes a record.
@@ -26,12 +30,12 @@ use std::str::FromStr;
 use acpi_tables::aml::{
     Add, And, Arg, Device, Else, Equal, Field, FieldAccessType, FieldLockRule, FieldUpdateRule, If,
     Interrupt, Local, Method, MethodCall, Name, NotEqual, OpRegion, OpRegionSpace, Or, Path,
-    ResourceTemplate, Return, Scope, Store, ONE, ZERO,
+    ResourceTemplate, Return, Scope, ShiftRight, Store, While, ONE, ZERO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
-use self::aml::{field_list, External, Increment, LAnd, LOr, ThermalZone, Timer, DEVICE_OBJ};
+use self::aml::{field_list, Decrement, External, Increment, LAnd, LOr, ThermalZone, Timer, DEVICE_OBJ};
 use crate::abi::{self, offsets, Source, Status};
 
 /// OEM ID in the table header.
@@ -268,7 +272,8 @@ pub fn build(cfg: &SsdtConfig) -> Result<Vec<u8>, ConfigError> {
     // Inside `If (Zero)`, as iasl emits it: interpreters that predate ExternalOp skip it.
     let pci0 = External { path: "\\_SB_.PCI0".into(), object_type: DEVICE_OBJ };
     If::new(&ZERO, vec![&pci0]).to_aml_bytes(&mut body);
-    Scope::new("\\_SB_.PCI0".into(), vec![&SharedRegionDevice { slot: cfg.slot }]).to_aml_bytes(&mut body);
+    let shared = SharedRegionDevice { slot: cfg.slot, doorbell_port: cfg.doorbell_port };
+    Scope::new("\\_SB_.PCI0".into(), vec![&shared]).to_aml_bytes(&mut body);
     Scope::new("\\_SB_".into(), vec![&EventDevice { irq: cfg.irq, doorbell_port: cfg.doorbell_port }])
         .to_aml_bytes(&mut body);
     if let Some(period_ds) = cfg.thermal_period_ds {
@@ -302,6 +307,8 @@ impl<F: Fn(&mut dyn AmlSink)> Aml for Block<F> {
 /// The Device over the ivshmem function: finds BAR2 and writes records.
 pub struct SharedRegionDevice {
     pub slot: PciSlot,
+    /// The doorbell port, which also carries the record when the region cannot be written.
+    pub doorbell_port: Option<u16>,
 }
 
 impl SharedRegionDevice {
@@ -333,9 +340,112 @@ impl SharedRegionDevice {
         .to_aml_bytes(sink);
     }
 
+    /// The port channel's objects: the port and token regions, `FWRD` (one little-endian
+    /// word, SLIP-escaped byte by byte, added to the checksum) and `FRAM (source)` (the record
+    /// as an [`abi::PortFrame`], then END).
+    fn frame_methods(port: u16, sink: &mut dyn AmlSink) {
+        let (arg0, local0) = (Arg(0), Local(0));
+        let p = |n: &str| Path::new(n);
+        for (name, value) in [("FCNT", 0), ("FCKA", 0), ("FCKB", 0)] {
+            name_int(name, value).to_aml_bytes(sink);
+        }
+        let byte_field = |region: &str, field: &str, access, bits| {
+            Field::new(
+                region.into(),
+                access,
+                FieldLockRule::NoLock,
+                FieldUpdateRule::Preserve,
+                field_list(&[(field, 0, bits)]),
+            )
+        };
+        OpRegion::new("FPRT".into(), OpRegionSpace::SystemIO, &port, &ONE).to_aml_bytes(sink);
+        byte_field("FPRT", "FPRB", FieldAccessType::Byte, 8).to_aml_bytes(sink);
+        OpRegion::new("FTOK".into(), OpRegionSpace::SystemIO, &abi::TOKEN_PORT, &4u8).to_aml_bytes(sink);
+        byte_field("FTOK", "FTKN", FieldAccessType::DWord, 32).to_aml_bytes(sink);
+
+        // FWRD (word): one little-endian word, each byte SLIP-escaped, in a loop rather than a
+        // method call per byte (a call costs the interpreter far more than an iteration).
+        let fwrd_body = Block(|s: &mut dyn AmlSink| {
+            // Only the sums' low 32 bits are sent, and those are the same with 64-bit integers.
+            let (a, b, fprb) = (p("FCKA"), p("FCKB"), p("FPRB"));
+            let (local0, local1, local2) = (Local(0), Local(1), Local(2));
+            Add::new(&a, &a, &arg0).to_aml_bytes(s);
+            Add::new(&b, &b, &a).to_aml_bytes(s);
+            Store::new(&local0, &arg0).to_aml_bytes(s);
+            Store::new(&local1, &4u8).to_aml_bytes(s);
+            let out = |v: u8, s: &mut dyn AmlSink| Store::new(&fprb, &v).to_aml_bytes(s);
+            let end = Block(|s: &mut dyn AmlSink| {
+                out(abi::SLIP_ESC, s);
+                out(abi::SLIP_ESC_END, s);
+            });
+            let esc = Block(|s: &mut dyn AmlSink| {
+                out(abi::SLIP_ESC, s);
+                out(abi::SLIP_ESC_ESC, s);
+            });
+            let plain = Store::new(&fprb, &local2);
+            let byte = And::new(&local2, &local0, &0xffu8);
+            let is_end = Equal::new(&local2, &abi::SLIP_END);
+            let is_esc = Equal::new(&local2, &abi::SLIP_ESC);
+            let if_end = If::new(&is_end, vec![&end]);
+            let if_esc = If::new(&is_esc, vec![&esc]);
+            let else_plain = Else::new(vec![&plain]);
+            let else_esc = Else::new(vec![&if_esc, &else_plain]);
+            let shift = ShiftRight::new(&local0, &local0, &8u8);
+            let count = Decrement(&local1);
+            While::new(&local1, vec![&byte, &if_end, &else_esc, &shift, &count]).to_aml_bytes(s);
+        });
+        Method::new("FWRD".into(), 1, false, vec![&fwrd_body]).to_aml_bytes(sink);
+
+        let word = |v: &dyn Aml| {
+            let mut b = Vec::new();
+            MethodCall::new("FWRD".into(), vec![v]).to_aml_bytes(&mut b);
+            b
+        };
+        let words: Vec<Vec<u8>> = vec![
+            word(&abi::FRAME_TAG),
+            word(&p("FCNT")),
+            word(&p("LSTA")),
+            word(&arg0),
+            word(&p("FTKN")),
+            word(&Timer),
+            word(&p("VDID")),
+            word(&p("BAR2")),
+            word(&p("BAR3")),
+            word(&p("CNTG")),
+            word(&p("CNTT")),
+        ];
+        let send_words = Block(|s: &mut dyn AmlSink| {
+            for w in &words {
+                s.vec(w);
+            }
+        });
+        Method::new(
+            "FRAM".into(),
+            1,
+            false,
+            vec![
+                &Increment(&p("FCNT")),
+                &If::new(&Equal::new(&arg0, &Source::Ged.code()), vec![&Increment(&p("CNTG"))]),
+                &Else::new(vec![&If::new(
+                    &Equal::new(&arg0, &Source::Thermal.code()),
+                    vec![&Increment(&p("CNTT"))],
+                )]),
+                &Store::new(&p("FCKA"), &ZERO),
+                &Store::new(&p("FCKB"), &ZERO),
+                &send_words,
+                // The checksum goes out through a copy: FWRD adds its argument to the sums.
+                &Store::new(&local0, &p("FCKB")),
+                &MethodCall::new("FWRD".into(), vec![&local0]),
+                &Store::new(&p("FPRB"), &abi::SLIP_END),
+            ],
+        )
+        .to_aml_bytes(sink);
+    }
+
     /// `WREC (source)`: one record, under the sequence rule. Serialized, so `_INI`, `_EVT`
-    /// and `_TMP` never interleave their writes.
-    fn write_method(sink: &mut dyn AmlSink) {
+    /// and `_TMP` never interleave their writes. With a port, a guard that fails sends the
+    /// record as a frame (`FRAM`) before `WREC` returns its status.
+    fn write_method(port: Option<u16>, sink: &mut dyn AmlSink) {
         let (arg0, local0, local1) = (Arg(0), Local(0), Local(1));
         let p = |n: &str| Path::new(n);
         let region_fields = field_list(&[
@@ -354,7 +464,16 @@ impl SharedRegionDevice {
             ("RCNG", offsets::GED_COUNT, 32),
             ("RCNT", offsets::THERMAL_COUNT, 32),
         ]);
-        let bad_header = Block(|s: &mut dyn AmlSink| fail(Status::BadHeader, &p("LSTA"), s));
+        let frame = Block(|s: &mut dyn AmlSink| {
+            if port.is_some() {
+                MethodCall::new("FRAM".into(), vec![&arg0]).to_aml_bytes(s);
+            }
+        });
+        let bad_header = Block(|s: &mut dyn AmlSink| {
+            Store::new(&Path::new("LSTA"), &Status::BadHeader.code()).to_aml_bytes(s);
+            frame.to_aml_bytes(s);
+            Return::new(&p("LSTA")).to_aml_bytes(s);
+        });
         let stores: [(&str, &dyn Aml); 9] = [
             ("RSTA", &ZERO),
             ("RSRC", &arg0),
@@ -377,7 +496,7 @@ impl SharedRegionDevice {
             true,
             vec![
                 &Store::new(&local0, &MethodCall::new("FIND".into(), vec![])),
-                &If::new(&Equal::new(&local0, &ZERO), vec![&Return::new(&p("LSTA"))]),
+                &If::new(&Equal::new(&local0, &ZERO), vec![&frame, &Return::new(&p("LSTA"))]),
                 &OpRegion::new(
                     "SHMR".into(),
                     OpRegionSpace::SystemMemory,
@@ -438,8 +557,13 @@ impl Aml for SharedRegionDevice {
                     FieldUpdateRule::Preserve,
                     pci_fields,
                 ),
+                &Block(|s: &mut dyn AmlSink| {
+                    if let Some(port) = self.doorbell_port {
+                        Self::frame_methods(port, s);
+                    }
+                }),
                 &Block(Self::find_method),
-                &Block(Self::write_method),
+                &Block(|s: &mut dyn AmlSink| Self::write_method(self.doorbell_port, s)),
                 &Method::new(
                     "_INI".into(),
                     0,

@@ -8,6 +8,12 @@
 //! bookworm's) honours it only with a CPU address width it does not trust (phys-bits below 41,
 //! and not 36/39 with an Intel vendor string or 40 with AMD, e.g. `-cpu qemu64,phys-bits=37`):
 //! otherwise its dynamic MMIO window overrides the 0.
+//!
+//! A VM whose table has a doorbell port does not need the region: when BAR2 is out of reach the
+//! AML sends each record as a frame on that port (the port channel, [`crate::abi`]), and the
+//! report says so ([`Channel::Port`]) with why the region is not used. The region stays the
+//! better channel when it can be had: a beat on the port costs one more HMP command (the
+//! nonce's) and the guest about 50 port writes instead of 1.
 
 use std::fmt;
 
@@ -19,6 +25,11 @@ use crate::trigger::qmp::{Qmp, QmpError};
 
 /// The fw_cfg file that sets OVMF's 64-bit PCI window, in MiB.
 pub const OVMF_MMIO64_KNOB: &str = "opt/ovmf/X-PciMmio64Mb";
+
+/// How to get BAR2 below 4 GiB under OVMF, for the reports.
+const LOW_BAR_FIX: &str = "-fw_cfg name=opt/ovmf/X-PciMmio64Mb,string=0 (acpimon adds it when it sees OVMF in \
+     the arguments or a -readconfig file; `prepare --ovmf` prints it) and, with OVMF older than edk2-stable202505 \
+     (e.g. Debian bookworm's 2022.11), -cpu ...,phys-bits=37 too";
 
 /// Where the records of a VM can go.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -32,6 +43,27 @@ pub enum Channel {
     Unassigned,
     /// No ivshmem device at the slot.
     NoDevice,
+    /// The region is out of reach (`region` says why: never [`Channel::Region`]) and the table
+    /// has a doorbell port: records come as frames on it.
+    Port { port: u16, region: Box<Channel> },
+}
+
+impl Channel {
+    /// The channel of a VM whose table rings `doorbell_port`: the port's frames when the
+    /// region is out of reach, else this.
+    pub fn with_port(self, doorbell_port: Option<u16>) -> Channel {
+        match (self, doorbell_port) {
+            (c @ (Channel::AboveFourGib { .. } | Channel::Unassigned | Channel::NoDevice), Some(port)) => {
+                Channel::Port { port, region: Box::new(c) }
+            }
+            (c, _) => c,
+        }
+    }
+
+    /// Whether records reach the host at all (through the region or the port).
+    pub fn carries_records(&self) -> bool {
+        matches!(self, Channel::Region { .. } | Channel::Port { .. })
+    }
 }
 
 impl fmt::Display for Channel {
@@ -41,12 +73,29 @@ impl fmt::Display for Channel {
             Channel::AboveFourGib { bar } => write!(
                 f,
                 "none: ivshmem BAR2 is at {bar:#x}, above 4 GiB, where 32-bit AML cannot write; under OVMF pass \
-                 -fw_cfg name={OVMF_MMIO64_KNOB},string=0 (acpimon adds it when it sees OVMF in the arguments or \
-                 a -readconfig file; `prepare --ovmf` prints it) and, with OVMF older than edk2-stable202505 \
-                 (e.g. Debian bookworm's 2022.11), -cpu ...,phys-bits=37 too"
+                 {LOW_BAR_FIX}"
             ),
             Channel::Unassigned => write!(f, "none: the firmware left ivshmem BAR2 unassigned"),
             Channel::NoDevice => write!(f, "none: no ivshmem device at the configured slot"),
+            Channel::Port { port, region } => {
+                write!(f, "I/O port {port:#x} frames: ")?;
+                match region.as_ref() {
+                    Channel::AboveFourGib { bar } => write!(
+                        f,
+                        "ivshmem BAR2 at {bar:#x} is above 4 GiB, where 32-bit AML cannot write, so the AML \
+                         sends each record framed on the doorbell port. The shared region is cheaper (one HMP \
+                         command per beat, one port write per record) when the firmware puts BAR2 below 4 GiB: \
+                         under OVMF without a large-BAR device, pass {LOW_BAR_FIX}"
+                    ),
+                    Channel::Unassigned => {
+                        write!(f, "the firmware left ivshmem BAR2 unassigned, so the AML sends each record on the port")
+                    }
+                    Channel::NoDevice => {
+                        write!(f, "no ivshmem device at the configured slot, so the AML sends each record on the port")
+                    }
+                    other => write!(f, "{other}"),
+                }
+            }
         }
     }
 }
@@ -101,5 +150,28 @@ mod tests {
         assert_eq!(classify(&pci(-1), slot), Channel::Unassigned);
         assert_eq!(classify(&pci(0xc000_0000), "0e".parse().unwrap()), Channel::NoDevice);
         assert!(Channel::AboveFourGib { bar: 1 << 40 }.to_string().contains("X-PciMmio64Mb,string=0"));
+    }
+
+    #[test]
+    fn a_doorbell_port_carries_what_the_region_cannot() {
+        let high = Channel::AboveFourGib { bar: 0x80_0000_0000 };
+        let port = high.clone().with_port(Some(0x403));
+        assert_eq!(port, Channel::Port { port: 0x403, region: Box::new(high.clone()) });
+        let text = port.to_string();
+        assert!(
+            text.starts_with("I/O port 0x403 frames: ivshmem BAR2 at 0x8000000000 is above 4 GiB"),
+            "{text}"
+        );
+        assert!(text.contains("cheaper") && text.contains("string=0"), "{text}");
+        assert!(port.carries_records());
+        // Degrade, don't fail: without a port the old explanation stands.
+        assert_eq!(high.clone().with_port(None), high);
+        assert!(!high.carries_records());
+        let low = Channel::Region { bar: 0xc000_0000 };
+        assert_eq!(low.clone().with_port(Some(0x403)), low);
+        assert!(Channel::NoDevice.with_port(Some(0x403)).to_string().contains("no ivshmem device"));
+        let json = serde_json::to_value(&port).unwrap();
+        assert_eq!(json["channel"], "port");
+        assert_eq!(json["region"]["channel"], "above-four-gib");
     }
 }

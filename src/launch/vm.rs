@@ -214,7 +214,8 @@ impl Vm {
 
     /// Which channel carries this VM's records, from where the firmware put BAR2.
     pub async fn channel(&self) -> Result<Channel, QmpError> {
-        channel::locate(&self.qmp, self.slot).await
+        let port = self.prepared.descriptor.doorbell.as_ref().map(|b| b.port);
+        Ok(channel::locate(&self.qmp, self.slot).await?.with_port(port))
     }
 
     /// The console, or why there is none.

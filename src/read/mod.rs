@@ -13,6 +13,7 @@
 //! This module holds the crate's only `unsafe` blocks.
 
 pub mod decode;
+pub mod frame;
 pub mod sim;
 
 use std::fs::{File, OpenOptions};

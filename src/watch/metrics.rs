@@ -68,6 +68,10 @@ pub struct VmView {
     /// How heartbeats learn of their records: `doorbell (SOCKET)` or `polling: WHY`.
     #[serde(default)]
     pub completion: Option<String>,
+    /// Which channel carries the records and why (the region, or frames on the doorbell port
+    /// when the guest cannot reach it), as QMP's `query-pci` placed BAR2.
+    #[serde(default)]
+    pub channel: Option<String>,
     /// The app's own word on its health (app channel or mailbox), and its details.
     pub app_status: Option<crate::abi::AppStatus>,
     pub app_details: Option<String>,
@@ -126,6 +130,7 @@ impl VmView {
             events_not_spooled: 0,
             degraded: Vec::new(),
             completion: None,
+            channel: None,
             app_status: None,
             app_details: None,
             app_info: None,

@@ -301,18 +301,35 @@ impl Monitor {
             }
             Err(e) => (None, format!("cannot connect: {e}")),
         };
+        let doorbell_port = d.doorbell.as_ref().map(|b| b.port);
+        let mut located = None;
         let (region, region_why) = match Region::open(&d.region, Access::ReadWrite) {
             Ok(r) => match d.ssdt_config().ok().map(|c| c.slot) {
-                Some(slot) => match channel::locate(&qmp, slot).await {
+                Some(slot) => match channel::locate(&qmp, slot).await.map(|c| c.with_port(doorbell_port)) {
                     Ok(c @ (Channel::AboveFourGib { .. } | Channel::NoDevice)) => {
-                        (None, format!("no region: {c}"))
+                        let why = format!("no region: {c}");
+                        located = Some(c);
+                        (None, why)
                     }
-                    _ => (Some(Arc::new(r)), String::new()),
+                    // Not assigned yet (the firmware has not run: an EVE launch is paused at
+                    // first): the region as before; the heartbeat turns to the port on its own
+                    // once the doorbell decodes a frame.
+                    Ok(Channel::Port { region, .. }) if *region == Channel::Unassigned => {
+                        (Some(Arc::new(r)), String::new())
+                    }
+                    // The region file still carries each beat's request; on the port channel the
+                    // record comes back on the port.
+                    Ok(c) => {
+                        located = Some(c);
+                        (Some(Arc::new(r)), String::new())
+                    }
+                    Err(_) => (Some(Arc::new(r)), String::new()),
                 },
                 None => (Some(Arc::new(r)), String::new()),
             },
             Err(e) => (None, format!("cannot open the region: {e}")),
         };
+        let port = located.as_ref().filter(|c| matches!(c, Channel::Port { .. })).map(|c| c.to_string());
         let (app_tx, app_reports) = mpsc::channel(16);
         let app = match &d.app {
             Some(path) => AppChannel::connect(path, app_tx)
@@ -334,6 +351,8 @@ impl Monitor {
             thermal_period: d.thermal_period_ds.map(|ds| Duration::from_millis(u64::from(ds) * 100)),
             app,
             guest_agent: d.guest_agent.clone(),
+            port,
+            channel: located.map(|c| c.to_string()),
         };
         Ok(Attached { qmp, console, channels, console_why, status, qemu_id, app_reports })
     }
@@ -430,6 +449,7 @@ impl Monitor {
             let mut view = lock(&self.view);
             view.degraded = degraded;
             view.completion = Some(att.channels.completion.describe());
+            view.channel = att.channels.channel.clone();
         }
         self.kernel_log_view();
         self.refresh_view("");
@@ -633,6 +653,17 @@ impl Monitor {
             lock(&self.view).observe_latency(lat);
         }
         if let Some(record) = r.record {
+            // Only a frame on the port carries a status other than ok: the channel is the port,
+            // whatever the report at attach said (BAR2 unassigned before the firmware ran).
+            if record.status != crate::abi::Status::Ok {
+                let mut view = lock(&self.view);
+                if !view.channel.as_deref().is_some_and(|c| c.starts_with("I/O port")) {
+                    view.channel = Some(format!(
+                        "I/O port frames on the doorbell port: {} (the AML's own word)",
+                        record.status.describe()
+                    ));
+                }
+            }
             let obs = self.tracker.observe(Some(&record), now);
             if obs.fresh {
                 lock(&self.view).last_record_at = Some(now);

@@ -47,6 +47,10 @@ pub struct Channels {
     pub guest_agent: Option<std::path::PathBuf>,
     /// How heartbeats learn of their records (the doorbell, or polling and why).
     pub completion: Completion,
+    /// On the port channel (the region out of the AML's reach), the channel report.
+    pub port: Option<String>,
+    /// Which channel carries the records and why, when QMP said where BAR2 is.
+    pub channel: Option<String>,
 }
 
 /// Why `scenario` cannot run with these channels, if it cannot.
@@ -59,6 +63,10 @@ pub fn unavailable(scenario: &Scenario, ch: &Channels, console_why: &str) -> Opt
             Some(format!("no serial console: {console_why}"))
         }
         ScenarioSpec::AppMailbox {} if ch.region.is_none() => Some(ch.region_why.clone()),
+        // Thermal counts and the mailbox are read from the region, which the guest cannot reach.
+        ScenarioSpec::Thermal {} | ScenarioSpec::AppMailbox {} if ch.port.is_some() => {
+            ch.port.as_ref().map(|c| format!("the guest cannot reach the region: {c}"))
+        }
         ScenarioSpec::AppHeartbeat { .. } => ch.app.as_ref().err().cloned(),
         ScenarioSpec::GuestAgent {} if ch.guest_agent.is_none() => {
             Some("the VM has no guest agent port; prepare it with --guest-agent to use this scenario".into())
@@ -117,7 +125,8 @@ impl Prober {
                 Prober::Heartbeat(
                     Heartbeat::new(region, ch.irq)
                         .map_err(|e| format!("cannot use the region: {e}"))?
-                        .with_completion(ch.completion.clone()),
+                        .with_completion(ch.completion.clone())
+                        .with_port_channel(ch.port.is_some()),
                 )
             }
             ScenarioSpec::Thermal {} => Prober::Thermal(Counter::default()),
@@ -323,6 +332,7 @@ async fn heartbeat(hb: &mut Heartbeat, qmp: &Qmp, timeout: Duration) -> (Outcome
         Ok(Ok(Beat::Acked { request_no, latency, record, via })) => {
             let how = match via {
                 Via::Doorbell => "the doorbell rang".to_string(),
+                Via::Port => format!("a frame on the doorbell port: {:?}", record.status),
                 Via::Poll => hb.completion(),
             };
             (

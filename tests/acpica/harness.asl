@@ -98,6 +98,19 @@ DefinitionBlock ("", "SSDT", 1, "ACPIMN", "HARNESS", 1)
         Return (TDBB)
     }
 
+    /* pc-testdev's 32-bit register at 0xE0, where the host leaves its nonce for the port
+     * channel: TTOK writes it. */
+    OperationRegion (TTKR, SystemIO, 0xE0, 0x04)
+    Field (TTKR, DWordAcc, NoLock, Preserve)
+    {
+        TTKN,   32
+    }
+
+    Method (\TTOK, 1, NotSerialized)
+    {
+        TTKN = Arg0
+    }
+
     /* The generated table's last status. */
     Method (\TSTA, 0, NotSerialized)
     {
