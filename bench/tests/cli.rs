@@ -173,7 +173,14 @@ fn store_times_every_page_query() {
         .iter()
         .map(|q| (q["query"].as_str().unwrap().to_string(), q["rows"].as_u64().unwrap()))
         .collect();
-    assert_eq!(rows.len(), 9, "{rows:?}");
+    assert_eq!(rows.len(), 12, "{rows:?}");
+    for page in [
+        "page / (the fleet: query + HTML)",
+        "page /vm/NODE/VM (6 h: query + chart + HTML)",
+        "page /incident/KEY (query + HTML)",
+    ] {
+        assert_eq!(rows[page], 1, "{page} rendered once a round: {rows:?}");
+    }
     assert_eq!(rows["fleet (every node and VM)"], 12);
     assert_eq!(rows["fleet, one node"], 4);
     assert_eq!(rows["an incident (transition, report, bundle)"], 3);

@@ -8,9 +8,11 @@
 //! it under 6 KiB), plus 32 × 48 bytes for the node's ring. A sample costs per VM one read of `/proc/PID/stat`, two per vCPU
 //! thread (`stat`, `schedstat`), each a `pread` of a file the thread keeps open
 //! ([`proc::Kept`], within a quarter of the open-file limit), and its cgroup's `cpu.stat`, read
-//! once per period for all the VMs that share it; `/proc/PID/cgroup` is read again every
-//! 30 s, so a QEMU moved to another cgroup is followed within 30 s (README "Metrics, status
-//! and liveness" and "Scale" have the measured cost).
+//! once per period for all the VMs that share it. `/proc/PID/cgroup` is kept open and read
+//! every period too (the cgroup's directory is looked up again only when it changed), so a
+//! QEMU moved to another cgroup is followed at the next period: a VM throttled by a new cgroup
+//! shows it in the seconds before its incident (README "Metrics, status and liveness" and
+//! "Scale" have the measured cost).
 //!
 //! The ratios are computed by pure functions over readings ([`activity`]), tested on synthetic
 //! samples. Where both readings of an interval have `schedstat`, a thread's CPU time is its
@@ -179,8 +181,9 @@ impl Target {
     }
 
     /// [`Target::read`] through the sampler thread's open files: the process's and threads'
-    /// files are kept open (`pread`), the cgroup's directory is looked up again only every
-    /// [`MOUNTS_EVERY`], and a `cpu.stat` several VMs share is read once per period (`memo`).
+    /// files and `/proc/PID/cgroup` are kept open (`pread`), the cgroup's directory is looked
+    /// up again only when `/proc/PID/cgroup` changed, and a `cpu.stat` several VMs share is read
+    /// once per period (`memo`).
     fn read_kept(
         &self,
         files: &mut VmFiles,
@@ -189,15 +192,15 @@ impl Target {
         mounts: Option<&proc::CgroupMounts>,
         buf: &mut proc::KeptBuf,
     ) -> Reading {
-        let now = Instant::now();
-        let stale =
-            files.cgroup.as_ref().is_none_or(|(at, _)| now.saturating_duration_since(*at) >= MOUNTS_EVERY);
-        if stale {
-            let dir = mounts.and_then(|m| {
-                let own = proc::read_capped(Path::new(&format!("/proc/{}/cgroup", self.pid)))?;
-                m.cpu_dir(&own)
-            });
-            files.cgroup = Some((now, dir));
+        if let Some(m) = mounts {
+            let own = files.cgroup_file.read(|| PathBuf::from(format!("/proc/{}/cgroup", self.pid)), buf);
+            match own {
+                Some(own) if files.cgroup.as_ref().is_some_and(|(text, _)| text == own) => {}
+                Some(own) => files.cgroup = Some((own.to_string(), m.cpu_dir(own))),
+                None => files.cgroup = None,
+            }
+        } else {
+            files.cgroup = None;
         }
         let cgroup = files.cgroup.as_ref().and_then(|(_, d)| d.as_ref()).and_then(|(dir, version)| {
             let stat = match memo.get(dir) {
@@ -483,8 +486,10 @@ struct VmFiles {
     stat: proc::Kept,
     /// One per [`Target::tids`].
     threads: Vec<proc::KeptThread>,
-    /// The cgroup's CPU directory, and when it was looked up.
-    cgroup: Option<(Instant, Option<(PathBuf, u8)>)>,
+    /// `/proc/PID/cgroup`, kept open.
+    cgroup_file: proc::Kept,
+    /// Its text when last read, and the cgroup's CPU directory it names.
+    cgroup: Option<(String, Option<(PathBuf, u8)>)>,
 }
 
 /// What the sampler thread keeps for every VM.
