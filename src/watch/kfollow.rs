@@ -192,6 +192,12 @@ impl KernelFollow {
                 tracing::debug!("kernel log poll skipped: QMP did not answer in time");
                 return;
             }
+            // Not yet published, and not yet scanned for (`scan_after`): a guest that has not
+            // booted that far, as every VM is at attach. Only a scan that found nothing is news.
+            Ok(Err(MemError::NoVmcoreinfo { scanned_mib: 0 })) => {
+                tracing::debug!("kernel log: the guest has not published VMCOREINFO yet");
+                return;
+            }
             Ok(Err(e)) => {
                 let text = e.to_string();
                 if self.error.as_ref() != Some(&text) {
@@ -344,6 +350,22 @@ mod tests {
     }
 
     const LOCKUP: &str = "watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [spin:93]";
+
+    #[test]
+    fn vmcoreinfo_not_yet_published_is_no_error_until_a_scan_found_none() {
+        let t0 = Instant::now();
+        let mut k = follow(FollowMode::Auto, false);
+        let fail = |k: &mut KernelFollow, scanned_mib| {
+            let f = k.follower.take().unwrap();
+            k.polled((f, Ok(Err(MemError::NoVmcoreinfo { scanned_mib }))), t0);
+        };
+        // At attach the guest has not booted: only the device was asked.
+        fail(&mut k, 0);
+        assert_eq!(k.error, None);
+        // After `scan_after`, a scan of its RAM found nothing: that is worth saying.
+        fail(&mut k, 256);
+        assert!(k.error.as_deref().is_some_and(|e| e.contains("no VMCOREINFO")), "{:?}", k.error);
+    }
 
     #[test]
     fn auto_follows_without_a_console_or_with_one_that_shows_no_kernel_line() {
