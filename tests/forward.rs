@@ -1,11 +1,13 @@
 //! The forwarding stage end to end, without QEMU: a Forwarder in this process sends to the
 //! reference controller, also in this process, over real TCP on 127.0.0.1.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use acpimon::controller::{self, ControllerError, ControllerOptions};
+use acpimon::controller::{self, ControllerOptions};
 use acpimon::event::{self, EventKind};
 use acpimon::forward::{
     ControllerConfig, Event, ForwardConfig, ForwardError, ForwardStats, ForwardTask, Forwarder, HookConfig,
@@ -13,7 +15,7 @@ use acpimon::forward::{
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// How long any awaited condition may take before the test fails.
@@ -28,40 +30,21 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A running reference controller.
-struct Controller {
-    addr: SocketAddr,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Result<(), ControllerError>>,
+/// The in-process reference controller, with what these tests ask of it.
+type Controller = common::inproc::Running;
+
+async fn start(listen: SocketAddr, store: &Path, analyzer: Option<Vec<String>>) -> Controller {
+    Controller::start(ControllerOptions { analyzer, ..common::inproc::options(listen, store) })
+        .await
+        .expect("the controller starts")
 }
 
-impl Controller {
-    async fn start(listen: SocketAddr, store: &Path, analyzer: Option<Vec<String>>) -> Controller {
-        let (stop, rx) = watch::channel(false);
-        let (ready_tx, ready) = oneshot::channel();
-        let opts = ControllerOptions {
-            listen,
-            store: store.into(),
-            database: None,
-            analyzer,
-            analyzer_timeout: Duration::from_secs(5),
-            tls: None,
-            tokens: None,
-        };
-        let task = tokio::spawn(controller::serve(opts, rx, Some(ready_tx)));
-        let addr = ready.await.expect("the controller starts");
-        Controller { addr, stop, task }
-    }
+trait Stored {
+    async fn events(&self) -> Vec<Event>;
+    async fn stats(&self) -> (u64, u64);
+}
 
-    async fn stop(self) {
-        self.stop.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(2), self.task)
-            .await
-            .expect("controller stops")
-            .unwrap()
-            .unwrap();
-    }
-
+impl Stored for Controller {
     async fn events(&self) -> Vec<Event> {
         let (status, body) = get(self.addr, "/v1/events").await;
         assert_eq!(status, 200, "{body}");
@@ -209,7 +192,7 @@ async fn delivers_in_order_and_runs_the_analyzer() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let analyzer = sh("cat; echo; echo \"kind=$ACPIMON_EVENT_KIND vm=$ACPIMON_VM\"".into());
-    let ctl = Controller::start("127.0.0.1:0".parse().unwrap(), &store, Some(analyzer)).await;
+    let ctl = start("127.0.0.1:0".parse().unwrap(), &store, Some(analyzer)).await;
     let (fw, task) = Forwarder::open(config(dir.path(), Some(controller_cfg(ctl.addr)), None)).unwrap();
     let running = run(task);
     let sent = events(5, "reboot");
@@ -262,7 +245,7 @@ async fn controller_down_then_up_gets_every_event_once() {
     assert!(s.last_error.as_deref().unwrap_or("").contains("cannot connect"), "{s:?}");
     assert_eq!(spool_files(dir.path()).len(), 20);
 
-    let ctl = Controller::start(addr, &dir.path().join("store"), None).await;
+    let ctl = start(addr, &dir.path().join("store"), None).await;
     wait_for("20 deliveries", || fw.stats().delivered == 20).await;
     let stored = ctl.events().await;
     assert_eq!(keys(&stored), keys(&sent), "each key once, oldest first");
@@ -276,7 +259,7 @@ async fn controller_down_then_up_gets_every_event_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resends_the_spool_and_the_controller_deduplicates() {
     let dir = tempfile::tempdir().unwrap();
-    let ctl = Controller::start("127.0.0.1:0".parse().unwrap(), &dir.path().join("store"), None).await;
+    let ctl = start("127.0.0.1:0".parse().unwrap(), &dir.path().join("store"), None).await;
     let sent = events(5, "bundle");
     {
         // The first run spools to an unreachable controller and dies without sending.
@@ -306,7 +289,7 @@ async fn restart_resends_the_spool_and_the_controller_deduplicates() {
     // The controller's own restart keeps both the events and the duplicate count.
     let store = dir.path().join("store");
     ctl.stop().await;
-    let ctl = Controller::start("127.0.0.1:0".parse().unwrap(), &store, None).await;
+    let ctl = start("127.0.0.1:0".parse().unwrap(), &store, None).await;
     assert_eq!(ctl.stats().await, (5, 5));
     let body = serde_json::to_vec(&sent[0]).unwrap();
     assert_eq!(post(ctl.addr, Some(&sent[0].key), &body).await.0, 200);
@@ -345,7 +328,7 @@ async fn full_spool_refuses_then_drains() {
     assert_eq!(files.iter().map(|f| std::fs::read(f).unwrap()).collect::<Vec<_>>(), spooled);
     assert_eq!(fw.stats().rejected_full, 1);
 
-    let ctl = Controller::start(addr, &dir.path().join("store"), None).await;
+    let ctl = start(addr, &dir.path().join("store"), None).await;
     wait_for("3 deliveries", || fw.stats().delivered == 3).await;
     fw.submit(&sent[3]).unwrap();
     wait_for("the 4th delivery", || fw.stats().delivered == 4).await;
@@ -357,7 +340,7 @@ async fn full_spool_refuses_then_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_event_is_set_aside_and_does_not_block_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let ctl = Controller::start("127.0.0.1:0".parse().unwrap(), &dir.path().join("store"), None).await;
+    let ctl = start("127.0.0.1:0".parse().unwrap(), &dir.path().join("store"), None).await;
     let (fw, task) = Forwarder::open(config(dir.path(), Some(controller_cfg(ctl.addr)), None)).unwrap();
     let mut huge = event(None, "app-info", 0);
     huge.kind = EventKind::AppInfo(event::AppInfo { info: "x".repeat(controller::MAX_BODY).into() });
@@ -518,7 +501,7 @@ async fn shutdown_is_prompt_while_backing_off_or_waiting_for_an_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_refuses_bad_input_and_survives_garbage() {
     let dir = tempfile::tempdir().unwrap();
-    let ctl = Controller::start("127.0.0.1:0".parse().unwrap(), &dir.path().join("store"), None).await;
+    let ctl = start("127.0.0.1:0".parse().unwrap(), &dir.path().join("store"), None).await;
     let a = ctl.addr;
     let ev = event(None, "vm-removed", 0);
     let body = serde_json::to_vec(&ev).unwrap();
@@ -558,17 +541,11 @@ async fn controller_refuses_bad_input_and_survives_garbage() {
     assert_eq!(ctl.events().await, vec![ev]);
 
     // A second controller on the same address says what is wrong.
-    let (_stop, rx) = watch::channel(false);
-    let opts = ControllerOptions {
-        listen: a,
-        store: dir.path().join("store2"),
-        database: None,
-        analyzer: None,
-        analyzer_timeout: Duration::from_secs(1),
-        tls: None,
-        tokens: None,
-    };
-    let msg = controller::serve(opts, rx, None).await.unwrap_err().to_string();
+    let msg = Controller::start(common::inproc::options(a, &dir.path().join("store2")))
+        .await
+        .err()
+        .expect("a second controller on a taken address")
+        .to_string();
     assert!(msg.contains(&a.to_string()) && msg.contains("--listen"), "{msg}");
     ctl.stop().await;
 }

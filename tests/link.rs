@@ -3,12 +3,14 @@
 //! controller over TCP on 127.0.0.1; refusals are clear, counted, and lose nothing that was
 //! accepted (refused events stay in the node's spool until the operator fixes the link).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use acpimon::controller::auth::{self, Role};
-use acpimon::controller::{self, ControllerError, ControllerOptions};
+use acpimon::controller::{ControllerError, ControllerOptions};
 use acpimon::event::{self, EventKind};
 use acpimon::forward::{ControllerConfig, Event, ForwardConfig, ForwardTask, Forwarder};
 use acpimon::util::tls::ServerTls;
@@ -16,8 +18,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 
 /// A test CA: its certificate (PEM file) and what it issues.
 struct Ca {
@@ -55,49 +56,24 @@ impl Ca {
 
 const VALID: (i32, i32) = (2020, 2100);
 
-struct Controller {
-    addr: SocketAddr,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Result<(), ControllerError>>,
+type Controller = common::inproc::Running;
+
+async fn start(
+    store: &Path,
+    tls: Option<ServerTls>,
+    tokens: Option<&Path>,
+) -> Result<Controller, ControllerError> {
+    start_on("127.0.0.1:0".parse().unwrap(), store, tls, tokens).await
 }
 
-impl Controller {
-    async fn start(
-        store: &Path,
-        tls: Option<ServerTls>,
-        tokens: Option<&Path>,
-    ) -> Result<Controller, ControllerError> {
-        Self::start_on("127.0.0.1:0".parse().unwrap(), store, tls, tokens).await
-    }
-
-    async fn start_on(
-        listen: SocketAddr,
-        store: &Path,
-        tls: Option<ServerTls>,
-        tokens: Option<&Path>,
-    ) -> Result<Controller, ControllerError> {
-        let (stop, rx) = watch::channel(false);
-        let (ready_tx, ready) = oneshot::channel();
-        let opts = ControllerOptions {
-            listen,
-            store: store.into(),
-            database: None,
-            analyzer: None,
-            analyzer_timeout: Duration::from_secs(5),
-            tls,
-            tokens: tokens.map(Path::to_path_buf),
-        };
-        let task = tokio::spawn(controller::serve(opts, rx, Some(ready_tx)));
-        match ready.await {
-            Ok(addr) => Ok(Controller { addr, stop, task }),
-            Err(_) => Err(task.await.unwrap().expect_err("no address and no error")),
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.send(true).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
+async fn start_on(
+    listen: SocketAddr,
+    store: &Path,
+    tls: Option<ServerTls>,
+    tokens: Option<&Path>,
+) -> Result<Controller, ControllerError> {
+    let tokens = tokens.map(Path::to_path_buf);
+    Controller::start(ControllerOptions { tls, tokens, ..common::inproc::options(listen, store) }).await
 }
 
 fn node_event(node: &str, i: usize) -> Event {
@@ -199,9 +175,7 @@ async fn tls_and_tokens_admit_each_node_for_itself_only_and_lose_nothing() {
     let edge2 = auth::add(&tokens, "edge-2", Role::Node).unwrap();
     let operator = auth::add(&tokens, "ops", Role::Operator).unwrap();
     let ctl =
-        Controller::start(&d.join("store"), Some(ServerTls { cert, key, client_ca: None }), Some(&tokens))
-            .await
-            .unwrap();
+        start(&d.join("store"), Some(ServerTls { cert, key, client_ca: None }), Some(&tokens)).await.unwrap();
     let url = format!("https://localhost:{}", ctl.addr.port());
     let token_file = |name: &str, token: &str| {
         let p = d.join(format!("{name}.token"));
@@ -303,8 +277,7 @@ async fn a_certificate_the_node_cannot_trust_is_refused_with_the_fix_and_nothing
     ];
     for (what, (cert, key), ca_file, fix) in cases {
         let store = d.join(format!("store-{what}"));
-        let ctl =
-            Controller::start(&store, Some(ServerTls { cert, key, client_ca: None }), None).await.unwrap();
+        let ctl = start(&store, Some(ServerTls { cert, key, client_ca: None }), None).await.unwrap();
         let url = format!("https://localhost:{}", ctl.addr.port());
         let spool = d.join(format!("node-{what}"));
         let cfg = forward_config(&spool, &url, |c| c.ca_file = Some(ca_file.clone()));
@@ -326,7 +299,7 @@ async fn a_controller_that_requires_client_certificates_takes_only_its_cas() {
     let (cert, key) = ca.issue(d, "server", &["localhost"], VALID);
     let (client_cert, client_key) = clients.issue(d, "edge-1", &["edge-1"], VALID);
     let tls = ServerTls { cert, key, client_ca: Some(clients.pem.clone()) };
-    let ctl = Controller::start(&d.join("store"), Some(tls), None).await.unwrap();
+    let ctl = start(&d.join("store"), Some(tls), None).await.unwrap();
     let url = format!("https://localhost:{}", ctl.addr.port());
     let (n, err) = send(
         forward_config(&d.join("a"), &url, |c| c.ca_file = Some(ca.pem.clone())),
@@ -353,17 +326,17 @@ async fn beyond_loopback_the_controller_wants_tls_and_tokens_and_bad_files_are_n
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
-    let e = Controller::start_on(any, &d.join("s"), None, None).await.err().unwrap().to_string();
+    let e = start_on(any, &d.join("s"), None, None).await.err().unwrap().to_string();
     assert!(e.contains("plain HTTP") && e.contains("--tls-cert"), "{e}");
     let ca = Ca::new(d, "good");
     let (cert, key) = ca.issue(d, "server", &["localhost"], VALID);
     let tls = ServerTls { cert: cert.clone(), key: key.clone(), client_ca: None };
-    let e = Controller::start_on(any, &d.join("s"), Some(tls), None).await.err().unwrap().to_string();
+    let e = start_on(any, &d.join("s"), Some(tls), None).await.err().unwrap().to_string();
     assert!(e.contains("--tokens"), "{e}");
     // A key that is not the certificate's.
     let (_, other_key) = ca.issue(d, "other", &["localhost"], VALID);
     let tls = ServerTls { cert, key: other_key, client_ca: None };
-    let e = Controller::start(&d.join("s"), Some(tls), None).await.err().unwrap().to_string();
+    let e = start(&d.join("s"), Some(tls), None).await.err().unwrap().to_string();
     assert!(e.contains("does the key belong to the certificate"), "{e}");
     // The node side: a CA file for plain http, a token file that is missing.
     let cfg = forward_config(d, "http://127.0.0.1:9", |c| c.ca_file = Some(ca.pem.clone()));
@@ -383,8 +356,8 @@ async fn a_client_trickling_one_byte_a_second_is_cut_without_holding_others() {
     let ca = Ca::new(d, "good");
     let (cert, key) = ca.issue(d, "server", &["localhost"], VALID);
     let tls = ServerTls { cert, key, client_ca: None };
-    let ctl = Controller::start(&d.join("store"), Some(tls), None).await.unwrap();
-    let plain = Controller::start(&d.join("store-plain"), None, None).await.unwrap();
+    let ctl = start(&d.join("store"), Some(tls), None).await.unwrap();
+    let plain = start(&d.join("store-plain"), None, None).await.unwrap();
     let trickle = |addr: SocketAddr, head: Vec<u8>| async move {
         let start = Instant::now();
         let mut s = TcpStream::connect(addr).await.unwrap();

@@ -35,19 +35,7 @@ pub const VM_EVENTS: usize = 200;
 
 /// Escapes text for HTML content and attribute values.
 pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c if c.is_control() && c != '\n' && c != '\t' => out.push('\u{fffd}'),
-            c => out.push(c),
-        }
-    }
-    out
+    crate::util::escape_markup(s)
 }
 
 /// Percent-encodes a path segment (node and VM names are plain, but nothing here trusts that).
@@ -232,6 +220,21 @@ pub fn fleet(rows: &[VmRow], filter: &FleetFilter, nodes: &[String], now_ms: i64
     page("Fleet", &b)
 }
 
+/// A table of events (time, kind, what), its `id` for tests and styles.
+fn event_table<'a>(b: &mut String, id: &str, events: impl Iterator<Item = &'a StoredEvent>) {
+    let _ = writeln!(b, "<table id=\"{id}\"><tr><th>Time</th><th>Kind</th><th>What</th></tr>");
+    for e in events {
+        let _ = writeln!(
+            b,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&e.time),
+            esc(&e.kind),
+            esc(&summary(e))
+        );
+    }
+    b.push_str("</table>\n");
+}
+
 /// One line's summary of an event, for timelines.
 fn summary(e: &StoredEvent) -> String {
     let v = e.json();
@@ -290,18 +293,8 @@ pub fn vm(
         }
         b.push_str("</table>\n");
     }
-    let _ =
-        writeln!(b, "<h2>Events</h2>\n<table id=\"events\"><tr><th>Time</th><th>Kind</th><th>What</th></tr>");
-    for e in events.iter().rev().take(VM_EVENTS) {
-        let _ = writeln!(
-            b,
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&e.time),
-            esc(&e.kind),
-            esc(&summary(e))
-        );
-    }
-    b.push_str("</table>\n");
+    b.push_str("<h2>Events</h2>\n");
+    event_table(&mut b, "events", events.iter().rev().take(VM_EVENTS));
     page(&title, &b)
 }
 
@@ -436,19 +429,8 @@ pub fn incident(key: &str, events: &[StoredEvent]) -> String {
             let _ = writeln!(b, "<p class=\"headline\" id=\"verdict\">No verdict: {}</p>", esc(&why));
         }
     }
-    b.push_str(
-        "<h2>Timeline</h2>\n<table id=\"timeline\"><tr><th>Time</th><th>Kind</th><th>What</th></tr>\n",
-    );
-    for e in events {
-        let _ = writeln!(
-            b,
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&e.time),
-            esc(&e.kind),
-            esc(&summary(e))
-        );
-    }
-    b.push_str("</table>\n");
+    b.push_str("<h2>Timeline</h2>\n");
+    event_table(&mut b, "timeline", events.iter());
     if let Some(m) = manifest {
         b.push_str(
             "<h2>Diagnostic steps</h2>\n<table id=\"steps\"><tr><th>Step</th><th>Outcome</th><th>Took</th><th>File</th>\

@@ -63,26 +63,10 @@ pub fn domain_xml(plan: &LaunchPlan) -> Result<String, LaunchError> {
     }
     out.push_str("  <qemu:commandline>\n");
     for arg in args {
-        writeln!(out, "    <qemu:arg value='{}'/>", escape(&arg)).unwrap();
+        writeln!(out, "    <qemu:arg value='{}'/>", crate::util::escape_markup(&arg)).unwrap();
     }
     out.push_str("  </qemu:commandline>\n</domain>\n");
     Ok(out)
-}
-
-/// `s` as the text of a single-quoted XML attribute.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -132,6 +116,6 @@ mod tests {
         p.region_path = "/run/a'b&<c>/region".into();
         let xml = domain_xml(&p).unwrap();
         assert!(!xml.contains("<panic model") && !xml.contains("<on_crash>preserve"), "{xml}");
-        assert!(xml.contains("mem-path=/run/a&apos;b&amp;&lt;c&gt;/region,"), "{xml}");
+        assert!(xml.contains("mem-path=/run/a&#39;b&amp;&lt;c&gt;/region,"), "{xml}");
     }
 }

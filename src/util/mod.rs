@@ -22,3 +22,22 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub async fn until_true(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|&s| s).await;
 }
+
+/// `s` as text for HTML or XML, in content or a quoted attribute: the five markup characters
+/// as entities, control characters (but newline and tab, which XML 1.0 and HTML allow) as
+/// U+FFFD. One function for the libvirt domain XML and the controller's pages.
+pub fn escape_markup(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() && c != '\n' && c != '\t' => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    out
+}

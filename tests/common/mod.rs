@@ -7,6 +7,7 @@ pub mod acpica;
 pub mod browser;
 pub mod cgroup;
 pub mod guest;
+pub mod inproc;
 pub mod libvirt;
 pub mod metrics;
 pub mod postgres;
