@@ -32,6 +32,8 @@ pub const DEFAULT_HOURS: u32 = 6;
 pub const MAX_HOURS: u32 = 24 * 7;
 /// Recent events listed on a VM's page.
 pub const VM_EVENTS: usize = 200;
+/// Events listed on an incident's page (a node could name one incident in any number).
+pub const INCIDENT_EVENTS: usize = 500;
 
 /// Escapes text for HTML content and attribute values.
 pub fn esc(s: &str) -> String {
@@ -430,7 +432,11 @@ pub fn incident(key: &str, events: &[StoredEvent]) -> String {
         }
     }
     b.push_str("<h2>Timeline</h2>\n");
-    event_table(&mut b, "timeline", events.iter());
+    event_table(&mut b, "timeline", events.iter().take(INCIDENT_EVENTS));
+    if events.len() > INCIDENT_EVENTS {
+        let _ =
+            writeln!(b, "<p class=\"muted\">{} more events not shown.</p>", events.len() - INCIDENT_EVENTS);
+    }
     if let Some(m) = manifest {
         b.push_str(
             "<h2>Diagnostic steps</h2>\n<table id=\"steps\"><tr><th>Step</th><th>Outcome</th><th>Took</th><th>File</th>\

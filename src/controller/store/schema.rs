@@ -135,6 +135,9 @@ pub enum Query {
     Bundles { limit: i64 },
 }
 
+/// The most events an incident query returns.
+pub const INCIDENT_LIMIT: i64 = 1000;
+
 /// A parameter of a [`Query`].
 #[derive(Clone, Debug)]
 pub enum Param {
@@ -162,7 +165,10 @@ impl Query {
                 ],
             ),
             Query::Incident(k) => (
-                format!("{select} WHERE key = $1 OR incident = $1 ORDER BY time_ms, id"),
+                // Bounded: a node could name one incident in any number of events.
+                format!(
+                    "{select} WHERE key = $1 OR incident = $1 ORDER BY time_ms, id LIMIT {INCIDENT_LIMIT}"
+                ),
                 vec![Param::Text(k.clone())],
             ),
             Query::Bundles { limit } => (
