@@ -191,8 +191,8 @@ pub fn fleet(rows: &[VmRow], filter: &FleetFilter, nodes: &[String], now_ms: i64
         };
         let since =
             r.state_ms.map_or(String::new(), |t| format!(" <span class=\"muted\">{}</span>", ago(t, now_ms)));
-        let verdict = match (&r.verdict, &r.headline, &r.state_key) {
-            (Some(class), headline, _) => {
+        let verdict = match (&r.verdict, &r.headline) {
+            (Some(class), headline) => {
                 let target =
                     r.verdict_key.as_deref().map_or(String::new(), |k| format!("/incident/{}", seg(k)));
                 format!(

@@ -138,13 +138,18 @@ pub fn thread_kept(pid: u32, tid: u32, files: &mut KeptThread, buf: &mut KeptBuf
         .schedstat
         .read(|| PathBuf::from(format!("/proc/{pid}/task/{tid}/schedstat")), buf)
         .and_then(parse_schedstat);
-    Some(ThreadSample {
+    Some(thread_sample(&stat, sched))
+}
+
+/// A thread's sample from its `stat` line and its `schedstat` (run, wait), if read.
+fn thread_sample(stat: &StatLine, sched: Option<(u64, u64)>) -> ThreadSample {
+    ThreadSample {
         state: stat.state,
         cpu_ns: ticks_to_ns(stat.ticks),
         run_ns: sched.map(|s| s.0),
         wait_ns: sched.map(|s| s.1),
         processor: stat.processor,
-    })
+    }
 }
 
 /// [`stat`] through a file kept open.
@@ -182,13 +187,7 @@ pub fn thread(pid: u32, tid: u32) -> Option<ThreadSample> {
     let dir = PathBuf::from(format!("/proc/{pid}/task/{tid}"));
     let stat = parse_stat(&read_capped(&dir.join("stat"))?)?;
     let sched = read_capped(&dir.join("schedstat")).as_deref().and_then(parse_schedstat);
-    Some(ThreadSample {
-        state: stat.state,
-        cpu_ns: ticks_to_ns(stat.ticks),
-        run_ns: sched.map(|s| s.0),
-        wait_ns: sched.map(|s| s.1),
-        processor: stat.processor,
-    })
+    Some(thread_sample(&stat, sched))
 }
 
 /// `/proc/PID/stat` alone: the process's state and CPU time, without its threads.
